@@ -1,0 +1,30 @@
+//! lit-claire: continual pretraining of open LLMs with optional LoRA, on candle.
+//!
+//! The pipeline, each step a library function that a CLI command wraps:
+//! `download` → `prepare-data` → `pretrain` → `validate` / `plot` → `merge-lora` →
+//! `convert-to-hf` → `upload` / `quantize`, plus `perplexity`, `generate` and `chat`.
+//!
+//! Module map:
+//! - [`config`]: one [`config::Config`] for every family, read from `config.json`.
+//! - [`model`]: the decoder (attention, MLP, norms, rotary, LoRA-capable linear).
+//! - [`checkpoint`]: Hugging Face folders, PEFT adapters, name tables.
+//! - [`lora`]: targeting, attaching and merging adapters.
+//! - [`strategy`]: device, precision and ranks.
+//! - [`tokenizer`], [`loss`], [`perplexity`], [`generate`], [`chat`].
+//! - [`cli`]: the command-line front end.
+
+pub mod chat;
+pub mod checkpoint;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod io;
+pub mod lora;
+pub mod loss;
+pub mod model;
+pub mod perplexity;
+pub mod strategy;
+pub mod tokenizer;
+
+pub use error::{Error, Result};

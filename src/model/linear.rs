@@ -1,0 +1,145 @@
+//! A linear layer that is plain or carries a LoRA adapter.
+//!
+//! ```text
+//! y = x Wᵀ + b                                  plain
+//! y = x Wᵀ + b + s · (dropout(x) Aᵀ) (B ⊙ m)ᵀ    LoRA, s = alpha / r
+//! ```
+//!
+//! `W: (out, in)` stays frozen during LoRA training; `A: (r, in)` and `B: (out, r)` are
+//! the trainable matrices PEFT calls `lora_A` and `lora_B`. `m: (out, 1)` is an optional
+//! 0/1 row mask: on a fused query/key/value layer it keeps the adapter off the parts
+//! (say, keys) that were not targeted, so the saved `B` holds zeros there and the
+//! adapter stays in plain PEFT format.
+//!
+//! Every layer keeps the Hugging Face path of its module (`model.layers.0.self_attn.q_proj`),
+//! which names its weights in checkpoints, gradients and adapters.
+
+use std::cell::RefCell;
+
+use candle_core::{DType, Result, Tensor};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+
+/// Randomness for dropout during training; `None` everywhere means evaluation.
+#[derive(Debug)]
+pub struct Dropout {
+    rng: RefCell<ChaCha8Rng>,
+}
+
+impl Dropout {
+    pub fn new(rng: ChaCha8Rng) -> Self {
+        Dropout {
+            rng: RefCell::new(rng),
+        }
+    }
+
+    /// The generator's state, to be saved in a checkpoint.
+    pub fn rng(&self) -> ChaCha8Rng {
+        self.rng.borrow().clone()
+    }
+
+    /// Zero each element with probability `p`, scale the rest by `1/(1-p)`.
+    pub fn apply(&self, x: &Tensor, p: f32) -> Result<Tensor> {
+        if p <= 0.0 {
+            return Ok(x.clone());
+        }
+        let n = x.elem_count();
+        let keep = 1.0 / (1.0 - p);
+        let mut rng = self.rng.borrow_mut();
+        let mask: Vec<f32> = (0..n)
+            .map(|_| if rng.random::<f32>() < p { 0.0 } else { keep })
+            .collect();
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        x.mul(&mask)
+    }
+}
+
+/// The low-rank adapter of a [`Linear`].
+#[derive(Debug, Clone)]
+pub struct LoraAdapter {
+    /// `(r, in)`
+    pub a: Tensor,
+    /// `(out, r)`
+    pub b: Tensor,
+    /// `alpha / r` (or `alpha / sqrt(r)` for rsLoRA).
+    pub scale: f64,
+    pub dropout: f32,
+    /// `(out, 1)` of 0/1, rows of the output the adapter may change.
+    pub out_mask: Option<Tensor>,
+}
+
+impl LoraAdapter {
+    /// `B ⊙ m`: the `B` that is used, and saved.
+    pub fn effective_b(&self) -> Result<Tensor> {
+        match &self.out_mask {
+            Some(m) => self.b.broadcast_mul(&m.to_dtype(self.b.dtype())?),
+            None => Ok(self.b.clone()),
+        }
+    }
+
+    /// `s · B A`, shape `(out, in)`, in f32: what merging adds to `W`.
+    pub fn delta_weight(&self) -> Result<Tensor> {
+        let b = self.effective_b()?.to_dtype(DType::F32)?;
+        let a = self.a.to_dtype(DType::F32)?;
+        b.matmul(&a)? * self.scale
+    }
+}
+
+/// A linear layer `(…, in) → (…, out)`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// Hugging Face module path.
+    pub name: String,
+    /// `(out, in)`
+    pub weight: Tensor,
+    /// `(out)`
+    pub bias: Option<Tensor>,
+    pub lora: Option<LoraAdapter>,
+}
+
+impl Linear {
+    pub fn new(name: String, weight: Tensor, bias: Option<Tensor>) -> Self {
+        Linear {
+            name,
+            weight,
+            bias,
+            lora: None,
+        }
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.weight.dims()[1]
+    }
+
+    /// Apply to `x: (…, in)`, computing in `x`'s dtype.
+    pub fn forward(&self, x: &Tensor, dropout: Option<&Dropout>) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let n_in = *dims
+            .last()
+            .expect("linear input has at least one dimension");
+        let rows = x.elem_count() / n_in;
+        let x2 = x.reshape((rows, n_in))?;
+        let w = self.weight.to_dtype(x.dtype())?;
+        let mut y = x2.matmul(&w.t()?)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(&b.to_dtype(x.dtype())?)?;
+        }
+        if let Some(lora) = &self.lora {
+            let xin = match dropout {
+                Some(d) => d.apply(&x2, lora.dropout)?,
+                None => x2.clone(),
+            };
+            let a = lora.a.to_dtype(x.dtype())?;
+            let b = lora.effective_b()?.to_dtype(x.dtype())?;
+            let delta = xin.matmul(&a.t()?)?.matmul(&b.t()?)?;
+            y = (y + (delta * lora.scale)?)?;
+        }
+        let mut out_dims = dims;
+        *out_dims.last_mut().unwrap() = self.out_features();
+        y.reshape(out_dims)
+    }
+}

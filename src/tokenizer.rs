@@ -1,0 +1,165 @@
+//! A model's tokenizer (`tokenizer.json`) with its special token ids.
+//!
+//! Special ids come from `generation_config.json`, then `config.json`, then the token
+//! strings of `tokenizer_config.json`, the order in which transformers lets them win.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, IoContext, Result};
+
+/// A Hugging Face tokenizer plus what the model folder says about its special tokens.
+#[derive(Clone)]
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    /// Beginning-of-sequence id, if the model has one.
+    pub bos_id: Option<u32>,
+    /// End-of-sequence ids (generation stops at any of them); the first is the one
+    /// appended after documents.
+    pub eos_ids: Vec<u32>,
+    /// Padding id, if the model has one.
+    pub pad_id: Option<u32>,
+    /// Whether the tokenizer itself puts BOS in front of an encoded text.
+    pub adds_bos: bool,
+    /// SHA-256 of `tokenizer.json`, to tell data prepared with another tokenizer.
+    pub hash: String,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("path", &self.path)
+            .field("bos_id", &self.bos_id)
+            .field("eos_ids", &self.eos_ids)
+            .field("pad_id", &self.pad_id)
+            .finish()
+    }
+}
+
+impl Tokenizer {
+    /// Load `dir/tokenizer.json` and the special ids of the model folder `dir`.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        if !path.exists() {
+            return Err(Error::missing(
+                &path,
+                "the model folder needs the Hugging Face fast tokenizer file tokenizer.json",
+            ));
+        }
+        let bytes = std::fs::read(&path).at(&path)?;
+        let inner = tokenizers::Tokenizer::from_bytes(&bytes)
+            .map_err(|e| Error::bad_file(&path, format!("not a tokenizer: {e}")))?;
+        let hash = hex(&Sha256::digest(&bytes));
+
+        let read_json = |name: &str| -> Result<Option<Value>> {
+            let p = dir.join(name);
+            if !p.exists() {
+                return Ok(None);
+            }
+            let text = std::fs::read_to_string(&p).at(&p)?;
+            serde_json::from_str(&text)
+                .map(Some)
+                .map_err(|e| Error::bad_file(&p, format!("not JSON: {e}")))
+        };
+        let gen_cfg = read_json("generation_config.json")?;
+        let cfg = read_json("config.json")?;
+        let tok_cfg = read_json("tokenizer_config.json")?;
+
+        let ids_of = |key: &str| -> Vec<u32> {
+            for v in [&gen_cfg, &cfg].into_iter().flatten() {
+                match v.get(key) {
+                    Some(Value::Number(n)) => {
+                        return n.as_u64().map(|n| vec![n as u32]).unwrap_or_default();
+                    }
+                    Some(Value::Array(a)) if !a.is_empty() => {
+                        return a
+                            .iter()
+                            .filter_map(Value::as_u64)
+                            .map(|n| n as u32)
+                            .collect();
+                    }
+                    _ => {}
+                }
+            }
+            // tokenizer_config.json names tokens by string (or {"content": ...}).
+            let name = tok_cfg
+                .as_ref()
+                .and_then(|t| t.get(key.trim_end_matches("_id")));
+            let name = match name {
+                Some(Value::String(s)) => Some(s.as_str()),
+                Some(Value::Object(o)) => o.get("content").and_then(Value::as_str),
+                _ => None,
+            };
+            name.and_then(|s| inner.token_to_id(s))
+                .into_iter()
+                .collect()
+        };
+        let bos_id = ids_of("bos_token_id").first().copied();
+        let eos_ids = ids_of("eos_token_id");
+        let pad_id = ids_of("pad_token_id").first().copied();
+
+        let probe = inner.encode("a", true)?;
+        let adds_bos = match (bos_id, probe.get_ids().first()) {
+            (Some(b), Some(&first)) => b == first,
+            _ => false,
+        };
+        Ok(Tokenizer {
+            inner,
+            bos_id,
+            eos_ids,
+            pad_id,
+            adds_bos,
+            hash,
+            path,
+        })
+    }
+
+    /// Encode as the tokenizer does by itself (its own special tokens included).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self.inner.encode(text, true)?.get_ids().to_vec())
+    }
+
+    /// Encode without any special token.
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self.inner.encode(text, false)?.get_ids().to_vec())
+    }
+
+    /// A document for training: `[BOS] tokens EOS`, BOS only where the model uses one.
+    pub fn encode_document(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = Vec::new();
+        if self.adds_bos {
+            ids.extend(self.bos_id);
+        }
+        ids.extend(self.encode_plain(text)?);
+        ids.extend(self.eos_ids.first());
+        Ok(ids)
+    }
+
+    /// Decode ids to text, dropping special tokens.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        Ok(self.inner.decode(ids, true)?)
+    }
+
+    /// Number of ids the tokenizer can produce (added tokens included).
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// The underlying `tokenizers` tokenizer.
+    pub fn inner(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+
+    /// Where `tokenizer.json` was read from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Lower-case hexadecimal of bytes.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
