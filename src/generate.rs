@@ -126,7 +126,9 @@ pub fn generate(
 pub fn check_prompt(model: &Gpt, prompt: &[u32]) -> Result<()> {
     let context = model.cfg.block_size;
     if prompt.is_empty() {
-        return Err(Error::Usage("the prompt is empty (after tokenization)".into()));
+        return Err(Error::Usage(
+            "the prompt is empty (after tokenization)".into(),
+        ));
     }
     if prompt.len() > context {
         return Err(Error::Usage(format!(

@@ -17,6 +17,7 @@ pub mod chat;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
+pub mod data;
 pub mod error;
 pub mod generate;
 pub mod io;

@@ -1,0 +1,4 @@
+//! Data: raw documents in, memory-mapped training shards out, and the corpus tools
+//! around it.
+
+pub mod documents;
