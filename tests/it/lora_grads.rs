@@ -1,0 +1,61 @@
+//! LoRA training gradients against PEFT's: the reference adapter of each family is
+//! attached as trainable, the loss on `input_ids` is differentiated, and every
+//! `lora_A` / `lora_B` gradient is compared with the one PEFT computed
+//! (`tests/fixtures/extra/lora_grads/<family>.safetensors`, made by
+//! `utils/make_fixtures.py`, keyed by the adapter file's names).
+
+use std::collections::HashMap;
+
+use candle_core::{Device, Tensor};
+use lit_claire::checkpoint::names::WeightNames;
+use lit_claire::checkpoint::peft::{PEFT_PREFIX, load_adapter};
+
+use crate::checks::{assert_grads_match, load, loss_of, safetensors};
+use crate::common::*;
+
+fn check_lora_grads(family: &str) {
+    let dir = reference_dir(family);
+    let ids = ids(&expected(family)["input_ids"]);
+    let mut model = load(&dir, false).model;
+    let adapter = load_adapter(&dir.join("lora"), &Device::Cpu).unwrap();
+    let vars =
+        lit_claire::lora::attach_tensors(&mut model, &adapter.tensors, adapter.scale(), 0.0, true)
+            .unwrap();
+    let (_, loss) = loss_of(&model, &ids);
+    let want = expected(family)["lora"]["loss"].as_f64().unwrap();
+    let l = loss.to_scalar::<f32>().unwrap() as f64;
+    assert!(
+        (l - want).abs() < 1e-4,
+        "{family}: adapter loss {l} vs {want}"
+    );
+
+    let grads = loss.backward().unwrap();
+    let ours: HashMap<String, Tensor> = vars
+        .iter()
+        .map(|(n, v)| {
+            let g = grads
+                .get(v.as_tensor())
+                .unwrap_or_else(|| panic!("{family}: no gradient reached {n}"));
+            (n.clone(), g.clone())
+        })
+        .collect();
+    let reference = safetensors(&extra_dir("lora_grads").join(format!("{family}.safetensors")));
+    // PEFT's `base_model.model.<module>.lora_X.weight` → our `<module>.lora_X.weight`.
+    let names = WeightNames::for_config(&model.cfg);
+    assert_grads_match(&format!("{family} LoRA"), &ours, &reference, |n| {
+        let inner = n.strip_prefix(PEFT_PREFIX).unwrap_or(n);
+        let (module, leaf) = inner.split_once(".lora_").unwrap();
+        format!("{}.lora_{leaf}", names.canonical(module))
+    });
+}
+
+macro_rules! family_tests {
+    ($($fam:ident),*) => {$(
+        #[test]
+        fn $fam() {
+            check_lora_grads(stringify!($fam));
+        }
+    )*};
+}
+
+family_tests!(llama, mistral, falcon, gpt2, gpt_neox, gpt_neo);
