@@ -11,7 +11,9 @@ computes on them in the reference's format:
     tests/fixtures/extra/<name>/
         config.json, model.safetensors (or shards + model.safetensors.index.json),
         generation_config.json, tokenizer.json, tokenizer_config.json
-        expected.json          input_ids, loss, greedy ids, 8 training losses, what it exercises
+        expected.json          input_ids, loss, greedy ids, 8 training losses, what it
+                               exercises, and `cli`: what `lit-claire perplexity` and
+                               `generate --temperature 0` must give on a text and a prompt
         ref_logits.safetensors "logits" [T, vocab] for input_ids
         ref_grads.safetensors  d loss / d parameter, keyed by the model's parameter names
     tests/fixtures/extra/lora_grads/<family>.safetensors
@@ -77,7 +79,8 @@ TRAIN_STEPS = 8
 TRAIN_ROW = 25  # ids per row: inputs ids[:-1], targets ids[1:]
 
 # name -> (config class, config kwargs, options, what it exercises).
-# options: dtype "bfloat16" stores bf16 weights; shard "40KB" saves shards of at most
+# options: dtype "bfloat16" (or "float16") stores the weights in that dtype; shard "40KB"
+# saves shards of at most
 # that size; config_4x rewrites config.json the transformers 4.x way.
 VARIANTS = {
     "llama_gqa_bias": (
@@ -237,14 +240,52 @@ def lm_loss(model, ids):
     )
 
 
-def greedy(model, prompt, n):
-    """Greedy decoding without a cache or EOS stop: the plain truth."""
+def greedy(model, prompt, n, stop=None):
+    """Greedy decoding without a cache: the plain truth. Stops after `stop` if given."""
     ids = list(prompt)
     with torch.no_grad():
         for _ in range(n):
             logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
             ids.append(int(logits.argmax()))
+            if ids[-1] == stop:
+                break
     return ids[len(prompt):]
+
+
+def windowed_loss(model, ids, context):
+    """Mean next-token loss of `ids` scored in windows of `context` tokens overlapping by
+    one, so every token after the first is predicted once (as `lit-claire perplexity`)."""
+    total, count, start = 0.0, 0, 0
+    with torch.no_grad():
+        while start + 1 < len(ids):
+            w = ids[start:start + context]
+            logits = model(input_ids=torch.tensor([w])).logits[0].float()
+            total += F.cross_entropy(logits[:-1], torch.tensor(w[1:]), reduction="sum").item()
+            count += len(w) - 1
+            start += context - 1
+    return total / count
+
+
+def cli_expectations(model, tok, docs, rng):
+    """What `lit-claire perplexity --format json` and `generate --temperature 0` must
+    give: a run of documents as the corpus file stores them (longer than the context, so
+    it is scored in several windows), tokenized as the tokenizer does by itself, and a
+    one-line prompt."""
+    context = model.config.max_position_embeddings
+    i = rng.randrange(len(docs))
+    text = docs[i]
+    while len(tok.encode(text).ids) < context + context // 2:
+        i = (i + 1) % len(docs)
+        text += "%\n" + docs[i]
+    ids = tok.encode(text).ids
+    prompt = docs[rng.randrange(len(docs))].strip().splitlines()[0][:40].strip()
+    prompt_ids = tok.encode(prompt).ids
+    return dict(
+        perplexity=dict(text=text, context=context, tokens=len(ids),
+                        loss=windowed_loss(model, ids, context)),
+        generate=dict(prompt=prompt, prompt_ids=prompt_ids, max_new_tokens=NEW,
+                      new_ids=greedy(model, prompt_ids, NEW, stop=SPECIAL["eos_token_id"])),
+    )
 
 
 def train_losses(model, batches):
@@ -287,8 +328,8 @@ def make_variant(name, cls, kwargs, opts, exercises, seed, tok, docs):
     cfg = cls(vocab_size=VOCAB, **SPECIAL, **kwargs)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
     spread_weights(model, seed)
-    if opts.get("dtype") == "bfloat16":
-        model = model.to(torch.bfloat16)
+    if "dtype" in opts:
+        model = model.to(getattr(torch, opts["dtype"]))
     save = dict(safe_serialization=True)
     if "shard" in opts:
         save["max_shard_size"] = opts["shard"]
@@ -310,6 +351,7 @@ def make_variant(name, cls, kwargs, opts, exercises, seed, tok, docs):
     save_file({"logits": logits[0].detach().contiguous()}, out / "ref_logits.safetensors")
     save_file(grads, out / "ref_grads.safetensors")
     new_ids = greedy(model, ids[:PROMPT], NEW)
+    cli = cli_expectations(model, tok, docs, rng)
     losses = train_losses(load_f32(out).train(), batches)
     expected = dict(
         name=name,
@@ -322,6 +364,7 @@ def make_variant(name, cls, kwargs, opts, exercises, seed, tok, docs):
         greedy_prompt_ids=ids[:PROMPT],
         greedy_new_ids=new_ids,
         train=dict(TRAIN, batches=batches, losses=losses),
+        cli=cli,
     )
     (out / "expected.json").write_text(json.dumps(expected, indent=1, ensure_ascii=False) + "\n")
     size = sum(f.stat().st_size for f in out.iterdir())

@@ -115,20 +115,25 @@ struct RopeHf {
 
 impl RopeHf {
     /// `default_base` / `default_fraction` are the family's defaults (or its own old names).
+    /// A `default_fraction` of None marks a family whose rotary always covers the whole
+    /// head: transformers' LLaMA, Mistral and Falcon ignore `partial_rotary_factor`.
     fn resolve(
         &self,
         head_dim: usize,
         default_base: f64,
-        default_fraction: f64,
+        default_fraction: Option<f64>,
     ) -> Result<RotaryConfig> {
         let params = self.rope_parameters.as_ref();
         let get = |k: &str| params.and_then(|p| p.get(k)).and_then(Value::as_f64);
         let base = get("rope_theta")
             .or(self.rope_theta)
             .unwrap_or(default_base);
-        let fraction = get("partial_rotary_factor")
-            .or(self.partial_rotary_factor)
-            .unwrap_or(default_fraction);
+        let fraction = match default_fraction {
+            Some(default) => get("partial_rotary_factor")
+                .or(self.partial_rotary_factor)
+                .unwrap_or(default),
+            None => 1.0,
+        };
         // 5.x keeps the scaling kind in rope_parameters; 4.x in rope_scaling.
         let scaling_src = match params {
             Some(p) if p.get("rope_type").is_some() => Some(p),
@@ -252,7 +257,7 @@ impl LlamaHf {
             qkv_layout: QkvLayout::Separate,
             qkv_bias: self.attention_bias,
             attn_out_bias: self.attention_bias,
-            position: PositionKind::Rotary(self.rope.resolve(head_dim, 10000.0, 1.0)?),
+            position: PositionKind::Rotary(self.rope.resolve(head_dim, 10000.0, None)?),
             windows: vec![window; self.num_hidden_layers],
             scale_scores: true,
             scale_by_inverse_layer: false,
@@ -366,7 +371,7 @@ impl FalconHf {
             qkv_layout: QkvLayout::FusedGrouped,
             qkv_bias: self.bias,
             attn_out_bias: self.bias,
-            position: PositionKind::Rotary(self.rope.resolve(head_dim, 10000.0, 1.0)?),
+            position: PositionKind::Rotary(self.rope.resolve(head_dim, 10000.0, None)?),
             windows: vec![AttentionWindow::Global; self.num_hidden_layers],
             scale_scores: true,
             scale_by_inverse_layer: false,
@@ -505,7 +510,7 @@ impl GptNeoxHf {
         let head_dim = self.hidden_size / self.num_attention_heads;
         let rotary = self
             .rope
-            .resolve(head_dim, self.rotary_emb_base, self.rotary_pct)?;
+            .resolve(head_dim, self.rotary_emb_base, Some(self.rotary_pct))?;
         Ok(Config {
             family: Family::GptNeox,
             vocab_size: self.vocab_size,
@@ -660,6 +665,21 @@ mod tests {
             panic!()
         };
         assert_eq!((r.rotary_dims, r.base), (8, 1000.0));
+    }
+
+    #[test]
+    fn llama_rotates_the_whole_head_whatever_partial_rotary_factor_says() {
+        // transformers' LLaMA/Mistral/Falcon rotary ignores the factor (found by a
+        // utils/make_fixtures.py variant: logits differed by 0.33).
+        let v = json!({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
+            "num_hidden_layers": 1, "intermediate_size": 128, "vocab_size": 10,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                "partial_rotary_factor": 0.5}});
+        let c = parse_config(&v).unwrap();
+        let PositionKind::Rotary(r) = &c.position else {
+            panic!()
+        };
+        assert_eq!(r.rotary_dims, 16);
     }
 
     #[test]

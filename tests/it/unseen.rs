@@ -3,7 +3,13 @@
 //! classes): other widths, head sizes and head layouts, rope bases and scalings,
 //! windows, block layouts, bf16 storage and shards. Each gets the checks of the six
 //! reference checkpoints: logits and loss within 1e-4, every gradient within 1e-4 of
-//! its tensor's largest value, greedy ids identical.
+//! its tensor's largest value, greedy ids identical; and the commands a user runs,
+//! `lit-claire perplexity` (a text longer than the context, so several windows) and
+//! `lit-claire generate --temperature 0`, print what PyTorch computes.
+
+use std::process::Command;
+
+use serde_json::Value;
 
 use lit_claire::checkpoint::weights::{Weights, weight_files};
 use lit_claire::config::{
@@ -40,6 +46,10 @@ macro_rules! extra_tests {
             fn greedy_tokens() {
                 check_greedy(&extra_dir(stringify!($name)));
             }
+            #[test]
+            fn cli_perplexity_and_generate() {
+                check_cli(stringify!($name));
+            }
         }
     )*};
 }
@@ -56,6 +66,68 @@ extra_tests!(
     mistral_bf16,
     falcon_sharded
 );
+
+/// Run `lit-claire ARGS`, expecting success; its stdout as JSON.
+fn run_json(args: &[&str]) -> Value {
+    let out = Command::new(bin()).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "lit-claire {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{args:?}: stdout is not JSON ({e})"))
+}
+
+/// `perplexity` and greedy `generate` through the binary, against `expected.json`'s `cli`.
+fn check_cli(name: &str) {
+    let dir = extra_dir(name);
+    let dir_arg = dir.to_str().unwrap();
+    let exp = &expected_of(&dir)["cli"];
+
+    let tmp = temp_dir();
+    let input = tmp.path().join("text.txt");
+    std::fs::write(&input, exp["perplexity"]["text"].as_str().unwrap()).unwrap();
+    let got = run_json(&[
+        "perplexity",
+        "--checkpoint-dir",
+        dir_arg,
+        "--input",
+        input.to_str().unwrap(),
+        "--format",
+        "json",
+    ]);
+    assert_eq!(got["tokens"], exp["perplexity"]["tokens"], "{name}: tokens");
+    let (l, want) = (
+        got["loss"].as_f64().unwrap(),
+        exp["perplexity"]["loss"].as_f64().unwrap(),
+    );
+    assert!(
+        (l - want).abs() < 1e-4,
+        "{name}: perplexity loss {l} vs {want}"
+    );
+
+    let g = &exp["generate"];
+    let max_new = g["max_new_tokens"].to_string();
+    let got = run_json(&[
+        "generate",
+        "--checkpoint-dir",
+        dir_arg,
+        "--prompt",
+        g["prompt"].as_str().unwrap(),
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        &max_new,
+        "--format",
+        "json",
+    ]);
+    assert_eq!(
+        ids(&got["new_token_ids"]),
+        ids(&g["new_ids"]),
+        "{name}: generated ids"
+    );
+}
 
 #[test]
 fn every_fixture_is_tested() {
