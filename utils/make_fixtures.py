@@ -79,15 +79,14 @@ TRAIN_STEPS = 8
 TRAIN_ROW = 25  # ids per row: inputs ids[:-1], targets ids[1:]
 
 # name -> (config class, config kwargs, options, what it exercises).
-# options: dtype "bfloat16" (or "float16") stores the weights in that dtype; shard "40KB"
-# saves shards of at most
-# that size; config_4x rewrites config.json the transformers 4.x way.
+# options: dtype "bfloat16" (or "float16") stores the weights in that dtype; shard "24KB"
+# saves shards of at most that size; config_4x rewrites config.json the transformers 4.x way.
 VARIANTS = {
     "llama_gqa_bias": (
         LlamaConfig,
         dict(hidden_size=36, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
-             head_dim=12, intermediate_size=48, rope_parameters=dict(rope_type="default", rope_theta=500000.0),
-             attention_bias=True,
+             head_dim=12, intermediate_size=48, attention_bias=True,
+             rope_parameters=dict(rope_type="default", rope_theta=500000.0),
              rms_norm_eps=1e-6, tie_word_embeddings=False, max_position_embeddings=128),
         dict(),
         "grouped-query attention (6 heads, 2 kv heads), head_dim 12 with 6*12 != hidden 36, "
@@ -159,7 +158,7 @@ VARIANTS = {
              max_position_embeddings=64, resid_dropout=0.0, embed_dropout=0.0,
              attention_dropout=0.0),
         dict(),
-        "attention_types [[local, global], 1], [[local], 1]]: layers local, global, local "
+        "attention_types [[[local, global], 1], [[local], 1]]: layers local, global, local "
         "with window 5 over 32 tokens, head_dim 12",
     ),
     "mistral_bf16": (
