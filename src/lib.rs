@@ -27,5 +27,6 @@ pub mod model;
 pub mod perplexity;
 pub mod strategy;
 pub mod tokenizer;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -2,3 +2,5 @@
 
 mod common;
 mod parity;
+mod train_parity;
+mod trainer;
