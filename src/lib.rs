@@ -13,6 +13,7 @@
 //! - [`tokenizer`], [`loss`], [`perplexity`], [`generate`], [`chat`].
 //! - [`cli`]: the command-line front end.
 
+pub mod bench;
 pub mod chat;
 pub mod checkpoint;
 pub mod cli;
