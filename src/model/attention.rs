@@ -8,7 +8,7 @@
 //! `g` query heads sharing a key/value head are stacked along the sequence axis, so one
 //! batched matmul per key/value head does the work.
 
-use candle_core::{D, DType, Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 
 use super::fused::softmax_last_dim;
 use super::linear::{Dropout, Linear};
