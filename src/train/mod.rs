@@ -9,6 +9,7 @@ pub mod optim;
 pub mod schedule;
 pub mod step;
 pub mod trainer;
+pub mod validate;
 
 pub use config::TrainConfig;
 pub use trainer::{TrainSummary, Trainer, pretrain_with_data};
