@@ -2,6 +2,7 @@
 //! and handed to one library function.
 
 mod model_cmds;
+mod plot_cmds;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -24,6 +25,8 @@ pub enum Command {
     Generate(model_cmds::GenerateArgs),
     /// Talk with a model interactively (dialogue models such as Claire).
     Chat(model_cmds::ChatArgs),
+    /// Loss curves of one or several runs (PNG or SVG), and their best checkpoints.
+    Plot(plot_cmds::PlotArgs),
 }
 
 /// Parse the command line and run the command.
@@ -33,6 +36,7 @@ pub fn run() -> Result<()> {
         Command::Perplexity(a) => model_cmds::perplexity(a),
         Command::Generate(a) => model_cmds::generate(a),
         Command::Chat(a) => model_cmds::chat(a),
+        Command::Plot(a) => plot_cmds::plot(a),
     }
 }
 
