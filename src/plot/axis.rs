@@ -191,7 +191,8 @@ fn ticks_every(lo: f64, hi: f64, raw: f64) -> Vec<f64> {
 
 /// Ticks of a log axis on `[lo, hi]` (`lo > 0`): the sparsest of a few sets of round
 /// mantissas per decade that gives at least 5 ticks and leaves neither end of the axis
-/// more than 25% from a tick (the bulk of a loss curve lies near its low end).
+/// more than 25% from a tick (the bulk of a loss curve lies near its low end), unless
+/// that takes more than [`MAX_LOG_TICKS`].
 pub fn log_ticks(lo: f64, hi: f64) -> Vec<f64> {
     const SETS: [&[f64]; 5] = [
         &[1.0],
@@ -202,7 +203,8 @@ pub fn log_ticks(lo: f64, hi: f64) -> Vec<f64> {
             1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 6.0, 7.0, 8.0, 9.0,
         ],
     ];
-    let mut best = Vec::new();
+    let covers = |t: &[f64]| t.len() >= 5 && t[0] / lo <= 1.25 && hi / t[t.len() - 1] <= 1.25;
+    let mut best: Vec<f64> = Vec::new();
     for set in SETS {
         let mut ticks = Vec::new();
         let mut decade = 10f64.powf(lo.log10().floor());
@@ -216,7 +218,10 @@ pub fn log_ticks(lo: f64, hi: f64) -> Vec<f64> {
             }
             decade *= 10.0;
         }
-        let covers = |t: &[f64]| t.len() >= 5 && t[0] / lo <= 1.25 && hi / t[t.len() - 1] <= 1.25;
+        if ticks.len() > MAX_LOG_TICKS && best.len() >= 3 {
+            // Crowded labels are worse than a loose end.
+            break;
+        }
         best = ticks;
         if covers(&best) {
             break;
@@ -224,6 +229,9 @@ pub fn log_ticks(lo: f64, hi: f64) -> Vec<f64> {
     }
     best
 }
+
+/// Most labelled ticks on a log axis.
+const MAX_LOG_TICKS: usize = 12;
 
 fn round_sig(v: f64, digits: i32) -> f64 {
     if v == 0.0 {
@@ -346,6 +354,8 @@ mod tests {
             log_ticks(0.5, 200.0),
             vec![0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0]
         );
+        let t = log_ticks(1.55, 19.0);
+        assert!(t.len() <= MAX_LOG_TICKS && t.contains(&2.0), "{t:?}");
     }
 
     #[test]

@@ -23,6 +23,8 @@
 
 mod axis;
 mod draw;
+mod legend;
+mod marker;
 mod runs;
 mod series;
 
