@@ -28,11 +28,6 @@ pub struct RunSeries {
 }
 
 impl RunSeries {
-    /// Every loss value drawn, for the y range.
-    pub fn losses(&self) -> impl Iterator<Item = f64> + '_ {
-        self.points().map(|p| p.1)
-    }
-
     /// Every point drawn.
     pub fn points(&self) -> impl Iterator<Item = Point> + '_ {
         self.train_raw
