@@ -10,6 +10,7 @@
 //! - [`checkpoint`]: Hugging Face folders, PEFT adapters, name tables.
 //! - [`lora`]: targeting, attaching and merging adapters.
 //! - [`strategy`]: device, precision and ranks.
+//! - [`plot`]: loss curves of runs and their best checkpoints.
 //! - [`tokenizer`], [`loss`], [`perplexity`], [`generate`], [`chat`].
 //! - [`cli`]: the command-line front end.
 
@@ -26,6 +27,7 @@ pub mod lora;
 pub mod loss;
 pub mod model;
 pub mod perplexity;
+pub mod plot;
 pub mod strategy;
 pub mod tokenizer;
 pub mod train;

@@ -3,6 +3,7 @@
 
 mod bench_cmds;
 mod model_cmds;
+mod plot_cmds;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -27,6 +28,8 @@ pub enum Command {
     Chat(model_cmds::ChatArgs),
     /// Training throughput (tokens/s, MFU) on a synthetic LLaMA.
     Bench(bench_cmds::BenchArgs),
+    /// Loss curves of one or several runs (PNG or SVG), and their best checkpoints.
+    Plot(plot_cmds::PlotArgs),
 }
 
 /// Parse the command line and run the command.
@@ -37,6 +40,7 @@ pub fn run() -> Result<()> {
         Command::Generate(a) => model_cmds::generate(a),
         Command::Chat(a) => model_cmds::chat(a),
         Command::Bench(a) => bench_cmds::bench(a),
+        Command::Plot(a) => plot_cmds::plot(a),
     }
 }
 

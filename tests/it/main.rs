@@ -5,3 +5,4 @@ mod model_cli;
 mod parity;
 mod train_parity;
 mod trainer;
+mod plot;
