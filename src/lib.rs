@@ -11,6 +11,7 @@
 //! - [`lora`]: targeting, attaching and merging adapters.
 //! - [`strategy`]: device, precision and ranks.
 //! - [`tokenizer`], [`loss`], [`perplexity`], [`generate`], [`chat`].
+//! - [`hub`]: uploading to and downloading from the Hugging Face Hub.
 //! - [`cli`]: the command-line front end.
 
 pub mod chat;
@@ -20,6 +21,7 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod generate;
+pub mod hub;
 pub mod io;
 pub mod lora;
 pub mod loss;

@@ -2,6 +2,7 @@
 //! and handed to one library function.
 
 mod model_cmds;
+mod publish_cmds;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -24,6 +25,16 @@ pub enum Command {
     Generate(model_cmds::GenerateArgs),
     /// Talk with a model interactively (dialogue models such as Claire).
     Chat(model_cmds::ChatArgs),
+    /// Merge a LoRA adapter into its base model: a complete Hugging Face folder.
+    MergeLora(publish_cmds::MergeLoraArgs),
+    /// A training checkpoint as a Hugging Face model folder (LoRA merged, sharded, model card).
+    ConvertToHf(publish_cmds::ConvertArgs),
+    /// Upload a folder to a Hugging Face model repository in one commit.
+    Upload(publish_cmds::UploadArgs),
+    /// Download a model's weights, config and tokenizer into checkpoints/ORG/NAME.
+    Download(publish_cmds::DownloadArgs),
+    /// Write a LLaMA/Mistral/Falcon checkpoint as a GGUF file for llama.cpp.
+    Quantize(publish_cmds::QuantizeArgs),
 }
 
 /// Parse the command line and run the command.
@@ -33,6 +44,11 @@ pub fn run() -> Result<()> {
         Command::Perplexity(a) => model_cmds::perplexity(a),
         Command::Generate(a) => model_cmds::generate(a),
         Command::Chat(a) => model_cmds::chat(a),
+        Command::MergeLora(a) => publish_cmds::merge(a),
+        Command::ConvertToHf(a) => publish_cmds::convert(a),
+        Command::Upload(a) => publish_cmds::upload(a),
+        Command::Download(a) => publish_cmds::download(a),
+        Command::Quantize(a) => publish_cmds::quantize(a),
     }
 }
 

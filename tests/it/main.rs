@@ -2,3 +2,5 @@
 
 mod common;
 mod parity;
+mod publish_hub;
+mod publish_hub_server;
