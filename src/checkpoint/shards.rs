@@ -103,7 +103,7 @@ pub fn parse_size(text: &str) -> Result<u64> {
         _ => return Err(bad()),
     };
     let bytes = (value * factor).round();
-    if !(bytes >= 1.0) {
+    if bytes.is_nan() || bytes < 1.0 {
         return Err(Error::Usage(format!(
             "--max-shard-size {text:?} must be at least one byte"
         )));
@@ -217,10 +217,10 @@ impl safetensors::View for Pending<'_> {
         &self.tensor.shape
     }
     fn data(&self) -> Cow<'_, [u8]> {
-        let bytes = self.tensor.materialize().and_then(|t| {
-            let b = <Tensor as safetensors::View>::data(&t).into_owned();
-            Ok(b)
-        });
+        let bytes = self
+            .tensor
+            .materialize()
+            .map(|t| <Tensor as safetensors::View>::data(&t).into_owned());
         self.bar.inc(1);
         match bytes {
             Ok(b) => Cow::Owned(b),

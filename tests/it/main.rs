@@ -2,5 +2,8 @@
 
 mod common;
 mod parity;
+mod publish_convert;
+mod publish_gguf;
 mod publish_hub;
 mod publish_hub_server;
+mod publish_merge;
