@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Check a GGUF file written by `lit-claire quantize` with llama.cpp's own Python package.
 
-    pip install gguf safetensors numpy
+    pip install gguf safetensors numpy torch
     lit-claire quantize --checkpoint-dir CKPT --output model.gguf --type q8_0
     python utils/check_gguf.py CKPT model.gguf
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-from safetensors.numpy import load_file
+from safetensors.torch import load_file
 
 
 def hf_tensors(ckpt: Path) -> dict:
@@ -24,7 +24,7 @@ def hf_tensors(ckpt: Path) -> dict:
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
     out = {}
     for f in files:
-        out.update({k: v.astype(np.float32) for k, v in load_file(ckpt / f).items()})
+        out.update({k: v.float().numpy() for k, v in load_file(ckpt / f).items()})
     return out
 
 

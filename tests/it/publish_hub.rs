@@ -495,3 +495,44 @@ fn cli_upload_then_download_round_trip() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
+
+#[test]
+fn convert_to_hf_with_repo_id_uploads_the_converted_folder() {
+    let server = FakeHub::start(TOKEN);
+    let tmp = temp_dir();
+    let out = tmp.path().join("hf");
+    let home = temp_dir();
+    let o = Command::new(bin())
+        .arg("convert-to-hf")
+        .arg("--input-path")
+        .arg(crate::common::reference_dir("llama"))
+        .arg("--output-dir")
+        .arg(&out)
+        .args(["--repo-id", "org/llama-fr"])
+        .env("HF_ENDPOINT", &server.url)
+        .env("HF_TOKEN", TOKEN)
+        .env("HF_HOME", home.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let commits = server.commits();
+    assert_eq!(commits.len(), 1);
+    let names: Vec<&str> = commits[0].files.keys().map(String::as_str).collect();
+    assert_eq!(
+        names,
+        [
+            "README.md",
+            "config.json",
+            "generation_config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json"
+        ]
+    );
+    assert_eq!(
+        commits[0].files["model.safetensors"],
+        std::fs::read(out.join("model.safetensors")).unwrap()
+    );
+    let card = String::from_utf8(commits[0].files["README.md"].clone()).unwrap();
+    assert!(card.contains("from_pretrained(\"org/llama-fr\""), "{card}");
+}

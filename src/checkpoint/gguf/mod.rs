@@ -15,10 +15,12 @@
 //! computed, encoded and written one at a time: a 7B model is never in memory whole.
 //!
 //! [`llama_cpp`] maps LLaMA/Mistral (architecture `llama`) and Falcon (`falcon`)
-//! checkpoints onto llama.cpp's names and metadata; [`quant`] holds the encoders.
+//! checkpoints onto llama.cpp's names and metadata; [`quant`] holds the encoders;
+//! `tokenizer` writes the byte-level BPE tokenizer.
 
 pub mod llama_cpp;
 pub mod quant;
+mod tokenizer;
 
 use std::io::{BufWriter, Write};
 use std::path::Path;
