@@ -12,6 +12,7 @@
 //! - [`strategy`]: device, precision and ranks.
 //! - [`plot`]: loss curves of runs and their best checkpoints.
 //! - [`tokenizer`], [`loss`], [`perplexity`], [`generate`], [`chat`].
+//! - [`hub`]: uploading to and downloading from the Hugging Face Hub.
 //! - [`cli`]: the command-line front end.
 
 pub mod bench;
@@ -22,6 +23,7 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod generate;
+pub mod hub;
 pub mod io;
 pub mod lora;
 pub mod loss;

@@ -4,6 +4,7 @@
 mod bench_cmds;
 mod model_cmds;
 mod plot_cmds;
+mod publish_cmds;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -30,6 +31,16 @@ pub enum Command {
     Bench(bench_cmds::BenchArgs),
     /// Loss curves of one or several runs (PNG or SVG), and their best checkpoints.
     Plot(plot_cmds::PlotArgs),
+    /// Merge a LoRA adapter into its base model: a complete Hugging Face folder.
+    MergeLora(publish_cmds::MergeLoraArgs),
+    /// A training checkpoint as a Hugging Face model folder (LoRA merged, sharded, model card).
+    ConvertToHf(publish_cmds::ConvertArgs),
+    /// Upload a folder to a Hugging Face model repository in one commit.
+    Upload(publish_cmds::UploadArgs),
+    /// Download a model's weights, config and tokenizer into checkpoints/ORG/NAME.
+    Download(publish_cmds::DownloadArgs),
+    /// Write a LLaMA/Mistral/Falcon checkpoint as a GGUF file for llama.cpp.
+    Quantize(publish_cmds::QuantizeArgs),
 }
 
 /// Parse the command line and run the command.
@@ -41,6 +52,11 @@ pub fn run() -> Result<()> {
         Command::Chat(a) => model_cmds::chat(a),
         Command::Bench(a) => bench_cmds::bench(a),
         Command::Plot(a) => plot_cmds::plot(a),
+        Command::MergeLora(a) => publish_cmds::merge(a),
+        Command::ConvertToHf(a) => publish_cmds::convert(a),
+        Command::Upload(a) => publish_cmds::upload(a),
+        Command::Download(a) => publish_cmds::download(a),
+        Command::Quantize(a) => publish_cmds::quantize(a),
     }
 }
 

@@ -6,3 +6,8 @@ mod parity;
 mod train_parity;
 mod trainer;
 mod plot;
+mod publish_convert;
+mod publish_gguf;
+mod publish_hub;
+mod publish_hub_server;
+mod publish_merge;
