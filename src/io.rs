@@ -24,13 +24,24 @@ pub fn temp_beside(path: &Path) -> Result<tempfile::NamedTempFile> {
         .at(dir)
 }
 
+/// Rename a finished temporary file onto `path`, readable by all like a file written
+/// the usual way (tempfile creates files private to their owner).
+pub fn persist(tmp: tempfile::NamedTempFile, path: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o644)).at(path)?;
+    }
+    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    Ok(())
+}
+
 /// Replace `path` with `bytes` atomically.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut tmp = temp_beside(path)?;
     tmp.write_all(bytes).at(path)?;
     tmp.as_file().sync_all().at(path)?;
-    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
-    Ok(())
+    persist(tmp, path)
 }
 
 /// Save named tensors as a safetensors file (metadata `format: pt`, plus `extra`),
@@ -49,8 +60,7 @@ pub fn save_safetensors_atomic(
         .collect::<candle_core::Result<_>>()?;
     safetensors::serialize_to_file(data, Some(meta), tmp.path())
         .map_err(|e| Error::io(path, std::io::Error::other(e.to_string())))?;
-    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
-    Ok(())
+    persist(tmp, path)
 }
 
 /// Write `text` as JSON-pretty `value` atomically.

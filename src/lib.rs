@@ -10,9 +10,12 @@
 //! - [`checkpoint`]: Hugging Face folders, PEFT adapters, name tables.
 //! - [`lora`]: targeting, attaching and merging adapters.
 //! - [`strategy`]: device, precision and ranks.
+//! - [`plot`]: loss curves of runs and their best checkpoints.
 //! - [`tokenizer`], [`loss`], [`perplexity`], [`generate`], [`chat`].
+//! - [`hub`]: uploading to and downloading from the Hugging Face Hub.
 //! - [`cli`]: the command-line front end.
 
+pub mod bench;
 pub mod chat;
 pub mod checkpoint;
 pub mod cli;
@@ -20,12 +23,15 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod generate;
+pub mod hub;
 pub mod io;
 pub mod lora;
 pub mod loss;
 pub mod model;
 pub mod perplexity;
+pub mod plot;
 pub mod strategy;
 pub mod tokenizer;
+pub mod train;
 
 pub use error::{Error, Result};

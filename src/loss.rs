@@ -18,11 +18,10 @@ pub fn cross_entropy_sum(
     mask: Option<&Tensor>,
 ) -> Result<(Tensor, f64)> {
     let logits = logits.to_dtype(DType::F32)?;
-    let max = logits.max_keepdim(D::Minus1)?.detach();
-    let shifted = logits.broadcast_sub(&max)?;
-    let log_z = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?; // (N, 1)
-    let picked = shifted.gather(&targets.unsqueeze(1)?, 1)?; // (N, 1)
-    let nll = (log_z - picked)?.squeeze(1)?; // (N)
+    let nll = match crate::model::fused::cross_entropy_rows(&logits, targets)? {
+        Some(nll) => nll,
+        None => nll_plain(&logits, targets)?,
+    };
     match mask {
         Some(m) => {
             let m = m.to_dtype(DType::F32)?;
@@ -36,16 +35,12 @@ pub fn cross_entropy_sum(
     }
 }
 
-/// Inputs and targets of a language-modelling batch `rows: (B, T+1)`: inputs are
-/// `rows[:, :-1]`, targets `rows[:, 1:]`; a target equal to `ignore` (padding) does not count.
-/// Returns `(inputs (B, T), targets (B·T), mask (B·T))`.
-pub fn shift_batch(rows: &Tensor, ignore: Option<u32>) -> Result<(Tensor, Tensor, Option<Tensor>)> {
-    let (_, t1) = rows.dims2()?;
-    let inputs = rows.narrow(1, 0, t1 - 1)?.contiguous()?;
-    let targets = rows.narrow(1, 1, t1 - 1)?.flatten_all()?;
-    let mask = match ignore {
-        Some(id) => Some(targets.ne(id)?.to_dtype(DType::F32)?),
-        None => None,
-    };
-    Ok((inputs, targets, mask))
+/// Per-row `log Σ exp(x) − x[target]`, `(N)`, from differentiable ops (the max is
+/// detached: it cancels out).
+pub fn nll_plain(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let max = logits.max_keepdim(D::Minus1)?.detach();
+    let shifted = logits.broadcast_sub(&max)?;
+    let log_z = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?; // (N, 1)
+    let picked = shifted.gather(&targets.unsqueeze(1)?, 1)?; // (N, 1)
+    (log_z - picked)?.squeeze(1)
 }

@@ -1,9 +1,14 @@
 //! Model folders on disk: reading Hugging Face checkpoints and PEFT adapters, and
 //! writing them back.
 
+pub mod card;
+pub mod export;
+pub mod gguf;
 pub mod hf;
+pub mod merge;
 pub mod names;
 pub mod peft;
+pub mod shards;
 pub mod weights;
 
 use std::path::Path;

@@ -1,7 +1,10 @@
 //! The command-line front end: clap structs, each resolved once into library types
 //! and handed to one library function.
 
+mod bench_cmds;
 mod model_cmds;
+mod plot_cmds;
+mod publish_cmds;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -24,6 +27,20 @@ pub enum Command {
     Generate(model_cmds::GenerateArgs),
     /// Talk with a model interactively (dialogue models such as Claire).
     Chat(model_cmds::ChatArgs),
+    /// Training throughput (tokens/s, MFU) on a synthetic LLaMA.
+    Bench(bench_cmds::BenchArgs),
+    /// Loss curves of one or several runs (PNG or SVG), and their best checkpoints.
+    Plot(plot_cmds::PlotArgs),
+    /// Merge a LoRA adapter into its base model: a complete Hugging Face folder.
+    MergeLora(publish_cmds::MergeLoraArgs),
+    /// A training checkpoint as a Hugging Face model folder (LoRA merged, sharded, model card).
+    ConvertToHf(publish_cmds::ConvertArgs),
+    /// Upload a folder to a Hugging Face model repository in one commit.
+    Upload(publish_cmds::UploadArgs),
+    /// Download a model's weights, config and tokenizer into checkpoints/ORG/NAME.
+    Download(publish_cmds::DownloadArgs),
+    /// Write a LLaMA/Mistral/Falcon checkpoint as a GGUF file for llama.cpp.
+    Quantize(publish_cmds::QuantizeArgs),
 }
 
 /// Parse the command line and run the command.
@@ -33,6 +50,13 @@ pub fn run() -> Result<()> {
         Command::Perplexity(a) => model_cmds::perplexity(a),
         Command::Generate(a) => model_cmds::generate(a),
         Command::Chat(a) => model_cmds::chat(a),
+        Command::Bench(a) => bench_cmds::bench(a),
+        Command::Plot(a) => plot_cmds::plot(a),
+        Command::MergeLora(a) => publish_cmds::merge(a),
+        Command::ConvertToHf(a) => publish_cmds::convert(a),
+        Command::Upload(a) => publish_cmds::upload(a),
+        Command::Download(a) => publish_cmds::download(a),
+        Command::Quantize(a) => publish_cmds::quantize(a),
     }
 }
 

@@ -3,13 +3,14 @@
 //! Shapes: `B` batch, `T` new tokens, `S` keys (cached + new), `nh` query heads,
 //! `nkv` key/value heads, `g = nh / nkv` queries per key/value head, `hs` head size.
 //!
-//! Softmax is written out (`exp(s − max) / Σ`) because candle's fused
-//! `softmax_last_dim` and `sdpa` have no backward. Grouped heads are not copied: the
+//! Softmax is our own kernel with a backward pass ([`super::fused`]) because candle's
+//! fused `softmax_last_dim` and `sdpa` have none. Grouped heads are not copied: the
 //! `g` query heads sharing a key/value head are stacked along the sequence axis, so one
 //! batched matmul per key/value head does the work.
 
-use candle_core::{D, DType, Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 
+use super::fused::softmax_last_dim;
 use super::linear::{Dropout, Linear};
 use super::rope::RopeTables;
 use crate::config::{AttentionWindow, Config, QkvLayout};
@@ -184,14 +185,6 @@ impl Attention {
             .reshape((b, t, nh * hs))?;
         self.proj.forward(&y, dropout)
     }
-}
-
-/// Softmax over the last dimension from differentiable ops. The max is detached:
-/// subtracting any constant leaves softmax and its gradient unchanged.
-pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
 }
 
 /// Additive mask `(T, S)`: 0 where query `i` (at `q_start + i`) may see key `j` (at

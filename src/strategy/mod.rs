@@ -116,6 +116,11 @@ impl Strategy {
     pub fn all_reduce_mean(&self, x: f64) -> Result<f64> {
         Ok(x)
     }
+
+    /// Average gradients over ranks, in place (nothing to do in a single process).
+    pub fn all_reduce_grads(&self, _grads: &mut [candle_core::Tensor]) -> Result<()> {
+        Ok(())
+    }
 }
 
 #[cfg(feature = "cuda")]

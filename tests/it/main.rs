@@ -3,5 +3,14 @@
 mod checks;
 mod common;
 mod lora_grads;
+mod model_cli;
 mod parity;
+mod plot;
+mod publish_convert;
+mod publish_gguf;
+mod publish_hub;
+mod publish_hub_server;
+mod publish_merge;
+mod train_parity;
+mod trainer;
 mod unseen;

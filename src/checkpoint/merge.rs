@@ -1,0 +1,276 @@
+//! The tensors of a checkpoint with a LoRA adapter merged in, computed one at a time.
+//!
+//! For every adapted module with `A: (r, in)`, `B: (out, r)` and scale `s`
+//! (`alpha / r`, or `alpha / sqrt(r)` with rsLoRA):
+//!
+//! ```text
+//! W' = W + s · B A          computed in f32, then stored in the output dtype
+//! ```
+//!
+//! Tensors keep the base checkpoint's names and layout: GPT-2's Conv1D weights are
+//! stored `(in, out)`, so they receive `(s · B A)ᵀ`. Tensors no adapter touches are
+//! only converted to the output dtype (floating tensors; others are kept as stored).
+//! An adapter on a tied head unties it: the merged head is written as a tensor of its
+//! own (`lm_head.weight`) and the embeddings stay as they were.
+//!
+//! Nothing is loaded up front: each tensor is a [`LazyTensor`] read from the
+//! memory-mapped base when it is written.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+
+use super::names::WeightNames;
+use super::peft::PeftAdapter;
+use super::shards::LazyTensor;
+use super::weights::Weights;
+use crate::config::Config;
+use crate::error::{Error, IoContext, Result};
+
+/// Name, shape and dtype of every tensor in safetensors files, read from their
+/// headers only.
+pub fn stored_tensors(files: &[PathBuf]) -> Result<BTreeMap<String, (Vec<usize>, DType)>> {
+    use std::io::Read;
+    let mut out = BTreeMap::new();
+    for f in files {
+        let mut file = std::fs::File::open(f).at(f)?;
+        let mut len = [0u8; 8];
+        file.read_exact(&mut len).at(f)?;
+        let n = u64::from_le_bytes(len);
+        if n > 100_000_000 {
+            return Err(Error::bad_file(
+                f,
+                "not a safetensors file (header too large)",
+            ));
+        }
+        let mut header = vec![0u8; n as usize];
+        file.read_exact(&mut header).at(f)?;
+        let v: serde_json::Value = serde_json::from_slice(&header)
+            .map_err(|e| Error::bad_file(f, format!("not a safetensors header: {e}")))?;
+        let obj = v
+            .as_object()
+            .ok_or_else(|| Error::bad_file(f, "safetensors header is not an object"))?;
+        for (name, info) in obj {
+            if name == "__metadata__" {
+                continue;
+            }
+            let shape: Vec<usize> = info
+                .get("shape")
+                .and_then(|s| s.as_array())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|d| d.as_u64())
+                        .map(|d| d as usize)
+                        .collect()
+                })
+                .ok_or_else(|| Error::bad_file(f, format!("tensor {name} has no shape")))?;
+            let dtype = match info.get("dtype").and_then(|d| d.as_str()) {
+                Some("F32") => DType::F32,
+                Some("F16") => DType::F16,
+                Some("BF16") => DType::BF16,
+                Some("F64") => DType::F64,
+                Some("I64") => DType::I64,
+                Some("U32") => DType::U32,
+                Some("U8") | Some("BOOL") => DType::U8,
+                other => {
+                    return Err(Error::bad_file(
+                        f,
+                        format!(
+                            "tensor {name} has dtype {other:?}, which lit-claire cannot convert"
+                        ),
+                    ));
+                }
+            };
+            out.insert(name.clone(), (shape, dtype));
+        }
+    }
+    Ok(out)
+}
+
+fn is_float(d: DType) -> bool {
+    matches!(d, DType::F32 | DType::F16 | DType::BF16 | DType::F64)
+}
+
+/// One adapter's contribution to a stored weight.
+#[derive(Clone)]
+struct Delta {
+    a: Tensor,
+    b: Tensor,
+    scale: f64,
+    /// The stored weight is `(in, out)` (Conv1D).
+    transposed: bool,
+}
+
+impl Delta {
+    /// `s · B A` in the stored layout, f32.
+    fn weight(&self) -> Result<Tensor> {
+        let a = self.a.to_dtype(DType::F32)?;
+        let b = self.b.to_dtype(DType::F32)?;
+        let d = (b.matmul(&a)? * self.scale)?;
+        Ok(if self.transposed {
+            d.t()?.contiguous()?
+        } else {
+            d
+        })
+    }
+}
+
+/// The tensors to write, and what merging changed.
+pub struct MergePlan {
+    pub tensors: Vec<LazyTensor>,
+    /// Number of weights an adapter was merged into.
+    pub merged: usize,
+    /// The head was tied and an adapter on it made it a tensor of its own.
+    pub untied_head: bool,
+}
+
+impl std::fmt::Debug for MergePlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MergePlan")
+            .field("tensors", &self.tensors.len())
+            .field("merged", &self.merged)
+            .field("untied_head", &self.untied_head)
+            .finish()
+    }
+}
+
+/// Plan the tensors of the checkpoint in `dir` (config `cfg`) with `adapter` merged
+/// in, floating tensors stored as `dtype`. Every adapter module must match a weight
+/// of the checkpoint with compatible shapes.
+pub fn plan_merge(
+    dir: &Path,
+    cfg: &Config,
+    adapter: Option<&PeftAdapter>,
+    dtype: DType,
+) -> Result<MergePlan> {
+    let weights = Arc::new(Weights::open(dir)?);
+    let stored = stored_tensors(weights.files())?;
+    let names = WeightNames::for_config(cfg);
+    // The stored name of a module's weight: exact, without the first path component
+    // (bare GPT-2 checkpoints), or under the head's alias.
+    let find = |module: &str| -> Option<String> {
+        let mut candidates = vec![format!("{module}.weight")];
+        if let Some((_, rest)) = module.split_once('.') {
+            candidates.push(format!("{rest}.weight"));
+        }
+        if module == names.lm_head {
+            if let Some(alias) = names.lm_head_alias {
+                candidates.push(format!("{alias}.weight"));
+            }
+        }
+        candidates.into_iter().find(|c| stored.contains_key(c))
+    };
+    let embed = find(names.embed).ok_or_else(|| {
+        Error::Weights(format!(
+            "{} has no token embeddings {}.weight; is it a {} checkpoint?",
+            dir.display(),
+            names.embed,
+            cfg.family.model_type()
+        ))
+    })?;
+
+    let mut deltas: BTreeMap<String, Delta> = BTreeMap::new();
+    let mut head_delta: Option<Delta> = None;
+    let mut stray = Vec::new();
+    if let Some(ad) = adapter {
+        for (module, (a, b)) in &ad.tensors {
+            let canonical = names.canonical(module);
+            let is_head = canonical == names.lm_head;
+            let tied_head = is_head && cfg.tie_embeddings;
+            let target = if tied_head {
+                Some(embed.clone())
+            } else {
+                find(&canonical)
+            };
+            let Some(target) = target else {
+                stray.push(module.clone());
+                continue;
+            };
+            let transposed = names.conv1d && !is_head;
+            let (shape, _) = &stored[&target];
+            let (n_out, n_in) = match (shape.as_slice(), transposed) {
+                ([o, i], false) => (*o, *i),
+                ([i, o], true) => (*o, *i),
+                _ => {
+                    return Err(Error::Weights(format!(
+                        "adapter module {module} targets {target} of shape {shape:?}, which is not a matrix"
+                    )));
+                }
+            };
+            let (r, a_in) = a.dims2()?;
+            let (b_out, rb) = b.dims2()?;
+            if a_in != n_in || b_out != n_out || rb != r {
+                return Err(Error::Weights(format!(
+                    "adapter for {module}: lora_A {:?} and lora_B {:?} do not fit {target} of shape {shape:?} \
+                     (expected ({r}, {n_in}) and ({n_out}, {r})); is the adapter for another base model?",
+                    a.dims(),
+                    b.dims()
+                )));
+            }
+            let delta = Delta {
+                a: a.clone(),
+                b: b.clone(),
+                scale: ad.scale(),
+                transposed,
+            };
+            if tied_head {
+                head_delta = Some(delta);
+            } else {
+                deltas.insert(target, delta);
+            }
+        }
+    }
+    if !stray.is_empty() {
+        return Err(Error::Weights(format!(
+            "adapter modules {stray:?} match no weight of the {} checkpoint {}; is the adapter for another base model?",
+            cfg.family.model_type(),
+            dir.display()
+        )));
+    }
+
+    let merged = deltas.len() + head_delta.is_some() as usize;
+    let mut tensors = Vec::with_capacity(stored.len() + 1);
+    let mut written = BTreeSet::new();
+    for (name, (shape, stored_dtype)) in &stored {
+        let out_dtype = if is_float(*stored_dtype) {
+            dtype
+        } else {
+            *stored_dtype
+        };
+        let delta = deltas.remove(name);
+        let (w, n) = (weights.clone(), name.clone());
+        tensors.push(LazyTensor::new(
+            name.clone(),
+            shape.clone(),
+            out_dtype,
+            move || match &delta {
+                None => Ok(w.raw(&n, &Device::Cpu)?),
+                Some(d) => {
+                    let base = w.raw(&n, &Device::Cpu)?.to_dtype(DType::F32)?;
+                    Ok((base + d.weight()?)?)
+                }
+            },
+        ));
+        written.insert(name.clone());
+    }
+    let mut untied_head = false;
+    if let Some(d) = head_delta {
+        let head = format!("{}.weight", names.lm_head);
+        let (shape, _) = stored[&embed].clone();
+        let w = weights.clone();
+        // A checkpoint may store its tied head too; the merged one replaces it.
+        tensors.retain(|t| t.name != head);
+        tensors.push(LazyTensor::new(head, shape, dtype, move || {
+            let base = w.raw(&embed, &Device::Cpu)?.to_dtype(DType::F32)?;
+            Ok((base + d.weight()?)?)
+        }));
+        untied_head = true;
+    }
+    Ok(MergePlan {
+        tensors,
+        merged,
+        untied_head,
+    })
+}

@@ -1,0 +1,84 @@
+//! `bench`: training throughput and MFU on a synthetic LLaMA.
+
+use clap::{Args, ValueEnum};
+
+use super::RuntimeArgs;
+use crate::bench::{BenchShape, bench_train, matmul_gflops};
+use crate::error::Result;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchMode {
+    Full,
+    Lora,
+    Both,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[arg(long, value_enum, default_value_t = BenchMode::Both)]
+    pub mode: BenchMode,
+    #[arg(long, default_value_t = 4)]
+    pub layers: usize,
+    #[arg(long, default_value_t = 512)]
+    pub width: usize,
+    #[arg(long, default_value_t = 8)]
+    pub heads: usize,
+    #[arg(long, default_value_t = 8192)]
+    pub vocab: usize,
+    #[arg(long, default_value_t = 256)]
+    pub seq: usize,
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    /// Peak GFLOP/s for MFU (default: measured with a 2048² matmul in the compute dtype).
+    #[arg(long)]
+    pub peak_gflops: Option<f64>,
+    /// Print JSON lines instead of text.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+pub fn bench(a: BenchArgs) -> Result<()> {
+    let strategy = a.runtime.strategy()?;
+    let peak = match a.peak_gflops {
+        Some(p) => p,
+        None => matmul_gflops(2048, strategy.precision.compute_dtype(), &strategy.device)?,
+    };
+    let shape = BenchShape {
+        layers: a.layers,
+        width: a.width,
+        heads: a.heads,
+        vocab: a.vocab,
+        seq: a.seq,
+        batch: a.batch,
+    };
+    let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "unset".into());
+    eprintln!("peak {peak:.1} GFLOP/s (matmul), RAYON_NUM_THREADS={threads}");
+    let modes: &[bool] = match a.mode {
+        BenchMode::Full => &[false],
+        BenchMode::Lora => &[true],
+        BenchMode::Both => &[false, true],
+    };
+    for &lora in modes {
+        let r = bench_train(&shape, &strategy, lora, a.warmup, a.steps, peak)?;
+        if a.json {
+            println!("{}", serde_json::to_string(&r).expect("plain data"));
+        } else {
+            println!(
+                "{:<11} {} params, {}: {:.0} tokens/s, {:.1} GFLOP/s, MFU {:.1}%",
+                r.mode,
+                r.params,
+                r.precision,
+                r.tokens_per_s,
+                r.achieved_gflops,
+                100.0 * r.mfu
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,405 @@
+//! Drawing a [`Scene`] with plotters, on any backend (PNG bitmap or SVG).
+//!
+//! ```text
+//! ┌──────────────────────── title ────────────────────────┬──────────────┐
+//! │ y label │ chart: grid, curves, markers                │ Runs         │
+//! │ (loss,  │                                             │ ━ run-a      │
+//! │  nats/  │                                             │ ━ run-b      │
+//! │  token) │                                             │ Series       │
+//! │         │                                             │ ─ train loss │
+//! │         └──────────────── x label ────────────────────┤ ...          │
+//! └───────────────────────────────────────────────────────┴──────────────┘
+//! ```
+//!
+//! Colour tells the run apart, style the series: a solid line is training loss (a faint
+//! line under it the raw values), a thin line with dots validation during training,
+//! hollow markers offline validation per dataset (one shape per dataset), a dashed line
+//! with diamonds their mean. The legend sits in its own panel, never over curves. Text
+//! uses the embedded DejaVu Sans, so no system font is needed.
+
+use std::sync::Once;
+
+use plotters::coord::Shift;
+use plotters::coord::cartesian::Cartesian2d;
+use plotters::coord::ranged1d::{DefaultFormatting, KeyPointHint, Ranged};
+use plotters::prelude::*;
+
+use super::axis::{XAxis, YScale, format_x};
+use super::legend::Legend;
+use super::marker::{Marker, Shape};
+use super::series::{Point, RunSeries, decimate};
+
+/// DejaVu Sans (Bitstream Vera licence, see `assets/fonts/LICENSE-DejaVu.txt`).
+static FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
+pub(super) const FAMILY: &str = "sans-serif";
+
+/// Most points drawn per line (a dense curve keeps its envelope, see [`decimate`]).
+const MAX_POINTS: usize = 3000;
+
+/// Tableau 10: distinct, colour-blind-friendlier than the primaries.
+pub(super) const PALETTE: [RGBColor; 10] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
+];
+pub(super) const INK: RGBColor = RGBColor(40, 40, 40);
+const GRID: RGBColor = RGBColor(228, 228, 228);
+
+/// Register the embedded font under "sans-serif" (once per process).
+pub fn register_fonts() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // Only fails on a corrupt font file, which a unit test rules out.
+        let _ = plotters::style::register_font(FAMILY, FontStyle::Normal, FONT);
+    });
+}
+
+/// What to draw.
+pub struct Scene<'a> {
+    pub title: String,
+    pub runs: &'a [RunSeries],
+    pub x_axis: XAxis,
+    pub x_range: (f64, f64),
+    pub x_ticks: Vec<f64>,
+    pub y: YScale,
+}
+
+pub(super) type DrawResult<DB> =
+    Result<(), DrawingAreaErrorKind<<DB as DrawingBackend>::ErrorType>>;
+
+/// Draw the whole picture on `root`.
+pub fn render<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, scene: &Scene) -> DrawResult<DB> {
+    register_fonts();
+    root.fill(&WHITE)?;
+    let (width, _) = root.dim_in_pixel();
+    let body = root
+        .margin(10, 0, 0, 0)
+        .titled(&scene.title, (FAMILY, 24).into_font().color(&INK))?;
+
+    let legend = Legend::new(scene);
+    let legend_width = legend.width(root)?.min(width / 3);
+    let (plot_area, legend_area) = body.split_horizontally(width - legend_width);
+
+    let (x0, x1) = scene.x_range;
+    let (y0, y1) = scene.y.axis_range();
+    let y_ticks: Vec<f64> = scene.y.ticks.iter().map(|&t| scene.y.to_axis(t)).collect();
+    let mut chart = ChartBuilder::on(&plot_area)
+        .margin_top(12)
+        .margin_left(10)
+        .margin_right(18)
+        .margin_bottom(8)
+        .x_label_area_size(52)
+        .y_label_area_size(78)
+        .build_cartesian_2d(
+            TickAxis::new(x0, x1, scene.x_ticks.clone()),
+            TickAxis::new(y0, y1, y_ticks),
+        )?;
+
+    let x_step = match scene.x_ticks.as_slice() {
+        [a, b, ..] => b - a,
+        _ => (x1 - x0) / 5.0,
+    };
+    let x_fmt = |v: &f64| format_x(scene.x_axis, *v, x_step);
+    let y_fmt = |v: &f64| scene.y.label(*v);
+    let y_desc = if scene.y.log {
+        "loss (nats/token, log scale)"
+    } else {
+        "loss (nats/token)"
+    };
+    chart
+        .configure_mesh()
+        .x_desc(scene.x_axis.label())
+        .y_desc(y_desc)
+        .x_label_formatter(&x_fmt)
+        .y_label_formatter(&y_fmt)
+        .label_style((FAMILY, 15).into_font().color(&INK))
+        .axis_desc_style((FAMILY, 17).into_font().color(&INK))
+        .bold_line_style(GRID.stroke_width(1))
+        .light_line_style(WHITE.mix(0.0))
+        .axis_style(RGBColor(120, 120, 120).stroke_width(1))
+        .set_all_tick_mark_size(5)
+        .draw()?;
+
+    let top = chart.plotting_area().get_pixel_range().1.start;
+    let mut layers = Layers {
+        chart,
+        clip: Clip {
+            x: scene.x_range,
+            y: (y0, y1),
+        },
+        y: &scene.y,
+    };
+    let datasets = dataset_shapes(scene.runs);
+    let coloured =
+        || (scene.runs.iter().enumerate()).map(|(i, run)| (run, PALETTE[i % PALETTE.len()]));
+    // Back to front: raw training loss, smoothed, offline validation, online validation.
+    for (run, colour) in coloured() {
+        if !run.train_smooth.is_empty() {
+            let raw = decimate(&run.train_raw, MAX_POINTS);
+            layers.line(&raw, colour.mix(0.22).stroke_width(1))?;
+        }
+    }
+    for (run, colour) in coloured() {
+        let main = if run.train_smooth.is_empty() {
+            &run.train_raw
+        } else {
+            &run.train_smooth
+        };
+        layers.line(&decimate(main, MAX_POINTS), colour.stroke_width(2))?;
+        if main.len() == 1 {
+            // A run that has logged one step: a line of one point would not show.
+            layers.markers(main, Shape::Circle, 3, colour.filled())?;
+        }
+    }
+    for (run, colour) in coloured() {
+        for (dataset, pts) in &run.offline {
+            let shape = datasets
+                .iter()
+                .find(|d| &d.0 == dataset)
+                .map_or(Shape::Square, |d| d.1);
+            layers.markers(pts, shape, 5, colour.stroke_width(2))?;
+        }
+        if run.offline.len() >= 2 {
+            layers.dashed(&run.offline_mean, colour.stroke_width(2))?;
+            layers.markers(&run.offline_mean, Shape::Diamond, 6, colour.filled())?;
+        }
+    }
+    for (run, colour) in coloured() {
+        layers.line(&run.online_val, colour.stroke_width(1))?;
+        layers.markers(&run.online_val, Shape::Circle, 4, colour.filled())?;
+    }
+
+    legend.draw(&legend_area, top)?;
+    Ok(())
+}
+
+/// Draws series on the chart: losses mapped onto the loss axis, clipped to the ranges.
+struct Layers<'a, 'b, DB: DrawingBackend> {
+    chart: ChartContext<'a, DB, Cartesian2d<TickAxis, TickAxis>>,
+    clip: Clip,
+    y: &'b YScale,
+}
+
+impl<DB: DrawingBackend> Layers<'_, '_, DB> {
+    /// Points on the drawn axes (a non-positive loss has no place on a log axis).
+    fn on_axes(&self, pts: &[Point]) -> Vec<Point> {
+        pts.iter()
+            .filter(|p| !self.y.log || p.1 > 0.0)
+            .map(|&(x, y)| (x, self.y.to_axis(y)))
+            .collect()
+    }
+
+    fn line(&mut self, pts: &[Point], style: ShapeStyle) -> DrawResult<DB> {
+        for piece in self.clip.polyline(&self.on_axes(pts)) {
+            self.chart.draw_series(LineSeries::new(piece, style))?;
+        }
+        Ok(())
+    }
+
+    fn dashed(&mut self, pts: &[Point], style: ShapeStyle) -> DrawResult<DB> {
+        for piece in self.clip.polyline(&self.on_axes(pts)) {
+            self.chart
+                .draw_series(DashedLineSeries::new(piece, 7, 5, style))?;
+        }
+        Ok(())
+    }
+
+    fn markers(
+        &mut self,
+        pts: &[Point],
+        shape: Shape,
+        size: i32,
+        style: ShapeStyle,
+    ) -> DrawResult<DB> {
+        let inside: Vec<Point> = self
+            .on_axes(pts)
+            .into_iter()
+            .filter(|p| self.clip.contains(*p))
+            .collect();
+        self.chart.draw_series(
+            inside
+                .into_iter()
+                .map(|p| Marker::new(p, shape, size, style)),
+        )?;
+        Ok(())
+    }
+}
+
+/// The marker shape of each offline dataset, the same in every run.
+pub(super) fn dataset_shapes(runs: &[RunSeries]) -> Vec<(String, Shape)> {
+    let mut names: Vec<&String> = runs.iter().flat_map(|r| r.offline.keys()).collect();
+    names.sort();
+    names.dedup();
+    names
+        .into_iter()
+        .enumerate()
+        .map(|(i, n)| {
+            (
+                n.clone(),
+                Shape::FOR_DATASETS[i % Shape::FOR_DATASETS.len()],
+            )
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// A linear f64 axis with given ticks.
+
+/// A linear axis over `[lo, hi]` whose grid lines and labels sit at `ticks` (plotters'
+/// own key points cannot be chosen on a log-transformed axis).
+struct TickAxis {
+    lo: f64,
+    hi: f64,
+    ticks: Vec<f64>,
+}
+
+impl TickAxis {
+    fn new(lo: f64, hi: f64, ticks: Vec<f64>) -> Self {
+        let ticks = ticks.into_iter().filter(|t| *t >= lo && *t <= hi).collect();
+        TickAxis { lo, hi, ticks }
+    }
+}
+
+impl Ranged for TickAxis {
+    type FormatOption = DefaultFormatting;
+    type ValueType = f64;
+
+    fn map(&self, v: &f64, limit: (i32, i32)) -> i32 {
+        if self.hi == self.lo {
+            return (limit.0 + limit.1) / 2;
+        }
+        let t = (v - self.lo) / (self.hi - self.lo);
+        let px = limit.0 as f64 + t * (limit.1 - limit.0) as f64;
+        px.round().clamp(-1e6, 1e6) as i32
+    }
+
+    fn key_points<H: KeyPointHint>(&self, hint: H) -> Vec<f64> {
+        if hint.weight().allow_light_points() {
+            Vec::new()
+        } else {
+            self.ticks.clone()
+        }
+    }
+
+    fn range(&self) -> std::ops::Range<f64> {
+        self.lo..self.hi
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Clipping to the chart's ranges (plotters draws lines past the plotting area).
+
+struct Clip {
+    x: (f64, f64),
+    y: (f64, f64),
+}
+
+impl Clip {
+    fn contains(&self, (x, y): Point) -> bool {
+        x >= self.x.0 && x <= self.x.1 && y >= self.y.0 && y <= self.y.1
+    }
+
+    /// The pieces of a polyline inside the box (Liang–Barsky per segment).
+    fn polyline(&self, pts: &[Point]) -> Vec<Vec<Point>> {
+        let mut pieces: Vec<Vec<Point>> = Vec::new();
+        let mut current: Vec<Point> = Vec::new();
+        if pts.len() == 1 && self.contains(pts[0]) {
+            return vec![pts.to_vec()];
+        }
+        for w in pts.windows(2) {
+            match self.segment(w[0], w[1]) {
+                Some((a, b)) => {
+                    if current.last() != Some(&a) {
+                        if current.len() >= 2 {
+                            pieces.push(std::mem::take(&mut current));
+                        }
+                        current.clear();
+                        current.push(a);
+                    }
+                    current.push(b);
+                }
+                None => {
+                    if current.len() >= 2 {
+                        pieces.push(std::mem::take(&mut current));
+                    }
+                    current.clear();
+                }
+            }
+        }
+        if current.len() >= 2 {
+            pieces.push(current);
+        }
+        pieces
+    }
+
+    fn segment(&self, a: Point, b: Point) -> Option<(Point, Point)> {
+        let (dx, dy) = (b.0 - a.0, b.1 - a.1);
+        let (mut t0, mut t1) = (0.0f64, 1.0f64);
+        for (p, q) in [
+            (-dx, a.0 - self.x.0),
+            (dx, self.x.1 - a.0),
+            (-dy, a.1 - self.y.0),
+            (dy, self.y.1 - a.1),
+        ] {
+            if p == 0.0 {
+                if q < 0.0 {
+                    return None;
+                }
+            } else {
+                let t = q / p;
+                if p < 0.0 {
+                    t0 = t0.max(t);
+                } else {
+                    t1 = t1.min(t);
+                }
+            }
+        }
+        if t0 > t1 {
+            return None;
+        }
+        let at = |t: f64| {
+            if t == 0.0 {
+                a
+            } else if t == 1.0 {
+                b
+            } else {
+                (a.0 + t * dx, a.1 + t * dy)
+            }
+        };
+        Some((at(t0), at(t1)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_embedded_font_loads() {
+        assert!(ab_glyph_ok());
+    }
+
+    fn ab_glyph_ok() -> bool {
+        plotters::style::register_font("lit-claire-test", FontStyle::Normal, FONT).is_ok()
+    }
+
+    #[test]
+    fn clipping_cuts_lines_at_the_box() {
+        let clip = Clip {
+            x: (0.0, 10.0),
+            y: (0.0, 1.0),
+        };
+        let pieces = clip.polyline(&[(0.0, 0.5), (2.0, 2.0), (4.0, 0.5), (6.0, 0.5)]);
+        assert_eq!(pieces.len(), 2);
+        assert_eq!(pieces[0], vec![(0.0, 0.5), ((0.5 / 1.5) * 2.0, 1.0)]);
+        assert_eq!(pieces[1].last(), Some(&(6.0, 0.5)));
+        assert!(clip.polyline(&[(0.0, 5.0), (1.0, 6.0)]).is_empty());
+    }
+}

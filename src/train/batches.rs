@@ -1,0 +1,249 @@
+//! Training data as the trainer sees it: weighted datasets, the order of an epoch,
+//! and batches with padding masked out of the loss.
+//!
+//! An epoch draws from every dataset `d` `round(weight_d · len_d)` samples: a weight
+//! of 1 uses each sample once, 2 twice, 0.5 a random half. All draws are then
+//! shuffled together with a generator seeded by `(seed, epoch)`, so the order of any
+//! epoch can be recomputed on resume. With several ranks, rank `r` takes positions
+//! `r, r + W, r + 2W, …` of that order (the remainder is dropped so ranks stay equal).
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+
+use crate::error::{Error, Result};
+
+/// Random access to token samples (a split of a prepared dataset, or memory in tests).
+pub trait SampleSet: Send + Sync {
+    /// Number of samples.
+    fn len(&self) -> usize;
+    /// Tokens of sample `i`: at most the block size; shorter samples are padded.
+    fn sample(&self, i: usize) -> Result<Vec<u32>>;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Samples held in memory.
+impl SampleSet for Vec<Vec<u32>> {
+    fn len(&self) -> usize {
+        Vec::len(self)
+    }
+    fn sample(&self, i: usize) -> Result<Vec<u32>> {
+        Ok(self[i].clone())
+    }
+}
+
+/// One dataset with its splits and sampling weight.
+#[derive(Clone)]
+pub struct TrainDataset {
+    pub name: String,
+    pub weight: f64,
+    pub train: Arc<dyn SampleSet>,
+    pub validation: Arc<dyn SampleSet>,
+}
+
+/// Everything the trainer reads.
+#[derive(Clone)]
+pub struct TrainData {
+    /// Tokens per sample (inputs are the first `block_size − 1`).
+    pub block_size: usize,
+    /// Hash of the tokenizer the data was prepared with, if known.
+    pub tokenizer_hash: Option<String>,
+    pub datasets: Vec<TrainDataset>,
+}
+
+/// A position in the data: which epoch, and how many of this rank's samples of it
+/// were consumed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct DataPosition {
+    pub epoch: usize,
+    pub offset: usize,
+}
+
+impl TrainData {
+    /// `(dataset, sample)` pairs of epoch `epoch` for `rank` of `world`.
+    pub fn epoch_order(
+        &self,
+        seed: u64,
+        epoch: usize,
+        rank: usize,
+        world: usize,
+    ) -> Vec<(u32, u32)> {
+        let mut rng = ChaCha8Rng::seed_from_u64(
+            seed ^ (0x9E37_79B9_7F4A_7C15u64.wrapping_mul(epoch as u64 + 1)),
+        );
+        let mut all: Vec<(u32, u32)> = Vec::new();
+        for (d, ds) in self.datasets.iter().enumerate() {
+            let len = ds.train.len();
+            if len == 0 || ds.weight <= 0.0 {
+                continue;
+            }
+            let want = (ds.weight * len as f64).round() as usize;
+            let mut idx: Vec<u32> = (0..len as u32).collect();
+            for _ in 0..want / len {
+                all.extend(idx.iter().map(|&i| (d as u32, i)));
+            }
+            idx.shuffle(&mut rng);
+            all.extend(idx[..want % len].iter().map(|&i| (d as u32, i)));
+        }
+        all.shuffle(&mut rng);
+        let per_rank = all.len() / world.max(1);
+        all.into_iter()
+            .skip(rank)
+            .step_by(world.max(1))
+            .take(per_rank)
+            .collect()
+    }
+
+    /// Samples one epoch gives each rank.
+    pub fn epoch_len(&self, rank_count: usize) -> usize {
+        let total: usize = self
+            .datasets
+            .iter()
+            .filter(|d| d.weight > 0.0)
+            .map(|d| (d.weight * d.train.len() as f64).round() as usize)
+            .sum();
+        total / rank_count.max(1)
+    }
+}
+
+/// A micro-batch ready for the model.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// `(B, T)` u32
+    pub inputs: Tensor,
+    /// `(B·T)` u32 (0 where masked)
+    pub targets: Tensor,
+    /// `(B·T)` f32, 1 where the target counts
+    pub mask: Tensor,
+    /// Number of targets that count.
+    pub tokens: usize,
+}
+
+impl Batch {
+    /// From samples of at most `block_size` tokens: inputs `s[..−1]`, targets `s[1..]`,
+    /// both padded to `block_size − 1`; padded targets are masked.
+    pub fn from_samples(samples: &[Vec<u32>], block_size: usize, device: &Device) -> Result<Self> {
+        let t = block_size - 1;
+        let b = samples.len();
+        let mut inputs = vec![0u32; b * t];
+        let mut targets = vec![0u32; b * t];
+        let mut mask = vec![0f32; b * t];
+        let mut tokens = 0;
+        for (r, s) in samples.iter().enumerate() {
+            if s.len() > block_size {
+                return Err(Error::Data(format!(
+                    "a sample has {} tokens, more than the block size {block_size}",
+                    s.len()
+                )));
+            }
+            let n = s.len().saturating_sub(1);
+            inputs[r * t..r * t + n].copy_from_slice(&s[..n]);
+            targets[r * t..r * t + n].copy_from_slice(&s[1..n + 1]);
+            mask[r * t..r * t + n].iter_mut().for_each(|m| *m = 1.0);
+            tokens += n;
+        }
+        Self::from_parts(inputs, targets, mask, b, t, tokens, device)
+    }
+
+    /// From full rows (`(B, T+1)` ids): targets equal to `ignore` are masked (the
+    /// reference training batches mark padding with id 0).
+    pub fn from_rows(rows: &[Vec<u32>], ignore: Option<u32>, device: &Device) -> Result<Self> {
+        let b = rows.len();
+        let t = rows[0].len() - 1;
+        let mut inputs = Vec::with_capacity(b * t);
+        let mut targets = Vec::with_capacity(b * t);
+        let mut mask = Vec::with_capacity(b * t);
+        for r in rows {
+            if r.len() != t + 1 {
+                return Err(Error::Data("rows of a batch must have equal length".into()));
+            }
+            inputs.extend_from_slice(&r[..t]);
+            for &y in &r[1..] {
+                let keep = Some(y) != ignore;
+                targets.push(y);
+                mask.push(if keep { 1.0 } else { 0.0 });
+            }
+        }
+        let tokens = mask.iter().filter(|m| **m > 0.0).count();
+        Self::from_parts(inputs, targets, mask, b, t, tokens, device)
+    }
+
+    fn from_parts(
+        inputs: Vec<u32>,
+        targets: Vec<u32>,
+        mask: Vec<f32>,
+        b: usize,
+        t: usize,
+        tokens: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        Ok(Batch {
+            inputs: Tensor::from_vec(inputs, (b, t), device)?,
+            targets: Tensor::from_vec(targets, b * t, device)?,
+            mask: Tensor::from_vec(mask, b * t, device)?.to_dtype(DType::F32)?,
+            tokens,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(lens: &[(usize, f64)]) -> TrainData {
+        TrainData {
+            block_size: 4,
+            tokenizer_hash: None,
+            datasets: lens
+                .iter()
+                .enumerate()
+                .map(|(i, &(n, w))| TrainDataset {
+                    name: format!("d{i}"),
+                    weight: w,
+                    train: Arc::new(vec![vec![1u32, 2]; n]),
+                    validation: Arc::new(Vec::<Vec<u32>>::new()),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn weights_scale_each_dataset_and_order_is_reproducible() {
+        let d = data(&[(10, 1.0), (10, 2.0), (10, 0.5)]);
+        let order = d.epoch_order(7, 0, 0, 1);
+        assert_eq!(order.len(), 35);
+        let count = |k: u32| order.iter().filter(|(d, _)| *d == k).count();
+        assert_eq!((count(0), count(1), count(2)), (10, 20, 5));
+        assert_eq!(order, d.epoch_order(7, 0, 0, 1));
+        assert_ne!(order, d.epoch_order(7, 1, 0, 1));
+    }
+
+    #[test]
+    fn ranks_split_an_epoch_evenly_and_disjointly() {
+        let d = data(&[(11, 1.0)]);
+        let a = d.epoch_order(1, 0, 0, 2);
+        let b = d.epoch_order(1, 0, 1, 2);
+        assert_eq!((a.len(), b.len()), (5, 5));
+        assert!(a.iter().all(|x| !b.contains(x)));
+    }
+
+    #[test]
+    fn padding_is_masked() {
+        let b = Batch::from_samples(&[vec![5, 6, 7, 8], vec![9, 10]], 4, &Device::Cpu).unwrap();
+        assert_eq!(b.tokens, 4);
+        assert_eq!(
+            b.inputs.to_vec2::<u32>().unwrap(),
+            vec![vec![5, 6, 7], vec![9, 0, 0]]
+        );
+        assert_eq!(b.targets.to_vec1::<u32>().unwrap(), vec![6, 7, 8, 10, 0, 0]);
+        assert_eq!(
+            b.mask.to_vec1::<f32>().unwrap(),
+            vec![1., 1., 1., 1., 0., 0.]
+        );
+    }
+}

@@ -1,0 +1,203 @@
+//! Training checkpoints: written atomically, rotated, found again on resume.
+//!
+//! `RUN/step-00000100/` (and `RUN/final/`) holds
+//! - full fine-tuning: a complete Hugging Face folder (`model.safetensors`,
+//!   `config.json`, tokenizer files), loadable by every command;
+//! - LoRA: a PEFT adapter (`adapter_config.json`, `adapter_model.safetensors`) and the
+//!   tokenizer files; the base weights are never written;
+//! - `optimizer.safetensors`: AdamW moments by variable name;
+//! - `training_state.json`: step, data position, RNG, loss scale, losses, the base
+//!   model's folder and the full hyper-parameters.
+//!
+//! A checkpoint is written into `RUN/.tmp-<name>/` and renamed into place, so a folder
+//! named `step-*` is always complete.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use super::batches::DataPosition;
+use super::config::TrainConfig;
+use super::step::LossScaler;
+use crate::error::{Error, IoContext, Result};
+use crate::lora::LoraConfig;
+use crate::model::Gpt;
+
+/// Files copied from the base model folder into every checkpoint.
+pub const SIDE_FILES: &[&str] = &[
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+];
+
+pub const STATE_FILE: &str = "training_state.json";
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+
+/// Where a run stands; saved in `training_state.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TrainingState {
+    /// Optimizer steps done.
+    pub step: usize,
+    pub position: DataPosition,
+    /// Counted training tokens so far (all ranks).
+    pub tokens: u64,
+    /// Wall seconds of training so far (across resumes).
+    pub elapsed_s: f64,
+    /// Loss of the last step.
+    pub train_loss: Option<f64>,
+    /// Validation loss of the last evaluation.
+    pub val_loss: Option<f64>,
+    pub best_val_loss: Option<f64>,
+    pub evals_without_improvement: usize,
+    pub loss_scaler: Option<LossScaler>,
+    pub dropout_rng: Option<ChaCha8Rng>,
+    /// "full" or "lora".
+    pub kind: String,
+    pub base_checkpoint_dir: PathBuf,
+    pub hyperparameters: TrainConfig,
+    pub lit_claire_version: String,
+}
+
+/// Name of the folder of step `step`.
+pub fn step_dir_name(step: usize) -> String {
+    format!("step-{step:08}")
+}
+
+/// Write a checkpoint of `model` (and optimizer state) as `run/name`.
+pub fn save(
+    run: &Path,
+    name: &str,
+    model: &Gpt,
+    lora: Option<&LoraConfig>,
+    optimizer: &[(String, candle_core::Tensor)],
+    state: &TrainingState,
+) -> Result<PathBuf> {
+    let final_dir = run.join(name);
+    let tmp = run.join(format!(".tmp-{name}"));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).at(&tmp)?;
+    }
+    std::fs::create_dir_all(&tmp).at(&tmp)?;
+    for f in SIDE_FILES {
+        let src = state.base_checkpoint_dir.join(f);
+        if src.exists() {
+            std::fs::copy(&src, tmp.join(f)).at(&src)?;
+        }
+    }
+    match lora {
+        Some(l) => {
+            let tensors = crate::lora::adapter_tensors(model)?;
+            crate::checkpoint::peft::save_adapter(
+                &tmp,
+                &model.cfg,
+                l,
+                &state.base_checkpoint_dir.display().to_string(),
+                &tensors,
+            )?;
+        }
+        None => {
+            let sd = crate::checkpoint::hf::state_dict(model)?;
+            crate::io::save_safetensors_atomic(&tmp.join("model.safetensors"), &sd, None)?;
+        }
+    }
+    crate::io::save_safetensors_atomic(&tmp.join(OPTIMIZER_FILE), optimizer, None)?;
+    let json = serde_json::to_value(state).expect("state serialises");
+    crate::io::write_json_atomic(&tmp.join(STATE_FILE), &json)?;
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir).at(&final_dir)?;
+    }
+    std::fs::rename(&tmp, &final_dir).at(&final_dir)?;
+    Ok(final_dir)
+}
+
+/// Read `training_state.json` of a checkpoint folder.
+pub fn load_state(dir: &Path) -> Result<TrainingState> {
+    let p = dir.join(STATE_FILE);
+    if !p.exists() {
+        return Err(Error::missing(
+            &p,
+            "not a lit-claire training checkpoint (no training_state.json)",
+        ));
+    }
+    let text = std::fs::read_to_string(&p).at(&p)?;
+    serde_json::from_str(&text)
+        .map_err(|e| Error::bad_file(&p, format!("unreadable training state: {e}")))
+}
+
+/// Optimizer moments of a checkpoint folder.
+pub fn load_optimizer(dir: &Path, device: &Device) -> Result<HashMap<String, candle_core::Tensor>> {
+    let p = dir.join(OPTIMIZER_FILE);
+    candle_core::safetensors::load(&p, device).map_err(|e| Error::bad_file(&p, e))
+}
+
+/// The checkpoints of a run (complete ones only), oldest first, with their states.
+pub fn list(run: &Path) -> Result<Vec<(PathBuf, TrainingState)>> {
+    let mut out = Vec::new();
+    if !run.is_dir() {
+        return Ok(out);
+    }
+    for entry in std::fs::read_dir(run).at(run)? {
+        let path = entry.at(run)?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if !(name.starts_with("step-") || name == "final") || !path.join(STATE_FILE).exists() {
+            continue;
+        }
+        out.push((path.clone(), load_state(&path)?));
+    }
+    out.sort_by(|a, b| {
+        (a.1.step, a.0.file_name().map(|n| n == "final"))
+            .cmp(&(b.1.step, b.0.file_name().map(|n| n == "final")))
+    });
+    Ok(out)
+}
+
+/// Delete step checkpoints beyond the newest `keep`, sparing the one with the best
+/// validation loss.
+pub fn rotate(run: &Path, keep: usize) -> Result<Vec<PathBuf>> {
+    let steps: Vec<(PathBuf, TrainingState)> = list(run)?
+        .into_iter()
+        .filter(|(p, _)| p.file_name().is_some_and(|n| n != "final"))
+        .collect();
+    let best = steps
+        .iter()
+        .filter_map(|(p, s)| s.val_loss.map(|v| (p.clone(), v)))
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .map(|(p, _)| p);
+    let mut removed = Vec::new();
+    let n = steps.len();
+    for (i, (p, _)) in steps.into_iter().enumerate() {
+        if i + keep >= n || Some(&p) == best.as_ref() {
+            continue;
+        }
+        std::fs::remove_dir_all(&p).at(&p)?;
+        removed.push(p);
+    }
+    Ok(removed)
+}
+
+/// Remove leftovers of checkpoints whose writing was interrupted.
+pub fn clean_partial(run: &Path) -> Result<()> {
+    if !run.is_dir() {
+        return Ok(());
+    }
+    for entry in std::fs::read_dir(run).at(run)? {
+        let path = entry.at(run)?.path();
+        if path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(".tmp-"))
+        {
+            if path.is_dir() {
+                std::fs::remove_dir_all(&path).at(&path)?;
+            } else {
+                std::fs::remove_file(&path).at(&path)?;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,108 @@
+//! `RUN/metrics.csv`: one row per logged optimizer step.
+//!
+//! Columns: `step, epoch, tokens, loss, learning_rate, grad_norm, tokens_per_s,
+//! elapsed_s, val_loss, val_ppl`, then `val_loss/<dataset>` for each dataset. `step`
+//! counts optimizer steps from 1; validation columns are empty except on rows where an
+//! evaluation ran. On resume, rows after the checkpoint's step are dropped first, so a
+//! resumed run's file reads like that of a run that never stopped.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::error::{IoContext, Result};
+
+pub const METRICS_FILE: &str = "metrics.csv";
+
+/// One row of `metrics.csv`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MetricsRow {
+    pub step: usize,
+    pub epoch: usize,
+    pub tokens: u64,
+    pub loss: f64,
+    pub learning_rate: f64,
+    pub grad_norm: f64,
+    pub tokens_per_s: f64,
+    pub elapsed_s: f64,
+    pub val_loss: Option<f64>,
+    /// Validation loss per dataset, in the header's order.
+    pub val_per_dataset: Vec<Option<f64>>,
+}
+
+/// Appends rows to `metrics.csv`.
+pub struct MetricsWriter {
+    path: PathBuf,
+    file: File,
+}
+
+fn header(datasets: &[String]) -> String {
+    let mut cols: Vec<String> = [
+        "step",
+        "epoch",
+        "tokens",
+        "loss",
+        "learning_rate",
+        "grad_norm",
+        "tokens_per_s",
+        "elapsed_s",
+        "val_loss",
+        "val_ppl",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    cols.extend(datasets.iter().map(|d| format!("val_loss/{d}")));
+    cols.join(",")
+}
+
+fn opt(x: Option<f64>) -> String {
+    x.map(|v| v.to_string()).unwrap_or_default()
+}
+
+impl MetricsWriter {
+    /// Open `run/metrics.csv`: a new file with a header, or, when resuming at step
+    /// `resume_step`, the existing file without its rows after that step.
+    pub fn open(run: &Path, datasets: &[String], resume_step: Option<usize>) -> Result<Self> {
+        let path = run.join(METRICS_FILE);
+        let head = header(datasets);
+        let mut kept = vec![head.clone()];
+        if let (Some(step), true) = (resume_step, path.exists()) {
+            let text = std::fs::read_to_string(&path).at(&path)?;
+            kept.extend(
+                text.lines()
+                    .skip(1)
+                    .filter(|l| {
+                        l.split(',')
+                            .next()
+                            .and_then(|s| s.parse::<usize>().ok())
+                            .is_some_and(|s| s <= step)
+                    })
+                    .map(String::from),
+            );
+        }
+        let mut content = kept.join("\n");
+        content.push('\n');
+        crate::io::write_atomic(&path, content.as_bytes())?;
+        let file = OpenOptions::new().append(true).open(&path).at(&path)?;
+        Ok(MetricsWriter { path, file })
+    }
+
+    pub fn write(&mut self, r: &MetricsRow) -> Result<()> {
+        let mut cols = vec![
+            r.step.to_string(),
+            r.epoch.to_string(),
+            r.tokens.to_string(),
+            r.loss.to_string(),
+            r.learning_rate.to_string(),
+            r.grad_norm.to_string(),
+            format!("{:.1}", r.tokens_per_s),
+            format!("{:.3}", r.elapsed_s),
+            opt(r.val_loss),
+            opt(r.val_loss.map(f64::exp)),
+        ];
+        cols.extend(r.val_per_dataset.iter().map(|v| opt(*v)));
+        writeln!(self.file, "{}", cols.join(",")).at(&self.path)?;
+        self.file.flush().at(&self.path)
+    }
+}

@@ -1,0 +1,15 @@
+//! Training: the optimizer, schedules, batches, one step, and the trainer loop.
+
+pub mod batches;
+pub mod checkpoint;
+pub mod config;
+pub mod evaluate;
+pub mod metrics;
+pub mod optim;
+pub mod schedule;
+pub mod step;
+pub mod trainer;
+pub mod validate;
+
+pub use config::TrainConfig;
+pub use trainer::{TrainSummary, Trainer, pretrain_with_data};

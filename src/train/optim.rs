@@ -1,0 +1,172 @@
+//! AdamW with PyTorch's semantics, and global-norm gradient clipping.
+//!
+//! For each parameter `p` with gradient `g`, at step `t` (1-based):
+//!
+//! ```text
+//! p ← p · (1 − lr·wd)                      decoupled weight decay, every parameter
+//! m ← β₁m + (1 − β₁)g
+//! v ← β₂v + (1 − β₂)g²
+//! p ← p − (lr / (1 − β₁ᵗ)) · m / (√v / √(1 − β₂ᵗ) + ε)
+//! ```
+//!
+//! State (`m`, `v`, `t`) is kept per named variable so it can be saved and restored
+//! exactly.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Tensor, Var};
+
+use crate::error::{Error, Result};
+
+/// AdamW hyper-parameters (the learning rate comes with each step).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        }
+    }
+}
+
+/// AdamW over named variables.
+pub struct AdamW {
+    pub cfg: AdamWConfig,
+    vars: Vec<(String, Var)>,
+    /// First and second moments, in the variables' dtype.
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+    /// Steps taken.
+    pub t: u64,
+}
+
+impl AdamW {
+    pub fn new(vars: Vec<(String, Var)>, cfg: AdamWConfig) -> Result<Self> {
+        let m = vars
+            .iter()
+            .map(|(_, v)| v.as_tensor().zeros_like())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let v = m.clone();
+        Ok(AdamW {
+            cfg,
+            vars,
+            m,
+            v,
+            t: 0,
+        })
+    }
+
+    pub fn vars(&self) -> &[(String, Var)] {
+        &self.vars
+    }
+
+    /// One update with gradients `grads` (same order as the variables).
+    pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
+        if grads.len() != self.vars.len() {
+            return Err(Error::Msg(format!(
+                "optimizer got {} gradients for {} variables",
+                grads.len(),
+                self.vars.len()
+            )));
+        }
+        self.t += 1;
+        let AdamWConfig {
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+        } = self.cfg;
+        let bc1 = 1.0 - beta1.powi(self.t as i32);
+        let bc2 = 1.0 - beta2.powi(self.t as i32);
+        let step_size = lr / bc1;
+        let bc2_sqrt = bc2.sqrt();
+        for (i, ((_, var), g)) in self.vars.iter().zip(grads).enumerate() {
+            let p = var.as_tensor();
+            let g = g.to_dtype(p.dtype())?;
+            let m = ((&self.m[i] * beta1)? + (&g * (1.0 - beta1))?)?;
+            let v = ((&self.v[i] * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
+            let decayed = if weight_decay != 0.0 {
+                (p * (1.0 - lr * weight_decay))?
+            } else {
+                p.clone()
+            };
+            let denom = ((v.sqrt()? / bc2_sqrt)? + eps)?;
+            let update = (m.div(&denom)? * step_size)?;
+            var.set(&(decayed - update)?)?;
+            self.m[i] = m;
+            self.v[i] = v;
+        }
+        Ok(())
+    }
+
+    /// State to save: `exp_avg.<name>` and `exp_avg_sq.<name>` tensors.
+    pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::with_capacity(2 * self.vars.len());
+        for (i, (name, _)) in self.vars.iter().enumerate() {
+            out.push((format!("exp_avg.{name}"), self.m[i].clone()));
+            out.push((format!("exp_avg_sq.{name}"), self.v[i].clone()));
+        }
+        out
+    }
+
+    /// Restore moments saved by [`AdamW::state_tensors`] and the step count `t`.
+    pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, t: u64) -> Result<()> {
+        for (i, (name, var)) in self.vars.iter().enumerate() {
+            let get = |k: String| -> Result<Tensor> {
+                let x = tensors.get(&k).ok_or_else(|| {
+                    Error::Msg(format!(
+                        "optimizer state has no {k}; was the checkpoint written by another run?"
+                    ))
+                })?;
+                if x.dims() != var.dims() {
+                    return Err(Error::Msg(format!(
+                        "optimizer state {k} has shape {:?}, the parameter {:?}",
+                        x.dims(),
+                        var.dims()
+                    )));
+                }
+                Ok(x.to_device(var.device())?.to_dtype(var.dtype())?)
+            };
+            self.m[i] = get(format!("exp_avg.{name}"))?;
+            self.v[i] = get(format!("exp_avg_sq.{name}"))?;
+        }
+        self.t = t;
+        Ok(())
+    }
+}
+
+/// Global L2 norm of `grads` (computed in f32).
+pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
+    let mut total = 0f64;
+    for g in grads {
+        total += g
+            .to_dtype(DType::F32)?
+            .sqr()?
+            .sum_all()?
+            .to_scalar::<f32>()? as f64;
+    }
+    Ok(total.sqrt())
+}
+
+/// Scale `grads` so their global norm is at most `max_norm` (PyTorch's
+/// `clip_grad_norm_`: factor `max_norm / (norm + 1e-6)` when below 1). Returns the norm
+/// before clipping.
+pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
+    let norm = global_norm(grads)?;
+    let coef = max_norm / (norm + 1e-6);
+    if coef < 1.0 {
+        for g in grads.iter_mut() {
+            *g = (&*g * coef)?;
+        }
+    }
+    Ok(norm)
+}

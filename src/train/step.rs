@@ -1,0 +1,162 @@
+//! One optimizer step: forward and backward over micro-batches, gradient
+//! accumulation, loss scaling, clipping, AdamW.
+//!
+//! The loss of a step is the mean next-token cross-entropy over *all* counted tokens
+//! of the step's micro-batches: each micro-batch contributes `Σ nll / N_step`, so
+//! splitting a batch into micro-batches does not change the gradient.
+
+use candle_core::{Tensor, backprop::GradStore};
+
+use super::batches::Batch;
+use super::optim::{AdamW, clip_grad_norm};
+use crate::error::Result;
+use crate::loss::cross_entropy_sum;
+use crate::model::{Dropout, Gpt};
+use crate::strategy::Strategy;
+
+/// Dynamic loss scaling for 16-mixed (PyTorch `GradScaler` defaults).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LossScaler {
+    pub scale: f64,
+    /// Consecutive steps without overflow.
+    pub good_steps: u64,
+    pub growth_interval: u64,
+}
+
+impl LossScaler {
+    pub fn new() -> Self {
+        LossScaler {
+            scale: 65536.0,
+            good_steps: 0,
+            growth_interval: 2000,
+        }
+    }
+
+    /// After a step: halve on overflow, double after `growth_interval` good steps.
+    fn update(&mut self, overflow: bool) {
+        if overflow {
+            self.scale *= 0.5;
+            self.good_steps = 0;
+        } else {
+            self.good_steps += 1;
+            if self.good_steps >= self.growth_interval {
+                self.scale *= 2.0;
+                self.good_steps = 0;
+            }
+        }
+    }
+}
+
+impl Default for LossScaler {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What a step reports.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepStats {
+    /// Mean loss over the step's counted tokens.
+    pub loss: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    pub lr: f64,
+    /// Counted tokens.
+    pub tokens: usize,
+    /// The update was skipped (16-mixed overflow).
+    pub skipped: bool,
+}
+
+/// Model, optimizer and the strategy that runs them.
+pub struct StepRunner {
+    pub model: Gpt,
+    pub opt: AdamW,
+    pub strategy: Strategy,
+    /// Global-norm clipping threshold (None: no clipping).
+    pub grad_clip: Option<f64>,
+    pub scaler: Option<LossScaler>,
+    pub dropout: Option<Dropout>,
+}
+
+impl StepRunner {
+    /// Mean loss and token count of a micro-batch without gradients (evaluation).
+    pub fn eval_loss_sum(model: &Gpt, batch: &Batch) -> Result<(f64, usize)> {
+        let logits = model.forward(&batch.inputs, None)?;
+        let (b, t, v) = logits.dims3()?;
+        let (sum, _) = cross_entropy_sum(
+            &logits.reshape((b * t, v))?,
+            &batch.targets,
+            Some(&batch.mask),
+        )?;
+        Ok((sum.to_scalar::<f32>()? as f64, batch.tokens))
+    }
+
+    /// One optimizer step over `micro_batches` at learning rate `lr`.
+    pub fn step(&mut self, micro_batches: &[Batch], lr: f64) -> Result<StepStats> {
+        let total_tokens: usize = micro_batches.iter().map(|b| b.tokens).sum();
+        let denom = total_tokens.max(1) as f64;
+        let scale = self.scaler.map_or(1.0, |s| s.scale);
+        let mut acc: Option<Vec<Tensor>> = None;
+        let mut loss_sum = 0f64;
+        for batch in micro_batches {
+            let logits = self.model.forward(&batch.inputs, self.dropout.as_ref())?;
+            let (b, t, v) = logits.dims3()?;
+            let (sum, _) = cross_entropy_sum(
+                &logits.reshape((b * t, v))?,
+                &batch.targets,
+                Some(&batch.mask),
+            )?;
+            loss_sum += sum.to_scalar::<f32>()? as f64;
+            let scaled = (sum * (scale / denom))?;
+            let grads = scaled.backward()?;
+            let grads = self.collect(&grads)?;
+            acc = Some(match acc {
+                None => grads,
+                Some(prev) => prev
+                    .iter()
+                    .zip(&grads)
+                    .map(|(a, g)| a + g)
+                    .collect::<candle_core::Result<_>>()?,
+            });
+        }
+        let mut grads = acc.unwrap_or_default();
+        if scale != 1.0 {
+            for g in grads.iter_mut() {
+                *g = (&*g / scale)?;
+            }
+        }
+        self.strategy.all_reduce_grads(&mut grads)?;
+        let norm = match self.grad_clip {
+            Some(max) => clip_grad_norm(&mut grads, max)?,
+            None => super::optim::global_norm(&grads)?,
+        };
+        let overflow = !norm.is_finite();
+        if let Some(s) = self.scaler.as_mut() {
+            s.update(overflow);
+        }
+        let skipped = overflow && self.scaler.is_some();
+        if !skipped {
+            self.opt.step(&grads, lr)?;
+        }
+        let loss = self.strategy.all_reduce_mean(loss_sum / denom)?;
+        Ok(StepStats {
+            loss,
+            grad_norm: norm,
+            lr,
+            tokens: total_tokens,
+            skipped,
+        })
+    }
+
+    /// Gradients of the optimizer's variables, zeros where none flowed.
+    fn collect(&self, grads: &GradStore) -> Result<Vec<Tensor>> {
+        self.opt
+            .vars()
+            .iter()
+            .map(|(_, v)| match grads.get(v.as_tensor()) {
+                Some(g) => Ok(g.clone()),
+                None => Ok(v.as_tensor().zeros_like()?),
+            })
+            .collect()
+    }
+}

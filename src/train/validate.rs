@@ -1,0 +1,234 @@
+//! Offline validation: every checkpoint of a run on every dataset's validation split,
+//! appended to a CSV.
+//!
+//! Rows: `checkpoint, step, dataset, loss, perplexity, tokens, batch_size, elapsed_s,
+//! peak_memory_mb`. Pairs already in the CSV are skipped, so the command can run again
+//! and again while training goes on (`watch` keeps looking for new checkpoints until
+//! the run's `final/` one is scored). LoRA checkpoints are scored as base + adapter,
+//! without writing a merged copy; the base is loaded once.
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::batches::TrainData;
+use super::checkpoint::{self, TrainingState};
+use super::evaluate::evaluate;
+use crate::checkpoint::{attach_adapter_dir, load_model};
+use crate::error::{Error, IoContext, Result};
+use crate::model::Gpt;
+use crate::strategy::Strategy;
+
+pub const VALIDATION_FILE: &str = "validation_results.csv";
+const HEADER: &str =
+    "checkpoint,step,dataset,loss,perplexity,tokens,batch_size,elapsed_s,peak_memory_mb";
+
+/// What to validate and how.
+#[derive(Debug, Clone)]
+pub struct ValidateOptions {
+    pub run: PathBuf,
+    /// Batches per dataset (None: the whole split).
+    pub max_batches: Option<usize>,
+    pub batch_size: usize,
+    /// Default: `RUN/validation_results.csv`.
+    pub csv: Option<PathBuf>,
+    /// Poll for new checkpoints every this often until `final/` is scored.
+    pub watch: Option<Duration>,
+}
+
+/// One scored (checkpoint, dataset) pair.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidationRow {
+    pub checkpoint: String,
+    pub step: usize,
+    pub dataset: String,
+    pub loss: f64,
+    pub perplexity: f64,
+    pub tokens: usize,
+    pub batch_size: usize,
+    pub elapsed_s: f64,
+    pub peak_memory_mb: f64,
+}
+
+/// Peak resident memory of this process in MB (Linux; 0 elsewhere).
+pub fn peak_memory_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// `(checkpoint, dataset)` pairs already in `csv`.
+fn done_pairs(csv: &Path) -> Result<HashSet<(String, String)>> {
+    if !csv.exists() {
+        return Ok(HashSet::new());
+    }
+    let text = std::fs::read_to_string(csv).at(csv)?;
+    let mut lines = text.lines();
+    match lines.next() {
+        Some(h) if h.trim() == HEADER => {}
+        Some(h) => {
+            return Err(Error::bad_file(
+                csv,
+                format!("unexpected header {h:?}; pass --csv with another file"),
+            ));
+        }
+        None => return Ok(HashSet::new()),
+    }
+    Ok(lines
+        .filter_map(|l| {
+            let mut c = l.split(',');
+            Some((c.next()?.to_string(), c.nth(1)?.to_string()))
+        })
+        .collect())
+}
+
+/// The model of a checkpoint: its own weights, or `base` + its adapter.
+fn model_of(
+    dir: &Path,
+    state: &TrainingState,
+    base: &mut Option<(PathBuf, Gpt)>,
+    strategy: &Strategy,
+) -> Result<Gpt> {
+    if crate::checkpoint::peft::is_adapter_dir(dir) {
+        let base_dir = &state.base_checkpoint_dir;
+        if base.as_ref().is_none_or(|(p, _)| p != base_dir) {
+            let m = load_model(base_dir, &strategy.build_options(false), None).map_err(|e| {
+                Error::Msg(format!(
+                    "{}: the base model of this LoRA checkpoint could not be loaded from {}: {e}",
+                    dir.display(),
+                    base_dir.display()
+                ))
+            })?;
+            *base = Some((base_dir.clone(), m));
+        }
+        let mut m = base.as_ref().expect("set above").1.clone();
+        attach_adapter_dir(&mut m, dir)?;
+        Ok(m)
+    } else {
+        load_model(dir, &strategy.build_options(false), None)
+    }
+}
+
+/// Score every not-yet-scored (checkpoint, dataset) pair of the run, appending rows.
+pub fn validate_run(
+    opts: &ValidateOptions,
+    data: &TrainData,
+    strategy: &Strategy,
+) -> Result<Vec<ValidationRow>> {
+    if !opts.run.is_dir() {
+        return Err(Error::missing(
+            &opts.run,
+            "--out-dir must be a training run folder",
+        ));
+    }
+    if opts.batch_size == 0 {
+        return Err(Error::Usage("--batch-size must be positive".into()));
+    }
+    let csv = opts
+        .csv
+        .clone()
+        .unwrap_or_else(|| opts.run.join(VALIDATION_FILE));
+    let mut done = done_pairs(&csv)?;
+    let mut rows = Vec::new();
+    let mut base = None;
+    loop {
+        let checkpoints = checkpoint::list(&opts.run)?;
+        if checkpoints.is_empty() && opts.watch.is_none() {
+            return Err(Error::Data(format!(
+                "{} has no checkpoint yet (step-*/ or final/ folders)",
+                opts.run.display()
+            )));
+        }
+        let mut finished = false;
+        for (dir, state) in &checkpoints {
+            let name = dir
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default();
+            finished |= name == "final";
+            let todo: Vec<_> = data
+                .datasets
+                .iter()
+                .filter(|d| !done.contains(&(name.clone(), d.name.clone())))
+                .collect();
+            if todo.is_empty() {
+                continue;
+            }
+            let model = model_of(dir, state, &mut base, strategy)?;
+            for ds in todo {
+                let start = Instant::now();
+                let r = evaluate(
+                    &model,
+                    ds.validation.as_ref(),
+                    data.block_size,
+                    opts.batch_size,
+                    opts.max_batches,
+                    &strategy.device,
+                )?;
+                let Some(r) = r else {
+                    eprintln!(
+                        "{name}: dataset {} has no validation samples, skipped",
+                        ds.name
+                    );
+                    done.insert((name.clone(), ds.name.clone()));
+                    continue;
+                };
+                let row = ValidationRow {
+                    checkpoint: name.clone(),
+                    step: state.step,
+                    dataset: ds.name.clone(),
+                    loss: r.loss,
+                    perplexity: r.perplexity(),
+                    tokens: r.tokens,
+                    batch_size: opts.batch_size,
+                    elapsed_s: start.elapsed().as_secs_f64(),
+                    peak_memory_mb: peak_memory_mb(),
+                };
+                append(&csv, &row)?;
+                eprintln!(
+                    "{name} {}: loss {:.4} perplexity {:.2}",
+                    ds.name, row.loss, row.perplexity
+                );
+                done.insert((name.clone(), ds.name.clone()));
+                rows.push(row);
+            }
+        }
+        match opts.watch {
+            Some(every) if !finished => std::thread::sleep(every),
+            _ => return Ok(rows),
+        }
+    }
+}
+
+fn append(csv: &Path, r: &ValidationRow) -> Result<()> {
+    let new = !csv.exists();
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(csv)
+        .at(csv)?;
+    if new {
+        writeln!(f, "{HEADER}").at(csv)?;
+    }
+    writeln!(
+        f,
+        "{},{},{},{},{},{},{},{:.3},{:.1}",
+        r.checkpoint,
+        r.step,
+        r.dataset,
+        r.loss,
+        r.perplexity,
+        r.tokens,
+        r.batch_size,
+        r.elapsed_s,
+        r.peak_memory_mb
+    )
+    .at(csv)
+}

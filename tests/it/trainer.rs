@@ -1,0 +1,265 @@
+//! The trainer on in-memory data: LoRA leaves the base untouched, exact resume,
+//! micro-batching, checkpoint rotation, early stopping, and errors before any work.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::DType;
+use lit_claire::tokenizer::Tokenizer;
+use lit_claire::train::batches::{TrainData, TrainDataset};
+use lit_claire::train::{TrainConfig, Trainer, pretrain_with_data};
+
+use crate::common::*;
+
+/// Samples of `block` tokens from the sample corpus, tokenized with the llama fixture.
+fn corpus_samples(block: usize, n: usize, skip: usize) -> Vec<Vec<u32>> {
+    let tok = Tokenizer::from_dir(&reference_dir("llama")).unwrap();
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("data/sample/fortunes-br.txt"),
+    )
+    .unwrap();
+    let mut stream = Vec::new();
+    for doc in text.split("\n%\n").skip(skip).take(4 * n) {
+        stream.extend(tok.encode_document(doc).unwrap());
+    }
+    stream.chunks(block).take(n).map(|c| c.to_vec()).collect()
+}
+
+fn data(block: usize) -> TrainData {
+    let tok = Tokenizer::from_dir(&reference_dir("llama")).unwrap();
+    TrainData {
+        block_size: block,
+        tokenizer_hash: Some(tok.hash),
+        datasets: vec![
+            TrainDataset {
+                name: "fortunes".into(),
+                weight: 1.0,
+                train: Arc::new(corpus_samples(block, 24, 0)),
+                validation: Arc::new(corpus_samples(block, 4, 400)),
+            },
+            TrainDataset {
+                name: "short".into(),
+                weight: 0.5,
+                // Shorter samples: padding.
+                train: Arc::new(corpus_samples(block / 2, 8, 200)),
+                validation: Arc::new(corpus_samples(block / 2, 2, 500)),
+            },
+        ],
+    }
+}
+
+fn config(out: &Path) -> TrainConfig {
+    TrainConfig {
+        data_dir: "in-memory".into(),
+        checkpoint_dir: reference_dir("llama"),
+        out_dir: out.to_path_buf(),
+        micro_batch_size: 2,
+        batch_size: 4,
+        max_steps: Some(12),
+        learning_rate: 3e-3,
+        min_lr: 3e-4,
+        warmup_steps: 2,
+        eval_interval: 4,
+        save_interval: 3,
+        ..Default::default()
+    }
+}
+
+fn losses(run: &Path) -> Vec<(String, String, String)> {
+    let text = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
+    text.lines()
+        .skip(1)
+        .map(|l| {
+            let c: Vec<&str> = l.split(',').collect();
+            (c[0].to_string(), c[3].to_string(), c[8].to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn lora_trains_only_the_adapter_and_leaves_base_bits_identical() {
+    let dir = temp_dir();
+    let mut cfg = config(dir.path());
+    cfg.lora_r = 4;
+    cfg.lora_alpha = 8.0;
+    cfg.lora_dropout = 0.1;
+    cfg.lora_mlp = true;
+    let before = candle_core::safetensors::load(
+        reference_dir("llama").join("model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let mut t = Trainer::new(&cfg, data(33)).unwrap();
+    let s = t.run(None).unwrap();
+    assert_eq!(s.steps, 12);
+    let first = losses(dir.path())[0].1.parse::<f64>().unwrap();
+    assert!(
+        s.final_loss.unwrap() < first,
+        "loss went from {first} to {:?}",
+        s.final_loss
+    );
+    // In memory: every base tensor unchanged, bit for bit.
+    for (name, t0) in lit_claire::checkpoint::hf::state_dict(t.model()).unwrap() {
+        let a = t0
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let b = before[&name]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert!(
+            a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{name} changed"
+        );
+    }
+    // On disk: only adapter tensors.
+    let fin = s.final_checkpoint.unwrap();
+    assert!(!fin.join("model.safetensors").exists());
+    let adapter = candle_core::safetensors::load(
+        fin.join("adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    assert!(!adapter.is_empty());
+    assert!(
+        adapter
+            .keys()
+            .all(|k| k.contains(".lora_A.") || k.contains(".lora_B.")),
+        "{:?}",
+        adapter.keys()
+    );
+}
+
+fn check_resume(lora: bool) {
+    let straight = temp_dir();
+    let broken = temp_dir();
+    let mut cfg = config(straight.path());
+    if lora {
+        cfg.lora_r = 4;
+        cfg.lora_dropout = 0.2;
+    }
+    pretrain_with_data(&cfg, data(33)).unwrap();
+
+    let mut cfg2 = cfg.clone();
+    cfg2.out_dir = broken.path().to_path_buf();
+    // Stop after step 7: the newest checkpoint is step 6, step 7's row is in metrics.csv.
+    Trainer::new(&cfg2, data(33)).unwrap().run(Some(7)).unwrap();
+    assert!(broken.path().join("step-00000006").is_dir());
+    cfg2.resume = Some("auto".into());
+    pretrain_with_data(&cfg2, data(33)).unwrap();
+
+    assert_eq!(losses(straight.path()), losses(broken.path()));
+}
+
+#[test]
+fn resume_gives_the_losses_of_an_uninterrupted_run_full() {
+    check_resume(false);
+}
+
+#[test]
+fn resume_gives_the_losses_of_an_uninterrupted_run_lora() {
+    check_resume(true);
+}
+
+#[test]
+fn micro_batching_does_not_change_the_step() {
+    let a = temp_dir();
+    let b = temp_dir();
+    let mut cfg = config(a.path());
+    cfg.max_steps = Some(3);
+    cfg.micro_batch_size = 4;
+    pretrain_with_data(&cfg, data(33)).unwrap();
+    cfg.out_dir = b.path().to_path_buf();
+    cfg.micro_batch_size = 1;
+    pretrain_with_data(&cfg, data(33)).unwrap();
+    for (x, y) in losses(a.path()).iter().zip(losses(b.path())) {
+        let (x, y) = (x.1.parse::<f64>().unwrap(), y.1.parse::<f64>().unwrap());
+        assert!((x - y).abs() < 1e-4, "{x} vs {y}");
+    }
+}
+
+#[test]
+fn rotation_keeps_newest_and_best() {
+    let dir = temp_dir();
+    let mut cfg = config(dir.path());
+    cfg.save_interval = 1;
+    cfg.eval_interval = 1;
+    cfg.max_checkpoints = Some(2);
+    pretrain_with_data(&cfg, data(33)).unwrap();
+    let mut names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with("step-"))
+        .collect();
+    names.sort();
+    assert!(names.len() == 2 || names.len() == 3, "{names:?}");
+    assert!(
+        names.contains(&"step-00000011".to_string())
+            && names.contains(&"step-00000010".to_string()),
+        "{names:?}"
+    );
+    assert!(dir.path().join("final").is_dir());
+}
+
+#[test]
+fn early_stopping_stops_a_diverging_run() {
+    let dir = temp_dir();
+    let mut cfg = config(dir.path());
+    cfg.learning_rate = 3.0;
+    cfg.min_lr = 3.0;
+    cfg.warmup_steps = 0;
+    cfg.eval_interval = 1;
+    cfg.early_stopping = Some(2);
+    cfg.max_steps = Some(40);
+    let s = pretrain_with_data(&cfg, data(33)).unwrap();
+    assert!(s.stopped_early && s.steps < 40, "{s:?}");
+}
+
+#[test]
+fn bad_setups_fail_before_any_work() {
+    let dir = temp_dir();
+    let mut cfg = config(dir.path());
+    cfg.batch_size = 5;
+    let e = Trainer::new(&cfg, data(33)).err().unwrap().to_string();
+    assert!(e.contains("not a multiple"), "{e}");
+
+    let mut cfg = config(dir.path());
+    cfg.batch_size = 64;
+    cfg.micro_batch_size = 4;
+    let e = Trainer::new(&cfg, data(33)).err().unwrap().to_string();
+    assert!(
+        e.contains("fewer than one batch") && e.contains("fortunes"),
+        "{e}"
+    );
+
+    let mut d = data(33);
+    d.tokenizer_hash = Some("0000".into());
+    let e = Trainer::new(&config(dir.path()), d)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("another tokenizer"), "{e}");
+
+    let e = Trainer::new(&config(dir.path()), data(300))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("context"), "{e}");
+
+    // Nothing was written by the failed attempts...
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    // ...and a finished run is not overwritten by a new one.
+    let mut cfg = config(dir.path());
+    cfg.max_steps = Some(1);
+    pretrain_with_data(&cfg, data(33)).unwrap();
+    let e = Trainer::new(&cfg, data(33)).err().unwrap().to_string();
+    assert!(
+        e.contains("holds another run") && e.contains("--resume auto"),
+        "{e}"
+    );
+}
