@@ -1,4 +1,7 @@
-//! 8 steps of full fine-tuning against PyTorch's losses (expected.json `train`).
+//! 8 steps of full fine-tuning against PyTorch's losses (expected.json `train`), on the
+//! reference checkpoints here and on the extra ones in `unseen`.
+
+use std::path::Path;
 
 use candle_core::Device;
 use lit_claire::checkpoint;
@@ -15,10 +18,12 @@ fn rows(v: &Value) -> Vec<Vec<u32>> {
     v.as_array().unwrap().iter().map(ids).collect()
 }
 
-fn check_training(family: &str) {
-    let exp = expected(family);
+/// Train the checkpoint of `dir` as its expected.json's `train` says; compare the losses.
+pub fn check_training(dir: &Path) {
+    let family = crate::checks::label(dir);
+    let exp = crate::checks::expected_of(dir);
     let tr = &exp["train"];
-    let (cfg, weights) = checkpoint::open(&reference_dir(family)).unwrap();
+    let (cfg, weights) = checkpoint::open(dir).unwrap();
     let opts = BuildOptions {
         trainable: true,
         ..BuildOptions::cpu_f32()
@@ -63,7 +68,7 @@ macro_rules! training_tests {
     ($($fam:ident),*) => {$(
         #[test]
         fn $fam() {
-            check_training(stringify!($fam));
+            check_training(&reference_dir(stringify!($fam)));
         }
     )*};
 }

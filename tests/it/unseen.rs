@@ -3,7 +3,8 @@
 //! classes): other widths, head sizes and head layouts, rope bases and scalings,
 //! windows, block layouts, bf16 storage and shards. Each gets the checks of the six
 //! reference checkpoints: logits and loss within 1e-4, every gradient within 1e-4 of
-//! its tensor's largest value, greedy ids identical; and the commands a user runs,
+//! its tensor's largest value, greedy ids identical, 8 training steps' losses within
+//! 1e-3 relative (batches with padding); and the commands a user runs,
 //! `lit-claire perplexity` (a text longer than the context, so several windows) and
 //! `lit-claire generate --temperature 0`, print what PyTorch computes.
 
@@ -45,6 +46,10 @@ macro_rules! extra_tests {
             #[test]
             fn greedy_tokens() {
                 check_greedy(&extra_dir(stringify!($name)));
+            }
+            #[test]
+            fn training_losses() {
+                crate::train_parity::check_training(&extra_dir(stringify!($name)));
             }
             #[test]
             fn cli_perplexity_and_generate() {
