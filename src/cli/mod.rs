@@ -1,6 +1,7 @@
 //! The command-line front end: clap structs, each resolved once into library types
 //! and handed to one library function.
 
+mod data_cmds;
 mod model_cmds;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -24,6 +25,8 @@ pub enum Command {
     Generate(model_cmds::GenerateArgs),
     /// Talk with a model interactively (dialogue models such as Claire).
     Chat(model_cmds::ChatArgs),
+    /// Raw text to memory-mapped training shards (Megatron .bin/.idx + metadata.json).
+    PrepareData(data_cmds::PrepareDataArgs),
 }
 
 /// Parse the command line and run the command.
@@ -33,6 +36,7 @@ pub fn run() -> Result<()> {
         Command::Perplexity(a) => model_cmds::perplexity(a),
         Command::Generate(a) => model_cmds::generate(a),
         Command::Chat(a) => model_cmds::chat(a),
+        Command::PrepareData(a) => data_cmds::prepare_data(a),
     }
 }
 
