@@ -2,6 +2,8 @@
 
 mod common;
 mod model_cli;
+mod data_common;
+mod data_prepare;
 mod parity;
 mod train_parity;
 mod trainer;
