@@ -2,6 +2,7 @@
 //! and handed to one library function.
 
 mod bench_cmds;
+mod data_cmds;
 mod model_cmds;
 mod plot_cmds;
 mod publish_cmds;
@@ -41,6 +42,8 @@ pub enum Command {
     Download(publish_cmds::DownloadArgs),
     /// Write a LLaMA/Mistral/Falcon checkpoint as a GGUF file for llama.cpp.
     Quantize(publish_cmds::QuantizeArgs),
+    /// Raw text to memory-mapped training shards (Megatron .bin/.idx + metadata.json).
+    PrepareData(data_cmds::PrepareDataArgs),
 }
 
 /// Parse the command line and run the command.
@@ -57,6 +60,7 @@ pub fn run() -> Result<()> {
         Command::Upload(a) => publish_cmds::upload(a),
         Command::Download(a) => publish_cmds::download(a),
         Command::Quantize(a) => publish_cmds::quantize(a),
+        Command::PrepareData(a) => data_cmds::prepare_data(a),
     }
 }
 

@@ -10,6 +10,8 @@
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{Error, IoContext, Result};
 
@@ -63,14 +65,39 @@ pub fn format_of(path: &Path, layout: &TextLayout, json_key: &str) -> DocFormat 
 
 /// A buffered reader of `path`, decompressing `.gz` files.
 pub fn open_maybe_gz(path: &Path) -> Result<Box<dyn BufRead + Send>> {
+    open_counted(path, None)
+}
+
+/// Counts the bytes read from a file (compressed bytes for `.gz`), for progress bars.
+struct Counting<R> {
+    inner: R,
+    counter: Arc<AtomicU64>,
+}
+
+impl<R: Read> Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.counter.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+fn open_counted(path: &Path, counter: Option<Arc<AtomicU64>>) -> Result<Box<dyn BufRead + Send>> {
     let file = File::open(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => Error::missing(path, "no such input file"),
         _ => Error::io(path, e),
     })?;
+    let file: Box<dyn Read + Send> = match counter {
+        Some(counter) => Box::new(Counting {
+            inner: file,
+            counter,
+        }),
+        None => Box::new(file),
+    };
     let inner: Box<dyn Read + Send> = if path.extension().is_some_and(|e| e == "gz") {
         Box::new(flate2::read::MultiGzDecoder::new(file))
     } else {
-        Box::new(file)
+        file
     };
     Ok(Box::new(BufReader::with_capacity(1 << 20, inner)))
 }
@@ -91,9 +118,34 @@ pub struct Records {
 /// JSON objects holding a string under the key are counted in [`Records::skipped`]
 /// instead of failing.
 pub fn records(path: &Path, format: DocFormat, skip_bad_lines: bool) -> Result<Records> {
+    records_from(path, format, skip_bad_lines, open_maybe_gz(path)?)
+}
+
+/// Like [`records`], adding every byte read from the file (compressed bytes for `.gz`)
+/// to `counter`.
+pub fn records_counted(
+    path: &Path,
+    format: DocFormat,
+    skip_bad_lines: bool,
+    counter: Arc<AtomicU64>,
+) -> Result<Records> {
+    records_from(
+        path,
+        format,
+        skip_bad_lines,
+        open_counted(path, Some(counter))?,
+    )
+}
+
+fn records_from(
+    path: &Path,
+    format: DocFormat,
+    skip_bad_lines: bool,
+    reader: Box<dyn BufRead + Send>,
+) -> Result<Records> {
     Ok(Records {
         path: path.to_path_buf(),
-        reader: open_maybe_gz(path)?,
+        reader,
         format,
         line_no: 0,
         skip_bad_lines,

@@ -1,4 +1,23 @@
 //! Data: raw documents in, memory-mapped training shards out, and the corpus tools
 //! around it.
+//!
+//! - [`documents`]: streaming `.txt` / `.jsonl` (`.gz`) records.
+//! - [`prepare`]: `prepare-data`, built from [`sources`] (datasets of a folder),
+//!   [`chunk`] (turn-aware cutting), [`augment`] (speaker-tag rewriting), [`groups`]
+//!   (sampling weights), [`writer`] (split streams cut into shards) and [`megatron`]
+//!   (the `.bin` / `.idx` format); [`metadata`] is what it writes beside the shards.
+//! - [`reader`]: random access to prepared samples for training and validation.
 
+pub mod augment;
+pub mod chunk;
 pub mod documents;
+pub mod groups;
+pub mod megatron;
+pub mod metadata;
+pub mod prepare;
+pub mod reader;
+pub mod sources;
+pub mod writer;
+
+pub use prepare::{PrepareOptions, PrepareReport, prepare_data};
+pub use reader::{PreparedData, PreparedDataset, Split};

@@ -4,6 +4,8 @@ mod checks;
 mod common;
 mod lora_grads;
 mod model_cli;
+mod data_common;
+mod data_prepare;
 mod parity;
 mod plot;
 mod publish_convert;

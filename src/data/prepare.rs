@@ -1,0 +1,729 @@
+//! `prepare-data`: raw text to memory-mapped training shards.
+//!
+//! For each dataset (see [`sources`](super::sources)), in one streaming pass:
+//!
+//! ```text
+//! reader thread          rayon pool (parallel, order kept)        this thread
+//! records -> batches --> augment (train) -> encode -> chunk --> route -> SplitWriter
+//!   of ~8 MiB text        [BOS] ids EOS, chunk lengths            train / validation
+//! ```
+//!
+//! - Each document is `Tokenizer::encode_document(text)`: BOS where the model uses one,
+//!   EOS after it. Concatenating a split's samples in order gives back its documents'
+//!   token streams exactly (see [`writer`](super::writer) for padding vs packing).
+//! - Validation: the dataset's own validation files, else each document independently
+//!   with probability `val_fraction`, drawn from a hash of (seed, dataset, document
+//!   index); if none was drawn, the last training document moves to validation.
+//! - Every choice depends only on the seed and a document's position, and results are
+//!   written in input order, so the output is byte-identical whatever the thread count.
+//! - Memory: two batches in flight plus one held document; shards are streamed.
+//! - A dataset is built in `OUT/.tmp-prepare-*` and renamed into place when complete;
+//!   `metadata.json` is removed when a run starts changing things and written last.
+//!   Datasets already complete with the same settings are skipped.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use rayon::prelude::*;
+use serde::Serialize;
+
+use super::augment::Augmenter;
+use super::chunk::{Chunker, DEFAULT_TURN_PATTERN};
+use super::documents::{TextLayout, format_of, records_counted};
+use super::groups::Groups;
+use super::megatron::TokenDtype;
+use super::metadata::{
+    DATASET_FILE, DatasetMeta, DatasetRecord, FORMAT, METADATA_FILE, Metadata, Settings,
+    SourceFile, VERSION,
+};
+use super::sources::{DatasetSource, discover};
+use super::writer::{SplitStats, SplitWriter};
+use crate::error::{Error, IoContext, Result};
+use crate::io::write_json_atomic;
+use crate::tokenizer::Tokenizer;
+
+/// Text per batch handed to the thread pool.
+const BATCH_BYTES: usize = 8 << 20;
+/// Documents per batch at most.
+const BATCH_DOCS: usize = 16_384;
+/// Prefix of the folders a dataset is built in.
+const TEMP_PREFIX: &str = ".tmp-prepare-";
+
+/// Everything `prepare-data` takes.
+#[derive(Debug, Clone)]
+pub struct PrepareOptions {
+    /// Folder of datasets (or one file).
+    pub source: PathBuf,
+    /// Model folder: `tokenizer.json` and, unless `max_length` is given, `config.json`.
+    pub checkpoint_dir: PathBuf,
+    pub destination: PathBuf,
+    /// Tokens a model sees at once; samples hold `max_length + 1`. Default: the model's context.
+    pub max_length: Option<usize>,
+    /// true: one chunk of one document per sample; false: documents packed back to back.
+    pub padding: bool,
+    /// Layout of `.txt` files.
+    pub text_layout: TextLayout,
+    /// Field of `.jsonl` records holding the text.
+    pub json_key: String,
+    pub val_fraction: f64,
+    pub seed: u64,
+    /// Regex of a speaker tag starting a turn; empty: cut at word boundaries only.
+    pub turn_pattern: String,
+    /// Fraction of the window, at its end, where a turn start may cut.
+    pub turn_window: f64,
+    /// Extra variants of each training dialogue with rewritten speaker tags.
+    pub augment: usize,
+    /// Groups and weights file.
+    pub groups: Option<PathBuf>,
+    /// Shard counts are multiples of this.
+    pub multiple_of: usize,
+    /// Target tokens per shard (more shards when a split is larger).
+    pub shard_tokens: u64,
+    pub overwrite: bool,
+    pub skip_bad_lines: bool,
+    /// Draw a progress bar on stderr.
+    pub progress: bool,
+}
+
+impl PrepareOptions {
+    /// The defaults of the command line.
+    pub fn new(source: &Path, checkpoint_dir: &Path, destination: &Path) -> Self {
+        PrepareOptions {
+            source: source.to_path_buf(),
+            checkpoint_dir: checkpoint_dir.to_path_buf(),
+            destination: destination.to_path_buf(),
+            max_length: None,
+            padding: true,
+            text_layout: TextLayout::LinePerDocument,
+            json_key: "text".into(),
+            val_fraction: 0.05,
+            seed: 42,
+            turn_pattern: DEFAULT_TURN_PATTERN.into(),
+            turn_window: 0.25,
+            augment: 0,
+            groups: None,
+            multiple_of: 8,
+            shard_tokens: 100_000_000,
+            overwrite: false,
+            skip_bad_lines: false,
+            progress: false,
+        }
+    }
+
+    fn check(&self) -> Result<()> {
+        let mut problems = Vec::new();
+        if !(self.val_fraction > 0.0 && self.val_fraction < 1.0) {
+            problems.push(format!(
+                "--val-fraction {} must lie in (0, 1)",
+                self.val_fraction
+            ));
+        }
+        if self.multiple_of == 0 {
+            problems.push("--multiple-of must be at least 1".to_string());
+        }
+        if self.shard_tokens == 0 {
+            problems.push("--shard-tokens must be at least 1".to_string());
+        }
+        if self.max_length == Some(0) {
+            problems.push("--max-length must be at least 1".to_string());
+        }
+        if self.json_key.is_empty() {
+            problems.push("--json-key must not be empty".to_string());
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Usage(problems.join("; ")))
+        }
+    }
+}
+
+/// What a run did to one dataset.
+#[derive(Debug, Clone, Serialize)]
+pub struct DatasetReport {
+    pub name: String,
+    /// Already complete with the same settings: left as it was.
+    pub skipped: bool,
+    pub group: String,
+    pub weight: f64,
+    pub train: SplitStats,
+    pub validation: SplitStats,
+    pub bad_lines: u64,
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Serialize)]
+pub struct PrepareReport {
+    pub destination: PathBuf,
+    pub block_size: usize,
+    pub datasets: Vec<DatasetReport>,
+    /// Raw bytes read and tokens written by this run (skipped datasets excluded).
+    pub bytes_read: u64,
+    pub tokens_written: u64,
+    pub seconds: f64,
+}
+
+/// Everything a worker needs to turn a document into samples.
+struct Ctx {
+    tokenizer: tokenizers::Tokenizer,
+    block_size: usize,
+    bos: Option<u32>,
+    eos: Option<u32>,
+    dtype: TokenDtype,
+    padding: bool,
+    chunker: Chunker,
+    augmenter: Option<Augmenter>,
+}
+
+/// A document as read.
+struct RawDoc {
+    text: String,
+    index: u64,
+    validation: bool,
+}
+
+/// One encoded document: its ids and, with padding, its chunk lengths.
+struct Unit {
+    ids: Vec<u32>,
+    chunks: Vec<u32>,
+}
+
+/// A document and its augmented variants.
+struct Processed {
+    validation: bool,
+    units: Vec<Unit>,
+}
+
+enum Msg {
+    Batch(Vec<RawDoc>),
+    Done { bad_lines: u64 },
+}
+
+/// SplitMix64's finaliser: a well-mixed 64-bit hash of `x`.
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// FNV-1a of a name: stable across runs and platforms.
+fn name_hash(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Seed of document `index` of a dataset, for purpose `salt`.
+fn doc_key(seed: u64, dataset: u64, index: u64, salt: u64) -> u64 {
+    mix(mix(mix(seed ^ salt) ^ dataset) ^ index)
+}
+
+impl Ctx {
+    fn encode(&self, text: &str) -> Result<Unit> {
+        let enc = if self.padding {
+            self.tokenizer.encode(text, false)?
+        } else {
+            self.tokenizer.encode_fast(text, false)?
+        };
+        let plain = enc.get_ids();
+        let mut ids = Vec::with_capacity(plain.len() + 2);
+        ids.extend(self.bos);
+        ids.extend_from_slice(plain);
+        ids.extend(self.eos);
+        if let Some(&bad) = ids.iter().find(|&&i| i > self.dtype.max_id()) {
+            return Err(Error::Data(format!(
+                "token id {bad} does not fit the {:?} shards chosen from the vocabulary size; the tokenizer's vocabulary is inconsistent",
+                self.dtype
+            )));
+        }
+        let chunks = if self.padding {
+            let lead = self.bos.is_some() as usize;
+            self.chunker
+                .chunks(text, enc.get_offsets(), lead, ids.len())
+        } else {
+            Vec::new()
+        };
+        Ok(Unit { ids, chunks })
+    }
+
+    fn process(&self, doc: &RawDoc, key: u64) -> Result<Processed> {
+        let mut units = vec![self.encode(&doc.text)?];
+        if let (Some(aug), false) = (&self.augmenter, doc.validation) {
+            for v in aug.variants(&doc.text, key) {
+                units.push(self.encode(&v)?);
+            }
+        }
+        Ok(Processed {
+            validation: doc.validation,
+            units,
+        })
+    }
+}
+
+/// Turn raw datasets into shards under `opts.destination`.
+pub fn prepare_data(opts: &PrepareOptions) -> Result<PrepareReport> {
+    let started = Instant::now();
+    opts.check()?;
+    let tok = Tokenizer::from_dir(&opts.checkpoint_dir)?;
+    let max_length = match opts.max_length {
+        Some(n) => n,
+        None => crate::config::load_config(&opts.checkpoint_dir)?.block_size,
+    };
+    let block_size = max_length + 1;
+    let chunker = Chunker::new(block_size, &opts.turn_pattern, opts.turn_window)?;
+    let augmenter = match (opts.augment, chunker.turn_pattern()) {
+        (0, _) => None,
+        (n, Some(re)) => Some(Augmenter::new(re.clone(), n)),
+        (_, None) => {
+            return Err(Error::Usage(
+                "--augment needs a --turn-pattern to find speaker tags".into(),
+            ));
+        }
+    };
+    let groups = match &opts.groups {
+        Some(p) => Groups::load(p)?,
+        None => Groups::default(),
+    };
+    let sources = discover(&opts.source)?;
+    let dest = &opts.destination;
+    prepare_destination(dest)?;
+
+    let mut inner = tok.inner().clone();
+    inner
+        .with_truncation(None)
+        .map_err(|e| Error::Msg(format!("tokenizer: {e}")))?;
+    inner.with_padding(None);
+    let dtype = TokenDtype::for_vocab(tok.vocab_size());
+    let ctx = Ctx {
+        tokenizer: inner,
+        block_size,
+        bos: if tok.adds_bos { tok.bos_id } else { None },
+        eos: tok.eos_ids.first().copied(),
+        dtype,
+        padding: opts.padding,
+        chunker,
+        augmenter,
+    };
+    let settings = Settings {
+        tokenizer_hash: tok.hash.clone(),
+        block_size,
+        padding: opts.padding,
+        doc_separator: match &opts.text_layout {
+            TextLayout::LinePerDocument => None,
+            TextLayout::Separator(s) => Some(s.clone()),
+        },
+        json_key: opts.json_key.clone(),
+        val_fraction: opts.val_fraction,
+        seed: opts.seed,
+        turn_pattern: opts.turn_pattern.clone(),
+        turn_window: opts.turn_window,
+        augment: opts.augment,
+        multiple_of: opts.multiple_of,
+        shard_tokens: opts.shard_tokens,
+        skip_bad_lines: opts.skip_bad_lines,
+    };
+
+    // Decide what to do with each dataset before changing anything.
+    let mut plans = Vec::with_capacity(sources.len());
+    for src in &sources {
+        let files = source_files(&opts.source, src)?;
+        if files.iter().all(|f| f.bytes == 0) {
+            return Err(Error::Data(format!(
+                "dataset {:?} ({}) is empty; remove it from --source-path",
+                src.name,
+                src.path.display()
+            )));
+        }
+        let existing = existing_record(dest, &src.name)?;
+        let done = match existing {
+            Some(rec) if rec.settings == settings && rec.sources == files => Some(rec),
+            Some(_) if !opts.overwrite => {
+                return Err(Error::Usage(format!(
+                    "{} was prepared from other sources or with other settings; pass --overwrite to redo it, or choose another --destination-path",
+                    dest.join(&src.name).display()
+                )));
+            }
+            _ => None,
+        };
+        let done = done.filter(|_| !opts.overwrite);
+        plans.push((src, files, done));
+    }
+    if plans.iter().any(|(_, _, done)| done.is_none()) {
+        let meta = dest.join(METADATA_FILE);
+        if meta.exists() {
+            std::fs::remove_file(&meta).at(&meta)?;
+        }
+    }
+
+    let total: u64 = plans
+        .iter()
+        .filter(|(_, _, d)| d.is_none())
+        .flat_map(|(_, f, _)| f.iter().map(|f| f.bytes))
+        .sum();
+    let pb = if opts.progress {
+        let pb = ProgressBar::new(total);
+        pb.set_style(
+            ProgressStyle::with_template(
+                "{msg:20} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        pb
+    } else {
+        ProgressBar::hidden()
+    };
+
+    let mut reports = Vec::with_capacity(plans.len());
+    let mut metas = Vec::with_capacity(plans.len());
+    let (mut bytes_read, mut tokens_written) = (0u64, 0u64);
+    for (src, files, done) in plans {
+        let (group, weight) = groups.assign(&src.name);
+        let skipped = done.is_some();
+        let rec = match done {
+            Some(rec) => rec,
+            None => {
+                pb.set_message(src.name.clone());
+                let base = pb.position();
+                let rec = build_dataset(&ctx, opts, &settings, src, files, &pb)?;
+                bytes_read += pb.position() - base;
+                tokens_written += rec.train.tokens + rec.validation.tokens;
+                rec
+            }
+        };
+        let line = summary_line(&rec, skipped);
+        pb.suspend(|| eprintln!("{line}"));
+        reports.push(DatasetReport {
+            name: rec.name.clone(),
+            skipped,
+            group: group.clone(),
+            weight,
+            train: rec.train.clone(),
+            validation: rec.validation.clone(),
+            bad_lines: rec.bad_lines,
+        });
+        metas.push(DatasetMeta {
+            dir: rec.name.clone(),
+            name: rec.name,
+            group,
+            weight,
+            sources: rec.sources,
+            bad_lines: rec.bad_lines,
+            train: rec.train,
+            validation: rec.validation,
+        });
+    }
+    pb.finish_and_clear();
+    let names: Vec<String> = metas.iter().map(|m| m.name.clone()).collect();
+    for g in groups.unused(&names) {
+        eprintln!("warning: group {g:?} of the groups file matches no dataset");
+    }
+
+    let metadata = Metadata {
+        format: FORMAT.into(),
+        version: VERSION,
+        block_size,
+        max_length,
+        padding: opts.padding,
+        tokenizer_hash: tok.hash.clone(),
+        vocab_size: tok.vocab_size(),
+        dtype,
+        bos_id: ctx.bos,
+        eos_id: ctx.eos,
+        pad_id: tok.pad_id,
+        datasets: metas,
+    };
+    let value = serde_json::to_value(&metadata).expect("metadata serialises");
+    write_json_atomic(&dest.join(METADATA_FILE), &value)?;
+    let seconds = started.elapsed().as_secs_f64();
+    if tokens_written > 0 {
+        eprintln!(
+            "prepared {tokens_written} tokens from {:.1} MB in {seconds:.1} s ({:.0} tokens/s)",
+            bytes_read as f64 / 1e6,
+            tokens_written as f64 / seconds
+        );
+    }
+    Ok(PrepareReport {
+        destination: dest.clone(),
+        block_size,
+        datasets: reports,
+        bytes_read,
+        tokens_written,
+        seconds,
+    })
+}
+
+/// Create the destination, check it is writable and remove leftovers of interrupted runs.
+fn prepare_destination(dest: &Path) -> Result<()> {
+    let unwritable = |e: std::io::Error| {
+        Error::Usage(format!(
+            "cannot write to --destination-path {}: {e}; choose a writable folder",
+            dest.display()
+        ))
+    };
+    std::fs::create_dir_all(dest).map_err(unwritable)?;
+    tempfile::Builder::new()
+        .prefix(TEMP_PREFIX)
+        .tempdir_in(dest)
+        .map_err(unwritable)?;
+    for entry in std::fs::read_dir(dest).at(dest)? {
+        let p = entry.at(dest)?.path();
+        let stale = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(TEMP_PREFIX));
+        if stale && p.is_dir() {
+            eprintln!("removing {} left by an interrupted run", p.display());
+            std::fs::remove_dir_all(&p).at(&p)?;
+        }
+    }
+    Ok(())
+}
+
+/// The files of a dataset as recorded in its metadata.
+fn source_files(root: &Path, src: &DatasetSource) -> Result<Vec<SourceFile>> {
+    src.files()
+        .map(|(p, val)| {
+            let bytes = std::fs::metadata(p).at(p)?.len();
+            let rel = p.strip_prefix(root).unwrap_or(p);
+            let rel = if rel.as_os_str().is_empty() {
+                p.file_name().map(Path::new).unwrap_or(p)
+            } else {
+                rel
+            };
+            Ok(SourceFile {
+                path: rel.to_string_lossy().into_owned(),
+                bytes,
+                split: if val { "validation" } else { "train" }.into(),
+            })
+        })
+        .collect()
+}
+
+/// The record of a complete dataset already in `dest`.
+fn existing_record(dest: &Path, name: &str) -> Result<Option<DatasetRecord>> {
+    let dir = dest.join(name);
+    let path = dir.join(DATASET_FILE);
+    if !path.exists() {
+        if dir.exists() {
+            return Err(Error::Usage(format!(
+                "{} exists and is not a prepared dataset; move it away or choose another --destination-path",
+                dir.display()
+            )));
+        }
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).at(&path)?;
+    Ok(serde_json::from_str(&text).ok())
+}
+
+fn summary_line(rec: &DatasetRecord, skipped: bool) -> String {
+    let (t, v) = (&rec.train, &rec.validation);
+    format!(
+        "{} {}: train {} docs, {} samples, {} tokens ({} padding) in {} shards; validation {} docs, {} samples, {} tokens{}",
+        if skipped { "kept" } else { "prepared" },
+        rec.name,
+        t.documents,
+        t.samples,
+        t.tokens,
+        t.padded_tokens,
+        t.shards.len(),
+        v.documents,
+        v.samples,
+        v.tokens,
+        if rec.bad_lines > 0 {
+            format!("; {} bad lines skipped", rec.bad_lines)
+        } else {
+            String::new()
+        }
+    )
+}
+
+/// Build one dataset in a temporary folder and rename it into place.
+fn build_dataset(
+    ctx: &Ctx,
+    opts: &PrepareOptions,
+    settings: &Settings,
+    src: &DatasetSource,
+    sources: Vec<SourceFile>,
+    pb: &ProgressBar,
+) -> Result<DatasetRecord> {
+    let dest = &opts.destination;
+    let tmp = tempfile::Builder::new()
+        .prefix(TEMP_PREFIX)
+        .tempdir_in(dest)
+        .at(dest)?;
+    let (train, validation, bad_lines) = tokenize_dataset(ctx, opts, src, tmp.path(), pb)?;
+    let rec = DatasetRecord {
+        name: src.name.clone(),
+        settings: settings.clone(),
+        sources,
+        bad_lines,
+        train,
+        validation,
+    };
+    let value = serde_json::to_value(&rec).expect("record serialises");
+    write_json_atomic(&tmp.path().join(DATASET_FILE), &value)?;
+    let target = dest.join(&src.name);
+    if target.exists() {
+        std::fs::remove_dir_all(&target).at(&target)?;
+    }
+    let kept = tmp.keep();
+    std::fs::rename(&kept, &target).map_err(|e| {
+        let _ = std::fs::remove_dir_all(&kept);
+        Error::io(&target, e)
+    })?;
+    Ok(rec)
+}
+
+/// Stream one dataset through the tokenizer into its two split writers.
+fn tokenize_dataset(
+    ctx: &Ctx,
+    opts: &PrepareOptions,
+    src: &DatasetSource,
+    dir: &Path,
+    pb: &ProgressBar,
+) -> Result<(SplitStats, SplitStats, u64)> {
+    let block_size = ctx.block_size;
+    let mut train = SplitWriter::create(dir, "train", ctx.dtype, block_size, opts.padding)?;
+    let mut val = SplitWriter::create(dir, "validation", ctx.dtype, block_size, opts.padding)?;
+    let ds_hash = name_hash(&src.name);
+    let by_fraction = src.val_files.is_empty();
+    let counter = Arc::new(AtomicU64::new(0));
+    let base = pb.position();
+    let mut bad_lines = 0;
+    // With --val-fraction, the last training document waits here in case validation
+    // ends up empty.
+    let mut held: Option<Processed> = None;
+
+    let write_train = |w: &mut SplitWriter, p: Processed| -> Result<()> {
+        for (k, u) in p.units.iter().enumerate() {
+            w.push(&u.ids, &u.chunks, k > 0)?;
+        }
+        Ok(())
+    };
+
+    std::thread::scope(|scope| -> Result<()> {
+        let (tx, rx) = sync_channel::<Result<Msg>>(2);
+        let reader_counter = counter.clone();
+        scope.spawn(move || read_batches(opts, src, ds_hash, reader_counter, tx));
+        let rx: Receiver<Result<Msg>> = rx;
+        for msg in rx {
+            let docs = match msg? {
+                Msg::Batch(docs) => docs,
+                Msg::Done { bad_lines: n } => {
+                    bad_lines = n;
+                    continue;
+                }
+            };
+            let seed = opts.seed;
+            let out: Vec<Result<Processed>> = docs
+                .par_iter()
+                .map(|d| ctx.process(d, doc_key(seed, ds_hash, d.index, 1)))
+                .collect();
+            for p in out {
+                let p = p?;
+                if p.validation {
+                    let u = &p.units[0];
+                    val.push(&u.ids, &u.chunks, false)?;
+                } else if by_fraction {
+                    if let Some(prev) = held.replace(p) {
+                        write_train(&mut train, prev)?;
+                    }
+                } else {
+                    write_train(&mut train, p)?;
+                }
+            }
+            pb.set_position(base + counter.load(Ordering::Relaxed));
+        }
+        Ok(())
+    })?;
+    if let Some(last) = held {
+        if val.documents() == 0 {
+            let u = &last.units[0];
+            val.push(&u.ids, &u.chunks, false)?;
+        } else {
+            write_train(&mut train, last)?;
+        }
+    }
+    if train.documents() == 0 {
+        let why = if val.documents() == 0 {
+            "has no documents".to_string()
+        } else {
+            format!(
+                "has {} document(s), all taken for validation; add documents or a validation file (test.txt, dev.txt, validation.jsonl)",
+                val.documents()
+            )
+        };
+        return Err(Error::Data(format!(
+            "dataset {:?} ({}) {why}; check --doc-separator / --json-key",
+            src.name,
+            src.path.display()
+        )));
+    }
+    if val.documents() == 0 {
+        return Err(Error::Data(format!(
+            "dataset {:?}: its validation files hold no documents",
+            src.name
+        )));
+    }
+    let train = train.finish(opts.shard_tokens, opts.multiple_of)?;
+    let val = val.finish(opts.shard_tokens, opts.multiple_of)?;
+    Ok((train, val, bad_lines))
+}
+
+/// Reader thread: records of every file, in order, in batches.
+fn read_batches(
+    opts: &PrepareOptions,
+    src: &DatasetSource,
+    ds_hash: u64,
+    counter: Arc<AtomicU64>,
+    tx: SyncSender<Result<Msg>>,
+) {
+    let by_fraction = src.val_files.is_empty();
+    // u64 threshold: document goes to validation when its hash is below it.
+    let threshold = (opts.val_fraction * u64::MAX as f64) as u64;
+    let run = || -> Result<u64> {
+        let mut index = 0u64;
+        let mut bad_lines = 0;
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        for (path, is_val) in src.files() {
+            let format = format_of(path, &opts.text_layout, &opts.json_key);
+            let mut recs = records_counted(path, format, opts.skip_bad_lines, counter.clone())?;
+            for rec in &mut recs {
+                let text = rec?.text;
+                let validation = if by_fraction {
+                    doc_key(opts.seed, ds_hash, index, 0) < threshold
+                } else {
+                    is_val
+                };
+                bytes += text.len();
+                batch.push(RawDoc {
+                    text,
+                    index,
+                    validation,
+                });
+                index += 1;
+                if bytes >= BATCH_BYTES || batch.len() >= BATCH_DOCS {
+                    bytes = 0;
+                    if tx.send(Ok(Msg::Batch(std::mem::take(&mut batch)))).is_err() {
+                        return Ok(bad_lines);
+                    }
+                }
+            }
+            bad_lines += recs.skipped as u64;
+        }
+        if !batch.is_empty() {
+            let _ = tx.send(Ok(Msg::Batch(batch)));
+        }
+        Ok(bad_lines)
+    };
+    let msg = run().map(|bad_lines| Msg::Done { bad_lines });
+    let _ = tx.send(msg);
+}

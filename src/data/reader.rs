@@ -1,0 +1,201 @@
+//! Reading prepared data: random access to any sample in O(1) over memory-mapped shards.
+//!
+//! A sample is at most `block_size` (= max_length + 1) real tokens; a consumer trains on
+//! `inputs = sample[..len-1]`, `targets = sample[1..]` and pads shorter samples itself,
+//! ignoring the padding in the loss. Samples of a split are numbered across its shards in
+//! order; `shard_sample_range` gives each shard's share for rank sharding.
+//!
+//! ```no_run
+//! # fn main() -> lit_claire::Result<()> {
+//! use lit_claire::data::reader::PreparedData;
+//! let data = PreparedData::open(std::path::Path::new("out/prepared"))?;
+//! for ds in &data.datasets {
+//!     let first = ds.train.sample(0)?; // Vec<u32>, 1..=block_size tokens
+//!     println!("{} ({}, weight {}): {} samples", ds.name, ds.group, ds.weight, ds.train.len());
+//! #   let _ = first;
+//! }
+//! # Ok(()) }
+//! ```
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use super::megatron::IndexedShard;
+use super::metadata::{DATASET_FILE, FORMAT, METADATA_FILE, Metadata, VERSION};
+use super::writer::SplitStats;
+use crate::error::{Error, IoContext, Result};
+
+pub use super::prepare::prepare_data;
+
+/// A prepared output folder.
+#[derive(Debug)]
+pub struct PreparedData {
+    pub root: PathBuf,
+    /// Tokens per sample: max_length + 1 (inputs are sample[..-1], targets sample[1..]).
+    pub block_size: usize,
+    /// sha256 of the tokenizer.json used (same as crate::tokenizer::Tokenizer::hash).
+    pub tokenizer_hash: String,
+    pub datasets: Vec<PreparedDataset>,
+    /// Everything `metadata.json` says.
+    pub metadata: Metadata,
+}
+
+/// One dataset of a prepared folder.
+#[derive(Debug)]
+pub struct PreparedDataset {
+    pub name: String,
+    /// Group name from the groups file (the dataset's own name when no group matched).
+    pub group: String,
+    /// Sampling weight of this dataset (from the groups file, default 1.0).
+    pub weight: f64,
+    pub train: Split,
+    pub validation: Split,
+}
+
+/// The samples of one split of one dataset.
+#[derive(Debug)]
+pub struct Split {
+    shards: Vec<IndexedShard>,
+    /// `starts[s]`: global index of shard `s`'s first sample; `starts[S]` = len.
+    starts: Vec<usize>,
+    tokens: u64,
+    block_size: usize,
+}
+
+impl PreparedData {
+    /// Open `dir` as written by `prepare-data`.
+    pub fn open(dir: &Path) -> Result<PreparedData> {
+        if !dir.is_dir() {
+            return Err(Error::missing(
+                dir,
+                "no prepared data there; run lit-claire prepare-data first",
+            ));
+        }
+        let meta_path = dir.join(METADATA_FILE);
+        if !meta_path.exists() {
+            return Err(Error::Data(format!(
+                "{}: incomplete output, {METADATA_FILE} is missing (it is written last); re-run lit-claire prepare-data with the same arguments to finish it",
+                dir.display()
+            )));
+        }
+        let text = std::fs::read_to_string(&meta_path).at(&meta_path)?;
+        let metadata: Metadata = serde_json::from_str(&text)
+            .map_err(|e| Error::bad_file(&meta_path, format!("not prepare-data metadata: {e}")))?;
+        if metadata.format != FORMAT || metadata.version != VERSION {
+            return Err(Error::bad_file(
+                &meta_path,
+                format!(
+                    "format {:?} version {}, this build reads {FORMAT:?} version {VERSION}",
+                    metadata.format, metadata.version
+                ),
+            ));
+        }
+        let mut datasets = Vec::with_capacity(metadata.datasets.len());
+        for d in &metadata.datasets {
+            let ds_dir = dir.join(&d.dir);
+            if !ds_dir.join(DATASET_FILE).exists() {
+                return Err(Error::Data(format!(
+                    "{}: incomplete output, dataset {:?} has no {DATASET_FILE}; re-run lit-claire prepare-data",
+                    ds_dir.display(),
+                    d.name
+                )));
+            }
+            datasets.push(PreparedDataset {
+                name: d.name.clone(),
+                group: d.group.clone(),
+                weight: d.weight,
+                train: Split::open(&ds_dir, &d.train, metadata.block_size)?,
+                validation: Split::open(&ds_dir, &d.validation, metadata.block_size)?,
+            });
+        }
+        Ok(PreparedData {
+            root: dir.to_path_buf(),
+            block_size: metadata.block_size,
+            tokenizer_hash: metadata.tokenizer_hash.clone(),
+            datasets,
+            metadata,
+        })
+    }
+
+    /// The dataset called `name`.
+    pub fn dataset(&self, name: &str) -> Option<&PreparedDataset> {
+        self.datasets.iter().find(|d| d.name == name)
+    }
+}
+
+impl Split {
+    /// Map the shards listed in `stats`, under the dataset folder `dir`.
+    pub fn open(dir: &Path, stats: &SplitStats, block_size: usize) -> Result<Split> {
+        let mut shards = Vec::with_capacity(stats.shards.len());
+        let mut starts = vec![0];
+        for info in &stats.shards {
+            let shard = IndexedShard::open(&dir.join(&info.prefix))?;
+            if shard.len() as u64 != info.samples {
+                return Err(Error::Data(format!(
+                    "{}: {} samples, metadata says {}; the output is damaged, re-run prepare-data with --overwrite",
+                    shard.prefix().display(),
+                    shard.len(),
+                    info.samples
+                )));
+            }
+            starts.push(starts.last().copied().unwrap_or(0) + shard.len());
+            shards.push(shard);
+        }
+        Ok(Split {
+            shards,
+            starts,
+            tokens: stats.tokens,
+            block_size,
+        })
+    }
+
+    /// Number of samples over all shards.
+    pub fn len(&self) -> usize {
+        *self.starts.last().expect("starts holds 0")
+    }
+
+    /// Whether the split holds no sample.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Real (non-padding) tokens.
+    pub fn tokens(&self) -> u64 {
+        self.tokens
+    }
+
+    /// Tokens per full sample.
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    /// Number of shards (a multiple of `--multiple-of`; some may be empty).
+    pub fn num_shards(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// Global sample indices of shard `shard`.
+    pub fn shard_sample_range(&self, shard: usize) -> Range<usize> {
+        self.starts[shard]..self.starts[shard + 1]
+    }
+
+    /// Append the tokens of sample `i` (1 ..= block_size of them) to `out`.
+    pub fn sample_into(&self, i: usize, out: &mut Vec<u32>) -> Result<()> {
+        if i >= self.len() {
+            return Err(Error::Data(format!(
+                "sample {i} out of range: the split has {} samples",
+                self.len()
+            )));
+        }
+        // The last shard starting at or before i; empty shards share starts and are skipped.
+        let s = self.starts.partition_point(|&start| start <= i) - 1;
+        self.shards[s].get_into(i - self.starts[s], out)
+    }
+
+    /// The tokens of sample `i`; fewer than `block_size` means the rest is padding.
+    pub fn sample(&self, i: usize) -> Result<Vec<u32>> {
+        let mut out = Vec::with_capacity(self.block_size);
+        self.sample_into(i, &mut out)?;
+        Ok(out)
+    }
+}
