@@ -6,6 +6,7 @@ mod data_cmds;
 mod model_cmds;
 mod plot_cmds;
 mod publish_cmds;
+mod train_cmds;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -28,6 +29,10 @@ pub enum Command {
     Generate(model_cmds::GenerateArgs),
     /// Talk with a model interactively (dialogue models such as Claire).
     Chat(model_cmds::ChatArgs),
+    /// Continual pretraining: full fine-tuning or LoRA on prepared data.
+    Pretrain(Box<train_cmds::PretrainArgs>),
+    /// Validate every checkpoint of a run on every dataset, appending to a CSV.
+    Validate(train_cmds::ValidateArgs),
     /// Training throughput (tokens/s, MFU) on a synthetic LLaMA.
     Bench(bench_cmds::BenchArgs),
     /// Loss curves of one or several runs (PNG or SVG), and their best checkpoints.
@@ -53,6 +58,8 @@ pub fn run() -> Result<()> {
         Command::Perplexity(a) => model_cmds::perplexity(a),
         Command::Generate(a) => model_cmds::generate(a),
         Command::Chat(a) => model_cmds::chat(a),
+        Command::Pretrain(a) => train_cmds::pretrain(*a),
+        Command::Validate(a) => train_cmds::validate(a),
         Command::Bench(a) => bench_cmds::bench(a),
         Command::Plot(a) => plot_cmds::plot(a),
         Command::MergeLora(a) => publish_cmds::merge(a),

@@ -6,9 +6,9 @@ use clap::Args;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
+use crate::train::TrainConfig;
 use crate::train::config::IntervalUnit;
 use crate::train::schedule::ScheduleKind;
-use crate::train::TrainConfig;
 
 /// Every flag is optional: a recipe (`--recipe`) or the defaults fill the rest.
 /// Field names are those of [`TrainConfig`].
@@ -157,8 +157,8 @@ pub struct PretrainArgs {
 impl PretrainArgs {
     /// Defaults ← recipe ← flags.
     pub fn resolve(&self) -> Result<TrainConfig> {
-        let flags = toml::Table::try_from(self)
-            .map_err(|e| Error::Usage(format!("bad flags: {e}")))?;
+        let flags =
+            toml::Table::try_from(self).map_err(|e| Error::Usage(format!("bad flags: {e}")))?;
         TrainConfig::resolve(self.recipe.as_deref(), flags)
     }
 }
@@ -169,5 +169,44 @@ pub fn pretrain(a: PretrainArgs) -> Result<()> {
     if let Some(dir) = summary.final_checkpoint {
         println!("{}", dir.display());
     }
+    Ok(())
+}
+
+/// Offline validation of every checkpoint of a run.
+#[derive(Debug, Args)]
+pub struct ValidateArgs {
+    /// The run folder (its checkpoints are scored).
+    #[arg(long)]
+    pub out_dir: PathBuf,
+    /// Prepared data whose validation splits are used.
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// At most this many batches per dataset (default: the whole split).
+    #[arg(long)]
+    pub max: Option<usize>,
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// CSV to append to (default RUN/validation_results.csv).
+    #[arg(long)]
+    pub csv: Option<PathBuf>,
+    /// Keep watching for new checkpoints every SECONDS until the run's final one is scored.
+    #[arg(long)]
+    pub watch: Option<u64>,
+    #[command(flatten)]
+    pub runtime: super::RuntimeArgs,
+}
+
+pub fn validate(a: ValidateArgs) -> Result<()> {
+    let strategy = a.runtime.strategy()?;
+    let data = crate::train::load_train_data(&a.data_dir)?;
+    let opts = crate::train::validate::ValidateOptions {
+        run: a.out_dir,
+        max_batches: a.max,
+        batch_size: a.batch_size,
+        csv: a.csv,
+        watch: a.watch.map(std::time::Duration::from_secs),
+    };
+    let rows = crate::train::validate::validate_run(&opts, &data, &strategy)?;
+    eprintln!("{} new validation rows", rows.len());
     Ok(())
 }

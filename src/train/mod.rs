@@ -3,6 +3,7 @@
 pub mod batches;
 pub mod checkpoint;
 pub mod config;
+pub mod data_source;
 pub mod evaluate;
 pub mod metrics;
 pub mod optim;
@@ -12,4 +13,5 @@ pub mod trainer;
 pub mod validate;
 
 pub use config::TrainConfig;
+pub use data_source::{load_train_data, pretrain};
 pub use trainer::{TrainSummary, Trainer, pretrain_with_data};

@@ -2,11 +2,12 @@
 
 mod checks;
 mod common;
-mod lora_grads;
-mod model_cli;
 mod data_common;
 mod data_prepare;
+mod lora_grads;
+mod model_cli;
 mod parity;
+mod pipeline;
 mod plot;
 mod publish_convert;
 mod publish_gguf;

@@ -1,0 +1,45 @@
+//! Prepared data (`lit-claire prepare-data`) as training data.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use super::TrainConfig;
+use super::batches::{SampleSet, TrainData, TrainDataset};
+use super::trainer::{TrainSummary, pretrain_with_data};
+use crate::data::reader::{PreparedData, Split};
+use crate::error::Result;
+
+impl SampleSet for Split {
+    fn len(&self) -> usize {
+        Split::len(self)
+    }
+
+    fn sample(&self, i: usize) -> Result<Vec<u32>> {
+        Split::sample(self, i)
+    }
+}
+
+/// Open the prepared folder `dir` for training and validation.
+pub fn load_train_data(dir: &Path) -> Result<TrainData> {
+    let prepared = PreparedData::open(dir)?;
+    Ok(TrainData {
+        block_size: prepared.block_size,
+        tokenizer_hash: Some(prepared.tokenizer_hash),
+        datasets: prepared
+            .datasets
+            .into_iter()
+            .map(|d| TrainDataset {
+                name: d.name,
+                weight: d.weight,
+                train: Arc::new(d.train),
+                validation: Arc::new(d.validation),
+            })
+            .collect(),
+    })
+}
+
+/// Train as `cfg` says, on the prepared data of `cfg.data_dir`.
+pub fn pretrain(cfg: &TrainConfig) -> Result<TrainSummary> {
+    cfg.validate()?;
+    pretrain_with_data(cfg, load_train_data(&cfg.data_dir)?)
+}
