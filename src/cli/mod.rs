@@ -1,6 +1,7 @@
 //! The command-line front end: clap structs, each resolved once into library types
 //! and handed to one library function.
 
+mod corpus_cmds;
 mod model_cmds;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -24,6 +25,10 @@ pub enum Command {
     Generate(model_cmds::GenerateArgs),
     /// Talk with a model interactively (dialogue models such as Claire).
     Chat(model_cmds::ChatArgs),
+    /// Train a byte-level BPE tokenizer (tokenizer.json + tokenizer_config.json) on raw text.
+    TrainTokenizer(corpus_cmds::TrainTokenizerArgs),
+    /// Remove exact and near-duplicate documents (MinHash LSH) from a raw corpus.
+    Dedup(corpus_cmds::DedupArgs),
 }
 
 /// Parse the command line and run the command.
@@ -33,6 +38,8 @@ pub fn run() -> Result<()> {
         Command::Perplexity(a) => model_cmds::perplexity(a),
         Command::Generate(a) => model_cmds::generate(a),
         Command::Chat(a) => model_cmds::chat(a),
+        Command::TrainTokenizer(a) => corpus_cmds::train_tokenizer(a),
+        Command::Dedup(a) => corpus_cmds::dedup(a),
     }
 }
 
