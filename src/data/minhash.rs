@@ -24,8 +24,9 @@
 //! LSH: the signature is cut into `b` bands of `r` rows (`b*r <= k`); two documents
 //! become a candidate pair when all rows of some band agree, which happens with
 //! probability `1 - (1 - J^r)^b`, an S-curve around the threshold. `b` and `r` minimise
-//! the false-positive area below the threshold plus the false-negative area above it
-//! (the criterion datasketch's `MinHashLSH` uses, weights 0.5 each).
+//! a weighted sum of the false-positive area below the threshold and the
+//! false-negative area above it, the criterion of datasketch's `MinHashLSH` (whose
+//! default weights are 0.5 each; see [`optimal_bands`]).
 
 use twox_hash::XxHash3_64;
 
@@ -154,16 +155,22 @@ pub fn band_key(sig: &[u32], band: usize, rows: usize) -> u64 {
 }
 
 /// Number of bands `b` and rows per band `r` (`b * r <= num_perm`) minimising
-/// `0.5 * ∫_0^t P(s) ds + 0.5 * ∫_t^1 (1 - P(s)) ds` with `P(s) = 1 - (1 - s^r)^b`,
-/// the probability that two documents of similarity `s` share a band.
-pub fn optimal_bands(threshold: f64, num_perm: usize) -> (usize, usize) {
+/// `fp_weight * ∫_0^t P(s) ds + fn_weight * ∫_t^1 (1 - P(s)) ds` with
+/// `P(s) = 1 - (1 - s^r)^b`, the probability that two documents of similarity `s` share
+/// a band. Same search and result as datasketch's `_optimal_param`.
+pub fn optimal_bands(
+    threshold: f64,
+    num_perm: usize,
+    fp_weight: f64,
+    fn_weight: f64,
+) -> (usize, usize) {
     let collide = |s: f64, b: usize, r: usize| 1.0 - (1.0 - s.powi(r as i32)).powi(b as i32);
     let mut best = (f64::INFINITY, 1, num_perm.max(1));
     for b in 1..=num_perm {
         for r in 1..=num_perm / b {
             let fp = integrate(|s| collide(s, b, r), 0.0, threshold);
             let fneg = integrate(|s| 1.0 - collide(s, b, r), threshold, 1.0);
-            let err = 0.5 * fp + 0.5 * fneg;
+            let err = fp_weight * fp + fn_weight * fneg;
             if err < best.0 {
                 best = (err, b, r);
             }
@@ -255,13 +262,22 @@ mod tests {
     }
 
     #[test]
-    fn bands_fit_the_signature_and_the_threshold() {
-        for (t, k) in [(0.85, 64), (0.5, 128), (0.9, 256)] {
-            let (b, r) = optimal_bands(t, k);
-            assert!(b * r <= k);
-            // The S-curve's midpoint (1/b)^(1/r) lies near the threshold.
-            let mid = (1.0 / b as f64).powf(1.0 / r as f64);
-            assert!((mid - t).abs() < 0.1, "t {t} k {k}: b {b} r {r} mid {mid}");
+    fn bands_match_datasketch() {
+        // datasketch 2.0 `lsh._optimal_param(t, k, fp_weight, fn_weight)`.
+        let cases = [
+            ((0.85, 64, 0.5, 0.5), (4, 15)),
+            ((0.85, 64, 0.1, 0.9), (7, 9)),
+            ((0.5, 128, 0.5, 0.5), (25, 5)),
+            ((0.5, 128, 0.1, 0.9), (32, 4)),
+            ((0.9, 256, 0.5, 0.5), (9, 28)),
+            ((0.7, 64, 0.1, 0.9), (12, 5)),
+        ];
+        for ((t, k, wp, wn), want) in cases {
+            assert_eq!(
+                optimal_bands(t, k, wp, wn),
+                want,
+                "t {t} k {k} weights {wp}/{wn}"
+            );
         }
     }
 
