@@ -11,13 +11,18 @@
 //! - Order: files sorted by relative path, records in file order; document `d` is the
 //!   `d`-th record in that order. Each cluster (connected component of exact copies and
 //!   verified near pairs) keeps its first document and drops the rest.
-//! - Bands and rows: see [`LSH_FALSE_POSITIVE_WEIGHT`]. A candidate pair (same key in
-//!   some band) is verified: estimated Jaccard from the signatures `>= threshold`. In a bucket each document is compared with one
-//!   representative of each cluster already met there, so a big bucket of copies costs
-//!   linear, not quadratic, time.
-//! - Memory: texts are streamed twice and never held; what stays is per document
-//!   ~20 bytes (exact-hash table, cluster index, line) and per distinct text one
-//!   signature (`4k` bytes) and, during one band, a 16-byte sort entry.
+//! - Exact copies: same XXH3-128 of the text (the jsonl field, not the whole line, so
+//!   copies with other ids count). Only the first of each text is signed and banded.
+//! - Near copies: see [`crate::data::minhash`] for shingles, signatures and banding, and
+//!   [`LSH_FALSE_POSITIVE_WEIGHT`] for the choice of bands and rows.
+//! - Output: each kept record exactly as read (`Record::raw`) followed by a newline, and
+//!   by the separator line for `--doc-separator` text; blank lines and dropped bad
+//!   jsonl lines are not copied. Gzip stays gzip. Files of other kinds are not copied.
+//! - Memory: texts are streamed twice and never held. Per document 12 bytes stay
+//!   (cluster index, line number); per distinct text its signature (`4 * num_perm`
+//!   bytes), 8 bytes of index and, while reading, ~40 bytes of exact-hash table; while
+//!   banding, 16 bytes of sort entry. Measured: ~320 bytes per document at 64
+//!   permutations (500k documents: 188 MB peak), plus up to 4 batches of 8 MB of text.
 //! - Deterministic: the result depends only on the inputs and the parameters, not on the
 //!   thread count (parallel work is collected in document order, union-find keeps the
 //!   smallest index as root).
@@ -35,7 +40,7 @@ use serde_json::json;
 use twox_hash::XxHash3_128;
 
 use super::documents::{DocFormat, Record, TextLayout, format_of, is_document_file, records};
-use super::minhash::{MinHasher, band_key, estimated_jaccard, optimal_bands};
+use super::minhash::{Clusters, Lsh, MinHasher, estimated_jaccard, optimal_bands};
 use crate::error::{Error, IoContext, Result};
 
 /// File name of the report written into the output folder.
@@ -268,7 +273,7 @@ pub struct DedupReport {
     pub candidate_pairs: u64,
     /// Compared pairs found similar enough.
     pub verified_pairs: u64,
-    /// Input bytes of document text read (twice: once per pass).
+    /// Bytes of document text read.
     pub text_bytes: u64,
     pub datasets: Vec<DatasetReport>,
     pub files: Vec<FileReport>,
@@ -296,15 +301,119 @@ pub fn dedup(opts: &DedupOptions) -> Result<DedupReport> {
     let hasher = MinHasher::new(opts.num_perm, opts.ngram, opts.seed);
 
     let scan = scan(opts, &files, &hasher)?;
-    let mut clusters = Clusters::new(scan.uniques.len());
-    let (candidate_pairs, verified_pairs) =
-        link_near_duplicates(&scan, &mut clusters, opts, bands, rows);
+    let lsh_bar = bar(opts.progress, bands as u64, "LSH bands");
+    let lsh = Lsh {
+        num_perm: opts.num_perm,
+        bands,
+        rows,
+        threshold: opts.threshold,
+    };
+    let (mut clusters, links) = lsh.link(&scan.sigs, &|| lsh_bar.inc(1));
+    lsh_bar.finish_and_clear();
     clusters.flatten();
-    let rep = |d: usize| scan.uniques[clusters.parent[scan.group[d] as usize] as usize] as usize;
 
-    // Counts and the cluster listing, from the union-find and the signatures.
-    let k = opts.num_perm;
-    let sig = |u: usize| &scan.sigs[u * k..(u + 1) * k];
+    let tmp = temp_dir_beside(&opts.output)?;
+    let tally = tally(
+        &scan,
+        &clusters,
+        &files,
+        opts.num_perm,
+        &tmp.path().join(CLUSTERS_FILE),
+    )?;
+    let mut report = DedupReport {
+        input: opts.input.display().to_string(),
+        output: opts.output.display().to_string(),
+        parameters: json!({
+            "num_perm": opts.num_perm,
+            "ngram": opts.ngram,
+            "threshold": opts.threshold,
+            "seed": opts.seed,
+            "bands": bands,
+            "rows": rows,
+            "json_key": opts.json_key,
+            "doc_separator": match &opts.layout {
+                TextLayout::LinePerDocument => serde_json::Value::Null,
+                TextLayout::Separator(s) => json!(s),
+            },
+            "skip_bad_lines": opts.skip_bad_lines,
+        }),
+        totals: Counts::default(),
+        clusters: tally.clusters,
+        largest_cluster: tally.largest,
+        candidate_pairs: links.candidate_pairs,
+        verified_pairs: links.verified_pairs,
+        text_bytes: scan.text_bytes,
+        datasets: Vec::new(),
+        files: Vec::new(),
+        ignored_files: ignored
+            .iter()
+            .map(|p| p.to_string_lossy().into_owned())
+            .collect(),
+    };
+    for (f, c) in files.iter().zip(tally.per_file) {
+        report.totals.add(&c);
+        match report.datasets.last_mut() {
+            Some(ds) if ds.name == f.dataset => {
+                ds.files += 1;
+                ds.counts.add(&c);
+            }
+            _ => report.datasets.push(DatasetReport {
+                name: f.dataset.clone(),
+                files: 1,
+                counts: c.clone(),
+            }),
+        }
+        report.files.push(FileReport {
+            path: f.rel.to_string_lossy().into_owned(),
+            dataset: f.dataset.clone(),
+            counts: c,
+        });
+    }
+
+    // Pass 2: the kept records. Signatures are no longer needed.
+    let Scan {
+        files: scanned,
+        group,
+        uniques,
+        ..
+    } = scan;
+    let keep = |d: usize| uniques[clusters.rep(group[d]) as usize] as usize == d;
+    let write_bar = bar(opts.progress, files.len() as u64, "writing");
+    files
+        .par_iter()
+        .zip(scanned.par_iter())
+        .try_for_each(|(f, sf)| {
+            write_kept(opts, f, sf, tmp.path(), &keep)?;
+            write_bar.inc(1);
+            Ok::<_, Error>(())
+        })?;
+    write_bar.finish_and_clear();
+    let mut text = serde_json::to_string_pretty(&report).expect("plain data serialises");
+    text.push('\n');
+    let report_path = tmp.path().join(REPORT_FILE);
+    std::fs::write(&report_path, text).at(&report_path)?;
+    move_into_place(tmp, &opts.output, opts.overwrite)?;
+    Ok(report)
+}
+
+/// Per-file counts and the size of the clusters.
+struct Tally {
+    per_file: Vec<Counts>,
+    clusters: u64,
+    largest: u64,
+}
+
+/// Count kept and removed documents per file and stream the cluster listing to `path`:
+/// one line per cluster, its kept document and the removed ones with their estimated
+/// similarity to it.
+fn tally(
+    scan: &Scan,
+    clusters: &Clusters,
+    files: &[InputFile],
+    k: usize,
+    path: &Path,
+) -> Result<Tally> {
+    let rep = |d: usize| scan.uniques[clusters.rep(scan.group[d]) as usize] as usize;
     let mut per_file: Vec<Counts> = scan
         .files
         .iter()
@@ -335,108 +444,42 @@ pub fn dedup(opts: &DedupOptions) -> Result<DedupReport> {
         removed.push((r as u32, d as u32));
     }
     removed.sort_unstable();
+
+    let sig = |u: u32| &scan.sigs[u as usize * k..(u as usize + 1) * k];
     let locate = |d: usize| {
         let f = scan.files.partition_point(|f| f.start + f.docs <= d as u64);
         (files[f].rel.to_string_lossy().into_owned(), scan.lines[d])
     };
-    let mut listing = String::new();
+    let file = std::fs::File::create(path).at(path)?;
+    let mut out = std::io::BufWriter::new(file);
     let (mut n_clusters, mut largest) = (0u64, 0u64);
     for group in removed.chunk_by(|a, b| a.0 == b.0) {
         let kept = group[0].0 as usize;
-        let kept_sig = sig(clusters.parent[scan.group[kept] as usize] as usize);
+        let kept_sig = sig(clusters.rep(scan.group[kept]));
         let (kf, kl) = locate(kept);
         let members: Vec<serde_json::Value> = group
             .iter()
             .map(|&(_, d)| {
                 let d = d as usize;
                 let (f, l) = locate(d);
-                let u = scan.group[d] as usize;
-                let exact = scan.uniques[u] as usize != d;
+                let u = scan.group[d];
+                let exact = scan.uniques[u as usize] as usize != d;
                 let sim = estimated_jaccard(kept_sig, sig(u));
                 json!({"file": f, "line": l, "exact": exact, "similarity": sim})
             })
             .collect();
-        listing
-            .push_str(&json!({"kept": {"file": kf, "line": kl}, "removed": members}).to_string());
-        listing.push('\n');
+        let line = json!({"kept": {"file": kf, "line": kl}, "removed": members});
+        writeln!(out, "{line}").at(path)?;
         n_clusters += 1;
         largest = largest.max(group.len() as u64 + 1);
     }
-
-    let parameters = json!({
-        "num_perm": opts.num_perm,
-        "ngram": opts.ngram,
-        "threshold": opts.threshold,
-        "seed": opts.seed,
-        "bands": bands,
-        "rows": rows,
-        "json_key": opts.json_key,
-        "doc_separator": match &opts.layout {
-            TextLayout::LinePerDocument => serde_json::Value::Null,
-            TextLayout::Separator(s) => json!(s),
-        },
-        "skip_bad_lines": opts.skip_bad_lines,
-    });
-    let mut report = DedupReport {
-        input: opts.input.display().to_string(),
-        output: opts.output.display().to_string(),
-        parameters,
-        totals: Counts::default(),
+    out.into_inner()
+        .map_err(|e| Error::io(path, e.into_error()))?;
+    Ok(Tally {
+        per_file,
         clusters: n_clusters,
-        largest_cluster: largest,
-        candidate_pairs,
-        verified_pairs,
-        text_bytes: 0,
-        datasets: Vec::new(),
-        files: Vec::new(),
-        ignored_files: ignored
-            .iter()
-            .map(|p| p.to_string_lossy().into_owned())
-            .collect(),
-    };
-    for (f, c) in files.iter().zip(&per_file) {
-        report.totals.add(c);
-        report.files.push(FileReport {
-            path: f.rel.to_string_lossy().into_owned(),
-            dataset: f.dataset.clone(),
-            counts: c.clone(),
-        });
-        match report.datasets.last_mut() {
-            Some(ds) if ds.name == f.dataset => {
-                ds.files += 1;
-                ds.counts.add(c);
-            }
-            _ => report.datasets.push(DatasetReport {
-                name: f.dataset.clone(),
-                files: 1,
-                counts: c.clone(),
-            }),
-        }
-    }
-    drop(scan.sigs);
-
-    // Pass 2: the kept records, into a temporary folder renamed at the end.
-    let tmp = temp_dir_beside(&opts.output)?;
-    let bar = bar(opts.progress, files.len() as u64, "writing");
-    let written: Vec<u64> = files
-        .par_iter()
-        .zip(scan.files.par_iter())
-        .map(|(f, sf)| {
-            let out = write_kept(opts, f, sf, tmp.path(), &|d| rep(d) == d);
-            bar.inc(1);
-            out
-        })
-        .collect::<Result<_>>()?;
-    bar.finish_and_clear();
-    report.text_bytes = scan.text_bytes + written.iter().sum::<u64>();
-    let mut text = serde_json::to_string_pretty(&report).expect("plain data serialises");
-    text.push('\n');
-    let report_path = tmp.path().join(REPORT_FILE);
-    std::fs::write(&report_path, text).at(&report_path)?;
-    let clusters_path = tmp.path().join(CLUSTERS_FILE);
-    std::fs::write(&clusters_path, listing).at(&clusters_path)?;
-    move_into_place(tmp, &opts.output, opts.overwrite)?;
-    Ok(report)
+        largest,
+    })
 }
 
 /// The output must not exist (unless overwriting) and must not lie inside the input.
@@ -602,151 +645,32 @@ fn too_many() -> Error {
     )
 }
 
-/// Union-find over distinct texts; a root is always the smallest index of its set.
-struct Clusters {
-    parent: Vec<u32>,
-}
-
-impl Clusters {
-    fn new(n: usize) -> Self {
-        Clusters {
-            parent: (0..n as u32).collect(),
-        }
-    }
-
-    /// Root without changing anything (for parallel readers).
-    fn root(&self, mut x: u32) -> u32 {
-        while self.parent[x as usize] != x {
-            x = self.parent[x as usize];
-        }
-        x
-    }
-
-    fn find(&mut self, mut x: u32) -> u32 {
-        while self.parent[x as usize] != x {
-            let up = self.parent[self.parent[x as usize] as usize];
-            self.parent[x as usize] = up;
-            x = up;
-        }
-        x
-    }
-
-    fn union(&mut self, a: u32, b: u32) {
-        let (ra, rb) = (self.find(a), self.find(b));
-        if ra != rb {
-            let (lo, hi) = (ra.min(rb), ra.max(rb));
-            self.parent[hi as usize] = lo;
-        }
-    }
-
-    /// Point every element straight at its root.
-    fn flatten(&mut self) {
-        for x in 0..self.parent.len() as u32 {
-            let r = self.find(x);
-            self.parent[x as usize] = r;
-        }
-    }
-}
-
-/// LSH over the distinct texts: band by band, bucket by sorting, verify, union.
-/// Returns (candidate pairs compared, pairs verified).
-fn link_near_duplicates(
-    s: &Scan,
-    clusters: &mut Clusters,
-    opts: &DedupOptions,
-    bands: usize,
-    rows: usize,
-) -> (u64, u64) {
-    let k = opts.num_perm;
-    let n = s.uniques.len();
-    let sig = |u: u32| &s.sigs[u as usize * k..(u as usize + 1) * k];
-    let bar = bar(opts.progress, bands as u64, "LSH bands");
-    let (mut compared, mut verified) = (0u64, 0u64);
-    let mut keys: Vec<(u64, u32)> = Vec::with_capacity(n);
-    for band in 0..bands {
-        keys.clear();
-        keys.par_extend(
-            (0..n as u32)
-                .into_par_iter()
-                .map(|u| (band_key(sig(u), band, rows), u)),
-        );
-        keys.par_sort_unstable();
-        let buckets: Vec<&[(u64, u32)]> = keys
-            .chunk_by(|a, b| a.0 == b.0)
-            .filter(|g| g.len() > 1)
-            .collect();
-        let uf: &Clusters = clusters;
-        let results: Vec<(u64, Vec<(u32, u32)>)> = buckets
-            .par_iter()
-            .map(|bucket| {
-                // One representative per cluster met in this bucket.
-                let mut reps: Vec<u32> = Vec::new();
-                let mut edges = Vec::new();
-                let mut tried = 0u64;
-                for &(_, x) in *bucket {
-                    let rx = uf.root(x);
-                    let mut joined = false;
-                    for &r in &reps {
-                        if uf.root(r) == rx {
-                            joined = true;
-                            continue;
-                        }
-                        tried += 1;
-                        if estimated_jaccard(sig(r), sig(x)) >= opts.threshold {
-                            edges.push((r, x));
-                            joined = true;
-                        }
-                    }
-                    if !joined {
-                        reps.push(x);
-                    }
-                }
-                (tried, edges)
-            })
-            .collect();
-        for (tried, edges) in results {
-            compared += tried;
-            verified += edges.len() as u64;
-            for (a, b) in edges {
-                clusters.union(a, b);
-            }
-        }
-        bar.inc(1);
-    }
-    bar.finish_and_clear();
-    (compared, verified)
-}
-
 /// Pass 2 for one file: its kept records, unchanged, under the same relative path.
-/// Returns the bytes of text read.
 fn write_kept(
     opts: &DedupOptions,
     f: &InputFile,
     sf: &FileScan,
     out_root: &Path,
     keep: &(dyn Fn(usize) -> bool + Sync),
-) -> Result<u64> {
+) -> Result<()> {
     let target = out_root.join(&f.rel);
     if let Some(dir) = target.parent() {
         std::fs::create_dir_all(dir).at(dir)?;
     }
     let file = std::fs::File::create(&target).at(&target)?;
     let buf = std::io::BufWriter::with_capacity(1 << 20, file);
-    let bytes = if f.path.extension().is_some_and(|e| e == "gz") {
+    let buf = if f.path.extension().is_some_and(|e| e == "gz") {
         let mut gz = flate2::write::GzEncoder::new(buf, flate2::Compression::default());
-        let bytes = copy_kept(opts, f, sf, &mut gz, &target, keep)?;
-        let buf = gz.finish().at(&target)?;
-        buf.into_inner()
-            .map_err(|e| Error::io(&target, e.into_error()))?;
-        bytes
+        copy_kept(opts, f, sf, &mut gz, &target, keep)?;
+        gz.finish().at(&target)?
     } else {
         let mut buf = buf;
-        let bytes = copy_kept(opts, f, sf, &mut buf, &target, keep)?;
-        buf.into_inner()
-            .map_err(|e| Error::io(&target, e.into_error()))?;
-        bytes
+        copy_kept(opts, f, sf, &mut buf, &target, keep)?;
+        buf
     };
-    Ok(bytes)
+    buf.into_inner()
+        .map_err(|e| Error::io(&target, e.into_error()))?;
+    Ok(())
 }
 
 fn copy_kept(
@@ -756,17 +680,16 @@ fn copy_kept(
     w: &mut impl Write,
     target: &Path,
     keep: &(dyn Fn(usize) -> bool + Sync),
-) -> Result<u64> {
+) -> Result<()> {
     let fmt = format_of(&f.path, &opts.layout, &opts.json_key);
     // Text documents separated by a line: write that line after each one.
     let sep = match &fmt {
         DocFormat::Text(TextLayout::Separator(s)) => Some(s.clone()),
         _ => None,
     };
-    let (mut n, mut bytes) = (0u64, 0u64);
+    let mut n = 0u64;
     for r in records(&f.path, fmt, opts.skip_bad_lines)? {
         let r = r?;
-        bytes += r.text.len() as u64;
         if n < sf.docs && keep((sf.start + n) as usize) {
             w.write_all(r.raw.as_bytes()).at(target)?;
             w.write_all(b"\n").at(target)?;
@@ -784,7 +707,7 @@ fn copy_kept(
             sf.docs
         )));
     }
-    Ok(bytes)
+    Ok(())
 }
 
 /// A fresh hidden folder beside `target` (same file system, so it can be renamed).

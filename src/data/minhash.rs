@@ -5,21 +5,23 @@
 //! than `n` words is one shingle, its whole normalised text.
 //!
 //! Each shingle is hashed with seeded XXH3-64 and reduced modulo the Mersenne prime
-//! `p = 2^61 - 1` (`x`), then put through `k` random linear permutations of `Z_p`:
+//! `p = 2^31 - 1` (`x`), then put through `k` random linear permutations of `Z_p`:
 //!
 //! ```text
 //! h_i(x) = (a_i * x + b_i) mod p      a_i in [1, p), b_i in [0, p)
-//! sig[i] = min_{x in S} h_i(x) >> 29  (the top 32 of 61 bits; the min commutes with the shift)
+//! sig[i] = min_{x in S} h_i(x)        (31 bits, stored as u32)
 //! ```
 //!
-//! The product takes 122 bits (`u128`); modulo a Mersenne prime it folds with a shift
-//! and an add. (With `a_i`, `x` kept below `2^32` to stay in `u64`, `a_i * x` would
-//! wrap around `p` only a few times, the minimum would fall on the same small `x` in
-//! every permutation and the estimate would be biased upwards.) For two documents,
-//! `P(sig_A[i] == sig_B[i]) = J(A, B) = |A ∩ B| / |A ∪ B|`, so the fraction of equal
-//! entries estimates the Jaccard similarity with standard deviation `sqrt(J(1-J)/k)`.
-//! The seed draws `a`, `b` (splitmix64) and seeds the shingle hash: the signatures are
-//! the same on every platform and for any thread count.
+//! `a_i * x + b_i < 2^62` fits a `u64`, and modulo a Mersenne prime it folds with a
+//! shift and an add, so the `k` permutations of one shingle run as 32x32->64-bit vector
+//! multiplies (SSE2 everywhere; AVX2 when the CPU has it, chosen at run time, with the
+//! same integer results: ~10x faster than `2^61 - 1`, whose 122-bit products do not
+//! vectorise). For two documents, `P(sig_A[i] == sig_B[i]) = J(A, B) =
+//! |A ∩ B| / |A ∪ B|`, so the fraction of equal entries estimates the Jaccard
+//! similarity with standard deviation `sqrt(J(1-J)/k)`. (Two distinct shingles meet
+//! in `Z_p` with probability `2^-31`: no measurable effect on `J`.) The seed draws `a`,
+//! `b` (splitmix64) and seeds the shingle hash: the signatures are the same on every
+//! platform and for any thread count.
 //!
 //! LSH: the signature is cut into `b` bands of `r` rows (`b*r <= k`); two documents
 //! become a candidate pair when all rows of some band agree, which happens with
@@ -28,30 +30,32 @@
 //! false-negative area above it, the criterion of datasketch's `MinHashLSH` (whose
 //! default weights are 0.5 each; see [`optimal_bands`]).
 
+use rayon::prelude::*;
 use twox_hash::XxHash3_64;
 
-/// The Mersenne prime `2^61 - 1`.
-pub const MERSENNE_61: u64 = (1 << 61) - 1;
+/// The Mersenne prime `2^31 - 1`.
+pub const MERSENNE_31: u32 = (1 << 31) - 1;
 
 /// Computes MinHash signatures with fixed shingle size, permutation count and seed.
 #[derive(Debug, Clone)]
 pub struct MinHasher {
     ngram: usize,
     seed: u64,
-    a: Vec<u64>,
-    b: Vec<u64>,
+    a: Vec<u32>,
+    b: Vec<u32>,
 }
 
 impl MinHasher {
     /// `num_perm` permutations over word `ngram`s, all drawn from `seed`.
     pub fn new(num_perm: usize, ngram: usize, seed: u64) -> Self {
+        let p = MERSENNE_31 as u64;
         let mut state = seed;
         let mut a = Vec::with_capacity(num_perm);
         let mut b = Vec::with_capacity(num_perm);
         for _ in 0..num_perm {
             // a in [1, p): never zero, else h_i would be constant.
-            a.push(mod_p(splitmix64(&mut state)).max(1));
-            b.push(mod_p(splitmix64(&mut state)));
+            a.push((1 + splitmix64(&mut state) % (p - 1)) as u32);
+            b.push((splitmix64(&mut state) % p) as u32);
         }
         MinHasher {
             ngram: ngram.max(1),
@@ -69,18 +73,12 @@ impl MinHasher {
     /// Writes the signature of `text` into `out` (length [`num_perm`](Self::num_perm)).
     pub fn signature_into(&self, text: &str, out: &mut [u32]) {
         assert_eq!(out.len(), self.a.len(), "signature buffer length");
-        let mut mins = vec![u64::MAX; self.a.len()];
+        let mut xs = Vec::new();
         for_each_shingle(text, self.ngram, |shingle| {
-            let x = mod_p(XxHash3_64::oneshot_with_seed(self.seed, shingle.as_bytes()));
-            for ((m, &a), &b) in mins.iter_mut().zip(&self.a).zip(&self.b) {
-                let t = a as u128 * x as u128 + b as u128; // < 2^122
-                let v = mod_p(((t as u64) & MERSENNE_61) + (t >> 61) as u64);
-                *m = (*m).min(v);
-            }
+            let h = XxHash3_64::oneshot_with_seed(self.seed, shingle.as_bytes());
+            xs.push((h % MERSENNE_31 as u64) as u32);
         });
-        for (o, m) in out.iter_mut().zip(mins) {
-            *o = (m >> 29) as u32;
-        }
+        min_permuted(&self.a, &self.b, &xs, out);
     }
 
     /// The signature of `text`.
@@ -89,6 +87,45 @@ impl MinHasher {
         self.signature_into(text, &mut out);
         out
     }
+}
+
+/// `out[i] = min over x in xs of permute(a[i], b[i], x)` (`u32::MAX` when `xs` is empty).
+fn min_permuted(a: &[u32], b: &[u32], xs: &[u32], out: &mut [u32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2, checked just above.
+        unsafe { min_permuted_avx2(a, b, xs, out) };
+        return;
+    }
+    min_permuted_portable(a, b, xs, out);
+}
+
+/// The same code as [`min_permuted_portable`] compiled for AVX2: 4 multiplies per
+/// instruction instead of 2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn min_permuted_avx2(a: &[u32], b: &[u32], xs: &[u32], out: &mut [u32]) {
+    min_permuted_portable(a, b, xs, out)
+}
+
+#[inline(always)]
+fn min_permuted_portable(a: &[u32], b: &[u32], xs: &[u32], out: &mut [u32]) {
+    out.fill(u32::MAX);
+    for &x in xs {
+        for ((m, &a), &b) in out.iter_mut().zip(a).zip(b) {
+            *m = (*m).min(permute(a, b, x));
+        }
+    }
+}
+
+/// `(a * x + b) mod (2^31 - 1)` for `a, b, x < 2^31`.
+#[inline(always)]
+fn permute(a: u32, b: u32, x: u32) -> u32 {
+    const P: u64 = MERSENNE_31 as u64;
+    let t = a as u64 * x as u64 + b as u64; // < 2^62
+    let t = ((t & P) + (t >> 31)) as u32; // < 2^32, same residue (2^31 = 1 mod p)
+    let t = (t & MERSENNE_31) + (t >> 31); // <= p
+    if t >= MERSENNE_31 { t - MERSENNE_31 } else { t }
 }
 
 /// Calls `f` on every shingle of `text`: each window of `n` consecutive words of the
@@ -118,14 +155,23 @@ pub fn for_each_shingle(text: &str, n: usize, mut f: impl FnMut(&str)) {
     }
 }
 
-/// Lower-cased text with every run of whitespace replaced by one space, trimmed.
+/// Text lower-cased character by character (`char::to_lowercase`), every run of
+/// whitespace replaced by one space, trimmed.
 pub fn normalise(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
-    for w in text.split_whitespace() {
-        if !out.is_empty() {
-            out.push(' ');
+    let mut space = false;
+    for c in text.chars() {
+        if c.is_whitespace() {
+            space = !out.is_empty();
+            continue;
         }
-        for c in w.chars() {
+        if space {
+            out.push(' ');
+            space = false;
+        }
+        if c.is_ascii() {
+            out.push(c.to_ascii_lowercase());
+        } else {
             out.extend(c.to_lowercase());
         }
     }
@@ -179,6 +225,147 @@ pub fn optimal_bands(
     (best.1, best.2)
 }
 
+/// LSH banding plus verification: finds the clusters of near-duplicate signatures.
+#[derive(Debug, Clone, Copy)]
+pub struct Lsh {
+    pub num_perm: usize,
+    pub bands: usize,
+    pub rows: usize,
+    /// Estimated Jaccard similarity from which a candidate pair is linked.
+    pub threshold: f64,
+}
+
+/// Work done by [`Lsh::link`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LinkStats {
+    /// Pairs whose signatures were compared.
+    pub candidate_pairs: u64,
+    /// Compared pairs at or above the threshold.
+    pub verified_pairs: u64,
+}
+
+impl Lsh {
+    /// Clusters of the signatures `sigs` (`num_perm` values each, flattened). Band by
+    /// band: sort (band key, index) pairs so equal keys form buckets; in a bucket compare
+    /// each member with one representative of every cluster already met there (linear,
+    /// not quadratic, in a bucket of copies) and link it to those at or above the
+    /// threshold. Buckets are verified in parallel, links applied in order, so the
+    /// result does not depend on the thread count. `on_band` is called after each band.
+    pub fn link(&self, sigs: &[u32], on_band: &(dyn Fn() + Sync)) -> (Clusters, LinkStats) {
+        let k = self.num_perm;
+        let n = sigs.len() / k;
+        let sig = |u: u32| &sigs[u as usize * k..(u as usize + 1) * k];
+        let mut clusters = Clusters::new(n);
+        let mut stats = LinkStats::default();
+        let mut keys: Vec<(u64, u32)> = Vec::with_capacity(n);
+        for band in 0..self.bands {
+            keys.clear();
+            keys.par_extend(
+                (0..n as u32)
+                    .into_par_iter()
+                    .map(|u| (band_key(sig(u), band, self.rows), u)),
+            );
+            keys.par_sort_unstable();
+            let buckets: Vec<&[(u64, u32)]> = keys
+                .chunk_by(|a, b| a.0 == b.0)
+                .filter(|g| g.len() > 1)
+                .collect();
+            let uf = &clusters;
+            let found: Vec<(u64, Vec<(u32, u32)>)> = buckets
+                .par_iter()
+                .map(|bucket| {
+                    let mut reps: Vec<u32> = Vec::new();
+                    let mut links = Vec::new();
+                    let mut compared = 0u64;
+                    for &(_, x) in *bucket {
+                        let rx = uf.root(x);
+                        let mut joined = false;
+                        for &r in &reps {
+                            if uf.root(r) == rx {
+                                joined = true;
+                                continue;
+                            }
+                            compared += 1;
+                            if estimated_jaccard(sig(r), sig(x)) >= self.threshold {
+                                links.push((r, x));
+                                joined = true;
+                            }
+                        }
+                        if !joined {
+                            reps.push(x);
+                        }
+                    }
+                    (compared, links)
+                })
+                .collect();
+            for (compared, links) in found {
+                stats.candidate_pairs += compared;
+                stats.verified_pairs += links.len() as u64;
+                for (a, b) in links {
+                    clusters.union(a, b);
+                }
+            }
+            on_band();
+        }
+        (clusters, stats)
+    }
+}
+
+/// Union-find over indices; a root is always the smallest index of its set, so the
+/// root is the first document of its cluster.
+#[derive(Debug, Clone)]
+pub struct Clusters {
+    parent: Vec<u32>,
+}
+
+impl Clusters {
+    /// `n` singletons.
+    pub fn new(n: usize) -> Self {
+        Clusters {
+            parent: (0..n as u32).collect(),
+        }
+    }
+
+    /// Root of `x` without changing anything (safe for parallel readers).
+    pub fn root(&self, mut x: u32) -> u32 {
+        while self.parent[x as usize] != x {
+            x = self.parent[x as usize];
+        }
+        x
+    }
+
+    /// Root of `x`, halving the path on the way.
+    pub fn find(&mut self, mut x: u32) -> u32 {
+        while self.parent[x as usize] != x {
+            let up = self.parent[self.parent[x as usize] as usize];
+            self.parent[x as usize] = up;
+            x = up;
+        }
+        x
+    }
+
+    /// Merge the sets of `a` and `b` under the smaller root.
+    pub fn union(&mut self, a: u32, b: u32) {
+        let (ra, rb) = (self.find(a), self.find(b));
+        if ra != rb {
+            self.parent[ra.max(rb) as usize] = ra.min(rb);
+        }
+    }
+
+    /// Point every element straight at its root, so [`rep`](Self::rep) is O(1).
+    pub fn flatten(&mut self) {
+        for x in 0..self.parent.len() as u32 {
+            let r = self.find(x);
+            self.parent[x as usize] = r;
+        }
+    }
+
+    /// The root of `x` after [`flatten`](Self::flatten).
+    pub fn rep(&self, x: u32) -> u32 {
+        self.parent[x as usize]
+    }
+}
+
 /// Composite Simpson's rule over 128 intervals (the integrands are smooth polynomials).
 fn integrate(f: impl Fn(f64) -> f64, lo: f64, hi: f64) -> f64 {
     const N: usize = 128;
@@ -191,12 +378,6 @@ fn integrate(f: impl Fn(f64) -> f64, lo: f64, hi: f64) -> f64 {
         sum += f(lo + i as f64 * h) * if i % 2 == 1 { 4.0 } else { 2.0 };
     }
     sum * h / 3.0
-}
-
-/// `v mod p` for any `u64` (`2^61 ≡ 1 mod p`, so the high bits fold onto the low ones).
-fn mod_p(v: u64) -> u64 {
-    let v = (v & MERSENNE_61) + (v >> 61);
-    if v >= MERSENNE_61 { v - MERSENNE_61 } else { v }
 }
 
 /// The splitmix64 generator: a fixed, portable stream of 64-bit values from a seed.
@@ -225,7 +406,10 @@ mod tests {
             shingles("A  b\tC\n d", 3),
             vec!["a b c".to_string(), "b c d".to_string()]
         );
-        assert_eq!(shingles(" Olá  Mundo ", 5), vec!["olá mundo".to_string()]);
+        assert_eq!(
+            shingles(" OLÁ  Mundo\u{a0}ÇÃO ", 5),
+            vec!["olá mundo ção".to_string()]
+        );
         assert!(shingles(" \n ", 5).is_empty());
     }
 
@@ -244,7 +428,9 @@ mod tests {
         // Pinned values: a change here changes every dedup result.
         assert_eq!(&s[..3], &PINNED[..]);
     }
-    const PINNED: [u32; 3] = [869898855, 145668973, 45031844];
+    // Also what an independent Python version (python-xxhash's xxh3_64, splitmix64,
+    // `(a*x+b) % (2**31-1)`) gives.
+    const PINNED: [u32; 3] = [19968616, 251746636, 616900912];
 
     #[test]
     fn estimate_tracks_exact_jaccard() {
@@ -282,17 +468,56 @@ mod tests {
     }
 
     #[test]
-    fn mod_p_reduces() {
-        for v in [
-            0,
-            1,
-            MERSENNE_61 - 1,
-            MERSENNE_61,
-            MERSENNE_61 + 5,
-            u64::MAX,
+    fn link_clusters_copies_and_keeps_the_first_as_root() {
+        let m = MinHasher::new(64, 3, 1);
+        let base: Vec<String> = (0..300).map(|i| format!("w{i}")).collect();
+        let other: Vec<String> = (0..300).map(|i| format!("v{i}")).collect();
+        let mut near = base.clone();
+        near[150] = "changed".into();
+        let docs = [
+            other.join(" "),
+            base.join(" "),
+            near.join(" "),
+            other.join("  "),
+        ];
+        let sigs: Vec<u32> = docs.iter().flat_map(|d| m.signature(d)).collect();
+        let (b, r) = optimal_bands(0.85, 64, 0.1, 0.9);
+        let lsh = Lsh {
+            num_perm: 64,
+            bands: b,
+            rows: r,
+            threshold: 0.85,
+        };
+        let (mut c, stats) = lsh.link(&sigs, &|| {});
+        c.flatten();
+        assert_eq!((0..4).map(|u| c.rep(u)).collect::<Vec<_>>(), [0, 1, 1, 0]);
+        assert_eq!(stats.verified_pairs, 2);
+    }
+
+    #[test]
+    fn permute_is_mod_p() {
+        let p = MERSENNE_31 as u64;
+        for (a, b, x) in [
+            (1, 0, 0),
+            (p - 1, p - 1, p - 1),
+            (123_456_789, 987_654, 2_000_000_000),
         ] {
-            assert_eq!(mod_p(v), v % MERSENNE_61);
+            let want = (a * x + b) % p;
+            assert_eq!(permute(a as u32, b as u32, x as u32) as u64, want);
         }
+    }
+
+    #[test]
+    fn vector_paths_agree() {
+        let m = MinHasher::new(100, 1, 5);
+        let xs: Vec<u32> = (0..999u32)
+            .map(|i| i.wrapping_mul(2_654_435_761) >> 1)
+            .collect();
+        let mut portable = vec![0; 100];
+        min_permuted_portable(&m.a, &m.b, &xs, &mut portable);
+        let mut dispatched = vec![0; 100];
+        min_permuted(&m.a, &m.b, &xs, &mut dispatched);
+        assert_eq!(dispatched, portable);
     }
 
     #[test]

@@ -280,7 +280,7 @@ fn tokenizer_config(opts: &TrainTokenizerOptions, specials: &[SpecialToken]) -> 
         );
     }
     let role = |t: &Option<String>| t.as_ref().map_or(Value::Null, |t| json!(t));
-    json!({
+    let mut config = json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": role(&opts.bos_token),
         "eos_token": role(&opts.eos_token),
@@ -290,7 +290,12 @@ fn tokenizer_config(opts: &TrainTokenizerOptions, specials: &[SpecialToken]) -> 
         // Keep decode exact: no space removal before punctuation.
         "clean_up_tokenization_spaces": false,
         "added_tokens_decoder": added,
-    })
+    });
+    if !opts.special_tokens.is_empty() {
+        // The key transformers 4 writes; transformers 5 reads it too.
+        config["additional_special_tokens"] = json!(opts.special_tokens);
+    }
+    config
 }
 
 /// Write both files: into a fresh folder renamed into place when `dir` does not exist,

@@ -44,7 +44,7 @@ fn read_gz(path: &Path) -> String {
 /// The shingle set the way the module docs define it, written independently:
 /// lower-cased words, windows of `n` joined by a space, or the whole text if shorter.
 fn shingle_set(text: &str, n: usize) -> Vec<u64> {
-    let lower = text.to_lowercase();
+    let lower: String = text.chars().flat_map(char::to_lowercase).collect();
     let words: Vec<&str> = lower.split_whitespace().collect();
     let grams: Vec<String> = if words.len() < n {
         vec![words.join(" ")]

@@ -146,6 +146,10 @@ fn jsonl_gz_input_custom_specials_and_determinism() {
     assert_eq!(cfg["pad_token"], Value::Null);
     assert_eq!(cfg["bos_token"], "<|begin|>");
     assert_eq!(cfg["model_max_length"], 1024);
+    assert_eq!(
+        cfg["additional_special_tokens"],
+        serde_json::json!(["[Intervenant 1:]", "[Intervenant 2:]"])
+    );
 }
 
 #[test]
