@@ -375,8 +375,11 @@ pub fn dedup(opts: &DedupOptions) -> Result<DedupReport> {
         files: scanned,
         group,
         uniques,
+        sigs,
+        lines,
         ..
     } = scan;
+    drop((sigs, lines));
     let keep = |d: usize| uniques[clusters.rep(group[d]) as usize] as usize == d;
     let write_bar = bar(opts.progress, files.len() as u64, "writing");
     files
@@ -390,8 +393,7 @@ pub fn dedup(opts: &DedupOptions) -> Result<DedupReport> {
     write_bar.finish_and_clear();
     let mut text = serde_json::to_string_pretty(&report).expect("plain data serialises");
     text.push('\n');
-    let report_path = tmp.path().join(REPORT_FILE);
-    std::fs::write(&report_path, text).at(&report_path)?;
+    crate::io::write_atomic(&tmp.path().join(REPORT_FILE), text.as_bytes())?;
     move_into_place(tmp, &opts.output, opts.overwrite)?;
     Ok(report)
 }
@@ -473,8 +475,10 @@ fn tally(
         n_clusters += 1;
         largest = largest.max(group.len() as u64 + 1);
     }
-    out.into_inner()
+    let file = out
+        .into_inner()
         .map_err(|e| Error::io(path, e.into_error()))?;
+    file.sync_all().at(path)?;
     Ok(Tally {
         per_file,
         clusters: n_clusters,
@@ -668,9 +672,11 @@ fn write_kept(
         copy_kept(opts, f, sf, &mut buf, &target, keep)?;
         buf
     };
-    buf.into_inner()
+    let file = buf
+        .into_inner()
         .map_err(|e| Error::io(&target, e.into_error()))?;
-    Ok(())
+    // On disk before the folder is renamed into place.
+    file.sync_all().at(&target)
 }
 
 fn copy_kept(
