@@ -3,6 +3,7 @@
 
 mod bench_cmds;
 mod data_cmds;
+mod corpus_cmds;
 mod model_cmds;
 mod plot_cmds;
 mod publish_cmds;
@@ -49,6 +50,10 @@ pub enum Command {
     Quantize(publish_cmds::QuantizeArgs),
     /// Raw text to memory-mapped training shards (Megatron .bin/.idx + metadata.json).
     PrepareData(data_cmds::PrepareDataArgs),
+    /// Train a byte-level BPE tokenizer (tokenizer.json + tokenizer_config.json) on raw text.
+    TrainTokenizer(corpus_cmds::TrainTokenizerArgs),
+    /// Remove exact and near-duplicate documents (MinHash LSH) from a raw corpus.
+    Dedup(corpus_cmds::DedupArgs),
 }
 
 /// Parse the command line and run the command.
@@ -68,6 +73,8 @@ pub fn run() -> Result<()> {
         Command::Download(a) => publish_cmds::download(a),
         Command::Quantize(a) => publish_cmds::quantize(a),
         Command::PrepareData(a) => data_cmds::prepare_data(a),
+        Command::TrainTokenizer(a) => corpus_cmds::train_tokenizer(a),
+        Command::Dedup(a) => corpus_cmds::dedup(a),
     }
 }
 

@@ -21,3 +21,7 @@ pub mod writer;
 
 pub use prepare::{PrepareOptions, PrepareReport, prepare_data};
 pub use reader::{PreparedData, PreparedDataset, Split};
+pub mod dedup;
+pub mod documents;
+pub mod minhash;
+pub mod train_tokenizer;

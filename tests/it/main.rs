@@ -6,6 +6,8 @@ mod data_common;
 mod data_prepare;
 mod lora_grads;
 mod model_cli;
+mod corpus_dedup;
+mod corpus_tokenizer;
 mod parity;
 mod pipeline;
 mod plot;
