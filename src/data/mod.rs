@@ -7,21 +7,22 @@
 //!   (sampling weights), [`writer`] (split streams cut into shards) and [`megatron`]
 //!   (the `.bin` / `.idx` format); [`metadata`] is what it writes beside the shards.
 //! - [`reader`]: random access to prepared samples for training and validation.
+//! - [`train_tokenizer`]: byte-level BPE training; [`dedup`] with [`minhash`]: exact and
+//!   near-duplicate removal.
 
 pub mod augment;
 pub mod chunk;
+pub mod dedup;
 pub mod documents;
 pub mod groups;
 pub mod megatron;
 pub mod metadata;
+pub mod minhash;
 pub mod prepare;
 pub mod reader;
 pub mod sources;
+pub mod train_tokenizer;
 pub mod writer;
 
 pub use prepare::{PrepareOptions, PrepareReport, prepare_data};
 pub use reader::{PreparedData, PreparedDataset, Split};
-pub mod dedup;
-pub mod documents;
-pub mod minhash;
-pub mod train_tokenizer;
