@@ -2,10 +2,11 @@
 //! around it.
 //!
 //! - [`documents`]: streaming `.txt` / `.jsonl` (`.gz`) records.
-//! - [`prepare`]: `prepare-data`, built from [`sources`] (datasets of a folder),
-//!   [`chunk`] (turn-aware cutting), [`augment`] (speaker-tag rewriting), [`groups`]
-//!   (sampling weights), [`writer`] (split streams cut into shards) and [`megatron`]
-//!   (the `.bin` / `.idx` format); [`metadata`] is what it writes beside the shards.
+//! - [`prepare`]: `prepare-data`, built from [`sources`] (datasets of a folder), a
+//!   streaming tokenizer pipeline, [`chunk`] (turn-aware cutting), [`augment`]
+//!   (speaker-tag rewriting), [`groups`] (sampling weights), [`writer`] (split streams
+//!   cut into shards) and [`megatron`] (the `.bin` / `.idx` format); [`metadata`] is
+//!   what it writes beside the shards.
 //! - [`reader`]: random access to prepared samples for training and validation.
 
 pub mod augment;
@@ -14,6 +15,7 @@ pub mod documents;
 pub mod groups;
 pub mod megatron;
 pub mod metadata;
+mod pipeline;
 pub mod prepare;
 pub mod reader;
 pub mod sources;

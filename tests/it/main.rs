@@ -2,5 +2,7 @@
 
 mod common;
 mod data_common;
+mod data_errors;
+mod data_megatron;
 mod data_prepare;
 mod parity;
