@@ -39,6 +39,7 @@ pub struct PrepareDataArgs {
     /// Share of documents for validation when a dataset has no test/dev/validation file.
     #[arg(long, default_value_t = 0.05)]
     pub val_fraction: f64,
+    /// Seed of the --val-fraction draw and of --augment.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
     /// Regex of a speaker tag starting a turn ('' to cut at word boundaries only).

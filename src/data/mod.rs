@@ -2,10 +2,11 @@
 //! around it.
 //!
 //! - [`documents`]: streaming `.txt` / `.jsonl` (`.gz`) records.
-//! - [`prepare`]: `prepare-data`, built from [`sources`] (datasets of a folder),
-//!   [`chunk`] (turn-aware cutting), [`augment`] (speaker-tag rewriting), [`groups`]
-//!   (sampling weights), [`writer`] (split streams cut into shards) and [`megatron`]
-//!   (the `.bin` / `.idx` format); [`metadata`] is what it writes beside the shards.
+//! - [`prepare`]: `prepare-data`, built from [`sources`] (datasets of a folder), a
+//!   streaming tokenizer pipeline, [`chunk`] (turn-aware cutting), [`augment`]
+//!   (speaker-tag rewriting), [`groups`] (sampling weights), [`writer`] (split streams
+//!   cut into shards) and [`megatron`] (the `.bin` / `.idx` format); [`metadata`] is
+//!   what it writes beside the shards.
 //! - [`reader`]: random access to prepared samples for training and validation.
 //! - [`train_tokenizer`]: byte-level BPE training; [`dedup`] with [`minhash`]: exact and
 //!   near-duplicate removal.
@@ -18,6 +19,7 @@ pub mod groups;
 pub mod megatron;
 pub mod metadata;
 pub mod minhash;
+mod pipeline;
 pub mod prepare;
 pub mod reader;
 pub mod sources;

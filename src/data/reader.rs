@@ -25,8 +25,6 @@ use super::metadata::{DATASET_FILE, FORMAT, METADATA_FILE, Metadata, VERSION};
 use super::writer::SplitStats;
 use crate::error::{Error, IoContext, Result};
 
-pub use super::prepare::prepare_data;
-
 /// A prepared output folder.
 #[derive(Debug)]
 pub struct PreparedData {
@@ -115,6 +113,20 @@ impl PreparedData {
             datasets,
             metadata,
         })
+    }
+
+    /// Fail unless the data was tokenized by `tokenizer` (same `tokenizer.json` bytes).
+    pub fn check_tokenizer(&self, tokenizer: &crate::tokenizer::Tokenizer) -> Result<()> {
+        if tokenizer.hash == self.tokenizer_hash {
+            return Ok(());
+        }
+        Err(Error::Data(format!(
+            "{} was prepared with another tokenizer than {} (sha256 {} vs {}); re-run lit-claire prepare-data with this model's --checkpoint-dir",
+            self.root.display(),
+            tokenizer.path().display(),
+            &self.tokenizer_hash[..12.min(self.tokenizer_hash.len())],
+            &tokenizer.hash[..12.min(tokenizer.hash.len())]
+        )))
     }
 
     /// The dataset called `name`.

@@ -48,6 +48,21 @@ fn data_round_trip_with_padding() {
     let data = PreparedData::open(&dest).unwrap();
     assert_eq!(data.block_size, 65);
     assert_eq!(data.tokenizer_hash, tok.hash);
+    data.check_tokenizer(&tok).unwrap();
+    // Another tokenizer.json (here the same one re-serialised) is refused.
+    let other = tmp.path().join("other-model");
+    std::fs::create_dir_all(&other).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(model_dir().join("tokenizer.json")).unwrap())
+            .unwrap();
+    std::fs::write(
+        other.join("tokenizer.json"),
+        serde_json::to_string_pretty(&json).unwrap(),
+    )
+    .unwrap();
+    let other = lit_claire::tokenizer::Tokenizer::from_dir(&other).unwrap();
+    let err = data.check_tokenizer(&other).unwrap_err().to_string();
+    assert!(err.contains("another tokenizer"), "{err}");
     let ds = data.dataset("fortunes-br").unwrap();
     let (train, val) = (samples(&ds.train), samples(&ds.validation));
     assert!(!val.is_empty() && train.len() > 10 * val.len());

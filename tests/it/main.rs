@@ -3,6 +3,8 @@
 mod checks;
 mod common;
 mod data_common;
+mod data_errors;
+mod data_megatron;
 mod data_prepare;
 mod lora_grads;
 mod model_cli;
