@@ -8,7 +8,7 @@ use std::path::Path;
 use lit_claire::bench::RandomSource;
 use lit_claire::checkpoint::hf::state_dict;
 use lit_claire::config::hf::parse_config;
-use lit_claire::model::{build_model, BuildOptions};
+use lit_claire::model::{BuildOptions, build_model};
 
 fn main() -> lit_claire::Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -41,13 +41,27 @@ fn main() -> lit_claire::Result<()> {
         "torch_dtype": "float32",
     });
     let cfg = parse_config(&config)?;
-    let model = build_model(&cfg, &RandomSource { seed: 0, std: 0.02 }, &BuildOptions::cpu_f32())?.model;
+    let model = build_model(
+        &cfg,
+        &RandomSource { seed: 0, std: 0.02 },
+        &BuildOptions::cpu_f32(),
+    )?
+    .model;
     std::fs::create_dir_all(out).map_err(|e| lit_claire::Error::io(out, e))?;
-    lit_claire::io::save_safetensors_atomic(&out.join("model.safetensors"), &state_dict(&model)?, None)?;
+    lit_claire::io::save_safetensors_atomic(
+        &out.join("model.safetensors"),
+        &state_dict(&model)?,
+        None,
+    )?;
     lit_claire::io::write_json_atomic(&out.join("config.json"), &config)?;
-    for f in ["tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
         if tok_dir.join(f).exists() {
-            std::fs::copy(tok_dir.join(f), out.join(f)).map_err(|e| lit_claire::Error::io(out, e))?;
+            std::fs::copy(tok_dir.join(f), out.join(f))
+                .map_err(|e| lit_claire::Error::io(out, e))?;
         }
     }
     println!("{} ({} parameters)", out.display(), cfg.num_params());

@@ -9,3 +9,9 @@ fn main() -> ExitCode {
         }
     }
 }
+
+// Training allocates and frees large tensors every step; mimalloc keeps freed pages
+// for reuse instead of returning them to the kernel (glibc's mmap threshold makes every
+// large buffer a fresh, page-faulting mapping).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

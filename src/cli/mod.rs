@@ -2,8 +2,8 @@
 //! and handed to one library function.
 
 mod bench_cmds;
-mod data_cmds;
 mod corpus_cmds;
+mod data_cmds;
 mod model_cmds;
 mod plot_cmds;
 mod publish_cmds;

@@ -8,9 +8,9 @@
 //! `g` query heads sharing a key/value head are stacked along the sequence axis, so one
 //! batched matmul per key/value head does the work.
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
-use super::fused::softmax_last_dim;
+use super::fused::{MaskSpec, masked_softmax};
 use super::linear::{Dropout, Linear};
 use super::rope::RopeTables;
 use crate::config::{AttentionWindow, Config, QkvLayout};
@@ -173,11 +173,14 @@ impl Attention {
         // Stack the g query heads of each key/value head along the sequence:
         // (B, nh, T, hs) = (B, nkv, g, T, hs) → (B, nkv, g·T, hs)
         let q = q.reshape((b, nkv, g * t, hs))?;
-        let scores = (q.matmul(&k.t()?)? * self.scale)?; // (B, nkv, g·T, S)
+        let scores = q.matmul(&k.t()?)?; // (B, nkv, g·T, S)
         let scores = scores.to_dtype(DType::F32)?.reshape((b, nh, t, s))?;
-        let mask = causal_mask(t, pos, s, key_start, self.window, x.device())?;
-        let scores = scores.broadcast_add(&mask)?;
-        let probs = softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+        let mask = MaskSpec {
+            q_start: pos,
+            k_start: key_start,
+            window: self.window,
+        };
+        let probs = masked_softmax(&scores, self.scale, Some(mask))?.to_dtype(v.dtype())?;
         let y = probs.reshape((b, nkv, g * t, s))?.matmul(&v)?; // (B, nkv, g·T, hs)
         let y = y
             .reshape((b, nh, t, hs))?
@@ -185,32 +188,4 @@ impl Attention {
             .reshape((b, t, nh * hs))?;
         self.proj.forward(&y, dropout)
     }
-}
-
-/// Additive mask `(T, S)`: 0 where query `i` (at `q_start + i`) may see key `j` (at
-/// `k_start + j`), −∞ elsewhere: later keys, and keys at or beyond the window.
-pub fn causal_mask(
-    t: usize,
-    q_start: usize,
-    s: usize,
-    k_start: usize,
-    window: AttentionWindow,
-    device: &Device,
-) -> Result<Tensor> {
-    let mut m = vec![0f32; t * s];
-    for i in 0..t {
-        let qp = q_start + i;
-        for j in 0..s {
-            let kp = k_start + j;
-            let visible = kp <= qp
-                && match window {
-                    AttentionWindow::Global => true,
-                    AttentionWindow::Sliding(w) => qp - kp < w,
-                };
-            if !visible {
-                m[i * s + j] = f32::NEG_INFINITY;
-            }
-        }
-    }
-    Tensor::from_vec(m, (t, s), device)
 }

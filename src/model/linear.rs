@@ -124,7 +124,7 @@ impl Linear {
         let rows = x.elem_count() / n_in;
         let x2 = x.reshape((rows, n_in))?;
         let w = self.weight.to_dtype(x.dtype())?;
-        let mut y = x2.matmul(&w.t()?)?;
+        let mut y = super::fused::linear_matmul(&x2, &w)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(&b.to_dtype(x.dtype())?)?;
         }

@@ -1,8 +1,9 @@
 //! RMSNorm and LayerNorm written with differentiable tensor ops.
 //!
 //! candle's fused `ops::rms_norm` / `ops::layer_norm` have no backward pass, so these
-//! are composed from `sqr`, `mean`, `sqrt` and friends. Statistics are computed in f32
-//! whatever the activation dtype, as transformers does, and the result is cast back.
+//! are our own: a fused kernel with its backward for f32 on the CPU
+//! ([`super::fused`]), else composed from `sqr`, `mean`, `sqrt` and friends. Statistics
+//! are computed in f32 whatever the activation dtype, as transformers does.
 
 use candle_core::{D, DType, Result, Tensor};
 
@@ -40,6 +41,21 @@ impl Norm {
 
     /// `x`: `(..., hidden)` → same shape and dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let fused = match (self.kind, &self.bias) {
+            (NormKind::RmsNorm, _) => super::fused::rms_norm(x, &self.weight, self.eps)?,
+            (NormKind::LayerNorm, Some(b)) => {
+                super::fused::layer_norm(x, &self.weight, b, self.eps)?
+            }
+            (NormKind::LayerNorm, None) => None,
+        };
+        if let Some(y) = fused {
+            return Ok(y);
+        }
+        self.forward_plain(x)
+    }
+
+    /// The same from differentiable tensor ops (any device and dtype).
+    pub fn forward_plain(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
         let x32 = x.to_dtype(DType::F32)?;
         let normed = match self.kind {

@@ -8,7 +8,8 @@
 //! ```
 //!
 //! This is the "rotate half" convention of every Hugging Face family we read. candle's
-//! `rotary_emb::rope*` kernels have no backward, so this uses `narrow`, `mul`, `cat`.
+//! `rotary_emb::rope*` kernels have no backward: ours is a fused kernel with one on CPU
+//! f32 ([`super::fused`]), else `narrow`, `mul` and `cat`.
 
 use candle_core::{Device, Result, Tensor};
 
@@ -82,6 +83,14 @@ impl RopeTables {
 
     /// Rotate `x`: `(batch, heads, seq, head_dim)`; the tables must cover `seq` positions.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        match super::fused::rope(x, &self.cos, &self.sin)? {
+            Some(y) => Ok(y),
+            None => self.apply_plain(x),
+        }
+    }
+
+    /// The same from differentiable tensor ops (any device and dtype).
+    pub fn apply_plain(&self, x: &Tensor) -> Result<Tensor> {
         let (_, _, _, head_dim) = x.dims4()?;
         let rd = self.rotary_dims;
         let half = rd / 2;

@@ -14,7 +14,10 @@
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Tensor, Var};
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Tensor, Var};
+use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 
@@ -92,6 +95,29 @@ impl AdamW {
         for (i, ((_, var), g)) in self.vars.iter().zip(grads).enumerate() {
             let p = var.as_tensor();
             let g = g.to_dtype(p.dtype())?;
+            if p.device().is_cpu() && p.dtype() == DType::F32 && p.is_contiguous() {
+                // One fused, parallel, in-place pass over p, g, m, v.
+                let op = AdamCpu {
+                    m: Mutex::new(std::mem::replace(
+                        &mut self.m[i],
+                        Tensor::zeros(0, DType::F32, p.device())?,
+                    )),
+                    v: Mutex::new(std::mem::replace(
+                        &mut self.v[i],
+                        Tensor::zeros(0, DType::F32, p.device())?,
+                    )),
+                    beta1,
+                    beta2,
+                    decay: 1.0 - lr * weight_decay,
+                    step_size,
+                    bc2_sqrt,
+                    eps,
+                };
+                p.inplace_op2(&g.contiguous()?, &op)?;
+                self.m[i] = op.m.into_inner().expect("not poisoned");
+                self.v[i] = op.v.into_inner().expect("not poisoned");
+                continue;
+            }
             let m = ((&self.m[i] * beta1)? + (&g * (1.0 - beta1))?)?;
             let v = ((&self.v[i] * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
             let decayed = if weight_decay != 0.0 {
@@ -140,6 +166,81 @@ impl AdamW {
             self.v[i] = get(format!("exp_avg_sq.{name}"))?;
         }
         self.t = t;
+        Ok(())
+    }
+}
+
+/// The update of one f32 CPU parameter, fused: reads `g`, updates `m`, `v` and the
+/// parameter in place, in parallel chunks (the same arithmetic as the tensor path).
+struct AdamCpu {
+    m: Mutex<Tensor>,
+    v: Mutex<Tensor>,
+    beta1: f64,
+    beta2: f64,
+    /// `1 − lr·wd`
+    decay: f64,
+    /// `lr / (1 − β₁ᵗ)`
+    step_size: f64,
+    bc2_sqrt: f64,
+    eps: f64,
+}
+
+impl InplaceOp2 for AdamCpu {
+    fn name(&self) -> &'static str {
+        "lc-adamw"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        let bad = || candle_core::Error::Msg("lc-adamw: needs contiguous f32 tensors".into());
+        let (CpuStorage::F32(p), CpuStorage::F32(g)) = (s1, s2) else {
+            return Err(bad());
+        };
+        let (ps, pe) = l1.contiguous_offsets().ok_or_else(bad)?;
+        let (gs, ge) = l2.contiguous_offsets().ok_or_else(bad)?;
+        let p = &mut p[ps..pe];
+        let g = &g[gs..ge];
+        let mut m = self
+            .m
+            .lock()
+            .expect("not poisoned")
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let mut v = self
+            .v
+            .lock()
+            .expect("not poisoned")
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let (b1, b2) = (self.beta1 as f32, self.beta2 as f32);
+        let (decay, step, bc2, eps) = (
+            self.decay as f32,
+            self.step_size as f32,
+            self.bc2_sqrt as f32,
+            self.eps as f32,
+        );
+        const CHUNK: usize = 1 << 14;
+        p.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK))
+            .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
+            .for_each(|((p, g), (m, v))| {
+                for i in 0..p.len() {
+                    let gi = g[i];
+                    m[i] = b1 * m[i] + (1.0 - b1) * gi;
+                    v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
+                    let denom = v[i].sqrt() / bc2 + eps;
+                    p[i] = p[i] * decay - step * (m[i] / denom);
+                }
+            });
+        let shape = self.m.lock().expect("not poisoned").shape().clone();
+        let dev = candle_core::Device::Cpu;
+        *self.m.lock().expect("not poisoned") = Tensor::from_vec(m, shape.clone(), &dev)?;
+        *self.v.lock().expect("not poisoned") = Tensor::from_vec(v, shape, &dev)?;
         Ok(())
     }
 }

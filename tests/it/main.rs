@@ -2,14 +2,14 @@
 
 mod checks;
 mod common;
+mod corpus_dedup;
+mod corpus_tokenizer;
 mod data_common;
 mod data_errors;
 mod data_megatron;
 mod data_prepare;
 mod lora_grads;
 mod model_cli;
-mod corpus_dedup;
-mod corpus_tokenizer;
 mod parity;
 mod pipeline;
 mod plot;

@@ -84,3 +84,15 @@ macro_rules! family_tests {
 }
 
 family_tests!(llama, mistral, falcon, gpt2, gpt_neox, gpt_neo);
+
+/// The plain tensor-op twins of the fused CPU kernels (what other devices run) against
+/// the reference too. Tests in parallel may briefly run plain kernels as well: both
+/// paths must agree with PyTorch, so that is harmless.
+#[test]
+fn plain_kernels_match_the_reference() {
+    lit_claire::model::fused::set_enabled(false);
+    for family in ["llama", "gpt_neox", "falcon"] {
+        check_forward_and_grads(family);
+    }
+    lit_claire::model::fused::set_enabled(true);
+}

@@ -1,0 +1,86 @@
+//! Fused CPU kernels that carry their own backward pass.
+//!
+//! Composed from tensor ops, a norm, a rotation or a softmax walks its data five to
+//! fifteen times forward and more backward, mostly on one thread; each kernel here does
+//! one parallel pass each way. Every kernel has a plain twin built from differentiable
+//! tensor ops (the one used on other devices and dtypes) and a test that values and
+//! gradients agree. They apply to contiguous f32 tensors on the CPU.
+//!
+//! ```text
+//! softmax        y = softmax(s·x + mask)            dx = s · y ⊙ (dy − Σ dy ⊙ y)
+//! cross-entropy  ℓᵢ = log Σⱼ exp xᵢⱼ − xᵢ,tᵢ         dxᵢ = dℓᵢ (softmax xᵢ − onehot tᵢ)
+//! rms norm       n = x / rms(x), y = n ⊙ w          dx = (dn − n·mean(dn ⊙ n)) / rms,  dn = dy ⊙ w
+//! layer norm     n = (x − μ)/σ, y = n ⊙ w + b       dx = (dn − mean dn − n·mean(dn ⊙ n)) / σ
+//! rotary         rotate pairs by +θ                 rotate the gradient by −θ
+//! swiglu         y = silu(a) ⊙ u                    da = dy ⊙ u ⊙ σ(a)(1 + a(1 − σ(a))),  du = dy ⊙ silu(a)
+//! frozen linear  y = x Wᵀ (W constant)              dx = dy W   (no dW: W is frozen)
+//! ```
+//!
+//! Reductions over rows (the weight gradients of norms) are summed in fixed blocks and
+//! combined in order, so results do not depend on the number of threads.
+
+mod cross_entropy;
+mod linear;
+mod norm;
+mod rope;
+mod softmax;
+mod swiglu;
+
+pub use cross_entropy::cross_entropy_rows;
+pub use linear::linear_matmul;
+pub use norm::{layer_norm, rms_norm};
+pub use rope::rope;
+pub use softmax::{MaskSpec, masked_softmax, softmax_plain};
+pub use swiglu::swiglu;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::{CpuStorage, DType, Layout, Tensor};
+
+/// Rows of a contiguous f32 storage and the row length.
+fn f32_rows<'a>(s: &'a CpuStorage, l: &Layout) -> Option<(&'a [f32], usize)> {
+    let CpuStorage::F32(v) = s else { return None };
+    let (start, end) = l.contiguous_offsets()?;
+    let cols = *l.dims().last()?;
+    Some((&v[start..end], cols))
+}
+
+fn not_fused(name: &str) -> candle_core::Error {
+    candle_core::Error::Msg(format!(
+        "{name}: fused kernel needs contiguous f32 CPU tensors"
+    ))
+}
+
+static ENABLED: AtomicBool = AtomicBool::new(true);
+
+/// Switch the fused kernels off (or on again) process-wide: everything then runs on the
+/// plain tensor-op twins, as on devices without kernels (for tests and benchmarks).
+pub fn set_enabled(enabled: bool) {
+    ENABLED.store(enabled, Ordering::Relaxed);
+}
+
+/// Whether the fused kernels apply to `x`.
+fn fusable(x: &Tensor) -> bool {
+    ENABLED.load(Ordering::Relaxed) && x.device().is_cpu() && x.dtype() == DType::F32
+}
+
+/// Rows per block when summing over rows (fixed, for thread-count independence).
+const ROW_BLOCK: usize = 64;
+
+#[cfg(test)]
+pub(crate) mod testing {
+    use candle_core::Tensor;
+
+    /// Largest absolute difference, asserted below `tol`.
+    pub fn close(a: &Tensor, b: &Tensor, tol: f32) {
+        let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(a.len(), b.len());
+        let d = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(d < tol, "max difference {d}");
+    }
+}

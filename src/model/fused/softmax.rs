@@ -1,0 +1,190 @@
+//! Softmax over the last dimension, with an optional score scale and causal/window
+//! mask computed on the fly.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, D, Device, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::{f32_rows, fusable, not_fused};
+use crate::config::AttentionWindow;
+
+/// Which entries of a `(…, T, S)` score tensor are visible: query `i` sits at position
+/// `q_start + i`, key `j` at `k_start + j`; a key is visible when it is not later than
+/// the query and, with a window `w`, when `q − k < w`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MaskSpec {
+    pub q_start: usize,
+    pub k_start: usize,
+    pub window: AttentionWindow,
+}
+
+impl MaskSpec {
+    fn visible(&self, i: usize, j: usize) -> bool {
+        let (q, k) = (self.q_start + i, self.k_start + j);
+        k <= q
+            && match self.window {
+                AttentionWindow::Global => true,
+                AttentionWindow::Sliding(w) => q - k < w,
+            }
+    }
+
+    /// The additive mask `(T, S)`: 0 where visible, −∞ elsewhere.
+    pub fn tensor(&self, t: usize, s: usize, device: &Device) -> Result<Tensor> {
+        let m: Vec<f32> = (0..t * s)
+            .map(|n| {
+                if self.visible(n / s, n % s) {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+            .collect();
+        Tensor::from_vec(m, (t, s), device)
+    }
+}
+
+/// The plain, differentiable softmax over the last dimension (any device, any dtype).
+pub fn softmax_plain(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+struct MaskedSoftmax {
+    scale: f32,
+    mask: Option<MaskSpec>,
+    /// Rows per (batch, head) block: T.
+    t: usize,
+}
+
+impl CustomOp1 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "lc-masked-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, cols) = f32_rows(s, l).ok_or_else(|| not_fused(self.name()))?;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(cols)
+            .zip(x.par_chunks(cols))
+            .enumerate()
+            .for_each(|(row, (yr, xr))| {
+                let i = row % self.t;
+                let mut max = f32::NEG_INFINITY;
+                for (j, (o, &v)) in yr.iter_mut().zip(xr).enumerate() {
+                    let ok = self.mask.is_none_or(|m| m.visible(i, j));
+                    *o = if ok {
+                        v * self.scale
+                    } else {
+                        f32::NEG_INFINITY
+                    };
+                    max = max.max(*o);
+                }
+                let mut sum = 0f32;
+                for o in yr.iter_mut() {
+                    *o = (*o - max).exp();
+                    sum += *o;
+                }
+                let inv = 1.0 / sum;
+                yr.iter_mut().for_each(|o| *o *= inv);
+            });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let op = SoftmaxBackward { scale: self.scale };
+        Ok(Some(res.apply_op2_no_bwd(&grad.contiguous()?, &op)?))
+    }
+}
+
+struct SoftmaxBackward {
+    scale: f32,
+}
+
+impl CustomOp2 for SoftmaxBackward {
+    fn name(&self) -> &'static str {
+        "lc-softmax-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (y, cols) = f32_rows(s1, l1).ok_or_else(|| not_fused(self.name()))?;
+        let (g, _) = f32_rows(s2, l2).ok_or_else(|| not_fused(self.name()))?;
+        let mut dx = vec![0f32; y.len()];
+        dx.par_chunks_mut(cols)
+            .zip(y.par_chunks(cols).zip(g.par_chunks(cols)))
+            .for_each(|(d, (yr, gr))| {
+                let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
+                for ((o, &yv), &gv) in d.iter_mut().zip(yr).zip(gr) {
+                    *o = self.scale * yv * (gv - dot);
+                }
+            });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+/// `softmax(scale · x + mask)` over the last dimension of `x: (…, T, S)`.
+/// Fused on CPU f32; elsewhere built from [`softmax_plain`] and an additive mask.
+pub fn masked_softmax(x: &Tensor, scale: f64, mask: Option<MaskSpec>) -> Result<Tensor> {
+    let dims = x.dims();
+    let (t, s) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+    if fusable(x) {
+        let op = MaskedSoftmax {
+            scale: scale as f32,
+            mask,
+            t,
+        };
+        return x.contiguous()?.apply_op1(op);
+    }
+    let mut scaled = (x * scale)?;
+    if let Some(m) = mask {
+        scaled = scaled.broadcast_add(&m.tensor(t, s, x.device())?.to_dtype(x.dtype())?)?;
+    }
+    softmax_plain(&scaled)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::close;
+    use super::*;
+    use candle_core::Var;
+
+    #[test]
+    fn fused_masked_softmax_matches_plain_forward_and_backward() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 3.0, (2, 3, 5, 9), &dev).unwrap()).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (2, 3, 5, 9), &dev).unwrap();
+        for mask in [
+            None,
+            Some(MaskSpec {
+                q_start: 4,
+                k_start: 0,
+                window: AttentionWindow::Global,
+            }),
+            Some(MaskSpec {
+                q_start: 6,
+                k_start: 2,
+                window: AttentionWindow::Sliding(3),
+            }),
+        ] {
+            let fused = masked_softmax(x.as_tensor(), 0.7, mask).unwrap();
+            let mut plain = (x.as_tensor() * 0.7).unwrap();
+            if let Some(m) = mask {
+                plain = plain.broadcast_add(&m.tensor(5, 9, &dev).unwrap()).unwrap();
+            }
+            let plain = softmax_plain(&plain).unwrap();
+            close(&fused, &plain, 1e-6);
+            let gf = (fused * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let gp = (plain * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            close(
+                gf.get(x.as_tensor()).unwrap(),
+                gp.get(x.as_tensor()).unwrap(),
+                1e-6,
+            );
+        }
+    }
+}
