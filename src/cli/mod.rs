@@ -4,6 +4,7 @@
 mod bench_cmds;
 mod corpus_cmds;
 mod data_cmds;
+mod demo_cmds;
 mod model_cmds;
 mod plot_cmds;
 mod publish_cmds;
@@ -24,6 +25,9 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// The whole pipeline on the built-in tiny model and sample corpus (prepare-data →
+    /// pretrain with LoRA → generate), in a couple of minutes on a CPU.
+    Demo(demo_cmds::DemoArgs),
     /// Perplexity of a checkpoint (optionally with a LoRA adapter) on a text file.
     Perplexity(model_cmds::PerplexityArgs),
     /// Generate a continuation of a prompt.
@@ -60,6 +64,7 @@ pub enum Command {
 pub fn run() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Demo(a) => demo_cmds::demo(a),
         Command::Perplexity(a) => model_cmds::perplexity(a),
         Command::Generate(a) => model_cmds::generate(a),
         Command::Chat(a) => model_cmds::chat(a),

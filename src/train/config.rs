@@ -143,20 +143,29 @@ impl TrainConfig {
     /// Defaults, overlaid with the recipe at `recipe` (if any), overlaid with `flags`
     /// (a table holding only the flags given on the command line).
     pub fn resolve(recipe: Option<&Path>, flags: toml::Table) -> Result<Self> {
+        let recipe = match recipe {
+            None => None,
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
+                    std::io::ErrorKind::NotFound => Error::missing(
+                        path,
+                        "--recipe must be a TOML file such as lit_recipes/tiny-lora.toml",
+                    ),
+                    _ => Error::io(path, e),
+                })?;
+                let table: toml::Table = toml::from_str(&text)
+                    .map_err(|e| Error::bad_file(path, one_line(&e.to_string())))?;
+                Some(table)
+            }
+        };
+        Self::resolve_tables(recipe, flags)
+    }
+
+    /// [`TrainConfig::resolve`] with the recipe already parsed.
+    pub fn resolve_tables(recipe: Option<toml::Table>, flags: toml::Table) -> Result<Self> {
         let mut table = toml::Table::try_from(TrainConfig::default()).expect("defaults serialise");
-        if let Some(path) = recipe {
-            let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => Error::missing(
-                    path,
-                    "--recipe must be a TOML file such as lit_recipes/tiny-lora.toml",
-                ),
-                _ => Error::io(path, e),
-            })?;
-            let recipe: toml::Table = toml::from_str(&text)
-                .map_err(|e| Error::bad_file(path, one_line(&e.to_string())))?;
-            // Relative paths in a recipe are relative to the working directory, as flags are.
-            table.extend(recipe);
-        }
+        // Relative paths in a recipe are relative to the working directory, as flags are.
+        table.extend(recipe.unwrap_or_default());
         table.extend(flags);
         let cfg: TrainConfig = table.try_into().map_err(|e: toml::de::Error| {
             Error::Usage(format!("bad training option: {}", one_line(&e.to_string())))

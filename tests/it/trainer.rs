@@ -263,3 +263,76 @@ fn bad_setups_fail_before_any_work() {
         "{e}"
     );
 }
+
+#[test]
+fn every_precision_trains() {
+    // f32 is the reference; the reduced precisions must stay close on the first step
+    // and keep learning (16-mixed exercises the loss scaler).
+    let mut first = Vec::new();
+    for precision in ["32-true", "bf16-mixed", "bf16-true", "16-mixed"] {
+        let dir = temp_dir();
+        let mut cfg = config(dir.path());
+        cfg.precision = precision.into();
+        cfg.max_steps = Some(6);
+        cfg.eval_interval = 6;
+        let s = pretrain_with_data(&cfg, data(33)).unwrap();
+        let rows = losses(dir.path());
+        let l0: f64 = rows[0].1.parse().unwrap();
+        assert!(
+            s.final_loss.unwrap().is_finite() && s.final_loss.unwrap() < l0,
+            "{precision}: {rows:?}"
+        );
+        first.push((precision, l0));
+    }
+    let f32_loss = first[0].1;
+    for (p, l) in &first[1..] {
+        assert!(
+            (l - f32_loss).abs() < 0.05,
+            "{p}: first loss {l} vs f32 {f32_loss}"
+        );
+    }
+}
+
+#[test]
+fn time_intervals_log_evaluate_and_save() {
+    let dir = temp_dir();
+    let mut cfg = config(dir.path());
+    cfg.interval_unit = lit_claire::train::config::IntervalUnit::Time;
+    cfg.log_interval = 1000;
+    cfg.eval_interval = 1000;
+    cfg.save_interval = 1000;
+    cfg.max_steps = Some(4);
+    pretrain_with_data(&cfg, data(33)).unwrap();
+    // Nothing is due within 1000 s but the end: one row (with validation), no step checkpoint.
+    let rows = losses(dir.path());
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0].0, "4");
+    assert!(!rows[0].2.is_empty());
+    assert!(dir.path().join("final").is_dir());
+    assert!(!dir.path().join("step-00000004").exists());
+
+    let dir = temp_dir();
+    let mut cfg = config(dir.path());
+    cfg.interval_unit = lit_claire::train::config::IntervalUnit::Time;
+    cfg.log_interval = 0;
+    let e = Trainer::new(&cfg, data(33)).err().unwrap().to_string();
+    assert!(e.contains("--log-interval"), "{e}");
+}
+
+#[test]
+fn every_recipe_resolves() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("lit_recipes");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let mut flags = toml::Table::new();
+        for k in ["data_dir", "out_dir", "checkpoint_dir"] {
+            flags.insert(k.into(), "x".into());
+        }
+        let cfg = TrainConfig::resolve(Some(&path), flags)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert!(cfg.batch_size % cfg.micro_batch_size == 0);
+        n += 1;
+    }
+    assert!(n >= 7, "{n} recipes");
+}
