@@ -1,18 +1,20 @@
 //! Where a training step's time goes on the bench model: forward, backward, optimizer.
 //!
-//!     RAYON_NUM_THREADS=2 cargo run --release --example profile_step [-- lora]
+//!     RAYON_NUM_THREADS=2 cargo run --release --example profile_step [-- lora] [-- plain]
+//!
+//! `plain` switches the fused CPU kernels off, to see what they buy.
 
 use std::time::Instant;
 
-use lit_claire::bench::{BenchShape, RandomSource};
-use lit_claire::loss::cross_entropy_sum;
-use lit_claire::model::build_model;
+use lit_claire::bench::{BenchShape, bench_runner, random_batch};
 use lit_claire::strategy::Strategy;
-use lit_claire::train::batches::Batch;
-use lit_claire::train::optim::{AdamW, AdamWConfig};
+use rand::SeedableRng;
 
 fn main() -> lit_claire::Result<()> {
     let lora = std::env::args().any(|a| a == "lora");
+    if std::env::args().any(|a| a == "plain") {
+        lit_claire::model::fused::set_enabled(false);
+    }
     let shape = BenchShape {
         layers: 4,
         width: 512,
@@ -21,43 +23,15 @@ fn main() -> lit_claire::Result<()> {
         seq: 256,
         batch: 4,
     };
-    let cfg = shape.config()?;
     let strategy = Strategy::cpu();
-    let tm = build_model(
-        &cfg,
-        &RandomSource { seed: 1, std: 0.02 },
-        &strategy.build_options(!lora),
-    )?;
-    let mut model = tm.model;
-    let vars = if lora {
-        let l = lit_claire::lora::LoraConfig {
-            r: 16,
-            alpha: 32.0,
-            dropout: 0.0,
-            targets: lit_claire::lora::LoraTargets {
-                query: true,
-                key: true,
-                value: true,
-                projection: true,
-                mlp: true,
-                head: false,
-            },
-            rslora: false,
-        };
-        lit_claire::lora::attach_new(&mut model, &l, 0)?
-    } else {
-        tm.vars
-    };
-    let mut opt = AdamW::new(vars, AdamWConfig::default())?;
-    let rows: Vec<Vec<u32>> = (0..4)
-        .map(|r| (0..257).map(|i| ((i * 31 + r * 7) % 8192) as u32).collect())
-        .collect();
-    let batch = Batch::from_rows(&rows, None, &strategy.device)?;
+    let mut runner = bench_runner(&shape, &strategy, lora)?;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let batch = random_batch(&shape, &mut rng, &strategy.device)?;
     for it in 0..4 {
         let t0 = Instant::now();
-        let logits = model.forward(&batch.inputs, None)?;
+        let logits = runner.model.forward(&batch.inputs, None)?;
         let (b, t, v) = logits.dims3()?;
-        let (sum, n) = cross_entropy_sum(
+        let (sum, n) = lit_claire::loss::cross_entropy_sum(
             &logits.reshape((b * t, v))?,
             &batch.targets,
             Some(&batch.mask),
@@ -66,12 +40,18 @@ fn main() -> lit_claire::Result<()> {
         let t1 = Instant::now();
         let grads = loss.backward()?;
         let t2 = Instant::now();
-        let g: Vec<_> = opt
+        let g: Vec<_> = runner
+            .opt
             .vars()
             .iter()
-            .map(|(_, v)| grads.get(v.as_tensor()).unwrap().clone())
+            .map(|(_, v)| {
+                grads
+                    .get(v.as_tensor())
+                    .cloned()
+                    .unwrap_or_else(|| v.as_tensor().zeros_like().unwrap())
+            })
             .collect();
-        opt.step(&g, 1e-4)?;
+        runner.opt.step(&g, 1e-4)?;
         let t3 = Instant::now();
         if it > 0 {
             println!(

@@ -111,15 +111,9 @@ pub fn matmul_gflops(n: usize, dtype: DType, device: &Device) -> Result<f64> {
     Ok(2.0 * (n as f64).powi(3) / best / 1e9)
 }
 
-/// Time `steps` training steps (after `warmup`) of the synthetic model.
-pub fn bench_train(
-    shape: &BenchShape,
-    strategy: &Strategy,
-    lora: bool,
-    warmup: usize,
-    steps: usize,
-    peak_gflops: f64,
-) -> Result<BenchReport> {
+/// A step runner for the synthetic model: full fine-tuning, or LoRA (r 16 on every
+/// projection and the MLP, as `utils/bench_torch.py` does).
+pub fn bench_runner(shape: &BenchShape, strategy: &Strategy, lora: bool) -> Result<StepRunner> {
     let cfg = shape.config()?;
     let tm = build_model(
         &cfg,
@@ -146,30 +140,47 @@ pub fn bench_train(
     } else {
         tm.vars
     };
-    let mut runner = StepRunner {
+    Ok(StepRunner {
         model,
         opt: AdamW::new(vars, AdamWConfig::default())?,
         strategy: strategy.clone(),
         grad_clip: Some(1.0),
         scaler: None,
         dropout: None,
-    };
+    })
+}
+
+/// A batch of random token rows for the synthetic model.
+pub fn random_batch(shape: &BenchShape, rng: &mut ChaCha8Rng, device: &Device) -> Result<Batch> {
+    let rows: Vec<Vec<u32>> = (0..shape.batch)
+        .map(|_| {
+            (0..=shape.seq)
+                .map(|_| rng.random_range(0..shape.vocab as u32))
+                .collect()
+        })
+        .collect();
+    Batch::from_rows(&rows, None, device)
+}
+
+/// Time `steps` training steps (after `warmup`) of the synthetic model.
+pub fn bench_train(
+    shape: &BenchShape,
+    strategy: &Strategy,
+    lora: bool,
+    warmup: usize,
+    steps: usize,
+    peak_gflops: f64,
+) -> Result<BenchReport> {
+    let cfg = shape.config()?;
+    let mut runner = bench_runner(shape, strategy, lora)?;
     let mut rng = ChaCha8Rng::seed_from_u64(3);
-    let mut batch = || -> Result<Batch> {
-        let rows: Vec<Vec<u32>> = (0..shape.batch)
-            .map(|_| {
-                (0..=shape.seq)
-                    .map(|_| rng.random_range(0..shape.vocab as u32))
-                    .collect()
-            })
-            .collect();
-        Batch::from_rows(&rows, None, &strategy.device)
-    };
     for _ in 0..warmup {
-        let b = batch()?;
+        let b = random_batch(shape, &mut rng, &strategy.device)?;
         runner.step(&[b], 1e-4)?;
     }
-    let batches = (0..steps).map(|_| batch()).collect::<Result<Vec<_>>>()?;
+    let batches = (0..steps)
+        .map(|_| random_batch(shape, &mut rng, &strategy.device))
+        .collect::<Result<Vec<_>>>()?;
     let t = Instant::now();
     for b in batches {
         runner.step(&[b], 1e-4)?;

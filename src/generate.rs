@@ -83,19 +83,8 @@ pub fn generate(
     mut on_token: impl FnMut(u32) -> Result<bool>,
 ) -> Result<Generated> {
     sampling.validate()?;
+    check_prompt(model, prompt)?;
     let context = model.cfg.block_size;
-    if prompt.is_empty() {
-        return Err(Error::Usage(
-            "the prompt is empty (after tokenization)".into(),
-        ));
-    }
-    if prompt.len() > context {
-        return Err(Error::Usage(format!(
-            "the prompt has {} tokens, more than the model's context of {context}",
-            prompt.len()
-        )));
-    }
-    check_ids(&model.cfg, prompt, "prompt")?;
     let max_new = max_new.min(context - prompt.len());
     let start = Instant::now();
     let mut rng = ChaCha8Rng::seed_from_u64(sampling.seed);

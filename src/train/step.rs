@@ -67,6 +67,18 @@ pub struct StepStats {
     pub skipped: bool,
 }
 
+/// Summed next-token loss of a micro-batch's counted tokens (a scalar tensor).
+fn loss_sum(model: &Gpt, batch: &Batch, dropout: Option<&Dropout>) -> Result<Tensor> {
+    let logits = model.forward(&batch.inputs, dropout)?;
+    let (b, t, v) = logits.dims3()?;
+    let (sum, _) = cross_entropy_sum(
+        &logits.reshape((b * t, v))?,
+        &batch.targets,
+        Some(&batch.mask),
+    )?;
+    Ok(sum)
+}
+
 /// Model, optimizer and the strategy that runs them.
 pub struct StepRunner {
     pub model: Gpt,
@@ -81,13 +93,7 @@ pub struct StepRunner {
 impl StepRunner {
     /// Mean loss and token count of a micro-batch without gradients (evaluation).
     pub fn eval_loss_sum(model: &Gpt, batch: &Batch) -> Result<(f64, usize)> {
-        let logits = model.forward(&batch.inputs, None)?;
-        let (b, t, v) = logits.dims3()?;
-        let (sum, _) = cross_entropy_sum(
-            &logits.reshape((b * t, v))?,
-            &batch.targets,
-            Some(&batch.mask),
-        )?;
+        let sum = loss_sum(model, batch, None)?;
         Ok((sum.to_scalar::<f32>()? as f64, batch.tokens))
     }
 
@@ -97,16 +103,10 @@ impl StepRunner {
         let denom = total_tokens.max(1) as f64;
         let scale = self.scaler.map_or(1.0, |s| s.scale);
         let mut acc: Option<Vec<Tensor>> = None;
-        let mut loss_sum = 0f64;
+        let mut total = 0f64;
         for batch in micro_batches {
-            let logits = self.model.forward(&batch.inputs, self.dropout.as_ref())?;
-            let (b, t, v) = logits.dims3()?;
-            let (sum, _) = cross_entropy_sum(
-                &logits.reshape((b * t, v))?,
-                &batch.targets,
-                Some(&batch.mask),
-            )?;
-            loss_sum += sum.to_scalar::<f32>()? as f64;
+            let sum = loss_sum(&self.model, batch, self.dropout.as_ref())?;
+            total += sum.to_scalar::<f32>()? as f64;
             let scaled = (sum * (scale / denom))?;
             let grads = scaled.backward()?;
             let grads = self.collect(&grads)?;
@@ -138,7 +138,7 @@ impl StepRunner {
         if !skipped {
             self.opt.step(&grads, lr)?;
         }
-        let loss = self.strategy.all_reduce_mean(loss_sum / denom)?;
+        let loss = self.strategy.all_reduce_mean(total / denom)?;
         Ok(StepStats {
             loss,
             grad_norm: norm,

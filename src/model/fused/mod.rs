@@ -69,7 +69,33 @@ const ROW_BLOCK: usize = 64;
 
 #[cfg(test)]
 pub(crate) mod testing {
-    use candle_core::Tensor;
+    use candle_core::{Tensor, Var};
+
+    /// A fused kernel and its plain twin agree: values within `tol`, and the gradients
+    /// of `inputs` under a random linear probe of the output within `grad_tol`.
+    pub fn agree(inputs: &[&Var], fused: &Tensor, plain: &Tensor, tol: f32, grad_tol: f32) {
+        close(fused, plain, tol);
+        let probe = Tensor::randn(0f32, 1.0, fused.shape(), fused.device()).unwrap();
+        let gf = (fused * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gp = (plain * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in inputs {
+            close(
+                gf.get(v.as_tensor()).unwrap(),
+                gp.get(v.as_tensor()).unwrap(),
+                grad_tol,
+            );
+        }
+    }
 
     /// Largest absolute difference, asserted below `tol`.
     pub fn close(a: &Tensor, b: &Tensor, tol: f32) {
