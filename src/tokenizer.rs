@@ -50,8 +50,14 @@ impl Tokenizer {
             ));
         }
         let bytes = std::fs::read(&path).at(&path)?;
-        let inner = tokenizers::Tokenizer::from_bytes(&bytes)
+        let mut inner = tokenizers::Tokenizer::from_bytes(&bytes)
             .map_err(|e| Error::bad_file(&path, format!("not a tokenizer: {e}")))?;
+        // Truncation or padding saved in tokenizer.json would silently cut or pad every
+        // text; we chunk and pad ourselves.
+        inner
+            .with_truncation(None)
+            .map_err(|e| Error::bad_file(&path, format!("cannot disable truncation: {e}")))?;
+        inner.with_padding(None);
         let hash = hex(&Sha256::digest(&bytes));
 
         let read_json = |name: &str| -> Result<Option<Value>> {

@@ -208,3 +208,64 @@ fn a_run_killed_with_sigkill_resumes_exactly() {
     lit(&resume);
     assert_eq!(losses(&straight), losses(&killed));
 }
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+#[test]
+fn validate_watches_a_run_until_its_final_checkpoint() {
+    let root = temp_dir();
+    let data = prepared(root.path());
+    let model = reference_dir("llama");
+    let done = root.path().join("done");
+    lit(&train_args(s(&data), s(&model), s(&done), "6"));
+    // A "running" run: one checkpoint so far.
+    let run = root.path().join("run");
+    copy_dir(&done.join("step-00000005"), &run.join("step-00000005"));
+    let mut child = Command::new(bin())
+        .args([
+            "validate",
+            "--out-dir",
+            s(&run),
+            "--data-dir",
+            s(&data),
+            "--max",
+            "1",
+            "--watch",
+            "1",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let csv = run.join("validation_results.csv");
+    let wait_for = |what: &str| {
+        let start = Instant::now();
+        while !std::fs::read_to_string(&csv)
+            .unwrap_or_default()
+            .contains(what)
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "{what} never validated"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_for("step-00000005");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "validate stopped before the final checkpoint"
+    );
+    // The run finishes: its final checkpoint appears (atomically, as the trainer writes it).
+    copy_dir(&done.join("final"), &root.path().join(".tmp-final"));
+    std::fs::rename(root.path().join(".tmp-final"), run.join("final")).unwrap();
+    wait_for("final,");
+    let status = child.wait().unwrap();
+    assert!(status.success());
+}
