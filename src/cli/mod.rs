@@ -28,18 +28,18 @@ pub enum Command {
     /// The whole pipeline on the built-in tiny model and sample corpus (prepare-data →
     /// pretrain with LoRA → generate), in a couple of minutes on a CPU.
     Demo(demo_cmds::DemoArgs),
-    /// Perplexity of a checkpoint (optionally with a LoRA adapter) on a text file.
-    Perplexity(model_cmds::PerplexityArgs),
-    /// Generate a continuation of a prompt.
-    Generate(model_cmds::GenerateArgs),
-    /// Talk with a model interactively (dialogue models such as Claire).
-    Chat(model_cmds::ChatArgs),
+    /// Download a model's weights, config and tokenizer into checkpoints/ORG/NAME.
+    Download(publish_cmds::DownloadArgs),
+    /// Raw text to memory-mapped training shards (Megatron .bin/.idx + metadata.json).
+    PrepareData(data_cmds::PrepareDataArgs),
+    /// Train a byte-level BPE tokenizer (tokenizer.json + tokenizer_config.json) on raw text.
+    TrainTokenizer(corpus_cmds::TrainTokenizerArgs),
+    /// Remove exact and near-duplicate documents (MinHash LSH) from a raw corpus.
+    Dedup(corpus_cmds::DedupArgs),
     /// Continual pretraining: full fine-tuning or LoRA on prepared data.
     Pretrain(Box<train_cmds::PretrainArgs>),
     /// Validate every checkpoint of a run on every dataset, appending to a CSV.
     Validate(train_cmds::ValidateArgs),
-    /// Training throughput (tokens/s, MFU) on a synthetic LLaMA.
-    Bench(bench_cmds::BenchArgs),
     /// Loss curves of one or several runs (PNG or SVG), and their best checkpoints.
     Plot(plot_cmds::PlotArgs),
     /// Merge a LoRA adapter into its base model: a complete Hugging Face folder.
@@ -48,16 +48,16 @@ pub enum Command {
     ConvertToHf(publish_cmds::ConvertArgs),
     /// Upload a folder to a Hugging Face model repository in one commit.
     Upload(publish_cmds::UploadArgs),
-    /// Download a model's weights, config and tokenizer into checkpoints/ORG/NAME.
-    Download(publish_cmds::DownloadArgs),
     /// Write a LLaMA/Mistral/Falcon checkpoint as a GGUF file for llama.cpp.
     Quantize(publish_cmds::QuantizeArgs),
-    /// Raw text to memory-mapped training shards (Megatron .bin/.idx + metadata.json).
-    PrepareData(data_cmds::PrepareDataArgs),
-    /// Train a byte-level BPE tokenizer (tokenizer.json + tokenizer_config.json) on raw text.
-    TrainTokenizer(corpus_cmds::TrainTokenizerArgs),
-    /// Remove exact and near-duplicate documents (MinHash LSH) from a raw corpus.
-    Dedup(corpus_cmds::DedupArgs),
+    /// Generate a continuation of a prompt.
+    Generate(model_cmds::GenerateArgs),
+    /// Talk with a model interactively (dialogue models such as Claire).
+    Chat(model_cmds::ChatArgs),
+    /// Perplexity of a checkpoint (optionally with a LoRA adapter) on a text file.
+    Perplexity(model_cmds::PerplexityArgs),
+    /// Training throughput (tokens/s, MFU) on a synthetic LLaMA.
+    Bench(bench_cmds::BenchArgs),
 }
 
 /// Parse the command line and run the command.

@@ -30,31 +30,39 @@ pub struct PretrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub out_dir: Option<PathBuf>,
+    /// Samples per forward/backward pass per device [default: 4].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub micro_batch_size: Option<usize>,
-    /// Samples per optimizer step per device (accumulation = batch / micro batch).
+    /// Samples per optimizer step per device; accumulation = batch / micro batch [default: 16].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub batch_size: Option<usize>,
+    /// Optimizer steps (the smallest of --max-steps, --num-epochs and --max-tokens wins; default: one epoch).
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_steps: Option<usize>,
+    /// Passes over the (weighted) training data.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub num_epochs: Option<usize>,
+    /// Stop after this many training tokens.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_tokens: Option<u64>,
+    /// Peak learning rate [default: 3e-4].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub learning_rate: Option<f64>,
+    /// Learning rate at the end of the decay [default: 3e-5].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub min_lr: Option<f64>,
+    /// Linear warmup steps [default: 100].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub warmup_steps: Option<usize>,
+    /// Decay after warmup [default: cosine].
     #[arg(long, value_enum)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lr_schedule: Option<ScheduleKind>,
@@ -62,15 +70,19 @@ pub struct PretrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub restarts: Option<usize>,
+    /// Decoupled weight decay of AdamW [default: 0.1].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub weight_decay: Option<f64>,
+    /// AdamW β₁ [default: 0.9].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub beta1: Option<f64>,
+    /// AdamW β₂ [default: 0.95].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub beta2: Option<f64>,
+    /// AdamW ε [default: 1e-8].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eps: Option<f64>,
@@ -86,12 +98,15 @@ pub struct PretrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub precision: Option<String>,
+    /// Devices per node [default: 1].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub devices: Option<usize>,
+    /// Nodes [default: 1].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub num_nodes: Option<usize>,
+    /// Seed of data order, LoRA initialisation and dropout [default: 42].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
@@ -99,27 +114,35 @@ pub struct PretrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lora_r: Option<usize>,
+    /// LoRA scaling numerator: the update is alpha/r · B·A [default: 16].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lora_alpha: Option<f64>,
+    /// Dropout on the LoRA input [default: 0.05].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub lora_dropout: Option<f32>,
+    pub lora_dropout: Option<f64>,
+    /// LoRA on the query projection [default: true].
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lora_query: Option<bool>,
+    /// LoRA on the key projection [default: false].
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lora_key: Option<bool>,
+    /// LoRA on the value projection [default: true].
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lora_value: Option<bool>,
+    /// LoRA on the attention output projection [default: false].
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lora_projection: Option<bool>,
+    /// LoRA on the MLP layers [default: false].
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lora_mlp: Option<bool>,
+    /// LoRA on the output head [default: false].
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lora_head: Option<bool>,
@@ -127,12 +150,15 @@ pub struct PretrainArgs {
     #[arg(long, value_enum)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub interval_unit: Option<IntervalUnit>,
+    /// Write a metrics row every N steps (or seconds) [default: 1].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_interval: Option<u64>,
+    /// Validate every N steps (or seconds) [default: 100].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eval_interval: Option<u64>,
+    /// Checkpoint every N steps (or seconds) [default: 100].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub save_interval: Option<u64>,
@@ -209,4 +235,38 @@ pub fn validate(a: ValidateArgs) -> Result<()> {
     let rows = crate::train::validate::validate_run(&opts, &data, &strategy)?;
     eprintln!("{} new validation rows", rows.len());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// The `[default: X]` written in the help of each flag is the value the trainer uses.
+    #[test]
+    fn help_defaults_match_the_config_defaults() {
+        let cmd = crate::cli::Cli::command();
+        let pretrain = cmd.find_subcommand("pretrain").expect("pretrain exists");
+        let defaults = toml::Table::try_from(crate::train::TrainConfig::default()).unwrap();
+        let mut checked = 0;
+        for arg in pretrain.get_arguments() {
+            let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+            let Some(start) = help.find("[default: ") else {
+                continue;
+            };
+            let shown = &help[start + 10..help[start..].find(']').unwrap() + start];
+            let key = arg.get_id().as_str();
+            let actual = &defaults[key];
+            let same = match actual {
+                toml::Value::Float(f) => shown
+                    .parse::<f64>()
+                    .map(|s| (s - f).abs() < 1e-12)
+                    .unwrap_or(false),
+                toml::Value::String(s) => s == shown,
+                other => other.to_string() == shown,
+            };
+            assert!(same, "--{key}: help says {shown}, default is {actual}");
+            checked += 1;
+        }
+        assert!(checked >= 20, "{checked}");
+    }
 }

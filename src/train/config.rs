@@ -69,7 +69,7 @@ pub struct TrainConfig {
     // --- LoRA (lora_r > 0 enables it) ---
     pub lora_r: usize,
     pub lora_alpha: f64,
-    pub lora_dropout: f32,
+    pub lora_dropout: f64,
     pub lora_query: bool,
     pub lora_key: bool,
     pub lora_value: bool,
@@ -256,7 +256,7 @@ impl TrainConfig {
         (self.lora_r > 0).then(|| LoraConfig {
             r: self.lora_r,
             alpha: self.lora_alpha,
-            dropout: self.lora_dropout,
+            dropout: self.lora_dropout as f32,
             targets: self.lora_targets(),
             rslora: false,
         })
