@@ -64,3 +64,7 @@ fn main() -> lit_claire::Result<()> {
     }
     Ok(())
 }
+
+// As in the binary (src/main.rs).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

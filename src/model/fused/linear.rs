@@ -21,20 +21,66 @@ impl CustomOp1 for FrozenMatmul {
             .contiguous_offsets()
             .ok_or_else(|| not_fused(self.name()))?;
         let dims = l.dims();
+        let (out, k) = self.w.dims2()?;
+        let rows = (end - start) / k;
+        let mut shape = dims.to_vec();
+        *shape.last_mut().expect("at least one dimension") = out;
+        if let CpuStorage::F32(x) = s {
+            // Straight into gemm: no copy of x, y written once.
+            let (ws, wl) = self.w.storage_and_layout();
+            let candle_core::Storage::Cpu(CpuStorage::F32(w)) = &*ws else {
+                return Err(not_fused(self.name()));
+            };
+            let (w0, w1) = wl
+                .contiguous_offsets()
+                .ok_or_else(|| not_fused(self.name()))?;
+            let (x, w) = (&x[start..end], &w[w0..w1]);
+            let mut y = vec![0f32; rows * out];
+            let threads = rayon::current_num_threads();
+            let par = if threads > 1 {
+                gemm::Parallelism::Rayon(threads)
+            } else {
+                gemm::Parallelism::None
+            };
+            // SAFETY: y is rows × out, x rows × k, w out × k, all row-major and in bounds;
+            // y[i, j] = Σ_c x[i, c] · w[j, c] (rhs element (c, j) at w + j·k + c).
+            unsafe {
+                gemm::gemm(
+                    rows,
+                    out,
+                    k,
+                    y.as_mut_ptr(),
+                    1,
+                    out as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    k as isize,
+                    w.as_ptr(),
+                    k as isize,
+                    1,
+                    0f32,
+                    1f32,
+                    false,
+                    false,
+                    false,
+                    par,
+                );
+            }
+            return Ok((CpuStorage::F32(y), Shape::from(shape)));
+        }
         let dev = candle_core::Device::Cpu;
         macro_rules! run {
             ($v:expr, $variant:ident, $t:ty) => {{
                 let x = Tensor::from_slice(&$v[start..end], dims, &dev)?;
                 let y = x.matmul(&self.w.t()?)?;
-                let shape = y.shape().clone();
                 Ok((
                     CpuStorage::$variant(y.flatten_all()?.to_vec1::<$t>()?),
-                    shape,
+                    Shape::from(shape),
                 ))
             }};
         }
         match s {
-            CpuStorage::F32(v) => run!(v, F32, f32),
             CpuStorage::BF16(v) => run!(v, BF16, half::bf16),
             CpuStorage::F16(v) => run!(v, F16, half::f16),
             _ => Err(not_fused(self.name())),
