@@ -139,7 +139,7 @@ impl Linear {
             y = (y + (delta * lora.scale)?)?;
         }
         let mut out_dims = dims;
-        *out_dims.last_mut().unwrap() = self.out_features();
+        *out_dims.last_mut().expect("x has a last dimension") = self.out_features();
         y.reshape(out_dims)
     }
 }

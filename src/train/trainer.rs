@@ -207,8 +207,10 @@ impl Trainer {
         let needs_dropout = lora.as_ref().is_some_and(|l| l.dropout > 0.0);
         let state = match resumed {
             Some(s) => {
-                let moments =
-                    checkpoint::load_optimizer(resume_from.as_ref().unwrap(), &strategy.device)?;
+                let moments = checkpoint::load_optimizer(
+                    resume_from.as_ref().expect("resumed from a folder"),
+                    &strategy.device,
+                )?;
                 opt.load_state(&moments, s.step as u64)?;
                 s
             }
