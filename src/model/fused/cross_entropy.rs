@@ -3,7 +3,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, D, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{f32_rows, fusable, not_fused};
+use super::{fusable, not_fused, rows};
 
 /// `exp(x − max) / Σ` of one row into `y`.
 fn softmax_row(x: &[f32], y: &mut [f32]) {
@@ -27,7 +27,7 @@ impl CustomOp1 for CrossEntropy {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (x, cols) = f32_rows(s, l).ok_or_else(|| not_fused(self.name()))?;
+        let (x, cols) = rows(self.name(), s, l)?;
         let rows = x.len() / cols;
         if rows != self.targets.len() {
             candle_core::bail!(
@@ -74,7 +74,7 @@ impl CustomOp2 for CrossEntropyBackward {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, cols) = f32_rows(s1, l1).ok_or_else(|| not_fused(self.name()))?;
+        let (x, cols) = rows(self.name(), s1, l1)?;
         let CpuStorage::F32(g) = s2 else {
             return Err(not_fused(self.name()));
         };

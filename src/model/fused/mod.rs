@@ -37,12 +37,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{CpuStorage, DType, Layout, Tensor};
 
-/// Rows of a contiguous f32 storage and the row length.
-fn f32_rows<'a>(s: &'a CpuStorage, l: &Layout) -> Option<(&'a [f32], usize)> {
-    let CpuStorage::F32(v) = s else { return None };
-    let (start, end) = l.contiguous_offsets()?;
-    let cols = *l.dims().last()?;
-    Some((&v[start..end], cols))
+/// The values of a contiguous f32 storage and its row length (last dimension), or an
+/// error naming the kernel `name`.
+fn rows<'a>(name: &str, s: &'a CpuStorage, l: &Layout) -> candle_core::Result<(&'a [f32], usize)> {
+    let slice = match (s, l.contiguous_offsets(), l.dims().last()) {
+        (CpuStorage::F32(v), Some((start, end)), Some(&cols)) => Some((&v[start..end], cols)),
+        _ => None,
+    };
+    slice.ok_or_else(|| not_fused(name))
 }
 
 fn not_fused(name: &str) -> candle_core::Error {

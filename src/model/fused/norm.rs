@@ -6,7 +6,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{ROW_BLOCK, f32_rows, fusable, not_fused};
+use super::{ROW_BLOCK, fusable, rows};
 
 /// Column sums of `rows × cols` values produced per row by `f`, in fixed blocks.
 fn column_sums(
@@ -55,8 +55,8 @@ impl CustomOp2 for RmsNorm {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, c) = f32_rows(s1, l1).ok_or_else(|| not_fused(self.name()))?;
-        let (w, _) = f32_rows(s2, l2).ok_or_else(|| not_fused(self.name()))?;
+        let (x, c) = rows(self.name(), s1, l1)?;
+        let (w, _) = rows(self.name(), s2, l2)?;
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(c)
             .zip(x.par_chunks(c))
@@ -107,9 +107,9 @@ impl CustomOp3 for RmsNormBackward {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, c) = f32_rows(s1, l1).ok_or_else(|| not_fused(self.name()))?;
-        let (w, _) = f32_rows(s2, l2).ok_or_else(|| not_fused(self.name()))?;
-        let (g, _) = f32_rows(s3, l3).ok_or_else(|| not_fused(self.name()))?;
+        let (x, c) = rows(self.name(), s1, l1)?;
+        let (w, _) = rows(self.name(), s2, l2)?;
+        let (g, _) = rows(self.name(), s3, l3)?;
         let rows = x.len() / c;
         let mut out = vec![0f32; (rows + 1) * c];
         let (dx, _) = out.split_at_mut(rows * c);
@@ -170,9 +170,9 @@ impl CustomOp3 for LayerNorm {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, c) = f32_rows(s1, l1).ok_or_else(|| not_fused(self.name()))?;
-        let (w, _) = f32_rows(s2, l2).ok_or_else(|| not_fused(self.name()))?;
-        let (b, _) = f32_rows(s3, l3).ok_or_else(|| not_fused(self.name()))?;
+        let (x, c) = rows(self.name(), s1, l1)?;
+        let (w, _) = rows(self.name(), s2, l2)?;
+        let (b, _) = rows(self.name(), s3, l3)?;
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(c)
             .zip(x.par_chunks(c))
@@ -225,9 +225,9 @@ impl CustomOp3 for LayerNormBackward {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, c) = f32_rows(s1, l1).ok_or_else(|| not_fused(self.name()))?;
-        let (w, _) = f32_rows(s2, l2).ok_or_else(|| not_fused(self.name()))?;
-        let (g, _) = f32_rows(s3, l3).ok_or_else(|| not_fused(self.name()))?;
+        let (x, c) = rows(self.name(), s1, l1)?;
+        let (w, _) = rows(self.name(), s2, l2)?;
+        let (g, _) = rows(self.name(), s3, l3)?;
         let rows = x.len() / c;
         let n = c as f32;
         let mut out = vec![0f32; (rows + 2) * c];

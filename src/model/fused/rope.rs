@@ -4,7 +4,7 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{f32_rows, fusable, not_fused};
+use super::{fusable, rows};
 
 struct Rope {
     /// `(T, rd/2)` each.
@@ -44,7 +44,7 @@ impl CustomOp1 for Rope {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (x, d) = f32_rows(s, l).ok_or_else(|| not_fused(self.name()))?;
+        let (x, d) = rows(self.name(), s, l)?;
         Ok((CpuStorage::F32(self.rotate(x, d)), l.shape().clone()))
     }
 

@@ -4,7 +4,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, D, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{f32_rows, fusable, not_fused};
+use super::{fusable, rows};
 use crate::config::AttentionWindow;
 
 /// Which entries of a `(…, T, S)` score tensor are visible: query `i` sits at position
@@ -62,7 +62,7 @@ impl CustomOp1 for MaskedSoftmax {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (x, cols) = f32_rows(s, l).ok_or_else(|| not_fused(self.name()))?;
+        let (x, cols) = rows(self.name(), s, l)?;
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(cols)
             .zip(x.par_chunks(cols))
@@ -112,8 +112,8 @@ impl CustomOp2 for SoftmaxBackward {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (y, cols) = f32_rows(s1, l1).ok_or_else(|| not_fused(self.name()))?;
-        let (g, _) = f32_rows(s2, l2).ok_or_else(|| not_fused(self.name()))?;
+        let (y, cols) = rows(self.name(), s1, l1)?;
+        let (g, _) = rows(self.name(), s2, l2)?;
         let mut dx = vec![0f32; y.len()];
         dx.par_chunks_mut(cols)
             .zip(y.par_chunks(cols).zip(g.par_chunks(cols)))

@@ -3,7 +3,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{f32_rows, fusable, not_fused};
+use super::{fusable, not_fused, rows};
 
 const CHUNK: usize = 1 << 12;
 
@@ -25,8 +25,8 @@ impl CustomOp2 for SwiGlu {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (a, _) = f32_rows(s1, l1).ok_or_else(|| not_fused(self.name()))?;
-        let (u, _) = f32_rows(s2, l2).ok_or_else(|| not_fused(self.name()))?;
+        let (a, _) = rows(self.name(), s1, l1)?;
+        let (u, _) = rows(self.name(), s2, l2)?;
         let mut y = vec![0f32; a.len()];
         y.par_chunks_mut(CHUNK)
             .zip(a.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
@@ -70,9 +70,9 @@ impl candle_core::CustomOp3 for SwiGluBackward {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (a, _) = f32_rows(s1, l1).ok_or_else(|| not_fused(self.name()))?;
-        let (u, _) = f32_rows(s2, l2).ok_or_else(|| not_fused(self.name()))?;
-        let (g, _) = f32_rows(s3, l3).ok_or_else(|| not_fused(self.name()))?;
+        let (a, _) = rows(self.name(), s1, l1)?;
+        let (u, _) = rows(self.name(), s2, l2)?;
+        let (g, _) = rows(self.name(), s3, l3)?;
         let n = a.len();
         let mut out = vec![0f32; 2 * n];
         let (da, du) = out.split_at_mut(n);
