@@ -3,7 +3,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{fusable, not_fused, rows};
+use super::{fusable, rows};
 
 const CHUNK: usize = 1 << 12;
 
