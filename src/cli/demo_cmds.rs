@@ -48,7 +48,18 @@ pub fn demo(a: DemoArgs) -> Result<()> {
         r.base_val_loss.exp(),
         r.tuned_val_loss.exp()
     );
-    println!("generation   {}{}", r.prompt, r.completion);
+    let text = format!("{}{}", r.prompt, r.completion);
+    for (i, line) in text.lines().enumerate() {
+        println!(
+            "{}{}",
+            if i == 0 {
+                "generation   "
+            } else {
+                "             "
+            },
+            line.trim_end()
+        );
+    }
     println!("time         {:.0} s", r.seconds);
     Ok(())
 }
