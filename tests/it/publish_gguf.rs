@@ -501,3 +501,120 @@ fn quantize_refuses_other_families_and_unknown_types() {
         "nothing written"
     );
 }
+
+/// llama.cpp's SentencePiece tokenizer as it reads a `"llama"` vocabulary: spaces become
+/// `▁` (one prepended when `add_space_prefix`), the text splits into characters, the
+/// adjacent pair whose concatenation is a token with the highest score merges first
+/// (leftmost on ties) until none is, and what is not a token falls back to `<0xXX>`.
+fn llama_cpp_spm(text: &str, tokens: &[String], scores: &[f64], space_prefix: bool) -> Vec<u32> {
+    let id: std::collections::HashMap<&str, usize> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.as_str(), i))
+        .collect();
+    let mut s = text.replace(' ', "\u{2581}");
+    if space_prefix {
+        s.insert(0, '\u{2581}');
+    }
+    let mut sym: Vec<String> = s.chars().map(String::from).collect();
+    loop {
+        let mut best: Option<(f64, usize)> = None;
+        for i in 0..sym.len().saturating_sub(1) {
+            if let Some(&t) = id.get(format!("{}{}", sym[i], sym[i + 1]).as_str()) {
+                if best.is_none_or(|(sc, _)| scores[t] > sc) {
+                    best = Some((scores[t], i));
+                }
+            }
+        }
+        let Some((_, i)) = best else { break };
+        let right = sym.remove(i + 1);
+        sym[i].push_str(&right);
+    }
+    sym.iter()
+        .flat_map(|s| match id.get(s.as_str()) {
+            Some(&t) => vec![t as u32],
+            None => s
+                .bytes()
+                .map(|b| id[format!("<0x{b:02X}>").as_str()] as u32)
+                .collect(),
+        })
+        .collect()
+}
+
+#[test]
+fn sentencepiece_tokenizer_becomes_llamas_vocabulary_that_tokenizes_the_same() {
+    // Llama-2 / Mistral ship a SentencePiece BPE tokenizer.json (byte fallback, `▁`);
+    // the fixture is one, converted by utils/make_spm_tokenizer.py and checked there
+    // against SentencePiece itself.
+    let tmp = temp_dir();
+    let ckpt = tmp.path().join("llama-spm");
+    std::fs::create_dir(&ckpt).unwrap();
+    let spm = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/spm_tokenizer");
+    for e in std::fs::read_dir(reference_dir("llama")).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_file()
+            && !p
+                .file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("tokenizer")
+        {
+            std::fs::copy(&p, ckpt.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(spm.join(f), ckpt.join(f)).unwrap();
+    }
+    let out = tmp.path().join("spm.gguf");
+    quantize(&ckpt, &out, QuantType::Q8_0).unwrap();
+    let g = parse(&out);
+    assert_eq!(g.meta("tokenizer.ggml.model").str(), "llama");
+    assert!(!g.meta.contains_key("tokenizer.ggml.merges"));
+    assert!(!g.meta.contains_key("tokenizer.ggml.pre"));
+    let Val::Arr(8, tokens) = g.meta("tokenizer.ggml.tokens") else {
+        panic!("tokens")
+    };
+    let tokens: Vec<String> = tokens.iter().map(|t| t.str().to_string()).collect();
+    let Val::Arr(6, scores) = g.meta("tokenizer.ggml.scores") else {
+        panic!("scores are f32")
+    };
+    let scores: Vec<f64> = scores.iter().map(Val::float).collect();
+    let Val::Arr(5, types) = g.meta("tokenizer.ggml.token_type") else {
+        panic!("token types")
+    };
+    let types: Vec<i128> = types.iter().map(Val::int).collect();
+    assert_eq!((tokens.len(), scores.len(), types.len()), (512, 512, 512));
+    assert_eq!(&tokens[..4], ["<unk>", "<s>", "</s>", "<0x00>"]);
+    assert_eq!(&types[..3], [2, 3, 3], "unknown, control, control");
+    assert!(types[3..259].iter().all(|t| *t == 6), "256 byte tokens");
+    assert!(types[259..].iter().all(|t| *t == 1));
+    assert_eq!(g.meta("tokenizer.ggml.unknown_token_id").int(), 0);
+    assert_eq!(g.meta("tokenizer.ggml.bos_token_id").int(), 1);
+    assert_eq!(g.meta("tokenizer.ggml.eos_token_id").int(), 2);
+    assert_eq!(g.meta("tokenizer.ggml.add_bos_token"), &Val::Bool(true));
+    assert_eq!(g.meta("tokenizer.ggml.add_space_prefix"), &Val::Bool(true));
+
+    // What llama.cpp would make of the vocabulary is what the tokenizer gives.
+    let hf = tokenizers::Tokenizer::from_file(spm.join("tokenizer.json")).unwrap();
+    let corpus = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("data/sample/fortunes-br.txt"),
+    )
+    .unwrap();
+    let mut lines: Vec<&str> = corpus.lines().filter(|l| !l.is_empty()).take(400).collect();
+    lines.extend([
+        "[Intervenant 1:] Olá!  Tudo bem? 1234 日本 \t fim",
+        "a  b   c",
+    ]);
+    let mut checked = 0;
+    for line in lines {
+        let want = hf.encode(line, false).unwrap().get_ids().to_vec();
+        assert_eq!(
+            llama_cpp_spm(line, &tokens, &scores, true),
+            want,
+            "{line:?}"
+        );
+        checked += want.len();
+    }
+    assert!(checked > 5000, "{checked} tokens compared");
+}

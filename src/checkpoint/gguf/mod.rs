@@ -121,6 +121,7 @@ pub enum Value {
     Str(String),
     StrArray(Vec<String>),
     I32Array(Vec<i32>),
+    F32Array(Vec<f32>),
 }
 
 impl Value {
@@ -131,7 +132,7 @@ impl Value {
             Value::F32(_) => 6,
             Value::Bool(_) => 7,
             Value::Str(_) => 8,
-            Value::StrArray(_) | Value::I32Array(_) => 9,
+            Value::StrArray(_) | Value::I32Array(_) | Value::F32Array(_) => 9,
         }
     }
 }
@@ -176,6 +177,11 @@ fn put_value(w: &mut impl Write, v: &Value) -> std::io::Result<()> {
         }
         Value::I32Array(a) => {
             w.write_all(&5u32.to_le_bytes())?;
+            w.write_all(&(a.len() as u64).to_le_bytes())?;
+            a.iter().try_for_each(|x| w.write_all(&x.to_le_bytes()))
+        }
+        Value::F32Array(a) => {
+            w.write_all(&6u32.to_le_bytes())?;
             w.write_all(&(a.len() as u64).to_le_bytes())?;
             a.iter().try_for_each(|x| w.write_all(&x.to_le_bytes()))
         }

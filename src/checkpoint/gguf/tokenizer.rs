@@ -1,10 +1,21 @@
-//! The `tokenizer.ggml.*` metadata of a GGUF file from a byte-level BPE
-//! `tokenizer.json` (llama.cpp's `"gpt2"` tokenizer model): tokens in id order (ids
-//! the tokenizer lacks up to the model's vocabulary become `[PADi]`, type unused),
-//! token types (1 normal, 3 control for special added tokens, 4 user-defined for
-//! other added tokens, 5 unused), merges as `"left right"`, special ids, and the
-//! pre-tokenizer llama.cpp must apply (`gpt-2`, `falcon` or `llama-bpe`).
+//! The `tokenizer.ggml.*` metadata of a GGUF file from a `tokenizer.json`, in one of
+//! llama.cpp's two vocabularies for the families `quantize` writes:
+//!
+//! - `"gpt2"`: byte-level BPE (Falcon, Llama-3, GPT-2 style): tokens in id order,
+//!   merges as `"left right"`, and the pre-tokenizer llama.cpp must apply (`gpt-2`,
+//!   `falcon` or `llama-bpe`).
+//! - `"llama"`: SentencePiece BPE as Llama-2 and Mistral ship it (a BPE model with
+//!   `byte_fallback`, `<0xXX>` byte tokens, `▁` for spaces). llama.cpp merges the
+//!   adjacent pair whose merged token scores highest, so each token's score is minus the
+//!   rank of the first merge that produces it: the same order as the merges list.
+//!   Whether a `▁` is prepended to the text comes from the normalizer or pre-tokenizer.
+//!
+//! Both: ids the tokenizer lacks up to the model's vocabulary become `[PADi]` (type
+//! unused), token types 1 normal, 2 unknown, 3 control (special added tokens),
+//! 4 user-defined (other added tokens), 5 unused, 6 byte; special ids; whether BOS is
+//! added; the chat template.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use serde_json::Value as Json;
@@ -13,24 +24,34 @@ use super::Value;
 use crate::config::Config;
 use crate::error::{Error, IoContext, Result};
 
-/// llama.cpp's pre-tokenizer name for a `tokenizer.json` pre-tokenizer.
+const NORMAL: i32 = 1;
+const UNKNOWN: i32 = 2;
+const CONTROL: i32 = 3;
+const USER_DEFINED: i32 = 4;
+const UNUSED: i32 = 5;
+const BYTE: i32 = 6;
+
+fn kind(v: &Json) -> &str {
+    v.get("type").and_then(Json::as_str).unwrap_or("")
+}
+
+/// The parts of a `Sequence` (or the thing itself).
+fn parts<'a>(v: &'a Json, list: &str) -> Vec<&'a Json> {
+    match v.get(list).and_then(Json::as_array) {
+        Some(a) if kind(v) == "Sequence" => a.iter().collect(),
+        _ if v.is_null() => Vec::new(),
+        _ => vec![v],
+    }
+}
+
+/// llama.cpp's pre-tokenizer name for a byte-level `tokenizer.json` pre-tokenizer.
 fn pre_tokenizer(pre: &Json) -> Option<&'static str> {
-    let kind = |v: &Json| {
-        v.get("type")
-            .and_then(Json::as_str)
-            .unwrap_or("")
-            .to_string()
-    };
-    match kind(pre).as_str() {
+    match kind(pre) {
         "ByteLevel" if pre.get("use_regex").and_then(Json::as_bool) != Some(false) => Some("gpt-2"),
         "Sequence" => {
-            let parts: Vec<&Json> = pre
-                .get("pretokenizers")
-                .and_then(Json::as_array)
-                .map(|a| a.iter().collect())
-                .unwrap_or_default();
-            let kinds: Vec<String> = parts.iter().map(|p| kind(p)).collect();
-            let has = |k: &str| kinds.iter().any(|x| x == k);
+            let parts = parts(pre, "pretokenizers");
+            let kinds: Vec<&str> = parts.iter().map(|p| kind(p)).collect();
+            let has = |k: &str| kinds.contains(&k);
             let text = pre.to_string();
             if has("Punctuation") && has("ByteLevel") && has("Digits") {
                 Some("falcon")
@@ -48,7 +69,49 @@ fn pre_tokenizer(pre: &Json) -> Option<&'static str> {
     }
 }
 
-/// The `tokenizer.ggml.*` keys of a byte-level BPE `tokenizer.json`.
+/// Whether a SentencePiece-style tokenizer prepends `▁` to the text: a `Prepend`
+/// normalizer (the legacy conversion) or a `Metaspace` pre-tokenizer that does.
+fn adds_space_prefix(v: &Json) -> bool {
+    let prepends = parts(&v["normalizer"], "normalizers")
+        .iter()
+        .any(|n| kind(n) == "Prepend");
+    let metaspace = parts(&v["pre_tokenizer"], "pretokenizers")
+        .into_iter()
+        .find(|p| kind(p) == "Metaspace");
+    prepends
+        || metaspace.is_some_and(|m| match m.get("prepend_scheme").and_then(Json::as_str) {
+            Some(scheme) => scheme != "never",
+            None => m.get("add_prefix_space").and_then(Json::as_bool) != Some(false),
+        })
+}
+
+fn merge_pairs(model: &Json) -> Vec<(String, String)> {
+    model
+        .get("merges")
+        .and_then(Json::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|m| match m {
+            Json::String(s) => {
+                let (l, r) = s.split_once(' ')?;
+                Some((l.to_string(), r.to_string()))
+            }
+            Json::Array(p) if p.len() == 2 => {
+                Some((p[0].as_str()?.to_string(), p[1].as_str()?.to_string()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn is_byte_token(t: &str) -> bool {
+    t.len() == 6
+        && t.starts_with("<0x")
+        && t.ends_with('>')
+        && t[3..5].bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// The `tokenizer.ggml.*` keys for the `tokenizer.json` in `dir`.
 pub(crate) fn tokenizer_metadata(dir: &Path, cfg: &Config) -> Result<Vec<(String, Value)>> {
     let path = dir.join("tokenizer.json");
     if !path.exists() {
@@ -61,26 +124,35 @@ pub(crate) fn tokenizer_metadata(dir: &Path, cfg: &Config) -> Result<Vec<(String
     let v: Json = serde_json::from_str(&text)
         .map_err(|e| Error::bad_file(&path, format!("not JSON: {e}")))?;
     let model = v.get("model").cloned().unwrap_or(Json::Null);
+    let bpe = kind(&model) == "BPE";
     let byte_level = v
         .get("decoder")
         .map(|d| d.to_string().contains("\"ByteLevel\""))
         == Some(true);
-    if model.get("type").and_then(Json::as_str) != Some("BPE") || !byte_level {
+    let sentencepiece = bpe && model.get("byte_fallback").and_then(Json::as_bool) == Some(true);
+    let pre = if bpe && byte_level && !sentencepiece {
+        Some(v.get("pre_tokenizer").and_then(pre_tokenizer).ok_or_else(|| {
+            Error::bad_file(
+                &path,
+                "its pre_tokenizer matches none that quantize knows for llama.cpp (gpt-2, falcon, llama-bpe)",
+            )
+        })?)
+    } else if sentencepiece {
+        None
+    } else {
         return Err(Error::bad_file(
             &path,
-            "quantize embeds byte-level BPE tokenizers (GPT-2 style, llama.cpp's \"gpt2\" model); \
-             this one is not (SentencePiece-style tokenizers need llama.cpp's convert_hf_to_gguf.py)",
+            format!(
+                "quantize embeds byte-level BPE (GPT-2 style) or SentencePiece BPE (byte_fallback) tokenizers; \
+                 this one is a {:?} model{}",
+                kind(&model),
+                if bpe { " without either" } else { "" }
+            ),
         ));
-    }
-    let pre = v.get("pre_tokenizer").and_then(pre_tokenizer).ok_or_else(|| {
-        Error::bad_file(
-            &path,
-            "its pre_tokenizer matches none that quantize knows for llama.cpp (gpt-2, falcon, llama-bpe)",
-        )
-    })?;
+    };
     let n = cfg.vocab_size;
     let mut tokens: Vec<Option<String>> = vec![None; n];
-    let mut types = vec![1i32; n];
+    let mut types = vec![NORMAL; n];
     let vocab = model
         .get("vocab")
         .and_then(Json::as_object)
@@ -112,42 +184,68 @@ pub(crate) fn tokenizer_metadata(dir: &Path, cfg: &Config) -> Result<Vec<(String
         };
         put(id as usize, content)?;
         let special = a.get("special").and_then(Json::as_bool).unwrap_or(false);
-        types[id as usize] = if special { 3 } else { 4 };
+        types[id as usize] = if special { CONTROL } else { USER_DEFINED };
     }
     let tokens: Vec<String> = tokens
         .into_iter()
         .enumerate()
         .map(|(i, t)| {
             t.unwrap_or_else(|| {
-                types[i] = 5;
+                types[i] = UNUSED;
                 format!("[PAD{i}]")
             })
         })
         .collect();
-    let merges: Vec<String> = model
-        .get("merges")
-        .and_then(Json::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(|m| match m {
-            Json::String(s) => Some(s.clone()),
-            Json::Array(p) if p.len() == 2 => {
-                Some(format!("{} {}", p[0].as_str()?, p[1].as_str()?))
-            }
-            _ => None,
-        })
-        .collect();
+    let merges = merge_pairs(&model);
     let tok = crate::tokenizer::Tokenizer::from_dir(dir)?;
-    let mut m = vec![
-        (
-            "tokenizer.ggml.model".to_string(),
-            Value::Str("gpt2".into()),
-        ),
-        ("tokenizer.ggml.pre".into(), Value::Str(pre.into())),
-        ("tokenizer.ggml.tokens".into(), Value::StrArray(tokens)),
-        ("tokenizer.ggml.token_type".into(), Value::I32Array(types)),
-        ("tokenizer.ggml.merges".into(), Value::StrArray(merges)),
-    ];
+    let mut m: Vec<(String, Value)> = Vec::new();
+    match pre {
+        Some(pre) => {
+            m.push(("tokenizer.ggml.model".into(), Value::Str("gpt2".into())));
+            m.push(("tokenizer.ggml.pre".into(), Value::Str(pre.into())));
+            m.push(("tokenizer.ggml.tokens".into(), Value::StrArray(tokens)));
+            m.push(("tokenizer.ggml.token_type".into(), Value::I32Array(types)));
+            let merges = merges
+                .into_iter()
+                .map(|(l, r)| format!("{l} {r}"))
+                .collect();
+            m.push(("tokenizer.ggml.merges".into(), Value::StrArray(merges)));
+        }
+        None => {
+            // Score: minus the rank of the first merge producing the token; tokens no
+            // merge produces (characters, bytes, specials) never result from merging.
+            let mut rank: HashMap<String, usize> = HashMap::new();
+            for (r, (l, rt)) in merges.iter().enumerate() {
+                rank.entry(format!("{l}{rt}")).or_insert(r);
+            }
+            let unk = model.get("unk_token").and_then(Json::as_str);
+            let mut scores = Vec::with_capacity(n);
+            for (i, t) in tokens.iter().enumerate() {
+                if types[i] == NORMAL && is_byte_token(t) {
+                    types[i] = BYTE;
+                }
+                if Some(t.as_str()) == unk {
+                    types[i] = UNKNOWN;
+                }
+                scores.push(match rank.get(t) {
+                    Some(&r) if types[i] == NORMAL => -(r as f32),
+                    _ if types[i] == NORMAL => -((merges.len() + i) as f32),
+                    _ => 0.0,
+                });
+            }
+            m.push(("tokenizer.ggml.model".into(), Value::Str("llama".into())));
+            m.push(("tokenizer.ggml.tokens".into(), Value::StrArray(tokens)));
+            m.push(("tokenizer.ggml.scores".into(), Value::F32Array(scores)));
+            m.push(("tokenizer.ggml.token_type".into(), Value::I32Array(types)));
+            m.push((
+                "tokenizer.ggml.add_space_prefix".into(),
+                Value::Bool(adds_space_prefix(&v)),
+            ));
+            if let Some(u) = unk.and_then(|u| tok.inner().token_to_id(u)) {
+                m.push(("tokenizer.ggml.unknown_token_id".into(), Value::U32(u)));
+            }
+        }
+    }
     if let Some(b) = tok.bos_id {
         m.push(("tokenizer.ggml.bos_token_id".into(), Value::U32(b)));
     }
