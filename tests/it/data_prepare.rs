@@ -367,3 +367,65 @@ fn data_identical_whatever_the_thread_count() {
     );
     assert_eq!(one, two);
 }
+
+#[test]
+fn data_round_trip_with_a_sentencepiece_tokenizer() {
+    // Llama-2 and Mistral tokenize with SentencePiece (`▁` words, byte fallback, BOS
+    // added): the same guarantees hold, word-boundary cuts included.
+    let tmp = temp_dir();
+    let src = fortunes_source(tmp.path());
+    let model = tmp.path().join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    std::fs::copy(model_dir().join("config.json"), model.join("config.json")).unwrap();
+    let spm = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/spm_tokenizer");
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(spm.join(f), model.join(f)).unwrap();
+    }
+    let dest = tmp.path().join("out");
+    let mut o = options(&src, &dest);
+    o.checkpoint_dir = model.clone();
+    prepare(&o).unwrap();
+    let tok = lit_claire::tokenizer::Tokenizer::from_dir(&model).unwrap();
+    assert_eq!((tok.bos_id, tok.adds_bos), (Some(1), true));
+    let eos = tok.eos_ids[0];
+    let texts = fortunes();
+    let docs: Vec<Vec<u32>> = texts
+        .iter()
+        .map(|t| tok.encode_document(t).unwrap())
+        .collect();
+    assert!(docs.iter().all(|d| d[0] == 1 && d.last() == Some(&eos)));
+    let data = PreparedData::open(&dest).unwrap();
+    data.check_tokenizer(&tok).unwrap();
+    let ds = &data.datasets[0];
+    let (train, val) = (samples(&ds.train), samples(&ds.validation));
+    assert!(train.iter().any(|s| s.len() == 65), "some document is cut");
+    // A cut never splits a word: whitespace (`▁` included) just before or after it.
+    let piece = |id: u32| tok.inner().id_to_token(id).unwrap();
+    let mut cuts = 0;
+    for (prev, s) in train.iter().zip(&train[1..]) {
+        if s[0] != 1 {
+            let (last, first) = (piece(*prev.last().unwrap()), piece(s[0]));
+            let space = ["\u{2581}", "\t", "\n", "<0x0A>", "<0x09>"];
+            let after_space = space.iter().any(|w| last.ends_with(w));
+            let before_space = space.iter().any(|w| first.starts_with(w));
+            assert!(
+                before_space || after_space,
+                "a chunk starts inside a word: {last:?} | {first:?}"
+            );
+            cuts += 1;
+        }
+    }
+    assert!(cuts > 10, "{cuts} cut chunks");
+    let (train_docs, val_docs) = (
+        split_docs(&train.concat(), eos),
+        split_docs(&val.concat(), eos),
+    );
+    for d in train_docs.iter().chain(&val_docs).take(300) {
+        let text = tok.decode(d).unwrap();
+        assert!(
+            texts.contains(&text),
+            "decoded document not in the corpus: {text:?}"
+        );
+    }
+    assert_interleaves(&docs, train_docs, val_docs);
+}
