@@ -11,6 +11,7 @@ use lit_claire::strategy::Strategy;
 use rand::SeedableRng;
 
 fn main() -> lit_claire::Result<()> {
+    lit_claire::allocator::keep_freed_memory();
     let lora = std::env::args().any(|a| a == "lora");
     if std::env::args().any(|a| a == "plain") {
         lit_claire::model::fused::set_enabled(false);

@@ -15,6 +15,7 @@
 //! - [`hub`]: uploading to and downloading from the Hugging Face Hub.
 //! - [`cli`]: the command-line front end.
 
+pub mod allocator;
 pub mod bench;
 pub mod chat;
 pub mod checkpoint;
