@@ -76,7 +76,7 @@ impl<'a> ChatSession<'a> {
         mut on_text: impl FnMut(&str) -> Result<()>,
     ) -> Result<String> {
         let ids = self.prompt(message)?;
-        let mut stream = TextStream::new(self.tokenizer);
+        let mut stream = TextStream::after(self.tokenizer, &ids)?;
         let mut answer = String::new();
         let mut printed = 0;
         let stop = self.tokenizer.eos_ids.clone();

@@ -171,7 +171,7 @@ pub fn run_demo(opts: &DemoOptions) -> Result<DemoReport> {
         &tokenizer.eos_ids,
         |_| Ok(true),
     )?;
-    let completion = tokenizer.decode(&g.new_ids)?;
+    let completion = tokenizer.decode_after(&prompt_ids, &g.new_ids)?;
 
     let report = DemoReport {
         model_dir,

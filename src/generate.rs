@@ -207,12 +207,15 @@ pub struct TextStream<'a> {
 }
 
 impl<'a> TextStream<'a> {
-    pub fn new(tok: &'a crate::tokenizer::Tokenizer) -> Self {
-        TextStream {
-            tok,
-            ids: Vec::new(),
-            printed: 0,
-        }
+    /// The text of ids that follow `prompt`, decoded with the prompt's last tokens (see
+    /// [`Tokenizer::decode_after`](crate::tokenizer::Tokenizer::decode_after)).
+    pub fn after(tok: &'a crate::tokenizer::Tokenizer, prompt: &[u32]) -> Result<Self> {
+        let ids = prompt[prompt
+            .len()
+            .saturating_sub(crate::tokenizer::DECODE_CONTEXT)..]
+            .to_vec();
+        let printed = tok.decode(&ids)?.len();
+        Ok(TextStream { tok, ids, printed })
     }
 
     /// The new text after adding `id` (empty while a multi-byte character is incomplete).

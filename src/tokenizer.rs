@@ -149,6 +149,20 @@ impl Tokenizer {
         Ok(self.inner.decode(ids, true)?)
     }
 
+    /// The text `ids` add after `context` (a prompt): decoded together with the end of
+    /// the context, since some tokenizers decode a token differently at the start of a
+    /// text (SentencePiece drops the space the text starts with: `▁bem` alone is "bem",
+    /// after "tudo" it is " bem").
+    pub fn decode_after(&self, context: &[u32], ids: &[u32]) -> Result<String> {
+        let ctx = &context[context.len().saturating_sub(DECODE_CONTEXT)..];
+        let before = self.decode(ctx)?;
+        let all = self.decode(&[ctx, ids].concat())?;
+        Ok(match all.strip_prefix(before.as_str()) {
+            Some(new) => new.to_string(),
+            None => self.decode(ids)?,
+        })
+    }
+
     /// Number of ids the tokenizer can produce (added tokens included).
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
@@ -166,6 +180,9 @@ impl Tokenizer {
 }
 
 /// Lower-case hexadecimal of bytes.
+/// Tokens of context [`Tokenizer::decode_after`] decodes with.
+pub const DECODE_CONTEXT: usize = 16;
+
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

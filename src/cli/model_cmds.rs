@@ -146,7 +146,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     let (model, tokenizer) = load(&a.checkpoint_dir, a.adapter.as_ref(), &a.runtime)?;
     let prompt = tokenizer.encode(&a.prompt)?;
     crate::generate::check_prompt(&model, &prompt)?;
-    let mut stream = TextStream::new(&tokenizer);
+    let mut stream = TextStream::after(&tokenizer, &prompt)?;
     let mut out = std::io::stdout().lock();
     let text_mode = a.format == Format::Text;
     if text_mode {
@@ -176,7 +176,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         );
     } else {
         let v = json!({
-            "completion": tokenizer.decode(&g.new_ids)?,
+            "completion": tokenizer.decode_after(&prompt, &g.new_ids)?,
             "new_token_ids": g.new_ids,
             "tokens_per_s": g.tokens_per_s,
         });

@@ -344,3 +344,42 @@ fn bad_inputs_give_one_line_errors() {
         "another base model",
     );
 }
+
+#[test]
+fn completions_keep_the_space_a_sentencepiece_token_starts_with() {
+    // `▁bem` decoded alone is "bem"; after a prompt it is " bem". Generated text is
+    // decoded with the prompt's end, streamed or not.
+    let spm = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/spm_tokenizer");
+    let tok = lit_claire::tokenizer::Tokenizer::from_dir(&spm).unwrap();
+    for (prompt, text) in [
+        ("Olá mundo, tudo", "Olá mundo, tudo bem? Sim, tudo ótimo."),
+        ("Prompt", "Prompt\nnova linha"),
+        ("日", "日本 語"),
+    ] {
+        let all = tok.encode(text).unwrap();
+        let n = tok.encode(prompt).unwrap().len();
+        let (p, new) = all.split_at(n);
+        assert_eq!(tok.decode(p).unwrap(), prompt);
+        let want = &text[prompt.len()..];
+        assert_eq!(tok.decode_after(p, new).unwrap(), want);
+        let mut stream = lit_claire::generate::TextStream::after(&tok, p).unwrap();
+        let streamed: String = new.iter().map(|&id| stream.push(id).unwrap()).collect();
+        assert_eq!(streamed, want);
+    }
+    // What decoding the new tokens alone would give: the space is lost.
+    let all = tok.encode("tudo bem").unwrap();
+    let k = (2..all.len())
+        .find(|&k| {
+            tok.inner()
+                .id_to_token(all[k])
+                .unwrap()
+                .starts_with('\u{2581}')
+        })
+        .unwrap();
+    assert!(!tok.decode(&all[k..]).unwrap().starts_with(' '));
+    assert!(
+        tok.decode_after(&all[..k], &all[k..])
+            .unwrap()
+            .starts_with(' ')
+    );
+}
