@@ -26,14 +26,9 @@ use crate::error::{Error, IoContext, Result};
 use crate::lora::LoraConfig;
 use crate::model::Gpt;
 
-/// Files copied from the base model folder into every checkpoint.
-pub const SIDE_FILES: &[&str] = &[
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-];
+/// Files copied from the base model folder into every checkpoint (with the tokenizer's,
+/// [`TOKENIZER_FILES`](crate::checkpoint::export::TOKENIZER_FILES)).
+pub const SIDE_FILES: &[&str] = &["config.json", "generation_config.json"];
 
 pub const STATE_FILE: &str = "training_state.json";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
@@ -83,7 +78,10 @@ pub fn save(
         std::fs::remove_dir_all(&tmp).at(&tmp)?;
     }
     std::fs::create_dir_all(&tmp).at(&tmp)?;
-    for f in SIDE_FILES {
+    for f in SIDE_FILES
+        .iter()
+        .chain(crate::checkpoint::export::TOKENIZER_FILES)
+    {
         let src = state.base_checkpoint_dir.join(f);
         if src.exists() {
             std::fs::copy(&src, tmp.join(f)).at(&src)?;
