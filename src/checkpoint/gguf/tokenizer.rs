@@ -111,6 +111,44 @@ fn is_byte_token(t: &str) -> bool {
         && t[3..5].bytes().all(|b| b.is_ascii_hexdigit())
 }
 
+/// Which of llama.cpp's vocabularies a `tokenizer.json` becomes.
+enum Vocabulary {
+    /// `"gpt2"`, with llama.cpp's name of the pre-tokenizer.
+    ByteLevel { pre: &'static str },
+    /// `"llama"`.
+    SentencePiece,
+}
+
+/// Scores of a SentencePiece vocabulary: minus the rank of the first merge producing a
+/// token; tokens no merge produces (characters, bytes, specials) never result from
+/// merging, so theirs only need to be lower. Marks byte and unknown tokens in `types`.
+fn sentencepiece_scores(
+    tokens: &[String],
+    types: &mut [i32],
+    merges: &[(String, String)],
+    unk: Option<&str>,
+) -> Vec<f32> {
+    let mut rank: HashMap<String, usize> = HashMap::new();
+    for (r, (left, right)) in merges.iter().enumerate() {
+        rank.entry(format!("{left}{right}")).or_insert(r);
+    }
+    let mut scores = Vec::with_capacity(tokens.len());
+    for (i, t) in tokens.iter().enumerate() {
+        if types[i] == NORMAL && is_byte_token(t) {
+            types[i] = BYTE;
+        }
+        if Some(t.as_str()) == unk {
+            types[i] = UNKNOWN;
+        }
+        scores.push(match rank.get(t) {
+            Some(&r) if types[i] == NORMAL => -(r as f32),
+            _ if types[i] == NORMAL => -((merges.len() + i) as f32),
+            _ => 0.0,
+        });
+    }
+    scores
+}
+
 /// The `tokenizer.ggml.*` keys for the `tokenizer.json` in `dir`.
 pub(crate) fn tokenizer_metadata(dir: &Path, cfg: &Config) -> Result<Vec<(String, Value)>> {
     let path = dir.join("tokenizer.json");
@@ -129,16 +167,16 @@ pub(crate) fn tokenizer_metadata(dir: &Path, cfg: &Config) -> Result<Vec<(String
         .get("decoder")
         .map(|d| d.to_string().contains("\"ByteLevel\""))
         == Some(true);
-    let sentencepiece = bpe && model.get("byte_fallback").and_then(Json::as_bool) == Some(true);
-    let pre = if bpe && byte_level && !sentencepiece {
-        Some(v.get("pre_tokenizer").and_then(pre_tokenizer).ok_or_else(|| {
+    let vocabulary = if bpe && model.get("byte_fallback").and_then(Json::as_bool) == Some(true) {
+        Vocabulary::SentencePiece
+    } else if bpe && byte_level {
+        let pre = v.get("pre_tokenizer").and_then(pre_tokenizer).ok_or_else(|| {
             Error::bad_file(
                 &path,
                 "its pre_tokenizer matches none that quantize knows for llama.cpp (gpt-2, falcon, llama-bpe)",
             )
-        })?)
-    } else if sentencepiece {
-        None
+        })?;
+        Vocabulary::ByteLevel { pre }
     } else {
         return Err(Error::bad_file(
             &path,
@@ -199,8 +237,8 @@ pub(crate) fn tokenizer_metadata(dir: &Path, cfg: &Config) -> Result<Vec<(String
     let merges = merge_pairs(&model);
     let tok = crate::tokenizer::Tokenizer::from_dir(dir)?;
     let mut m: Vec<(String, Value)> = Vec::new();
-    match pre {
-        Some(pre) => {
+    match vocabulary {
+        Vocabulary::ByteLevel { pre } => {
             m.push(("tokenizer.ggml.model".into(), Value::Str("gpt2".into())));
             m.push(("tokenizer.ggml.pre".into(), Value::Str(pre.into())));
             m.push(("tokenizer.ggml.tokens".into(), Value::StrArray(tokens)));
@@ -211,28 +249,9 @@ pub(crate) fn tokenizer_metadata(dir: &Path, cfg: &Config) -> Result<Vec<(String
                 .collect();
             m.push(("tokenizer.ggml.merges".into(), Value::StrArray(merges)));
         }
-        None => {
-            // Score: minus the rank of the first merge producing the token; tokens no
-            // merge produces (characters, bytes, specials) never result from merging.
-            let mut rank: HashMap<String, usize> = HashMap::new();
-            for (r, (l, rt)) in merges.iter().enumerate() {
-                rank.entry(format!("{l}{rt}")).or_insert(r);
-            }
+        Vocabulary::SentencePiece => {
             let unk = model.get("unk_token").and_then(Json::as_str);
-            let mut scores = Vec::with_capacity(n);
-            for (i, t) in tokens.iter().enumerate() {
-                if types[i] == NORMAL && is_byte_token(t) {
-                    types[i] = BYTE;
-                }
-                if Some(t.as_str()) == unk {
-                    types[i] = UNKNOWN;
-                }
-                scores.push(match rank.get(t) {
-                    Some(&r) if types[i] == NORMAL => -(r as f32),
-                    _ if types[i] == NORMAL => -((merges.len() + i) as f32),
-                    _ => 0.0,
-                });
-            }
+            let scores = sentencepiece_scores(&tokens, &mut types, &merges, unk);
             m.push(("tokenizer.ggml.model".into(), Value::Str("llama".into())));
             m.push(("tokenizer.ggml.tokens".into(), Value::StrArray(tokens)));
             m.push(("tokenizer.ggml.scores".into(), Value::F32Array(scores)));
