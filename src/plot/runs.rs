@@ -59,19 +59,9 @@ pub fn read_metrics(path: impl AsRef<Path>) -> Result<Vec<MetricsRow>> {
         path,
         "is this a run directory written by `lit-claire pretrain`?",
     )?;
-    let step = table.require(path, "step")?;
-    let known = [
-        "epoch",
-        "tokens",
-        "loss",
-        "learning_rate",
-        "grad_norm",
-        "tokens_per_s",
-        "elapsed_s",
-        "val_loss",
-        "val_ppl",
-    ]
-    .map(|name| table.column(name));
+    let [step_name, rest @ ..] = crate::train::metrics::COLUMNS;
+    let step = table.require(path, step_name)?;
+    let known = rest.map(|name| table.column(name));
     let [
         epoch,
         tokens,

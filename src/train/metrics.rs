@@ -36,22 +36,22 @@ pub struct MetricsWriter {
     file: File,
 }
 
+/// The columns of `metrics.csv` before the per-dataset `val_loss/<dataset>` ones.
+pub const COLUMNS: [&str; 10] = [
+    "step",
+    "epoch",
+    "tokens",
+    "loss",
+    "learning_rate",
+    "grad_norm",
+    "tokens_per_s",
+    "elapsed_s",
+    "val_loss",
+    "val_ppl",
+];
+
 fn header(datasets: &[String]) -> String {
-    let mut cols: Vec<String> = [
-        "step",
-        "epoch",
-        "tokens",
-        "loss",
-        "learning_rate",
-        "grad_norm",
-        "tokens_per_s",
-        "elapsed_s",
-        "val_loss",
-        "val_ppl",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut cols: Vec<String> = COLUMNS.iter().map(|s| s.to_string()).collect();
     cols.extend(datasets.iter().map(|d| format!("val_loss/{d}")));
     cols.join(",")
 }
