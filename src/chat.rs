@@ -91,15 +91,13 @@ impl<'a> ChatSession<'a> {
                     return Ok(false);
                 }
                 answer.push_str(&stream.push(id)?);
-                // A new speaker turn ends the answer.
-                let cut = answer.find("\n[");
-                let visible = cut.unwrap_or(answer.len());
-                if visible > printed {
-                    on_text(&answer[printed..visible])?;
-                    printed = visible;
+                let (show, turn_ended) = to_show(&answer, printed);
+                if !show.is_empty() {
+                    on_text(&answer[show.clone()])?;
+                    printed = show.end;
                 }
-                if let Some(c) = cut {
-                    answer.truncate(c);
+                if turn_ended {
+                    answer.truncate(show.end);
                     return Ok(false);
                 }
                 Ok(true)
@@ -114,5 +112,32 @@ impl<'a> ChatSession<'a> {
             answer
         ));
         Ok(answer)
+    }
+}
+
+/// What of the answer so far to show, given that `printed` bytes were shown: from there
+/// (past the space the model starts its turn with, after the tag) up to a new speaker
+/// turn, which ends the answer (the bool).
+fn to_show(answer: &str, printed: usize) -> (std::ops::Range<usize>, bool) {
+    let cut = answer.find("\n[");
+    let end = cut.unwrap_or(answer.len());
+    let start = printed
+        .max(answer.len() - answer.trim_start().len())
+        .min(end);
+    (start..end, cut.is_some())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::to_show;
+
+    #[test]
+    fn shows_the_answer_without_its_leading_space_up_to_the_next_turn() {
+        assert_eq!(to_show(" ", 0), (1..1, false));
+        assert_eq!(to_show("  non", 0), (2..5, false));
+        assert_eq!(to_show("  non merci", 5), (5..11, false));
+        assert_eq!(to_show(" non\n[Intervenant 1:]", 0), (1..4, true));
+        assert_eq!(to_show(" non\n[", 4), (4..4, true));
+        assert_eq!(to_show("\n[Intervenant", 0), (0..0, true));
     }
 }

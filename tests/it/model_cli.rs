@@ -383,3 +383,28 @@ fn completions_keep_the_space_a_sentencepiece_token_starts_with() {
             .starts_with(' ')
     );
 }
+
+#[test]
+fn chat_answers_stream_as_they_are_kept() {
+    // What is streamed is the answer kept in the history (the CLI prints the tag).
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/models/tiny-llama-fortunes");
+    let model = load_model(&dir, &BuildOptions::cpu_f32(), None).unwrap();
+    let tok = lit_claire::tokenizer::Tokenizer::from_dir(&dir).unwrap();
+    let sampling = lit_claire::generate::Sampling {
+        temperature: 0.8,
+        ..Default::default()
+    };
+    let mut chat = lit_claire::chat::ChatSession::new(&model, &tok, sampling, 30);
+    for message in ["Bom dia!", "O que é o amor?"] {
+        let mut streamed = String::new();
+        let answer = chat
+            .respond(message, |piece| {
+                streamed.push_str(piece);
+                Ok(())
+            })
+            .unwrap();
+        assert!(!answer.is_empty());
+        assert!(!streamed.starts_with(char::is_whitespace), "{streamed:?}");
+        assert_eq!(streamed.trim_end(), answer);
+    }
+}
