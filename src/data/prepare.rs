@@ -1,7 +1,7 @@
 //! `prepare-data`: raw text to memory-mapped training shards.
 //!
 //! For each dataset (see [`sources`](super::sources)), one streaming pass
-//! ([`pipeline`](super::pipeline)) tokenizes its documents into two split writers
+//! (`pipeline`) tokenizes its documents into two split writers
 //! ([`writer`](super::writer)), which cut them into Megatron shards.
 //!
 //! - Each document is `Tokenizer::encode_document(text)`: BOS where the model uses one,

@@ -67,7 +67,7 @@ pub struct YScale {
 impl YScale {
     /// The scale for data spanning `[data_lo, data_hi]`, bounded by the user's
     /// `--min-loss`/`--max-loss` where given. Log when the shown range is positive and
-    /// spans more than [`LOG_RATIO`]; unbounded ends get a little padding.
+    /// spans more than `LOG_RATIO`; unbounded ends get a little padding.
     pub fn new(data_lo: f64, data_hi: f64, min: Option<f64>, max: Option<f64>) -> Self {
         let (mut lo, mut hi) = (min.unwrap_or(data_lo), max.unwrap_or(data_hi));
         if hi <= lo {
