@@ -210,10 +210,7 @@ impl<'a> TextStream<'a> {
     /// The text of ids that follow `prompt`, decoded with the prompt's last tokens (see
     /// [`Tokenizer::decode_after`](crate::tokenizer::Tokenizer::decode_after)).
     pub fn after(tok: &'a crate::tokenizer::Tokenizer, prompt: &[u32]) -> Result<Self> {
-        let ids = prompt[prompt
-            .len()
-            .saturating_sub(crate::tokenizer::DECODE_CONTEXT)..]
-            .to_vec();
+        let ids = crate::tokenizer::decode_context(prompt).to_vec();
         let printed = tok.decode(&ids)?.len();
         Ok(TextStream { tok, ids, printed })
     }

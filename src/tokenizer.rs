@@ -154,7 +154,7 @@ impl Tokenizer {
     /// text (SentencePiece drops the space the text starts with: `▁bem` alone is "bem",
     /// after "tudo" it is " bem").
     pub fn decode_after(&self, context: &[u32], ids: &[u32]) -> Result<String> {
-        let ctx = &context[context.len().saturating_sub(DECODE_CONTEXT)..];
+        let ctx = decode_context(context);
         let before = self.decode(ctx)?;
         let all = self.decode(&[ctx, ids].concat())?;
         Ok(match all.strip_prefix(before.as_str()) {
@@ -179,10 +179,13 @@ impl Tokenizer {
     }
 }
 
-/// Lower-case hexadecimal of bytes.
-/// Tokens of context [`Tokenizer::decode_after`] decodes with.
-pub const DECODE_CONTEXT: usize = 16;
+/// The end of `context` that generated tokens are decoded with (its last 16 tokens): see
+/// [`Tokenizer::decode_after`].
+pub fn decode_context(context: &[u32]) -> &[u32] {
+    &context[context.len().saturating_sub(16)..]
+}
 
+/// Lower-case hexadecimal of bytes.
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
