@@ -293,7 +293,7 @@ fn child_prepare(src: &Path, model: &Path, dest: &Path, padding: bool, label: &s
     let mut o = PrepareOptions::new(src, model, dest);
     o.max_length = Some(2048);
     o.padding = padding;
-    o.text_layout = TextLayout::Separator("%".into());
+    o.read.layout = TextLayout::Separator("%".into());
     o.overwrite = true;
     let start = Instant::now();
     let cpu = cpu_seconds();

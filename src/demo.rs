@@ -102,7 +102,7 @@ pub fn run_demo(opts: &DemoOptions) -> Result<DemoReport> {
     eprintln!("[1/4] prepare-data: the sample corpus, tokenized into blocks of 129 tokens");
     let data_dir = out.join("data");
     let mut prep = PrepareOptions::new(&out.join("raw"), &model_dir, &data_dir);
-    prep.text_layout = TextLayout::Separator("%".into());
+    prep.read.layout = TextLayout::Separator("%".into());
     prep.max_length = Some(128);
     prep.padding = false;
     prep.multiple_of = 1;

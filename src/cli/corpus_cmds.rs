@@ -6,34 +6,8 @@ use std::time::Instant;
 use clap::Args;
 
 use crate::data::dedup::{DedupOptions, dedup as run_dedup};
-use crate::data::documents::TextLayout;
 use crate::data::train_tokenizer::{TrainTokenizerOptions, train_tokenizer as run_train};
 use crate::error::Result;
-
-/// How raw files hold their documents.
-#[derive(Debug, Clone, Args)]
-pub struct InputFormatArgs {
-    /// Field of the text in .jsonl files (other fields are kept as they are).
-    #[arg(long, default_value = "text")]
-    pub json_key: String,
-    /// Line that separates documents in .txt files ("" for a blank line, "%" for
-    /// fortune files); without it every line is a document.
-    #[arg(long)]
-    pub doc_separator: Option<String>,
-    /// Count and drop jsonl lines that are not JSON or lack the text field, instead of
-    /// stopping at the first.
-    #[arg(long)]
-    pub skip_bad_lines: bool,
-}
-
-impl InputFormatArgs {
-    fn layout(&self) -> TextLayout {
-        match &self.doc_separator {
-            Some(s) => TextLayout::Separator(s.clone()),
-            None => TextLayout::LinePerDocument,
-        }
-    }
-}
 
 #[derive(Debug, Args)]
 pub struct TrainTokenizerArgs {
@@ -68,7 +42,7 @@ pub struct TrainTokenizerArgs {
     #[arg(long, default_value_t = 2048)]
     pub model_max_length: usize,
     #[command(flatten)]
-    pub format: InputFormatArgs,
+    pub format: super::InputFormatArgs,
     /// Replace a tokenizer.json already in --output.
     #[arg(long)]
     pub overwrite: bool,
@@ -84,9 +58,7 @@ pub fn train_tokenizer(a: TrainTokenizerArgs) -> Result<()> {
     opts.special_tokens = a.special_tokens;
     opts.min_frequency = a.min_frequency;
     opts.model_max_length = a.model_max_length;
-    opts.layout = a.format.layout();
-    opts.json_key = a.format.json_key;
-    opts.skip_bad_lines = a.format.skip_bad_lines;
+    opts.read = a.format.read_options();
     opts.overwrite = a.overwrite;
     opts.progress = true;
     let start = Instant::now();
@@ -133,7 +105,7 @@ pub struct DedupArgs {
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
     #[command(flatten)]
-    pub format: InputFormatArgs,
+    pub format: super::InputFormatArgs,
     /// Replace --output if it exists.
     #[arg(long)]
     pub overwrite: bool,
@@ -145,9 +117,7 @@ pub fn dedup(a: DedupArgs) -> Result<()> {
     opts.ngram = a.ngram;
     opts.threshold = a.threshold;
     opts.seed = a.seed;
-    opts.layout = a.format.layout();
-    opts.json_key = a.format.json_key;
-    opts.skip_bad_lines = a.format.skip_bad_lines;
+    opts.read = a.format.read_options();
     opts.overwrite = a.overwrite;
     opts.progress = true;
     let start = Instant::now();

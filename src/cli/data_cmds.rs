@@ -6,7 +6,6 @@ use clap::{ArgAction, Args};
 
 use super::Format;
 use crate::data::chunk::DEFAULT_TURN_PATTERN;
-use crate::data::documents::TextLayout;
 use crate::data::prepare::{PrepareOptions, prepare_data as run_prepare};
 use crate::error::Result;
 
@@ -29,13 +28,8 @@ pub struct PrepareDataArgs {
     /// false: documents packed back to back into full samples.
     #[arg(long, action = ArgAction::Set, default_value_t = true)]
     pub padding: bool,
-    /// Documents in .txt files are separated by lines equal to this (e.g. '%', or ''
-    /// for a blank line); default: one document per line.
-    #[arg(long)]
-    pub doc_separator: Option<String>,
-    /// Field of .jsonl records holding the text.
-    #[arg(long, default_value = "text")]
-    pub json_key: String,
+    #[command(flatten)]
+    pub input: super::InputFormatArgs,
     /// Share of documents for validation when a dataset has no test/dev/validation file.
     #[arg(long, default_value_t = 0.05)]
     pub val_fraction: f64,
@@ -63,9 +57,6 @@ pub struct PrepareDataArgs {
     /// Redo datasets that are already complete.
     #[arg(long)]
     pub overwrite: bool,
-    /// Count and skip .jsonl lines that are not JSON or lack --json-key.
-    #[arg(long)]
-    pub skip_bad_lines: bool,
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
 }
@@ -75,11 +66,7 @@ pub fn prepare_data(a: PrepareDataArgs) -> Result<()> {
     let mut opts = PrepareOptions::new(&a.source_path, &a.checkpoint_dir, &a.destination_path);
     opts.max_length = a.max_length;
     opts.padding = a.padding;
-    opts.text_layout = match a.doc_separator {
-        Some(sep) => TextLayout::Separator(sep),
-        None => TextLayout::LinePerDocument,
-    };
-    opts.json_key = a.json_key;
+    opts.read = a.input.read_options();
     opts.val_fraction = a.val_fraction;
     opts.seed = a.seed;
     opts.turn_pattern = a.turn_pattern;
@@ -89,7 +76,6 @@ pub fn prepare_data(a: PrepareDataArgs) -> Result<()> {
     opts.multiple_of = a.multiple_of;
     opts.shard_tokens = a.shard_tokens;
     opts.overwrite = a.overwrite;
-    opts.skip_bad_lines = a.skip_bad_lines;
     opts.progress = true;
     let report = run_prepare(&opts)?;
     match a.format {

@@ -83,6 +83,32 @@ pub fn run() -> Result<()> {
     }
 }
 
+/// How raw files hold their documents (prepare-data, train-tokenizer, dedup).
+#[derive(Debug, Clone, clap::Args)]
+pub struct InputFormatArgs {
+    /// Field of the text in .jsonl files (other fields are ignored, and kept by dedup).
+    #[arg(long, default_value = "text")]
+    pub json_key: String,
+    /// Line that separates documents in .txt files ("" for a blank line, "%" for
+    /// fortune files); without it every line is a document.
+    #[arg(long)]
+    pub doc_separator: Option<String>,
+    /// Count and drop .jsonl lines that are not JSON or lack the text field, instead of
+    /// stopping at the first.
+    #[arg(long)]
+    pub skip_bad_lines: bool,
+}
+
+impl InputFormatArgs {
+    pub fn read_options(self) -> crate::data::documents::ReadOptions {
+        crate::data::documents::ReadOptions {
+            layout: crate::data::documents::TextLayout::from_separator(self.doc_separator),
+            json_key: self.json_key,
+            skip_bad_lines: self.skip_bad_lines,
+        }
+    }
+}
+
 /// Output format of commands that report numbers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Format {

@@ -39,7 +39,7 @@ use serde::Serialize;
 use serde_json::json;
 use twox_hash::XxHash3_128;
 
-use super::documents::{DocFormat, Record, TextLayout, format_of, is_document_file, records};
+use super::documents::{DocFormat, ReadOptions, Record, is_document_file, records};
 use super::minhash::{Clusters, Lsh, MinHasher, estimated_jaccard, optimal_bands};
 use crate::error::{Error, IoContext, Result};
 
@@ -72,12 +72,8 @@ pub struct DedupOptions {
     pub threshold: f64,
     /// Seed of the hash functions.
     pub seed: u64,
-    /// How `.txt` files hold documents.
-    pub layout: TextLayout,
-    /// Field holding the text in `.jsonl` files.
-    pub json_key: String,
-    /// Count and drop jsonl lines that are not JSON or lack the key, instead of failing.
-    pub skip_bad_lines: bool,
+    /// How `.txt` and `.jsonl` files hold documents.
+    pub read: ReadOptions,
     /// Replace `output` if it exists.
     pub overwrite: bool,
     /// Show progress bars on stderr.
@@ -94,9 +90,7 @@ impl DedupOptions {
             ngram: 5,
             threshold: 0.85,
             seed: 42,
-            layout: TextLayout::LinePerDocument,
-            json_key: "text".into(),
-            skip_bad_lines: false,
+            read: ReadOptions::default(),
             overwrite: false,
             progress: false,
         }
@@ -123,8 +117,8 @@ impl DedupOptions {
                 self.ngram
             ));
         }
-        if self.json_key.is_empty() {
-            bad.push("--json-key must not be empty".into());
+        if let Some(p) = self.read.problem() {
+            bad.push(p.into());
         }
         if bad.is_empty() {
             Ok(())
@@ -330,12 +324,9 @@ pub fn dedup(opts: &DedupOptions) -> Result<DedupReport> {
             "seed": opts.seed,
             "bands": bands,
             "rows": rows,
-            "json_key": opts.json_key,
-            "doc_separator": match &opts.layout {
-                TextLayout::LinePerDocument => serde_json::Value::Null,
-                TextLayout::Separator(s) => json!(s),
-            },
-            "skip_bad_lines": opts.skip_bad_lines,
+            "json_key": opts.read.json_key,
+            "doc_separator": opts.read.layout.separator(),
+            "skip_bad_lines": opts.read.skip_bad_lines,
         }),
         totals: Counts::default(),
         clusters: tally.clusters,
@@ -556,8 +547,7 @@ fn scan(opts: &DedupOptions, files: &[InputFile], hasher: &MinHasher) -> Result<
         let (tx, rx): (SyncSender<Result<Msg>>, Receiver<Result<Msg>>) = sync_channel(2);
         scope.spawn(move || {
             for f in files {
-                let fmt = format_of(&f.path, &opts.layout, &opts.json_key);
-                let mut recs = match records(&f.path, fmt, opts.skip_bad_lines) {
+                let mut recs = match opts.read.records(&f.path) {
                     Ok(r) => r,
                     Err(e) => {
                         let _ = tx.send(Err(e));
@@ -687,14 +677,14 @@ fn copy_kept(
     target: &Path,
     keep: &(dyn Fn(usize) -> bool + Sync),
 ) -> Result<()> {
-    let fmt = format_of(&f.path, &opts.layout, &opts.json_key);
+    let fmt = opts.read.format_of(&f.path);
     // Text documents separated by a line: write that line after each one.
     let sep = match &fmt {
-        DocFormat::Text(TextLayout::Separator(s)) => Some(s.clone()),
-        _ => None,
+        DocFormat::Text(layout) => layout.separator().map(String::from),
+        DocFormat::Jsonl { .. } => None,
     };
     let mut n = 0u64;
-    for r in records(&f.path, fmt, opts.skip_bad_lines)? {
+    for r in records(&f.path, fmt, opts.read.skip_bad_lines)? {
         let r = r?;
         if n < sf.docs && keep((sf.start + n) as usize) {
             w.write_all(r.raw.as_bytes()).at(target)?;

@@ -24,6 +24,67 @@ pub enum TextLayout {
     Separator(String),
 }
 
+impl TextLayout {
+    /// `--doc-separator`: `None` is one document per line.
+    pub fn from_separator(separator: Option<String>) -> Self {
+        separator.map_or(TextLayout::LinePerDocument, TextLayout::Separator)
+    }
+
+    /// The separator line, `None` for one document per line.
+    pub fn separator(&self) -> Option<&str> {
+        match self {
+            TextLayout::LinePerDocument => None,
+            TextLayout::Separator(s) => Some(s),
+        }
+    }
+}
+
+/// How raw files are read into documents; prepare-data, dedup and train-tokenizer share it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadOptions {
+    /// Layout of `.txt` files.
+    pub layout: TextLayout,
+    /// Field of `.jsonl` records holding the text.
+    pub json_key: String,
+    /// Count and skip `.jsonl` lines that are not JSON or lack the key, instead of failing.
+    pub skip_bad_lines: bool,
+}
+
+impl Default for ReadOptions {
+    /// One document per line, `text` in jsonl, bad lines are errors.
+    fn default() -> Self {
+        ReadOptions {
+            layout: TextLayout::LinePerDocument,
+            json_key: "text".into(),
+            skip_bad_lines: false,
+        }
+    }
+}
+
+impl ReadOptions {
+    /// What is wrong with these options, for a usage error.
+    pub fn problem(&self) -> Option<&'static str> {
+        self.json_key
+            .is_empty()
+            .then_some("--json-key must not be empty")
+    }
+
+    /// The records of `path`, in the format its extension says.
+    pub fn records(&self, path: &Path) -> Result<Records> {
+        records(path, self.format_of(path), self.skip_bad_lines)
+    }
+
+    /// Like [`ReadOptions::records`], counting bytes read into `counter`.
+    pub fn records_counted(&self, path: &Path, counter: Arc<AtomicU64>) -> Result<Records> {
+        records_counted(path, self.format_of(path), self.skip_bad_lines, counter)
+    }
+
+    /// The format of `path` from its extension.
+    pub fn format_of(&self, path: &Path) -> DocFormat {
+        format_of(path, &self.layout, &self.json_key)
+    }
+}
+
 /// Format of a raw file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DocFormat {

@@ -22,7 +22,6 @@ use rayon::prelude::*;
 
 use super::augment::Augmenter;
 use super::chunk::Chunker;
-use super::documents::{format_of, records_counted};
 use super::megatron::TokenDtype;
 use super::prepare::PrepareOptions;
 use super::sources::DatasetSource;
@@ -245,8 +244,7 @@ fn read_batches(
         let mut batch = Vec::new();
         let mut bytes = 0;
         for (path, is_val) in src.files() {
-            let format = format_of(path, &opts.text_layout, &opts.json_key);
-            let mut recs = records_counted(path, format, opts.skip_bad_lines, counter.clone())?;
+            let mut recs = opts.read.records_counted(path, counter.clone())?;
             for rec in &mut recs {
                 let text = rec?.text;
                 let validation = if by_fraction {

@@ -23,7 +23,7 @@ use serde::Serialize;
 
 use super::augment::Augmenter;
 use super::chunk::{Chunker, DEFAULT_TURN_PATTERN};
-use super::documents::TextLayout;
+use super::documents::ReadOptions;
 use super::groups::Groups;
 use super::megatron::TokenDtype;
 use super::metadata::{
@@ -52,10 +52,8 @@ pub struct PrepareOptions {
     pub max_length: Option<usize>,
     /// true: one chunk of one document per sample; false: documents packed back to back.
     pub padding: bool,
-    /// Layout of `.txt` files.
-    pub text_layout: TextLayout,
-    /// Field of `.jsonl` records holding the text.
-    pub json_key: String,
+    /// How `.txt` and `.jsonl` files hold documents.
+    pub read: ReadOptions,
     pub val_fraction: f64,
     pub seed: u64,
     /// Regex of a speaker tag starting a turn; empty: cut at word boundaries only.
@@ -71,7 +69,6 @@ pub struct PrepareOptions {
     /// Target tokens per shard (more shards when a split is larger).
     pub shard_tokens: u64,
     pub overwrite: bool,
-    pub skip_bad_lines: bool,
     /// Draw a progress bar on stderr.
     pub progress: bool,
 }
@@ -85,8 +82,7 @@ impl PrepareOptions {
             destination: destination.to_path_buf(),
             max_length: None,
             padding: true,
-            text_layout: TextLayout::LinePerDocument,
-            json_key: "text".into(),
+            read: ReadOptions::default(),
             val_fraction: 0.05,
             seed: 42,
             turn_pattern: DEFAULT_TURN_PATTERN.into(),
@@ -96,7 +92,6 @@ impl PrepareOptions {
             multiple_of: 8,
             shard_tokens: 100_000_000,
             overwrite: false,
-            skip_bad_lines: false,
             progress: false,
         }
     }
@@ -118,8 +113,8 @@ impl PrepareOptions {
         if self.max_length == Some(0) {
             problems.push("--max-length must be at least 1".to_string());
         }
-        if self.json_key.is_empty() {
-            problems.push("--json-key must not be empty".to_string());
+        if let Some(p) = self.read.problem() {
+            problems.push(p.to_string());
         }
         if let Err(e) = Chunker::new(2, &self.turn_pattern, self.turn_window) {
             problems.push(e.to_string());
@@ -211,11 +206,8 @@ pub fn prepare_data(opts: &PrepareOptions) -> Result<PrepareReport> {
         tokenizer_hash: tok.hash.clone(),
         block_size,
         padding: opts.padding,
-        doc_separator: match &opts.text_layout {
-            TextLayout::LinePerDocument => None,
-            TextLayout::Separator(s) => Some(s.clone()),
-        },
-        json_key: opts.json_key.clone(),
+        doc_separator: opts.read.layout.separator().map(String::from),
+        json_key: opts.read.json_key.clone(),
         val_fraction: opts.val_fraction,
         seed: opts.seed,
         turn_pattern: opts.turn_pattern.clone(),
@@ -223,7 +215,7 @@ pub fn prepare_data(opts: &PrepareOptions) -> Result<PrepareReport> {
         augment: opts.augment,
         multiple_of: opts.multiple_of,
         shard_tokens: opts.shard_tokens,
-        skip_bad_lines: opts.skip_bad_lines,
+        skip_bad_lines: opts.read.skip_bad_lines,
     };
 
     // Decide what to do with each dataset before changing anything.

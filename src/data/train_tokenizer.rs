@@ -34,7 +34,7 @@ use tokenizers::{
 };
 
 use super::dedup::{InputFile, list_inputs};
-use super::documents::{Records, TextLayout, format_of, records};
+use super::documents::{ReadOptions, Records};
 use crate::error::{Error, IoContext, Result};
 
 /// What to train on and what to produce.
@@ -57,9 +57,8 @@ pub struct TrainTokenizerOptions {
     pub special_tokens: Vec<String>,
     /// Context length recorded in `tokenizer_config.json`.
     pub model_max_length: usize,
-    pub layout: TextLayout,
-    pub json_key: String,
-    pub skip_bad_lines: bool,
+    /// How `.txt` and `.jsonl` files hold documents.
+    pub read: ReadOptions,
     /// Replace an existing `tokenizer.json` in `output`.
     pub overwrite: bool,
     pub progress: bool,
@@ -79,9 +78,7 @@ impl TrainTokenizerOptions {
             unk_token: Some("<unk>".into()),
             special_tokens: Vec::new(),
             model_max_length: 2048,
-            layout: TextLayout::LinePerDocument,
-            json_key: "text".into(),
-            skip_bad_lines: false,
+            read: ReadOptions::default(),
             overwrite: false,
             progress: false,
         }
@@ -378,8 +375,7 @@ impl Iterator for Texts<'_> {
                 self.done = true;
                 break;
             };
-            let fmt = format_of(&f.path, &self.opts.layout, &self.opts.json_key);
-            match records(&f.path, fmt, self.opts.skip_bad_lines) {
+            match self.opts.read.records(&f.path) {
                 Ok(r) => self.current = Some(r),
                 Err(e) => return self.fail(e),
             }

@@ -281,7 +281,7 @@ fn mixed_corpus(raw: &Path) -> (Vec<String>, Vec<String>) {
 
 fn mixed_opts(raw: &Path, out: &Path) -> DedupOptions {
     let mut o = DedupOptions::new(raw, out);
-    o.layout = TextLayout::Separator("%".into());
+    o.read.layout = TextLayout::Separator("%".into());
     o
 }
 
@@ -469,7 +469,7 @@ fn bad_input_gives_one_line_errors_and_leaves_nothing() {
     );
 
     let mut o = mixed_opts(&raw, &out);
-    o.skip_bad_lines = true;
+    o.read.skip_bad_lines = true;
     let r = dedup(&o).unwrap();
     assert_eq!(r.totals.skipped_lines, 1);
     assert_eq!(

@@ -29,7 +29,7 @@ fn fortunes() -> Vec<String> {
 
 fn fortune_opts(out: &Path, vocab: usize) -> TrainTokenizerOptions {
     let mut o = TrainTokenizerOptions::new(vec![sample()], out, vocab);
-    o.layout = TextLayout::Separator("%".into());
+    o.read.layout = TextLayout::Separator("%".into());
     o
 }
 
@@ -110,7 +110,7 @@ fn jsonl_gz_input_custom_specials_and_determinism() {
 
     let train = |out: &Path| {
         let mut o = TrainTokenizerOptions::new(vec![raw.clone()], out, 500);
-        o.json_key = "content".into();
+        o.read.json_key = "content".into();
         o.pad_token = None;
         o.unk_token = None;
         o.bos_token = Some("<|begin|>".into());
@@ -177,7 +177,7 @@ fn bad_inputs_give_one_line_errors_and_write_nothing() {
     assert!(!out.exists(), "nothing written after an error");
 
     let mut skip = TrainTokenizerOptions::new(vec![bad], &out, 300);
-    skip.skip_bad_lines = true;
+    skip.read.skip_bad_lines = true;
     let t = train_tokenizer(&skip).unwrap();
     assert_eq!((t.documents, t.skipped_lines), (1, 1));
     // An existing tokenizer is kept unless --overwrite.

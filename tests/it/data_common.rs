@@ -47,7 +47,7 @@ pub fn fortunes_source(root: &Path) -> PathBuf {
 /// 64-token context (so many documents are cut).
 pub fn options(src: &Path, dest: &Path) -> PrepareOptions {
     let mut o = PrepareOptions::new(src, &model_dir(), dest);
-    o.text_layout = TextLayout::Separator("%".into());
+    o.read.layout = TextLayout::Separator("%".into());
     o.max_length = Some(64);
     o
 }

@@ -70,7 +70,7 @@ fn data_bad_input_gives_one_line_errors() {
     );
     // ... or counted and skipped.
     let mut o = options(&src, &dest);
-    o.skip_bad_lines = true;
+    o.read.skip_bad_lines = true;
     let report = prepare(&o).unwrap();
     let d = &report.datasets[0];
     assert_eq!(d.bad_lines, 1);

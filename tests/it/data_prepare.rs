@@ -188,7 +188,7 @@ fn data_turn_aware_cutting() {
     let run = |label: &str, pattern: &str| -> PreparedData {
         let dest = tmp.path().join(label);
         let mut o = options(&src, &dest);
-        o.text_layout = TextLayout::LinePerDocument;
+        o.read.layout = TextLayout::LinePerDocument;
         o.turn_pattern = pattern.to_string();
         o.turn_window = 0.5;
         prepare(&o).unwrap();
@@ -262,7 +262,7 @@ fn data_augment_training_dialogues_only() {
     std::fs::write(src.join("talk/dev.txt"), dialogue(50, 4) + "\n").unwrap();
     let dest = tmp.path().join("out");
     let mut o = options(&src, &dest);
-    o.text_layout = TextLayout::LinePerDocument;
+    o.read.layout = TextLayout::LinePerDocument;
     o.max_length = Some(512);
     o.augment = 2;
     let report = prepare(&o).unwrap();
