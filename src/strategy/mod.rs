@@ -380,3 +380,119 @@ fn cuda_device(n: usize) -> Result<Device> {
         "--device cuda:{n}: this lit-claire was built without CUDA; rebuild with `cargo build --release --features cuda` (needs nvcc)"
     )))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// `f(strategy)` on every rank of a thread group of `world`, in rank order.
+    fn on_ranks<T: Send>(world: usize, f: impl Fn(Strategy) -> T + Sync) -> Vec<T> {
+        let group = threads::ThreadGroup::new(world, Duration::from_secs(10));
+        std::thread::scope(|s| {
+            let f = &f;
+            let hs: Vec<_> = group
+                .handles()
+                .into_iter()
+                .map(|c| {
+                    let mut st = Strategy::cpu().with_collective(c, DataParallel::Ddp);
+                    // 10 f32 per bucket: several buckets, and a tensor larger than one.
+                    st.bucket_bytes = 40;
+                    s.spawn(move || f(st))
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    #[test]
+    fn buckets_stay_under_the_cap_and_cover_everything_in_order() {
+        assert_eq!(
+            buckets([3, 4, 3, 12, 1, 9, 1].into_iter(), 10),
+            vec![0..3, 3..4, 4..6, 6..7]
+        );
+        assert!(buckets(std::iter::empty(), 10).is_empty());
+    }
+
+    #[test]
+    fn gradients_are_summed_bucket_by_bucket_in_their_shapes_and_dtypes() {
+        let out = on_ranks(3, |st| {
+            let r = st.rank as f32 + 1.0;
+            let mut grads = vec![
+                Tensor::full(r, (2, 3), &Device::Cpu).unwrap(),
+                Tensor::full(r, 12, &Device::Cpu).unwrap(),
+                Tensor::full(r, (1, 4), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(DType::BF16)
+                    .unwrap(),
+                Tensor::full(10.0 * r, 1, &Device::Cpu).unwrap(),
+            ];
+            st.all_reduce_grads(&mut grads).unwrap();
+            grads
+        });
+        for grads in out {
+            let shapes: Vec<_> = grads.iter().map(|g| g.dims().to_vec()).collect();
+            assert_eq!(shapes, vec![vec![2, 3], vec![12], vec![1, 4], vec![1]]);
+            assert_eq!(grads[2].dtype(), DType::BF16);
+            for (g, want) in grads.iter().zip([6.0, 6.0, 6.0, 60.0]) {
+                let v: Vec<f32> = g
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                assert!(v.iter().all(|&x| x == want), "{v:?} != {want}");
+            }
+        }
+    }
+
+    #[test]
+    fn variables_take_rank_zeros_values() {
+        let out = on_ranks(2, |st| {
+            let vars = [
+                candle_core::Var::new(&[st.rank as f32; 7], &Device::Cpu).unwrap(),
+                candle_core::Var::new(&[[st.rank as f32 + 5.0; 3]; 5], &Device::Cpu).unwrap(),
+            ];
+            st.broadcast_vars(&vars).unwrap();
+            vars.iter()
+                .map(|v| {
+                    v.as_tensor()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap()
+                })
+                .collect::<Vec<_>>()
+        });
+        for v in out {
+            assert_eq!(v, vec![vec![0.0; 7], vec![5.0; 15]]);
+        }
+    }
+
+    #[test]
+    fn shards_split_a_padded_buffer_evenly() {
+        let out = on_ranks(4, |st| st.shard_of(10));
+        assert_eq!(out, vec![(12, 0..3), (12, 3..6), (12, 6..9), (12, 9..12)]);
+        assert_eq!(Strategy::cpu().shard_of(10), (10, 0..10));
+    }
+
+    #[test]
+    fn scalars_are_reduced_gathered_and_broadcast_in_f64() {
+        let out = on_ranks(2, |st| {
+            let x = 1.0 + st.rank as f64 * 1e-12;
+            (
+                st.all_reduce_sum(&[x, 2.0]).unwrap(),
+                st.all_reduce_mean(x).unwrap(),
+                st.all_gather_f64(x).unwrap(),
+                st.broadcast_f64(&[x]).unwrap(),
+            )
+        });
+        for (sum, mean, gathered, root) in out {
+            assert_eq!(sum, vec![1.0 + (1.0 + 1e-12), 4.0]);
+            assert_eq!(mean, (1.0 + (1.0 + 1e-12)) / 2.0);
+            assert_eq!(gathered, vec![1.0, 1.0 + 1e-12]);
+            assert_eq!(root, vec![1.0]);
+        }
+    }
+}
