@@ -418,3 +418,49 @@ fn setups_data_parallel_cannot_do_are_refused_before_any_work() {
     assert!(e.contains("fewer than one batch"), "{e}");
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }
+
+#[test]
+fn the_cli_trains_on_cpu_threads() {
+    use crate::pipeline::{lit, prepared, s};
+    let root = temp_dir();
+    let data = prepared(root.path());
+    let run = root.path().join("run");
+    let model = reference_dir("llama");
+    let out = lit(&[
+        "pretrain",
+        "--data-dir",
+        s(&data),
+        "--checkpoint-dir",
+        s(&model),
+        "--out-dir",
+        s(&run),
+        "--device",
+        "cpu",
+        "--devices",
+        "2",
+        "--strategy",
+        "zero1",
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--micro-batch-size",
+        "1",
+        "--eval-interval",
+        "3",
+        "--eval-max-batches",
+        "1",
+    ]);
+    assert_eq!(out.trim(), s(&run.join("final")));
+    assert_eq!(rows(&run).len(), 3);
+    let hp = std::fs::read_to_string(run.join("hyperparameters.toml")).unwrap();
+    assert!(
+        hp.contains("strategy = \"zero1\"") && hp.contains("devices = 2"),
+        "{hp}"
+    );
+    let log = std::fs::read_to_string(run.join("train.log")).unwrap();
+    assert!(
+        log.contains("cpu × 2 ranks (zero1)") && log.contains("steps of 4 samples"),
+        "{log}"
+    );
+}
