@@ -223,7 +223,7 @@ impl Strategy {
         if self.world_size == 1 {
             return Ok(xs.to_vec());
         }
-        let t = Tensor::new(xs, &Device::Cpu)?;
+        let t = Tensor::new(xs, &self.device)?;
         Ok(self.collective.all_reduce(&t, ReduceOp::Sum)?.to_vec1()?)
     }
 
@@ -232,7 +232,7 @@ impl Strategy {
         if self.world_size == 1 {
             return Ok(vec![x]);
         }
-        let t = Tensor::new(&[x], &Device::Cpu)?;
+        let t = Tensor::new(&[x], &self.device)?;
         Ok(self.collective.all_gather(&t)?.to_vec1()?)
     }
 
@@ -241,7 +241,7 @@ impl Strategy {
         if self.world_size == 1 {
             return Ok(xs.to_vec());
         }
-        let t = Tensor::new(xs, &Device::Cpu)?;
+        let t = Tensor::new(xs, &self.device)?;
         Ok(self.collective.broadcast(&t, 0)?.to_vec1()?)
     }
 

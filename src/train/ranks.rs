@@ -144,16 +144,23 @@ pub fn train_rank(
 /// Data-parallel training on GPUs: this process is one rank of a process group that
 /// SLURM or torchrun started (one process per GPU).
 ///
-/// HOOK for the NCCL backend (`cuda` feature), to be wired once `strategy::env` (the
-/// process group from SLURM/torchrun variables) and `strategy::nccl` land:
+/// HOOK for the NCCL backend (`cuda` feature), to be wired once the process group
+/// (`strategy::env`, from SLURM/torchrun variables), its TCP rendezvous and
+/// `strategy::nccl` land (branch `nccl`); with their API it reads:
 ///
 /// ```text
-/// let group = crate::strategy::env::ProcessGroup::from_env()?;
-/// let collective = crate::strategy::nccl::nccl_collective(&group, timeout)?;
-/// let strategy = Strategy::new(DeviceSpec::Cuda(group.local_rank), cfg.precision)?
-///     .with_collective(collective, cfg.strategy);
-/// train_rank(cfg, data, strategy, |_| {})
+/// let env = crate::strategy::env::process_env();
+/// let pg = crate::strategy::env::process_group(&env)?   // None: not under SLURM/torchrun
+///     .ok_or_else(|| Error::Usage("--devices N on GPUs: start one process per GPU with srun or torchrun".into()))?;
+/// crate::strategy::env::check_topology(&pg, cfg.devices, cfg.num_nodes)?;
+/// let gpu = crate::strategy::env::local_cuda_ordinal(&pg, &env)?;
+/// let strategy = Strategy::new(DeviceSpec::Cuda(gpu), cfg.precision)?;
+/// let timeout = Duration::from_secs(cfg.collective_timeout);
+/// let nccl = crate::strategy::nccl_collective(&pg, &strategy.device, timeout)?;
+/// train_rank(cfg, data, strategy.with_collective(nccl, cfg.strategy), |_| {})
 /// ```
+///
+/// Every rank then returns its own summary (rank 0's names the final checkpoint).
 fn train_process_group(cfg: &TrainConfig, _data: TrainData) -> Result<TrainSummary> {
     Err(Error::Usage(format!(
         "--device {} --devices {} --num-nodes {}: data-parallel training on GPUs needs the NCCL backend, which this build does not have yet; train on one GPU, or on CPU threads with --device cpu --devices N",

@@ -254,7 +254,7 @@ fn a_checkpoint_of_two_ranks_resumes_on_one_and_on_four() {
 }
 
 /// What a test does to one rank.
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 enum Fault {
     /// After `n` calls the rank is gone: it never arrives again, and tells no one.
     Dies,
@@ -349,6 +349,10 @@ fn faulty_run(dir: &Path, fault: Fault, after: usize, timeout_s: u64) -> (String
     let e = train_threads(&cfg, data(), handles)
         .unwrap_err()
         .to_string();
+    eprintln!(
+        "{fault:?} after {after} calls: {e} ({:.1} s)",
+        t0.elapsed().as_secs_f64()
+    );
     (e, t0.elapsed())
 }
 
