@@ -14,11 +14,11 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::checkpoint::{attach_adapter_dir, load_model};
 use crate::data::documents::TextLayout;
 use crate::data::prepare::{PrepareOptions, prepare_data};
 use crate::error::{Error, IoContext, Result};
 use crate::generate::{Sampling, generate};
+use crate::hf::{attach_adapter_dir, load_model};
 use crate::plot::{PlotOptions, plot_runs};
 use crate::strategy::Strategy;
 use crate::tokenizer::Tokenizer;

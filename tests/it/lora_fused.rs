@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use lit_claire::checkpoint::export::merge_lora;
-use lit_claire::checkpoint::load_model;
+use lit_claire::hf::export::merge_lora;
+use lit_claire::hf::load_model;
 use lit_claire::model::BuildOptions;
 use lit_claire::tokenizer::Tokenizer;
 use lit_claire::train::batches::{TrainData, TrainDataset};

@@ -12,11 +12,11 @@ use std::process::Command;
 
 use serde_json::Value;
 
-use lit_claire::checkpoint::weights::{Weights, weight_files};
 use lit_claire::config::{
     Activation, AttentionWindow, Config, PositionKind, Residual, RopeScaling, RotaryConfig,
     load_config,
 };
+use lit_claire::model::weights::{Weights, weight_files};
 
 use crate::checks::{check_forward_and_grads, check_greedy, expected_of};
 use crate::common::*;

@@ -12,7 +12,6 @@
 //! rms norm       n = x / rms(x), y = n ⊙ w          dx = (dn − n·mean(dn ⊙ n)) / rms,  dn = dy ⊙ w
 //! layer norm     n = (x − μ)/σ, y = n ⊙ w + b       dx = (dn − mean dn − n·mean(dn ⊙ n)) / σ
 //! rotary         rotate pairs by +θ                 rotate the gradient by −θ
-//! swiglu         y = silu(a) ⊙ u                    da = dy ⊙ u ⊙ σ(a)(1 + a(1 − σ(a))),  du = dy ⊙ silu(a)
 //! frozen linear  y = x Wᵀ (W constant)              dx = dy W   (no dW: W is frozen)
 //! ```
 //!
@@ -24,16 +23,14 @@ mod linear;
 mod norm;
 mod rope;
 mod softmax;
-mod swiglu;
 
 pub use cross_entropy::cross_entropy_rows;
 pub use linear::linear_matmul;
 pub use norm::{layer_norm, rms_norm};
 pub use rope::rope;
 pub use softmax::{MaskSpec, masked_softmax, softmax_plain};
-pub use swiglu::swiglu;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::cell::Cell;
 
 use candle_core::{CpuStorage, DType, Layout, Tensor};
 
@@ -53,17 +50,28 @@ fn not_fused(name: &str) -> candle_core::Error {
     ))
 }
 
-static ENABLED: AtomicBool = AtomicBool::new(true);
-
-/// Switch the fused kernels off (or on again) process-wide: everything then runs on the
-/// plain tensor-op twins, as on devices without kernels (for tests and benchmarks).
-pub fn set_enabled(enabled: bool) {
-    ENABLED.store(enabled, Ordering::Relaxed);
+thread_local! {
+    /// Whether this thread's ops may take the fused kernels (see [`with_plain_kernels`]).
+    static ENABLED: Cell<bool> = const { Cell::new(true) };
 }
 
-/// Whether the fused kernels apply to `x`.
+/// Run `f` with the fused kernels off on this thread: every op it dispatches takes the
+/// plain tensor-op twin, as on devices without kernels (for tests and benchmarks).
+/// Other threads are unaffected, and the kernels come back on even if `f` panics.
+pub fn with_plain_kernels<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            ENABLED.with(|e| e.set(self.0));
+        }
+    }
+    let _restore = Restore(ENABLED.with(|e| e.replace(false)));
+    f()
+}
+
+/// Whether the fused kernels apply to `x` (decided on the thread that dispatches the op).
 fn fusable(x: &Tensor) -> bool {
-    ENABLED.load(Ordering::Relaxed) && x.device().is_cpu() && x.dtype() == DType::F32
+    ENABLED.with(Cell::get) && x.device().is_cpu() && x.dtype() == DType::F32
 }
 
 /// Rows per block when summing over rows (fixed, for thread-count independence).

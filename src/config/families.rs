@@ -66,7 +66,7 @@ pub fn parse_config(value: &Value) -> Result<Config> {
             )));
         }
     };
-    validate(&cfg)?;
+    check_config(&cfg)?;
     Ok(cfg)
 }
 
@@ -74,7 +74,7 @@ fn from_value<T: for<'de> Deserialize<'de>>(value: &Value) -> Result<T> {
     T::deserialize(value).map_err(|e| Error::Config(format!("unexpected config: {e}")))
 }
 
-fn validate(cfg: &Config) -> Result<()> {
+fn check_config(cfg: &Config) -> Result<()> {
     let fail = |m: String| Err(Error::Config(m));
     if cfg.n_head == 0 || cfg.n_kv_head == 0 || cfg.n_head % cfg.n_kv_head != 0 {
         return fail(format!(
