@@ -5,7 +5,7 @@
 //! every fused layout: the keys' rows of the effective weight `W + s·B·A` stay bit for
 //! bit the base's, in memory, in the saved adapter and after `merge-lora`, while the
 //! queries' and values' rows move; the adapter is a PEFT adapter of the fused module;
-//! and it scores, with `perplexity --adapter`, the loss PEFT computed for it
+//! and it scores, with `perplexity --adapter` and merged, the loss PEFT computed for it
 //! (`tests/fixtures/extra/lora_fused_peft.json`, by `utils/check_hf_load.py`).
 //!
 //! The runs stay in `$CARGO_TARGET_TMPDIR/lora_fused/<fixture>/` for that script.
@@ -324,10 +324,14 @@ fn lora_on_part_of_a_fused_qkv_leaves_the_keys_alone_and_loads_in_peft() {
     for c in cases() {
         let fin = root.join(c.name).join("run/final");
         let ids = Tokenizer::from_dir(&c.dir).unwrap().encode(text).unwrap();
-        let model = load_model(&c.dir, &BuildOptions::cpu_f32(), Some(&fin)).unwrap();
-        let ours = lit_claire::perplexity::perplexity(&model, &ids, model.cfg.block_size, 4)
-            .unwrap()
-            .loss;
+        let loss = |dir: &Path, adapter: Option<&Path>| {
+            let model = load_model(dir, &BuildOptions::cpu_f32(), adapter).unwrap();
+            lit_claire::perplexity::perplexity(&model, &ids, model.cfg.block_size, 4)
+                .unwrap()
+                .loss
+        };
+        let ours = loss(&c.dir, Some(&fin));
+        let merged = loss(&root.join(c.name).join("merged"), None);
         let e = &peft["adapters"][c.name];
         assert_eq!(e["tokens"].as_u64(), Some(ids.len() as u64), "{}", c.name);
         let (theirs, base_loss) = (
@@ -337,6 +341,11 @@ fn lora_on_part_of_a_fused_qkv_leaves_the_keys_alone_and_loads_in_peft() {
         assert!(
             (ours - theirs).abs() < 1e-4,
             "{}: loss with the adapter {ours} vs PEFT's {theirs}",
+            c.name
+        );
+        assert!(
+            (merged - theirs).abs() < 1e-4,
+            "{}: loss of the merged model {merged} vs PEFT's {theirs}",
             c.name
         );
         // The adapter does something: the loss moved from the base's.
