@@ -21,6 +21,7 @@ mod publish_gguf;
 mod publish_hub;
 mod publish_hub_server;
 mod publish_merge;
+mod real_model;
 mod train_parity;
 mod trainer;
 mod unseen;
