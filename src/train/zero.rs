@@ -259,3 +259,144 @@ impl ShardedAdamW {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use candle_core::Device;
+
+    use super::*;
+    use crate::strategy::threads::ThreadGroup;
+
+    fn vars() -> Vec<(String, Var)> {
+        let t = |n: usize, shape: &[usize]| {
+            let v: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+            Var::from_tensor(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap()).unwrap()
+        };
+        vec![
+            ("a".into(), t(5, &[5])),
+            ("b".into(), t(6, &[2, 3])),
+            ("c".into(), t(4, &[4, 1])),
+        ]
+    }
+
+    /// Rank `r`'s gradients at step `k`; their sum over ranks is `grads(k, world)`.
+    fn grads(k: usize, r: usize) -> Vec<Tensor> {
+        vars()
+            .iter()
+            .map(|(_, v)| {
+                ((v.as_tensor().cos().unwrap() * (k as f64 + 1.0)).unwrap() * (r as f64 + 1.0))
+                    .unwrap()
+            })
+            .collect()
+    }
+
+    fn values(ts: &[(String, Tensor)]) -> Vec<(String, Vec<f32>)> {
+        ts.iter()
+            .map(|(n, t)| (n.clone(), t.flatten_all().unwrap().to_vec1().unwrap()))
+            .collect()
+    }
+
+    /// `f` on every rank of a thread group of `world` with a `zero1` strategy.
+    fn on_ranks<T: Send>(world: usize, f: impl Fn(Strategy) -> T + Sync) -> Vec<T> {
+        let group = ThreadGroup::new(world, Duration::from_secs(10));
+        std::thread::scope(|s| {
+            let f = &f;
+            let hs: Vec<_> = group
+                .handles()
+                .into_iter()
+                .map(|c| {
+                    let st = Strategy::cpu().with_collective(c, DataParallel::Zero1);
+                    s.spawn(move || f(st))
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    #[test]
+    fn sharded_steps_equal_replicated_ones_and_the_state_reloads_on_any_world() {
+        let cfg = AdamWConfig::default();
+        let world = 3;
+        // One rank, replicated, with the gradients summed over the 3 ranks.
+        let single = Strategy::cpu();
+        let mut rep: Optimizer = AdamW::new(vars(), cfg).unwrap().into();
+        for k in 0..2 {
+            let mut sum = grads(k, 0);
+            for r in 1..world {
+                for (s, g) in sum.iter_mut().zip(grads(k, r)) {
+                    *s = (&*s + g).unwrap();
+                }
+            }
+            rep.sync_grads(sum, &single, Some(0.5)).unwrap();
+            rep.update(1e-2, &single).unwrap();
+        }
+        let want_params: Vec<Vec<f32>> = rep
+            .vars()
+            .iter()
+            .map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
+            .collect();
+        let want_state = values(&rep.state_tensors(&single).unwrap());
+        // Three ranks, sharded (15 values padded to 15: 5 a rank).
+        let out = on_ranks(world, |st| {
+            let mut z = Optimizer::new(vars(), cfg, &st).unwrap();
+            for k in 0..2 {
+                z.sync_grads(grads(k, st.rank), &st, Some(0.5)).unwrap();
+                z.update(1e-2, &st).unwrap();
+            }
+            let params: Vec<Vec<f32>> = z
+                .vars()
+                .iter()
+                .map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
+                .collect();
+            (params, z.state_tensors(&st).unwrap())
+        });
+        let state = out[0].1.clone();
+        for (params, s) in &out {
+            for (p, w) in params.iter().zip(&want_params) {
+                let d = p
+                    .iter()
+                    .zip(w)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(d < 1e-6, "parameters differ by {d}");
+            }
+            for ((n, a), (m, b)) in values(s).iter().zip(&want_state) {
+                assert_eq!(n, m);
+                let d = a
+                    .iter()
+                    .zip(b)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0f32, f32::max);
+                assert!(d < 1e-6, "{n} differs by {d}");
+            }
+        }
+        // The gathered state reloads on 2 ranks (15 values padded to 16) and on 1.
+        let map: HashMap<String, Tensor> = state.into_iter().collect();
+        for w in [2, 1] {
+            let back = on_ranks(w, |st| {
+                let mut z = Optimizer::new(vars(), cfg, &st).unwrap();
+                z.load_state(&map, 2).unwrap();
+                values(&z.state_tensors(&st).unwrap())
+            });
+            let mut want: Vec<(String, Vec<f32>)> = map
+                .iter()
+                .map(|(n, t)| (n.clone(), t.flatten_all().unwrap().to_vec1().unwrap()))
+                .collect();
+            want.sort_by(|a, b| a.0.cmp(&b.0));
+            for mut got in back {
+                got.sort_by(|a, b| a.0.cmp(&b.0));
+                assert_eq!(got, want, "world {w}");
+            }
+        }
+        // A state missing a variable is named.
+        let mut partial = map.clone();
+        partial.remove("exp_avg.b");
+        let e = on_ranks(2, |st| {
+            let mut z = Optimizer::new(vars(), cfg, &st).unwrap();
+            z.load_state(&partial, 2).unwrap_err().to_string()
+        });
+        assert!(e[0].contains("exp_avg.b"), "{}", e[0]);
+    }
+}
