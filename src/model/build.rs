@@ -41,12 +41,15 @@ struct Loader<'a> {
     src: &'a dyn TensorSource,
     opts: &'a BuildOptions,
     vars: Vec<(String, Var)>,
+    /// Every name fetched, to find the tensors of the source nobody asked for.
+    used: Vec<String>,
 }
 
 impl Loader<'_> {
     /// Fetch `name` with `shape`, transposing a stored `(in, out)` matrix if `transposed`.
     fn param(&mut self, name: String, shape: &[usize], transposed: bool) -> Result<Tensor> {
         let (dtype, dev) = (self.opts.dtype, &self.opts.device);
+        self.used.push(name.clone());
         let t = if transposed {
             self.src
                 .tensor(&name, &[shape[1], shape[0]], dtype, dev)?
@@ -104,6 +107,7 @@ pub fn build_model(
         src,
         opts,
         vars: Vec::new(),
+        used: Vec::new(),
     };
     let c = cfg.hidden_size;
     let conv = names.conv1d;
@@ -190,6 +194,7 @@ pub fn build_model(
         }
         head
     };
+    src.check_all_used(&ld.used, cfg.tie_embeddings)?;
     let model = Gpt {
         cfg: cfg.clone(),
         wte,
