@@ -53,7 +53,17 @@ pub struct TrainData {
     pub block_size: usize,
     /// Hash of the tokenizer the data was prepared with, if known.
     pub tokenizer_hash: Option<String>,
+    /// The prepared folder the data comes from (None for data made in memory).
+    pub origin: Option<DataOrigin>,
     pub datasets: Vec<TrainDataset>,
+}
+
+/// Where prepared data was read from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DataOrigin {
+    pub dir: std::path::PathBuf,
+    /// [`PreparedData::fingerprint`](crate::data::reader::PreparedData::fingerprint).
+    pub fingerprint: String,
 }
 
 /// A position in the data: which epoch, and how many of this rank's samples of it
@@ -65,6 +75,20 @@ pub struct DataPosition {
 }
 
 impl TrainData {
+    /// Fail unless the data was prepared with `tokenizer` (when its tokenizer is known).
+    pub fn check_tokenizer(&self, tokenizer: &crate::tokenizer::Tokenizer) -> Result<()> {
+        match &self.tokenizer_hash {
+            None => Ok(()),
+            Some(h) => {
+                let dir = self
+                    .origin
+                    .as_ref()
+                    .map_or(std::path::Path::new("the training data"), |o| &o.dir);
+                crate::data::reader::check_tokenizer_hash(dir, h, tokenizer)
+            }
+        }
+    }
+
     /// `(dataset, sample)` pairs of epoch `epoch` for `rank` of `world`.
     pub fn epoch_order(
         &self,
@@ -199,6 +223,7 @@ mod tests {
         TrainData {
             block_size: 4,
             tokenizer_hash: None,
+            origin: None,
             datasets: lens
                 .iter()
                 .enumerate()

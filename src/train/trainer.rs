@@ -91,7 +91,8 @@ impl Trainer {
         let out = &cfg.out_dir;
 
         // Where to resume from, and refusing to mix runs.
-        let resume_from: Option<PathBuf> = match cfg.resume.as_deref() {
+        let mut warnings = Vec::new();
+        let (resume_from, resumed) = match cfg.resume.as_deref() {
             None => {
                 if holds_run(out) {
                     return Err(Error::Usage(format!(
@@ -99,29 +100,31 @@ impl Trainer {
                         out.display()
                     )));
                 }
-                None
+                (None, None)
             }
-            Some("auto") => checkpoint::list(out)?.pop().map(|(p, _)| p),
-            Some(p) => Some(PathBuf::from(p)),
+            Some("auto") => {
+                let (found, notes) = checkpoint::newest_complete(out)?;
+                warnings.extend(notes);
+                found.map_or((None, None), |(p, s)| (Some(p), Some(s)))
+            }
+            Some(p) => {
+                let dir = PathBuf::from(p);
+                let state = checkpoint::check(&dir)?;
+                (Some(dir), Some(state))
+            }
         };
-        let resumed = match &resume_from {
-            Some(dir) => Some(checkpoint::load_state(dir)?),
-            None => None,
-        };
+
+        // metrics.csv must still hold the rows logged before the checkpoint.
+        if let (Some(s), true) = (&resumed, strategy.is_global_zero()) {
+            if let Some(expected) = s.metrics_rows {
+                warnings.extend(super::metrics::check_rows(out, s.step, expected)?);
+            }
+        }
 
         // The base model and its tokenizer must match the data.
         let model_cfg = load_config(&cfg.checkpoint_dir)?;
         let tokenizer = Tokenizer::from_dir(&cfg.checkpoint_dir)?;
-        if let Some(h) = &data.tokenizer_hash {
-            if *h != tokenizer.hash {
-                return Err(Error::Data(format!(
-                    "{} was prepared with another tokenizer than {}'s; run prepare-data with --checkpoint-dir {}",
-                    cfg.data_dir.display(),
-                    cfg.checkpoint_dir.display(),
-                    cfg.checkpoint_dir.display()
-                )));
-            }
-        }
+        data.check_tokenizer(&tokenizer)?;
         if data.block_size < 2 || data.block_size - 1 > model_cfg.block_size {
             return Err(Error::Data(format!(
                 "{} holds samples of {} tokens; the model's context is {} (prepare with --max-length {} or less)",
@@ -223,6 +226,7 @@ impl Trainer {
                 val_loss: None,
                 best_val_loss: None,
                 evals_without_improvement: 0,
+                metrics_rows: Some(0),
                 loss_scaler: strategy.precision.uses_loss_scaling().then(LossScaler::new),
                 dropout_rng: needs_dropout.then(|| {
                     ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_add(strategy.rank as u64))
@@ -303,6 +307,9 @@ impl Trainer {
                 None => String::new(),
             }
         ))?;
+        for w in warnings {
+            t.note(&w)?;
+        }
         Ok(t)
     }
 
@@ -371,6 +378,15 @@ impl Trainer {
     }
 
     fn save(&mut self, name: &str) -> Result<PathBuf> {
+        // Never a checkpoint of broken weights (the last update can overflow them).
+        for (var_name, var) in self.runner.opt.vars() {
+            if !super::optim::all_finite(var.as_tensor())? {
+                return Err(Error::Msg(format!(
+                    "step {}: {var_name} holds NaN or infinite values after the update; {name} was not saved. Lower --learning-rate (or set --grad-clip), then --resume auto continues from the last checkpoint",
+                    self.state.step
+                )));
+            }
+        }
         self.state.loss_scaler = self.runner.scaler;
         self.state.dropout_rng = self.runner.dropout.as_ref().map(|d| d.rng());
         let dir = checkpoint::save(
@@ -428,7 +444,10 @@ impl Trainer {
                 .map(|c| Batch::from_samples(c, self.data.block_size, &device))
                 .collect::<Result<Vec<_>>>()?;
             let lr = self.schedule.lr(self.state.step);
-            let stats = self.runner.step(&micro_batches, lr)?;
+            let stats = self
+                .runner
+                .step(&micro_batches, lr)
+                .map_err(|e| Error::Msg(format!("step {}: {e}", self.state.step + 1)))?;
             self.state.step += 1;
             let step_tokens = stats.tokens as u64 * self.runner.strategy.world_size as u64;
             self.state.tokens += step_tokens;
@@ -496,6 +515,7 @@ impl Trainer {
                 };
                 if let Some(m) = self.metrics.as_mut() {
                     m.write(&row)?;
+                    self.state.metrics_rows = Some(self.state.metrics_rows.unwrap_or(0) + 1);
                 }
                 if bar.is_hidden() && is_zero {
                     eprintln!(
