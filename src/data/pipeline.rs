@@ -222,8 +222,8 @@ pub(super) fn tokenize_dataset(
             src.name
         )));
     }
-    let train = train.finish(opts.shard_tokens, opts.multiple_of)?;
-    let val = val.finish(opts.shard_tokens, opts.multiple_of)?;
+    let train = train.finish(opts.shard_tokens, opts.multiple_of, &src.name)?;
+    let val = val.finish(opts.shard_tokens, opts.multiple_of, &src.name)?;
     Ok((train, val, bad_lines))
 }
 
