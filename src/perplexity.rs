@@ -36,10 +36,16 @@ pub fn perplexity(
             ids.len()
         )));
     }
+    let max = model.cfg.block_size;
     if context < 2 {
-        return Err(Error::Usage(
-            "the context must hold at least 2 tokens".into(),
-        ));
+        return Err(Error::Usage(format!(
+            "--context {context}: a window must hold at least 2 tokens (the default is the model's max_position_embeddings, {max})"
+        )));
+    }
+    if context > max {
+        return Err(Error::Usage(format!(
+            "--context {context} is longer than the model's context (max_position_embeddings {max}); use --context {max} or less"
+        )));
     }
     check_ids(&model.cfg, ids, "input")?;
     let stride = context - 1;
@@ -77,6 +83,11 @@ pub fn perplexity(
         i = j;
     }
     let loss = total / count;
+    if !loss.is_finite() {
+        return Err(Error::Msg(format!(
+            "the loss is {loss}: the model's weights hold NaN or infinite values, or overflow in this precision"
+        )));
+    }
     Ok(PerplexityReport {
         loss,
         perplexity: loss.exp(),
