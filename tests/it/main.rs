@@ -8,6 +8,7 @@ mod data_common;
 mod data_errors;
 mod data_megatron;
 mod data_prepare;
+mod hostile;
 mod lora_grads;
 mod model_cli;
 mod parity;
