@@ -36,6 +36,9 @@ pub fn perplexity(
             ids.len()
         )));
     }
+    if batch == 0 {
+        return Err(Error::Usage("--batch-size must be at least 1".into()));
+    }
     let max = model.cfg.block_size;
     if context < 2 {
         return Err(Error::Usage(format!(
@@ -64,7 +67,7 @@ pub fn perplexity(
     while i < windows.len() {
         let len = windows[i].len();
         let mut j = i;
-        while j < windows.len() && j - i < batch.max(1) && windows[j].len() == len {
+        while j < windows.len() && j - i < batch && windows[j].len() == len {
             j += 1;
         }
         let rows: Vec<u32> = windows[i..j]

@@ -95,6 +95,23 @@ impl PreparedData {
                 ),
             ));
         }
+        if metadata.block_size < 2
+            || metadata.max_length.checked_add(1) != Some(metadata.block_size)
+        {
+            return Err(Error::bad_file(
+                &meta_path,
+                format!(
+                    "block_size {} with max_length {}: samples hold max_length + 1 >= 2 tokens; re-run prepare-data with --overwrite",
+                    metadata.block_size, metadata.max_length
+                ),
+            ));
+        }
+        if metadata.datasets.is_empty() {
+            return Err(Error::bad_file(
+                &meta_path,
+                "lists no dataset; re-run prepare-data with --overwrite",
+            ));
+        }
         let mut datasets = Vec::with_capacity(metadata.datasets.len());
         for d in &metadata.datasets {
             let ds_dir = dir.join(&d.dir);

@@ -96,6 +96,27 @@ impl Loader<'_> {
     }
 }
 
+/// A tied model that stores its head anyway must store a copy of the embeddings:
+/// config.json saying `tie_word_embeddings` over a head of its own would score with
+/// the embeddings and drop the trained head in silence.
+fn check_tied_head(src: &dyn TensorSource, names: &WeightNames, wte: &Tensor) -> Result<()> {
+    let head = format!("{}.weight", names.lm_head);
+    if !src.contains(&head) {
+        return Ok(());
+    }
+    let stored = src.tensor(&head, wte.dims(), DType::F32, wte.device())?;
+    let wte = wte.to_dtype(DType::F32)?;
+    let max_abs = |t: &Tensor| t.abs()?.max_all()?.to_scalar::<f32>();
+    let diff = max_abs(&(stored - &wte)?)?;
+    if !(diff <= 1e-5 * max_abs(&wte)?) {
+        return Err(crate::Error::Weights(format!(
+            "config.json sets tie_word_embeddings, but the checkpoint's {head} differs from the embeddings {}.weight (by up to {diff}); set tie_word_embeddings to false to use it",
+            names.embed
+        )));
+    }
+    Ok(())
+}
+
 /// Build the decoder of `cfg` from `src`.
 pub fn build_model(
     cfg: &Config,
@@ -177,6 +198,9 @@ pub fn build_model(
         });
     }
     let ln_f = ld.norm(names.final_norm.to_string(), cfg)?;
+    if cfg.tie_embeddings {
+        check_tied_head(src, &names, &wte)?;
+    }
     let lm_head = if cfg.tie_embeddings {
         Linear::new(names.lm_head.to_string(), wte.clone(), None)
     } else {

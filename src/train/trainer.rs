@@ -125,15 +125,8 @@ impl Trainer {
         let model_cfg = load_config(&cfg.checkpoint_dir)?;
         let tokenizer = Tokenizer::from_dir(&cfg.checkpoint_dir)?;
         data.check_tokenizer(&tokenizer)?;
-        if data.block_size < 2 || data.block_size - 1 > model_cfg.block_size {
-            return Err(Error::Data(format!(
-                "{} holds samples of {} tokens; the model's context is {} (prepare with --max-length {} or less)",
-                cfg.data_dir.display(),
-                data.block_size,
-                model_cfg.block_size,
-                model_cfg.block_size
-            )));
-        }
+        data.check_context(model_cfg.block_size)?;
+        data.check_weights()?;
         let world = strategy.world_size;
         let epoch_len = data.epoch_len(world);
         if epoch_len < cfg.batch_size {

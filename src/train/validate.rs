@@ -205,6 +205,7 @@ pub fn validate_run(
             }
             check_tokenizer(dir, state, data)?;
             let model = model_of(dir, state, &mut base, strategy)?;
+            data.check_context(model.cfg.block_size)?;
             for ds in todo {
                 let start = Instant::now();
                 let r = evaluate(

@@ -607,3 +607,109 @@ fn issue9_a_tiny_temperature_samples_the_best_token_not_the_worst() {
     let next = lit_claire::generate::pick(vec![0.5, 3.0, -1.0, 2.0], &[], &s, &mut rng);
     assert_eq!(next, 1);
 }
+
+#[test]
+fn issue9_probe_a_tied_config_over_a_head_of_its_own_is_an_error() {
+    let tmp = temp_dir();
+    let dir = llama_copy(tmp.path(), "tied");
+    edit_json(&dir.join("config.json"), |v| {
+        v["tie_word_embeddings"] = true.into()
+    });
+    let e = load(&dir).unwrap_err().to_string();
+    assert!(
+        e.contains("tie_word_embeddings") && e.contains("lm_head.weight"),
+        "{e}"
+    );
+    // A stored copy of the embeddings is fine.
+    edit_tensors(&dir.join("model.safetensors"), |t| {
+        let e = t["model.embed_tokens.weight"].clone();
+        t.insert("lm_head.weight".into(), e);
+    });
+    load(&dir).unwrap();
+}
+
+#[test]
+fn issue9_probe_perplexity_refuses_batch_size_zero() {
+    let model = load(&reference_dir("llama")).unwrap();
+    let ids: Vec<u32> = (1..40).collect();
+    let e = lit_claire::perplexity::perplexity(&model, &ids, 16, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--batch-size"), "{e}");
+}
+
+/// Edit `dest/metadata.json` (a prepared folder) with `edit`.
+fn edit_metadata(dest: &Path, edit: impl FnOnce(&mut Value)) {
+    edit_json(&dest.join("metadata.json"), edit);
+}
+
+#[test]
+fn issue9_probe_hand_edited_metadata_is_refused_before_training() {
+    let tmp = temp_dir();
+    let (_, dest) = prepared(tmp.path());
+    let original = std::fs::read(dest.join("metadata.json")).unwrap();
+    let restore = || std::fs::write(dest.join("metadata.json"), &original).unwrap();
+    for (edit, want) in [
+        (
+            Box::new(|v: &mut Value| v["block_size"] = 0.into()) as Box<dyn Fn(&mut Value)>,
+            "block_size 0",
+        ),
+        (
+            Box::new(|v| v["datasets"] = Value::Array(vec![])),
+            "no dataset",
+        ),
+    ] {
+        edit_metadata(&dest, edit);
+        let e = PreparedData::open(&dest).unwrap_err().to_string();
+        assert!(e.contains(want) && e.contains("metadata.json"), "{e}");
+        restore();
+    }
+    // A weight out of proportion: an error, not an epoch of 10^303 draws.
+    edit_metadata(&dest, |v| v["datasets"][0]["weight"] = 1e300.into());
+    let run = tmp.path().join("run");
+    let mut cfg = train_config(&run);
+    cfg.data_dir = dest.clone();
+    let e = Trainer::new(&cfg, load_train_data(&dest).unwrap())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("sampling weights") && e.contains("groups file"),
+        "{e}"
+    );
+}
+
+#[test]
+fn issue9_probe_validate_refuses_data_longer_than_the_model_context() {
+    let tmp = temp_dir();
+    let (src, data) = prepared(tmp.path());
+    let run = tmp.path().join("run");
+    let mut cfg = train_config(&run);
+    cfg.max_steps = Some(2);
+    cfg.data_dir = data.clone();
+    pretrain_with_data(&cfg, load_train_data(&data).unwrap()).unwrap();
+    let long = tmp.path().join("long");
+    let mut o = options(&src, &long);
+    o.multiple_of = 2;
+    o.max_length = Some(300);
+    prepare_data(&o).unwrap();
+    let opts = ValidateOptions {
+        run,
+        max_batches: Some(1),
+        batch_size: 2,
+        csv: None,
+        watch: None,
+    };
+    let strategy = lit_claire::strategy::Strategy::new(
+        lit_claire::strategy::DeviceSpec::Cpu,
+        lit_claire::strategy::Precision::True32,
+    )
+    .unwrap();
+    let e = validate_run(&opts, &load_train_data(&long).unwrap(), &strategy)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("301 tokens") && e.contains("context is 256"),
+        "{e}"
+    );
+}
