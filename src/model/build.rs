@@ -108,7 +108,8 @@ fn check_tied_head(src: &dyn TensorSource, names: &WeightNames, wte: &Tensor) ->
     let wte = wte.to_dtype(DType::F32)?;
     let max_abs = |t: &Tensor| t.abs()?.max_all()?.to_scalar::<f32>();
     let diff = max_abs(&(stored - &wte)?)?;
-    if !(diff <= 1e-5 * max_abs(&wte)?) {
+    let same = diff <= 1e-5 * max_abs(&wte)?; // false for NaN too
+    if !same {
         return Err(crate::Error::Weights(format!(
             "config.json sets tie_word_embeddings, but the checkpoint's {head} differs from the embeddings {}.weight (by up to {diff}); set tie_word_embeddings to false to use it",
             names.embed
