@@ -200,8 +200,14 @@ impl TrainConfig {
                 "--max-steps, --num-epochs and --max-tokens must be positive when given".into(),
             );
         }
-        if !(self.beta1 >= 0.0 && self.beta1 < 1.0 && self.beta2 >= 0.0 && self.beta2 < 1.0) {
-            problems.push("--beta1 and --beta2 must be in [0, 1)".into());
+        // The fused update runs in f32: a beta that rounds to 1 there never updates
+        // its moment (0.99999999999 trained to a loss of 250).
+        let beta_ok = |b: f64| b >= 0.0 && (b as f32) < 1.0;
+        if !(beta_ok(self.beta1) && beta_ok(self.beta2)) {
+            problems.push(format!(
+                "--beta1 ({}) and --beta2 ({}) must be in [0, 1), at most 0.9999999 (f32 rounds closer values to 1)",
+                self.beta1, self.beta2
+            ));
         }
         let eps_ok = self.eps.is_finite() && self.eps > 0.0;
         let not_negative = |x: f64| x.is_finite() && x >= 0.0;

@@ -114,6 +114,10 @@ impl Trainer {
             }
         };
 
+        if let (Some(dir), Some(state)) = (&resume_from, &resumed) {
+            check_resume(cfg, dir, state)?;
+        }
+
         // metrics.csv must still hold the rows logged before the checkpoint.
         if let (Some(s), true) = (&resumed, strategy.is_global_zero()) {
             if let Some(expected) = s.metrics_rows {
@@ -580,6 +584,63 @@ impl Trainer {
             final_checkpoint,
         }
     }
+}
+
+/// A checkpoint continues only a run of its own kind and model: full fine-tuning or
+/// LoRA with the same rank, alpha and targets (another alpha or rank would rescale
+/// what the adapter computes), from a base model of the same configuration.
+fn check_resume(cfg: &TrainConfig, dir: &Path, state: &TrainingState) -> Result<()> {
+    let was = &state.hyperparameters;
+    let lora_then = state.kind == "lora";
+    if (cfg.lora_r > 0) != lora_then {
+        return Err(Error::Usage(format!(
+            "{} is a checkpoint of {}; resume it with --lora-r {} (or its run's recipe)",
+            dir.display(),
+            if lora_then {
+                "a LoRA run"
+            } else {
+                "full fine-tuning"
+            },
+            if lora_then { was.lora_r } else { 0 }
+        )));
+    }
+    if lora_then {
+        let mut diffs = Vec::new();
+        if cfg.lora_r != was.lora_r {
+            diffs.push(format!(
+                "--lora-r {} (checkpoint: {})",
+                cfg.lora_r, was.lora_r
+            ));
+        }
+        if cfg.lora_alpha != was.lora_alpha {
+            diffs.push(format!(
+                "--lora-alpha {} (checkpoint: {})",
+                cfg.lora_alpha, was.lora_alpha
+            ));
+        }
+        if cfg.lora_targets() != was.lora_targets() {
+            diffs.push(format!(
+                "LoRA targets {:?} (checkpoint: {:?})",
+                cfg.lora_targets(),
+                was.lora_targets()
+            ));
+        }
+        if !diffs.is_empty() {
+            return Err(Error::Usage(format!(
+                "{} was trained with other LoRA settings: {}; resume with the checkpoint's values",
+                dir.display(),
+                diffs.join(", ")
+            )));
+        }
+    }
+    if dir.join("config.json").exists() && load_config(dir)? != load_config(&cfg.checkpoint_dir)? {
+        return Err(Error::Usage(format!(
+            "{} was trained from another base model than --checkpoint-dir {} (their config.json differ)",
+            dir.display(),
+            cfg.checkpoint_dir.display()
+        )));
+    }
+    Ok(())
 }
 
 /// Set fresh adapter variables to the values saved in checkpoint `dir`.

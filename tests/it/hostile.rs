@@ -713,3 +713,64 @@ fn issue9_probe_validate_refuses_data_longer_than_the_model_context() {
         "{e}"
     );
 }
+
+#[test]
+fn issue9_probe_resume_refuses_another_kind_lora_setting_or_base() {
+    let tmp = temp_dir();
+    let mut cfg = train_config(tmp.path());
+    cfg.lora_r = 4;
+    Trainer::new(&cfg, memory_data())
+        .unwrap()
+        .run(Some(3))
+        .unwrap();
+    cfg.resume = Some("auto".into());
+    let mut full = cfg.clone();
+    full.lora_r = 0;
+    let mut alpha = cfg.clone();
+    alpha.lora_alpha = 64.0;
+    let mut base = cfg.clone();
+    base.checkpoint_dir = reference_dir("mistral");
+    for (c, want) in [
+        (full, "--lora-r 4"),
+        (alpha, "--lora-alpha 64 (checkpoint: 16)"),
+        (base, "another base model"),
+    ] {
+        let e = Trainer::new(&c, memory_data()).err().unwrap().to_string();
+        assert!(e.contains(want) && e.contains("step-00000002"), "{e}");
+    }
+    Trainer::new(&cfg, memory_data()).unwrap();
+}
+
+#[test]
+fn issue9_probe_betas_that_round_to_one_in_f32_are_refused() {
+    let mut flags = toml::Table::new();
+    for k in ["data_dir", "out_dir", "checkpoint_dir"] {
+        flags.insert(k.into(), "x".into());
+    }
+    flags.insert("beta2".into(), 0.999_999_999_99.into());
+    let e = TrainConfig::resolve(None, flags.clone())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--beta2 (0.99999999999)"), "{e}");
+    flags.insert("beta2".into(), 0.9999999.into());
+    TrainConfig::resolve(None, flags).unwrap();
+}
+
+#[test]
+fn issue9_probe_a_flag_beyond_toml_integers_is_named() {
+    let e = cli_fails(&[
+        os("pretrain"),
+        os("--data-dir"),
+        os("d"),
+        os("--checkpoint-dir"),
+        os("c"),
+        os("--out-dir"),
+        os("o"),
+        os("--seed"),
+        os("18446744073709551615"),
+    ]);
+    assert!(
+        e.contains("--seed 18446744073709551615 is too large"),
+        "{e}"
+    );
+}
