@@ -6,8 +6,8 @@
 use std::path::Path;
 
 use lit_claire::bench::RandomSource;
-use lit_claire::checkpoint::hf::state_dict;
-use lit_claire::config::hf::parse_config;
+use lit_claire::config::families::parse_config;
+use lit_claire::hf::state_dict::state_dict;
 use lit_claire::model::{BuildOptions, build_model};
 
 fn main() -> lit_claire::Result<()> {

@@ -14,8 +14,14 @@ fn main() -> lit_claire::Result<()> {
     lit_claire::allocator::keep_freed_memory();
     let lora = std::env::args().any(|a| a == "lora");
     if std::env::args().any(|a| a == "plain") {
-        lit_claire::model::fused::set_enabled(false);
+        lit_claire::model::fused::with_plain_kernels(|| profile(lora))
+    } else {
+        profile(lora)
     }
+}
+
+/// Time forward, backward and the optimizer over a few steps of the bench model.
+fn profile(lora: bool) -> lit_claire::Result<()> {
     let shape = BenchShape {
         layers: 4,
         width: 512,

@@ -15,12 +15,12 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use crate::checkpoint::weights::TensorSource;
 use crate::config::Config;
-use crate::config::hf::parse_config;
+use crate::config::families::parse_config;
 use crate::error::Result;
 use crate::lora::{LoraConfig, LoraTargets};
 use crate::model::build_model;
+use crate::model::weights::TensorSource;
 use crate::strategy::Strategy;
 use crate::train::batches::Batch;
 use crate::train::optim::{AdamW, AdamWConfig};
@@ -87,7 +87,7 @@ impl BenchShape {
 pub struct BenchReport {
     pub mode: String,
     pub shape: BenchShape,
-    pub precision: String,
+    pub precision: crate::strategy::Precision,
     pub params: usize,
     pub steps: usize,
     pub tokens_per_s: f64,
@@ -193,7 +193,7 @@ pub fn bench_train(
     Ok(BenchReport {
         mode: if lora { "train-lora" } else { "train-full" }.into(),
         shape: shape.clone(),
-        precision: strategy.precision.to_string(),
+        precision: strategy.precision,
         params: cfg.num_params(),
         steps,
         tokens_per_s: tokens / secs,

@@ -10,11 +10,11 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::checkpoint::{attach_adapter_dir, load_model};
 use crate::data::documents::TextLayout;
 use crate::data::prepare::{PrepareOptions, prepare_data};
 use crate::error::{Error, IoContext, Result};
 use crate::generate::{Sampling, generate};
+use crate::hf::{attach_adapter_dir, load_model};
 use crate::strategy::Strategy;
 use crate::tokenizer::Tokenizer;
 use crate::train::evaluate::evaluate;

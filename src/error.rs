@@ -88,11 +88,3 @@ impl<T> IoContext<T> for std::result::Result<T, std::io::Error> {
         self.map_err(|e| Error::io(path, e))
     }
 }
-
-/// Return early with an [`Error::Msg`] built like `format!`.
-#[macro_export]
-macro_rules! bail {
-    ($variant:ident, $($arg:tt)*) => {
-        return Err($crate::Error::$variant(format!($($arg)*)))
-    };
-}

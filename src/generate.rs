@@ -39,7 +39,7 @@ impl Default for Sampling {
 
 impl Sampling {
     /// Check the values a user gave.
-    pub fn validate(&self) -> Result<()> {
+    pub fn check(&self) -> Result<()> {
         if self.temperature.is_nan() || self.temperature < 0.0 {
             return Err(Error::Usage(format!(
                 "--temperature {} must be >= 0",
@@ -82,7 +82,7 @@ pub fn generate(
     stop_ids: &[u32],
     mut on_token: impl FnMut(u32) -> Result<bool>,
 ) -> Result<Generated> {
-    sampling.validate()?;
+    sampling.check()?;
     check_prompt(model, prompt)?;
     let context = model.cfg.block_size;
     let max_new = max_new.min(context - prompt.len());

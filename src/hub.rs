@@ -369,14 +369,14 @@ pub fn wanted_file(path: &str) -> bool {
         return false;
     }
     path.ends_with(".safetensors")
-        || path == super::checkpoint::weights::INDEX_FILE
+        || path == crate::model::weights::INDEX_FILE
         || [
             "config.json",
             "generation_config.json",
             "adapter_config.json",
         ]
         .contains(&path)
-        || super::checkpoint::export::TOKENIZER_FILES.contains(&path)
+        || crate::hf::export::TOKENIZER_FILES.contains(&path)
 }
 
 /// What `download` did.
@@ -458,7 +458,7 @@ pub fn download(
         .prefix(&format!(".{}.tmp-", repo.name))
         .tempdir_in(&parent)
         .at(&parent)?;
-    let bar = crate::checkpoint::shards::progress_bar(files.len() as u64, "downloading");
+    let bar = crate::hf::shards::progress_bar(files.len() as u64, "downloading");
     let mut bytes = 0;
     for f in &files {
         bar.set_message("downloading");
@@ -473,7 +473,7 @@ pub fn download(
         bar.inc(1);
     }
     bar.finish_and_clear();
-    crate::checkpoint::export::publish_dir(tmp, &dest)?;
+    crate::hf::export::publish_dir(tmp, &dest)?;
     Ok(DownloadReport {
         dir: dest,
         files,

@@ -6,8 +6,10 @@
 //!
 //! Module map:
 //! - [`config`]: one [`config::Config`] for every family, read from `config.json`.
-//! - [`model`]: the decoder (attention, MLP, norms, rotary, LoRA-capable linear).
-//! - [`checkpoint`]: Hugging Face folders, PEFT adapters, name tables.
+//! - [`model`]: the decoder (attention, MLP, norms, rotary, LoRA-capable linear), the
+//!   weight-name tables per family and the safetensors reader it loads from.
+//! - [`hf`]: Hugging Face model folders: loading, PEFT adapters, export, LoRA merge.
+//! - [`gguf`]: GGUF files for llama.cpp (`quantize`).
 //! - [`lora`]: targeting, attaching and merging adapters.
 //! - [`strategy`]: device, precision and ranks.
 //! - [`plot`]: loss curves of runs and their best checkpoints.
@@ -18,13 +20,14 @@
 pub mod allocator;
 pub mod bench;
 pub mod chat;
-pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod data;
 pub mod demo;
 pub mod error;
 pub mod generate;
+pub mod gguf;
+pub mod hf;
 pub mod hub;
 pub mod io;
 pub mod lora;

@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{DType, Tensor, Var};
+use candle_core::{Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -31,15 +31,6 @@ pub struct LoraTargets {
 }
 
 impl LoraTargets {
-    /// Query and value: the usual default (Lit-GPT's and PEFT's for LLaMA).
-    pub fn query_value() -> Self {
-        LoraTargets {
-            query: true,
-            value: true,
-            ..Default::default()
-        }
-    }
-
     pub fn any(&self) -> bool {
         self.query || self.key || self.value || self.projection || self.mlp || self.head
     }
@@ -202,7 +193,7 @@ pub fn attach_tensors(
     dropout: f32,
     trainable: bool,
 ) -> Result<Vec<(String, Var)>> {
-    let names = crate::checkpoint::names::WeightNames::for_config(&model.cfg);
+    let names = crate::model::names::WeightNames::for_config(&model.cfg);
     let adapters: BTreeMap<String, &(Tensor, Tensor)> = adapters
         .iter()
         .map(|(k, v)| (names.canonical(k), v))
@@ -258,24 +249,6 @@ pub fn attach_tensors(
         )));
     }
     Ok(vars)
-}
-
-/// Merge every adapter into its base weight (`W += s·B A`, computed in f32) and
-/// remove the adapters.
-pub fn merge_into_base(model: &mut Gpt) -> Result<()> {
-    // An adapter on a tied head unties it: the head's merged weight differs from the
-    // embeddings, and is then saved as a tensor of its own.
-    if model.cfg.tie_embeddings && model.lm_head.lora.is_some() {
-        model.cfg.tie_embeddings = false;
-    }
-    for lin in model.linears_mut() {
-        if let Some(lora) = lin.lora.take() {
-            let dtype = lin.weight.dtype();
-            let w = (lin.weight.to_dtype(DType::F32)? + lora.delta_weight()?)?;
-            lin.weight = w.to_dtype(dtype)?;
-        }
-    }
-    Ok(())
 }
 
 /// The adapters of `model`, keyed by `<module>.lora_A.weight` / `.lora_B.weight`,

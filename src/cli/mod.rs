@@ -12,7 +12,7 @@ mod train_cmds;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::strategy::{DeviceSpec, Precision, Strategy};
 
 /// Continual pretraining of open LLMs (Falcon, Mistral, LLaMA, GPT-2/NeoX/Neo) with optional LoRA.
@@ -62,7 +62,11 @@ pub enum Command {
 
 /// Parse the command line and run the command.
 pub fn run() -> Result<()> {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => return Err(Error::Usage(clap_error_line(&e))),
+    };
     match cli.command {
         Command::Demo(a) => demo_cmds::demo(a),
         Command::Perplexity(a) => model_cmds::perplexity(a),
@@ -121,16 +125,29 @@ pub enum Format {
 pub struct RuntimeArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
-    pub device: String,
+    pub device: DeviceSpec,
     /// 32-true, bf16-true, bf16-mixed or 16-mixed.
     #[arg(long, default_value = "32-true")]
-    pub precision: String,
+    pub precision: Precision,
 }
 
 impl RuntimeArgs {
     pub fn strategy(&self) -> Result<Strategy> {
-        let spec: DeviceSpec = self.device.parse()?;
-        let precision: Precision = self.precision.parse()?;
-        Strategy::new(spec, precision)
+        Strategy::new(self.device, self.precision)
     }
+}
+
+/// A clap error in one line, like every other error (clap's own spans several, with
+/// a usage block and a hint to try --help).
+fn clap_error_line(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    let body: Vec<&str> = text
+        .lines()
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let line = body.join(" ");
+    let line = line.strip_prefix("error: ").unwrap_or(&line);
+    format!("{line} (see --help)")
 }

@@ -7,9 +7,9 @@ use clap::Args;
 use serde_json::json;
 
 use super::{Format, RuntimeArgs};
-use crate::checkpoint::load_model;
 use crate::error::{Error, IoContext, Result};
 use crate::generate::{Sampling, TextStream, generate as run_generate};
+use crate::hf::load_model;
 use crate::model::Gpt;
 use crate::tokenizer::Tokenizer;
 
@@ -63,7 +63,7 @@ impl SamplingArgs {
             repetition_penalty: self.repetition_penalty,
             seed: self.seed,
         };
-        s.validate()?;
+        s.check()?;
         Ok(s)
     }
 }

@@ -6,10 +6,10 @@ use std::time::Instant;
 use candle_core::DType;
 use clap::{Args, ValueEnum};
 
-use crate::checkpoint::export::{ConvertOptions, ExportReport, convert_to_hf, merge_lora};
-use crate::checkpoint::gguf::QuantType;
-use crate::checkpoint::shards::parse_size;
 use crate::error::Result;
+use crate::gguf::QuantType;
+use crate::hf::export::{ConvertOptions, ExportReport, convert_to_hf, merge_lora};
+use crate::hf::shards::parse_size;
 use crate::hub::{HubConfig, RepoId, UploadOptions};
 
 #[derive(Debug, Args)]
@@ -118,7 +118,7 @@ pub struct QuantizeArgs {
     pub output: PathBuf,
     /// f16, q8_0 or q4_0.
     #[arg(long = "type", default_value = "q8_0")]
-    pub kind: String,
+    pub kind: QuantType,
     /// Replace --output if it exists.
     #[arg(long)]
     pub overwrite: bool,
@@ -130,7 +130,7 @@ fn describe(r: &ExportReport, started: Instant) {
         r.out.display(),
         r.weights.files.len(),
         r.weights.total_size as f64 / 1e6,
-        crate::checkpoint::export::torch_dtype_name(r.dtype),
+        crate::config::torch_dtype_name(r.dtype),
         if r.merged > 0 {
             format!(
                 ", {} LoRA weight(s) merged{}",
@@ -229,14 +229,9 @@ pub fn download(a: DownloadArgs) -> Result<()> {
 }
 
 pub fn quantize(a: QuantizeArgs) -> Result<()> {
-    let ty: QuantType = a.kind.parse()?;
+    let ty = a.kind;
     let t = Instant::now();
-    let r = crate::checkpoint::gguf::llama_cpp::quantize(
-        &a.checkpoint_dir,
-        &a.output,
-        ty,
-        a.overwrite,
-    )?;
+    let r = crate::gguf::llama_cpp::quantize(&a.checkpoint_dir, &a.output, ty, a.overwrite)?;
     for f in &r.fallbacks {
         eprintln!("note: {f}");
     }

@@ -6,11 +6,11 @@
 //! is laid out. Family quirks live in [`hf`], which reads `config.json` into a
 //! [`Config`]; the model never looks at the family name.
 
-pub mod hf;
+pub mod families;
 
 use serde::{Deserialize, Serialize};
 
-pub use hf::{SUPPORTED_MODEL_TYPES, load_config};
+pub use families::{SUPPORTED_MODEL_TYPES, load_config};
 
 /// The Hugging Face family a checkpoint comes from. Only the weight-name tables, the
 /// LoRA target names and the writers of `config.json` / GGUF look at it.
@@ -274,5 +274,14 @@ impl Config {
         let matmul_params = self.num_params() - pos_lookup - tok_lookup;
         2.0 * matmul_params as f64
             + 4.0 * (self.n_layer * seq_len * self.n_head * self.head_dim) as f64
+    }
+}
+
+/// The `torch_dtype` / `dtype` string of a candle dtype.
+pub fn torch_dtype_name(d: candle_core::DType) -> &'static str {
+    match d {
+        candle_core::DType::BF16 => "bfloat16",
+        candle_core::DType::F16 => "float16",
+        _ => "float32",
     }
 }

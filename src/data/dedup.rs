@@ -97,7 +97,7 @@ impl DedupOptions {
     }
 
     /// Every problem with the numeric options, in one message.
-    pub fn validate(&self) -> Result<()> {
+    pub fn check(&self) -> Result<()> {
         let mut bad = Vec::new();
         if !(self.threshold > 0.0 && self.threshold <= 1.0) {
             bad.push(format!(
@@ -277,7 +277,7 @@ pub struct DedupReport {
 
 /// Deduplicate `opts.input` into `opts.output`; see the module docs.
 pub fn dedup(opts: &DedupOptions) -> Result<DedupReport> {
-    opts.validate()?;
+    opts.check()?;
     let (files, ignored) = list_inputs(&opts.input)?;
     if files.is_empty() {
         return Err(Error::Data(format!(

@@ -22,8 +22,8 @@ use rayon::prelude::*;
 
 use super::augment::Augmenter;
 use super::chunk::Chunker;
+use super::documents::ReadOptions;
 use super::megatron::TokenDtype;
-use super::prepare::PrepareOptions;
 use super::sources::DatasetSource;
 use super::writer::{SplitStats, SplitWriter};
 use crate::error::{Error, Result};
@@ -43,6 +43,14 @@ pub(super) struct Ctx {
     pub padding: bool,
     pub chunker: Chunker,
     pub augmenter: Option<Augmenter>,
+    /// How the files hold documents.
+    pub read: ReadOptions,
+    /// Share of documents drawn for validation when a dataset has no validation file.
+    pub val_fraction: f64,
+    pub seed: u64,
+    /// Target tokens per shard, and the multiple the shard count is rounded to.
+    pub shard_tokens: u64,
+    pub multiple_of: usize,
 }
 
 /// A document as read.
@@ -134,14 +142,13 @@ impl Ctx {
 /// Stream one dataset through the tokenizer into its two split writers.
 pub(super) fn tokenize_dataset(
     ctx: &Ctx,
-    opts: &PrepareOptions,
     src: &DatasetSource,
     dir: &Path,
     pb: &ProgressBar,
 ) -> Result<(SplitStats, SplitStats, u64)> {
     let block_size = ctx.block_size;
-    let mut train = SplitWriter::create(dir, "train", ctx.dtype, block_size, opts.padding)?;
-    let mut val = SplitWriter::create(dir, "validation", ctx.dtype, block_size, opts.padding)?;
+    let mut train = SplitWriter::create(dir, "train", ctx.dtype, block_size, ctx.padding)?;
+    let mut val = SplitWriter::create(dir, "validation", ctx.dtype, block_size, ctx.padding)?;
     let ds_hash = name_hash(&src.name);
     let by_fraction = src.val_files.is_empty();
     let counter = Arc::new(AtomicU64::new(0));
@@ -161,7 +168,7 @@ pub(super) fn tokenize_dataset(
     std::thread::scope(|scope| -> Result<()> {
         let (tx, rx) = sync_channel::<Result<Msg>>(2);
         let reader_counter = counter.clone();
-        scope.spawn(move || read_batches(opts, src, ds_hash, reader_counter, tx));
+        scope.spawn(move || read_batches(ctx, src, ds_hash, reader_counter, tx));
         let rx: Receiver<Result<Msg>> = rx;
         for msg in rx {
             let docs = match msg? {
@@ -171,7 +178,7 @@ pub(super) fn tokenize_dataset(
                     continue;
                 }
             };
-            let seed = opts.seed;
+            let seed = ctx.seed;
             let out: Vec<Result<Processed>> = docs
                 .par_iter()
                 .map(|d| ctx.process(d, doc_key(seed, ds_hash, d.index, 1)))
@@ -222,14 +229,14 @@ pub(super) fn tokenize_dataset(
             src.name
         )));
     }
-    let train = train.finish(opts.shard_tokens, opts.multiple_of, &src.name)?;
-    let val = val.finish(opts.shard_tokens, opts.multiple_of, &src.name)?;
+    let train = train.finish(ctx.shard_tokens, ctx.multiple_of, &src.name)?;
+    let val = val.finish(ctx.shard_tokens, ctx.multiple_of, &src.name)?;
     Ok((train, val, bad_lines))
 }
 
 /// Reader thread: records of every file, in order, in batches.
 fn read_batches(
-    opts: &PrepareOptions,
+    ctx: &Ctx,
     src: &DatasetSource,
     ds_hash: u64,
     counter: Arc<AtomicU64>,
@@ -237,18 +244,18 @@ fn read_batches(
 ) {
     let by_fraction = src.val_files.is_empty();
     // u64 threshold: document goes to validation when its hash is below it.
-    let threshold = (opts.val_fraction * u64::MAX as f64) as u64;
+    let threshold = (ctx.val_fraction * u64::MAX as f64) as u64;
     let run = || -> Result<u64> {
         let mut index = 0u64;
         let mut bad_lines = 0;
         let mut batch = Vec::new();
         let mut bytes = 0;
         for (path, is_val) in src.files() {
-            let mut recs = opts.read.records_counted(path, counter.clone())?;
+            let mut recs = ctx.read.records_counted(path, counter.clone())?;
             for rec in &mut recs {
                 let text = rec?.text;
                 let validation = if by_fraction {
-                    doc_key(opts.seed, ds_hash, index, 0) < threshold
+                    doc_key(ctx.seed, ds_hash, index, 0) < threshold
                 } else {
                     is_val
                 };

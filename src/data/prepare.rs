@@ -214,6 +214,11 @@ pub fn prepare_data(opts: &PrepareOptions) -> Result<PrepareReport> {
         padding: opts.padding,
         chunker,
         augmenter,
+        read: opts.read.clone(),
+        val_fraction: opts.val_fraction,
+        seed: opts.seed,
+        shard_tokens: opts.shard_tokens,
+        multiple_of: opts.multiple_of,
     };
     let settings = Settings {
         tokenizer_hash: tok.hash.clone(),
@@ -504,7 +509,7 @@ fn build_dataset(
         .prefix(TEMP_PREFIX)
         .tempdir_in(dest)
         .at(dest)?;
-    let (train, validation, bad_lines) = tokenize_dataset(ctx, opts, src, tmp.path(), pb)?;
+    let (train, validation, bad_lines) = tokenize_dataset(ctx, src, tmp.path(), pb)?;
     let rec = DatasetRecord {
         name: src.name.clone(),
         settings: settings.clone(),

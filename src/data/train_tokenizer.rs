@@ -102,7 +102,7 @@ impl TrainTokenizerOptions {
     }
 
     /// Every problem with the options, in one message.
-    pub fn validate(&self) -> Result<()> {
+    pub fn check(&self) -> Result<()> {
         let mut bad = Vec::new();
         if self.inputs.is_empty() {
             bad.push("give at least one --input file or folder".to_string());
@@ -165,7 +165,7 @@ type Bpe = TokenizerImpl<
 
 /// Train a byte-level BPE on `opts.inputs` and write it to `opts.output`.
 pub fn train_tokenizer(opts: &TrainTokenizerOptions) -> Result<TrainedTokenizer> {
-    opts.validate()?;
+    opts.check()?;
     let mut files = Vec::new();
     for input in &opts.inputs {
         let (mut found, _ignored) = list_inputs(input)?;

@@ -8,10 +8,10 @@ use candle_core::{DType, Device, Tensor, Var};
 
 use super::attention::{Attention, QkvProj};
 use super::{Block, Gpt, Linear, Mlp, Norm, TrainableModel};
-use crate::checkpoint::names::WeightNames;
-use crate::checkpoint::weights::TensorSource;
 use crate::config::{Config, MlpKind, NormKind, PositionKind, QkvLayout, Residual};
 use crate::error::Result;
+use crate::model::names::WeightNames;
+use crate::model::weights::TensorSource;
 
 /// How to materialise the parameters.
 #[derive(Debug, Clone)]

@@ -12,8 +12,10 @@ pub mod build;
 pub mod fused;
 pub mod linear;
 pub mod mlp;
+pub mod names;
 pub mod norm;
 pub mod rope;
+pub mod weights;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 
@@ -232,11 +234,6 @@ impl Gpt {
             push_linear(&mut out, &self.lm_head);
         }
         out
-    }
-
-    /// Whether a LoRA adapter is attached anywhere.
-    pub fn has_lora(&self) -> bool {
-        self.linears().iter().any(|l| l.lora.is_some())
     }
 }
 

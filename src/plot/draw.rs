@@ -17,62 +17,21 @@
 //! with diamonds their mean. The legend sits in its own panel, never over curves. Text
 //! uses the embedded DejaVu Sans, so no system font is needed.
 
-use std::sync::Once;
-
 use plotters::coord::Shift;
 use plotters::coord::cartesian::Cartesian2d;
 use plotters::coord::ranged1d::{DefaultFormatting, KeyPointHint, Ranged};
 use plotters::prelude::*;
 
-use super::axis::{XAxis, YScale, format_x};
+use super::axis::{YScale, format_x};
 use super::legend::Legend;
 use super::marker::{Marker, Shape};
-use super::series::{Point, RunSeries, decimate};
-
-/// DejaVu Sans (Bitstream Vera licence, see `assets/fonts/LICENSE-DejaVu.txt`).
-static FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
-pub(super) const FAMILY: &str = "sans-serif";
+use super::scene::{DrawResult, FAMILY, INK, PALETTE, Scene, dataset_shapes, register_fonts};
+use super::series::{Point, decimate};
 
 /// Most points drawn per line (a dense curve keeps its envelope, see [`decimate`]).
 const MAX_POINTS: usize = 3000;
 
-/// Tableau 10: distinct, colour-blind-friendlier than the primaries.
-pub(super) const PALETTE: [RGBColor; 10] = [
-    RGBColor(31, 119, 180),
-    RGBColor(255, 127, 14),
-    RGBColor(44, 160, 44),
-    RGBColor(214, 39, 40),
-    RGBColor(148, 103, 189),
-    RGBColor(140, 86, 75),
-    RGBColor(227, 119, 194),
-    RGBColor(127, 127, 127),
-    RGBColor(188, 189, 34),
-    RGBColor(23, 190, 207),
-];
-pub(super) const INK: RGBColor = RGBColor(40, 40, 40);
 const GRID: RGBColor = RGBColor(228, 228, 228);
-
-/// Register the embedded font under "sans-serif" (once per process).
-pub fn register_fonts() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        // Only fails on a corrupt font file, which a unit test rules out.
-        let _ = plotters::style::register_font(FAMILY, FontStyle::Normal, FONT);
-    });
-}
-
-/// What to draw.
-pub struct Scene<'a> {
-    pub title: String,
-    pub runs: &'a [RunSeries],
-    pub x_axis: XAxis,
-    pub x_range: (f64, f64),
-    pub x_ticks: Vec<f64>,
-    pub y: YScale,
-}
-
-pub(super) type DrawResult<DB> =
-    Result<(), DrawingAreaErrorKind<<DB as DrawingBackend>::ErrorType>>;
 
 /// Draw the whole picture on `root`.
 pub fn render<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, scene: &Scene) -> DrawResult<DB> {
@@ -232,23 +191,6 @@ impl<DB: DrawingBackend> Layers<'_, '_, DB> {
     }
 }
 
-/// The marker shape of each offline dataset, the same in every run.
-pub(super) fn dataset_shapes(runs: &[RunSeries]) -> Vec<(String, Shape)> {
-    let mut names: Vec<&String> = runs.iter().flat_map(|r| r.offline.keys()).collect();
-    names.sort();
-    names.dedup();
-    names
-        .into_iter()
-        .enumerate()
-        .map(|(i, n)| {
-            (
-                n.clone(),
-                Shape::FOR_DATASETS[i % Shape::FOR_DATASETS.len()],
-            )
-        })
-        .collect()
-}
-
 // ---------------------------------------------------------------------------------------
 // A linear f64 axis with given ticks.
 
@@ -380,15 +322,6 @@ impl Clip {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_embedded_font_loads() {
-        assert!(ab_glyph_ok());
-    }
-
-    fn ab_glyph_ok() -> bool {
-        plotters::style::register_font("lit-claire-test", FontStyle::Normal, FONT).is_ok()
-    }
 
     #[test]
     fn clipping_cuts_lines_at_the_box() {

@@ -6,8 +6,8 @@ use plotters::element::DashedPathElement;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use super::draw::{DrawResult, FAMILY, INK, PALETTE, Scene, dataset_shapes};
 use super::marker::{Marker, Shape};
+use super::scene::{DrawResult, FAMILY, INK, PALETTE, Scene, dataset_shapes};
 
 /// Colour of the series samples (the series' own colour is the run's).
 const SAMPLE: RGBColor = RGBColor(70, 70, 70);

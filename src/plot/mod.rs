@@ -26,6 +26,7 @@ mod draw;
 mod legend;
 mod marker;
 mod runs;
+mod scene;
 mod series;
 
 use std::io::Write;
@@ -221,7 +222,7 @@ pub fn plot_runs(runs: &[PathBuf], opts: &PlotOptions) -> Result<PlotSummary> {
     }
     let y = YScale::new(ylo, yhi, opts.min_loss, opts.max_loss);
     let x_range = axis::x_range(xlo, xhi);
-    let scene = draw::Scene {
+    let scene = scene::Scene {
         title: opts
             .title
             .clone()
@@ -313,7 +314,7 @@ fn write_image(
     path: &Path,
     format: ImageFormat,
     size: (u32, u32),
-    scene: &draw::Scene,
+    scene: &scene::Scene,
 ) -> Result<()> {
     let failed = |e: String| Error::Msg(format!("drawing {}: {e}", path.display()));
     let dir = match path.parent() {

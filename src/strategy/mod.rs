@@ -5,6 +5,7 @@
 //! is rank 0, and to reduce values across ranks. Nothing else in the crate picks a
 //! device or a dtype.
 
+pub mod collective;
 pub mod precision;
 
 use candle_core::{DType, Device};
@@ -47,6 +48,25 @@ impl std::fmt::Display for DeviceSpec {
         }
     }
 }
+
+/// Recipes, `hyperparameters.toml` and training states hold devices and precisions as
+/// the user writes them (`cuda:1`, `bf16-mixed`), parsed like the flags.
+macro_rules! serde_as_string {
+    ($($t:ty),*) => {$(
+        impl serde::Serialize for $t {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        }
+        impl<'de> serde::Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                s.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    )*};
+}
+serde_as_string!(DeviceSpec, Precision);
 
 /// Device, precision and process group of a run.
 #[derive(Debug, Clone)]

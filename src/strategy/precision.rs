@@ -6,19 +6,15 @@ use super::DeviceSpec;
 use crate::error::{Error, Result};
 
 /// How parameters are stored and activations computed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Precision {
     /// Everything in f32.
-    #[serde(rename = "32-true")]
     True32,
     /// Parameters, optimizer state and compute in bf16.
-    #[serde(rename = "bf16-true")]
     Bf16True,
     /// f32 master parameters and optimizer state, bf16 compute.
-    #[serde(rename = "bf16-mixed")]
     Bf16Mixed,
     /// f32 master parameters, f16 compute, dynamic loss scaling.
-    #[serde(rename = "16-mixed")]
     F16Mixed,
 }
 

@@ -27,7 +27,7 @@ use crate::lora::LoraConfig;
 use crate::model::Gpt;
 
 /// Files copied from the base model folder into every checkpoint (with the tokenizer's,
-/// [`TOKENIZER_FILES`](crate::checkpoint::export::TOKENIZER_FILES)).
+/// [`TOKENIZER_FILES`](crate::hf::export::TOKENIZER_FILES)).
 pub const SIDE_FILES: &[&str] = &["config.json", "generation_config.json"];
 
 pub const STATE_FILE: &str = "training_state.json";
@@ -55,8 +55,6 @@ pub struct TrainingState {
     pub metrics_rows: Option<usize>,
     pub loss_scaler: Option<LossScaler>,
     pub dropout_rng: Option<ChaCha8Rng>,
-    /// "full" or "lora".
-    pub kind: String,
     pub base_checkpoint_dir: PathBuf,
     pub hyperparameters: TrainConfig,
     pub lit_claire_version: String,
@@ -82,10 +80,7 @@ pub fn save(
         std::fs::remove_dir_all(&tmp).at(&tmp)?;
     }
     std::fs::create_dir_all(&tmp).at(&tmp)?;
-    for f in SIDE_FILES
-        .iter()
-        .chain(crate::checkpoint::export::TOKENIZER_FILES)
-    {
+    for f in SIDE_FILES.iter().chain(crate::hf::export::TOKENIZER_FILES) {
         let src = state.base_checkpoint_dir.join(f);
         if src.exists() {
             std::fs::copy(&src, tmp.join(f)).at(&src)?;
@@ -94,7 +89,7 @@ pub fn save(
     match lora {
         Some(l) => {
             let tensors = crate::lora::adapter_tensors(model)?;
-            crate::checkpoint::peft::save_adapter(
+            crate::hf::peft::save_adapter(
                 &tmp,
                 &model.cfg,
                 l,
@@ -103,7 +98,7 @@ pub fn save(
             )?;
         }
         None => {
-            let sd = crate::checkpoint::hf::state_dict(model)?;
+            let sd = crate::hf::state_dict::state_dict(model)?;
             crate::io::save_safetensors_atomic(&tmp.join("model.safetensors"), &sd, None)?;
         }
     }
@@ -142,10 +137,10 @@ pub fn load_optimizer(dir: &Path, device: &Device) -> Result<HashMap<String, can
 pub fn check(dir: &Path) -> Result<TrainingState> {
     let state = load_state(dir)?;
     let mut files = vec![dir.join(OPTIMIZER_FILE)];
-    if crate::checkpoint::peft::is_adapter_dir(dir) {
-        files.push(dir.join(crate::checkpoint::peft::ADAPTER_WEIGHTS));
+    if crate::hf::peft::is_adapter_dir(dir) {
+        files.push(dir.join(crate::hf::peft::ADAPTER_WEIGHTS));
     } else {
-        files.extend(crate::checkpoint::weights::weight_files(dir)?);
+        files.extend(crate::model::weights::weight_files(dir)?);
     }
     for f in files {
         if !f.exists() {

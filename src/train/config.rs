@@ -24,120 +24,148 @@ pub enum IntervalUnit {
     Time,
 }
 
-/// Everything that defines a run.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct TrainConfig {
-    // --- where ---
-    /// Prepared data (`lit-claire prepare-data`).
-    pub data_dir: PathBuf,
-    /// The base model: a Hugging Face folder.
-    pub checkpoint_dir: PathBuf,
-    /// The run's folder.
-    pub out_dir: PathBuf,
+/// Declares every training option once. Each entry becomes a field of [`TrainConfig`]
+/// (with its default; an entry without `= default` is an `Option`, `None` by default)
+/// and an optional flag of [`TrainFlags`] named after it (`--learning-rate`), which
+/// overrides the recipe when given. A doc line's `[default: X]` is checked against the
+/// default by a test in `cli::train_cmds`.
+macro_rules! train_options {
+    ($(
+        $(#[doc = $doc:literal])*
+        $(#[arg($($arg:tt)*)])?
+        $name:ident : $ty:ty $(= $default:expr)?;
+    )*) => {
+        /// Everything that defines a run.
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        #[serde(default, deny_unknown_fields)]
+        pub struct TrainConfig {
+            $( $(#[doc = $doc])* pub $name: train_options!(@field $ty $(, $default)?), )*
+        }
 
-    // --- how much ---
-    /// Samples per forward/backward pass, per device.
-    pub micro_batch_size: usize,
-    /// Samples per optimizer step, per device (a multiple of the micro batch).
-    pub batch_size: usize,
-    pub max_steps: Option<usize>,
-    pub num_epochs: Option<usize>,
-    pub max_tokens: Option<u64>,
+        impl Default for TrainConfig {
+            fn default() -> Self {
+                TrainConfig { $( $name: train_options!(@default $($default)?), )* }
+            }
+        }
 
-    // --- optimizer and schedule ---
-    pub learning_rate: f64,
-    pub min_lr: f64,
-    pub warmup_steps: usize,
-    pub lr_schedule: ScheduleKind,
-    /// Cycles of `cosine-restarts`.
-    pub restarts: usize,
-    pub weight_decay: f64,
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-    /// Global gradient-norm clipping (0: none).
-    pub grad_clip: f64,
-
-    // --- strategy ---
-    pub device: String,
-    pub precision: String,
-    /// Devices per node.
-    pub devices: usize,
-    pub num_nodes: usize,
-    pub seed: u64,
-
-    // --- LoRA (lora_r > 0 enables it) ---
-    pub lora_r: usize,
-    pub lora_alpha: f64,
-    pub lora_dropout: f64,
-    pub lora_query: bool,
-    pub lora_key: bool,
-    pub lora_value: bool,
-    pub lora_projection: bool,
-    pub lora_mlp: bool,
-    pub lora_head: bool,
-
-    // --- intervals, checkpoints, validation ---
-    pub interval_unit: IntervalUnit,
-    pub log_interval: u64,
-    pub eval_interval: u64,
-    pub save_interval: u64,
-    /// Keep the newest N step checkpoints (and the best one).
-    pub max_checkpoints: Option<usize>,
-    /// Stop after N evaluations without improvement.
-    pub early_stopping: Option<usize>,
-    /// Validation micro-batches per dataset (None: the whole split).
-    pub eval_max_batches: Option<usize>,
-    /// `auto` (newest checkpoint of out_dir) or a checkpoint folder.
-    pub resume: Option<String>,
+        /// The command-line flags of [`TrainConfig`]: each one given overrides the recipe
+        /// and the defaults ([`TrainConfig::resolve`]).
+        #[derive(Debug, Default, Clone, clap::Args, Serialize)]
+        pub struct TrainFlags {
+            $(
+                $(#[doc = $doc])*
+                #[arg(long $(, $($arg)*)?)]
+                #[serde(skip_serializing_if = "Option::is_none")]
+                pub $name: Option<$ty>,
+            )*
+        }
+    };
+    (@field $ty:ty) => { Option<$ty> };
+    (@field $ty:ty, $default:expr) => { $ty };
+    (@default) => { None };
+    (@default $default:expr) => { $default };
 }
 
-impl Default for TrainConfig {
-    fn default() -> Self {
-        TrainConfig {
-            data_dir: PathBuf::new(),
-            checkpoint_dir: PathBuf::new(),
-            out_dir: PathBuf::new(),
-            micro_batch_size: 4,
-            batch_size: 16,
-            max_steps: None,
-            num_epochs: None,
-            max_tokens: None,
-            learning_rate: 3e-4,
-            min_lr: 3e-5,
-            warmup_steps: 100,
-            lr_schedule: ScheduleKind::Cosine,
-            restarts: 1,
-            weight_decay: 0.1,
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            grad_clip: 1.0,
-            device: "cpu".into(),
-            precision: "32-true".into(),
-            devices: 1,
-            num_nodes: 1,
-            seed: 42,
-            lora_r: 0,
-            lora_alpha: 16.0,
-            lora_dropout: 0.05,
-            lora_query: true,
-            lora_key: false,
-            lora_value: true,
-            lora_projection: false,
-            lora_mlp: false,
-            lora_head: false,
-            interval_unit: IntervalUnit::Step,
-            log_interval: 1,
-            eval_interval: 100,
-            save_interval: 100,
-            max_checkpoints: None,
-            early_stopping: None,
-            eval_max_batches: None,
-            resume: None,
-        }
-    }
+train_options! {
+    // --- where ---
+    /// Prepared data (`lit-claire prepare-data`).
+    data_dir: PathBuf = PathBuf::new();
+    /// Base model: a Hugging Face folder.
+    checkpoint_dir: PathBuf = PathBuf::new();
+    /// Run folder (metrics, checkpoints).
+    out_dir: PathBuf = PathBuf::new();
+
+    // --- how much ---
+    /// Samples per forward/backward pass per device [default: 4].
+    micro_batch_size: usize = 4;
+    /// Samples per optimizer step per device; accumulation = batch / micro batch [default: 16].
+    batch_size: usize = 16;
+    /// Optimizer steps (the smallest of --max-steps, --num-epochs and --max-tokens wins; default: one epoch).
+    max_steps: usize;
+    /// Passes over the (weighted) training data.
+    num_epochs: usize;
+    /// Stop after this many training tokens.
+    max_tokens: u64;
+
+    // --- optimizer and schedule ---
+    /// Peak learning rate [default: 3e-4].
+    learning_rate: f64 = 3e-4;
+    /// Learning rate at the end of the decay [default: 3e-5].
+    min_lr: f64 = 3e-5;
+    /// Linear warmup steps [default: 100].
+    warmup_steps: usize = 100;
+    /// Decay after warmup [default: cosine].
+    #[arg(value_enum)]
+    lr_schedule: ScheduleKind = ScheduleKind::Cosine;
+    /// Cycles of cosine-restarts [default: 1].
+    restarts: usize = 1;
+    /// Decoupled weight decay of AdamW [default: 0.1].
+    weight_decay: f64 = 0.1;
+    /// AdamW β₁ [default: 0.9].
+    beta1: f64 = 0.9;
+    /// AdamW β₂ [default: 0.95].
+    beta2: f64 = 0.95;
+    /// AdamW ε [default: 1e-8].
+    eps: f64 = 1e-8;
+    /// Global gradient-norm clipping, 0 for none [default: 1].
+    grad_clip: f64 = 1.0;
+
+    // --- strategy ---
+    /// cpu, cuda or cuda:N [default: cpu].
+    device: DeviceSpec = DeviceSpec::Cpu;
+    /// 32-true, bf16-true, bf16-mixed or 16-mixed [default: 32-true].
+    precision: Precision = Precision::True32;
+    /// Devices per node [default: 1].
+    devices: usize = 1;
+    /// Nodes [default: 1].
+    num_nodes: usize = 1;
+    /// Seed of data order, LoRA initialisation and dropout [default: 42].
+    seed: u64 = 42;
+
+    // --- LoRA (lora_r > 0 enables it) ---
+    /// LoRA rank; > 0 trains a LoRA adapter instead of all weights [default: 0].
+    lora_r: usize = 0;
+    /// LoRA scaling numerator: the update is alpha/r · B·A [default: 16].
+    lora_alpha: f64 = 16.0;
+    /// Dropout on the LoRA input [default: 0.05].
+    lora_dropout: f64 = 0.05;
+    /// LoRA on the query projection [default: true].
+    #[arg(num_args = 0..=1, default_missing_value = "true")]
+    lora_query: bool = true;
+    /// LoRA on the key projection [default: false].
+    #[arg(num_args = 0..=1, default_missing_value = "true")]
+    lora_key: bool = false;
+    /// LoRA on the value projection [default: true].
+    #[arg(num_args = 0..=1, default_missing_value = "true")]
+    lora_value: bool = true;
+    /// LoRA on the attention output projection [default: false].
+    #[arg(num_args = 0..=1, default_missing_value = "true")]
+    lora_projection: bool = false;
+    /// LoRA on the MLP layers [default: false].
+    #[arg(num_args = 0..=1, default_missing_value = "true")]
+    lora_mlp: bool = false;
+    /// LoRA on the output head [default: false].
+    #[arg(num_args = 0..=1, default_missing_value = "true")]
+    lora_head: bool = false;
+
+    // --- intervals, checkpoints, validation ---
+    /// Unit of the intervals: optimizer steps or seconds [default: step].
+    #[arg(value_enum)]
+    interval_unit: IntervalUnit = IntervalUnit::Step;
+    /// Write a metrics row every N steps (or seconds) [default: 1].
+    log_interval: u64 = 1;
+    /// Validate every N steps (or seconds) [default: 100].
+    eval_interval: u64 = 100;
+    /// Checkpoint every N steps (or seconds) [default: 100].
+    save_interval: u64 = 100;
+    /// Keep the newest N step checkpoints (and the best one).
+    max_checkpoints: usize;
+    /// Stop after N evaluations without improvement.
+    early_stopping: usize;
+    /// Validation micro-batches per dataset (default: the whole split).
+    eval_max_batches: usize;
+    /// `auto` (the run's newest checkpoint) or a checkpoint folder.
+    resume: String;
 }
 
 impl TrainConfig {
@@ -171,12 +199,12 @@ impl TrainConfig {
         let cfg: TrainConfig = table.try_into().map_err(|e: toml::de::Error| {
             Error::Usage(format!("bad training option: {}", one_line(&e.to_string())))
         })?;
-        cfg.validate()?;
+        cfg.check()?;
         Ok(cfg)
     }
 
     /// Every problem with the values, in one message.
-    pub fn validate(&self) -> Result<()> {
+    pub fn check(&self) -> Result<()> {
         let mut problems = Vec::new();
         for (flag, p) in [
             ("--data-dir", &self.data_dir),
@@ -223,12 +251,6 @@ impl TrainConfig {
             self.min_lr,
             self.restarts,
         ));
-        if let Err(e) = self.device.parse::<DeviceSpec>() {
-            problems.push(e.to_string());
-        }
-        if let Err(e) = self.precision.parse::<Precision>() {
-            problems.push(e.to_string());
-        }
         if !(0.0..1.0).contains(&self.lora_dropout) {
             problems.push(format!(
                 "--lora-dropout {} must be in [0, 1)",

@@ -44,6 +44,6 @@ pub fn load_train_data(dir: &Path) -> Result<TrainData> {
 
 /// Train as `cfg` says, on the prepared data of `cfg.data_dir`.
 pub fn pretrain(cfg: &TrainConfig) -> Result<TrainSummary> {
-    cfg.validate()?;
+    cfg.check()?;
     pretrain_with_data(cfg, load_train_data(&cfg.data_dir)?)
 }

@@ -19,13 +19,13 @@ use super::evaluate::evaluate;
 use super::metrics::{METRICS_FILE, MetricsRow, MetricsWriter};
 use super::optim::{AdamW, AdamWConfig};
 use super::schedule::Schedule;
-use super::step::{LossScaler, StepRunner};
-use crate::checkpoint::weights::Weights;
-use crate::config::load_config;
+use super::step::{LossScaler, StepRunner, StepStats};
+use crate::config::{Config, load_config};
 use crate::error::{Error, IoContext, Result};
 use crate::lora::LoraConfig;
+use crate::model::weights::Weights;
 use crate::model::{Dropout, build_model};
-use crate::strategy::{DeviceSpec, Precision, Strategy};
+use crate::strategy::Strategy;
 use crate::tokenizer::Tokenizer;
 
 /// How a run ended.
@@ -61,15 +61,13 @@ pub fn pretrain_with_data(cfg: &TrainConfig, data: TrainData) -> Result<TrainSum
 }
 
 fn strategy_for(cfg: &TrainConfig) -> Result<Strategy> {
-    let spec: DeviceSpec = cfg.device.parse()?;
-    let precision: Precision = cfg.precision.parse()?;
     if cfg.devices * cfg.num_nodes > 1 {
         return Err(Error::Usage(format!(
             "--devices {} --num-nodes {}: data parallel training is not available in this build; train on one device",
             cfg.devices, cfg.num_nodes
         )));
     }
-    Strategy::new(spec, precision)
+    Strategy::new(cfg.device, cfg.precision)
 }
 
 /// Whether `dir` already holds a run.
@@ -81,120 +79,39 @@ fn holds_run(dir: &Path) -> bool {
             .unwrap_or(false)
 }
 
-impl Trainer {
-    /// Check everything, then set up model, optimizer and data (from scratch or from
-    /// the checkpoint `cfg.resume` names). Every user error surfaces here, before any
-    /// training work.
-    pub fn new(cfg: &TrainConfig, data: TrainData) -> Result<Self> {
-        cfg.validate()?;
+/// What [`Trainer::new`] settles before any weights load: every check a user can fail
+/// (a 7B model costs minutes and gigabytes to load), and what follows from the config
+/// and the data alone.
+struct Plan {
+    strategy: Strategy,
+    model_cfg: Config,
+    /// The checkpoint to resume from, with its state.
+    resume: Option<(PathBuf, TrainingState)>,
+    lora: Option<LoraConfig>,
+    schedule: Schedule,
+    /// Lines for the log once it is open (a damaged checkpoint passed over, ...).
+    warnings: Vec<String>,
+}
+
+impl Plan {
+    fn new(cfg: &TrainConfig, data: &TrainData) -> Result<Plan> {
+        cfg.check()?;
         let strategy = strategy_for(cfg)?;
-        let out = &cfg.out_dir;
-
-        // Where to resume from, and refusing to mix runs.
-        let mut warnings = Vec::new();
-        let (resume_from, resumed) = match cfg.resume.as_deref() {
-            None => {
-                if holds_run(out) {
-                    return Err(Error::Usage(format!(
-                        "{} holds another run; continue it with --resume auto or choose another --out-dir",
-                        out.display()
-                    )));
-                }
-                (None, None)
-            }
-            Some("auto") => {
-                let (found, notes) = checkpoint::newest_complete(out)?;
-                warnings.extend(notes);
-                found.map_or((None, None), |(p, s)| (Some(p), Some(s)))
-            }
-            Some(p) => {
-                let dir = PathBuf::from(p);
-                let state = checkpoint::check(&dir)?;
-                (Some(dir), Some(state))
-            }
-        };
-
-        if let (Some(dir), Some(state)) = (&resume_from, &resumed) {
+        let (resume, mut warnings) = resume_from(cfg)?;
+        if let Some((dir, state)) = &resume {
             check_resume(cfg, dir, state)?;
-        }
-
-        // metrics.csv must still hold the rows logged before the checkpoint.
-        if let (Some(s), true) = (&resumed, strategy.is_global_zero()) {
-            if let Some(expected) = s.metrics_rows {
-                warnings.extend(super::metrics::check_rows(out, s.step, expected)?);
+            // metrics.csv must still hold the rows logged before the checkpoint.
+            if let (Some(expected), true) = (state.metrics_rows, strategy.is_global_zero()) {
+                warnings.extend(super::metrics::check_rows(
+                    &cfg.out_dir,
+                    state.step,
+                    expected,
+                )?);
             }
         }
-
-        // The base model and its tokenizer must match the data.
         let model_cfg = load_config(&cfg.checkpoint_dir)?;
-        let tokenizer = Tokenizer::from_dir(&cfg.checkpoint_dir)?;
-        data.check_tokenizer(&tokenizer)?;
-        data.check_context(model_cfg.block_size)?;
-        data.check_weights()?;
-        let world = strategy.world_size;
-        let epoch_len = data.epoch_len(world);
-        if epoch_len < cfg.batch_size {
-            let sizes: Vec<String> = data
-                .datasets
-                .iter()
-                .map(|d| {
-                    format!(
-                        "{} ({} samples, weight {})",
-                        d.name,
-                        d.train.len(),
-                        d.weight
-                    )
-                })
-                .collect();
-            return Err(Error::Data(format!(
-                "the training data gives {epoch_len} samples per device per epoch, fewer than one batch of {}: {}; lower --batch-size or add data",
-                cfg.batch_size,
-                sizes.join(", ")
-            )));
-        }
-
-        // Model: the base, frozen for LoRA; or the checkpoint's own weights.
-        let lora = cfg.lora();
-        let full_source = match (&resume_from, &lora) {
-            (Some(dir), None) => dir.clone(),
-            _ => cfg.checkpoint_dir.clone(),
-        };
-        let weights = Weights::open(&full_source)?;
-        let tm = build_model(
-            &model_cfg,
-            &weights,
-            &strategy.build_options(lora.is_none()),
-        )?;
-        let mut model = tm.model;
-        let vars = match &lora {
-            None => tm.vars,
-            Some(l) => {
-                let vars = crate::lora::attach_new(&mut model, l, cfg.seed)?;
-                if let Some(dir) = &resume_from {
-                    restore_adapter(dir, &vars, &strategy)?;
-                }
-                vars
-            }
-        };
-        let adam = AdamWConfig {
-            beta1: cfg.beta1,
-            beta2: cfg.beta2,
-            eps: cfg.eps,
-            weight_decay: cfg.weight_decay,
-        };
-        let mut opt = AdamW::new(vars, adam)?;
-
-        let steps_per_epoch = epoch_len / cfg.batch_size;
-        let tokens_per_step = (cfg.batch_size * world * (data.block_size - 1)) as u64;
-        let total_steps = [
-            cfg.max_steps,
-            cfg.num_epochs.map(|e| e * steps_per_epoch),
-            cfg.max_tokens.map(|t| t.div_ceil(tokens_per_step) as usize),
-        ]
-        .into_iter()
-        .flatten()
-        .min()
-        .unwrap_or(steps_per_epoch);
+        check_data_fits(cfg, data, &model_cfg)?;
+        let total_steps = total_steps(cfg, data, strategy.world_size)?;
         let schedule = Schedule::new(
             cfg.lr_schedule,
             cfg.learning_rate,
@@ -203,65 +120,257 @@ impl Trainer {
             total_steps,
             cfg.restarts,
         )?;
-
-        let needs_dropout = lora.as_ref().is_some_and(|l| l.dropout > 0.0);
-        let state = match resumed {
-            Some(s) => {
-                let moments = checkpoint::load_optimizer(
-                    resume_from.as_ref().expect("resumed from a folder"),
-                    &strategy.device,
-                )?;
-                opt.load_state(&moments, s.step as u64)?;
-                s
-            }
-            None => TrainingState {
-                step: 0,
-                position: DataPosition::default(),
-                tokens: 0,
-                elapsed_s: 0.0,
-                train_loss: None,
-                val_loss: None,
-                best_val_loss: None,
-                evals_without_improvement: 0,
-                metrics_rows: Some(0),
-                loss_scaler: strategy.precision.uses_loss_scaling().then(LossScaler::new),
-                dropout_rng: needs_dropout.then(|| {
-                    ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_add(strategy.rank as u64))
-                }),
-                kind: if lora.is_some() { "lora" } else { "full" }.into(),
-                base_checkpoint_dir: cfg.checkpoint_dir.clone(),
-                hyperparameters: cfg.clone(),
-                lit_claire_version: env!("CARGO_PKG_VERSION").into(),
-            },
-        };
-        let dropout = state.dropout_rng.clone().map(Dropout::new);
-        let runner = StepRunner {
-            model,
-            opt,
-            grad_clip: (cfg.grad_clip > 0.0).then_some(cfg.grad_clip),
-            scaler: state.loss_scaler,
-            dropout,
+        Ok(Plan {
             strategy,
-        };
+            model_cfg,
+            resume,
+            lora: cfg.lora(),
+            schedule,
+            warnings,
+        })
+    }
+}
 
+/// The checkpoint `--resume` names, checked whole, with its state (`auto`: the run's
+/// newest complete one, passing over damaged ones with a warning each), refusing to
+/// start a second run in a folder that holds one.
+fn resume_from(cfg: &TrainConfig) -> Result<(Option<checkpoint::Found>, Vec<String>)> {
+    let out = &cfg.out_dir;
+    match cfg.resume.as_deref() {
+        None if holds_run(out) => Err(Error::Usage(format!(
+            "{} holds another run; continue it with --resume auto or choose another --out-dir",
+            out.display()
+        ))),
+        None => Ok((None, Vec::new())),
+        Some("auto") => checkpoint::newest_complete(out),
+        Some(p) => {
+            let dir = PathBuf::from(p);
+            let state = checkpoint::check(&dir)?;
+            Ok((Some((dir, state)), Vec::new()))
+        }
+    }
+}
+
+/// A checkpoint continues only a run of its own kind and model: full fine-tuning or
+/// LoRA with the same rank, alpha and targets (another alpha or rank would rescale
+/// what the adapter computes), from a base model of the same configuration.
+fn check_resume(cfg: &TrainConfig, dir: &Path, state: &TrainingState) -> Result<()> {
+    let was = &state.hyperparameters;
+    let lora_then = was.lora_r > 0;
+    if (cfg.lora_r > 0) != lora_then {
+        return Err(Error::Usage(format!(
+            "{} is a checkpoint of {}; resume it with --lora-r {} (or its run's recipe)",
+            dir.display(),
+            if lora_then {
+                "a LoRA run"
+            } else {
+                "full fine-tuning"
+            },
+            was.lora_r
+        )));
+    }
+    if lora_then {
+        let mut diffs = Vec::new();
+        if cfg.lora_r != was.lora_r {
+            diffs.push(format!(
+                "--lora-r {} (checkpoint: {})",
+                cfg.lora_r, was.lora_r
+            ));
+        }
+        if cfg.lora_alpha != was.lora_alpha {
+            diffs.push(format!(
+                "--lora-alpha {} (checkpoint: {})",
+                cfg.lora_alpha, was.lora_alpha
+            ));
+        }
+        if cfg.lora_targets() != was.lora_targets() {
+            diffs.push(format!(
+                "LoRA targets {:?} (checkpoint: {:?})",
+                cfg.lora_targets(),
+                was.lora_targets()
+            ));
+        }
+        if !diffs.is_empty() {
+            return Err(Error::Usage(format!(
+                "{} was trained with other LoRA settings: {}; resume with the checkpoint's values",
+                dir.display(),
+                diffs.join(", ")
+            )));
+        }
+    }
+    if dir.join("config.json").exists() && load_config(dir)? != load_config(&cfg.checkpoint_dir)? {
+        return Err(Error::Usage(format!(
+            "{} was trained from another base model than --checkpoint-dir {} (their config.json differ)",
+            dir.display(),
+            cfg.checkpoint_dir.display()
+        )));
+    }
+    Ok(())
+}
+
+/// The data must come from the base model's tokenizer, fit its context, and weigh
+/// its datasets sanely.
+fn check_data_fits(cfg: &TrainConfig, data: &TrainData, model_cfg: &Config) -> Result<()> {
+    let tokenizer = Tokenizer::from_dir(&cfg.checkpoint_dir)?;
+    data.check_tokenizer(&tokenizer)?;
+    data.check_context(model_cfg.block_size)?;
+    data.check_weights()
+}
+
+/// Optimizer steps of the run: the smallest of --max-steps, --num-epochs and
+/// --max-tokens, one epoch when none is given.
+fn total_steps(cfg: &TrainConfig, data: &TrainData, world: usize) -> Result<usize> {
+    let epoch_len = data.epoch_len(world);
+    if epoch_len < cfg.batch_size {
+        let sizes: Vec<String> = data
+            .datasets
+            .iter()
+            .map(|d| {
+                format!(
+                    "{} ({} samples, weight {})",
+                    d.name,
+                    d.train.len(),
+                    d.weight
+                )
+            })
+            .collect();
+        return Err(Error::Data(format!(
+            "the training data gives {epoch_len} samples per device per epoch, fewer than one batch of {}: {}; lower --batch-size or add data",
+            cfg.batch_size,
+            sizes.join(", ")
+        )));
+    }
+    let steps_per_epoch = epoch_len / cfg.batch_size;
+    let tokens_per_step = (cfg.batch_size * world * (data.block_size - 1)) as u64;
+    Ok([
+        cfg.max_steps,
+        cfg.num_epochs.map(|e| e * steps_per_epoch),
+        cfg.max_tokens.map(|t| t.div_ceil(tokens_per_step) as usize),
+    ]
+    .into_iter()
+    .flatten()
+    .min()
+    .unwrap_or(steps_per_epoch))
+}
+
+/// The model (the base, frozen under a new or resumed adapter for LoRA; the
+/// checkpoint's own weights when resuming full training), its optimizer, and the state
+/// the run starts from.
+fn build_runner(cfg: &TrainConfig, plan: Plan) -> Result<(StepRunner, TrainingState)> {
+    let Plan {
+        strategy,
+        model_cfg,
+        resume,
+        lora,
+        ..
+    } = plan;
+    let resume_dir = resume.as_ref().map(|(d, _)| d.as_path());
+    let weights_dir = match (resume_dir, &lora) {
+        (Some(dir), None) => dir,
+        _ => cfg.checkpoint_dir.as_path(),
+    };
+    let tm = build_model(
+        &model_cfg,
+        &Weights::open(weights_dir)?,
+        &strategy.build_options(lora.is_none()),
+    )?;
+    let mut model = tm.model;
+    let vars = match &lora {
+        None => tm.vars,
+        Some(l) => {
+            let vars = crate::lora::attach_new(&mut model, l, cfg.seed)?;
+            if let Some(dir) = resume_dir {
+                restore_adapter(dir, &vars, &strategy)?;
+            }
+            vars
+        }
+    };
+    let adam = AdamWConfig {
+        beta1: cfg.beta1,
+        beta2: cfg.beta2,
+        eps: cfg.eps,
+        weight_decay: cfg.weight_decay,
+    };
+    let mut opt = AdamW::new(vars, adam)?;
+    let state = match resume {
+        Some((dir, s)) => {
+            let moments = checkpoint::load_optimizer(&dir, &strategy.device)?;
+            opt.load_state(&moments, s.step as u64)?;
+            s
+        }
+        None => fresh_state(cfg, &strategy, lora.as_ref()),
+    };
+    let runner = StepRunner {
+        model,
+        opt,
+        grad_clip: (cfg.grad_clip > 0.0).then_some(cfg.grad_clip),
+        scaler: state.loss_scaler,
+        dropout: state.dropout_rng.clone().map(Dropout::new),
+        strategy,
+    };
+    Ok((runner, state))
+}
+
+/// The state of a run at step 0.
+fn fresh_state(cfg: &TrainConfig, strategy: &Strategy, lora: Option<&LoraConfig>) -> TrainingState {
+    let needs_dropout = lora.is_some_and(|l| l.dropout > 0.0);
+    TrainingState {
+        step: 0,
+        position: DataPosition::default(),
+        tokens: 0,
+        elapsed_s: 0.0,
+        train_loss: None,
+        val_loss: None,
+        best_val_loss: None,
+        evals_without_improvement: 0,
+        metrics_rows: Some(0),
+        loss_scaler: strategy.precision.uses_loss_scaling().then(LossScaler::new),
+        dropout_rng: needs_dropout
+            .then(|| ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_add(strategy.rank as u64))),
+        base_checkpoint_dir: cfg.checkpoint_dir.clone(),
+        hyperparameters: cfg.clone(),
+        lit_claire_version: env!("CARGO_PKG_VERSION").into(),
+    }
+}
+
+/// Rank 0's files in the run folder: the hyper-parameters, `metrics.csv` (continued
+/// after `resume_step` when resuming) and `train.log`.
+fn open_outputs(
+    cfg: &TrainConfig,
+    data: &TrainData,
+    resume_step: Option<usize>,
+) -> Result<(MetricsWriter, std::fs::File)> {
+    let out = &cfg.out_dir;
+    std::fs::create_dir_all(out).at(out)?;
+    checkpoint::clean_partial(out)?;
+    cfg.save(out)?;
+    let names: Vec<String> = data.datasets.iter().map(|d| d.name.clone()).collect();
+    let metrics = MetricsWriter::open(out, &names, resume_step)?;
+    let log_path = out.join("train.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .at(&log_path)?;
+    Ok((metrics, log))
+}
+
+impl Trainer {
+    /// Check everything, then set up model, optimizer and data (from scratch or from
+    /// the checkpoint `cfg.resume` names). Every user error surfaces before any weights
+    /// load.
+    pub fn new(cfg: &TrainConfig, data: TrainData) -> Result<Self> {
+        let plan = Plan::new(cfg, &data)?;
+        let resumed_from = plan.resume.as_ref().map(|(d, s)| (d.clone(), s.step));
+        let (lora, schedule) = (plan.lora.clone(), plan.schedule.clone());
+        let warnings = plan.warnings.clone();
+        let (runner, state) = build_runner(cfg, plan)?;
         let (metrics, log) = if runner.strategy.is_global_zero() {
-            std::fs::create_dir_all(out).at(out)?;
-            checkpoint::clean_partial(out)?;
-            cfg.save(out)?;
-            let names: Vec<String> = data.datasets.iter().map(|d| d.name.clone()).collect();
-            let resume_step = resume_from.as_ref().map(|_| state.step);
-            let metrics = MetricsWriter::open(out, &names, resume_step)?;
-            let log_path = out.join("train.log");
-            let log = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&log_path)
-                .at(&log_path)?;
-            (Some(metrics), Some(log))
+            let (m, l) = open_outputs(cfg, &data, resumed_from.as_ref().map(|(_, s)| *s))?;
+            (Some(m), Some(l))
         } else {
             (None, None)
         };
-
         let mut t = Trainer {
             cfg: cfg.clone(),
             data,
@@ -274,40 +383,46 @@ impl Trainer {
             order: Vec::new(),
             order_epoch: None,
         };
-        let n_params: usize = t
+        let line = t.start_line(resumed_from.as_ref().map(|(d, _)| d.as_path()));
+        t.note(&line)?;
+        for w in warnings {
+            t.note(&w)?;
+        }
+        Ok(t)
+    }
+
+    /// What the run is about to do, for the log.
+    fn start_line(&self, resumed_from: Option<&Path>) -> String {
+        let n_params: usize = self
             .runner
             .opt
             .vars()
             .iter()
             .map(|(_, v)| v.elem_count())
             .sum();
-        t.note(&format!(
+        format!(
             "{} {} from {} on {} ({}), {} trainable parameters, {} steps of {} samples{}",
-            if resume_from.is_some() {
+            if resumed_from.is_some() {
                 "resuming"
             } else {
                 "starting"
             },
-            if t.lora.is_some() {
+            if self.lora.is_some() {
                 "LoRA"
             } else {
                 "full fine-tuning"
             },
-            cfg.checkpoint_dir.display(),
-            t.runner.strategy.spec,
-            t.runner.strategy.precision,
+            self.cfg.checkpoint_dir.display(),
+            self.runner.strategy.spec,
+            self.runner.strategy.precision,
             n_params,
-            total_steps,
-            cfg.batch_size,
-            match &resume_from {
-                Some(p) => format!(", from {} (step {})", p.display(), t.state.step),
+            self.schedule.total_steps,
+            self.cfg.batch_size,
+            match resumed_from {
+                Some(p) => format!(", from {} (step {})", p.display(), self.state.step),
                 None => String::new(),
             }
-        ))?;
-        for w in warnings {
-            t.note(&w)?;
-        }
-        Ok(t)
+        )
     }
 
     /// A line for the log file (and stderr).
@@ -347,7 +462,7 @@ impl Trainer {
     }
 
     /// Validation loss per dataset and overall (token-weighted).
-    fn validate(&mut self) -> Result<(Option<f64>, Vec<Option<f64>>)> {
+    fn evaluate_validation(&mut self) -> Result<(Option<f64>, Vec<Option<f64>>)> {
         let mut per = Vec::new();
         let (mut sum, mut tokens) = (0f64, 0usize);
         for ds in &self.data.datasets {
@@ -408,123 +523,62 @@ impl Trainer {
     pub fn run(&mut self, stop_after: Option<usize>) -> Result<TrainSummary> {
         let total = self.schedule.total_steps;
         let is_zero = self.runner.strategy.is_global_zero();
-        let bar = if is_zero {
-            ProgressBar::new(total as u64)
-        } else {
-            ProgressBar::hidden()
-        };
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}",
-            )
-            .expect("valid template"),
-        );
-        bar.set_position(self.state.step as u64);
-        let started = Instant::now();
-        let base_elapsed = self.state.elapsed_s;
-        let (mut last_log, mut last_eval, mut last_save) = (0.0f64, 0.0f64, 0.0f64);
-        let mut interval_tokens = 0u64;
-        let mut interval_start = 0.0f64;
+        let bar = self.progress_bar();
+        let mut clock = Clock::new(self.state.elapsed_s);
         let mut stopped_early = false;
-        let micro = self.cfg.micro_batch_size;
-        let device = self.runner.strategy.device.clone();
-        let max_tokens = self.cfg.max_tokens;
-
-        while self.state.step < total && max_tokens.is_none_or(|m| self.state.tokens < m) {
+        while self.state.step < total && !self.token_budget_spent() {
             if stop_after.is_some_and(|s| self.state.step >= s) {
                 bar.abandon();
                 return Ok(self.summary(false, None));
             }
-            let samples = self.next_samples()?;
-            let micro_batches = samples
-                .chunks(micro)
-                .map(|c| Batch::from_samples(c, self.data.block_size, &device))
-                .collect::<Result<Vec<_>>>()?;
-            let lr = self.schedule.lr(self.state.step);
-            let stats = self
-                .runner
-                .step(&micro_batches, lr)
-                .map_err(|e| Error::Msg(format!("step {}: {e}", self.state.step + 1)))?;
-            self.state.step += 1;
-            let step_tokens = stats.tokens as u64 * self.runner.strategy.world_size as u64;
-            self.state.tokens += step_tokens;
-            interval_tokens += step_tokens;
-            self.state.train_loss = Some(stats.loss);
-            let now = started.elapsed().as_secs_f64();
-            self.state.elapsed_s = base_elapsed + now;
-            if stats.skipped {
-                self.note(&format!(
-                    "step {}: gradient overflow, update skipped, loss scale now {}",
-                    self.state.step,
-                    self.runner.scaler.map_or(0.0, |s| s.scale)
-                ))?;
-            }
-
-            let due = |interval: u64, last: f64| match self.cfg.interval_unit {
-                IntervalUnit::Step => self.state.step % interval as usize == 0,
-                IntervalUnit::Time => now - last >= interval as f64,
-            };
-            let last_step =
-                self.state.step == total || max_tokens.is_some_and(|m| self.state.tokens >= m);
-            let eval_due = due(self.cfg.eval_interval, last_eval) || last_step;
-            let log_due = due(self.cfg.log_interval, last_log) || eval_due;
-            let save_due = due(self.cfg.save_interval, last_save) && !last_step;
+            let (stats, lr) = self.train_step()?;
+            let now = clock.step(
+                &mut self.state,
+                stats.tokens,
+                self.runner.strategy.world_size,
+            );
+            let last_step = self.state.step == total || self.token_budget_spent();
+            let eval_due = clock.due(
+                self.cfg.interval_unit,
+                self.cfg.eval_interval,
+                clock.last_eval,
+                self.state.step,
+                now,
+            ) || last_step;
+            let log_due = clock.due(
+                self.cfg.interval_unit,
+                self.cfg.log_interval,
+                clock.last_log,
+                self.state.step,
+                now,
+            ) || eval_due;
+            let save_due = clock.due(
+                self.cfg.interval_unit,
+                self.cfg.save_interval,
+                clock.last_save,
+                self.state.step,
+                now,
+            ) && !last_step;
 
             let (val, per) = if eval_due {
-                last_eval = now;
-                self.validate()?
+                clock.last_eval = now;
+                self.evaluate_validation()?
             } else {
                 (None, Vec::new())
             };
             if let Some(v) = val {
-                self.state.val_loss = Some(v);
-                match self.state.best_val_loss {
-                    Some(b) if v >= b => self.state.evals_without_improvement += 1,
-                    _ => {
-                        self.state.best_val_loss = Some(v);
-                        self.state.evals_without_improvement = 0;
-                    }
-                }
+                self.record_validation(v);
             }
-            let tps = interval_tokens as f64 / (now - interval_start).max(1e-9);
+            let tps = clock.tokens_per_s(now);
             bar.set_position(self.state.step as u64);
             bar.set_message(format!(
                 "loss {:.4} | lr {:.2e} | {:.0} tok/s",
                 stats.loss, lr, tps
             ));
             if log_due {
-                last_log = now;
-                let row = MetricsRow {
-                    step: self.state.step,
-                    epoch: self.state.position.epoch,
-                    tokens: self.state.tokens,
-                    loss: stats.loss,
-                    learning_rate: lr,
-                    grad_norm: stats.grad_norm,
-                    tokens_per_s: tps,
-                    elapsed_s: self.state.elapsed_s,
-                    val_loss: val,
-                    val_per_dataset: if val.is_some() {
-                        per
-                    } else {
-                        vec![None; self.data.datasets.len()]
-                    },
-                };
-                if let Some(m) = self.metrics.as_mut() {
-                    m.write(&row)?;
-                    self.state.metrics_rows = Some(self.state.metrics_rows.unwrap_or(0) + 1);
-                }
-                if bar.is_hidden() && is_zero {
-                    eprintln!(
-                        "step {}/{total} loss {:.4} lr {lr:.3e} grad_norm {:.3} {tps:.0} tok/s{}",
-                        self.state.step,
-                        stats.loss,
-                        stats.grad_norm,
-                        val.map(|v| format!(" val_loss {v:.4}")).unwrap_or_default()
-                    );
-                }
-                interval_tokens = 0;
-                interval_start = now;
+                clock.last_log = now;
+                self.log_metrics(&stats, lr, tps, val, per, bar.is_hidden())?;
+                clock.restart_interval(now);
             }
             if let Some(v) = val {
                 self.note(&format!(
@@ -543,7 +597,7 @@ impl Trainer {
                 }
             }
             if save_due && is_zero {
-                last_save = now;
+                clock.last_save = now;
                 self.save(&checkpoint::step_dir_name(self.state.step))?;
             }
         }
@@ -562,6 +616,107 @@ impl Trainer {
             s.val_loss.map_or("-".into(), |l| format!("{l:.4}"))
         ))?;
         Ok(s)
+    }
+
+    /// A progress bar on rank 0 (hidden elsewhere, and when stderr is no terminal).
+    fn progress_bar(&self) -> ProgressBar {
+        let bar = if self.runner.strategy.is_global_zero() {
+            ProgressBar::new(self.schedule.total_steps as u64)
+        } else {
+            ProgressBar::hidden()
+        };
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}",
+            )
+            .expect("valid template"),
+        );
+        bar.set_position(self.state.step as u64);
+        bar
+    }
+
+    fn token_budget_spent(&self) -> bool {
+        self.cfg.max_tokens.is_some_and(|m| self.state.tokens >= m)
+    }
+
+    /// One optimizer step on the next batch; returns its statistics and learning rate.
+    fn train_step(&mut self) -> Result<(StepStats, f64)> {
+        let device = self.runner.strategy.device.clone();
+        let samples = self.next_samples()?;
+        let micro_batches = samples
+            .chunks(self.cfg.micro_batch_size)
+            .map(|c| Batch::from_samples(c, self.data.block_size, &device))
+            .collect::<Result<Vec<_>>>()?;
+        let lr = self.schedule.lr(self.state.step);
+        let stats = self
+            .runner
+            .step(&micro_batches, lr)
+            .map_err(|e| Error::Msg(format!("step {}: {e}", self.state.step + 1)))?;
+        self.state.step += 1;
+        self.state.train_loss = Some(stats.loss);
+        if stats.skipped {
+            self.note(&format!(
+                "step {}: gradient overflow, update skipped, loss scale now {}",
+                self.state.step,
+                self.runner.scaler.map_or(0.0, |s| s.scale)
+            ))?;
+        }
+        Ok((stats, lr))
+    }
+
+    /// Keep the best validation loss and count evaluations without improvement.
+    fn record_validation(&mut self, v: f64) {
+        self.state.val_loss = Some(v);
+        match self.state.best_val_loss {
+            Some(b) if v >= b => self.state.evals_without_improvement += 1,
+            _ => {
+                self.state.best_val_loss = Some(v);
+                self.state.evals_without_improvement = 0;
+            }
+        }
+    }
+
+    /// A row of `metrics.csv` (and a line on stderr when there is no progress bar).
+    fn log_metrics(
+        &mut self,
+        stats: &StepStats,
+        lr: f64,
+        tps: f64,
+        val: Option<f64>,
+        per: Vec<Option<f64>>,
+        no_bar: bool,
+    ) -> Result<()> {
+        let row = MetricsRow {
+            step: self.state.step,
+            epoch: self.state.position.epoch,
+            tokens: self.state.tokens,
+            loss: stats.loss,
+            learning_rate: lr,
+            grad_norm: stats.grad_norm,
+            tokens_per_s: tps,
+            elapsed_s: self.state.elapsed_s,
+            val_loss: val,
+            val_per_dataset: if val.is_some() {
+                per
+            } else {
+                vec![None; self.data.datasets.len()]
+            },
+        };
+        if let Some(m) = self.metrics.as_mut() {
+            m.write(&row)?;
+            self.state.metrics_rows = Some(self.state.metrics_rows.unwrap_or(0) + 1);
+        }
+        if no_bar && self.runner.strategy.is_global_zero() {
+            eprintln!(
+                "step {}/{} loss {:.4} lr {lr:.3e} grad_norm {:.3} {tps:.0} tok/s{}",
+                self.state.step,
+                self.schedule.total_steps,
+                stats.loss,
+                stats.grad_norm,
+                val.map(|v| format!(" val_loss {v:.4}")).unwrap_or_default()
+            );
+        }
+        Ok(())
     }
 
     /// The model being trained.
@@ -586,70 +741,13 @@ impl Trainer {
     }
 }
 
-/// A checkpoint continues only a run of its own kind and model: full fine-tuning or
-/// LoRA with the same rank, alpha and targets (another alpha or rank would rescale
-/// what the adapter computes), from a base model of the same configuration.
-fn check_resume(cfg: &TrainConfig, dir: &Path, state: &TrainingState) -> Result<()> {
-    let was = &state.hyperparameters;
-    let lora_then = state.kind == "lora";
-    if (cfg.lora_r > 0) != lora_then {
-        return Err(Error::Usage(format!(
-            "{} is a checkpoint of {}; resume it with --lora-r {} (or its run's recipe)",
-            dir.display(),
-            if lora_then {
-                "a LoRA run"
-            } else {
-                "full fine-tuning"
-            },
-            if lora_then { was.lora_r } else { 0 }
-        )));
-    }
-    if lora_then {
-        let mut diffs = Vec::new();
-        if cfg.lora_r != was.lora_r {
-            diffs.push(format!(
-                "--lora-r {} (checkpoint: {})",
-                cfg.lora_r, was.lora_r
-            ));
-        }
-        if cfg.lora_alpha != was.lora_alpha {
-            diffs.push(format!(
-                "--lora-alpha {} (checkpoint: {})",
-                cfg.lora_alpha, was.lora_alpha
-            ));
-        }
-        if cfg.lora_targets() != was.lora_targets() {
-            diffs.push(format!(
-                "LoRA targets {:?} (checkpoint: {:?})",
-                cfg.lora_targets(),
-                was.lora_targets()
-            ));
-        }
-        if !diffs.is_empty() {
-            return Err(Error::Usage(format!(
-                "{} was trained with other LoRA settings: {}; resume with the checkpoint's values",
-                dir.display(),
-                diffs.join(", ")
-            )));
-        }
-    }
-    if dir.join("config.json").exists() && load_config(dir)? != load_config(&cfg.checkpoint_dir)? {
-        return Err(Error::Usage(format!(
-            "{} was trained from another base model than --checkpoint-dir {} (their config.json differ)",
-            dir.display(),
-            cfg.checkpoint_dir.display()
-        )));
-    }
-    Ok(())
-}
-
 /// Set fresh adapter variables to the values saved in checkpoint `dir`.
 fn restore_adapter(
     dir: &Path,
     vars: &[(String, candle_core::Var)],
     strategy: &Strategy,
 ) -> Result<()> {
-    let adapter = crate::checkpoint::peft::load_adapter(dir, &strategy.device)?;
+    let adapter = crate::hf::peft::load_adapter(dir, &strategy.device)?;
     for (name, var) in vars {
         let (module, which) = name
             .rsplit_once(".lora_")
@@ -670,4 +768,58 @@ fn restore_adapter(
         var.set(&t.to_dtype(var.dtype())?)?;
     }
     Ok(())
+}
+
+/// Wall time of a run (continuing a resumed run's), and when logging, validation and
+/// checkpoints last happened, for `--interval-unit time`.
+struct Clock {
+    started: Instant,
+    base_elapsed: f64,
+    last_log: f64,
+    last_eval: f64,
+    last_save: f64,
+    /// Tokens since the last metrics row, and when that interval started.
+    interval_tokens: u64,
+    interval_start: f64,
+}
+
+impl Clock {
+    fn new(base_elapsed: f64) -> Self {
+        Clock {
+            started: Instant::now(),
+            base_elapsed,
+            last_log: 0.0,
+            last_eval: 0.0,
+            last_save: 0.0,
+            interval_tokens: 0,
+            interval_start: 0.0,
+        }
+    }
+
+    /// Count a step's tokens (over all ranks) into `state`; returns seconds since start.
+    fn step(&mut self, state: &mut TrainingState, tokens: usize, world: usize) -> f64 {
+        let step_tokens = tokens as u64 * world as u64;
+        state.tokens += step_tokens;
+        self.interval_tokens += step_tokens;
+        let now = self.started.elapsed().as_secs_f64();
+        state.elapsed_s = self.base_elapsed + now;
+        now
+    }
+
+    /// Whether something done every `interval` (steps or seconds), last at `last`, is due.
+    fn due(&self, unit: IntervalUnit, interval: u64, last: f64, step: usize, now: f64) -> bool {
+        match unit {
+            IntervalUnit::Step => step % interval as usize == 0,
+            IntervalUnit::Time => now - last >= interval as f64,
+        }
+    }
+
+    fn tokens_per_s(&self, now: f64) -> f64 {
+        self.interval_tokens as f64 / (now - self.interval_start).max(1e-9)
+    }
+
+    fn restart_interval(&mut self, now: f64) {
+        self.interval_tokens = 0;
+        self.interval_start = now;
+    }
 }

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use super::batches::TrainData;
 use super::checkpoint::{self, TrainingState};
 use super::evaluate::evaluate;
-use crate::checkpoint::{attach_adapter_dir, load_model};
 use crate::error::{Error, IoContext, Result};
+use crate::hf::{attach_adapter_dir, load_model};
 use crate::model::Gpt;
 use crate::strategy::Strategy;
 
@@ -132,7 +132,7 @@ fn model_of(
     base: &mut Option<(PathBuf, Gpt)>,
     strategy: &Strategy,
 ) -> Result<Gpt> {
-    if crate::checkpoint::peft::is_adapter_dir(dir) {
+    if crate::hf::peft::is_adapter_dir(dir) {
         let base_dir = &state.base_checkpoint_dir;
         if base.as_ref().is_none_or(|(p, _)| p != base_dir) {
             let m = load_model(base_dir, &strategy.build_options(false), None).map_err(|e| {

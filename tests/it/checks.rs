@@ -11,10 +11,10 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
-use lit_claire::checkpoint::names::WeightNames;
-use lit_claire::checkpoint::{self, hf};
 use lit_claire::generate::{Sampling, generate};
+use lit_claire::hf::{self, state_dict};
 use lit_claire::loss::cross_entropy;
+use lit_claire::model::names::WeightNames;
 use lit_claire::model::{BuildOptions, Gpt, TrainableModel, build_model};
 use serde_json::Value;
 
@@ -47,7 +47,7 @@ pub fn canonical_param(names: &WeightNames, name: &str) -> String {
 
 /// The model of `dir` in f32 on the CPU (every parameter a variable if `trainable`).
 pub fn load(dir: &Path, trainable: bool) -> TrainableModel {
-    let (cfg, weights) = checkpoint::open(dir).unwrap();
+    let (cfg, weights) = hf::open(dir).unwrap();
     let opts = BuildOptions {
         trainable,
         ..BuildOptions::cpu_f32()
@@ -135,7 +135,7 @@ pub fn check_forward_and_grads(dir: &Path) {
     assert!((l - want).abs() < TOL as f64, "{what}: loss {l} vs {want}");
 
     let grads = loss.backward().unwrap();
-    let ours: HashMap<String, Tensor> = hf::gradients(&tm.model, &tm.vars, &grads)
+    let ours: HashMap<String, Tensor> = state_dict::gradients(&tm.model, &tm.vars, &grads)
         .unwrap()
         .into_iter()
         .collect();

@@ -7,11 +7,11 @@ use std::process::Command;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use lit_claire::checkpoint::gguf::QuantType;
-use lit_claire::checkpoint::gguf::llama_cpp::quantize;
-use lit_claire::checkpoint::{load_model, peft};
 use lit_claire::data::prepare::prepare_data;
 use lit_claire::data::reader::PreparedData;
+use lit_claire::gguf::QuantType;
+use lit_claire::gguf::llama_cpp::quantize;
+use lit_claire::hf::{load_model, peft};
 use lit_claire::model::BuildOptions;
 use lit_claire::tokenizer::Tokenizer;
 use lit_claire::train::batches::{TrainData, TrainDataset};
@@ -232,7 +232,7 @@ fn issue9_every_training_option_is_checked_before_the_model_loads() {
         out_dir: tmp.path().join("run"),
         learning_rate: 1e-4,
         min_lr: 1e-3,
-        precision: "fp8".into(),
+        beta2: 1.5,
         eval_max_batches: Some(0),
         ..Default::default()
     };
@@ -244,7 +244,7 @@ fn issue9_every_training_option_is_checked_before_the_model_loads() {
     };
     let e = Trainer::new(&cfg, data).err().unwrap().to_string();
     assert!(
-        e.contains("--min-lr") && e.contains("--precision fp8") && e.contains("--eval-max-batches"),
+        e.contains("--min-lr") && e.contains("--beta2 (1.5)") && e.contains("--eval-max-batches"),
         "{e}"
     );
     assert!(!e.contains("no-such-model"), "{e}");

@@ -7,8 +7,8 @@
 use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
-use lit_claire::checkpoint::names::WeightNames;
-use lit_claire::checkpoint::peft::{PEFT_PREFIX, load_adapter};
+use lit_claire::hf::peft::{PEFT_PREFIX, load_adapter};
+use lit_claire::model::names::WeightNames;
 
 use crate::checks::{assert_grads_match, load, loss_of, safetensors};
 use crate::common::*;

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use candle_core::{Device, IndexOp, Tensor};
-use lit_claire::checkpoint::load_model;
+use lit_claire::hf::load_model;
 use lit_claire::model::{BuildOptions, KvCache};
 
 use crate::common::*;

@@ -5,9 +5,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
-use lit_claire::checkpoint::export::{ConvertOptions, convert_to_hf};
-use lit_claire::checkpoint::shards::{parse_size, plan_shards};
-use lit_claire::checkpoint::{self, load_model};
+use lit_claire::hf::export::{ConvertOptions, convert_to_hf};
+use lit_claire::hf::shards::{parse_size, plan_shards};
+use lit_claire::hf::{self, load_model};
 use lit_claire::model::BuildOptions;
 use serde_json::{Value, json};
 
@@ -186,7 +186,7 @@ fn dtype_option_sets_weights_and_config() {
     let mut o = opts(&ck, &out);
     o.dtype = Some(DType::BF16);
     convert_to_hf(&o).unwrap();
-    let (_, w) = checkpoint::open(&out).unwrap();
+    let (_, w) = hf::open(&out).unwrap();
     assert_eq!(w.stored_dtype(), DType::BF16);
     let cfg: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();

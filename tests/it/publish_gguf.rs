@@ -7,9 +7,9 @@ use std::path::Path;
 
 use candle_core::{DType, Device};
 use half::f16;
-use lit_claire::checkpoint::gguf::QuantType;
-use lit_claire::checkpoint::gguf::llama_cpp::quantize;
-use lit_claire::checkpoint::weights::{TensorSource, Weights};
+use lit_claire::gguf::QuantType;
+use lit_claire::gguf::llama_cpp::quantize;
+use lit_claire::model::weights::{TensorSource, Weights};
 
 use crate::common::{reference_dir, temp_dir};
 

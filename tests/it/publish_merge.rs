@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use lit_claire::checkpoint::export::merge_lora;
-use lit_claire::checkpoint::{self, load_model, peft};
+use lit_claire::hf::export::merge_lora;
+use lit_claire::hf::{self, load_model, peft};
 use lit_claire::lora::LoraConfig;
 use lit_claire::model::BuildOptions;
 use lit_claire::tokenizer::Tokenizer;
@@ -149,7 +149,7 @@ fn a_bf16_base_gives_a_bf16_merge() {
     let lora = reference_dir("llama").join("lora");
     let r = merge_lora(&base, &lora, &save, false).unwrap();
     assert_eq!(r.dtype, DType::BF16);
-    let (_, w) = checkpoint::open(&save).unwrap();
+    let (_, w) = hf::open(&save).unwrap();
     assert_eq!(w.stored_dtype(), DType::BF16);
     // W + s·BA computed in f32 from the bf16 weights, then rounded once to bf16.
     let ours = load_st(&save.join("model.safetensors"));

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use candle_core::Device;
-use lit_claire::checkpoint;
+use lit_claire::hf;
 use lit_claire::model::{BuildOptions, build_model};
 use lit_claire::strategy::Strategy;
 use lit_claire::train::batches::Batch;
@@ -23,7 +23,7 @@ pub fn check_training(dir: &Path) {
     let family = crate::checks::label(dir);
     let exp = crate::checks::expected_of(dir);
     let tr = &exp["train"];
-    let (cfg, weights) = checkpoint::open(dir).unwrap();
+    let (cfg, weights) = hf::open(dir).unwrap();
     let opts = BuildOptions {
         trainable: true,
         ..BuildOptions::cpu_f32()

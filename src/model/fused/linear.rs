@@ -96,11 +96,7 @@ impl CustomOp1 for FrozenMatmul {
 /// gradients, the backward pass skips `dW` (CPU only; elsewhere a plain matmul).
 pub fn linear_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let frozen = !w.track_op();
-    if frozen
-        && x.track_op()
-        && super::ENABLED.load(std::sync::atomic::Ordering::Relaxed)
-        && x.device().is_cpu()
-    {
+    if frozen && x.track_op() && super::ENABLED.with(std::cell::Cell::get) && x.device().is_cpu() {
         x.contiguous()?.apply_op1(FrozenMatmul { w: w.clone() })
     } else {
         x.matmul(&w.t()?)

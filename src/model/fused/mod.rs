@@ -12,28 +12,27 @@
 //! rms norm       n = x / rms(x), y = n ⊙ w          dx = (dn − n·mean(dn ⊙ n)) / rms,  dn = dy ⊙ w
 //! layer norm     n = (x − μ)/σ, y = n ⊙ w + b       dx = (dn − mean dn − n·mean(dn ⊙ n)) / σ
 //! rotary         rotate pairs by +θ                 rotate the gradient by −θ
-//! swiglu         y = silu(a) ⊙ u                    da = dy ⊙ u ⊙ σ(a)(1 + a(1 − σ(a))),  du = dy ⊙ silu(a)
 //! frozen linear  y = x Wᵀ (W constant)              dx = dy W   (no dW: W is frozen)
 //! ```
 //!
 //! Reductions over rows (the weight gradients of norms) are summed in fixed blocks and
-//! combined in order, so results do not depend on the number of threads.
+//! combined in order, so results do not depend on the number of threads. Reductions
+//! along a row (softmax and log-sum-exp normalisers, norm statistics) accumulate in f64:
+//! see [`sum_f64`].
 
 mod cross_entropy;
 mod linear;
 mod norm;
 mod rope;
 mod softmax;
-mod swiglu;
 
 pub use cross_entropy::cross_entropy_rows;
 pub use linear::linear_matmul;
 pub use norm::{layer_norm, rms_norm};
 pub use rope::rope;
 pub use softmax::{MaskSpec, masked_softmax, softmax_plain};
-pub use swiglu::swiglu;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::cell::Cell;
 
 use candle_core::{CpuStorage, DType, Layout, Tensor};
 
@@ -53,17 +52,40 @@ fn not_fused(name: &str) -> candle_core::Error {
     ))
 }
 
-static ENABLED: AtomicBool = AtomicBool::new(true);
-
-/// Switch the fused kernels off (or on again) process-wide: everything then runs on the
-/// plain tensor-op twins, as on devices without kernels (for tests and benchmarks).
-pub fn set_enabled(enabled: bool) {
-    ENABLED.store(enabled, Ordering::Relaxed);
+thread_local! {
+    /// Whether this thread's ops may take the fused kernels (see [`with_plain_kernels`]).
+    static ENABLED: Cell<bool> = const { Cell::new(true) };
 }
 
-/// Whether the fused kernels apply to `x`.
+/// Run `f` with the fused kernels off on this thread: every op it dispatches takes the
+/// plain tensor-op twin, as on devices without kernels (for tests and benchmarks).
+/// Other threads are unaffected, and the kernels come back on even if `f` panics.
+pub fn with_plain_kernels<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            ENABLED.with(|e| e.set(self.0));
+        }
+    }
+    let _restore = Restore(ENABLED.with(|e| e.replace(false)));
+    f()
+}
+
+/// Whether the fused kernels apply to `x` (decided on the thread that dispatches the op).
 fn fusable(x: &Tensor) -> bool {
-    ENABLED.load(Ordering::Relaxed) && x.device().is_cpu() && x.dtype() == DType::F32
+    ENABLED.with(Cell::get) && x.device().is_cpu() && x.dtype() == DType::F32
+}
+
+/// Σ of f32 terms, accumulated in f64.
+///
+/// A running f32 sum drops every term under half an ulp of what it already holds. After
+/// the max of a softmax row (exp 0 = 1), each exp(x − max) < 2⁻²⁴ vanishes: on a trained
+/// model's 49,152-token rows that lost ~1e-4 of log-sum-exp in every row, the loss came out
+/// 1.1e-4 low (issue 9). After a massive activation's square (2.2e4² = 4.8e8, ulp 32), an
+/// RMSNorm row's ordinary squares vanish the same way. In f64 the threshold is 2⁻⁵³ of
+/// the sum, 2²⁹ times lower.
+fn sum_f64(terms: impl Iterator<Item = f32>) -> f64 {
+    terms.map(f64::from).sum()
 }
 
 /// Rows per block when summing over rows (fixed, for thread-count independence).

@@ -28,9 +28,9 @@ use serde_json::Value;
 use super::merge::{MergePlan, plan_merge};
 use super::peft::{self, PeftAdapter};
 use super::shards::{WrittenWeights, write_weights};
-use super::weights::{Weights, weight_files};
 use crate::config::load_config;
 use crate::error::{Error, IoContext, Result};
+use crate::model::weights::{Weights, weight_files};
 
 /// Tokenizer files transformers may need, copied when present.
 pub const TOKENIZER_FILES: &[&str] = &[
@@ -82,8 +82,8 @@ pub fn resolve_checkpoint(input: &Path, base: Option<&Path>) -> Result<ResolvedC
     }
     let kind = if peft::is_adapter_dir(input) {
         CheckpointKind::Lora
-    } else if input.join(super::weights::SINGLE_FILE).exists()
-        || input.join(super::weights::INDEX_FILE).exists()
+    } else if input.join(crate::model::weights::SINGLE_FILE).exists()
+        || input.join(crate::model::weights::INDEX_FILE).exists()
     {
         weight_files(input)?;
         CheckpointKind::Full
@@ -95,7 +95,7 @@ pub fn resolve_checkpoint(input: &Path, base: Option<&Path>) -> Result<ResolvedC
         return resolve_checkpoint(&input.join("final"), base);
     } else {
         return Err(Error::missing(
-            input.join(super::weights::SINGLE_FILE),
+            input.join(crate::model::weights::SINGLE_FILE),
             "the checkpoint folder holds no weights: expected model.safetensors (full fine-tuning), \
              adapter_config.json + adapter_model.safetensors (LoRA), or a run folder with final/",
         ));
@@ -400,15 +400,6 @@ pub(crate) fn make_shareable(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The `torch_dtype` / `dtype` string of a candle dtype.
-pub fn torch_dtype_name(d: DType) -> &'static str {
-    match d {
-        DType::BF16 => "bfloat16",
-        DType::F16 => "float16",
-        _ => "float32",
-    }
-}
-
 /// `config.json` with the output dtype and, if merging untied the head,
 /// `tie_word_embeddings: false`.
 fn updated_config(path: &Path, dtype: DType, untied_head: bool) -> Result<Value> {
@@ -418,7 +409,7 @@ fn updated_config(path: &Path, dtype: DType, untied_head: bool) -> Result<Value>
     let obj = v
         .as_object_mut()
         .ok_or_else(|| Error::bad_file(path, "config.json is not an object"))?;
-    let name = Value::from(torch_dtype_name(dtype));
+    let name = Value::from(crate::config::torch_dtype_name(dtype));
     let mut set = false;
     for key in ["dtype", "torch_dtype"] {
         if obj.contains_key(key) {

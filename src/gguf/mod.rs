@@ -259,7 +259,7 @@ pub fn write_gguf(
     }
     let here = w.n;
     pad(&mut w, here).map_err(io)?;
-    let bar = super::shards::progress_bar(tensors.len() as u64, "quantizing");
+    let bar = crate::hf::shards::progress_bar(tensors.len() as u64, "quantizing");
     for t in tensors {
         let values = (t.produce)()?;
         let expected: u64 = t.dims.iter().product();
@@ -280,7 +280,7 @@ pub fn write_gguf(
     let size = w.n;
     drop(w);
     tmp.as_file().sync_all().at(path)?;
-    crate::checkpoint::export::make_shareable(tmp.path())?;
+    crate::hf::export::make_shareable(tmp.path())?;
     tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
     Ok(size)
 }

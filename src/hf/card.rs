@@ -138,7 +138,7 @@ pub fn model_card(info: &CardInfo) -> String {
     row(
         &mut s,
         "Weights dtype",
-        Some(super::export::torch_dtype_name(info.dtype).into()),
+        Some(crate::config::torch_dtype_name(info.dtype).into()),
     );
     row(&mut s, "Licence", Some(license.into()));
 

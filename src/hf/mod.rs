@@ -1,22 +1,22 @@
-//! Model folders on disk: reading Hugging Face checkpoints and PEFT adapters, and
-//! writing them back.
+//! Hugging Face model folders on disk: loading a model (and a PEFT adapter) from one,
+//! and writing them back (export, LoRA merge, shards, model card).
+//!
+//! How tensors are named and read lives with the model ([`crate::model::names`],
+//! [`crate::model::weights`]); this module builds on it, never the other way round.
 
 pub mod card;
 pub mod export;
-pub mod gguf;
-pub mod hf;
 pub mod merge;
-pub mod names;
 pub mod peft;
 pub mod shards;
-pub mod weights;
+pub mod state_dict;
 
 use std::path::Path;
 
 use crate::config::{Config, load_config};
 use crate::error::{Error, Result};
+use crate::model::weights::Weights;
 use crate::model::{BuildOptions, Gpt, TrainableModel, build_model};
-use weights::Weights;
 
 /// Load the model of the Hugging Face folder `dir`, with the PEFT adapter in
 /// `adapter` attached if given.

@@ -22,12 +22,12 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::names::WeightNames;
 use super::peft::PeftAdapter;
 use super::shards::LazyTensor;
-use super::weights::Weights;
 use crate::config::Config;
 use crate::error::{Error, IoContext, Result};
+use crate::model::names::WeightNames;
+use crate::model::weights::Weights;
 
 /// Name, shape and dtype of every tensor in safetensors files, read from their
 /// headers only.

@@ -79,7 +79,7 @@ pub fn parse_config(value: &Value) -> Result<Config> {
             )));
         }
     };
-    validate(&cfg)?;
+    check_config(&cfg)?;
     Ok(cfg)
 }
 
@@ -88,7 +88,7 @@ fn from_value<T: for<'de> Deserialize<'de>>(value: &Value) -> Result<T> {
 }
 
 /// The size of one attention head: `width / heads`, read before the shared checks of
-/// [`validate`] can run, so a zero head count is an error here rather than a division
+/// [`check_config`] can run, so a zero head count is an error here rather than a division
 /// by zero. `exact`: the family's layers need `heads × head size = width` (transformers
 /// refuses the others too).
 fn head_size(
@@ -114,7 +114,7 @@ fn head_size(
     Ok(w / h)
 }
 
-fn validate(cfg: &Config) -> Result<()> {
+fn check_config(cfg: &Config) -> Result<()> {
     let fail = |m: String| Err(Error::Config(m));
     if cfg.vocab_size == 0 || cfg.hidden_size == 0 || cfg.n_layer == 0 {
         return fail(format!(

@@ -4,9 +4,9 @@ use std::collections::HashSet;
 
 use candle_core::{Tensor, Var, backprop::GradStore};
 
-use super::names::WeightNames;
 use crate::error::Result;
 use crate::model::Gpt;
+use crate::model::names::WeightNames;
 
 /// Names of the linear weights a family stores transposed (GPT-2's Conv1D).
 fn transposed_names(model: &Gpt) -> HashSet<String> {

@@ -34,13 +34,13 @@ use std::sync::Arc;
 use candle_core::{DType, Device};
 
 use super::{GgmlType, GgufTensor, QuantType, Value, write_gguf};
-use crate::checkpoint::names::WeightNames;
-use crate::checkpoint::weights::{TensorSource, Weights};
 use crate::config::{
     Activation, AttentionWindow, Config, Family, MlpKind, NormKind, PositionKind, QkvLayout,
     Residual, RopeScaling,
 };
 use crate::error::{Error, Result};
+use crate::model::names::WeightNames;
+use crate::model::weights::{TensorSource, Weights};
 
 /// What `quantize` wrote.
 #[derive(Debug, Clone)]
@@ -72,7 +72,7 @@ pub fn quantize(
             output.display()
         )));
     }
-    let (cfg, weights) = crate::checkpoint::open(dir)?;
+    let (cfg, weights) = crate::hf::open(dir)?;
     let arch = check_supported(&cfg)?;
     let name = dir
         .canonicalize()

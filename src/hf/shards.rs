@@ -19,8 +19,8 @@ use std::sync::Mutex;
 use candle_core::{DType, Tensor};
 use serde_json::json;
 
-use super::weights::{INDEX_FILE, SINGLE_FILE};
 use crate::error::{Error, Result};
+use crate::model::weights::{INDEX_FILE, SINGLE_FILE};
 
 /// A tensor computed when it is written.
 pub struct LazyTensor {
