@@ -4,7 +4,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::TrainConfig;
-use super::batches::{SampleSet, TrainData, TrainDataset};
+use super::batches::{DataOrigin, SampleSet, TrainData, TrainDataset};
 use super::ranks::pretrain_with_data;
 use super::trainer::TrainSummary;
 use crate::data::reader::{PreparedData, Split};
@@ -26,6 +26,10 @@ pub fn load_train_data(dir: &Path) -> Result<TrainData> {
     Ok(TrainData {
         block_size: prepared.block_size,
         tokenizer_hash: Some(prepared.tokenizer_hash),
+        origin: Some(DataOrigin {
+            dir: dir.to_path_buf(),
+            fingerprint: prepared.fingerprint,
+        }),
         datasets: prepared
             .datasets
             .into_iter()

@@ -134,10 +134,13 @@ impl StepRunner {
         let per_rank = self.strategy.all_gather_f64(total)?;
         let bad_rank = per_rank.iter().position(|l| !l.is_finite());
         if let (Some(r), None) = (bad_rank, self.scaler) {
+            let on_rank = match per_rank.len() {
+                1 => String::new(),
+                w => format!(" on rank {r} (of {w})"),
+            };
             return Err(Error::Msg(format!(
-                "the loss is {} on rank {r} (of {}); training stopped before updating the weights. Lower --learning-rate (or set --grad-clip), then --resume auto continues from the last checkpoint",
+                "the loss is {}{on_rank}; training stopped before updating the weights. Lower --learning-rate (or set --grad-clip), then --resume auto continues from the last checkpoint",
                 per_rank[r],
-                per_rank.len()
             )));
         }
         let loss = per_rank.iter().sum::<f64>() / denom;
@@ -147,6 +150,15 @@ impl StepRunner {
             s.update(overflow);
         }
         let skipped = overflow && self.scaler.is_some();
+        // Outside 16-mixed's skipped steps, a non-finite loss or gradient would turn
+        // every weight into NaN: stop before the update instead (the norm is global, so
+        // every rank decides the same).
+        let finite = loss.is_finite() && norm.is_finite();
+        if !(skipped || finite) {
+            return Err(Error::Msg(format!(
+                "the loss is {loss} and the gradient norm {norm} at learning rate {lr:e}; training stopped before updating the weights. Lower --learning-rate (or set --grad-clip), then --resume auto continues from the last checkpoint"
+            )));
+        }
         if !skipped {
             self.opt.update(lr, &self.strategy)?;
         }

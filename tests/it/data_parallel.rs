@@ -41,6 +41,7 @@ fn data() -> TrainData {
     TrainData {
         block_size: 33,
         tokenizer_hash: Some(tok.hash),
+        origin: None,
         datasets: vec![
             TrainDataset {
                 name: "fortunes".into(),
