@@ -19,6 +19,7 @@ mod publish_gguf;
 mod publish_hub;
 mod publish_hub_server;
 mod publish_merge;
+mod rendezvous;
 mod train_parity;
 mod trainer;
 mod unseen;
