@@ -62,6 +62,9 @@ pub enum Command {
     /// Check the process group, rendezvous and NCCL collectives of data-parallel training.
     #[command(hide = true)]
     DistCheck(dist_cmds::DistCheckArgs),
+    /// Losses on the reference checkpoints against PyTorch's, on any device and precision.
+    #[command(hide = true)]
+    ReferenceCheck(model_cmds::ReferenceCheckArgs),
 }
 
 /// Parse the command line and run the command.
@@ -80,6 +83,7 @@ pub fn run() -> Result<()> {
         Command::Validate(a) => train_cmds::validate(a),
         Command::Bench(a) => bench_cmds::bench(a),
         Command::DistCheck(a) => dist_cmds::dist_check_cmd(a),
+        Command::ReferenceCheck(a) => model_cmds::reference_check(a),
         Command::Plot(a) => plot_cmds::plot(a),
         Command::MergeLora(a) => publish_cmds::merge(a),
         Command::ConvertToHf(a) => publish_cmds::convert(a),
