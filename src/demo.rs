@@ -1,12 +1,16 @@
-//! `lit-claire demo`: the whole pipeline on the built-in tiny model and the sample
-//! corpus, end to end, in a couple of minutes on a laptop CPU.
+//! `lit-claire demo`: continual pretraining end to end, on the built-in tiny model and
+//! the sample corpus, in about a minute on a laptop CPU.
 //!
-//! prepare-data → validation loss of the base → pretrain (LoRA) → validation loss of
-//! the adapted model → generate from it. Everything lands in the output folder: the
-//! model, the raw and prepared data, the run (metrics, checkpoints, log), and
-//! `demo.json` with the numbers.
+//! The built-in model was pretrained on English fortunes only; the sample corpus is
+//! Portuguese fortunes. The demo moves the model toward the new corpus:
+//! prepare-data → validation loss of the base → pretrain (LoRA) → validate every
+//! checkpoint → convergence plot → generate from the adapted model. Everything lands in
+//! the output folder: the model, the raw and prepared data, the run (metrics,
+//! checkpoints, log, `validation_results.csv`), `convergence.png` and `demo.json` with
+//! the numbers.
 
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use serde::Serialize;
 
@@ -15,9 +19,11 @@ use crate::data::prepare::{PrepareOptions, prepare_data};
 use crate::error::{Error, IoContext, Result};
 use crate::generate::{Sampling, generate};
 use crate::hf::{attach_adapter_dir, load_model};
+use crate::plot::{PlotOptions, plot_runs};
 use crate::strategy::Strategy;
 use crate::tokenizer::Tokenizer;
 use crate::train::evaluate::evaluate;
+use crate::train::validate::{VALIDATION_FILE, ValidateOptions, ValidationRow, validate_run};
 use crate::train::{TrainConfig, load_train_data, pretrain_with_data};
 
 /// The built-in model (see data/models/tiny-llama-fortunes/README.md).
@@ -47,6 +53,8 @@ const MODEL_FILES: &[(&str, &[u8])] = &[
 const CORPUS: &[u8] = include_bytes!("../data/sample/fortunes-br.txt");
 /// The training recipe of the demo.
 const RECIPE: &str = include_str!("../lit_recipes/tiny-lora.toml");
+/// Validation micro-batch.
+const EVAL_BATCH: usize = 8;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -68,7 +76,15 @@ pub struct DemoReport {
     pub steps: usize,
     pub base_val_loss: f64,
     pub tuned_val_loss: f64,
+    /// Offline validation of the base (step 0) and of every checkpoint.
+    pub validation_csv: PathBuf,
+    /// Training and validation loss against step.
+    pub plot: PathBuf,
+    /// This report, as JSON.
+    pub report: PathBuf,
     pub prompt: String,
+    /// What the base model writes after the prompt, and what the adapted one does.
+    pub base_completion: String,
     pub completion: String,
     pub seconds: f64,
 }
@@ -82,7 +98,7 @@ fn write(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Run the demo into `opts.out_dir`.
 pub fn run_demo(opts: &DemoOptions) -> Result<DemoReport> {
-    let start = std::time::Instant::now();
+    let start = Instant::now();
     let out = &opts.out_dir;
     if out.exists() && std::fs::read_dir(out).at(out)?.next().is_some() {
         if !opts.overwrite {
@@ -99,7 +115,7 @@ pub fn run_demo(opts: &DemoOptions) -> Result<DemoReport> {
     }
     write(&out.join("raw/fortunes/fortunes-br.txt"), CORPUS)?;
 
-    eprintln!("[1/4] prepare-data: the sample corpus, tokenized into blocks of 129 tokens");
+    eprintln!("[1/5] prepare-data: the sample corpus, tokenized into blocks of 129 tokens");
     let data_dir = out.join("data");
     let mut prep = PrepareOptions::new(&out.join("raw"), &model_dir, &data_dir);
     prep.read.layout = TextLayout::Separator("%".into());
@@ -112,22 +128,26 @@ pub fn run_demo(opts: &DemoOptions) -> Result<DemoReport> {
     let strategy = Strategy::cpu();
     let data = load_train_data(&data_dir)?;
     let val = data.datasets[0].validation.clone();
-    let score = |model: &crate::model::Gpt| -> Result<f64> {
-        let r = evaluate(
+    let score = |model: &crate::model::Gpt| {
+        evaluate(
             model,
             val.as_ref(),
             data.block_size,
-            8,
+            EVAL_BATCH,
             None,
             &strategy.device,
-        )?;
-        Ok(r.map_or(f64::NAN, |r| r.loss))
+        )
     };
     let base = load_model(&model_dir, &strategy.build_options(false), None)?;
-    let base_val_loss = score(&base)?;
-    eprintln!("[2/4] base model validation loss {base_val_loss:.4}");
+    let scored = Instant::now();
+    let base_score = score(&base)?;
+    let base_secs = scored.elapsed().as_secs_f64();
+    let base_val_loss = base_score.as_ref().map_or(f64::NAN, |r| r.loss);
+    eprintln!(
+        "[2/5] validation loss of the base model (pretrained on English fortunes): {base_val_loss:.4}"
+    );
 
-    eprintln!("[3/4] pretrain: LoRA on the sample corpus (lit_recipes/tiny-lora.toml)");
+    eprintln!("[3/5] pretrain: LoRA on the Portuguese fortunes (lit_recipes/tiny-lora.toml)");
     let run_dir = out.join("run");
     let mut flags = toml::Table::new();
     flags.insert("data_dir".into(), data_dir.display().to_string().into());
@@ -147,13 +167,57 @@ pub fn run_demo(opts: &DemoOptions) -> Result<DemoReport> {
         .clone()
         .ok_or_else(|| Error::Msg("the demo run wrote no final checkpoint".into()))?;
 
-    let mut tuned = base;
-    attach_adapter_dir(&mut tuned, &final_dir)?;
-    let tuned_val_loss = score(&tuned)?;
+    eprintln!("[4/5] validate every checkpoint, plot the losses");
+    // The base, as step 0 of the run's offline validation, then every checkpoint.
+    let validation_csv = run_dir.join(VALIDATION_FILE);
+    if let Some(r) = &base_score {
+        crate::train::validate::append(
+            &validation_csv,
+            &ValidationRow {
+                checkpoint: "base".into(),
+                step: 0,
+                dataset: data.datasets[0].name.clone(),
+                loss: r.loss,
+                perplexity: r.perplexity(),
+                tokens: r.tokens,
+                batch_size: EVAL_BATCH,
+                elapsed_s: base_secs,
+                peak_memory_mb: crate::train::validate::peak_memory_mb(),
+            },
+        )?;
+    }
+    let rows = validate_run(
+        &ValidateOptions {
+            run: run_dir.clone(),
+            max_batches: None,
+            batch_size: EVAL_BATCH,
+            csv: Some(validation_csv.clone()),
+            watch: None,
+        },
+        &data,
+        &strategy,
+    )?;
+    let tuned_val_loss = rows
+        .iter()
+        .find(|r| r.checkpoint == "final")
+        .map_or(f64::NAN, |r| r.loss);
+    let plot = out.join("convergence.png");
+    plot_runs(
+        std::slice::from_ref(&run_dir),
+        &PlotOptions {
+            title: Some(
+                "lit-claire demo: LoRA continual pretraining on Portuguese fortunes".into(),
+            ),
+            ..PlotOptions::new(&plot)
+        },
+    )?;
+
     eprintln!(
-        "[4/4] generate from base + adapter ({})",
+        "[5/5] generate from base + adapter ({})",
         final_dir.display()
     );
+    let mut tuned = base.clone();
+    attach_adapter_dir(&mut tuned, &final_dir)?;
     let tokenizer = Tokenizer::from_dir(&model_dir)?;
     let prompt_ids = tokenizer.encode(&opts.prompt)?;
     let sampling = Sampling {
@@ -163,15 +227,19 @@ pub fn run_demo(opts: &DemoOptions) -> Result<DemoReport> {
         repetition_penalty: 1.1,
         seed: 42,
     };
-    let g = generate(
-        &tuned,
-        &prompt_ids,
-        60,
-        &sampling,
-        &tokenizer.eos_ids,
-        |_| Ok(true),
-    )?;
-    let completion = tokenizer.decode_after(&prompt_ids, &g.new_ids)?;
+    let complete = |model: &crate::model::Gpt| -> Result<String> {
+        let g = generate(
+            model,
+            &prompt_ids,
+            60,
+            &sampling,
+            &tokenizer.eos_ids,
+            |_| Ok(true),
+        )?;
+        tokenizer.decode_after(&prompt_ids, &g.new_ids)
+    };
+    let base_completion = complete(&base)?;
+    let completion = complete(&tuned)?;
 
     let report = DemoReport {
         model_dir,
@@ -181,12 +249,16 @@ pub fn run_demo(opts: &DemoOptions) -> Result<DemoReport> {
         steps: summary.steps,
         base_val_loss,
         tuned_val_loss,
+        validation_csv,
+        plot,
+        report: out.join("demo.json"),
         prompt: opts.prompt.clone(),
+        base_completion,
         completion,
         seconds: start.elapsed().as_secs_f64(),
     };
     crate::io::write_json_atomic(
-        &out.join("demo.json"),
+        &report.report,
         &serde_json::to_value(&report).expect("plain data"),
     )?;
     Ok(report)

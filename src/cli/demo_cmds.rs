@@ -16,7 +16,7 @@ pub struct DemoArgs {
     #[arg(long)]
     pub max_steps: Option<usize>,
     /// Prompt for the final generation.
-    #[arg(long, default_value = "O amor é")]
+    #[arg(long, default_value = "O amor é como")]
     pub prompt: String,
     /// Replace a previous demo in --out-dir.
     #[arg(long)]
@@ -41,25 +41,27 @@ pub fn demo(a: DemoArgs) -> Result<()> {
         r.run_dir.display(),
         r.steps
     );
+    for (label, completion) in [("base", &r.base_completion), ("adapted", &r.completion)] {
+        let text = format!("{}{}", r.prompt, completion);
+        for (i, line) in text.lines().enumerate() {
+            let head = if i == 0 {
+                format!("{label:<13}")
+            } else {
+                " ".repeat(13)
+            };
+            println!("{head}{}", line.trim_end());
+        }
+    }
+    println!("validation   {}", r.validation_csv.display());
+    println!("plot         {}", r.plot.display());
+    println!("report       {}", r.report.display());
     println!(
-        "validation   loss {:.4} -> {:.4} (perplexity {:.1} -> {:.1})",
+        "validation loss on the Portuguese fortunes: {:.4} -> {:.4} (perplexity {:.1} -> {:.1}) in {:.0} s",
         r.base_val_loss,
         r.tuned_val_loss,
         r.base_val_loss.exp(),
-        r.tuned_val_loss.exp()
+        r.tuned_val_loss.exp(),
+        r.seconds
     );
-    let text = format!("{}{}", r.prompt, r.completion);
-    for (i, line) in text.lines().enumerate() {
-        println!(
-            "{}{}",
-            if i == 0 {
-                "generation   "
-            } else {
-                "             "
-            },
-            line.trim_end()
-        );
-    }
-    println!("time         {:.0} s", r.seconds);
     Ok(())
 }

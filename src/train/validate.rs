@@ -207,7 +207,8 @@ pub fn validate_run(
     }
 }
 
-fn append(csv: &Path, r: &ValidationRow) -> Result<()> {
+/// Append `r` to `csv`, writing the header first into a new file.
+pub fn append(csv: &Path, r: &ValidationRow) -> Result<()> {
     let new = !csv.exists();
     let mut f = std::fs::OpenOptions::new()
         .create(true)

@@ -507,12 +507,10 @@ fn bad_input_gives_one_line_errors_and_leaves_nothing() {
 }
 
 /// How often a copy at exact similarity `s` to its (earlier) original is removed, by
-/// buckets of `s`, for 64 and 128 permutations (printed), and the LSH S-curve around the
-/// default threshold asserted: copies at ≥ 0.95 are removed, copies at < 0.6 kept, each
-/// at 90% or better. Slow (16 000 documents); run with
-/// `cargo test --release --test it dedup_quality_by_similarity -- --ignored --nocapture`.
+/// buckets of `s`, for 64 and 128 permutations (printed with `--nocapture`), and the LSH
+/// S-curve around the default threshold (0.85) asserted: copies at ≥ 0.95 are removed,
+/// copies at < 0.75 kept, each at 90% or better.
 #[test]
-#[ignore]
 fn dedup_quality_by_similarity() {
     let originals = originals(400);
     let pool: Vec<String> = originals.iter().flatten().cloned().collect();
@@ -563,14 +561,14 @@ fn dedup_quality_by_similarity() {
             );
             r as f64 / n as f64
         };
-        let (close, distant) = (rate(19..20), rate(0..12));
+        let (close, distant) = (rate(19..20), rate(0..15));
         assert!(
             close >= 0.9,
             "num_perm {num_perm}: only {close:.3} of copies at similarity >= 0.95 removed"
         );
         assert!(
             distant <= 0.1,
-            "num_perm {num_perm}: {distant:.3} of copies at similarity < 0.6 removed"
+            "num_perm {num_perm}: {distant:.3} of copies at similarity < 0.75 removed"
         );
     }
 }

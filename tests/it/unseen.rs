@@ -1,7 +1,8 @@
 //! The model against PyTorch on checkpoints it was not written against
 //! (`tests/fixtures/extra/`, made by `utils/make_fixtures.py` with transformers' own
 //! classes): other widths, head sizes and head layouts, rope bases and scalings,
-//! windows, block layouts, bf16 storage and shards. Each gets the checks of the six
+//! windows, block layouts, bf16 storage and shards, and (`utils/make_massive_fixture.py`)
+//! the massive activations and confident large-vocabulary rows of trained models. Each gets the checks of the six
 //! reference checkpoints: logits and loss within 1e-4, every gradient within 1e-4 of
 //! its tensor's largest value, greedy ids identical, 8 training steps' losses within
 //! 1e-3 relative (batches with padding); and the commands a user runs,
@@ -22,7 +23,7 @@ use crate::checks::{check_forward_and_grads, check_greedy, expected_of};
 use crate::common::*;
 
 /// Every checkpoint of `tests/fixtures/extra/` (checked by `every_fixture_is_tested`).
-const EXTRA: [&str; 10] = [
+const EXTRA: [&str; 11] = [
     "llama_gqa_bias",
     "llama3_tied",
     "mistral_swa5",
@@ -33,6 +34,7 @@ const EXTRA: [&str; 10] = [
     "gpt_neo_local5",
     "mistral_bf16",
     "falcon_sharded",
+    "llama_massive",
 ];
 
 macro_rules! extra_tests {
@@ -69,7 +71,8 @@ extra_tests!(
     gpt2_inverse_layer,
     gpt_neo_local5,
     mistral_bf16,
-    falcon_sharded
+    falcon_sharded,
+    llama_massive
 );
 
 /// Run `lit-claire ARGS`, expecting success; its stdout as JSON.
@@ -217,6 +220,11 @@ fn fixtures_are_read_as_the_layouts_they_exercise() {
     assert!(c.windows.iter().all(|w| *w == AttentionWindow::Global));
     let w = Weights::open(&extra_dir("mistral_bf16")).unwrap();
     assert_eq!(w.stored_dtype(), candle_core::DType::BF16);
+
+    // Made by utils/make_massive_fixture.py (issue 9).
+    let c = cfg("llama_massive");
+    assert_eq!((c.vocab_size, c.n_head, c.n_kv_head), (3072, 2, 1));
+    assert!(!c.tie_embeddings);
 
     let files = weight_files(&extra_dir("falcon_sharded")).unwrap();
     assert!(

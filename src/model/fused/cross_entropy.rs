@@ -3,17 +3,17 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, D, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{fusable, not_fused, rows};
+use super::{fusable, not_fused, rows, sum_f64};
 
 /// `exp(x − max) / Σ` of one row into `y`.
 fn softmax_row(x: &[f32], y: &mut [f32]) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
+    let mut sum = 0f64;
     for (o, &v) in y.iter_mut().zip(x) {
         *o = (v - max).exp();
-        sum += *o;
+        sum += f64::from(*o);
     }
-    let inv = 1.0 / sum;
+    let inv = (1.0 / sum) as f32;
     y.iter_mut().for_each(|o| *o *= inv);
 }
 
@@ -40,8 +40,8 @@ impl CustomOp1 for CrossEntropy {
             .zip(self.targets.par_iter())
             .map(|(r, &t)| {
                 let max = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let sum: f32 = r.iter().map(|v| (v - max).exp()).sum();
-                sum.ln() + max - r[t as usize]
+                let sum = sum_f64(r.iter().map(|v| (v - max).exp()));
+                (sum.ln() + f64::from(max - r[t as usize])) as f32
             })
             .collect();
         Ok((CpuStorage::F32(nll), Shape::from(rows)))
@@ -125,5 +125,34 @@ mod tests {
         let fused = cross_entropy_rows(x.as_tensor(), &t).unwrap().unwrap();
         let plain = crate::loss::nll_plain(x.as_tensor(), &t).unwrap();
         agree(&[&x], &fused, &plain, 1e-5, 1e-6);
+    }
+
+    /// Issue 9: a confident row over a real model's vocabulary. After the max's exp(0) = 1,
+    /// each exp(-17) = 4.1e-8 is under half an ulp of 1, and a running f32 sum dropped
+    /// all 49,151 of them: log-sum-exp came out 2e-3 low, and p(max) 2e-3 high.
+    #[test]
+    fn tiny_probabilities_of_a_large_vocabulary_are_not_dropped() {
+        let v = 49152;
+        let mut row = vec![0f32; v];
+        row[0] = 17.0;
+        let x = Var::from_tensor(&Tensor::from_vec(row, (1, v), &Device::Cpu).unwrap()).unwrap();
+        let t = Tensor::new(&[1u32], &Device::Cpu).unwrap();
+        let nll = cross_entropy_rows(x.as_tensor(), &t).unwrap().unwrap();
+        let tiny_mass = (v - 1) as f64 * (-17f64).exp();
+        let exact = 17.0 + tiny_mass.ln_1p();
+        let got = nll.to_vec1::<f32>().unwrap()[0] as f64;
+        assert!((got - exact).abs() < 1e-5, "loss {got} vs {exact}");
+
+        let g = nll.sum_all().unwrap().backward().unwrap();
+        let dx = g.get(x.as_tensor()).unwrap().flatten_all().unwrap();
+        let dx = dx.to_vec1::<f32>().unwrap();
+        let p0 = 1.0 / (1.0 + tiny_mass);
+        assert!((dx[0] as f64 - p0).abs() < 1e-6, "p(max) {} vs {p0}", dx[0]);
+        let p1 = (-17f64).exp() * p0;
+        assert!(
+            ((dx[2] as f64 - p1) / p1).abs() < 1e-5,
+            "p(other) {} vs {p1}",
+            dx[2]
+        );
     }
 }

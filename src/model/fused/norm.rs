@@ -6,7 +6,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{ROW_BLOCK, fusable, rows};
+use super::{ROW_BLOCK, fusable, rows, sum_f64};
 
 /// Column sums of `rows × cols` values produced per row by `f`, in fixed blocks.
 fn column_sums(
@@ -38,9 +38,10 @@ struct RmsNorm {
     eps: f32,
 }
 
+/// `1 / sqrt(mean(x²) + eps)` of a row.
 fn inv_rms(x: &[f32], eps: f32) -> f32 {
-    let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
-    1.0 / (ms + eps).sqrt()
+    let ms = sum_f64(x.iter().map(|v| v * v)) / x.len() as f64;
+    (1.0 / (ms + f64::from(eps)).sqrt()) as f32
 }
 
 impl CustomOp2 for RmsNorm {
@@ -118,13 +119,12 @@ impl CustomOp3 for RmsNormBackward {
             .for_each(|(d, (xr, gr))| {
                 let r = inv_rms(xr, self.eps);
                 // mean(dn ⊙ n) with dn = g ⊙ w, n = x·r
-                let dot = xr
-                    .iter()
-                    .zip(gr)
-                    .zip(w)
-                    .map(|((xv, gv), wv)| gv * wv * xv * r)
-                    .sum::<f32>()
-                    / c as f32;
+                let dot = (sum_f64(
+                    xr.iter()
+                        .zip(gr)
+                        .zip(w)
+                        .map(|((xv, gv), wv)| gv * wv * xv * r),
+                ) / c as f64) as f32;
                 for (((o, &xv), &gv), &wv) in d.iter_mut().zip(xr).zip(gr).zip(w) {
                     *o = r * (gv * wv - xv * r * dot);
                 }
@@ -150,10 +150,14 @@ struct LayerNorm {
 
 /// Mean and `1/σ` of a row (biased variance).
 fn moments(x: &[f32], eps: f32) -> (f32, f32) {
-    let n = x.len() as f32;
-    let mean = x.iter().sum::<f32>() / n;
-    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
-    (mean, 1.0 / (var + eps).sqrt())
+    let n = x.len() as f64;
+    let mean = sum_f64(x.iter().copied()) / n;
+    let var = x
+        .iter()
+        .map(|&v| (f64::from(v) - mean).powi(2))
+        .sum::<f64>()
+        / n;
+    (mean as f32, (1.0 / (var + f64::from(eps)).sqrt()) as f32)
 }
 
 impl CustomOp3 for LayerNorm {
@@ -229,20 +233,20 @@ impl CustomOp3 for LayerNormBackward {
         let (w, _) = rows(self.name(), s2, l2)?;
         let (g, _) = rows(self.name(), s3, l3)?;
         let rows = x.len() / c;
-        let n = c as f32;
+        let n = c as f64;
         let mut out = vec![0f32; (rows + 2) * c];
         let (dx, _) = out.split_at_mut(rows * c);
         dx.par_chunks_mut(c)
             .zip(x.par_chunks(c).zip(g.par_chunks(c)))
             .for_each(|(d, (xr, gr))| {
                 let (mean, r) = moments(xr, self.eps);
-                let (mut sum_dn, mut sum_dn_n) = (0f32, 0f32);
+                let (mut sum_dn, mut sum_dn_n) = (0f64, 0f64);
                 for ((&xv, &gv), &wv) in xr.iter().zip(gr).zip(w) {
                     let dn = gv * wv;
-                    sum_dn += dn;
-                    sum_dn_n += dn * (xv - mean) * r;
+                    sum_dn += f64::from(dn);
+                    sum_dn_n += f64::from(dn * (xv - mean) * r);
                 }
-                let (m_dn, m_dn_n) = (sum_dn / n, sum_dn_n / n);
+                let (m_dn, m_dn_n) = ((sum_dn / n) as f32, (sum_dn_n / n) as f32);
                 for (((o, &xv), &gv), &wv) in d.iter_mut().zip(xr).zip(gr).zip(w) {
                     let nv = (xv - mean) * r;
                     *o = r * (gv * wv - m_dn - nv * m_dn_n);
@@ -332,5 +336,40 @@ mod tests {
             .broadcast_add(bs)
             .unwrap();
         agree(&[&x, &w, &b], &fused, &plain, 1e-5, 1e-3);
+    }
+
+    /// Issue 9: a row of a real model's residual stream at the first token, one massive
+    /// channel (2.2e4) and 575 ordinary ones. After the massive square (4.8e8, ulp 32),
+    /// a running f32 sum dropped (RMS) or rounded the same way (LayerNorm) every small
+    /// square: the statistics were off by 1e-5 relative.
+    #[test]
+    fn a_massive_activation_keeps_the_small_channels_in_the_statistics() {
+        let c = 576;
+        let mut row = vec![3f32; c];
+        row[0] = 22000.0;
+        let x = Tensor::from_vec(row.clone(), (1, c), &Device::Cpu).unwrap();
+        let w = Tensor::ones(c, candle_core::DType::F32, &Device::Cpu).unwrap();
+        let b = Tensor::zeros(c, candle_core::DType::F32, &Device::Cpu).unwrap();
+        let r64: Vec<f64> = row.iter().map(|&v| v as f64).collect();
+        let n = c as f64;
+
+        let ms = r64.iter().map(|v| v * v).sum::<f64>() / n;
+        let want = r64[1] / (ms + 1e-5).sqrt();
+        let y = rms_norm(&x, &w, 1e-5).unwrap().unwrap();
+        let got = y.flatten_all().unwrap().to_vec1::<f32>().unwrap()[1] as f64;
+        assert!(
+            ((got - want) / want).abs() < 1e-6,
+            "rms norm {got} vs {want}"
+        );
+
+        let mean = r64.iter().sum::<f64>() / n;
+        let var = r64.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / n;
+        let want = (r64[1] - mean) / (var + 1e-5).sqrt();
+        let y = layer_norm(&x, &w, &b, 1e-5).unwrap().unwrap();
+        let got = y.flatten_all().unwrap().to_vec1::<f32>().unwrap()[1] as f64;
+        assert!(
+            ((got - want) / want).abs() < 1e-6,
+            "layer norm {got} vs {want}"
+        );
     }
 }

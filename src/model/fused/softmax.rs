@@ -4,7 +4,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, D, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{fusable, rows};
+use super::{fusable, rows, sum_f64};
 use crate::config::AttentionWindow;
 
 /// Which entries of a `(…, T, S)` score tensor are visible: query `i` sits at position
@@ -79,12 +79,12 @@ impl CustomOp1 for MaskedSoftmax {
                     };
                     max = max.max(*o);
                 }
-                let mut sum = 0f32;
+                let mut sum = 0f64;
                 for o in yr.iter_mut() {
                     *o = (*o - max).exp();
-                    sum += *o;
+                    sum += f64::from(*o);
                 }
-                let inv = 1.0 / sum;
+                let inv = (1.0 / sum) as f32;
                 yr.iter_mut().for_each(|o| *o *= inv);
             });
         Ok((CpuStorage::F32(y), l.shape().clone()))
@@ -118,7 +118,7 @@ impl CustomOp2 for SoftmaxBackward {
         dx.par_chunks_mut(cols)
             .zip(y.par_chunks(cols).zip(g.par_chunks(cols)))
             .for_each(|(d, (yr, gr))| {
-                let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
+                let dot = sum_f64(yr.iter().zip(gr).map(|(a, b)| a * b)) as f32;
                 for ((o, &yv), &gv) in d.iter_mut().zip(yr).zip(gr) {
                     *o = self.scale * yv * (gv - dot);
                 }
@@ -177,5 +177,35 @@ mod tests {
             }
             agree(&[&x], &fused, &softmax_plain(&plain).unwrap(), 1e-6, 1e-6);
         }
+    }
+
+    /// Issue 9: a long attention row held by a sink (the first key). Each other key's
+    /// exp(-17) is under half an ulp of the sink's 1, so a running f32 sum dropped them
+    /// all and every probability came out 3.4e-4 (relative) too high.
+    #[test]
+    fn a_long_row_after_an_attention_sink_keeps_its_small_terms() {
+        let s = 8192;
+        let mut row = vec![0f32; s];
+        row[0] = 17.0;
+        let x = Tensor::from_vec(row, (1, 1, 1, s), &Device::Cpu).unwrap();
+        let mask = MaskSpec {
+            q_start: s - 1,
+            k_start: 0,
+            window: AttentionWindow::Global,
+        };
+        let p = masked_softmax(&x, 1.0, Some(mask)).unwrap();
+        let p = p.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let p0 = 1.0 / (1.0 + (s - 1) as f64 * (-17f64).exp());
+        let p1 = (-17f64).exp() * p0;
+        assert!(
+            ((p[0] as f64 - p0) / p0).abs() < 1e-6,
+            "sink {} vs {p0}",
+            p[0]
+        );
+        assert!(
+            ((p[1] as f64 - p1) / p1).abs() < 1e-5,
+            "other {} vs {p1}",
+            p[1]
+        );
     }
 }
