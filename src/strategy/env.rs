@@ -76,10 +76,14 @@ pub fn process_group(env: &HashMap<String, String>) -> Result<Option<ProcessGrou
     if env.contains_key("RANK") && env.contains_key("WORLD_SIZE") {
         return torchrun_group(env).map(Some);
     }
-    let interactive = matches!(
-        env.get("SLURM_JOB_NAME").map(String::as_str),
-        Some("bash" | "interactive")
-    );
+    // An interactive allocation (`salloc`, `srun --pty bash`) has the job's variables
+    // but launched nothing, unless this process is itself a step started by srun.
+    let in_step = env.contains_key("SLURM_STEP_ID") || env.contains_key("SLURM_STEPID");
+    let interactive = !in_step
+        && matches!(
+            env.get("SLURM_JOB_NAME").map(String::as_str),
+            Some("bash" | "interactive")
+        );
     if env.contains_key("SLURM_PROCID") && env.contains_key("SLURM_NTASKS") && !interactive {
         return slurm_group(env).map(Some);
     }
@@ -532,6 +536,9 @@ mod tests {
         let mut e = slurm_task();
         e.insert("SLURM_JOB_NAME".into(), "bash".into());
         assert_eq!(process_group(&e).unwrap(), None);
+        // ...but `srun lit-claire ...` inside that allocation is a launch.
+        e.insert("SLURM_STEP_ID".into(), "0".into());
+        assert_eq!(process_group(&e).unwrap().unwrap().rank, 11);
     }
 
     #[test]
