@@ -97,3 +97,77 @@ pub fn perplexity(
         tokens: ids.len(),
     })
 }
+
+/// One family of [`reference_check`].
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ReferenceLoss {
+    pub family: String,
+    /// PyTorch's loss on the fixture's `input_ids`.
+    pub expected: f64,
+    /// Ours, on the strategy's device and precision.
+    pub loss: f64,
+    pub abs_diff: f64,
+}
+
+/// The loss of every reference checkpoint under `fixtures` (folders holding
+/// `expected.json` with `input_ids` and `loss`, as `tests/fixtures/reference/`) on the
+/// strategy's device: the model's parity outside the test suite, e.g. on a GPU machine
+/// without Rust. Fails, naming the families, when one is off by more than `tolerance`.
+pub fn reference_check(
+    fixtures: &std::path::Path,
+    strategy: &crate::strategy::Strategy,
+    tolerance: f64,
+) -> Result<Vec<ReferenceLoss>> {
+    let entries = std::fs::read_dir(fixtures).map_err(|e| Error::io(fixtures, e))?;
+    let mut dirs: Vec<_> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("expected.json").is_file())
+        .collect();
+    dirs.sort();
+    if dirs.is_empty() {
+        return Err(Error::missing(
+            fixtures.join("*/expected.json"),
+            "--fixtures must be a folder like tests/fixtures/reference",
+        ));
+    }
+    let mut rows = Vec::new();
+    for dir in dirs {
+        let path = dir.join("expected.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let exp: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::bad_file(&path, e))?;
+        let ids: Option<Vec<u32>> = exp["input_ids"]
+            .as_array()
+            .and_then(|a| a.iter().map(|v| v.as_u64().map(|x| x as u32)).collect());
+        let (Some(ids), Some(expected)) = (ids, exp["loss"].as_f64()) else {
+            return Err(Error::bad_file(
+                &path,
+                "expected `input_ids` (integers) and `loss`",
+            ));
+        };
+        let model = crate::hf::load_model(&dir, &strategy.build_options(false), None)?;
+        let loss = perplexity(&model, &ids, ids.len(), 1)?.loss;
+        let family = dir
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        rows.push(ReferenceLoss {
+            family,
+            expected,
+            loss,
+            abs_diff: (loss - expected).abs(),
+        });
+    }
+    let off: Vec<String> = rows
+        .iter()
+        .filter(|r| r.abs_diff.is_nan() || r.abs_diff > tolerance)
+        .map(|r| format!("{} {:.6} vs {:.6}", r.family, r.loss, r.expected))
+        .collect();
+    if !off.is_empty() {
+        return Err(Error::Msg(format!(
+            "losses differ from PyTorch's by more than {tolerance} on {}: {}",
+            strategy.spec,
+            off.join(", ")
+        )));
+    }
+    Ok(rows)
+}

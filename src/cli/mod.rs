@@ -5,6 +5,7 @@ mod bench_cmds;
 mod corpus_cmds;
 mod data_cmds;
 mod demo_cmds;
+mod dist_cmds;
 mod model_cmds;
 mod plot_cmds;
 mod publish_cmds;
@@ -58,6 +59,12 @@ pub enum Command {
     Perplexity(model_cmds::PerplexityArgs),
     /// Training throughput (tokens/s, MFU) on a synthetic LLaMA.
     Bench(bench_cmds::BenchArgs),
+    /// Check the process group, rendezvous and NCCL collectives of data-parallel training.
+    #[command(hide = true)]
+    DistCheck(dist_cmds::DistCheckArgs),
+    /// Losses on the reference checkpoints against PyTorch's, on any device and precision.
+    #[command(hide = true)]
+    ReferenceCheck(model_cmds::ReferenceCheckArgs),
 }
 
 /// Parse the command line and run the command.
@@ -75,6 +82,8 @@ pub fn run() -> Result<()> {
         Command::Pretrain(a) => train_cmds::pretrain(*a),
         Command::Validate(a) => train_cmds::validate(a),
         Command::Bench(a) => bench_cmds::bench(a),
+        Command::DistCheck(a) => dist_cmds::dist_check_cmd(a),
+        Command::ReferenceCheck(a) => model_cmds::reference_check(a),
         Command::Plot(a) => plot_cmds::plot(a),
         Command::MergeLora(a) => publish_cmds::merge(a),
         Command::ConvertToHf(a) => publish_cmds::convert(a),

@@ -214,3 +214,26 @@ pub fn chat(a: ChatArgs) -> Result<()> {
         writeln!(out).at("stdout")?;
     }
 }
+
+/// `reference-check` (hidden): the model's losses on the reference checkpoints against
+/// PyTorch's, on any device.
+#[derive(Debug, Args)]
+pub struct ReferenceCheckArgs {
+    /// Folder of reference checkpoints, each with an expected.json.
+    #[arg(long, default_value = "tests/fixtures/reference")]
+    pub fixtures: PathBuf,
+    /// Largest difference allowed, in nats.
+    #[arg(long, default_value_t = 1e-4)]
+    pub tolerance: f64,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+pub fn reference_check(a: ReferenceCheckArgs) -> Result<()> {
+    let strategy = a.runtime.strategy()?;
+    let rows = crate::perplexity::reference_check(&a.fixtures, &strategy, a.tolerance)?;
+    for r in rows {
+        println!("{}", serde_json::to_string(&r).expect("plain data"));
+    }
+    Ok(())
+}

@@ -13,17 +13,25 @@
 //! only its shard of it (`zero1`).
 
 pub mod collective;
+pub mod dist_check;
+pub mod env;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod precision;
+pub mod rendezvous;
 pub mod threads;
 
+use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
+use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::model::BuildOptions;
 pub use collective::{Collective, ReduceOp, Single};
+pub use env::{Launcher, ProcessGroup};
 pub use precision::Precision;
 
 /// How data-parallel ranks share the optimizer.
@@ -367,6 +375,37 @@ pub fn unflatten(flat: &Tensor, like: &[Tensor]) -> Result<Vec<Tensor>> {
         at += n;
     }
     Ok(out)
+}
+
+/// The GPU of this process in a launcher's process group: its local rank's, or the only
+/// one `CUDA_VISIBLE_DEVICES` shows it (see [`env::local_cuda_ordinal`]).
+pub fn local_device(pg: &ProcessGroup, env: &HashMap<String, String>) -> Result<Device> {
+    cuda_device(env::local_cuda_ordinal(pg, env)?)
+}
+
+/// NCCL collectives between the processes of `pg`, one GPU each (`device`, from
+/// [`local_device`]): meets the other ranks over TCP within `timeout` (see
+/// [`rendezvous`]), then opens an NCCL communicator on the device's stream.
+#[cfg(feature = "cuda")]
+pub fn nccl_collective(
+    pg: &ProcessGroup,
+    device: &Device,
+    timeout: Duration,
+) -> Result<Arc<dyn Collective>> {
+    nccl::nccl_collective(pg, device, timeout)
+}
+
+/// NCCL collectives need the `cuda` feature.
+#[cfg(not(feature = "cuda"))]
+pub fn nccl_collective(
+    pg: &ProcessGroup,
+    _device: &Device,
+    _timeout: Duration,
+) -> Result<Arc<dyn Collective>> {
+    Err(Error::Usage(format!(
+        "{} started {} processes, but this lit-claire was built without CUDA and NCCL; rebuild with `cargo build --release --features cuda`",
+        pg.launcher, pg.world_size
+    )))
 }
 
 #[cfg(feature = "cuda")]

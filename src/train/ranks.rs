@@ -142,28 +142,23 @@ pub fn train_rank(
 }
 
 /// Data-parallel training on GPUs: this process is one rank of a process group that
-/// SLURM or torchrun started (one process per GPU).
-///
-/// HOOK for the NCCL backend (`cuda` feature), to be wired once the process group
-/// (`strategy::env`, from SLURM/torchrun variables), its TCP rendezvous and
-/// `strategy::nccl` land (branch `nccl`); with their API it reads:
-///
-/// ```text
-/// let env = crate::strategy::env::process_env();
-/// let pg = crate::strategy::env::process_group(&env)?   // None: not under SLURM/torchrun
-///     .ok_or_else(|| Error::Usage("--devices N on GPUs: start one process per GPU with srun or torchrun".into()))?;
-/// crate::strategy::env::check_topology(&pg, cfg.devices, cfg.num_nodes)?;
-/// let gpu = crate::strategy::env::local_cuda_ordinal(&pg, &env)?;
-/// let strategy = Strategy::new(DeviceSpec::Cuda(gpu), cfg.precision)?;
-/// let timeout = Duration::from_secs(cfg.collective_timeout);
-/// let nccl = crate::strategy::nccl_collective(&pg, &strategy.device, timeout)?;
-/// train_rank(cfg, data, strategy.with_collective(nccl, cfg.strategy), |_| {})
-/// ```
-///
-/// Every rank then returns its own summary (rank 0's names the final checkpoint).
-fn train_process_group(cfg: &TrainConfig, _data: TrainData) -> Result<TrainSummary> {
-    Err(Error::Usage(format!(
-        "--device {} --devices {} --num-nodes {}: data-parallel training on GPUs needs the NCCL backend, which this build does not have yet; train on one GPU, or on CPU threads with --device cpu --devices N",
-        cfg.device, cfg.devices, cfg.num_nodes
-    )))
+/// SLURM or torchrun started (one process per GPU). The group comes from the launcher's
+/// variables ([`crate::strategy::env`]) and is checked against `--devices` and
+/// `--num-nodes`; the ranks meet over TCP and open an NCCL communicator
+/// ([`crate::strategy::nccl_collective`]). Every rank returns its own summary (rank 0's
+/// names the final checkpoint).
+fn train_process_group(cfg: &TrainConfig, data: TrainData) -> Result<TrainSummary> {
+    let env = crate::strategy::env::process_env();
+    let pg = crate::strategy::env::process_group(&env)?.ok_or_else(|| {
+        Error::Usage(format!(
+            "--device {} --devices {} --num-nodes {}: data-parallel training on GPUs runs one process per GPU; start them with srun (see slurm/) or torchrun, or train on CPU threads with --device cpu --devices N",
+            cfg.device, cfg.devices, cfg.num_nodes
+        ))
+    })?;
+    crate::strategy::env::check_topology(&pg, cfg.devices, cfg.num_nodes)?;
+    let gpu = crate::strategy::env::local_cuda_ordinal(&pg, &env)?;
+    let strategy = Strategy::new(DeviceSpec::Cuda(gpu), cfg.precision)?;
+    let timeout = Duration::from_secs(cfg.collective_timeout);
+    let nccl = crate::strategy::nccl_collective(&pg, &strategy.device, timeout)?;
+    train_rank(cfg, data, strategy.with_collective(nccl, cfg.strategy), |_| {})
 }

@@ -24,6 +24,7 @@ mod publish_hub;
 mod publish_hub_server;
 mod publish_merge;
 mod real_model;
+mod rendezvous;
 mod train_parity;
 mod trainer;
 mod unseen;

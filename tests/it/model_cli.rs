@@ -412,3 +412,36 @@ fn chat_answers_stream_as_they_are_kept() {
         assert_eq!(streamed.trim_end(), answer);
     }
 }
+
+/// `reference-check` (what utils/device_check.sh runs on a GPU) agrees with PyTorch on
+/// every family on the CPU, and names the families when the tolerance is not met.
+#[test]
+fn reference_check_scores_every_family() {
+    let fixtures = reference_dir("llama").parent().unwrap().to_path_buf();
+    let (ok, out, err) = run(&["reference-check", "--fixtures", fixtures.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let families: Vec<String> = out
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["family"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(families.len(), FAMILIES.len(), "{out}");
+    assert_one_line_error(
+        &[
+            "reference-check",
+            "--fixtures",
+            fixtures.to_str().unwrap(),
+            "--tolerance",
+            "0",
+        ],
+        "llama",
+    );
+    assert_one_line_error(
+        &["reference-check", "--fixtures", "/nonexistent"],
+        "/nonexistent",
+    );
+}

@@ -1,0 +1,44 @@
+//! `dist-check` (hidden): the process group, rendezvous and NCCL collectives of
+//! data-parallel training, checked outside training.
+
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::error::Result;
+use crate::strategy::DeviceSpec;
+use crate::strategy::dist_check::{DistCheckOptions, dist_check};
+
+/// Start it like `pretrain` (one process per GPU under srun or torchrun); each rank
+/// prints one JSON line.
+#[derive(Debug, Args)]
+pub struct DistCheckArgs {
+    /// cpu (rendezvous only) or cuda (NCCL collectives).
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceSpec,
+    /// Devices per node, checked against the launcher (default: what it started).
+    #[arg(long)]
+    pub devices: Option<usize>,
+    /// Nodes, checked against the launcher (default: what it started).
+    #[arg(long)]
+    pub num_nodes: Option<usize>,
+    /// Seconds to wait for the other ranks.
+    #[arg(long, default_value_t = 60.0)]
+    pub timeout: f64,
+    /// MiB of the timed all-reduce (CUDA), 0 for none.
+    #[arg(long, default_value_t = 256)]
+    pub bench_mib: usize,
+}
+
+pub fn dist_check_cmd(a: DistCheckArgs) -> Result<()> {
+    let opts = DistCheckOptions {
+        device: a.device,
+        devices: a.devices,
+        num_nodes: a.num_nodes,
+        timeout: Duration::from_secs_f64(a.timeout.max(0.0)),
+        bench_mib: a.bench_mib,
+    };
+    let report = dist_check(&crate::strategy::env::process_env(), &opts)?;
+    println!("{}", serde_json::to_string(&report).expect("plain data"));
+    Ok(())
+}

@@ -1,0 +1,204 @@
+//! A check of the machinery of data-parallel training, outside training: the process
+//! group read from the launcher's environment, the rendezvous, and (on CUDA) NCCL's
+//! collectives with their results verified and the all-reduce bandwidth measured.
+//!
+//! Run by the hidden `lit-claire dist-check`: under `srun`/`torchrun` on a cluster, by
+//! `utils/device_check.sh` on one GPU, and by the tests with real processes on CPU
+//! (where only the rendezvous runs).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+use rand::RngCore;
+use serde::Serialize;
+
+use super::collective::{Collective, ReduceOp};
+use super::env::{self, DEFAULT_PORT, ProcessGroup};
+use super::rendezvous::Rendezvous;
+use super::{DeviceSpec, local_device, nccl_collective};
+use crate::error::{Error, Result};
+
+/// What to check.
+#[derive(Debug, Clone)]
+pub struct DistCheckOptions {
+    /// `cpu`: the rendezvous alone; `cuda[:N]`: NCCL (N is used without a launcher).
+    pub device: DeviceSpec,
+    /// `--devices` and `--num-nodes` to check against the launcher, if given.
+    pub devices: Option<usize>,
+    pub num_nodes: Option<usize>,
+    pub timeout: Duration,
+    /// Size of the timed all-reduce (CUDA), 0 for none.
+    pub bench_mib: usize,
+}
+
+/// What one rank found.
+#[derive(Debug, Clone, Serialize)]
+pub struct DistCheckReport {
+    /// `SLURM`, `torchrun` or `none`.
+    pub launcher: String,
+    pub rank: usize,
+    pub world_size: usize,
+    pub local_rank: usize,
+    pub node: usize,
+    pub num_nodes: usize,
+    /// `MASTER_ADDR:MASTER_PORT`.
+    pub master: String,
+    /// `tcp` (rendezvous only) or `nccl`.
+    pub backend: String,
+    /// First bytes of the payload rank 0 shared (the same on every rank).
+    pub shared_digest: String,
+    /// Collectives whose results were right.
+    pub checks: Vec<String>,
+    /// Bus bandwidth of the timed all-reduce, GB/s (NCCL's `busbw`).
+    pub all_reduce_busbw_gbs: Option<f64>,
+    pub seconds: f64,
+}
+
+/// Run the check as this process's rank (a single rank without a launcher).
+pub fn dist_check(
+    vars: &HashMap<String, String>,
+    opts: &DistCheckOptions,
+) -> Result<DistCheckReport> {
+    let start = Instant::now();
+    let launched = env::process_group(vars)?;
+    let pg = launched.clone().unwrap_or_else(|| ProcessGroup {
+        rank: 0,
+        world_size: 1,
+        local_rank: 0,
+        local_world_size: 1,
+        node: 0,
+        num_nodes: 1,
+        gpus_on_node: None,
+        master_addr: "127.0.0.1".into(),
+        master_port: vars
+            .get("MASTER_PORT")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(DEFAULT_PORT),
+        launcher: env::Launcher::Torchrun,
+    });
+    if let Some(launched) = &launched {
+        env::check_topology(
+            launched,
+            opts.devices.unwrap_or(launched.local_world_size),
+            opts.num_nodes.unwrap_or(launched.num_nodes),
+        )?;
+    }
+    let mut report = DistCheckReport {
+        launcher: launched
+            .as_ref()
+            .map_or("none".to_string(), |p| p.launcher.to_string()),
+        rank: pg.rank,
+        world_size: pg.world_size,
+        local_rank: pg.local_rank,
+        node: pg.node,
+        num_nodes: pg.num_nodes,
+        master: format!("{}:{}", pg.master_addr, pg.master_port),
+        backend: String::new(),
+        shared_digest: String::new(),
+        checks: Vec::new(),
+        all_reduce_busbw_gbs: None,
+        seconds: 0.0,
+    };
+    match opts.device {
+        DeviceSpec::Cpu => {
+            report.backend = "tcp".into();
+            let mut payload = [0u8; 128];
+            rand::rng().fill_bytes(&mut payload);
+            let own = (pg.rank == 0).then_some(&payload[..]);
+            let shared = Rendezvous::new(&pg, opts.timeout).share(own)?;
+            report.shared_digest = hex(&shared[..shared.len().min(8)]);
+            report
+                .checks
+                .push(format!("rendezvous: {} bytes from rank 0", shared.len()));
+        }
+        DeviceSpec::Cuda(n) => {
+            report.backend = "nccl".into();
+            let device = match launched {
+                Some(_) => local_device(&pg, vars)?,
+                None => super::cuda_device(n)?,
+            };
+            let comm = nccl_collective(&pg, &device, opts.timeout)?;
+            check_collectives(comm.as_ref(), &device, &mut report.checks)?;
+            if opts.bench_mib > 0 {
+                report.all_reduce_busbw_gbs =
+                    Some(all_reduce_busbw(comm.as_ref(), &device, opts.bench_mib)?);
+            }
+            comm.barrier()?;
+            report.checks.push("barrier".into());
+        }
+    }
+    report.seconds = start.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// Every collective on small tensors whose results are known exactly, in f32 and bf16.
+fn check_collectives(c: &dyn Collective, device: &Device, checks: &mut Vec<String>) -> Result<()> {
+    let (r, w) = (c.rank() as f32, c.world_size() as f32);
+    let n = 4 * c.world_size();
+    let sum = w * (w + 1.0) / 2.0;
+    for dtype in [DType::F32, DType::BF16] {
+        let x = Tensor::full(r + 1.0, n, device)?.to_dtype(dtype)?;
+        let cases: [(&str, Tensor, Vec<f32>); 5] = [
+            (
+                "all_reduce sum",
+                c.all_reduce(&x, ReduceOp::Sum)?,
+                vec![sum; n],
+            ),
+            (
+                "all_reduce mean",
+                c.all_reduce(&x, ReduceOp::Mean)?,
+                vec![sum / w; n],
+            ),
+            (
+                "reduce_scatter sum",
+                c.reduce_scatter(&x, ReduceOp::Sum)?,
+                vec![sum; 4],
+            ),
+            (
+                "all_gather",
+                c.all_gather(&x.narrow(0, 0, 2)?)?,
+                (0..c.world_size())
+                    .flat_map(|k| [k as f32 + 1.0; 2])
+                    .collect(),
+            ),
+            ("broadcast from 0", c.broadcast(&x, 0)?, vec![1.0; n]),
+        ];
+        for (name, got, want) in cases {
+            let got = got.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            if got != want {
+                return Err(Error::Msg(format!(
+                    "rank {}: {name} in {dtype:?} gave {got:?}, expected {want:?}",
+                    c.rank()
+                )));
+            }
+            checks.push(format!("{name} {dtype:?}"));
+        }
+    }
+    Ok(())
+}
+
+/// Bus bandwidth of an all-reduce of `mib` MiB of f32 (5 timed after 2 warm-up),
+/// as NCCL's tests report it: data size / time × 2(w−1)/w.
+fn all_reduce_busbw(c: &dyn Collective, device: &Device, mib: usize) -> Result<f64> {
+    let n = mib * (1 << 20) / 4;
+    let x = Tensor::ones(n, DType::F32, device)?;
+    for _ in 0..2 {
+        c.all_reduce(&x, ReduceOp::Sum)?;
+    }
+    device.synchronize()?;
+    let start = Instant::now();
+    let reps = 5;
+    for _ in 0..reps {
+        c.all_reduce(&x, ReduceOp::Sum)?;
+    }
+    device.synchronize()?;
+    let t = start.elapsed().as_secs_f64() / reps as f64;
+    let w = c.world_size() as f64;
+    let factor = if w > 1.0 { 2.0 * (w - 1.0) / w } else { 1.0 };
+    Ok((n * 4) as f64 / t * factor / 1e9)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

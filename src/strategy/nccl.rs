@@ -1,0 +1,283 @@
+//! [`Collective`] over NCCL, one process per GPU (`cuda` feature).
+//!
+//! NCCL's operations are queued on candle's own CUDA stream of the device, so they run in
+//! order with the kernels that produced their inputs and the ones that read their
+//! outputs; nothing waits on the host until a value is read back. Each operation is a
+//! candle [`CustomOp1`] whose CUDA forward hands the tensor's device memory to NCCL and
+//! wraps the buffer NCCL wrote as a new tensor.
+//!
+//! ```text
+//! rank 0: Id::new() ──rendezvous (TCP)──▶ every rank: Id ─▶ Comm::from_rank(stream, rank, world, id)
+//! ```
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
+use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, NcclType, ReduceOp as NcclOp};
+use candle_core::cuda_backend::{CudaDType, CudaStorage};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
+
+use super::collective::{Collective, ReduceOp};
+use super::env::ProcessGroup;
+use super::rendezvous::Rendezvous;
+use crate::error::{Error, Result};
+
+/// NCCL's unique id is 128 bytes.
+const ID_BYTES: usize = 128;
+
+/// An NCCL communicator. NCCL lets any thread use a communicator as long as calls do not
+/// overlap; the mutex in [`Nccl`] serialises them.
+struct CommHandle(Comm);
+
+// SAFETY: `Comm` holds NCCL's communicator handle (a pointer to NCCL-owned state) and an
+// `Arc<CudaStream>` (Send + Sync). NCCL allows a communicator to be used from another
+// thread than the one that created it; every use goes through `Nccl::comm`'s mutex, so
+// calls never overlap.
+unsafe impl Send for CommHandle {}
+
+/// The ranks of a run, one GPU each, talking through NCCL.
+pub struct Nccl {
+    rank: usize,
+    world_size: usize,
+    /// This rank's GPU.
+    device: Device,
+    /// `None` once aborted.
+    comm: Mutex<Option<CommHandle>>,
+    /// Why this rank aborted.
+    aborted: Mutex<Option<String>>,
+}
+
+/// Meet the other ranks (rank 0's NCCL id travels over [`Rendezvous`]) and open an NCCL
+/// communicator on `device`'s stream. Every rank of `pg` must call it.
+pub fn nccl_collective(
+    pg: &ProcessGroup,
+    device: &Device,
+    timeout: Duration,
+) -> Result<Arc<dyn Collective>> {
+    let Device::Cuda(dev) = device else {
+        return Err(Error::Usage(format!(
+            "NCCL needs a CUDA device, not {device:?}: use --device cuda"
+        )));
+    };
+    let own_id = if pg.rank == 0 {
+        let id = Id::new().map_err(|e| {
+            Error::Msg(format!(
+                "rank 0: ncclGetUniqueId failed: {e:?} (is libnccl.so.2 on LD_LIBRARY_PATH?)"
+            ))
+        })?;
+        Some(id.internal().iter().map(|&c| c as u8).collect::<Vec<u8>>())
+    } else {
+        None
+    };
+    let bytes = Rendezvous::new(pg, timeout).share(own_id.as_deref())?;
+    if bytes.len() != ID_BYTES {
+        return Err(Error::Msg(format!(
+            "rank {}: rank 0 sent an NCCL id of {} bytes, expected {ID_BYTES}",
+            pg.rank,
+            bytes.len()
+        )));
+    }
+    let mut internal = [0 as std::ffi::c_char; ID_BYTES];
+    for (d, s) in internal.iter_mut().zip(&bytes) {
+        *d = *s as std::ffi::c_char;
+    }
+    let comm = Comm::from_rank(dev.cuda_stream(), pg.rank, pg.world_size, Id::uninit(internal))
+        .map_err(|e| {
+            Error::Msg(format!(
+                "rank {}: ncclCommInitRank ({} ranks, rank 0 at {}:{}) failed: {e:?}; NCCL_DEBUG=INFO says why",
+                pg.rank, pg.world_size, pg.master_addr, pg.master_port
+            ))
+        })?;
+    Ok(Arc::new(Nccl {
+        rank: pg.rank,
+        world_size: pg.world_size,
+        device: device.clone(),
+        comm: Mutex::new(Some(CommHandle(comm))),
+        aborted: Mutex::new(None),
+    }))
+}
+
+/// One collective, as candle sees it: a unary op on the tensor.
+#[derive(Clone, Copy)]
+enum Kind {
+    AllReduce(ReduceOp),
+    ReduceScatter(ReduceOp),
+    AllGather,
+    Broadcast(usize),
+}
+
+struct NcclOpOn<'a> {
+    comm: &'a Comm,
+    kind: Kind,
+}
+
+fn nccl_op(op: ReduceOp) -> NcclOp {
+    match op {
+        ReduceOp::Sum => NcclOp::Sum,
+        ReduceOp::Mean => NcclOp::Avg,
+    }
+}
+
+impl NcclOpOn<'_> {
+    /// The collective on elements of type `T`.
+    fn run<T: CudaDType + DeviceRepr + NcclType>(
+        &self,
+        storage: &CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("nccl: the tensor must be contiguous (a bug: call .contiguous())");
+        };
+        let n = end - start;
+        let world = self.comm.world_size();
+        let src = storage.as_cuda_slice::<T>()?.slice(start..end);
+        let dev = storage.device().clone();
+        let out_len = match self.kind {
+            Kind::AllReduce(_) | Kind::Broadcast(_) => n,
+            Kind::ReduceScatter(_) => {
+                if n % world != 0 {
+                    candle_core::bail!(
+                        "nccl reduce_scatter: {n} elements do not split into {world} equal chunks"
+                    );
+                }
+                n / world
+            }
+            Kind::AllGather => n * world,
+        };
+        // SAFETY: NCCL writes every element of `dst` before anything reads it.
+        let mut dst = unsafe { dev.alloc::<T>(out_len)? };
+        let done = match self.kind {
+            Kind::AllReduce(op) => self
+                .comm
+                .all_reduce(&src, &mut dst, &nccl_op(op))
+                .map(|_| ()),
+            Kind::ReduceScatter(op) => self
+                .comm
+                .reduce_scatter(&src, &mut dst, &nccl_op(op))
+                .map(|_| ()),
+            Kind::AllGather => self.comm.all_gather(&src, &mut dst).map(|_| ()),
+            Kind::Broadcast(root) => self
+                .comm
+                .broadcast(Some(&src), &mut dst, root as i32)
+                .map(|_| ()),
+        };
+        done.map_err(|e| candle_core::Error::Msg(format!("nccl {}: {e:?}", self.name())))?;
+        let shape = match self.kind {
+            Kind::AllReduce(_) | Kind::Broadcast(_) => layout.shape().clone(),
+            _ => Shape::from(out_len),
+        };
+        Ok((CudaStorage::wrap_cuda_slice(dst, dev), shape))
+    }
+}
+
+impl CustomOp1 for NcclOpOn<'_> {
+    fn name(&self) -> &'static str {
+        match self.kind {
+            Kind::AllReduce(_) => "all_reduce",
+            Kind::ReduceScatter(_) => "reduce_scatter",
+            Kind::AllGather => "all_gather",
+            Kind::Broadcast(_) => "broadcast",
+        }
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!(
+            "nccl {}: the tensor is on the CPU; NCCL needs CUDA tensors",
+            self.name()
+        )
+    }
+
+    fn cuda_fwd(
+        &self,
+        storage: &CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        match storage.dtype() {
+            DType::F32 => self.run::<f32>(storage, layout),
+            DType::BF16 => self.run::<half::bf16>(storage, layout),
+            DType::F16 => self.run::<half::f16>(storage, layout),
+            DType::F64 => self.run::<f64>(storage, layout),
+            other => candle_core::bail!(
+                "nccl {}: {other:?} tensors are not supported (f32, bf16, f16, f64)",
+                self.name()
+            ),
+        }
+    }
+}
+
+impl Nccl {
+    /// Queue `kind` on `x` (flattened for the ops whose result is flat).
+    fn apply(&self, x: &Tensor, kind: Kind) -> Result<Tensor> {
+        if let Some(reason) = self.aborted.lock().map_err(poisoned)?.as_ref() {
+            return Err(Error::Msg(format!(
+                "rank {} aborted its collectives: {reason}",
+                self.rank
+            )));
+        }
+        let x = match kind {
+            Kind::AllReduce(_) | Kind::Broadcast(_) => x.contiguous()?,
+            _ => x.flatten_all()?.contiguous()?,
+        };
+        let guard = self.comm.lock().map_err(poisoned)?;
+        let comm = &guard
+            .as_ref()
+            .ok_or_else(|| {
+                Error::Msg(format!(
+                    "rank {}: the NCCL communicator was aborted",
+                    self.rank
+                ))
+            })?
+            .0;
+        Ok(x.apply_op1_no_bwd(&NcclOpOn { comm, kind })?)
+    }
+}
+
+fn poisoned<T>(_: std::sync::PoisonError<T>) -> Error {
+    Error::Msg("nccl: a thread panicked while holding the communicator".into())
+}
+
+impl Collective for Nccl {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.world_size
+    }
+    fn all_reduce(&self, x: &Tensor, op: ReduceOp) -> Result<Tensor> {
+        self.apply(x, Kind::AllReduce(op))
+    }
+    fn reduce_scatter(&self, x: &Tensor, op: ReduceOp) -> Result<Tensor> {
+        self.apply(x, Kind::ReduceScatter(op))
+    }
+    fn all_gather(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(x, Kind::AllGather)
+    }
+    fn broadcast(&self, x: &Tensor, root: usize) -> Result<Tensor> {
+        if root >= self.world_size {
+            return Err(Error::Msg(format!(
+                "broadcast from rank {root} in a world of {}",
+                self.world_size
+            )));
+        }
+        self.apply(x, Kind::Broadcast(root))
+    }
+    fn barrier(&self) -> Result<()> {
+        // A one-element all-reduce, read back on the host: returns once every rank's
+        // reduction has completed.
+        let one = Tensor::ones(1, DType::F32, &self.device)?;
+        self.all_reduce(&one, ReduceOp::Sum)?.to_vec1::<f32>()?;
+        Ok(())
+    }
+    fn abort(&self, reason: &str) {
+        if let Ok(mut a) = self.aborted.lock() {
+            a.get_or_insert_with(|| reason.to_string());
+        }
+        // Dropping the communicator calls ncclCommAbort: NCCL stops its operations here,
+        // and the other ranks' pending ones fail instead of waiting for this rank.
+        if let Ok(mut c) = self.comm.lock() {
+            c.take();
+        }
+    }
+}

@@ -1,0 +1,411 @@
+//! Rendezvous over TCP: every rank meets rank 0, and rank 0 hands each the same bytes
+//! (NCCL's 128-byte unique id, which NCCL needs on every rank before it can connect them).
+//!
+//! ```text
+//! rank 0                                   rank r ≠ 0
+//! listen on MASTER_PORT (all interfaces)   connect to MASTER_ADDR:MASTER_PORT (retried:
+//!                                          rank 0 may start later)
+//!            ◀──── hello: "LCRV", version, r, world size
+//! check: rank in range, not seen before,
+//! same world size as rank 0
+//! once all world−1 ranks said hello:
+//!            ────▶ ok: payload             (or error: why, to every rank waiting)
+//! ```
+//!
+//! Every wait is bounded by the timeout: rank 0 names the ranks that did not arrive,
+//! the others say rank 0 was not reachable. No shared files, no other service.
+
+use std::collections::BTreeMap;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use super::env::ProcessGroup;
+use crate::error::{Error, Result};
+
+const MAGIC: &[u8; 4] = b"LCRV";
+const VERSION: u8 = 1;
+const OK: u8 = 0;
+const REFUSED: u8 = 1;
+/// Largest payload or message accepted (an NCCL id is 128 bytes).
+const MAX_FRAME: usize = 1 << 20;
+
+/// Where and how the ranks of one run meet.
+#[derive(Debug, Clone)]
+pub struct Rendezvous {
+    /// Host of rank 0 (`MASTER_ADDR`).
+    pub addr: String,
+    /// Port rank 0 listens on (`MASTER_PORT`).
+    pub port: u16,
+    pub rank: usize,
+    pub world_size: usize,
+    /// How long to wait for the others (rank 0) or for rank 0 (the others).
+    pub timeout: Duration,
+}
+
+impl Rendezvous {
+    /// The rendezvous of a launcher's process group.
+    pub fn new(pg: &ProcessGroup, timeout: Duration) -> Self {
+        Rendezvous {
+            addr: pg.master_addr.clone(),
+            port: pg.master_port,
+            rank: pg.rank,
+            world_size: pg.world_size,
+            timeout,
+        }
+    }
+
+    /// Meet every other rank; rank 0 sends them `payload` (its own, `Some`; the others
+    /// pass `None`). Every rank returns rank 0's payload.
+    pub fn share(&self, payload: Option<&[u8]>) -> Result<Vec<u8>> {
+        if self.rank >= self.world_size {
+            return Err(Error::Usage(format!(
+                "rank {} of a world of {}: ranks run from 0 to world size - 1",
+                self.rank, self.world_size
+            )));
+        }
+        if self.rank == 0 {
+            let payload = payload.ok_or_else(|| {
+                Error::Msg("rendezvous: rank 0 has no payload to share (a bug)".into())
+            })?;
+            if payload.len() > MAX_FRAME {
+                return Err(Error::Msg(format!(
+                    "rendezvous: a payload of {} bytes is over the {MAX_FRAME}-byte limit",
+                    payload.len()
+                )));
+            }
+            self.serve(payload)?;
+            Ok(payload.to_vec())
+        } else {
+            self.join()
+        }
+    }
+
+    fn endpoint(&self) -> String {
+        if self.addr.contains(':') {
+            format!("[{}]:{}", self.addr, self.port)
+        } else {
+            format!("{}:{}", self.addr, self.port)
+        }
+    }
+
+    /// Rank 0: wait for every other rank's hello, check it, answer all at once.
+    fn serve(&self, payload: &[u8]) -> Result<()> {
+        let deadline = Instant::now() + self.timeout;
+        // All interfaces: MASTER_ADDR is how the others reach this node, which may not
+        // be the address its own host name resolves to here (e.g. 127.0.1.1).
+        let any = if self.addr.contains(':') {
+            "[::]"
+        } else {
+            "0.0.0.0"
+        };
+        let listener = TcpListener::bind(format!("{any}:{}", self.port))
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .map_err(|e| {
+                Error::Msg(format!(
+                    "rank 0 cannot listen on port {} (MASTER_PORT): {e}; set MASTER_PORT to a free port",
+                    self.port
+                ))
+            })?;
+        let mut arrived: BTreeMap<usize, (TcpStream, SocketAddr)> = BTreeMap::new();
+        while arrived.len() + 1 < self.world_size {
+            let (mut stream, peer) = match listener.accept() {
+                Ok(conn) => conn,
+                Err(e)
+                    if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted =>
+                {
+                    if Instant::now() >= deadline {
+                        let missing: Vec<usize> = (1..self.world_size)
+                            .filter(|r| !arrived.contains_key(r))
+                            .collect();
+                        let msg = format!(
+                            "rendezvous at {}: after {:.0} s, {} of {} did not arrive (were all {} processes started, e.g. one srun task per GPU?)",
+                            self.endpoint(),
+                            self.timeout.as_secs_f64(),
+                            rank_list(&missing),
+                            self.world_size,
+                            self.world_size
+                        );
+                        return Err(refuse_all(arrived, msg));
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+                Err(e) => {
+                    return Err(refuse_all(
+                        arrived,
+                        format!("rendezvous at {}: accept failed: {e}", self.endpoint()),
+                    ));
+                }
+            };
+            // A hello is 13 bytes; whoever sends no hello in time is not one of ours.
+            let hello = stream
+                .set_nonblocking(false)
+                .and_then(|()| stream.set_nodelay(true))
+                .map_err(|e| e.to_string())
+                .and_then(|()| {
+                    let wait = deadline.saturating_duration_since(Instant::now());
+                    read_hello(
+                        &mut stream,
+                        Instant::now() + wait.min(Duration::from_secs(10)),
+                    )
+                });
+            let Ok((rank, world)) = hello else {
+                continue;
+            };
+            let problem = if world != self.world_size {
+                Some(format!(
+                    "rank {rank} (from {peer}) has world size {world}, rank 0 has {}: start every process with the same counts",
+                    self.world_size
+                ))
+            } else if rank == 0 || rank >= world {
+                Some(format!(
+                    "a process from {peer} says it is rank {rank}, but rank 0 is {} and ranks run from 1 to {}",
+                    self.endpoint(),
+                    world - 1
+                ))
+            } else if let Some((_, first)) = arrived.get(&rank) {
+                Some(format!(
+                    "two processes say they are rank {rank} (from {first} and {peer}): each process needs its own rank"
+                ))
+            } else {
+                None
+            };
+            if let Some(msg) = problem {
+                let _ = send_frame(&mut stream, REFUSED, msg.as_bytes(), deadline);
+                return Err(refuse_all(arrived, msg));
+            }
+            arrived.insert(rank, (stream, peer));
+        }
+        let mut failed = Vec::new();
+        for (rank, (mut stream, _)) in arrived {
+            let end = Instant::now() + Duration::from_secs(10);
+            if let Err(e) = send_frame(&mut stream, OK, payload, end) {
+                failed.push(format!("rank {rank}: {e}"));
+            }
+        }
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Msg(format!(
+                "rendezvous at {}: could not answer {}",
+                self.endpoint(),
+                failed.join(", ")
+            )))
+        }
+    }
+
+    /// Rank r ≠ 0: connect to rank 0 (retrying until the deadline), say hello, wait for
+    /// the answer.
+    fn join(&self) -> Result<Vec<u8>> {
+        let start = Instant::now();
+        let deadline = start + self.timeout;
+        let endpoint = self.endpoint();
+        let mut stream = self.connect(deadline)?;
+        let mut hello = Vec::with_capacity(13);
+        hello.extend_from_slice(MAGIC);
+        hello.push(VERSION);
+        hello.extend_from_slice(&(self.rank as u32).to_le_bytes());
+        hello.extend_from_slice(&(self.world_size as u32).to_le_bytes());
+        let lost = |e: String| {
+            Error::Msg(format!(
+                "rank {}: lost rank 0 at {endpoint}: {e} (see rank 0's log)",
+                self.rank
+            ))
+        };
+        write_by(&mut stream, &hello, deadline + Duration::from_secs(10)).map_err(lost)?;
+        // Rank 0 answers once everyone has arrived, or when it gives up after its own
+        // timeout, which may have started later than ours: wait for that too.
+        let answer_by = Instant::now() + self.timeout + Duration::from_secs(10);
+        let (status, body) = read_frame(&mut stream, answer_by).map_err(|e| {
+            Error::Msg(format!(
+                "rank {}: connected to rank 0 at {endpoint} but got no answer: {e} (see rank 0's log)",
+                self.rank
+            ))
+        })?;
+        match status {
+            OK => Ok(body),
+            _ => Err(Error::Msg(format!(
+                "rank {}: rank 0 stopped the rendezvous: {}",
+                self.rank,
+                String::from_utf8_lossy(&body)
+            ))),
+        }
+    }
+
+    fn connect(&self, deadline: Instant) -> Result<TcpStream> {
+        let endpoint = self.endpoint();
+        let mut pause = Duration::from_millis(50);
+        let mut last_error;
+        loop {
+            last_error = match endpoint.to_socket_addrs() {
+                Ok(addrs) => {
+                    let mut err = format!("{endpoint} resolves to no address");
+                    for addr in addrs {
+                        let wait = deadline
+                            .saturating_duration_since(Instant::now())
+                            .clamp(Duration::from_millis(10), Duration::from_secs(2));
+                        match TcpStream::connect_timeout(&addr, wait) {
+                            Ok(s) => {
+                                s.set_nodelay(true).ok();
+                                return Ok(s);
+                            }
+                            Err(e) => err = e.to_string(),
+                        }
+                    }
+                    err
+                }
+                Err(e) => e.to_string(),
+            };
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            std::thread::sleep(pause.min(deadline - now));
+            pause = (pause * 2).min(Duration::from_secs(1));
+        }
+        Err(Error::Msg(format!(
+            "rank {}: rank 0 was not reachable at {endpoint} within {:.0} s ({last_error}); is rank 0 running, and do MASTER_ADDR/MASTER_PORT name its host and a free port?",
+            self.rank,
+            self.timeout.as_secs_f64()
+        )))
+    }
+}
+
+/// Tell every waiting rank why the rendezvous stopped; the error for rank 0 itself.
+fn refuse_all(arrived: BTreeMap<usize, (TcpStream, SocketAddr)>, msg: String) -> Error {
+    for (_, (mut stream, _)) in arrived {
+        let _ = send_frame(
+            &mut stream,
+            REFUSED,
+            msg.as_bytes(),
+            Instant::now() + Duration::from_secs(2),
+        );
+    }
+    Error::Msg(msg)
+}
+
+/// `ranks 3, 5-7` / `rank 2`.
+fn rank_list(ranks: &[usize]) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < ranks.len() {
+        let mut j = i;
+        while j + 1 < ranks.len() && ranks[j + 1] == ranks[j] + 1 {
+            j += 1;
+        }
+        parts.push(if j > i {
+            format!("{}-{}", ranks[i], ranks[j])
+        } else {
+            ranks[i].to_string()
+        });
+        i = j + 1;
+    }
+    let word = if ranks.len() == 1 { "rank" } else { "ranks" };
+    format!("{word} {}", parts.join(", "))
+}
+
+fn read_hello(
+    stream: &mut TcpStream,
+    deadline: Instant,
+) -> std::result::Result<(usize, usize), String> {
+    let mut buf = [0u8; 13];
+    read_by(stream, &mut buf, deadline)?;
+    if &buf[..4] != MAGIC || buf[4] != VERSION {
+        return Err("not a lit-claire rendezvous hello".into());
+    }
+    let rank = u32::from_le_bytes(buf[5..9].try_into().expect("4 bytes")) as usize;
+    let world = u32::from_le_bytes(buf[9..13].try_into().expect("4 bytes")) as usize;
+    Ok((rank, world))
+}
+
+/// MAGIC, status, length (u32 LE), body.
+fn send_frame(
+    stream: &mut TcpStream,
+    status: u8,
+    body: &[u8],
+    deadline: Instant,
+) -> std::result::Result<(), String> {
+    let mut frame = Vec::with_capacity(9 + body.len());
+    frame.extend_from_slice(MAGIC);
+    frame.push(status);
+    frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    frame.extend_from_slice(body);
+    write_by(stream, &frame, deadline)
+}
+
+fn read_frame(
+    stream: &mut TcpStream,
+    deadline: Instant,
+) -> std::result::Result<(u8, Vec<u8>), String> {
+    let mut head = [0u8; 9];
+    read_by(stream, &mut head, deadline)?;
+    if &head[..4] != MAGIC {
+        return Err("the answer is not from a lit-claire rank 0".into());
+    }
+    let len = u32::from_le_bytes(head[5..9].try_into().expect("4 bytes")) as usize;
+    if len > MAX_FRAME {
+        return Err(format!(
+            "an answer of {len} bytes is over the {MAX_FRAME}-byte limit"
+        ));
+    }
+    let mut body = vec![0u8; len];
+    read_by(stream, &mut body, deadline)?;
+    Ok((head[4], body))
+}
+
+/// `read_exact` that gives up at `deadline`.
+fn read_by(
+    stream: &mut TcpStream,
+    buf: &mut [u8],
+    deadline: Instant,
+) -> std::result::Result<(), String> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err("timed out".into());
+        }
+        stream
+            .set_read_timeout(Some(left))
+            .map_err(|e| e.to_string())?;
+        match stream.read(&mut buf[filled..]) {
+            Ok(0) => return Err("connection closed".into()),
+            Ok(n) => filled += n,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return Err("timed out".into());
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Ok(())
+}
+
+/// `write_all` that gives up at `deadline`.
+fn write_by(
+    stream: &mut TcpStream,
+    buf: &[u8],
+    deadline: Instant,
+) -> std::result::Result<(), String> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err("timed out".into());
+    }
+    stream
+        .set_write_timeout(Some(left))
+        .map_err(|e| e.to_string())?;
+    stream.write_all(buf).map_err(|e| e.to_string())?;
+    stream.flush().map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rank_list;
+
+    #[test]
+    fn missing_ranks_are_listed_as_ranges() {
+        assert_eq!(rank_list(&[2]), "rank 2");
+        assert_eq!(rank_list(&[1, 3, 5, 6, 7]), "ranks 1, 3, 5-7");
+    }
+}

@@ -1,0 +1,209 @@
+//! Rendezvous of data-parallel ranks over real TCP on 127.0.0.1: threads of this test,
+//! and real processes (`lit-claire dist-check` started as torchrun would).
+
+use std::net::TcpListener;
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use lit_claire::strategy::rendezvous::Rendezvous;
+
+use crate::common::bin;
+
+/// A port nothing listens on right now.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn rdv(port: u16, rank: usize, world_size: usize, timeout_ms: u64) -> Rendezvous {
+    Rendezvous {
+        addr: "127.0.0.1".into(),
+        port,
+        rank,
+        world_size,
+        timeout: Duration::from_millis(timeout_ms),
+    }
+}
+
+/// Run `ranks` (rank, world size) as threads, rank 0 started last; every result in order.
+fn run(port: u16, ranks: &[(usize, usize)], timeout_ms: u64) -> Vec<Result<Vec<u8>, String>> {
+    let payload: Vec<u8> = (0..128u8).map(|b| b.wrapping_mul(7)).collect();
+    let handles: Vec<_> = ranks
+        .iter()
+        .map(|&(rank, world)| {
+            let payload = payload.clone();
+            thread::spawn(move || {
+                if rank == 0 {
+                    // The others are already retrying: rank 0 may start later.
+                    thread::sleep(Duration::from_millis(300));
+                }
+                let own = (rank == 0).then_some(&payload[..]);
+                rdv(port, rank, world, timeout_ms)
+                    .share(own)
+                    .map_err(|e| e.to_string())
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+#[test]
+fn every_rank_gets_rank_zeros_payload() {
+    let port = free_port();
+    let results = run(port, &[(1, 4), (2, 4), (3, 4), (0, 4)], 10_000);
+    let want: Vec<u8> = (0..128u8).map(|b| b.wrapping_mul(7)).collect();
+    for r in results {
+        assert_eq!(r.unwrap(), want);
+    }
+}
+
+#[test]
+fn a_missing_rank_is_named_on_every_rank() {
+    let port = free_port();
+    let start = Instant::now();
+    let results = run(port, &[(1, 4), (3, 4), (0, 4)], 800);
+    assert!(
+        start.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        start.elapsed()
+    );
+    for r in &results {
+        let err = r.as_ref().unwrap_err();
+        assert!(err.contains("rank 2 of 4 did not arrive"), "{err}");
+        assert!(!err.contains('\n'), "{err}");
+    }
+    assert!(
+        results[0]
+            .as_ref()
+            .unwrap_err()
+            .starts_with("rank 1: rank 0 stopped")
+    );
+}
+
+#[test]
+fn an_absent_rank_zero_is_named() {
+    let port = free_port();
+    let start = Instant::now();
+    let err = rdv(port, 1, 2, 500).share(None).unwrap_err().to_string();
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(
+        err.contains(&format!(
+            "rank 1: rank 0 was not reachable at 127.0.0.1:{port}"
+        )),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_bad_world_size_is_refused() {
+    let port = free_port();
+    let results = run(port, &[(1, 3), (0, 2)], 10_000);
+    for r in &results {
+        let err = r.as_ref().unwrap_err();
+        assert!(
+            err.contains("rank 1") && err.contains("has world size 3, rank 0 has 2"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn a_duplicate_rank_is_refused() {
+    let port = free_port();
+    let results = run(port, &[(1, 3), (1, 3), (0, 3)], 10_000);
+    for r in &results {
+        let err = r.as_ref().unwrap_err();
+        assert!(err.contains("two processes say they are rank 1"), "{err}");
+    }
+}
+
+/// `lit-claire dist-check` as torchrun would start `world` of them.
+fn dist_check_process(
+    port: u16,
+    rank: usize,
+    world: usize,
+    timeout_s: u32,
+    extra: &[&str],
+) -> std::process::Child {
+    Command::new(bin())
+        .args([
+            "dist-check",
+            "--device",
+            "cpu",
+            "--timeout",
+            &timeout_s.to_string(),
+        ])
+        .args(extra)
+        .env("RANK", rank.to_string())
+        .env("WORLD_SIZE", world.to_string())
+        .env("LOCAL_RANK", rank.to_string())
+        .env("LOCAL_WORLD_SIZE", world.to_string())
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn processes_meet_through_the_cli() {
+    let port = free_port();
+    let world = 3;
+    let children: Vec<_> = (0..world)
+        .rev()
+        .map(|rank| dist_check_process(port, rank, world, 20, &[]))
+        .collect();
+    let mut digests = Vec::new();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+        assert_eq!(report["launcher"], "torchrun");
+        assert_eq!(report["world_size"], world);
+        digests.push(report["shared_digest"].as_str().unwrap().to_string());
+    }
+    assert_eq!(digests[0].len(), 16);
+    assert!(digests.iter().all(|d| *d == digests[0]), "{digests:?}");
+}
+
+#[test]
+fn a_missing_process_times_out_with_its_rank() {
+    let port = free_port();
+    let children = [
+        dist_check_process(port, 0, 3, 1, &[]),
+        dist_check_process(port, 2, 3, 1, &[]),
+    ];
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("rank 1 of 3 did not arrive"), "{stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    }
+}
+
+#[test]
+fn devices_disagreeing_with_torchrun_are_refused() {
+    let child = dist_check_process(free_port(), 0, 2, 20, &["--devices", "4"]);
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--nproc-per-node 2") && stderr.contains("--devices is 4"),
+        "{stderr}"
+    );
+}

@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# The GPU checks of lit-claire, for a GPU machine that has CUDA's libraries and NCCL in
+# its Python site-packages (nvidia/*/lib, as PyTorch's wheels install them) but no Rust
+# and no network. It runs a release binary built elsewhere with `--features cuda` (see
+# README, "Checking a GPU machine"):
+#
+#     utils/device_check.sh [--bin device-bin/lit-claire] [--out DIR] [--device cuda:0]
+#
+#   1. reference  losses of the six reference checkpoints (tests/fixtures/reference) in
+#                 32-true against PyTorch's                   → reference.jsonl
+#   2. bench      bf16-true training of a ~1.1B-parameter LLaMA shape: tokens/s, MFU, and
+#                 peak GPU memory sampled with nvidia-smi     → bench.jsonl, gpu_memory.csv
+#   3. nccl       NCCL init, every collective checked, all-reduce bandwidth (world size 1)
+#                                                             → nccl.json
+# Everything goes to DIR (default $OUT, else out/device-check): one log per step and
+# summary.txt. Each step has a time limit; the exit code is non-zero if any failed.
+# `--device cpu` runs the same steps on the CPU with a small shape (to test the script).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+BIN=device-bin/lit-claire
+DIR=${OUT:-out/device-check}
+DEVICE=cuda:0
+STEP_TIMEOUT=${STEP_TIMEOUT:-600}
+usage="usage: utils/device_check.sh [--bin PATH] [--out DIR] [--device cuda:N|cpu]"
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --bin) BIN=${2:?--bin needs a path}; shift 2 ;;
+        --out) DIR=${2:?--out needs a folder}; shift 2 ;;
+        --device) DEVICE=${2:?--device needs cuda:N or cpu}; shift 2 ;;
+        -h|--help) echo "$usage"; exit 0 ;;
+        *) echo "error: unknown argument $1; $usage" >&2; exit 2 ;;
+    esac
+done
+case "$DEVICE" in
+    cpu|cuda|cuda:[0-9]*) ;;
+    *) echo "error: --device $DEVICE: expected cuda:N or cpu" >&2; exit 2 ;;
+esac
+if [ ! -x "$BIN" ]; then
+    echo "error: $BIN is not an executable lit-claire; build it with --features cuda as README's \"Checking a GPU machine\" says, or pass --bin" >&2
+    exit 2
+fi
+mkdir -p "$DIR" || { echo "error: cannot create $DIR" >&2; exit 2; }
+BIN=$(cd "$(dirname "$BIN")" && pwd)/$(basename "$BIN")
+SUMMARY="$DIR/summary.txt"
+: >"$SUMMARY"
+note() { echo "$*" | tee -a "$SUMMARY"; }
+
+# CUDA's and NCCL's libraries from the Python wheels (nvidia/<lib>/lib, nvidia/cu13/lib).
+python=$(command -v python3 || command -v python || true)
+sites=()
+if [ -n "$python" ]; then
+    mapfile -t sites < <("$python" -c 'import site; print("\n".join(site.getsitepackages() + [site.getusersitepackages()]))' 2>/dev/null)
+fi
+sites+=(/usr/lib/python3*/site-packages /usr/local/lib/python3*/dist-packages /usr/local/lib/python3*/site-packages)
+libdirs=""
+for s in "${sites[@]}"; do
+    for d in "$s"/nvidia/*/lib; do
+        [ -d "$d" ] && case ":$libdirs:" in *":$d:"*) ;; *) libdirs="$libdirs${libdirs:+:}$d" ;; esac
+    done
+done
+export LD_LIBRARY_PATH="$libdirs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+{
+    echo "date: $(date -u +%FT%TZ)"
+    echo "binary: $BIN"
+    echo "device: $DEVICE"
+    echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+    command -v nvidia-smi >/dev/null && nvidia-smi
+    echo "== ldd"
+    ldd "$BIN"
+} >"$DIR/environment.txt" 2>&1
+if [ "$DEVICE" != cpu ] && ldd "$BIN" | grep -q "not found"; then
+    note "warning: libraries not found (see environment.txt): $(ldd "$BIN" | awk '/not found/ {print $1}' | tr '\n' ' ')"
+fi
+
+failed=0
+# step NAME OUTPUT COMMAND...: run with a time limit, stdout to OUTPUT, stderr to NAME.log.
+step() {
+    local name=$1 output=$2; shift 2
+    local t0=$SECONDS
+    timeout --kill-after=10 "$STEP_TIMEOUT" "$@" >"$DIR/$output" 2>"$DIR/$name.log"
+    local rc=$?
+    if [ $rc -eq 0 ]; then
+        note "PASS $name ($((SECONDS - t0)) s)"
+    else
+        [ $rc -eq 124 ] && echo "timed out after $STEP_TIMEOUT s" >>"$DIR/$name.log"
+        note "FAIL $name (exit $rc, $((SECONDS - t0)) s): $(tail -n 1 "$DIR/$name.log")"
+        failed=1
+    fi
+}
+
+# 1. Parity with PyTorch on the device, full precision.
+step reference reference.jsonl "$BIN" reference-check --fixtures tests/fixtures/reference \
+    --device "$DEVICE" --precision 32-true
+
+# 2. Throughput of full training in bf16 on a TinyLlama-1.1B shape (22 layers, width
+#    2048, 32 heads, vocabulary 32000, 2048-token sequences), peak memory sampled.
+if [ "$DEVICE" = cpu ]; then
+    shape=(--layers 2 --width 128 --heads 4 --vocab 1024 --seq 64 --batch 2 --warmup 1 --steps 2)
+else
+    shape=(--layers 22 --width 2048 --heads 32 --vocab 32000 --seq 2048 --batch 4 --warmup 2 --steps 5)
+fi
+sampler=""
+if [ "$DEVICE" != cpu ] && command -v nvidia-smi >/dev/null; then
+    index=${DEVICE#cuda}; index=${index#:}; index=${index:-0}
+    nvidia-smi -i "$index" --query-gpu=timestamp,memory.used,utilization.gpu \
+        --format=csv,noheader,nounits -lms 200 >"$DIR/gpu_memory.csv" 2>/dev/null &
+    sampler=$!
+fi
+step bench bench.jsonl "$BIN" bench --mode full --precision bf16-true --device "$DEVICE" --json "${shape[@]}"
+if [ -n "$sampler" ]; then
+    kill "$sampler" 2>/dev/null
+    wait "$sampler" 2>/dev/null
+    peak=$(awk -F', *' '$2+0 > m {m = $2+0} END {print m+0}' "$DIR/gpu_memory.csv")
+    note "peak GPU memory during bench: $peak MiB"
+fi
+[ -s "$DIR/bench.jsonl" ] && note "bench: $(tr '\n' ' ' <"$DIR/bench.jsonl")"
+
+# 3. NCCL on one rank: init through the rendezvous, every collective, bandwidth.
+#    (On the CPU only the rendezvous runs.) No launcher variables: world size 1.
+step nccl nccl.json env -u RANK -u WORLD_SIZE -u SLURM_PROCID -u SLURM_NTASKS \
+    MASTER_PORT="${MASTER_PORT:-29517}" "$BIN" dist-check --device "$DEVICE" --timeout 60 --bench-mib 256
+[ -s "$DIR/nccl.json" ] && note "nccl: $(cat "$DIR/nccl.json")"
+
+if [ $failed -eq 0 ]; then note "all device checks passed"; else note "some device checks FAILED"; fi
+exit $failed
