@@ -9,6 +9,7 @@ pub mod metrics;
 pub mod optim;
 pub mod schedule;
 pub mod step;
+pub mod tensorboard;
 pub mod trainer;
 pub mod validate;
 

@@ -22,6 +22,7 @@ mod publish_hub;
 mod publish_hub_server;
 mod publish_merge;
 mod real_model;
+mod tensorboard;
 mod train_parity;
 mod trainer;
 mod unseen;
