@@ -183,6 +183,11 @@ pub fn run_demo(opts: &DemoOptions) -> Result<DemoReport> {
                 batch_size: EVAL_BATCH,
                 elapsed_s: base_secs,
                 peak_memory_mb: crate::train::validate::peak_memory_mb(),
+                data: data
+                    .origin
+                    .as_ref()
+                    .map(|o| o.fingerprint.clone())
+                    .unwrap_or_default(),
             },
         )?;
     }

@@ -96,6 +96,12 @@ pub fn generate(
     for _ in 0..max_new {
         let logits = model.forward_cached(&input, &mut cache, true)?;
         let logits: Vec<f32> = logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+        if logits.iter().any(|x| x.is_nan()) {
+            return Err(Error::Msg(format!(
+                "the model's logits are NaN at new token {}: its weights hold NaN or infinite values, or overflow in this precision",
+                new_ids.len() + 1
+            )));
+        }
         let next = pick(logits, &seq, sampling, &mut rng);
         seq.push(next);
         new_ids.push(next);
@@ -156,6 +162,10 @@ pub fn pick(mut logits: Vec<f32>, seq: &[u32], s: &Sampling, rng: &mut ChaCha8Rn
     }
     let t = s.temperature as f32;
     let max = logits[idx[0]] / t;
+    if !max.is_finite() {
+        // A temperature so small that the scaled logits overflow: the limit is greedy.
+        return idx[0] as u32;
+    }
     let mut probs: Vec<f64> = idx
         .iter()
         .map(|&i| ((logits[i] / t - max) as f64).exp())

@@ -36,10 +36,19 @@ pub fn perplexity(
             ids.len()
         )));
     }
+    if batch == 0 {
+        return Err(Error::Usage("--batch-size must be at least 1".into()));
+    }
+    let max = model.cfg.block_size;
     if context < 2 {
-        return Err(Error::Usage(
-            "the context must hold at least 2 tokens".into(),
-        ));
+        return Err(Error::Usage(format!(
+            "--context {context}: a window must hold at least 2 tokens (the default is the model's max_position_embeddings, {max})"
+        )));
+    }
+    if context > max {
+        return Err(Error::Usage(format!(
+            "--context {context} is longer than the model's context (max_position_embeddings {max}); use --context {max} or less"
+        )));
     }
     check_ids(&model.cfg, ids, "input")?;
     let stride = context - 1;
@@ -58,7 +67,7 @@ pub fn perplexity(
     while i < windows.len() {
         let len = windows[i].len();
         let mut j = i;
-        while j < windows.len() && j - i < batch.max(1) && windows[j].len() == len {
+        while j < windows.len() && j - i < batch && windows[j].len() == len {
             j += 1;
         }
         let rows: Vec<u32> = windows[i..j]
@@ -77,6 +86,11 @@ pub fn perplexity(
         i = j;
     }
     let loss = total / count;
+    if !loss.is_finite() {
+        return Err(Error::Msg(format!(
+            "the loss is {loss}: the model's weights hold NaN or infinite values, or overflow in this precision"
+        )));
+    }
     Ok(PerplexityReport {
         loss,
         perplexity: loss.exp(),

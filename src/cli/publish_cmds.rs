@@ -119,6 +119,9 @@ pub struct QuantizeArgs {
     /// f16, q8_0 or q4_0.
     #[arg(long = "type", default_value = "q8_0")]
     pub kind: QuantType,
+    /// Replace --output if it exists.
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 fn describe(r: &ExportReport, started: Instant) {
@@ -228,7 +231,7 @@ pub fn download(a: DownloadArgs) -> Result<()> {
 pub fn quantize(a: QuantizeArgs) -> Result<()> {
     let ty = a.kind;
     let t = Instant::now();
-    let r = crate::gguf::llama_cpp::quantize(&a.checkpoint_dir, &a.output, ty)?;
+    let r = crate::gguf::llama_cpp::quantize(&a.checkpoint_dir, &a.output, ty, a.overwrite)?;
     for f in &r.fallbacks {
         eprintln!("note: {f}");
     }

@@ -21,6 +21,18 @@ pub struct PretrainArgs {
 impl PretrainArgs {
     /// Defaults ← recipe ← flags.
     pub fn resolve(&self) -> Result<TrainConfig> {
+        // TOML integers are i64: name a flag beyond them rather than "bad flags".
+        if let Ok(serde_json::Value::Object(m)) = serde_json::to_value(&self.flags) {
+            for (k, v) in m {
+                if v.as_u64().is_some_and(|n| n > i64::MAX as u64) {
+                    return Err(Error::Usage(format!(
+                        "--{} {v} is too large (at most {})",
+                        k.replace('_', "-"),
+                        i64::MAX
+                    )));
+                }
+            }
+        }
         let flags = toml::Table::try_from(&self.flags)
             .map_err(|e| Error::Usage(format!("bad flags: {e}")))?;
         TrainConfig::resolve(self.recipe.as_deref(), flags)

@@ -44,12 +44,25 @@ pub fn load_config(dir: &Path) -> Result<Config> {
     })
 }
 
+/// More layers than any model has: a larger count is a broken `config.json`, and
+/// would otherwise ask for a per-layer list of that length before any weight is read.
+pub const MAX_LAYERS: u64 = 4096;
+
 /// Turn a parsed `config.json` into a [`Config`].
 pub fn parse_config(value: &Value) -> Result<Config> {
     let model_type = value
         .get("model_type")
         .and_then(Value::as_str)
         .ok_or_else(|| Error::Config("no \"model_type\" field".into()))?;
+    for key in ["num_hidden_layers", "n_layer", "num_layers"] {
+        if let Some(n) = value.get(key).and_then(Value::as_u64) {
+            if n > MAX_LAYERS {
+                return Err(Error::Config(format!(
+                    "{key} {n} is not a plausible number of layers (at most {MAX_LAYERS})"
+                )));
+            }
+        }
+    }
     let cfg = match model_type {
         "llama" => from_value::<LlamaHf>(value)?.into_config(Family::Llama, value)?,
         "mistral" => from_value::<LlamaHf>(value)?.into_config(Family::Mistral, value)?,
@@ -74,13 +87,69 @@ fn from_value<T: for<'de> Deserialize<'de>>(value: &Value) -> Result<T> {
     T::deserialize(value).map_err(|e| Error::Config(format!("unexpected config: {e}")))
 }
 
+/// The size of one attention head: `width / heads`, read before the shared checks of
+/// [`check_config`] can run, so a zero head count is an error here rather than a division
+/// by zero. `exact`: the family's layers need `heads × head size = width` (transformers
+/// refuses the others too).
+fn head_size(
+    width: (&str, usize),
+    heads: (&str, usize),
+    explicit: Option<usize>,
+    exact: bool,
+) -> Result<usize> {
+    let ((wname, w), (hname, h)) = (width, heads);
+    if h == 0 {
+        return Err(Error::Config(format!(
+            "{hname} is 0; a model needs at least one attention head"
+        )));
+    }
+    if let Some(d) = explicit {
+        return Ok(d);
+    }
+    if exact && w % h != 0 {
+        return Err(Error::Config(format!(
+            "{wname} {w} is not a multiple of {hname} {h}; the heads must split the width evenly"
+        )));
+    }
+    Ok(w / h)
+}
+
 fn check_config(cfg: &Config) -> Result<()> {
     let fail = |m: String| Err(Error::Config(m));
+    if cfg.vocab_size == 0 || cfg.hidden_size == 0 || cfg.n_layer == 0 {
+        return fail(format!(
+            "vocab_size {}, hidden size {} and number of layers {} must all be positive",
+            cfg.vocab_size, cfg.hidden_size, cfg.n_layer
+        ));
+    }
+    if cfg.block_size == 0 {
+        return fail(
+            "max_position_embeddings (n_positions) is 0; the model would see no token".into(),
+        );
+    }
+    if cfg.intermediate_size == 0 {
+        return fail("the MLP width (intermediate_size, n_inner or ffn_hidden_size) is 0".into());
+    }
+    if cfg.head_dim == 0 {
+        return fail(format!(
+            "the head size is 0 (head_dim, or hidden size {} / {} heads)",
+            cfg.hidden_size, cfg.n_head
+        ));
+    }
     if cfg.n_head == 0 || cfg.n_kv_head == 0 || cfg.n_head % cfg.n_kv_head != 0 {
         return fail(format!(
-            "{} attention heads cannot be shared by {} key/value heads",
+            "{} attention heads cannot be shared by {} key/value heads (num_key_value_heads / num_kv_heads must be positive and divide the number of heads)",
             cfg.n_head, cfg.n_kv_head
         ));
+    }
+    if !(cfg.norm_eps.is_finite() && cfg.norm_eps >= 0.0) {
+        return fail(format!(
+            "the norm epsilon {} (rms_norm_eps / layer_norm_eps(ilon)) must be a finite number >= 0",
+            cfg.norm_eps
+        ));
+    }
+    if cfg.windows.contains(&AttentionWindow::Sliding(0)) {
+        return fail("an attention window (sliding_window / window_size) of 0 tokens sees nothing; use a positive size or null".into());
     }
     if cfg.windows.len() != cfg.n_layer {
         return fail(format!(
@@ -96,9 +165,38 @@ fn check_config(cfg: &Config) -> Result<()> {
                 r.rotary_dims, cfg.head_dim
             ));
         }
-    }
-    if cfg.vocab_size == 0 || cfg.hidden_size == 0 || cfg.n_layer == 0 {
-        return fail("vocab_size, hidden_size and the number of layers must be positive".into());
+        if !(r.base.is_finite() && r.base > 0.0) {
+            return fail(format!(
+                "rope_theta (rotary base) {} must be a positive number",
+                r.base
+            ));
+        }
+        let positive = |x: f64| x.is_finite() && x > 0.0;
+        match r.scaling {
+            RopeScaling::None => {}
+            RopeScaling::Linear { factor } => {
+                if !positive(factor) {
+                    return fail(format!("rope scaling factor {factor} must be positive"));
+                }
+            }
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                if !(positive(factor)
+                    && positive(low_freq_factor)
+                    && positive(high_freq_factor)
+                    && high_freq_factor > low_freq_factor
+                    && original_max_position_embeddings > 0)
+                {
+                    return fail(format!(
+                        "llama3 rope scaling needs a positive factor ({factor}), 0 < low_freq_factor ({low_freq_factor}) < high_freq_factor ({high_freq_factor}) and a positive original_max_position_embeddings ({original_max_position_embeddings})"
+                    ));
+                }
+            }
+        }
     }
     Ok(())
 }
@@ -235,14 +333,22 @@ fn silu() -> String {
 
 impl LlamaHf {
     fn into_config(self, family: Family, raw: &Value) -> Result<Config> {
-        let head_dim = self
-            .head_dim
-            .unwrap_or(self.hidden_size / self.num_attention_heads);
+        // transformers' LLaMA and Mistral floor the division when head_dim is absent.
+        let head_dim = head_size(
+            ("hidden_size", self.hidden_size),
+            ("num_attention_heads", self.num_attention_heads),
+            self.head_dim,
+            false,
+        )?;
         // MistralConfig defaults the window to 4096 when the key is absent; null means none.
         let window = match (family, raw.get("sliding_window")) {
             (Family::Mistral, None) => Some(4096),
-            (_, Some(Value::Number(n))) => n.as_u64().map(|n| n as usize),
-            _ => None,
+            (_, None | Some(Value::Null)) => None,
+            (_, Some(v)) => Some(v.as_u64().ok_or_else(|| {
+                Error::Config(format!(
+                    "sliding_window {v} is not a number of tokens (a positive integer, or null for none)"
+                ))
+            })? as usize),
         };
         let window = window.map_or(AttentionWindow::Global, AttentionWindow::Sliding);
         Ok(Config {
@@ -353,7 +459,12 @@ impl FalconHf {
         } else {
             n_head
         };
-        let head_dim = self.head_dim.unwrap_or(self.hidden_size / n_head);
+        let head_dim = head_size(
+            ("hidden_size", self.hidden_size),
+            ("num_attention_heads (n_head)", n_head),
+            self.head_dim,
+            true,
+        )?;
         let n_ln = self
             .num_ln_in_parallel_attn
             .unwrap_or(if new_arch { 2 } else { 1 });
@@ -440,6 +551,7 @@ fn gelu_new() -> String {
 
 impl Gpt2Hf {
     fn into_config(self) -> Result<Config> {
+        let head_dim = head_size(("n_embd", self.n_embd), ("n_head", self.n_head), None, true)?;
         Ok(Config {
             family: Family::Gpt2,
             vocab_size: self.vocab_size,
@@ -448,7 +560,7 @@ impl Gpt2Hf {
             block_size: self.n_positions,
             n_head: self.n_head,
             n_kv_head: self.n_head,
-            head_dim: self.n_embd / self.n_head,
+            head_dim,
             qkv_layout: QkvLayout::FusedBlocked,
             qkv_bias: true,
             attn_out_bias: true,
@@ -507,7 +619,12 @@ fn neox_base() -> f64 {
 
 impl GptNeoxHf {
     fn into_config(self) -> Result<Config> {
-        let head_dim = self.hidden_size / self.num_attention_heads;
+        let head_dim = head_size(
+            ("hidden_size", self.hidden_size),
+            ("num_attention_heads", self.num_attention_heads),
+            None,
+            true,
+        )?;
         let rotary = self
             .rope
             .resolve(head_dim, self.rotary_emb_base, Some(self.rotary_pct))?;
@@ -574,14 +691,31 @@ fn neo_window() -> usize {
 
 impl GptNeoHf {
     fn into_config(self) -> Result<Config> {
+        let head_dim = head_size(
+            ("hidden_size", self.hidden_size),
+            ("num_heads", self.num_heads),
+            None,
+            true,
+        )?;
         // `attention_layers` is the expanded list; `attention_types` is
         // `[[["global", "local"], repeat], ...]`.
         let kinds: Vec<String> = match (self.attention_layers, self.attention_types) {
             (Some(l), _) if !l.is_empty() => l,
-            (_, Some(types)) => types
-                .into_iter()
-                .flat_map(|(pattern, n)| (0..n).flat_map(move |_| pattern.clone()))
-                .collect(),
+            (_, Some(types)) => {
+                let described = types.iter().fold(0u128, |acc, (pattern, n)| {
+                    acc + pattern.len() as u128 * *n as u128
+                });
+                if described != self.num_layers as u128 {
+                    return Err(Error::Config(format!(
+                        "attention_types describe {described} layers, num_layers is {}",
+                        self.num_layers
+                    )));
+                }
+                types
+                    .into_iter()
+                    .flat_map(|(pattern, n)| (0..n).flat_map(move |_| pattern.clone()))
+                    .collect()
+            }
             _ => vec!["global".into(); self.num_layers],
         };
         let windows = kinds
@@ -602,7 +736,7 @@ impl GptNeoHf {
             block_size: self.max_position_embeddings,
             n_head: self.num_heads,
             n_kv_head: self.num_heads,
-            head_dim: self.hidden_size / self.num_heads,
+            head_dim,
             qkv_layout: QkvLayout::Separate,
             qkv_bias: false,
             attn_out_bias: true,
@@ -684,11 +818,15 @@ mod tests {
 
     #[test]
     fn gpt_neo_expands_attention_types() {
-        let v = json!({"model_type": "gpt_neo", "hidden_size": 64, "num_heads": 4, "num_layers": 4,
+        let mut v = json!({"model_type": "gpt_neo", "hidden_size": 64, "num_heads": 4, "num_layers": 4,
             "window_size": 8, "attention_types": [[["global", "local"], 2]]});
         let c = parse_config(&v).unwrap();
         assert_eq!(c.windows[1], AttentionWindow::Sliding(8));
         assert_eq!(c.windows[2], AttentionWindow::Global);
+        // A repeat count out of proportion is an error, not a huge allocation.
+        v["attention_types"] = json!([[["global", "local"], 1_000_000_000_000u64]]);
+        let e = parse_config(&v).unwrap_err().to_string();
+        assert!(e.contains("describe 2000000000000 layers"), "{e}");
     }
 
     #[test]
@@ -713,5 +851,131 @@ mod tests {
             parse_config(&v).unwrap().windows[0],
             AttentionWindow::Global
         );
+    }
+
+    /// A small valid config of each family, for the hostile variants below.
+    fn base_of(model_type: &str) -> Value {
+        match model_type {
+            "llama" | "mistral" => json!({"model_type": model_type, "hidden_size": 64,
+                "num_attention_heads": 4, "num_hidden_layers": 2, "intermediate_size": 128,
+                "vocab_size": 10}),
+            "falcon" => json!({"model_type": "falcon", "hidden_size": 64,
+                "num_attention_heads": 4, "num_hidden_layers": 2, "vocab_size": 10}),
+            "gpt2" => json!({"model_type": "gpt2", "n_embd": 64, "n_head": 4, "n_layer": 2,
+                "vocab_size": 10}),
+            "gpt_neox" => json!({"model_type": "gpt_neox", "hidden_size": 64,
+                "num_attention_heads": 4, "num_hidden_layers": 2, "intermediate_size": 256,
+                "vocab_size": 10}),
+            "gpt_neo" => json!({"model_type": "gpt_neo", "hidden_size": 64, "num_heads": 4,
+                "num_layers": 2, "vocab_size": 10}),
+            other => panic!("{other}"),
+        }
+    }
+
+    const TYPES: [&str; 6] = ["llama", "mistral", "falcon", "gpt2", "gpt_neox", "gpt_neo"];
+
+    /// The key a family uses for `generic` (heads, width, layers, ...).
+    fn key(model_type: &str, generic: &str) -> &'static str {
+        match (model_type, generic) {
+            ("gpt2", "heads") => "n_head",
+            ("gpt_neo", "heads") => "num_heads",
+            (_, "heads") => "num_attention_heads",
+            ("gpt2", "width") => "n_embd",
+            (_, "width") => "hidden_size",
+            ("gpt2", "layers") => "n_layer",
+            ("gpt_neo", "layers") => "num_layers",
+            (_, "layers") => "num_hidden_layers",
+            ("gpt2", "positions") => "n_positions",
+            (_, "positions") => "max_position_embeddings",
+            _ => "vocab_size",
+        }
+    }
+
+    /// Issue 9: `num_attention_heads: 0` divided by zero in every family.
+    #[test]
+    fn zero_heads_is_an_error_naming_the_field_in_every_family() {
+        for t in TYPES {
+            let mut v = base_of(t);
+            assert!(parse_config(&v).is_ok(), "{t}: base config");
+            let k = key(t, "heads");
+            v[k] = json!(0);
+            let e = parse_config(&v).unwrap_err().to_string();
+            assert!(e.contains(k) && e.contains("0"), "{t}: {e}");
+        }
+    }
+
+    #[test]
+    fn zero_or_inconsistent_sizes_are_errors_in_every_family() {
+        for t in TYPES {
+            for (generic, value) in [
+                ("width", 0),
+                ("width", 66),
+                ("layers", 0),
+                ("vocab", 0),
+                ("positions", 0),
+            ] {
+                let mut v = base_of(t);
+                v[key(t, generic)] = json!(value);
+                // LLaMA floors a width that the heads do not divide, as transformers does.
+                if generic == "width" && value == 66 && matches!(t, "llama" | "mistral") {
+                    continue;
+                }
+                assert!(parse_config(&v).is_err(), "{t}: {generic} {value} accepted");
+            }
+        }
+    }
+
+    #[test]
+    fn absurd_layer_counts_are_errors_before_any_allocation() {
+        for t in TYPES {
+            let mut v = base_of(t);
+            v[key(t, "layers")] = json!(u64::MAX);
+            let e = parse_config(&v).unwrap_err().to_string();
+            assert!(e.contains("plausible"), "{t}: {e}");
+        }
+    }
+
+    #[test]
+    fn bad_kv_heads_windows_and_rope_values_are_errors() {
+        let mut cases = Vec::new();
+        for kv in [0, 3] {
+            let mut v = base_of("llama");
+            v["num_key_value_heads"] = json!(kv);
+            cases.push(v);
+            let mut v = base_of("falcon");
+            v["new_decoder_architecture"] = json!(true);
+            v["num_kv_heads"] = json!(kv);
+            cases.push(v);
+        }
+        for (k, val) in [
+            ("head_dim", json!(0)),
+            ("intermediate_size", json!(0)),
+            ("rms_norm_eps", json!(-1.0)),
+            ("rope_theta", json!(0.0)),
+            ("rope_theta", json!(-10000.0)),
+            ("sliding_window", json!(0)),
+            ("sliding_window", json!(-5)),
+            ("sliding_window", json!("yes")),
+            ("rope_scaling", json!({"type": "linear", "factor": 0.0})),
+            (
+                "rope_scaling",
+                json!({"rope_type": "llama3", "factor": 8.0,
+                "low_freq_factor": 4.0, "high_freq_factor": 4.0}),
+            ),
+        ] {
+            let mut v = base_of("mistral");
+            v[k] = val;
+            cases.push(v);
+        }
+        let mut v = base_of("gpt_neox");
+        v["rotary_pct"] = json!(0.0);
+        cases.push(v);
+        let mut v = base_of("gpt_neo");
+        v["window_size"] = json!(0);
+        v["attention_layers"] = json!(["local", "global"]);
+        cases.push(v);
+        for v in cases {
+            assert!(parse_config(&v).is_err(), "accepted {v}");
+        }
     }
 }

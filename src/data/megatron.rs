@@ -212,6 +212,20 @@ impl IndexedShard {
         if documents_plus_one == 0 || shard.document_index(documents_plus_one - 1) != sequences {
             return Err(bad("last document index is not the sequence count".into()));
         }
+        // A truncated .bin is found here, not at the training step that reads its end.
+        if let Some(last) = sequences.checked_sub(1) {
+            let end =
+                (shard.pointer(last) as u128) + shard.length(last) as u128 * dtype.size() as u128;
+            if end > shard.bin.len() as u128 {
+                return Err(Error::bad_file(
+                    &bin_path,
+                    format!(
+                        "{} bytes, but its index points up to byte {end}: the shard is truncated; re-run prepare-data with --overwrite",
+                        shard.bin.len()
+                    ),
+                ));
+            }
+        }
         Ok(shard)
     }
 
@@ -223,6 +237,11 @@ impl IndexedShard {
     /// Token storage type.
     pub fn dtype(&self) -> TokenDtype {
         self.dtype
+    }
+
+    /// Size of the `.bin` file in bytes.
+    pub fn bin_len(&self) -> usize {
+        self.bin.len()
     }
 
     /// Number of sequences.

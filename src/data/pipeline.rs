@@ -229,8 +229,8 @@ pub(super) fn tokenize_dataset(
             src.name
         )));
     }
-    let train = train.finish(ctx.shard_tokens, ctx.multiple_of)?;
-    let val = val.finish(ctx.shard_tokens, ctx.multiple_of)?;
+    let train = train.finish(ctx.shard_tokens, ctx.multiple_of, &src.name)?;
+    let val = val.finish(ctx.shard_tokens, ctx.multiple_of, &src.name)?;
     Ok((train, val, bad_lines))
 }
 

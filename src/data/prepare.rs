@@ -119,6 +119,16 @@ impl PrepareOptions {
         if let Err(e) = Chunker::new(2, &self.turn_pattern, self.turn_window) {
             problems.push(e.to_string());
         }
+        // An output inside the source would be read as a dataset by the next run.
+        let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+        let (src, dest) = (abs(&self.source), abs(&self.destination));
+        if dest.starts_with(&src) && !self.source.is_file() {
+            problems.push(format!(
+                "--destination-path {} lies inside --source-path {}; a re-run would read the output as a dataset: write it elsewhere",
+                self.destination.display(),
+                self.source.display()
+            ));
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -178,6 +188,9 @@ pub fn prepare_data(opts: &PrepareOptions) -> Result<PrepareReport> {
     };
     let sources = discover(&opts.source)?;
     let dest = &opts.destination;
+    // A destination this run creates is removed again if the run fails before any
+    // dataset is complete: a failed command leaves nothing behind.
+    let mut created = RemoveIfEmpty::new(dest);
     prepare_destination(dest)?;
 
     let mut inner = tok.inner().clone();
@@ -236,7 +249,15 @@ pub fn prepare_data(opts: &PrepareOptions) -> Result<PrepareReport> {
         }
         let existing = existing_record(dest, &src.name)?;
         let done = match existing {
-            Some(rec) if rec.settings == settings && rec.sources == files => Some(rec),
+            Some(rec) if rec.settings == settings && rec.sources == files => {
+                match damage(&dest.join(&src.name), &rec) {
+                    None => Some(rec),
+                    Some(why) => {
+                        eprintln!("rebuilding {}: {why}", src.name);
+                        None
+                    }
+                }
+            }
             Some(_) if !opts.overwrite => {
                 return Err(Error::Usage(format!(
                     "{} was prepared from other sources or with other settings; pass --overwrite to redo it, or choose another --destination-path",
@@ -335,6 +356,7 @@ pub fn prepare_data(opts: &PrepareOptions) -> Result<PrepareReport> {
     };
     let value = serde_json::to_value(&metadata).expect("metadata serialises");
     write_json_atomic(&dest.join(METADATA_FILE), &value)?;
+    created.disarm();
     let seconds = started.elapsed().as_secs_f64();
     if tokens_written > 0 {
         eprintln!(
@@ -351,6 +373,40 @@ pub fn prepare_data(opts: &PrepareOptions) -> Result<PrepareReport> {
         tokens_written,
         seconds,
     })
+}
+
+/// Removes a folder on drop if it is empty, unless disarmed.
+struct RemoveIfEmpty(Option<PathBuf>);
+
+impl RemoveIfEmpty {
+    /// Armed only when `dir` does not exist yet.
+    fn new(dir: &Path) -> Self {
+        RemoveIfEmpty((!dir.exists()).then(|| dir.to_path_buf()))
+    }
+
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for RemoveIfEmpty {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.0 {
+            // Fails, as it should, when the folder holds anything.
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+/// Why the complete-looking dataset `dir` (record `rec`) cannot be kept: a shard
+/// missing, or of another size than the record says. None when it is whole.
+fn damage(dir: &Path, rec: &DatasetRecord) -> Option<String> {
+    for split in [&rec.train, &rec.validation] {
+        if let Err(e) = super::reader::Split::open(dir, split, rec.settings.block_size) {
+            return Some(e.to_string());
+        }
+    }
+    None
 }
 
 /// Create the destination, check it is writable and remove leftovers of interrupted runs.

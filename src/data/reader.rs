@@ -36,6 +36,9 @@ pub struct PreparedData {
     pub datasets: Vec<PreparedDataset>,
     /// Everything `metadata.json` says.
     pub metadata: Metadata,
+    /// Identity of the data: the first 16 hex digits of the sha256 of `metadata.json`,
+    /// which lists every dataset's sources, settings, shards and sizes.
+    pub fingerprint: String,
 }
 
 /// One dataset of a prepared folder.
@@ -77,6 +80,10 @@ impl PreparedData {
             )));
         }
         let text = std::fs::read_to_string(&meta_path).at(&meta_path)?;
+        let fingerprint = {
+            use sha2::Digest;
+            crate::tokenizer::hex(&sha2::Sha256::digest(text.as_bytes()))[..16].to_string()
+        };
         let metadata: Metadata = serde_json::from_str(&text)
             .map_err(|e| Error::bad_file(&meta_path, format!("not prepare-data metadata: {e}")))?;
         if metadata.format != FORMAT || metadata.version != VERSION {
@@ -86,6 +93,23 @@ impl PreparedData {
                     "format {:?} version {}, this build reads {FORMAT:?} version {VERSION}",
                     metadata.format, metadata.version
                 ),
+            ));
+        }
+        if metadata.block_size < 2
+            || metadata.max_length.checked_add(1) != Some(metadata.block_size)
+        {
+            return Err(Error::bad_file(
+                &meta_path,
+                format!(
+                    "block_size {} with max_length {}: samples hold max_length + 1 >= 2 tokens; re-run prepare-data with --overwrite",
+                    metadata.block_size, metadata.max_length
+                ),
+            ));
+        }
+        if metadata.datasets.is_empty() {
+            return Err(Error::bad_file(
+                &meta_path,
+                "lists no dataset; re-run prepare-data with --overwrite",
             ));
         }
         let mut datasets = Vec::with_capacity(metadata.datasets.len());
@@ -112,27 +136,41 @@ impl PreparedData {
             tokenizer_hash: metadata.tokenizer_hash.clone(),
             datasets,
             metadata,
+            fingerprint,
         })
     }
 
     /// Fail unless the data was tokenized by `tokenizer` (same `tokenizer.json` bytes).
     pub fn check_tokenizer(&self, tokenizer: &crate::tokenizer::Tokenizer) -> Result<()> {
-        if tokenizer.hash == self.tokenizer_hash {
-            return Ok(());
-        }
-        Err(Error::Data(format!(
-            "{} was prepared with another tokenizer than {} (sha256 {} vs {}); re-run lit-claire prepare-data with this model's --checkpoint-dir",
-            self.root.display(),
-            tokenizer.path().display(),
-            &self.tokenizer_hash[..12.min(self.tokenizer_hash.len())],
-            &tokenizer.hash[..12.min(tokenizer.hash.len())]
-        )))
+        check_tokenizer_hash(&self.root, &self.tokenizer_hash, tokenizer)
     }
 
     /// The dataset called `name`.
     pub fn dataset(&self, name: &str) -> Option<&PreparedDataset> {
         self.datasets.iter().find(|d| d.name == name)
     }
+}
+
+/// Fail unless data prepared in `root` with the tokenizer of sha256 `data_hash` was
+/// tokenized by `tokenizer`: ids of another vocabulary would be scored or trained on
+/// as if they meant something. Training and validation both check with this.
+pub fn check_tokenizer_hash(
+    root: &Path,
+    data_hash: &str,
+    tokenizer: &crate::tokenizer::Tokenizer,
+) -> Result<()> {
+    if tokenizer.hash == data_hash {
+        return Ok(());
+    }
+    let dir = tokenizer.path().parent().unwrap_or(Path::new("."));
+    Err(Error::Data(format!(
+        "{} was prepared with another tokenizer than {} (sha256 {} vs {}); run prepare-data with --checkpoint-dir {}",
+        root.display(),
+        tokenizer.path().display(),
+        &data_hash[..12.min(data_hash.len())],
+        &tokenizer.hash[..12.min(tokenizer.hash.len())],
+        dir.display()
+    )))
 }
 
 impl Split {
@@ -148,6 +186,16 @@ impl Split {
                     shard.prefix().display(),
                     shard.len(),
                     info.samples
+                )));
+            }
+            // prepare-data writes exactly the tokens, or one unused token in an empty shard.
+            let want = info.tokens.max(1) * shard.dtype().size() as u64;
+            if shard.bin_len() as u64 != want {
+                return Err(Error::Data(format!(
+                    "{}.bin: {} bytes, metadata says {want} ({} tokens); the output is damaged, re-run prepare-data with --overwrite",
+                    shard.prefix().display(),
+                    shard.bin_len(),
+                    info.tokens
                 )));
             }
             starts.push(starts.last().copied().unwrap_or(0) + shard.len());

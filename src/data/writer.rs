@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::megatron::{TokenDtype, shard_paths, write_index_header};
-use crate::error::{IoContext, Result};
+use crate::error::{Error, IoContext, Result};
 
 /// What one split of a dataset holds.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -59,6 +59,11 @@ pub fn shard_count(tokens: u64, shard_tokens: u64, multiple_of: usize) -> usize 
     let need = tokens.div_ceil(shard_tokens.max(1)).max(1) as usize;
     need.div_ceil(m) * m
 }
+
+/// Shards may outnumber samples (some are then empty, so that every GPU gets a share)
+/// only up to this many: beyond it, a `--multiple-of` or `--shard-tokens` out of
+/// proportion with the data would write thousands of empty files.
+pub const MAX_SHARDS_BEYOND_SAMPLES: usize = 1024;
 
 /// Streams the samples of one split to temporary files in a dataset folder.
 pub struct SplitWriter {
@@ -165,7 +170,13 @@ impl SplitWriter {
     }
 
     /// Cut the split into shards under `dir/<split>/` and remove the temporary files.
-    pub fn finish(mut self, shard_tokens: u64, multiple_of: usize) -> Result<SplitStats> {
+    /// `dataset` names the dataset in errors.
+    pub fn finish(
+        mut self,
+        shard_tokens: u64,
+        multiple_of: usize,
+        dataset: &str,
+    ) -> Result<SplitStats> {
         if self.fill > 0 {
             self.end_sample(self.fill)?;
             self.end_document()?;
@@ -181,6 +192,12 @@ impl SplitWriter {
 
         let n = self.stats.samples;
         let num_shards = shard_count(self.stats.tokens, shard_tokens, multiple_of);
+        if num_shards > (n as usize).max(MAX_SHARDS_BEYOND_SAMPLES) {
+            return Err(Error::Usage(format!(
+                "--multiple-of {multiple_of} with --shard-tokens {shard_tokens} would cut the {n} {} samples of dataset {dataset:?} into {num_shards} shards, most of them empty; use a --multiple-of no larger than the number of GPUs (shards may outnumber samples only up to {MAX_SHARDS_BEYOND_SAMPLES})",
+                self.split
+            )));
+        }
         let out_dir = self.dir.join(self.split);
         std::fs::create_dir_all(&out_dir).at(&out_dir)?;
 

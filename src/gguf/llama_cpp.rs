@@ -52,8 +52,26 @@ pub struct QuantizeReport {
     pub fallbacks: Vec<String>,
 }
 
-/// Write the checkpoint in `dir` as a GGUF file at `output`, matrices as `ty`.
-pub fn quantize(dir: &Path, output: &Path, ty: QuantType) -> Result<QuantizeReport> {
+/// Write the checkpoint in `dir` as a GGUF file at `output`, matrices as `ty`. An
+/// existing `output` is replaced only with `overwrite`.
+pub fn quantize(
+    dir: &Path,
+    output: &Path,
+    ty: QuantType,
+    overwrite: bool,
+) -> Result<QuantizeReport> {
+    if output.exists() && !overwrite {
+        return Err(Error::Usage(format!(
+            "--output {} exists; pass --overwrite to replace it",
+            output.display()
+        )));
+    }
+    if output.is_dir() {
+        return Err(Error::Usage(format!(
+            "--output {} is a folder; name the .gguf file to write",
+            output.display()
+        )));
+    }
     let (cfg, weights) = crate::hf::open(dir)?;
     let arch = check_supported(&cfg)?;
     let name = dir
@@ -240,7 +258,10 @@ fn tensors(
     let (c, f, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
     let (q_w, kv_w) = (cfg.n_head * hd, cfg.n_kv_head * hd);
     let mut out = Vec::new();
+    // Every source tensor with its shape, checked before anything is written.
+    let mut sources: Vec<(String, Vec<usize>)> = Vec::new();
     let mut add = |gguf: String, hf: String, shape: Vec<usize>, tr: Transform, head: bool| {
+        sources.push((hf.clone(), shape.clone()));
         let dims: Vec<u64> = shape.iter().rev().map(|&d| d as u64).collect();
         let gty = if shape.len() == 1 {
             GgmlType::F32
@@ -443,6 +464,11 @@ fn tensors(
             true,
         );
     }
+    for (name, shape) in &sources {
+        w.check(name, shape)?;
+    }
+    let used: Vec<String> = sources.into_iter().map(|(n, _)| n).collect();
+    w.check_all_used(&used, cfg.tie_embeddings)?;
     if let PositionKind::Rotary(r) = &cfg.position {
         if let RopeScaling::Llama3 { .. } = r.scaling {
             let factors = llama3_rope_factors(r.base, r.rotary_dims, &r.scaling);

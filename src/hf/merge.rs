@@ -189,7 +189,13 @@ pub fn plan_merge(
                 continue;
             };
             let transposed = names.conv1d && !is_head;
-            let (shape, _) = &stored[&target];
+            let (shape, stored_dtype) = &stored[&target];
+            if !is_float(*stored_dtype) {
+                return Err(Error::Weights(format!(
+                    "{target} in {} is {stored_dtype:?}; model weights must be floating point (f32, bf16 or f16)",
+                    dir.display()
+                )));
+            }
             let (n_out, n_in) = match (shape.as_slice(), transposed) {
                 ([o, i], false) => (*o, *i),
                 ([i, o], true) => (*o, *i),

@@ -80,8 +80,23 @@ pub fn load_adapter(dir: &Path, device: &Device) -> Result<PeftAdapter> {
     let r = v
         .get("r")
         .and_then(Value::as_u64)
-        .ok_or_else(|| bad("no rank \"r\""))? as usize;
-    let alpha = v.get("lora_alpha").and_then(Value::as_f64).unwrap_or(8.0);
+        .ok_or_else(|| bad("no rank \"r\" (a positive integer)"))? as usize;
+    if r == 0 {
+        return Err(bad(
+            "r is 0; a LoRA adapter has a positive rank (that of its lora_A / lora_B matrices)",
+        ));
+    }
+    let alpha = match v.get("lora_alpha") {
+        None | Some(Value::Null) => 8.0,
+        Some(a) => a
+            .as_f64()
+            .ok_or_else(|| bad(&format!("lora_alpha {a} is not a number")))?,
+    };
+    if !(alpha.is_finite() && alpha > 0.0) {
+        return Err(bad(&format!(
+            "lora_alpha is {alpha}; the adapter's update is scaled by lora_alpha / r, so it must be positive (0 makes the adapter do nothing)"
+        )));
+    }
     let dropout = v.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0) as f32;
     let rslora = v
         .get("use_rslora")
@@ -104,6 +119,15 @@ pub fn load_adapter(dir: &Path, device: &Device) -> Result<PeftAdapter> {
             "per-module ranks (rank_pattern: {k}) are not supported"
         )));
     }
+    if let Some(k) = v
+        .get("alpha_pattern")
+        .and_then(Value::as_object)
+        .and_then(|m| m.keys().next())
+    {
+        return Err(bad(&format!(
+            "per-module alphas (alpha_pattern: {k}) are not supported"
+        )));
+    }
 
     let w_path = dir.join(ADAPTER_WEIGHTS);
     if !w_path.exists() {
@@ -117,6 +141,35 @@ pub fn load_adapter(dir: &Path, device: &Device) -> Result<PeftAdapter> {
     let mut a_map = BTreeMap::new();
     let mut b_map = BTreeMap::new();
     for (name, t) in raw {
+        if !t.dtype().is_float() {
+            return Err(Error::bad_file(
+                &w_path,
+                format!(
+                    "tensor {name} is {:?}; LoRA matrices must be floating point",
+                    t.dtype()
+                ),
+            ));
+        }
+        // lora_A is (r, in) and lora_B (out, r), with the r of adapter_config.json: the
+        // update is scaled by alpha / r, so another rank would scale it wrongly.
+        let (is_a, is_b) = (
+            name.ends_with(".lora_A.weight"),
+            name.ends_with(".lora_B.weight"),
+        );
+        let rank = match t.dims() {
+            [a, _] if is_a => Some(*a),
+            [_, b] if is_b => Some(*b),
+            _ => None,
+        };
+        if (is_a || is_b) && rank != Some(r) {
+            return Err(Error::bad_file(
+                &w_path,
+                format!(
+                    "tensor {name} has shape {:?}, but {ADAPTER_CONFIG} says r = {r} (lora_A is (r, in), lora_B (out, r)); fix r or the weights",
+                    t.dims()
+                ),
+            ));
+        }
         let inner = name.strip_prefix(PEFT_PREFIX).unwrap_or(&name);
         let inner = inner.replace(".default.", ".");
         if let Some(m) = inner.strip_suffix(".lora_A.weight") {

@@ -41,12 +41,15 @@ struct Loader<'a> {
     src: &'a dyn TensorSource,
     opts: &'a BuildOptions,
     vars: Vec<(String, Var)>,
+    /// Every name fetched, to find the tensors of the source nobody asked for.
+    used: Vec<String>,
 }
 
 impl Loader<'_> {
     /// Fetch `name` with `shape`, transposing a stored `(in, out)` matrix if `transposed`.
     fn param(&mut self, name: String, shape: &[usize], transposed: bool) -> Result<Tensor> {
         let (dtype, dev) = (self.opts.dtype, &self.opts.device);
+        self.used.push(name.clone());
         let t = if transposed {
             self.src
                 .tensor(&name, &[shape[1], shape[0]], dtype, dev)?
@@ -93,6 +96,28 @@ impl Loader<'_> {
     }
 }
 
+/// A tied model that stores its head anyway must store a copy of the embeddings:
+/// config.json saying `tie_word_embeddings` over a head of its own would score with
+/// the embeddings and drop the trained head in silence.
+fn check_tied_head(src: &dyn TensorSource, names: &WeightNames, wte: &Tensor) -> Result<()> {
+    let head = format!("{}.weight", names.lm_head);
+    if !src.contains(&head) {
+        return Ok(());
+    }
+    let stored = src.tensor(&head, wte.dims(), DType::F32, wte.device())?;
+    let wte = wte.to_dtype(DType::F32)?;
+    let max_abs = |t: &Tensor| t.abs()?.max_all()?.to_scalar::<f32>();
+    let diff = max_abs(&(stored - &wte)?)?;
+    let same = diff <= 1e-5 * max_abs(&wte)?; // false for NaN too
+    if !same {
+        return Err(crate::Error::Weights(format!(
+            "config.json sets tie_word_embeddings, but the checkpoint's {head} differs from the embeddings {}.weight (by up to {diff}); set tie_word_embeddings to false to use it",
+            names.embed
+        )));
+    }
+    Ok(())
+}
+
 /// Build the decoder of `cfg` from `src`.
 pub fn build_model(
     cfg: &Config,
@@ -104,6 +129,7 @@ pub fn build_model(
         src,
         opts,
         vars: Vec::new(),
+        used: Vec::new(),
     };
     let c = cfg.hidden_size;
     let conv = names.conv1d;
@@ -173,6 +199,9 @@ pub fn build_model(
         });
     }
     let ln_f = ld.norm(names.final_norm.to_string(), cfg)?;
+    if cfg.tie_embeddings {
+        check_tied_head(src, &names, &wte)?;
+    }
     let lm_head = if cfg.tie_embeddings {
         Linear::new(names.lm_head.to_string(), wte.clone(), None)
     } else {
@@ -190,6 +219,7 @@ pub fn build_model(
         }
         head
     };
+    src.check_all_used(&ld.used, cfg.tie_embeddings)?;
     let model = Gpt {
         cfg: cfg.clone(),
         wte,

@@ -23,6 +23,31 @@ pub trait TensorSource {
     fn tensor(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor>;
     /// Whether `name` is present.
     fn contains(&self, name: &str) -> bool;
+    /// Fail when the source holds tensors that none of `used` (names as passed to
+    /// [`tensor`](Self::tensor)) refers to, beyond the [harmless](is_harmless_extra)
+    /// ones: weights the config does not declare, such as biases or extra layers, would
+    /// otherwise be dropped in silence. `tied`: the head reuses the embeddings.
+    fn check_all_used(&self, _used: &[String], _tied: bool) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Whether a stored tensor the model does not read is known to carry nothing the model
+/// needs: buffers transformers recomputes (rotary `inv_freq`, the causal masks
+/// `attn.bias` / `masked_bias` of GPT-2, GPT-Neo and GPT-NeoX), and a copy of the
+/// embeddings saved as `lm_head.weight` by a model whose head is tied to them.
+pub fn is_harmless_extra(name: &str, tied: bool) -> bool {
+    name.ends_with(".inv_freq")
+        || name.ends_with(".masked_bias")
+        || name.ends_with(".attn.bias")
+        || name.ends_with(".attention.bias")
+        || (tied && name == "lm_head.weight")
+}
+
+/// Whether a stored dtype holds weights (floating point).
+fn is_float(d: safetensors::Dtype) -> bool {
+    use safetensors::Dtype::*;
+    matches!(d, F16 | BF16 | F32 | F64)
 }
 
 /// The safetensors files of a model folder.
@@ -134,10 +159,41 @@ impl Weights {
         self.names.contains(stripped).then_some(stripped)
     }
 
-    /// Load a tensor whatever its shape (for adapters and conversion).
+    /// Load a tensor whatever its shape and dtype (for conversion, which copies
+    /// integer buffers as they are).
     pub fn raw(&self, name: &str, device: &Device) -> Result<Tensor> {
         let stored = self.resolve(name).ok_or_else(|| self.missing(name))?;
         Ok(self.st.load(stored, device)?)
+    }
+
+    /// The shape of the stored tensor `name`, checking that it exists and holds
+    /// floating-point values (an integer tensor cast to float would be scored silently).
+    pub fn stored_shape(&self, name: &str) -> Result<Vec<usize>> {
+        let stored = self.resolve(name).ok_or_else(|| self.missing(name))?;
+        let view = self.st.get(stored)?;
+        if !is_float(view.dtype()) {
+            return Err(Error::Weights(format!(
+                "tensor {stored} in {} is {}; model weights must be floating point (f32, bf16 or f16)",
+                self.dir.display(),
+                format!("{:?}", view.dtype()).to_lowercase()
+            )));
+        }
+        Ok(view.shape().to_vec())
+    }
+
+    /// Check that `name` is stored as a floating-point tensor of `shape`, without
+    /// reading it.
+    pub fn check(&self, name: &str, shape: &[usize]) -> Result<()> {
+        let stored = self.stored_shape(name)?;
+        if stored != shape {
+            return Err(Error::Weights(format!(
+                "tensor {name} in {} has shape {:?}, expected {:?} from config.json",
+                self.dir.display(),
+                stored,
+                shape
+            )));
+        }
+        Ok(())
     }
 
     fn missing(&self, name: &str) -> Error {
@@ -148,23 +204,44 @@ impl Weights {
             self.files.len()
         ))
     }
+
+    /// The stored tensors that none of `used` refers to, harmless ones left out.
+    pub fn unused(&self, used: &[String], tied: bool) -> Vec<String> {
+        let used: BTreeSet<&str> = used.iter().filter_map(|n| self.resolve(n)).collect();
+        self.names
+            .iter()
+            .filter(|n| !used.contains(n.as_str()) && !is_harmless_extra(n, tied))
+            .cloned()
+            .collect()
+    }
 }
 
 impl TensorSource for Weights {
     fn tensor(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
-        let t = self.raw(name, device)?;
-        if t.dims() != shape {
-            return Err(Error::Weights(format!(
-                "tensor {name} in {} has shape {:?}, expected {:?} from config.json",
-                self.dir.display(),
-                t.dims(),
-                shape
-            )));
-        }
-        Ok(t.to_dtype(dtype)?)
+        self.check(name, shape)?;
+        Ok(self.raw(name, device)?.to_dtype(dtype)?)
     }
 
     fn contains(&self, name: &str) -> bool {
         self.resolve(name).is_some()
+    }
+
+    fn check_all_used(&self, used: &[String], tied: bool) -> Result<()> {
+        let unused = self.unused(used, tied);
+        if unused.is_empty() {
+            return Ok(());
+        }
+        let shown: Vec<&str> = unused.iter().take(5).map(String::as_str).collect();
+        Err(Error::Weights(format!(
+            "{} holds {} tensor(s) that config.json gives no place to: {}{}; does config.json match the weights (bias / attention_bias / mlp_bias, number of layers, tie_word_embeddings)?",
+            self.dir.display(),
+            unused.len(),
+            shown.join(", "),
+            if unused.len() > shown.len() {
+                ", ..."
+            } else {
+                ""
+            }
+        )))
     }
 }

@@ -53,7 +53,17 @@ pub struct TrainData {
     pub block_size: usize,
     /// Hash of the tokenizer the data was prepared with, if known.
     pub tokenizer_hash: Option<String>,
+    /// The prepared folder the data comes from (None for data made in memory).
+    pub origin: Option<DataOrigin>,
     pub datasets: Vec<TrainDataset>,
+}
+
+/// Where prepared data was read from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DataOrigin {
+    pub dir: std::path::PathBuf,
+    /// [`PreparedData::fingerprint`](crate::data::reader::PreparedData::fingerprint).
+    pub fingerprint: String,
 }
 
 /// A position in the data: which epoch, and how many of this rank's samples of it
@@ -64,7 +74,67 @@ pub struct DataPosition {
     pub offset: usize,
 }
 
+/// More draws per epoch than this is a weight out of proportion (the epoch's order is
+/// held in memory, 8 bytes a draw).
+pub const MAX_EPOCH_DRAWS: f64 = 1e9;
+
 impl TrainData {
+    /// What to call the data in messages: its folder, if it has one.
+    fn label(&self) -> String {
+        self.origin
+            .as_ref()
+            .map_or("the training data".into(), |o| o.dir.display().to_string())
+    }
+
+    /// Fail unless the samples fit a model of context `context`
+    /// (`max_position_embeddings`): inputs are `block_size − 1` tokens.
+    pub fn check_context(&self, context: usize) -> Result<()> {
+        if self.block_size < 2 || self.block_size - 1 > context {
+            return Err(Error::Data(format!(
+                "{} holds samples of {} tokens; the model's context is {context} (prepare with --max-length {context} or less)",
+                self.label(),
+                self.block_size,
+            )));
+        }
+        Ok(())
+    }
+
+    /// Fail unless every dataset's sampling weight is a number >= 0 and an epoch draws
+    /// a number of samples that fits in memory.
+    pub fn check_weights(&self) -> Result<()> {
+        let mut draws = 0f64;
+        for d in &self.datasets {
+            if !(d.weight.is_finite() && d.weight >= 0.0) {
+                return Err(Error::Data(format!(
+                    "{}: dataset {:?} has sampling weight {}; weights are numbers >= 0",
+                    self.label(),
+                    d.name,
+                    d.weight
+                )));
+            }
+            draws += d.weight * d.train.len() as f64;
+        }
+        if draws > MAX_EPOCH_DRAWS {
+            return Err(Error::Data(format!(
+                "{}: the sampling weights ask for {draws:.3e} samples per epoch (more than {MAX_EPOCH_DRAWS:e}); lower the weights of the groups file",
+                self.label()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Fail unless the data was prepared with `tokenizer` (when its tokenizer is known).
+    pub fn check_tokenizer(&self, tokenizer: &crate::tokenizer::Tokenizer) -> Result<()> {
+        match &self.tokenizer_hash {
+            None => Ok(()),
+            Some(h) => crate::data::reader::check_tokenizer_hash(
+                std::path::Path::new(&self.label()),
+                h,
+                tokenizer,
+            ),
+        }
+    }
+
     /// `(dataset, sample)` pairs of epoch `epoch` for `rank` of `world`.
     pub fn epoch_order(
         &self,
@@ -199,6 +269,7 @@ mod tests {
         TrainData {
             block_size: 4,
             tokenizer_hash: None,
+            origin: None,
             datasets: lens
                 .iter()
                 .enumerate()

@@ -49,6 +49,10 @@ pub struct TrainingState {
     pub val_loss: Option<f64>,
     pub best_val_loss: Option<f64>,
     pub evals_without_improvement: usize,
+    /// Rows written to `metrics.csv` up to this step (None in checkpoints of older
+    /// versions): on resume, fewer rows in the file means some were lost.
+    #[serde(default)]
+    pub metrics_rows: Option<usize>,
     pub loss_scaler: Option<LossScaler>,
     pub dropout_rng: Option<ChaCha8Rng>,
     pub base_checkpoint_dir: PathBuf,
@@ -126,6 +130,72 @@ pub fn load_state(dir: &Path) -> Result<TrainingState> {
 pub fn load_optimizer(dir: &Path, device: &Device) -> Result<HashMap<String, candle_core::Tensor>> {
     let p = dir.join(OPTIMIZER_FILE);
     candle_core::safetensors::load(&p, device).map_err(|e| Error::bad_file(&p, e))
+}
+
+/// Read a checkpoint's state and check that its weight and optimizer files are whole
+/// (safetensors headers that match the file sizes), without loading them.
+pub fn check(dir: &Path) -> Result<TrainingState> {
+    let state = load_state(dir)?;
+    let mut files = vec![dir.join(OPTIMIZER_FILE)];
+    if crate::hf::peft::is_adapter_dir(dir) {
+        files.push(dir.join(crate::hf::peft::ADAPTER_WEIGHTS));
+    } else {
+        files.extend(crate::model::weights::weight_files(dir)?);
+    }
+    for f in files {
+        if !f.exists() {
+            return Err(Error::missing(&f, "the checkpoint is incomplete"));
+        }
+        // SAFETY: read-only mapping of a file no one writes (checkpoints are renamed
+        // into place complete); only its header is parsed here.
+        unsafe { candle_core::safetensors::MmapedSafetensors::new(&f) }
+            .map_err(|e| Error::bad_file(&f, format!("damaged: {e}")))?;
+    }
+    Ok(state)
+}
+
+/// A checkpoint folder and its state.
+pub type Found = (PathBuf, TrainingState);
+
+/// The checkpoint `--resume auto` continues from: the newest of `run` that
+/// [`check`] accepts. Damaged newer ones are moved aside to `.damaged-<name>` (kept,
+/// but no longer listed); each gives a line saying so.
+pub fn newest_complete(run: &Path) -> Result<(Option<Found>, Vec<String>)> {
+    let mut candidates = Vec::new();
+    if run.is_dir() {
+        for entry in std::fs::read_dir(run).at(run)? {
+            let path = entry.at(run)?.path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if (name.starts_with("step-") || name == "final") && path.join(STATE_FILE).exists() {
+                candidates.push(path);
+            }
+        }
+    }
+    // step-00000100 < step-00000200 < final, as written.
+    candidates.sort_by_key(|p| {
+        let name = p.file_name().map(|n| n.to_string_lossy().into_owned());
+        (name.as_deref() == Some("final"), name)
+    });
+    let mut notes = Vec::new();
+    while let Some(dir) = candidates.pop() {
+        match check(&dir) {
+            Ok(state) => return Ok((Some((dir, state)), notes)),
+            Err(e) => {
+                let name = dir.file_name().map(|n| n.to_string_lossy().into_owned());
+                let aside = run.join(format!(".damaged-{}", name.unwrap_or_default()));
+                if aside.exists() {
+                    std::fs::remove_dir_all(&aside).at(&aside)?;
+                }
+                std::fs::rename(&dir, &aside).at(&dir)?;
+                notes.push(format!(
+                    "warning: {} is damaged ({e}); moved aside to {} and resuming from the previous complete checkpoint",
+                    dir.display(),
+                    aside.display()
+                ));
+            }
+        }
+    }
+    Ok((None, notes))
 }
 
 /// The checkpoints of a run (complete ones only), oldest first, with their states.

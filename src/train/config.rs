@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::metrics::Logger;
-use super::schedule::ScheduleKind;
+use super::schedule::{Schedule, ScheduleKind};
 use crate::error::{Error, IoContext, Result};
 use crate::lora::{LoraConfig, LoraTargets};
 use crate::strategy::{DeviceSpec, Precision};
@@ -233,17 +233,39 @@ impl TrainConfig {
                 "--max-steps, --num-epochs and --max-tokens must be positive when given".into(),
             );
         }
-        if !(self.beta1 >= 0.0 && self.beta1 < 1.0 && self.beta2 >= 0.0 && self.beta2 < 1.0) {
-            problems.push("--beta1 and --beta2 must be in [0, 1)".into());
+        // The fused update runs in f32: a beta that rounds to 1 there never updates
+        // its moment (0.99999999999 trained to a loss of 250).
+        let beta_ok = |b: f64| b >= 0.0 && (b as f32) < 1.0;
+        if !(beta_ok(self.beta1) && beta_ok(self.beta2)) {
+            problems.push(format!(
+                "--beta1 ({}) and --beta2 ({}) must be in [0, 1), at most 0.9999999 (f32 rounds closer values to 1)",
+                self.beta1, self.beta2
+            ));
         }
-        if self.eps <= 0.0 || self.weight_decay < 0.0 || self.grad_clip < 0.0 {
-            problems
-                .push("--eps must be positive, --weight-decay and --grad-clip not negative".into());
+        let eps_ok = self.eps.is_finite() && self.eps > 0.0;
+        let not_negative = |x: f64| x.is_finite() && x >= 0.0;
+        if !(eps_ok && not_negative(self.weight_decay) && not_negative(self.grad_clip)) {
+            problems.push(format!(
+                "--eps ({}) must be positive, --weight-decay ({}) and --grad-clip ({}) finite and not negative",
+                self.eps, self.weight_decay, self.grad_clip
+            ));
         }
+        problems.extend(Schedule::problems(
+            self.lr_schedule,
+            self.learning_rate,
+            self.min_lr,
+            self.restarts,
+        ));
         if !(0.0..1.0).contains(&self.lora_dropout) {
             problems.push(format!(
                 "--lora-dropout {} must be in [0, 1)",
                 self.lora_dropout
+            ));
+        }
+        if self.lora_r > 0 && !(self.lora_alpha.is_finite() && self.lora_alpha > 0.0) {
+            problems.push(format!(
+                "--lora-alpha {} must be positive: the adapter's update is scaled by alpha / r, so 0 would train nothing",
+                self.lora_alpha
             ));
         }
         if self.lora_r > 0 && !self.lora_targets().any() {
@@ -259,6 +281,16 @@ impl TrainConfig {
         }
         if self.max_checkpoints == Some(0) {
             problems.push("--max-checkpoints must be at least 1".into());
+        }
+        if self.early_stopping == Some(0) {
+            problems.push(
+                "--early-stopping must be at least 1 (evaluations without improvement before stopping)"
+                    .into(),
+            );
+        }
+        if self.eval_max_batches == Some(0) {
+            problems
+                .push("--eval-max-batches must be at least 1 (omit it for the whole split)".into());
         }
         if let Some(r) = &self.resume {
             if r != "auto" && !Path::new(r).is_dir() {

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::TrainConfig;
-use super::batches::{SampleSet, TrainData, TrainDataset};
+use super::batches::{DataOrigin, SampleSet, TrainData, TrainDataset};
 use super::trainer::{TrainSummary, pretrain_with_data};
 use crate::data::reader::{PreparedData, Split};
 use crate::error::Result;
@@ -25,6 +25,10 @@ pub fn load_train_data(dir: &Path) -> Result<TrainData> {
     Ok(TrainData {
         block_size: prepared.block_size,
         tokenizer_hash: Some(prepared.tokenizer_hash),
+        origin: Some(DataOrigin {
+            dir: dir.to_path_buf(),
+            fingerprint: prepared.fingerprint,
+        }),
         datasets: prepared
             .datasets
             .into_iter()

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::tensorboard::TensorBoardWriter;
-use crate::error::{IoContext, Result};
+use crate::error::{Error, IoContext, Result};
 
 pub const METRICS_FILE: &str = "metrics.csv";
 
@@ -66,6 +66,47 @@ fn opt(x: Option<f64>) -> String {
     x.map(|v| v.to_string()).unwrap_or_default()
 }
 
+/// The step of a row (its first column).
+fn row_step(line: &str) -> Option<usize> {
+    line.split(',').next().and_then(|s| s.parse().ok())
+}
+
+/// Rows of `run/metrics.csv` at or before `step` (None when there is no file).
+fn rows_up_to(path: &Path, step: usize) -> Result<Option<usize>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).at(path)?;
+    Ok(Some(
+        text.lines()
+            .skip(1)
+            .filter(|l| row_step(l).is_some_and(|s| s <= step))
+            .count(),
+    ))
+}
+
+/// Before resuming at `step`: `run/metrics.csv` must still hold the `expected` rows
+/// logged up to then. Fewer rows (a file truncated or edited by hand) is an error, as
+/// resuming would silently make the loss permanent; no file at all (a run resumed into
+/// another folder, or a file deleted on purpose) gives back a warning to show.
+pub fn check_rows(run: &Path, step: usize, expected: usize) -> Result<Option<String>> {
+    let path = run.join(METRICS_FILE);
+    match rows_up_to(&path, step)? {
+        Some(n) if n < expected => Err(Error::bad_file(
+            &path,
+            format!(
+                "{n} rows up to step {step}, but the run logged {expected}: {} rows are missing (truncated or edited?). Restore the file, or delete it to continue with a new metrics.csv from step {step}",
+                expected - n
+            ),
+        )),
+        None if expected > 0 => Ok(Some(format!(
+            "warning: {} does not exist; it starts again at step {step} without the {expected} rows logged before",
+            path.display()
+        ))),
+        _ => Ok(None),
+    }
+}
+
 impl MetricsWriter {
     /// Open `run/metrics.csv`: a new file with a header, or, when resuming at step
     /// `resume_step`, the existing file without its rows after that step.
@@ -78,12 +119,7 @@ impl MetricsWriter {
             kept.extend(
                 text.lines()
                     .skip(1)
-                    .filter(|l| {
-                        l.split(',')
-                            .next()
-                            .and_then(|s| s.parse::<usize>().ok())
-                            .is_some_and(|s| s <= step)
-                    })
+                    .filter(|l| row_step(l).is_some_and(|s| s <= step))
                     .map(String::from),
             );
         }

@@ -258,6 +258,13 @@ pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
     Ok(total.sqrt())
 }
 
+/// Whether every value of `t` is finite (neither NaN nor infinite), without squaring
+/// anything that could overflow: `0 · t` is 0 exactly where `t` is finite.
+pub fn all_finite(t: &Tensor) -> Result<bool> {
+    let zeros = (t.to_dtype(DType::F32)? * 0.0)?;
+    Ok(zeros.sum_all()?.to_scalar::<f32>()? == 0.0)
+}
+
 /// Scale `grads` so their global norm is at most `max_norm` (PyTorch's
 /// `clip_grad_norm_`: factor `max_norm / (norm + 1e-6)` when below 1). Returns the norm
 /// before clipping.

@@ -48,20 +48,9 @@ impl Schedule {
         total_steps: usize,
         restarts: usize,
     ) -> Result<Self> {
-        if !(max_lr.is_finite() && max_lr > 0.0) {
-            return Err(Error::Usage(format!(
-                "--learning-rate {max_lr} must be positive"
-            )));
-        }
-        if !(min_lr.is_finite() && min_lr >= 0.0 && min_lr <= max_lr) {
-            return Err(Error::Usage(format!(
-                "--min-lr {min_lr} must be between 0 and --learning-rate {max_lr}"
-            )));
-        }
-        if kind == ScheduleKind::CosineRestarts && restarts == 0 {
-            return Err(Error::Usage(
-                "--restarts must be at least 1 with cosine-restarts".into(),
-            ));
+        let problems = Self::problems(kind, max_lr, min_lr, restarts);
+        if !problems.is_empty() {
+            return Err(Error::Usage(problems.join("; ")));
         }
         Ok(Schedule {
             kind,
@@ -71,6 +60,30 @@ impl Schedule {
             total_steps,
             restarts,
         })
+    }
+
+    /// What is wrong with these values, flag by flag (empty when nothing): what
+    /// [`TrainConfig::validate`](super::TrainConfig::validate) reports before any work.
+    /// A constant schedule never reaches `min_lr`, so it is not compared then.
+    pub fn problems(kind: ScheduleKind, max_lr: f64, min_lr: f64, restarts: usize) -> Vec<String> {
+        let mut out = Vec::new();
+        let max_ok = max_lr.is_finite() && max_lr > 0.0;
+        if !max_ok {
+            out.push(format!(
+                "--learning-rate {max_lr} must be a positive number"
+            ));
+        }
+        // Compared with a valid --learning-rate only (else that is the one problem).
+        let min_ok = min_lr.is_finite() && min_lr >= 0.0 && (min_lr <= max_lr || !max_ok);
+        if kind != ScheduleKind::Constant && !min_ok {
+            out.push(format!(
+                "--min-lr {min_lr} must be between 0 and --learning-rate {max_lr}"
+            ));
+        }
+        if kind == ScheduleKind::CosineRestarts && restarts == 0 {
+            out.push("--restarts must be at least 1 with cosine-restarts".into());
+        }
+        out
     }
 
     /// Learning rate of optimizer step `s` (0-based).
@@ -136,5 +149,15 @@ mod tests {
         assert!(Schedule::new(ScheduleKind::Cosine, 0.0, 0.0, 0, 10, 1).is_err());
         assert!(Schedule::new(ScheduleKind::Cosine, 1e-3, 1e-2, 0, 10, 1).is_err());
         assert!(Schedule::new(ScheduleKind::CosineRestarts, 1e-3, 0.0, 0, 10, 0).is_err());
+        assert!(Schedule::new(ScheduleKind::Cosine, f64::NAN, 0.0, 0, 10, 1).is_err());
+    }
+
+    /// Issue 9: `--lr-schedule constant --learning-rate 1e-5` was refused because the
+    /// default `--min-lr` (3e-5) is larger, though a constant schedule never uses it.
+    #[test]
+    fn constant_schedule_ignores_min_lr() {
+        let c = Schedule::new(ScheduleKind::Constant, 1e-5, 3e-5, 0, 10, 1).unwrap();
+        assert!(close(c.lr(5), 1e-5));
+        assert!(Schedule::new(ScheduleKind::Linear, 1e-5, 3e-5, 0, 10, 1).is_err());
     }
 }

@@ -9,7 +9,7 @@ use candle_core::{Tensor, backprop::GradStore};
 
 use super::batches::Batch;
 use super::optim::{AdamW, clip_grad_norm};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::loss::cross_entropy_sum;
 use crate::model::{Dropout, Gpt};
 use crate::strategy::Strategy;
@@ -135,10 +135,18 @@ impl StepRunner {
             s.update(overflow);
         }
         let skipped = overflow && self.scaler.is_some();
+        let loss = self.strategy.all_reduce_mean(total / denom)?;
+        // Outside 16-mixed's skipped steps, a non-finite loss or gradient would turn
+        // every weight into NaN: stop before the update instead.
+        let finite = loss.is_finite() && norm.is_finite();
+        if !(skipped || finite) {
+            return Err(Error::Msg(format!(
+                "the loss is {loss} and the gradient norm {norm} at learning rate {lr:e}; training stopped before updating the weights. Lower --learning-rate (or set --grad-clip), then --resume auto continues from the last checkpoint"
+            )));
+        }
         if !skipped {
             self.opt.step(&grads, lr)?;
         }
-        let loss = self.strategy.all_reduce_mean(total / denom)?;
         Ok(StepStats {
             loss,
             grad_norm: norm,

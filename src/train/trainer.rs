@@ -89,19 +89,26 @@ struct Plan {
     resume: Option<(PathBuf, TrainingState)>,
     lora: Option<LoraConfig>,
     schedule: Schedule,
+    /// Lines for the log once it is open (a damaged checkpoint passed over, ...).
+    warnings: Vec<String>,
 }
 
 impl Plan {
     fn new(cfg: &TrainConfig, data: &TrainData) -> Result<Plan> {
         cfg.check()?;
         let strategy = strategy_for(cfg)?;
-        let resume = match resume_from(cfg)? {
-            Some(dir) => {
-                let state = checkpoint::load_state(&dir)?;
-                Some((dir, state))
+        let (resume, mut warnings) = resume_from(cfg)?;
+        if let Some((dir, state)) = &resume {
+            check_resume(cfg, dir, state)?;
+            // metrics.csv must still hold the rows logged before the checkpoint.
+            if let (Some(expected), true) = (state.metrics_rows, strategy.is_global_zero()) {
+                warnings.extend(super::metrics::check_rows(
+                    &cfg.out_dir,
+                    state.step,
+                    expected,
+                )?);
             }
-            None => None,
-        };
+        }
         let model_cfg = load_config(&cfg.checkpoint_dir)?;
         check_data_fits(cfg, data, &model_cfg)?;
         let total_steps = total_steps(cfg, data, strategy.world_size)?;
@@ -119,48 +126,95 @@ impl Plan {
             resume,
             lora: cfg.lora(),
             schedule,
+            warnings,
         })
     }
 }
 
-/// The checkpoint `--resume` names (`auto`: the run's newest), refusing to start a
-/// second run in a folder that holds one.
-fn resume_from(cfg: &TrainConfig) -> Result<Option<PathBuf>> {
+/// The checkpoint `--resume` names, checked whole, with its state (`auto`: the run's
+/// newest complete one, passing over damaged ones with a warning each), refusing to
+/// start a second run in a folder that holds one.
+fn resume_from(cfg: &TrainConfig) -> Result<(Option<checkpoint::Found>, Vec<String>)> {
     let out = &cfg.out_dir;
     match cfg.resume.as_deref() {
         None if holds_run(out) => Err(Error::Usage(format!(
             "{} holds another run; continue it with --resume auto or choose another --out-dir",
             out.display()
         ))),
-        None => Ok(None),
-        Some("auto") => Ok(checkpoint::list(out)?.pop().map(|(p, _)| p)),
-        Some(p) => Ok(Some(PathBuf::from(p))),
+        None => Ok((None, Vec::new())),
+        Some("auto") => checkpoint::newest_complete(out),
+        Some(p) => {
+            let dir = PathBuf::from(p);
+            let state = checkpoint::check(&dir)?;
+            Ok((Some((dir, state)), Vec::new()))
+        }
     }
 }
 
-/// The data must come from the base model's tokenizer and fit its context.
-fn check_data_fits(cfg: &TrainConfig, data: &TrainData, model_cfg: &Config) -> Result<()> {
-    let tokenizer = Tokenizer::from_dir(&cfg.checkpoint_dir)?;
-    if let Some(h) = &data.tokenizer_hash {
-        if *h != tokenizer.hash {
-            return Err(Error::Data(format!(
-                "{} was prepared with another tokenizer than {}'s; run prepare-data with --checkpoint-dir {}",
-                cfg.data_dir.display(),
-                cfg.checkpoint_dir.display(),
-                cfg.checkpoint_dir.display()
+/// A checkpoint continues only a run of its own kind and model: full fine-tuning or
+/// LoRA with the same rank, alpha and targets (another alpha or rank would rescale
+/// what the adapter computes), from a base model of the same configuration.
+fn check_resume(cfg: &TrainConfig, dir: &Path, state: &TrainingState) -> Result<()> {
+    let was = &state.hyperparameters;
+    let lora_then = was.lora_r > 0;
+    if (cfg.lora_r > 0) != lora_then {
+        return Err(Error::Usage(format!(
+            "{} is a checkpoint of {}; resume it with --lora-r {} (or its run's recipe)",
+            dir.display(),
+            if lora_then {
+                "a LoRA run"
+            } else {
+                "full fine-tuning"
+            },
+            was.lora_r
+        )));
+    }
+    if lora_then {
+        let mut diffs = Vec::new();
+        if cfg.lora_r != was.lora_r {
+            diffs.push(format!(
+                "--lora-r {} (checkpoint: {})",
+                cfg.lora_r, was.lora_r
+            ));
+        }
+        if cfg.lora_alpha != was.lora_alpha {
+            diffs.push(format!(
+                "--lora-alpha {} (checkpoint: {})",
+                cfg.lora_alpha, was.lora_alpha
+            ));
+        }
+        if cfg.lora_targets() != was.lora_targets() {
+            diffs.push(format!(
+                "LoRA targets {:?} (checkpoint: {:?})",
+                cfg.lora_targets(),
+                was.lora_targets()
+            ));
+        }
+        if !diffs.is_empty() {
+            return Err(Error::Usage(format!(
+                "{} was trained with other LoRA settings: {}; resume with the checkpoint's values",
+                dir.display(),
+                diffs.join(", ")
             )));
         }
     }
-    if data.block_size < 2 || data.block_size - 1 > model_cfg.block_size {
-        return Err(Error::Data(format!(
-            "{} holds samples of {} tokens; the model's context is {} (prepare with --max-length {} or less)",
-            cfg.data_dir.display(),
-            data.block_size,
-            model_cfg.block_size,
-            model_cfg.block_size
+    if dir.join("config.json").exists() && load_config(dir)? != load_config(&cfg.checkpoint_dir)? {
+        return Err(Error::Usage(format!(
+            "{} was trained from another base model than --checkpoint-dir {} (their config.json differ)",
+            dir.display(),
+            cfg.checkpoint_dir.display()
         )));
     }
     Ok(())
+}
+
+/// The data must come from the base model's tokenizer, fit its context, and weigh
+/// its datasets sanely.
+fn check_data_fits(cfg: &TrainConfig, data: &TrainData, model_cfg: &Config) -> Result<()> {
+    let tokenizer = Tokenizer::from_dir(&cfg.checkpoint_dir)?;
+    data.check_tokenizer(&tokenizer)?;
+    data.check_context(model_cfg.block_size)?;
+    data.check_weights()
 }
 
 /// Optimizer steps of the run: the smallest of --max-steps, --num-epochs and
@@ -269,6 +323,7 @@ fn fresh_state(cfg: &TrainConfig, strategy: &Strategy, lora: Option<&LoraConfig>
         val_loss: None,
         best_val_loss: None,
         evals_without_improvement: 0,
+        metrics_rows: Some(0),
         loss_scaler: strategy.precision.uses_loss_scaling().then(LossScaler::new),
         dropout_rng: needs_dropout
             .then(|| ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_add(strategy.rank as u64))),
@@ -308,6 +363,7 @@ impl Trainer {
         let plan = Plan::new(cfg, &data)?;
         let resumed_from = plan.resume.as_ref().map(|(d, s)| (d.clone(), s.step));
         let (lora, schedule) = (plan.lora.clone(), plan.schedule.clone());
+        let warnings = plan.warnings.clone();
         let (runner, state) = build_runner(cfg, plan)?;
         let (metrics, log) = if runner.strategy.is_global_zero() {
             let resume = resumed_from.as_ref().map(|_| (state.step, state.tokens));
@@ -330,6 +386,9 @@ impl Trainer {
         };
         let line = t.start_line(resumed_from.as_ref().map(|(d, _)| d.as_path()));
         t.note(&line)?;
+        for w in warnings {
+            t.note(&w)?;
+        }
         Ok(t)
     }
 
@@ -432,6 +491,15 @@ impl Trainer {
     }
 
     fn save(&mut self, name: &str) -> Result<PathBuf> {
+        // Never a checkpoint of broken weights (the last update can overflow them).
+        for (var_name, var) in self.runner.opt.vars() {
+            if !super::optim::all_finite(var.as_tensor())? {
+                return Err(Error::Msg(format!(
+                    "step {}: {var_name} holds NaN or infinite values after the update; {name} was not saved. Lower --learning-rate (or set --grad-clip), then --resume auto continues from the last checkpoint",
+                    self.state.step
+                )));
+            }
+        }
         self.state.loss_scaler = self.runner.scaler;
         self.state.dropout_rng = self.runner.dropout.as_ref().map(|d| d.rng());
         let dir = checkpoint::save(
@@ -581,7 +649,10 @@ impl Trainer {
             .map(|c| Batch::from_samples(c, self.data.block_size, &device))
             .collect::<Result<Vec<_>>>()?;
         let lr = self.schedule.lr(self.state.step);
-        let stats = self.runner.step(&micro_batches, lr)?;
+        let stats = self
+            .runner
+            .step(&micro_batches, lr)
+            .map_err(|e| Error::Msg(format!("step {}: {e}", self.state.step + 1)))?;
         self.state.step += 1;
         self.state.train_loss = Some(stats.loss);
         if stats.skipped {
@@ -634,6 +705,7 @@ impl Trainer {
         };
         if let Some(m) = self.metrics.as_mut() {
             m.write(&row)?;
+            self.state.metrics_rows = Some(self.state.metrics_rows.unwrap_or(0) + 1);
         }
         if no_bar && self.runner.strategy.is_global_zero() {
             eprintln!(

@@ -2,8 +2,9 @@
 //! appended to a CSV.
 //!
 //! Rows: `checkpoint, step, dataset, loss, perplexity, tokens, batch_size, elapsed_s,
-//! peak_memory_mb`. Pairs already in the CSV are skipped, so the command can run again
-//! and again while training goes on (`watch` keeps looking for new checkpoints until
+//! peak_memory_mb, data` (`data`: the prepared folder's fingerprint, so the same dataset
+//! names in other data are scored again). Triples already in the CSV are skipped, so
+//! the command can run again and again while training goes on (`watch` keeps looking for new checkpoints until
 //! the run's `final/` one is scored). LoRA checkpoints are scored as base + adapter,
 //! without writing a merged copy; the base is loaded once.
 
@@ -22,6 +23,9 @@ use crate::strategy::Strategy;
 
 pub const VALIDATION_FILE: &str = "validation_results.csv";
 const HEADER: &str =
+    "checkpoint,step,dataset,loss,perplexity,tokens,batch_size,elapsed_s,peak_memory_mb,data";
+/// The header of files written before the `data` column.
+const OLD_HEADER: &str =
     "checkpoint,step,dataset,loss,perplexity,tokens,batch_size,elapsed_s,peak_memory_mb";
 
 /// What to validate and how.
@@ -49,6 +53,8 @@ pub struct ValidationRow {
     pub batch_size: usize,
     pub elapsed_s: f64,
     pub peak_memory_mb: f64,
+    /// Fingerprint of the prepared data (empty for data made in memory).
+    pub data: String,
 }
 
 /// Peak resident memory of this process in MB (Linux; 0 elsewhere).
@@ -64,8 +70,10 @@ pub fn peak_memory_mb() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-/// `(checkpoint, dataset)` pairs already in `csv`.
-fn done_pairs(csv: &Path) -> Result<HashSet<(String, String)>> {
+/// `(checkpoint, dataset, data)` triples already in `csv`. A file of the older layout
+/// (no `data` column) is rewritten with an empty one: its rows stay, and are not
+/// mistaken for scores of the data at hand.
+fn done_triples(csv: &Path) -> Result<HashSet<(String, String, String)>> {
     if !csv.exists() {
         return Ok(HashSet::new());
     }
@@ -73,6 +81,14 @@ fn done_pairs(csv: &Path) -> Result<HashSet<(String, String)>> {
     let mut lines = text.lines();
     match lines.next() {
         Some(h) if h.trim() == HEADER => {}
+        Some(h) if h.trim() == OLD_HEADER => {
+            let mut new = format!("{HEADER}\n");
+            for l in lines.clone() {
+                new.push_str(l);
+                new.push_str(",\n");
+            }
+            crate::io::write_atomic(csv, new.as_bytes())?;
+        }
         Some(h) => {
             return Err(Error::bad_file(
                 csv,
@@ -83,10 +99,30 @@ fn done_pairs(csv: &Path) -> Result<HashSet<(String, String)>> {
     }
     Ok(lines
         .filter_map(|l| {
-            let mut c = l.split(',');
-            Some((c.next()?.to_string(), c.nth(1)?.to_string()))
+            let c: Vec<&str> = l.split(',').collect();
+            let data = c.get(9).copied().unwrap_or("");
+            Some((
+                c.first()?.to_string(),
+                c.get(2)?.to_string(),
+                data.to_string(),
+            ))
         })
         .collect())
+}
+
+/// Fail unless the checkpoint in `dir` reads `data` with the tokenizer it was
+/// prepared with: its own tokenizer files, else those of its base model.
+fn check_tokenizer(dir: &Path, state: &TrainingState, data: &TrainData) -> Result<()> {
+    if data.tokenizer_hash.is_none() {
+        return Ok(());
+    }
+    let tok_dir = if dir.join("tokenizer.json").exists() {
+        dir
+    } else {
+        state.base_checkpoint_dir.as_path()
+    };
+    let tokenizer = crate::tokenizer::Tokenizer::from_dir(tok_dir)?;
+    data.check_tokenizer(&tokenizer)
 }
 
 /// The model of a checkpoint: its own weights, or `base` + its adapter.
@@ -135,7 +171,13 @@ pub fn validate_run(
         .csv
         .clone()
         .unwrap_or_else(|| opts.run.join(VALIDATION_FILE));
-    let mut done = done_pairs(&csv)?;
+    let mut done = done_triples(&csv)?;
+    let fingerprint = data
+        .origin
+        .as_ref()
+        .map(|o| o.fingerprint.clone())
+        .unwrap_or_default();
+    let key = |ckpt: &str, ds: &str| (ckpt.to_string(), ds.to_string(), fingerprint.clone());
     let mut rows = Vec::new();
     let mut base = None;
     loop {
@@ -156,12 +198,14 @@ pub fn validate_run(
             let todo: Vec<_> = data
                 .datasets
                 .iter()
-                .filter(|d| !done.contains(&(name.clone(), d.name.clone())))
+                .filter(|d| !done.contains(&key(&name, &d.name)))
                 .collect();
             if todo.is_empty() {
                 continue;
             }
+            check_tokenizer(dir, state, data)?;
             let model = model_of(dir, state, &mut base, strategy)?;
+            data.check_context(model.cfg.block_size)?;
             for ds in todo {
                 let start = Instant::now();
                 let r = evaluate(
@@ -177,7 +221,7 @@ pub fn validate_run(
                         "{name}: dataset {} has no validation samples, skipped",
                         ds.name
                     );
-                    done.insert((name.clone(), ds.name.clone()));
+                    done.insert(key(&name, &ds.name));
                     continue;
                 };
                 let row = ValidationRow {
@@ -190,13 +234,14 @@ pub fn validate_run(
                     batch_size: opts.batch_size,
                     elapsed_s: start.elapsed().as_secs_f64(),
                     peak_memory_mb: peak_memory_mb(),
+                    data: fingerprint.clone(),
                 };
                 append(&csv, &row)?;
                 eprintln!(
                     "{name} {}: loss {:.4} perplexity {:.2}",
                     ds.name, row.loss, row.perplexity
                 );
-                done.insert((name.clone(), ds.name.clone()));
+                done.insert(key(&name, &ds.name));
                 rows.push(row);
             }
         }
@@ -220,7 +265,7 @@ pub fn append(csv: &Path, r: &ValidationRow) -> Result<()> {
     }
     writeln!(
         f,
-        "{},{},{},{},{},{},{},{:.3},{:.1}",
+        "{},{},{},{},{},{},{},{:.3},{:.1},{}",
         r.checkpoint,
         r.step,
         r.dataset,
@@ -229,7 +274,8 @@ pub fn append(csv: &Path, r: &ValidationRow) -> Result<()> {
         r.tokens,
         r.batch_size,
         r.elapsed_s,
-        r.peak_memory_mb
+        r.peak_memory_mb,
+        r.data
     )
     .at(csv)
 }

@@ -195,6 +195,7 @@ fn train(c: &Case, out: &Path) -> Trainer {
     let data = TrainData {
         block_size: 33,
         tokenizer_hash: Some(tok.hash.clone()),
+        origin: None,
         datasets: vec![TrainDataset {
             name: "fortunes".into(),
             weight: 1.0,

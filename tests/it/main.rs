@@ -9,6 +9,7 @@ mod data_errors;
 mod data_megatron;
 mod data_prepare;
 mod demo;
+mod hostile;
 mod layout;
 mod lora_fused;
 mod lora_grads;

@@ -272,7 +272,7 @@ fn compare(g: &Gguf, gguf_name: &str, shape: &[usize], want: &[f32]) {
 
 fn check_file(family: &str, ty: QuantType, out: &Path) -> Gguf {
     let dir = reference_dir(family);
-    let r = quantize(&dir, out, ty).unwrap();
+    let r = quantize(&dir, out, ty, false).unwrap();
     let g = parse(out);
     assert_eq!(r.bytes, g.bytes.len() as u64);
     let cfg = lit_claire::config::load_config(&dir).unwrap();
@@ -474,7 +474,7 @@ fn quantize_refuses_other_families_and_unknown_types() {
     let tmp = temp_dir();
     let out = tmp.path().join("x.gguf");
     for fam in ["gpt2", "gpt_neox", "gpt_neo"] {
-        let e = quantize(&reference_dir(fam), &out, QuantType::Q8_0)
+        let e = quantize(&reference_dir(fam), &out, QuantType::Q8_0, false)
             .unwrap_err()
             .to_string();
         assert!(
@@ -567,7 +567,7 @@ fn sentencepiece_tokenizer_becomes_llamas_vocabulary_that_tokenizes_the_same() {
         std::fs::copy(spm.join(f), ckpt.join(f)).unwrap();
     }
     let out = tmp.path().join("spm.gguf");
-    quantize(&ckpt, &out, QuantType::Q8_0).unwrap();
+    quantize(&ckpt, &out, QuantType::Q8_0, false).unwrap();
     let g = parse(&out);
     assert_eq!(g.meta("tokenizer.ggml.model").str(), "llama");
     assert!(!g.meta.contains_key("tokenizer.ggml.merges"));

@@ -30,6 +30,7 @@ pub(crate) fn data(block: usize) -> TrainData {
     TrainData {
         block_size: block,
         tokenizer_hash: Some(tok.hash),
+        origin: None,
         datasets: vec![
             TrainDataset {
                 name: "fortunes".into(),
