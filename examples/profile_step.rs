@@ -58,7 +58,8 @@ fn profile(lora: bool) -> lit_claire::Result<()> {
                     .unwrap_or_else(|| v.as_tensor().zeros_like().unwrap())
             })
             .collect();
-        runner.opt.step(&g, 1e-4)?;
+        runner.opt.sync_grads(g, &strategy, None)?;
+        runner.opt.update(1e-4, &strategy)?;
         let t3 = Instant::now();
         if it > 0 {
             println!(

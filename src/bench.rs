@@ -142,7 +142,7 @@ pub fn bench_runner(shape: &BenchShape, strategy: &Strategy, lora: bool) -> Resu
     };
     Ok(StepRunner {
         model,
-        opt: AdamW::new(vars, AdamWConfig::default())?,
+        opt: AdamW::new(vars, AdamWConfig::default())?.into(),
         strategy: strategy.clone(),
         grad_clip: Some(1.0),
         scaler: None,

@@ -3,16 +3,65 @@
 //! Modelled on Lightning Fabric: commands and the trainer ask the Strategy where
 //! tensors live, in which dtype parameters are kept and computed, whether this process
 //! is rank 0, and to reduce values across ranks. Nothing else in the crate picks a
-//! device or a dtype.
+//! device or a dtype, or talks to the other ranks.
+//!
+//! Data parallelism (`--devices`, `--num-nodes`): every rank holds the model and
+//! computes gradients on its share of each global batch; the Strategy sums them over
+//! ranks once per optimizer step, through a [`Collective`]: [`Single`] for one rank,
+//! [`threads::ThreadGroup`] for ranks as threads of one CPU process, NCCL on GPUs.
+//! [`DataParallel`] says whether every rank keeps the whole optimizer state (`ddp`) or
+//! only its shard of it (`zero1`).
 
 pub mod collective;
 pub mod precision;
+pub mod threads;
 
-use candle_core::{DType, Device};
+use std::ops::Range;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::model::BuildOptions;
+pub use collective::{Collective, ReduceOp, Single};
 pub use precision::Precision;
+
+/// How data-parallel ranks share the optimizer.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum DataParallel {
+    /// Every rank keeps the whole AdamW state and applies the whole update (PyTorch
+    /// DDP): gradients are all-reduced in buckets.
+    #[default]
+    Ddp,
+    /// ZeRO stage 1: gradients are reduce-scattered, each rank keeps the AdamW state
+    /// of its shard of the parameters and updates it, then the parameters are
+    /// all-gathered (DeepSpeed ZeRO-1, Megatron's distributed optimizer).
+    Zero1,
+}
+
+impl std::fmt::Display for DataParallel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DataParallel::Ddp => "ddp",
+            DataParallel::Zero1 => "zero1",
+        })
+    }
+}
+
+/// Gradients are all-reduced in buckets of at most this many bytes (of f32), so the
+/// flat copy of a bucket stays small whatever the model.
+pub const BUCKET_BYTES: usize = 4 << 20;
 
 /// Where computation runs, as the user writes it: `cpu`, `cuda`, `cuda:N`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,14 +118,32 @@ macro_rules! serde_as_string {
 serde_as_string!(DeviceSpec, Precision);
 
 /// Device, precision and process group of a run.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Strategy {
     pub spec: DeviceSpec,
     pub device: Device,
     pub precision: Precision,
-    /// This process's rank and the number of processes (1 without data parallelism).
+    /// This rank and the number of ranks (1 without data parallelism), as the
+    /// collective says.
     pub rank: usize,
     pub world_size: usize,
+    /// How the optimizer is shared between ranks.
+    pub parallel: DataParallel,
+    /// Largest gradient bucket of [`Strategy::all_reduce_grads`], in bytes.
+    pub bucket_bytes: usize,
+    collective: Arc<dyn Collective>,
+}
+
+impl std::fmt::Debug for Strategy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Strategy")
+            .field("spec", &self.spec)
+            .field("precision", &self.precision)
+            .field("rank", &self.rank)
+            .field("world_size", &self.world_size)
+            .field("parallel", &self.parallel)
+            .finish()
+    }
 }
 
 impl Strategy {
@@ -104,7 +171,21 @@ impl Strategy {
             precision,
             rank: 0,
             world_size: 1,
+            parallel: DataParallel::Ddp,
+            bucket_bytes: BUCKET_BYTES,
+            collective: Arc::new(Single),
         })
+    }
+
+    /// This strategy as rank `collective.rank()` of a data-parallel group.
+    pub fn with_collective(self, collective: Arc<dyn Collective>, parallel: DataParallel) -> Self {
+        Strategy {
+            rank: collective.rank(),
+            world_size: collective.world_size(),
+            parallel,
+            collective,
+            ..self
+        }
     }
 
     /// CPU, full f32: parity tests and quick evaluation.
@@ -134,13 +215,158 @@ impl Strategy {
 
     /// Mean of `x` over ranks (identity in a single process).
     pub fn all_reduce_mean(&self, x: f64) -> Result<f64> {
-        Ok(x)
+        Ok(self.all_reduce_sum(&[x])?[0] / self.world_size as f64)
     }
 
-    /// Average gradients over ranks, in place (nothing to do in a single process).
-    pub fn all_reduce_grads(&self, _grads: &mut [candle_core::Tensor]) -> Result<()> {
+    /// Element-wise sum of `xs` over ranks, in f64.
+    pub fn all_reduce_sum(&self, xs: &[f64]) -> Result<Vec<f64>> {
+        if self.world_size == 1 {
+            return Ok(xs.to_vec());
+        }
+        let t = Tensor::new(xs, &self.device)?;
+        Ok(self.collective.all_reduce(&t, ReduceOp::Sum)?.to_vec1()?)
+    }
+
+    /// `x` of every rank, in rank order (one value per rank).
+    pub fn all_gather_f64(&self, x: f64) -> Result<Vec<f64>> {
+        if self.world_size == 1 {
+            return Ok(vec![x]);
+        }
+        let t = Tensor::new(&[x], &self.device)?;
+        Ok(self.collective.all_gather(&t)?.to_vec1()?)
+    }
+
+    /// Rank 0's `xs` on every rank.
+    pub fn broadcast_f64(&self, xs: &[f64]) -> Result<Vec<f64>> {
+        if self.world_size == 1 {
+            return Ok(xs.to_vec());
+        }
+        let t = Tensor::new(xs, &self.device)?;
+        Ok(self.collective.broadcast(&t, 0)?.to_vec1()?)
+    }
+
+    /// Wait until every rank gets here.
+    pub fn barrier(&self) -> Result<()> {
+        self.collective.barrier()
+    }
+
+    /// Tell the other ranks that this one failed, so they stop instead of waiting.
+    pub fn abort(&self, reason: &str) {
+        self.collective.abort(reason)
+    }
+
+    /// Sum gradients over ranks, in place, in buckets of at most
+    /// [`Strategy::bucket_bytes`]: each bucket's tensors are flattened into one f32
+    /// buffer, all-reduced, and split back. Each rank's gradient must already be its
+    /// share of the global loss (normalised by the global token count), so the sum is
+    /// the gradient of the global batch.
+    pub fn all_reduce_grads(&self, grads: &mut [Tensor]) -> Result<()> {
+        if self.world_size == 1 {
+            return Ok(());
+        }
+        for r in buckets(grads.iter().map(Tensor::elem_count), self.bucket_bytes / 4) {
+            let bucket = &mut grads[r.clone()];
+            let flat = flatten(bucket.iter(), 0)?;
+            let summed = self.collective.all_reduce(&flat, ReduceOp::Sum)?;
+            let parts = unflatten(&summed, bucket)?;
+            for (g, p) in bucket.iter_mut().zip(parts) {
+                *g = p;
+            }
+        }
         Ok(())
     }
+
+    /// Set every variable to rank 0's value (bucketed like the gradients), so all ranks
+    /// start from the same weights whatever they loaded.
+    pub fn broadcast_vars(&self, vars: &[candle_core::Var]) -> Result<()> {
+        if self.world_size == 1 {
+            return Ok(());
+        }
+        let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        for r in buckets(
+            tensors.iter().map(Tensor::elem_count),
+            self.bucket_bytes / 4,
+        ) {
+            let flat = flatten(tensors[r.clone()].iter(), 0)?;
+            let root = self.collective.broadcast(&flat, 0)?;
+            for (v, p) in vars[r.clone()].iter().zip(unflatten(&root, &tensors[r])?) {
+                v.set(&p)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// For ZeRO-1, a flat buffer of `n` values padded to a multiple of the world size:
+    /// its padded length, and the range of it this rank owns.
+    pub fn shard_of(&self, n: usize) -> (usize, Range<usize>) {
+        let w = self.world_size;
+        let padded = n.div_ceil(w) * w;
+        let per = padded / w;
+        (padded, self.rank * per..(self.rank + 1) * per)
+    }
+
+    /// Sum of the flat `x` over ranks; this rank gets its [`Strategy::shard_of`].
+    pub fn reduce_scatter_sum(&self, x: &Tensor) -> Result<Tensor> {
+        self.collective.reduce_scatter(x, ReduceOp::Sum)
+    }
+
+    /// Every rank's flat shard, concatenated in rank order.
+    pub fn all_gather(&self, shard: &Tensor) -> Result<Tensor> {
+        self.collective.all_gather(shard)
+    }
+}
+
+/// Consecutive index ranges of `sizes` whose sums stay within `cap` (a size above
+/// `cap` makes a bucket of its own).
+fn buckets(sizes: impl Iterator<Item = usize>, cap: usize) -> Vec<Range<usize>> {
+    let mut out: Vec<Range<usize>> = Vec::new();
+    let mut filled = 0;
+    for (i, n) in sizes.enumerate() {
+        match out.last_mut() {
+            Some(last) if filled + n <= cap => {
+                last.end = i + 1;
+                filled += n;
+            }
+            _ => {
+                out.push(i..i + 1);
+                filled = n;
+            }
+        }
+    }
+    out
+}
+
+/// `tensors` flattened and concatenated in f32, padded with zeros to `len` values.
+pub fn flatten<'a>(tensors: impl Iterator<Item = &'a Tensor>, len: usize) -> Result<Tensor> {
+    let mut parts = Vec::new();
+    let mut n = 0;
+    let mut device = Device::Cpu;
+    for t in tensors {
+        n += t.elem_count();
+        device = t.device().clone();
+        parts.push(t.flatten_all()?.to_dtype(DType::F32)?);
+    }
+    if len > n {
+        parts.push(Tensor::zeros(len - n, DType::F32, &device)?);
+    }
+    Ok(Tensor::cat(&parts, 0)?)
+}
+
+/// The flat `flat` split back into tensors of `like`'s shapes and dtypes (any padding
+/// at the end is dropped).
+pub fn unflatten(flat: &Tensor, like: &[Tensor]) -> Result<Vec<Tensor>> {
+    let mut out = Vec::with_capacity(like.len());
+    let mut at = 0;
+    for t in like {
+        let n = t.elem_count();
+        out.push(
+            flat.narrow(0, at, n)?
+                .reshape(t.shape())?
+                .to_dtype(t.dtype())?,
+        );
+        at += n;
+    }
+    Ok(out)
 }
 
 #[cfg(feature = "cuda")]
@@ -153,4 +379,120 @@ fn cuda_device(n: usize) -> Result<Device> {
     Err(Error::Usage(format!(
         "--device cuda:{n}: this lit-claire was built without CUDA; rebuild with `cargo build --release --features cuda` (needs nvcc)"
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// `f(strategy)` on every rank of a thread group of `world`, in rank order.
+    fn on_ranks<T: Send>(world: usize, f: impl Fn(Strategy) -> T + Sync) -> Vec<T> {
+        let group = threads::ThreadGroup::new(world, Duration::from_secs(10));
+        std::thread::scope(|s| {
+            let f = &f;
+            let hs: Vec<_> = group
+                .handles()
+                .into_iter()
+                .map(|c| {
+                    let mut st = Strategy::cpu().with_collective(c, DataParallel::Ddp);
+                    // 10 f32 per bucket: several buckets, and a tensor larger than one.
+                    st.bucket_bytes = 40;
+                    s.spawn(move || f(st))
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    #[test]
+    fn buckets_stay_under_the_cap_and_cover_everything_in_order() {
+        assert_eq!(
+            buckets([3, 4, 3, 12, 1, 9, 1].into_iter(), 10),
+            vec![0..3, 3..4, 4..6, 6..7]
+        );
+        assert!(buckets(std::iter::empty(), 10).is_empty());
+    }
+
+    #[test]
+    fn gradients_are_summed_bucket_by_bucket_in_their_shapes_and_dtypes() {
+        let out = on_ranks(3, |st| {
+            let r = st.rank as f32 + 1.0;
+            let mut grads = vec![
+                Tensor::full(r, (2, 3), &Device::Cpu).unwrap(),
+                Tensor::full(r, 12, &Device::Cpu).unwrap(),
+                Tensor::full(r, (1, 4), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(DType::BF16)
+                    .unwrap(),
+                Tensor::full(10.0 * r, 1, &Device::Cpu).unwrap(),
+            ];
+            st.all_reduce_grads(&mut grads).unwrap();
+            grads
+        });
+        for grads in out {
+            let shapes: Vec<_> = grads.iter().map(|g| g.dims().to_vec()).collect();
+            assert_eq!(shapes, vec![vec![2, 3], vec![12], vec![1, 4], vec![1]]);
+            assert_eq!(grads[2].dtype(), DType::BF16);
+            for (g, want) in grads.iter().zip([6.0, 6.0, 6.0, 60.0]) {
+                let v: Vec<f32> = g
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                assert!(v.iter().all(|&x| x == want), "{v:?} != {want}");
+            }
+        }
+    }
+
+    #[test]
+    fn variables_take_rank_zeros_values() {
+        let out = on_ranks(2, |st| {
+            let vars = [
+                candle_core::Var::new(&[st.rank as f32; 7], &Device::Cpu).unwrap(),
+                candle_core::Var::new(&[[st.rank as f32 + 5.0; 3]; 5], &Device::Cpu).unwrap(),
+            ];
+            st.broadcast_vars(&vars).unwrap();
+            vars.iter()
+                .map(|v| {
+                    v.as_tensor()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap()
+                })
+                .collect::<Vec<_>>()
+        });
+        for v in out {
+            assert_eq!(v, vec![vec![0.0; 7], vec![5.0; 15]]);
+        }
+    }
+
+    #[test]
+    fn shards_split_a_padded_buffer_evenly() {
+        let out = on_ranks(4, |st| st.shard_of(10));
+        assert_eq!(out, vec![(12, 0..3), (12, 3..6), (12, 6..9), (12, 9..12)]);
+        assert_eq!(Strategy::cpu().shard_of(10), (10, 0..10));
+    }
+
+    #[test]
+    fn scalars_are_reduced_gathered_and_broadcast_in_f64() {
+        let out = on_ranks(2, |st| {
+            let x = 1.0 + st.rank as f64 * 1e-12;
+            (
+                st.all_reduce_sum(&[x, 2.0]).unwrap(),
+                st.all_reduce_mean(x).unwrap(),
+                st.all_gather_f64(x).unwrap(),
+                st.broadcast_f64(&[x]).unwrap(),
+            )
+        });
+        for (sum, mean, gathered, root) in out {
+            assert_eq!(sum, vec![1.0 + (1.0 + 1e-12), 4.0]);
+            assert_eq!(mean, (1.0 + (1.0 + 1e-12)) / 2.0);
+            assert_eq!(gathered, vec![1.0, 1.0 + 1e-12]);
+            assert_eq!(root, vec![1.0]);
+        }
+    }
 }

@@ -4,8 +4,10 @@
 //! An epoch draws from every dataset `d` `round(weight_d · len_d)` samples: a weight
 //! of 1 uses each sample once, 2 twice, 0.5 a random half. All draws are then
 //! shuffled together with a generator seeded by `(seed, epoch)`, so the order of any
-//! epoch can be recomputed on resume. With several ranks, rank `r` takes positions
-//! `r, r + W, r + 2W, …` of that order (the remainder is dropped so ranks stay equal).
+//! epoch can be recomputed on resume. The order does not depend on the number of
+//! ranks: optimizer step `k` of an epoch takes its positions `[k·G, (k+1)·G)`, `G` the
+//! global batch (batch size × ranks), and rank `r` the `r`-th of `W` equal slices of
+//! them, so a run is the same computation on any number of ranks.
 
 use std::sync::Arc;
 
@@ -66,12 +68,21 @@ pub struct DataOrigin {
     pub fingerprint: String,
 }
 
-/// A position in the data: which epoch, and how many of this rank's samples of it
-/// were consumed.
+/// A position in the data: which epoch, and how many samples of its order were
+/// consumed (by all ranks together, so a position means the same on any world size).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct DataPosition {
     pub epoch: usize,
     pub offset: usize,
+}
+
+impl DataPosition {
+    /// Positions, in the epoch's order, of `rank`'s `per_rank` samples of the step that
+    /// starts here with `world` ranks: its slice of the global batch.
+    pub fn share(&self, per_rank: usize, rank: usize) -> std::ops::Range<usize> {
+        let start = self.offset + rank * per_rank;
+        start..start + per_rank
+    }
 }
 
 /// More draws per epoch than this is a weight out of proportion (the epoch's order is
@@ -135,14 +146,8 @@ impl TrainData {
         }
     }
 
-    /// `(dataset, sample)` pairs of epoch `epoch` for `rank` of `world`.
-    pub fn epoch_order(
-        &self,
-        seed: u64,
-        epoch: usize,
-        rank: usize,
-        world: usize,
-    ) -> Vec<(u32, u32)> {
+    /// `(dataset, sample)` pairs of epoch `epoch`, in order, for every rank.
+    pub fn epoch_order(&self, seed: u64, epoch: usize) -> Vec<(u32, u32)> {
         let mut rng = ChaCha8Rng::seed_from_u64(
             seed ^ (0x9E37_79B9_7F4A_7C15u64.wrapping_mul(epoch as u64 + 1)),
         );
@@ -161,12 +166,7 @@ impl TrainData {
             all.extend(idx[..want % len].iter().map(|&i| (d as u32, i)));
         }
         all.shuffle(&mut rng);
-        let per_rank = all.len() / world.max(1);
-        all.into_iter()
-            .skip(rank)
-            .step_by(world.max(1))
-            .take(per_rank)
-            .collect()
+        all
     }
 
     /// Samples one epoch gives each rank.
@@ -286,21 +286,24 @@ mod tests {
     #[test]
     fn weights_scale_each_dataset_and_order_is_reproducible() {
         let d = data(&[(10, 1.0), (10, 2.0), (10, 0.5)]);
-        let order = d.epoch_order(7, 0, 0, 1);
+        let order = d.epoch_order(7, 0);
         assert_eq!(order.len(), 35);
         let count = |k: u32| order.iter().filter(|(d, _)| *d == k).count();
         assert_eq!((count(0), count(1), count(2)), (10, 20, 5));
-        assert_eq!(order, d.epoch_order(7, 0, 0, 1));
-        assert_ne!(order, d.epoch_order(7, 1, 0, 1));
+        assert_eq!(order, d.epoch_order(7, 0));
+        assert_ne!(order, d.epoch_order(7, 1));
     }
 
     #[test]
-    fn ranks_split_an_epoch_evenly_and_disjointly() {
-        let d = data(&[(11, 1.0)]);
-        let a = d.epoch_order(1, 0, 0, 2);
-        let b = d.epoch_order(1, 0, 1, 2);
-        assert_eq!((a.len(), b.len()), (5, 5));
-        assert!(a.iter().all(|x| !b.contains(x)));
+    fn ranks_split_each_global_batch_into_equal_disjoint_slices() {
+        let at = DataPosition {
+            epoch: 0,
+            offset: 8,
+        };
+        let (a, b) = (at.share(3, 0), at.share(3, 1));
+        assert_eq!((a, b), (8..11, 11..14));
+        // One rank with the whole global batch takes the same samples.
+        assert_eq!(at.share(6, 0), 8..14);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use super::metrics::Logger;
 use super::schedule::{Schedule, ScheduleKind};
 use crate::error::{Error, IoContext, Result};
 use crate::lora::{LoraConfig, LoraTargets};
-use crate::strategy::{DeviceSpec, Precision};
+use crate::strategy::{DataParallel, DeviceSpec, Precision};
 
 /// Unit of the log/eval/save intervals.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -120,6 +120,11 @@ train_options! {
     devices: usize = 1;
     /// Nodes [default: 1].
     num_nodes: usize = 1;
+    /// With several devices: ddp (every rank keeps the whole optimizer state) or zero1 (each rank keeps its shard of it) [default: ddp].
+    #[arg(value_enum)]
+    strategy: DataParallel = DataParallel::Ddp;
+    /// Seconds a rank waits for the others (at a gradient sync, a checkpoint, a validation) before the run stops with an error naming them [default: 1800].
+    collective_timeout: u64 = 1800;
     /// Seed of data order, LoRA initialisation and dropout [default: 42].
     seed: u64 = 42;
 
@@ -274,6 +279,9 @@ impl TrainConfig {
         if self.devices == 0 || self.num_nodes == 0 {
             problems.push("--devices and --num-nodes must be positive".into());
         }
+        if self.collective_timeout == 0 {
+            problems.push("--collective-timeout must be positive (seconds)".into());
+        }
         if self.log_interval == 0 || self.eval_interval == 0 || self.save_interval == 0 {
             problems.push(
                 "--log-interval, --eval-interval and --save-interval must be positive".into(),
@@ -331,6 +339,11 @@ impl TrainConfig {
             targets: self.lora_targets(),
             rslora: false,
         })
+    }
+
+    /// Ranks of the run: devices × nodes.
+    pub fn world_size(&self) -> usize {
+        self.devices * self.num_nodes
     }
 
     /// Micro-batches per optimizer step.

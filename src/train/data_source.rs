@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use super::TrainConfig;
 use super::batches::{DataOrigin, SampleSet, TrainData, TrainDataset};
-use super::trainer::{TrainSummary, pretrain_with_data};
+use super::ranks::pretrain_with_data;
+use super::trainer::TrainSummary;
 use crate::data::reader::{PreparedData, Split};
 use crate::error::Result;
 

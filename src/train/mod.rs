@@ -7,12 +7,15 @@ pub mod data_source;
 pub mod evaluate;
 pub mod metrics;
 pub mod optim;
+pub mod ranks;
 pub mod schedule;
 pub mod step;
 pub mod tensorboard;
 pub mod trainer;
 pub mod validate;
+pub mod zero;
 
 pub use config::TrainConfig;
 pub use data_source::{load_train_data, pretrain};
-pub use trainer::{TrainSummary, Trainer, pretrain_with_data};
+pub use ranks::pretrain_with_data;
+pub use trainer::{TrainSummary, Trainer};

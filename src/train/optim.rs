@@ -82,54 +82,13 @@ impl AdamW {
             )));
         }
         self.t += 1;
-        let AdamWConfig {
-            beta1,
-            beta2,
-            eps,
-            weight_decay,
-        } = self.cfg;
-        let bc1 = 1.0 - beta1.powi(self.t as i32);
-        let bc2 = 1.0 - beta2.powi(self.t as i32);
-        let step_size = lr / bc1;
-        let bc2_sqrt = bc2.sqrt();
+        let h = self.cfg.at_step(self.t, lr);
         for (i, ((_, var), g)) in self.vars.iter().zip(grads).enumerate() {
             let p = var.as_tensor();
             let g = g.to_dtype(p.dtype())?;
-            if p.device().is_cpu() && p.dtype() == DType::F32 && p.is_contiguous() {
-                // One fused, parallel, in-place pass over p, g, m, v.
-                let op = AdamCpu {
-                    m: Mutex::new(std::mem::replace(
-                        &mut self.m[i],
-                        Tensor::zeros(0, DType::F32, p.device())?,
-                    )),
-                    v: Mutex::new(std::mem::replace(
-                        &mut self.v[i],
-                        Tensor::zeros(0, DType::F32, p.device())?,
-                    )),
-                    beta1,
-                    beta2,
-                    decay: 1.0 - lr * weight_decay,
-                    step_size,
-                    bc2_sqrt,
-                    eps,
-                };
-                p.inplace_op2(&g.contiguous()?, &op)?;
-                self.m[i] = op.m.into_inner().expect("not poisoned");
-                self.v[i] = op.v.into_inner().expect("not poisoned");
-                continue;
+            if let Some(new) = update(p, &g, &mut self.m[i], &mut self.v[i], &h)? {
+                var.set(&new)?;
             }
-            let m = ((&self.m[i] * beta1)? + (&g * (1.0 - beta1))?)?;
-            let v = ((&self.v[i] * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
-            let decayed = if weight_decay != 0.0 {
-                (p * (1.0 - lr * weight_decay))?
-            } else {
-                p.clone()
-            };
-            let denom = ((v.sqrt()? / bc2_sqrt)? + eps)?;
-            let update = (m.div(&denom)? * step_size)?;
-            var.set(&(decayed - update)?)?;
-            self.m[i] = m;
-            self.v[i] = v;
         }
         Ok(())
     }
@@ -168,6 +127,82 @@ impl AdamW {
         self.t = t;
         Ok(())
     }
+}
+
+impl AdamWConfig {
+    /// The constants of step `t` (1-based) at learning rate `lr`.
+    pub fn at_step(&self, t: u64, lr: f64) -> StepConstants {
+        StepConstants {
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            lr,
+            weight_decay: self.weight_decay,
+            step_size: lr / (1.0 - self.beta1.powi(t as i32)),
+            bc2_sqrt: (1.0 - self.beta2.powi(t as i32)).sqrt(),
+        }
+    }
+}
+
+/// What one AdamW step needs besides the tensors.
+#[derive(Debug, Clone, Copy)]
+pub struct StepConstants {
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    lr: f64,
+    weight_decay: f64,
+    /// `lr / (1 − β₁ᵗ)`
+    step_size: f64,
+    /// `√(1 − β₂ᵗ)`
+    bc2_sqrt: f64,
+}
+
+/// One AdamW update of the parameter `p` with gradient `g` (same dtype) and moments
+/// `m`, `v` (updated). An f32 CPU parameter is updated in place by one fused,
+/// parallel pass (None is returned); otherwise the new parameter is returned.
+/// The ZeRO-1 optimizer calls it on its shard of the flat parameters.
+pub fn update(
+    p: &Tensor,
+    g: &Tensor,
+    m: &mut Tensor,
+    v: &mut Tensor,
+    h: &StepConstants,
+) -> Result<Option<Tensor>> {
+    if p.device().is_cpu() && p.dtype() == DType::F32 && p.is_contiguous() {
+        let op = AdamCpu {
+            m: Mutex::new(std::mem::replace(
+                m,
+                Tensor::zeros(0, DType::F32, p.device())?,
+            )),
+            v: Mutex::new(std::mem::replace(
+                v,
+                Tensor::zeros(0, DType::F32, p.device())?,
+            )),
+            beta1: h.beta1,
+            beta2: h.beta2,
+            decay: 1.0 - h.lr * h.weight_decay,
+            step_size: h.step_size,
+            bc2_sqrt: h.bc2_sqrt,
+            eps: h.eps,
+        };
+        p.inplace_op2(&g.contiguous()?, &op)?;
+        *m = op.m.into_inner().expect("not poisoned");
+        *v = op.v.into_inner().expect("not poisoned");
+        return Ok(None);
+    }
+    let new_m = ((&*m * h.beta1)? + (g * (1.0 - h.beta1))?)?;
+    let new_v = ((&*v * h.beta2)? + (g.sqr()? * (1.0 - h.beta2))?)?;
+    let decayed = if h.weight_decay != 0.0 {
+        (p * (1.0 - h.lr * h.weight_decay))?
+    } else {
+        p.clone()
+    };
+    let denom = ((new_v.sqrt()? / h.bc2_sqrt)? + h.eps)?;
+    let step = (new_m.div(&denom)? * h.step_size)?;
+    *m = new_m;
+    *v = new_v;
+    Ok(Some((decayed - step)?))
 }
 
 /// The update of one f32 CPU parameter, fused: reads `g`, updates `m`, `v` and the

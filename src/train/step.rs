@@ -2,13 +2,15 @@
 //! accumulation, loss scaling, clipping, AdamW.
 //!
 //! The loss of a step is the mean next-token cross-entropy over *all* counted tokens
-//! of the step's micro-batches: each micro-batch contributes `Σ nll / N_step`, so
-//! splitting a batch into micro-batches does not change the gradient.
+//! of the step's micro-batches, on all ranks: each micro-batch contributes
+//! `Σ nll / N_step`, where `N_step` counts the tokens of every rank, so splitting a
+//! batch into micro-batches, or over ranks, does not change the gradient (the ranks'
+//! gradients are summed once per step, not averaged).
 
 use candle_core::{Tensor, backprop::GradStore};
 
 use super::batches::Batch;
-use super::optim::{AdamW, clip_grad_norm};
+use super::zero::Optimizer;
 use crate::error::{Error, Result};
 use crate::loss::cross_entropy_sum;
 use crate::model::{Dropout, Gpt};
@@ -61,7 +63,7 @@ pub struct StepStats {
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
     pub lr: f64,
-    /// Counted tokens.
+    /// Counted tokens, on all ranks.
     pub tokens: usize,
     /// The update was skipped (16-mixed overflow).
     pub skipped: bool,
@@ -82,7 +84,7 @@ fn loss_sum(model: &Gpt, batch: &Batch, dropout: Option<&Dropout>) -> Result<Ten
 /// Model, optimizer and the strategy that runs them.
 pub struct StepRunner {
     pub model: Gpt,
-    pub opt: AdamW,
+    pub opt: Optimizer,
     pub strategy: Strategy,
     /// Global-norm clipping threshold (None: no clipping).
     pub grad_clip: Option<f64>,
@@ -97,9 +99,11 @@ impl StepRunner {
         Ok((sum.to_scalar::<f32>()? as f64, batch.tokens))
     }
 
-    /// One optimizer step over `micro_batches` at learning rate `lr`.
+    /// One optimizer step over `micro_batches` (this rank's share of the global
+    /// batch) at learning rate `lr`.
     pub fn step(&mut self, micro_batches: &[Batch], lr: f64) -> Result<StepStats> {
-        let total_tokens: usize = micro_batches.iter().map(|b| b.tokens).sum();
+        let local_tokens: usize = micro_batches.iter().map(|b| b.tokens).sum();
+        let total_tokens = self.strategy.all_reduce_sum(&[local_tokens as f64])?[0] as usize;
         let denom = total_tokens.max(1) as f64;
         let scale = self.scaler.map_or(1.0, |s| s.scale);
         let mut acc: Option<Vec<Tensor>> = None;
@@ -125,19 +129,30 @@ impl StepRunner {
                 *g = (&*g / scale)?;
             }
         }
-        self.strategy.all_reduce_grads(&mut grads)?;
-        let norm = match self.grad_clip {
-            Some(max) => clip_grad_norm(&mut grads, max)?,
-            None => super::optim::global_norm(&grads)?,
-        };
-        let overflow = !norm.is_finite();
+        // Every rank learns every rank's loss, so all stop together on a bad one (under
+        // 16-mixed, an overflow only skips the step and lowers the loss scale).
+        let per_rank = self.strategy.all_gather_f64(total)?;
+        let bad_rank = per_rank.iter().position(|l| !l.is_finite());
+        if let (Some(r), None) = (bad_rank, self.scaler) {
+            let on_rank = match per_rank.len() {
+                1 => String::new(),
+                w => format!(" on rank {r} (of {w})"),
+            };
+            return Err(Error::Msg(format!(
+                "the loss is {}{on_rank}; training stopped before updating the weights. Lower --learning-rate (or set --grad-clip), then --resume auto continues from the last checkpoint",
+                per_rank[r],
+            )));
+        }
+        let loss = per_rank.iter().sum::<f64>() / denom;
+        let norm = self.opt.sync_grads(grads, &self.strategy, self.grad_clip)?;
+        let overflow = !norm.is_finite() || bad_rank.is_some();
         if let Some(s) = self.scaler.as_mut() {
             s.update(overflow);
         }
         let skipped = overflow && self.scaler.is_some();
-        let loss = self.strategy.all_reduce_mean(total / denom)?;
         // Outside 16-mixed's skipped steps, a non-finite loss or gradient would turn
-        // every weight into NaN: stop before the update instead.
+        // every weight into NaN: stop before the update instead (the norm is global, so
+        // every rank decides the same).
         let finite = loss.is_finite() && norm.is_finite();
         if !(skipped || finite) {
             return Err(Error::Msg(format!(
@@ -145,7 +160,7 @@ impl StepRunner {
             )));
         }
         if !skipped {
-            self.opt.step(&grads, lr)?;
+            self.opt.update(lr, &self.strategy)?;
         }
         Ok(StepStats {
             loss,

@@ -17,9 +17,10 @@ use super::checkpoint::{self, TrainingState};
 use super::config::{IntervalUnit, TrainConfig};
 use super::evaluate::evaluate;
 use super::metrics::{Loggers, METRICS_FILE, MetricsRow};
-use super::optim::{AdamW, AdamWConfig};
+use super::optim::AdamWConfig;
 use super::schedule::Schedule;
 use super::step::{LossScaler, StepRunner, StepStats};
+use super::zero::Optimizer;
 use crate::config::{Config, load_config};
 use crate::error::{Error, IoContext, Result};
 use crate::lora::LoraConfig;
@@ -55,21 +56,6 @@ pub struct Trainer {
     order_epoch: Option<usize>,
 }
 
-/// Train as `cfg` says on `data`, to the end.
-pub fn pretrain_with_data(cfg: &TrainConfig, data: TrainData) -> Result<TrainSummary> {
-    Trainer::new(cfg, data)?.run(None)
-}
-
-fn strategy_for(cfg: &TrainConfig) -> Result<Strategy> {
-    if cfg.devices * cfg.num_nodes > 1 {
-        return Err(Error::Usage(format!(
-            "--devices {} --num-nodes {}: data parallel training is not available in this build; train on one device",
-            cfg.devices, cfg.num_nodes
-        )));
-    }
-    Strategy::new(cfg.device, cfg.precision)
-}
-
 /// Whether `dir` already holds a run.
 fn holds_run(dir: &Path) -> bool {
     dir.join("hyperparameters.toml").exists()
@@ -94,9 +80,8 @@ struct Plan {
 }
 
 impl Plan {
-    fn new(cfg: &TrainConfig, data: &TrainData) -> Result<Plan> {
+    fn new(cfg: &TrainConfig, data: &TrainData, strategy: Strategy) -> Result<Plan> {
         cfg.check()?;
-        let strategy = strategy_for(cfg)?;
         let (resume, mut warnings) = resume_from(cfg)?;
         if let Some((dir, state)) = &resume {
             check_resume(cfg, dir, state)?;
@@ -291,7 +276,7 @@ fn build_runner(cfg: &TrainConfig, plan: Plan) -> Result<(StepRunner, TrainingSt
         eps: cfg.eps,
         weight_decay: cfg.weight_decay,
     };
-    let mut opt = AdamW::new(vars, adam)?;
+    let mut opt = Optimizer::new(vars, adam, &strategy)?;
     let state = match resume {
         Some((dir, s)) => {
             let moments = checkpoint::load_optimizer(&dir, &strategy.device)?;
@@ -300,15 +285,37 @@ fn build_runner(cfg: &TrainConfig, plan: Plan) -> Result<(StepRunner, TrainingSt
         }
         None => fresh_state(cfg, &strategy, lora.as_ref()),
     };
+    let trained: Vec<candle_core::Var> = opt.vars().iter().map(|(_, v)| v.clone()).collect();
+    strategy.broadcast_vars(&trained)?;
     let runner = StepRunner {
         model,
         opt,
         grad_clip: (cfg.grad_clip > 0.0).then_some(cfg.grad_clip),
         scaler: state.loss_scaler,
-        dropout: state.dropout_rng.clone().map(Dropout::new),
+        dropout: state
+            .dropout_rng
+            .clone()
+            .map(|rng| Dropout::new(rank_stream(rng, strategy.rank))),
         strategy,
     };
     Ok((runner, state))
+}
+
+/// The device, and the ranks when there are several: `cpu`, `cpu × 2 ranks (ddp)`.
+fn ranks_label(s: &Strategy) -> String {
+    match s.world_size {
+        1 => s.spec.to_string(),
+        w => format!("{} × {w} ranks ({})", s.spec, s.parallel),
+    }
+}
+
+/// Rank `rank`'s dropout generator, from the one saved in a checkpoint (rank 0's):
+/// rank 0 continues it, every other rank draws from its own stream of it.
+fn rank_stream(mut rng: ChaCha8Rng, rank: usize) -> ChaCha8Rng {
+    if rank > 0 {
+        rng.set_stream(rank as u64);
+    }
+    rng
 }
 
 /// The state of a run at step 0.
@@ -357,15 +364,39 @@ fn open_outputs(
 
 impl Trainer {
     /// Check everything, then set up model, optimizer and data (from scratch or from
-    /// the checkpoint `cfg.resume` names). Every user error surfaces before any weights
-    /// load.
+    /// the checkpoint `cfg.resume` names), on one device. Every user error surfaces
+    /// before any weights load. Runs on several devices start one trainer per rank
+    /// with [`Trainer::on_rank`] ([`pretrain_with_data`](super::pretrain_with_data)
+    /// does).
     pub fn new(cfg: &TrainConfig, data: TrainData) -> Result<Self> {
-        let plan = Plan::new(cfg, &data)?;
+        if cfg.world_size() > 1 {
+            return Err(Error::Usage(format!(
+                "--devices {} --num-nodes {}: a Trainer is one rank; train with pretrain_with_data, which starts every rank",
+                cfg.devices, cfg.num_nodes
+            )));
+        }
+        Self::on_rank(cfg, data, Strategy::new(cfg.device, cfg.precision)?)
+    }
+
+    /// [`Trainer::new`] for the rank of `strategy`. Rank 0 settles the run folder
+    /// first (which checkpoint to resume, metrics, hyper-parameters); the others start
+    /// once it has, so none reads a folder being changed.
+    pub fn on_rank(cfg: &TrainConfig, data: TrainData, strategy: Strategy) -> Result<Self> {
+        cfg.check()?;
+        let zero = strategy.is_global_zero();
+        let group = strategy.clone();
+        if !zero {
+            group.barrier()?;
+        }
+        let plan = Plan::new(cfg, &data, strategy)?;
+        if zero {
+            group.barrier()?;
+        }
         let resumed_from = plan.resume.as_ref().map(|(d, s)| (d.clone(), s.step));
         let (lora, schedule) = (plan.lora.clone(), plan.schedule.clone());
         let warnings = plan.warnings.clone();
         let (runner, state) = build_runner(cfg, plan)?;
-        let (metrics, log) = if runner.strategy.is_global_zero() {
+        let (metrics, log) = if zero {
             let resume = resumed_from.as_ref().map(|_| (state.step, state.tokens));
             let (m, l) = open_outputs(cfg, &data, resume)?;
             (Some(m), Some(l))
@@ -414,11 +445,11 @@ impl Trainer {
                 "full fine-tuning"
             },
             self.cfg.checkpoint_dir.display(),
-            self.runner.strategy.spec,
+            ranks_label(&self.runner.strategy),
             self.runner.strategy.precision,
             n_params,
             self.schedule.total_steps,
-            self.cfg.batch_size,
+            self.cfg.batch_size * self.runner.strategy.world_size,
             match resumed_from {
                 Some(p) => format!(", from {} (step {})", p.display(), self.state.step),
                 None => String::new(),
@@ -435,62 +466,84 @@ impl Trainer {
         Ok(())
     }
 
-    /// The next `batch_size` samples of this rank, moving to the next epoch when the
-    /// current one has less than a batch left.
+    /// This rank's `batch_size` samples of the next global batch (`batch_size` ×
+    /// ranks samples of the epoch's order), moving to the next epoch when the current
+    /// one has less than a global batch left.
     fn next_samples(&mut self) -> Result<Vec<Vec<u32>>> {
         let world = self.runner.strategy.world_size;
-        let rank = self.runner.strategy.rank;
         let bs = self.cfg.batch_size;
-        if self.state.position.offset + bs > self.data.epoch_len(world) {
+        if self.state.position.offset + bs * world > self.data.epoch_len(1) {
             self.state.position = DataPosition {
                 epoch: self.state.position.epoch + 1,
                 offset: 0,
             };
         }
         if self.order_epoch != Some(self.state.position.epoch) {
-            self.order =
-                self.data
-                    .epoch_order(self.cfg.seed, self.state.position.epoch, rank, world);
+            self.order = self
+                .data
+                .epoch_order(self.cfg.seed, self.state.position.epoch);
             self.order_epoch = Some(self.state.position.epoch);
         }
-        let start = self.state.position.offset;
-        let picks = self.order[start..start + bs].to_vec();
-        self.state.position.offset += bs;
+        let share = self.state.position.share(bs, self.runner.strategy.rank);
+        let picks = self.order[share].to_vec();
+        self.state.position.offset += bs * world;
         picks
             .into_iter()
             .map(|(d, i)| self.data.datasets[d as usize].train.sample(i as usize))
             .collect()
     }
 
-    /// Validation loss per dataset and overall (token-weighted).
+    /// Validation loss per dataset and overall (token-weighted), computed by rank 0;
+    /// the other ranks get the overall loss (they need it to stop early together).
     fn evaluate_validation(&mut self) -> Result<(Option<f64>, Vec<Option<f64>>)> {
         let mut per = Vec::new();
         let (mut sum, mut tokens) = (0f64, 0usize);
-        for ds in &self.data.datasets {
-            let r = evaluate(
-                &self.runner.model,
-                ds.validation.as_ref(),
-                self.data.block_size,
-                self.cfg.micro_batch_size,
-                self.cfg.eval_max_batches,
-                &self.runner.strategy.device,
-            )?;
-            if let Some(r) = r {
-                sum += r.loss * r.tokens as f64;
-                tokens += r.tokens;
+        if self.runner.strategy.is_global_zero() {
+            for ds in &self.data.datasets {
+                let r = evaluate(
+                    &self.runner.model,
+                    ds.validation.as_ref(),
+                    self.data.block_size,
+                    self.cfg.micro_batch_size,
+                    self.cfg.eval_max_batches,
+                    &self.runner.strategy.device,
+                )?;
+                if let Some(r) = r {
+                    sum += r.loss * r.tokens as f64;
+                    tokens += r.tokens;
+                }
+                per.push(r.map(|r| r.loss));
             }
-            per.push(r.map(|r| r.loss));
         }
         let overall = (tokens > 0).then(|| sum / tokens as f64);
-        Ok((
-            overall
-                .map(|v| self.runner.strategy.all_reduce_mean(v))
-                .transpose()?,
-            per,
-        ))
+        // [has a value, value], from rank 0.
+        let got = self
+            .runner
+            .strategy
+            .broadcast_f64(&[overall.is_some() as u8 as f64, overall.unwrap_or(0.0)])?;
+        Ok(((got[0] > 0.0).then_some(got[1]), per))
     }
 
-    fn save(&mut self, name: &str) -> Result<PathBuf> {
+    /// Write checkpoint `name`: every rank calls it (a sharded optimizer state is
+    /// gathered first), rank 0 writes it, and no rank goes on until it is in place.
+    /// Returns its folder on rank 0.
+    fn save(&mut self, name: &str) -> Result<Option<PathBuf>> {
+        let optimizer = self.runner.opt.state_tensors(&self.runner.strategy)?;
+        let dir = if self.runner.strategy.is_global_zero() {
+            Some(self.write_checkpoint(name, &optimizer)?)
+        } else {
+            None
+        };
+        self.runner.strategy.barrier()?;
+        Ok(dir)
+    }
+
+    /// Rank 0's part of [`Trainer::save`].
+    fn write_checkpoint(
+        &mut self,
+        name: &str,
+        optimizer: &[(String, candle_core::Tensor)],
+    ) -> Result<PathBuf> {
         // Never a checkpoint of broken weights (the last update can overflow them).
         for (var_name, var) in self.runner.opt.vars() {
             if !super::optim::all_finite(var.as_tensor())? {
@@ -507,7 +560,7 @@ impl Trainer {
             name,
             &self.runner.model,
             self.lora.as_ref(),
-            &self.runner.opt.state_tensors(),
+            optimizer,
             &self.state,
         )?;
         if let Some(keep) = self.cfg.max_checkpoints {
@@ -523,7 +576,6 @@ impl Trainer {
     /// tests of interrupted runs).
     pub fn run(&mut self, stop_after: Option<usize>) -> Result<TrainSummary> {
         let total = self.schedule.total_steps;
-        let is_zero = self.runner.strategy.is_global_zero();
         let bar = self.progress_bar();
         let mut clock = Clock::new(self.state.elapsed_s);
         let mut stopped_early = false;
@@ -533,11 +585,12 @@ impl Trainer {
                 return Ok(self.summary(false, None));
             }
             let (stats, lr) = self.train_step()?;
-            let now = clock.step(
-                &mut self.state,
-                stats.tokens,
-                self.runner.strategy.world_size,
-            );
+            let now = clock.step(&mut self.state, stats.tokens);
+            // Time intervals follow rank 0's clock, so all ranks validate and save together.
+            let now = match self.cfg.interval_unit {
+                IntervalUnit::Time => self.runner.strategy.broadcast_f64(&[now])?[0],
+                IntervalUnit::Step => now,
+            };
             let last_step = self.state.step == total || self.token_budget_spent();
             let eval_due = clock.due(
                 self.cfg.interval_unit,
@@ -597,17 +650,13 @@ impl Trainer {
                     break;
                 }
             }
-            if save_due && is_zero {
+            if save_due {
                 clock.last_save = now;
                 self.save(&checkpoint::step_dir_name(self.state.step))?;
             }
         }
         bar.finish();
-        let final_dir = if is_zero {
-            Some(self.save("final")?)
-        } else {
-            None
-        };
+        let final_dir = self.save("final")?;
         let s = self.summary(stopped_early, final_dir);
         self.note(&format!(
             "done: {} steps, {} tokens, train loss {}, validation loss {}",
@@ -798,8 +847,8 @@ impl Clock {
     }
 
     /// Count a step's tokens (over all ranks) into `state`; returns seconds since start.
-    fn step(&mut self, state: &mut TrainingState, tokens: usize, world: usize) -> f64 {
-        let step_tokens = tokens as u64 * world as u64;
+    fn step(&mut self, state: &mut TrainingState, tokens: usize) -> f64 {
+        let step_tokens = tokens as u64;
         state.tokens += step_tokens;
         self.interval_tokens += step_tokens;
         let now = self.started.elapsed().as_secs_f64();

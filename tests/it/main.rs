@@ -7,6 +7,7 @@ mod corpus_tokenizer;
 mod data_common;
 mod data_errors;
 mod data_megatron;
+mod data_parallel;
 mod data_prepare;
 mod demo;
 mod hostile;

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::common::*;
 
-fn lit(args: &[&str]) -> String {
+pub fn lit(args: &[&str]) -> String {
     let out = Command::new(bin()).args(args).output().unwrap();
     assert!(
         out.status.success(),
@@ -18,12 +18,12 @@ fn lit(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
-fn s(p: &Path) -> &str {
+pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
 /// Prepared sample corpus (blocks of 33 tokens) in `root/data`.
-fn prepared(root: &Path) -> PathBuf {
+pub fn prepared(root: &Path) -> PathBuf {
     let raw = root.join("raw/fortunes");
     std::fs::create_dir_all(&raw).unwrap();
     std::fs::copy(

@@ -38,7 +38,7 @@ pub fn check_training(dir: &Path) {
     };
     let mut runner = StepRunner {
         model: tm.model,
-        opt: AdamW::new(tm.vars, adam).unwrap(),
+        opt: AdamW::new(tm.vars, adam).unwrap().into(),
         strategy: Strategy::cpu(),
         grad_clip: Some(tr["clip_grad_norm"].as_f64().unwrap()),
         scaler: None,

@@ -1,0 +1,169 @@
+//! Starting a run on its ranks: one [`Trainer`] per rank, each with its own
+//! [`Strategy`], all joined by one [`Collective`].
+//!
+//! ```text
+//! --devices 1                one Trainer in this thread
+//! --device cpu --devices N   N threads of this process, a ThreadGroup between them
+//! --device cuda, N > 1       this process is one rank of a SLURM/torchrun group (NCCL)
+//! ```
+//!
+//! A rank that fails (an error or a panic) aborts the collective, so every other rank
+//! stops at its next collective call with `rank R failed: reason` instead of waiting;
+//! a rank that vanishes is named by the others when their timeout
+//! (`--collective-timeout`) runs out. Rank 0 alone writes files, and each checkpoint is
+//! renamed into place complete, so a failure never leaves a half-written one.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::TrainConfig;
+use super::batches::TrainData;
+use super::trainer::{TrainSummary, Trainer};
+use crate::error::{Error, Result};
+use crate::strategy::threads::ThreadGroup;
+use crate::strategy::{Collective, DeviceSpec, Strategy};
+
+/// Train as `cfg` says on `data`, to the end, on every rank `cfg` asks for (devices ×
+/// nodes); returns rank 0's summary.
+pub fn pretrain_with_data(cfg: &TrainConfig, data: TrainData) -> Result<TrainSummary> {
+    cfg.check()?;
+    let world = cfg.world_size();
+    if world == 1 {
+        return Trainer::new(cfg, data)?.run(None);
+    }
+    match cfg.device {
+        DeviceSpec::Cpu if cfg.num_nodes > 1 => Err(Error::Usage(format!(
+            "--device cpu --num-nodes {}: CPU ranks are threads of one process, on one node; use --devices N (or GPUs with NCCL across nodes)",
+            cfg.num_nodes
+        ))),
+        DeviceSpec::Cpu => {
+            let group = ThreadGroup::new(world, Duration::from_secs(cfg.collective_timeout));
+            train_threads(cfg, data, group.handles())
+        }
+        DeviceSpec::Cuda(_) => train_process_group(cfg, data),
+    }
+}
+
+/// One thread per handle of `ranks` (rank `r` on `ranks[r]`), all training `cfg` on
+/// `data`; returns rank 0's summary, or the error of the first rank that failed.
+pub fn train_threads(
+    cfg: &TrainConfig,
+    data: TrainData,
+    ranks: Vec<Arc<dyn Collective>>,
+) -> Result<TrainSummary> {
+    let base = Strategy::new(cfg.device, cfg.precision)?;
+    let first_failure: Mutex<Option<(usize, String)>> = Mutex::new(None);
+    let results: Vec<Result<TrainSummary>> = std::thread::scope(|s| {
+        let threads: Vec<_> = ranks
+            .into_iter()
+            .map(|c| {
+                let strategy = base.clone().with_collective(c, cfg.strategy);
+                let (data, first_failure) = (data.clone(), &first_failure);
+                s.spawn(move || {
+                    let rank = strategy.rank;
+                    let record = |why: &str| {
+                        let mut f = first_failure.lock().unwrap_or_else(|e| e.into_inner());
+                        f.get_or_insert((rank, why.to_string()));
+                    };
+                    catch_unwind(AssertUnwindSafe(|| {
+                        train_rank(cfg, data, strategy.clone(), record)
+                    }))
+                    .unwrap_or_else(|panic| {
+                        let why = format!("panicked: {}", panic_text(&*panic));
+                        record(&why);
+                        strategy.abort(&why);
+                        Err(Error::Msg(why))
+                    })
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| {
+                t.join()
+                    .unwrap_or_else(|_| Err(Error::Msg("a rank thread panicked".into())))
+            })
+            .collect()
+    });
+    let first = first_failure
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner());
+    summarise(results, first)
+}
+
+/// Rank 0's summary when every rank succeeded; the shared message when every rank
+/// stopped for the same reason (a decision they took together, such as a NaN loss);
+/// otherwise the first failure, naming its rank.
+fn summarise(
+    results: Vec<Result<TrainSummary>>,
+    first: Option<(usize, String)>,
+) -> Result<TrainSummary> {
+    let errors: Vec<String> = results
+        .iter()
+        .filter_map(|r| r.as_ref().err().map(|e| e.to_string()))
+        .collect();
+    if errors.is_empty() {
+        return results
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| Err(Error::Msg("no ranks".into())));
+    }
+    if errors.len() == results.len() && errors.iter().all(|e| *e == errors[0]) {
+        return Err(Error::Msg(errors[0].clone()));
+    }
+    let (rank, why) = first.unwrap_or_else(|| (0, errors[0].clone()));
+    Err(Error::Msg(format!("rank {rank} failed: {why}")))
+}
+
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}
+
+/// This rank's whole run. On failure, `on_failure` hears it first, then the other
+/// ranks are told (through the collective) so that they stop too.
+pub fn train_rank(
+    cfg: &TrainConfig,
+    data: TrainData,
+    strategy: Strategy,
+    on_failure: impl Fn(&str),
+) -> Result<TrainSummary> {
+    let group = strategy.clone();
+    let result = Trainer::on_rank(cfg, data, strategy).and_then(|mut t| t.run(None));
+    if let Err(e) = &result {
+        let why = e.to_string();
+        on_failure(&why);
+        group.abort(&why);
+    }
+    result
+}
+
+/// Data-parallel training on GPUs: this process is one rank of a process group that
+/// SLURM or torchrun started (one process per GPU).
+///
+/// HOOK for the NCCL backend (`cuda` feature), to be wired once the process group
+/// (`strategy::env`, from SLURM/torchrun variables), its TCP rendezvous and
+/// `strategy::nccl` land (branch `nccl`); with their API it reads:
+///
+/// ```text
+/// let env = crate::strategy::env::process_env();
+/// let pg = crate::strategy::env::process_group(&env)?   // None: not under SLURM/torchrun
+///     .ok_or_else(|| Error::Usage("--devices N on GPUs: start one process per GPU with srun or torchrun".into()))?;
+/// crate::strategy::env::check_topology(&pg, cfg.devices, cfg.num_nodes)?;
+/// let gpu = crate::strategy::env::local_cuda_ordinal(&pg, &env)?;
+/// let strategy = Strategy::new(DeviceSpec::Cuda(gpu), cfg.precision)?;
+/// let timeout = Duration::from_secs(cfg.collective_timeout);
+/// let nccl = crate::strategy::nccl_collective(&pg, &strategy.device, timeout)?;
+/// train_rank(cfg, data, strategy.with_collective(nccl, cfg.strategy), |_| {})
+/// ```
+///
+/// Every rank then returns its own summary (rank 0's names the final checkpoint).
+fn train_process_group(cfg: &TrainConfig, _data: TrainData) -> Result<TrainSummary> {
+    Err(Error::Usage(format!(
+        "--device {} --devices {} --num-nodes {}: data-parallel training on GPUs needs the NCCL backend, which this build does not have yet; train on one GPU, or on CPU threads with --device cpu --devices N",
+        cfg.device, cfg.devices, cfg.num_nodes
+    )))
+}

@@ -1,0 +1,471 @@
+//! Data parallelism on CPU threads: 2 ranks are the same computation as 1 rank with
+//! the same global batch (full and LoRA, `ddp` and `zero1`); a checkpoint written by 2
+//! ranks resumes on 1 and on 4; a rank that dies, fails or sees a NaN stops every rank
+//! with a message naming it, and nothing half-written is left behind.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Tensor};
+use lit_claire::error::{Error, Result};
+use lit_claire::strategy::threads::ThreadGroup;
+use lit_claire::strategy::{Collective, DataParallel, ReduceOp};
+use lit_claire::tokenizer::Tokenizer;
+use lit_claire::train::batches::{TrainData, TrainDataset};
+use lit_claire::train::ranks::train_threads;
+use lit_claire::train::{TrainConfig, pretrain_with_data};
+
+use crate::common::*;
+
+/// Samples of `block` tokens from the sample corpus, tokenized with the llama fixture.
+fn corpus_samples(block: usize, n: usize, skip: usize) -> Vec<Vec<u32>> {
+    let tok = Tokenizer::from_dir(&reference_dir("llama")).unwrap();
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("data/sample/fortunes-br.txt"),
+    )
+    .unwrap();
+    let mut stream = Vec::new();
+    for doc in text.split("\n%\n").skip(skip).take(4 * n) {
+        stream.extend(tok.encode_document(doc).unwrap());
+    }
+    stream.chunks(block).take(n).map(|c| c.to_vec()).collect()
+}
+
+/// Two datasets, one of them of shorter (padded) samples: 28 draws an epoch, so 10
+/// steps of global batch 4 cross an epoch boundary.
+fn data() -> TrainData {
+    let tok = Tokenizer::from_dir(&reference_dir("llama")).unwrap();
+    TrainData {
+        block_size: 33,
+        tokenizer_hash: Some(tok.hash),
+        origin: None,
+        datasets: vec![
+            TrainDataset {
+                name: "fortunes".into(),
+                weight: 1.0,
+                train: Arc::new(corpus_samples(33, 24, 0)),
+                validation: Arc::new(corpus_samples(33, 4, 400)),
+            },
+            TrainDataset {
+                name: "short".into(),
+                weight: 0.5,
+                train: Arc::new(corpus_samples(13, 8, 200)),
+                validation: Arc::new(corpus_samples(13, 2, 500)),
+            },
+        ],
+    }
+}
+
+/// 10 steps of a global batch of 4 samples: `devices` ranks of `4 / devices` samples,
+/// `micro` samples per forward pass.
+fn config(out: &Path, devices: usize, micro: usize) -> TrainConfig {
+    TrainConfig {
+        data_dir: "in-memory".into(),
+        checkpoint_dir: reference_dir("llama"),
+        out_dir: out.to_path_buf(),
+        devices,
+        micro_batch_size: micro,
+        batch_size: 4 / devices,
+        max_steps: Some(10),
+        learning_rate: 3e-3,
+        min_lr: 3e-4,
+        warmup_steps: 2,
+        eval_interval: 5,
+        save_interval: 4,
+        collective_timeout: 60,
+        ..Default::default()
+    }
+}
+
+fn lora(mut cfg: TrainConfig) -> TrainConfig {
+    cfg.lora_r = 4;
+    cfg.lora_alpha = 8.0;
+    // Dropout masks are drawn per rank: exact equivalence needs none.
+    cfg.lora_dropout = 0.0;
+    cfg.lora_mlp = true;
+    cfg
+}
+
+/// `(step, loss, val_loss)` rows of `metrics.csv`.
+fn rows(run: &Path) -> Vec<(usize, f64, Option<f64>)> {
+    std::fs::read_to_string(run.join("metrics.csv"))
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let c: Vec<&str> = l.split(',').collect();
+            (
+                c[0].parse().unwrap(),
+                c[3].parse().unwrap(),
+                c[8].parse().ok(),
+            )
+        })
+        .collect()
+}
+
+/// The trained tensors of a checkpoint (the model, or the adapter).
+fn weights(ck: &Path) -> HashMap<String, Vec<f32>> {
+    let file = ["model.safetensors", "adapter_model.safetensors"]
+        .iter()
+        .map(|f| ck.join(f))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| panic!("no weights in {}", ck.display()));
+    candle_core::safetensors::load(file, &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|(k, t)| (k, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect()
+}
+
+/// Largest relative difference of the losses (train and validation) of two runs, and
+/// largest absolute difference of their final weights; the runs must have the same rows.
+fn compare(a: &Path, b: &Path) -> (f64, f32) {
+    let (ra, rb) = (rows(a), rows(b));
+    assert_eq!(ra.len(), rb.len(), "{ra:?}\n{rb:?}");
+    let rel = |x: f64, y: f64| (x - y).abs() / x.abs().max(1e-12);
+    let mut loss = 0f64;
+    for (x, y) in ra.iter().zip(&rb) {
+        assert_eq!(x.0, y.0);
+        loss = loss.max(rel(x.1, y.1));
+        assert_eq!(x.2.is_some(), y.2.is_some(), "step {}", x.0);
+        if let (Some(u), Some(v)) = (x.2, y.2) {
+            loss = loss.max(rel(u, v));
+        }
+    }
+    let (wa, wb) = (weights(&a.join("final")), weights(&b.join("final")));
+    assert_eq!(wa.len(), wb.len());
+    let mut w = 0f32;
+    for (k, x) in &wa {
+        w = w.max(max_abs_diff(x, &wb[k]));
+    }
+    (loss, w)
+}
+
+fn assert_same(what: &str, a: &Path, b: &Path) {
+    let (loss, w) = compare(a, b);
+    eprintln!("{what}: max relative loss difference {loss:.2e}, max weight difference {w:.2e}");
+    assert!(loss < 1e-5, "{what}: losses differ by {loss:e} (relative)");
+    assert!(w < 1e-5, "{what}: final weights differ by {w:e}");
+}
+
+/// 1 rank × micro-batch 4 against 2 ranks × micro-batch 2, with ddp and zero1.
+fn two_ranks_are_one_rank(lora_on: bool) {
+    let kind = if lora_on { "LoRA" } else { "full" };
+    let tweak = |c: TrainConfig| if lora_on { lora(c) } else { c };
+    let one = temp_dir();
+    let s = pretrain_with_data(&tweak(config(one.path(), 1, 4)), data()).unwrap();
+    assert_eq!(s.steps, 10);
+    // The runs move the weights far enough for a difference to show.
+    let moved = weights(&one.path().join("final"))
+        .iter()
+        .filter(|(k, _)| !lora_on || k.contains("lora_B"))
+        .map(|(_, w)| w.iter().fold(0f32, |m, x| m.max(x.abs())))
+        .fold(0f32, f32::max);
+    assert!(moved > 1e-3, "{kind}: {moved}");
+    for parallel in [DataParallel::Ddp, DataParallel::Zero1] {
+        let two = temp_dir();
+        let mut cfg = tweak(config(two.path(), 2, 2));
+        cfg.strategy = parallel;
+        let s = pretrain_with_data(&cfg, data()).unwrap();
+        assert_eq!(s.final_checkpoint, Some(two.path().join("final")));
+        assert_same(
+            &format!("{kind}, 2 ranks {parallel} vs 1 rank"),
+            one.path(),
+            two.path(),
+        );
+        // Rank 0 alone wrote the run folder; every checkpoint is complete.
+        let log = std::fs::read_to_string(two.path().join("train.log")).unwrap();
+        assert!(
+            log.contains(&format!("cpu × 2 ranks ({parallel})")),
+            "{log}"
+        );
+        assert_eq!(log.matches("starting").count(), 1, "{log}");
+        for ck in ["step-00000004", "step-00000008", "final"] {
+            assert!(two.path().join(ck).join("optimizer.safetensors").exists());
+        }
+        assert_no_partial_files(two.path());
+    }
+}
+
+#[test]
+fn two_ranks_give_the_losses_and_weights_of_one_full() {
+    two_ranks_are_one_rank(false);
+}
+
+#[test]
+fn two_ranks_give_the_losses_and_weights_of_one_lora() {
+    two_ranks_are_one_rank(true);
+}
+
+fn assert_no_partial_files(run: &Path) {
+    for e in std::fs::read_dir(run).unwrap() {
+        let name = e.unwrap().file_name().to_string_lossy().to_string();
+        assert!(
+            !name.starts_with(".tmp-"),
+            "{name} left in {}",
+            run.display()
+        );
+    }
+}
+
+/// `run`'s files up to checkpoint `step`, copied into a fresh folder, as a run stopped
+/// there would have left them.
+fn stopped_at(run: &Path, step: usize) -> (tempfile::TempDir, PathBuf) {
+    let dir = temp_dir();
+    let name = format!("step-{step:08}");
+    let to = dir.path().join(&name);
+    std::fs::create_dir_all(&to).unwrap();
+    for e in std::fs::read_dir(run.join(&name)).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
+    }
+    for f in ["hyperparameters.toml", "metrics.csv", "train.log"] {
+        std::fs::copy(run.join(f), dir.path().join(f)).unwrap();
+    }
+    let path = dir.path().to_path_buf();
+    (dir, path)
+}
+
+#[test]
+fn a_checkpoint_of_two_ranks_resumes_on_one_and_on_four() {
+    // Written by 2 ranks with sharded optimizer state...
+    let two = temp_dir();
+    let mut cfg = config(two.path(), 2, 2);
+    cfg.strategy = DataParallel::Zero1;
+    pretrain_with_data(&cfg, data()).unwrap();
+    // ...it resumes on 1 rank (batch 4) and on 4 ranks (batch 1, ddp): the same
+    // global batch, the same continuation.
+    for (devices, micro) in [(1, 2), (4, 1)] {
+        let (_keep, resumed) = stopped_at(two.path(), 4);
+        let mut cfg = config(&resumed, devices, micro);
+        cfg.resume = Some("auto".into());
+        let s = pretrain_with_data(&cfg, data()).unwrap();
+        assert_eq!(s.steps, 10);
+        let log = std::fs::read_to_string(resumed.join("train.log")).unwrap();
+        assert!(log.contains("resuming"), "{log}");
+        assert_same(
+            &format!("2 ranks (zero1) resumed at step 4 on {devices}"),
+            two.path(),
+            &resumed,
+        );
+    }
+}
+
+/// What a test does to one rank.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Fault {
+    /// After `n` calls the rank is gone: it never arrives again, and tells no one.
+    Dies,
+    /// After `n` calls the rank gets an error of its own.
+    Fails,
+    /// The first all-gather of one value (the step's loss) carries a NaN.
+    Nan,
+}
+
+/// A rank's collective with a fault injected.
+struct Faulty {
+    inner: Arc<dyn Collective>,
+    group: ThreadGroup,
+    fault: Fault,
+    after: usize,
+    calls: AtomicUsize,
+}
+
+impl Faulty {
+    /// Whether this call is after the fault; a dead rank waits until the others have
+    /// given up on it (a thread cannot vanish like a process).
+    fn gone(&self) -> Result<()> {
+        if self.fault == Fault::Nan || self.calls.fetch_add(1, Ordering::SeqCst) < self.after {
+            return Ok(());
+        }
+        if self.fault == Fault::Dies {
+            while self.group.failure().is_none() {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            return Err(Error::Msg("killed".into()));
+        }
+        Err(Error::Msg("disk full".into()))
+    }
+}
+
+impl Collective for Faulty {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.inner.world_size()
+    }
+    fn all_reduce(&self, x: &Tensor, op: ReduceOp) -> Result<Tensor> {
+        self.gone()?;
+        self.inner.all_reduce(x, op)
+    }
+    fn reduce_scatter(&self, x: &Tensor, op: ReduceOp) -> Result<Tensor> {
+        self.gone()?;
+        self.inner.reduce_scatter(x, op)
+    }
+    fn all_gather(&self, x: &Tensor) -> Result<Tensor> {
+        self.gone()?;
+        if self.fault == Fault::Nan
+            && x.elem_count() == 1
+            && self.calls.fetch_add(1, Ordering::SeqCst) == self.after
+        {
+            return self.inner.all_gather(&(x * f64::NAN)?);
+        }
+        self.inner.all_gather(x)
+    }
+    fn broadcast(&self, x: &Tensor, root: usize) -> Result<Tensor> {
+        self.gone()?;
+        self.inner.broadcast(x, root)
+    }
+    fn barrier(&self) -> Result<()> {
+        self.gone()?;
+        self.inner.barrier()
+    }
+    fn abort(&self, reason: &str) {
+        // The dead tell no one.
+        if self.fault != Fault::Dies {
+            self.inner.abort(reason)
+        }
+    }
+}
+
+/// A 2-rank full run (timeout `timeout_s`) whose rank 1 suffers `fault` after `after`
+/// calls; returns the error and how long the run took.
+fn faulty_run(dir: &Path, fault: Fault, after: usize, timeout_s: u64) -> (String, Duration) {
+    let mut cfg = config(dir, 2, 2);
+    cfg.collective_timeout = timeout_s;
+    let group = ThreadGroup::new(2, Duration::from_secs(timeout_s));
+    let mut handles = group.handles();
+    handles[1] = Arc::new(Faulty {
+        inner: handles[1].clone(),
+        group: group.clone(),
+        fault,
+        after,
+        calls: AtomicUsize::new(0),
+    });
+    let t0 = Instant::now();
+    let e = train_threads(&cfg, data(), handles)
+        .unwrap_err()
+        .to_string();
+    eprintln!(
+        "{fault:?} after {after} calls: {e} ({:.1} s)",
+        t0.elapsed().as_secs_f64()
+    );
+    (e, t0.elapsed())
+}
+
+#[test]
+fn a_killed_rank_stops_the_others_within_the_timeout() {
+    let dir = temp_dir();
+    // Rank 1 dies in the middle of the run (after a checkpoint or two).
+    let (e, took) = faulty_run(dir.path(), Fault::Dies, 20, 2);
+    assert!(
+        e.starts_with("rank 0 failed:")
+            && e.contains("timed out")
+            && e.contains("waiting for rank 1"),
+        "{e}"
+    );
+    assert!(took < Duration::from_secs(30), "took {took:?}");
+    assert!(!e.contains('\n'), "{e}");
+    assert_no_partial_files(dir.path());
+    // Every checkpoint it left is complete, and the run resumes from the newest.
+    let mut cfg = config(dir.path(), 2, 2);
+    cfg.resume = Some("auto".into());
+    assert_eq!(pretrain_with_data(&cfg, data()).unwrap().steps, 10);
+
+    // A rank that never shows up at all (a rendezvous that times out).
+    let dir = temp_dir();
+    let (e, _) = faulty_run(dir.path(), Fault::Dies, 0, 1);
+    assert!(e.contains("waiting for rank 1"), "{e}");
+}
+
+#[test]
+fn a_failing_rank_stops_the_others_with_its_reason() {
+    let dir = temp_dir();
+    let (e, took) = faulty_run(dir.path(), Fault::Fails, 20, 60);
+    assert!(e.starts_with("rank 1 failed: step 6: disk full"), "{e}");
+    // No waiting for the timeout: the others were told.
+    assert!(took < Duration::from_secs(30), "took {took:?}");
+    assert_no_partial_files(dir.path());
+}
+
+#[test]
+fn a_nan_on_one_rank_stops_every_rank_naming_it() {
+    let dir = temp_dir();
+    // The third step's loss on rank 1 is NaN.
+    let (e, _) = faulty_run(dir.path(), Fault::Nan, 2, 60);
+    assert!(
+        e.starts_with("step 3:") && e.contains("NaN on rank 1") && e.contains("--resume auto"),
+        "{e}"
+    );
+    assert_no_partial_files(dir.path());
+    // The weights were not updated with it: nothing but complete checkpoints exist.
+    assert!(!dir.path().join("final").exists());
+}
+
+#[test]
+fn setups_data_parallel_cannot_do_are_refused_before_any_work() {
+    let dir = temp_dir();
+    let mut cfg = config(dir.path(), 2, 2);
+    cfg.num_nodes = 2;
+    let e = pretrain_with_data(&cfg, data()).unwrap_err().to_string();
+    assert!(
+        e.contains("--num-nodes 2") && e.contains("--devices"),
+        "{e}"
+    );
+    // A user error found on rank 0 reaches the caller once, naming the rank.
+    let mut cfg = config(dir.path(), 2, 2);
+    cfg.batch_size = 64;
+    let e = pretrain_with_data(&cfg, data()).unwrap_err().to_string();
+    assert!(e.contains("fewer than one batch"), "{e}");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
+#[test]
+fn the_cli_trains_on_cpu_threads() {
+    use crate::pipeline::{lit, prepared, s};
+    let root = temp_dir();
+    let data = prepared(root.path());
+    let run = root.path().join("run");
+    let model = reference_dir("llama");
+    let out = lit(&[
+        "pretrain",
+        "--data-dir",
+        s(&data),
+        "--checkpoint-dir",
+        s(&model),
+        "--out-dir",
+        s(&run),
+        "--device",
+        "cpu",
+        "--devices",
+        "2",
+        "--strategy",
+        "zero1",
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--micro-batch-size",
+        "1",
+        "--eval-interval",
+        "3",
+        "--eval-max-batches",
+        "1",
+    ]);
+    assert_eq!(out.trim(), s(&run.join("final")));
+    assert_eq!(rows(&run).len(), 3);
+    let hp = std::fs::read_to_string(run.join("hyperparameters.toml")).unwrap();
+    assert!(
+        hp.contains("strategy = \"zero1\"") && hp.contains("devices = 2"),
+        "{hp}"
+    );
+    let log = std::fs::read_to_string(run.join("train.log")).unwrap();
+    assert!(
+        log.contains("cpu × 2 ranks (zero1)") && log.contains("steps of 4 samples"),
+        "{log}"
+    );
+}
