@@ -112,6 +112,10 @@ mod tests {
                     .map(|s| (s - f).abs() < 1e-12)
                     .unwrap_or(false),
                 toml::Value::String(s) => s == shown,
+                toml::Value::Array(a) => {
+                    let items: Vec<&str> = a.iter().filter_map(|v| v.as_str()).collect();
+                    items.join(",") == shown
+                }
                 other => other.to_string() == shown,
             };
             assert!(same, "--{key}: help says {shown}, default is {actual}");

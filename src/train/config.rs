@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::metrics::Logger;
 use super::schedule::{Schedule, ScheduleKind};
 use crate::error::{Error, IoContext, Result};
 use crate::lora::{LoraConfig, LoraTargets};
@@ -171,6 +172,10 @@ train_options! {
     eval_max_batches: usize;
     /// `auto` (the run's newest checkpoint) or a checkpoint folder.
     resume: String;
+    /// Where metrics go: `csv` (RUN/metrics.csv, always on) and `tensorboard` (event
+    /// files in RUN/) [default: csv].
+    #[arg(value_enum, value_delimiter = ',')]
+    logger: Vec<Logger> = vec![Logger::Csv];
 }
 
 impl TrainConfig {
@@ -301,6 +306,11 @@ impl TrainConfig {
                     "--resume {r}: expected `auto` or a checkpoint folder"
                 ));
             }
+        }
+        if !self.logger.contains(&Logger::Csv) {
+            problems.push(
+                "--logger must include csv (metrics.csv is always written: plot and resume read it), e.g. --logger csv,tensorboard".into(),
+            );
         }
         if problems.is_empty() {
             Ok(())

@@ -10,6 +10,7 @@ pub mod optim;
 pub mod ranks;
 pub mod schedule;
 pub mod step;
+pub mod tensorboard;
 pub mod trainer;
 pub mod validate;
 pub mod zero;

@@ -16,7 +16,7 @@ use super::batches::{Batch, DataPosition, TrainData};
 use super::checkpoint::{self, TrainingState};
 use super::config::{IntervalUnit, TrainConfig};
 use super::evaluate::evaluate;
-use super::metrics::{METRICS_FILE, MetricsRow, MetricsWriter};
+use super::metrics::{Loggers, METRICS_FILE, MetricsRow};
 use super::optim::AdamWConfig;
 use super::schedule::Schedule;
 use super::step::{LossScaler, StepRunner, StepStats};
@@ -49,7 +49,7 @@ pub struct Trainer {
     lora: Option<LoraConfig>,
     schedule: Schedule,
     state: TrainingState,
-    metrics: Option<MetricsWriter>,
+    metrics: Option<Loggers>,
     log: Option<std::fs::File>,
     /// Order of the current epoch (for this rank).
     order: Vec<(u32, u32)>,
@@ -340,19 +340,19 @@ fn fresh_state(cfg: &TrainConfig, strategy: &Strategy, lora: Option<&LoraConfig>
     }
 }
 
-/// Rank 0's files in the run folder: the hyper-parameters, `metrics.csv` (continued
-/// after `resume_step` when resuming) and `train.log`.
+/// Rank 0's files in the run folder: the hyper-parameters, the loggers' files
+/// (continued after `resume = (step, tokens)` when resuming) and `train.log`.
 fn open_outputs(
     cfg: &TrainConfig,
     data: &TrainData,
-    resume_step: Option<usize>,
-) -> Result<(MetricsWriter, std::fs::File)> {
+    resume: Option<(usize, u64)>,
+) -> Result<(Loggers, std::fs::File)> {
     let out = &cfg.out_dir;
     std::fs::create_dir_all(out).at(out)?;
     checkpoint::clean_partial(out)?;
     cfg.save(out)?;
     let names: Vec<String> = data.datasets.iter().map(|d| d.name.clone()).collect();
-    let metrics = MetricsWriter::open(out, &names, resume_step)?;
+    let metrics = Loggers::open(out, &names, &cfg.logger, resume)?;
     let log_path = out.join("train.log");
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -397,7 +397,8 @@ impl Trainer {
         let warnings = plan.warnings.clone();
         let (runner, state) = build_runner(cfg, plan)?;
         let (metrics, log) = if zero {
-            let (m, l) = open_outputs(cfg, &data, resumed_from.as_ref().map(|(_, s)| *s))?;
+            let resume = resumed_from.as_ref().map(|_| (state.step, state.tokens));
+            let (m, l) = open_outputs(cfg, &data, resume)?;
             (Some(m), Some(l))
         } else {
             (None, None)

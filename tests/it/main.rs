@@ -25,6 +25,7 @@ mod publish_hub_server;
 mod publish_merge;
 mod real_model;
 mod rendezvous;
+mod tensorboard;
 mod train_parity;
 mod trainer;
 mod unseen;

@@ -25,7 +25,7 @@ fn corpus_samples(block: usize, n: usize, skip: usize) -> Vec<Vec<u32>> {
     stream.chunks(block).take(n).map(|c| c.to_vec()).collect()
 }
 
-fn data(block: usize) -> TrainData {
+pub(crate) fn data(block: usize) -> TrainData {
     let tok = Tokenizer::from_dir(&reference_dir("llama")).unwrap();
     TrainData {
         block_size: block,
@@ -49,7 +49,7 @@ fn data(block: usize) -> TrainData {
     }
 }
 
-fn config(out: &Path) -> TrainConfig {
+pub(crate) fn config(out: &Path) -> TrainConfig {
     TrainConfig {
         data_dir: "in-memory".into(),
         checkpoint_dir: reference_dir("llama"),
