@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::metrics::Logger;
+use super::loggers::Logger;
 use super::schedule::{Schedule, ScheduleKind};
 use crate::error::{Error, IoContext, Result};
 use crate::lora::{LoraConfig, LoraTargets};

@@ -6,16 +6,13 @@
 //! evaluation ran. On resume, rows after the checkpoint's step are dropped first, so a
 //! resumed run's file reads like that of a run that never stopped.
 //!
-//! [`Loggers`] sends each row to every logger of `--logger`: this file, always, and
-//! TensorBoard event files with `tensorboard` ([`super::tensorboard`]).
+//! [`super::loggers::Loggers`] sends each row here and to the other loggers of
+//! `--logger`.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
-
-use super::tensorboard::TensorBoardWriter;
 use crate::error::{Error, IoContext, Result};
 
 pub const METRICS_FILE: &str = "metrics.csv";
@@ -146,52 +143,5 @@ impl MetricsWriter {
         cols.extend(r.val_per_dataset.iter().map(|v| opt(*v)));
         writeln!(self.file, "{}", cols.join(",")).at(&self.path)?;
         self.file.flush().at(&self.path)
-    }
-}
-
-/// Where metrics rows go (`--logger csv,tensorboard`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Logger {
-    /// `RUN/metrics.csv` (always on: `plot`, the tests and resume read it).
-    Csv,
-    /// TensorBoard event files `RUN/events.out.tfevents.*`.
-    Tensorboard,
-}
-
-/// Every logger of a run; the trainer hands each row to [`Loggers::write`].
-pub struct Loggers {
-    csv: MetricsWriter,
-    tensorboard: Option<TensorBoardWriter>,
-}
-
-impl Loggers {
-    /// Open the loggers of `run`. When resuming at the checkpoint of step `step` after
-    /// `tokens` tokens (`resume`), every logger's file drops what came after it, so the
-    /// resumed run appends without duplicate steps.
-    pub fn open(
-        run: &Path,
-        datasets: &[String],
-        loggers: &[Logger],
-        resume: Option<(usize, u64)>,
-    ) -> Result<Self> {
-        let csv = MetricsWriter::open(run, datasets, resume.map(|(s, _)| s))?;
-        let tensorboard = if loggers.contains(&Logger::Tensorboard) {
-            Some(TensorBoardWriter::open(run, datasets, resume)?)
-        } else {
-            // Older event files (of a segment logged with tensorboard) still lose the
-            // steps this run will compute again.
-            TensorBoardWriter::cut_back(run, resume)?;
-            None
-        };
-        Ok(Loggers { csv, tensorboard })
-    }
-
-    pub fn write(&mut self, row: &MetricsRow) -> Result<()> {
-        self.csv.write(row)?;
-        if let Some(tb) = self.tensorboard.as_mut() {
-            tb.write(row)?;
-        }
-        Ok(())
     }
 }

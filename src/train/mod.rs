@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod data_source;
 pub mod evaluate;
+pub mod loggers;
 pub mod metrics;
 pub mod optim;
 pub mod ranks;

@@ -160,5 +160,10 @@ fn train_process_group(cfg: &TrainConfig, data: TrainData) -> Result<TrainSummar
     let strategy = Strategy::new(DeviceSpec::Cuda(gpu), cfg.precision)?;
     let timeout = Duration::from_secs(cfg.collective_timeout);
     let nccl = crate::strategy::nccl_collective(&pg, &strategy.device, timeout)?;
-    train_rank(cfg, data, strategy.with_collective(nccl, cfg.strategy), |_| {})
+    train_rank(
+        cfg,
+        data,
+        strategy.with_collective(nccl, cfg.strategy),
+        |_| {},
+    )
 }

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use lit_claire::train::metrics::Logger;
+use lit_claire::train::loggers::Logger;
 use lit_claire::train::{Trainer, pretrain_with_data};
 
 use crate::common::*;
