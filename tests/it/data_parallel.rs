@@ -20,19 +20,7 @@ use lit_claire::train::{TrainConfig, pretrain_with_data};
 
 use crate::common::*;
 
-/// Samples of `block` tokens from the sample corpus, tokenized with the llama fixture.
-fn corpus_samples(block: usize, n: usize, skip: usize) -> Vec<Vec<u32>> {
-    let tok = Tokenizer::from_dir(&reference_dir("llama")).unwrap();
-    let text = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("data/sample/fortunes-br.txt"),
-    )
-    .unwrap();
-    let mut stream = Vec::new();
-    for doc in text.split("\n%\n").skip(skip).take(4 * n) {
-        stream.extend(tok.encode_document(doc).unwrap());
-    }
-    stream.chunks(block).take(n).map(|c| c.to_vec()).collect()
-}
+use crate::trainer::corpus_samples;
 
 /// Two datasets, one of them of shorter (padded) samples: 28 draws an epoch, so 10
 /// steps of global batch 4 cross an epoch boundary.

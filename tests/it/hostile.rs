@@ -265,19 +265,7 @@ fn issue9_constant_schedule_accepts_a_learning_rate_below_min_lr() {
     assert!(e.contains("--min-lr"), "{e}");
 }
 
-/// Training samples of `block` tokens from the sample corpus.
-fn samples(block: usize, n: usize, skip: usize) -> Vec<Vec<u32>> {
-    let tok = Tokenizer::from_dir(&reference_dir("llama")).unwrap();
-    let text = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("data/sample/fortunes-br.txt"),
-    )
-    .unwrap();
-    let mut stream = Vec::new();
-    for doc in text.split("\n%\n").skip(skip).take(4 * n) {
-        stream.extend(tok.encode_document(doc).unwrap());
-    }
-    stream.chunks(block).take(n).map(|c| c.to_vec()).collect()
-}
+use crate::trainer::corpus_samples as samples;
 
 fn memory_data() -> TrainData {
     let tok = Tokenizer::from_dir(&reference_dir("llama")).unwrap();

@@ -12,7 +12,7 @@ use lit_claire::train::{TrainConfig, Trainer, pretrain_with_data};
 use crate::common::*;
 
 /// Samples of `block` tokens from the sample corpus, tokenized with the llama fixture.
-fn corpus_samples(block: usize, n: usize, skip: usize) -> Vec<Vec<u32>> {
+pub(crate) fn corpus_samples(block: usize, n: usize, skip: usize) -> Vec<Vec<u32>> {
     let tok = Tokenizer::from_dir(&reference_dir("llama")).unwrap();
     let text = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("data/sample/fortunes-br.txt"),
