@@ -107,19 +107,7 @@ impl AdamW {
     pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, t: u64) -> Result<()> {
         for (i, (name, var)) in self.vars.iter().enumerate() {
             let get = |k: String| -> Result<Tensor> {
-                let x = tensors.get(&k).ok_or_else(|| {
-                    Error::Msg(format!(
-                        "optimizer state has no {k}; was the checkpoint written by another run?"
-                    ))
-                })?;
-                if x.dims() != var.dims() {
-                    return Err(Error::Msg(format!(
-                        "optimizer state {k} has shape {:?}, the parameter {:?}",
-                        x.dims(),
-                        var.dims()
-                    )));
-                }
-                Ok(x.to_device(var.device())?.to_dtype(var.dtype())?)
+                Ok(saved_moment(tensors, &k, var)?.to_dtype(var.dtype())?)
             };
             self.m[i] = get(format!("exp_avg.{name}"))?;
             self.v[i] = get(format!("exp_avg_sq.{name}"))?;
@@ -312,4 +300,26 @@ pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
         }
     }
     Ok(norm)
+}
+
+/// The saved moment `key` of `var` (from [`AdamW::state_tensors`]), checked against the
+/// parameter's shape and moved to its device.
+pub(crate) fn saved_moment(
+    tensors: &HashMap<String, Tensor>,
+    key: &str,
+    var: &candle_core::Var,
+) -> Result<Tensor> {
+    let x = tensors.get(key).ok_or_else(|| {
+        Error::Msg(format!(
+            "optimizer state has no {key}; was the checkpoint written by another run?"
+        ))
+    })?;
+    if x.dims() != var.dims() {
+        return Err(Error::Msg(format!(
+            "optimizer state {key} has shape {:?}, the parameter {:?}",
+            x.dims(),
+            var.dims()
+        )));
+    }
+    Ok(x.to_device(var.device())?)
 }

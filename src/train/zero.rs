@@ -233,19 +233,7 @@ impl ShardedAdamW {
         for (name, var) in &self.vars {
             for (prefix, out) in [("exp_avg", &mut ms), ("exp_avg_sq", &mut vs)] {
                 let k = format!("{prefix}.{name}");
-                let x = tensors.get(&k).ok_or_else(|| {
-                    Error::Msg(format!(
-                        "optimizer state has no {k}; was the checkpoint written by another run?"
-                    ))
-                })?;
-                if x.dims() != var.dims() {
-                    return Err(Error::Msg(format!(
-                        "optimizer state {k} has shape {:?}, the parameter {:?}",
-                        x.dims(),
-                        var.dims()
-                    )));
-                }
-                out.push(x.to_device(var.device())?);
+                out.push(super::optim::saved_moment(tensors, &k, var)?);
             }
         }
         let shard = |parts: &[Tensor]| -> Result<Tensor> {
