@@ -135,6 +135,7 @@ pub fn run_demo(opts: &DemoOptions) -> Result<DemoReport> {
             data.block_size,
             EVAL_BATCH,
             None,
+            false,
             &strategy.device,
         )
     };
@@ -198,6 +199,7 @@ pub fn run_demo(opts: &DemoOptions) -> Result<DemoReport> {
             batch_size: EVAL_BATCH,
             csv: Some(validation_csv.clone()),
             watch: None,
+            cross_document_attention: None,
         },
         &data,
         &strategy,

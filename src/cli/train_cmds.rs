@@ -68,6 +68,10 @@ pub struct ValidateArgs {
     /// Keep watching for new checkpoints every SECONDS until the run's final one is scored.
     #[arg(long)]
     pub watch: Option<u64>,
+    /// Let the documents packed in a sample attend to each other (the behaviour before
+    /// issue 13). Default: as each checkpoint's run trained (false when it does not say).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub cross_document_attention: Option<bool>,
     #[command(flatten)]
     pub runtime: super::RuntimeArgs,
 }
@@ -81,6 +85,7 @@ pub fn validate(a: ValidateArgs) -> Result<()> {
         batch_size: a.batch_size,
         csv: a.csv,
         watch: a.watch.map(std::time::Duration::from_secs),
+        cross_document_attention: a.cross_document_attention,
     };
     let rows = crate::train::validate::validate_run(&opts, &data, &strategy)?;
     eprintln!("{} new validation rows", rows.len());

@@ -6,6 +6,8 @@
 //!   <dataset>/
 //!     dataset.json                DatasetRecord: written last inside the dataset folder
 //!     train/shard-00000.{bin,idx} Megatron shards (see `megatron`)
+//!     train/shard-00000.docs      packed splits: where documents start inside each
+//!                                 sample (see `doc_starts`), when `document_starts`
 //!     ...
 //!     validation/shard-00000.{bin,idx}
 //! ```
@@ -46,6 +48,10 @@ pub struct Settings {
     pub multiple_of: usize,
     pub shard_tokens: u64,
     pub skip_bad_lines: bool,
+    /// Packed shards carry `.docs` files of document starts (false for padded data,
+    /// and for packed data prepared before they existed).
+    #[serde(default)]
+    pub document_starts: bool,
 }
 
 /// One raw file of a dataset.
@@ -94,6 +100,12 @@ pub struct Metadata {
     pub max_length: usize,
     /// Whether samples are single chunks of documents (true) or packed (false).
     pub padding: bool,
+    /// Packed samples record where their documents start (a `.docs` file beside each
+    /// shard, see [`doc_starts`](super::doc_starts)), so that training can keep them
+    /// apart. Absent (false) in packed data prepared before: each sample is then taken
+    /// as one document.
+    #[serde(default)]
+    pub document_starts: bool,
     pub tokenizer_hash: String,
     pub vocab_size: usize,
     pub dtype: TokenDtype,

@@ -6,7 +6,7 @@
 //!   streaming tokenizer pipeline, [`chunk`] (turn-aware cutting), [`augment`]
 //!   (speaker-tag rewriting), [`groups`] (sampling weights), [`writer`] (split streams
 //!   cut into shards) and [`megatron`] (the `.bin` / `.idx` format); [`metadata`] is
-//!   what it writes beside the shards.
+//!   what it writes beside the shards, [`doc_starts`] where packed documents meet.
 //! - [`reader`]: random access to prepared samples for training and validation.
 //! - [`train_tokenizer`]: byte-level BPE training; [`dedup`] with [`minhash`]: exact and
 //!   near-duplicate removal.
@@ -14,6 +14,7 @@
 pub mod augment;
 pub mod chunk;
 pub mod dedup;
+pub mod doc_starts;
 pub mod documents;
 pub mod groups;
 pub mod megatron;

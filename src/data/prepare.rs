@@ -234,6 +234,7 @@ pub fn prepare_data(opts: &PrepareOptions) -> Result<PrepareReport> {
         multiple_of: opts.multiple_of,
         shard_tokens: opts.shard_tokens,
         skip_bad_lines: opts.read.skip_bad_lines,
+        document_starts: !opts.padding,
     };
 
     // Decide what to do with each dataset before changing anything.
@@ -346,6 +347,7 @@ pub fn prepare_data(opts: &PrepareOptions) -> Result<PrepareReport> {
         block_size,
         max_length,
         padding: opts.padding,
+        document_starts: !opts.padding,
         tokenizer_hash: tok.hash.clone(),
         vocab_size: tok.vocab_size(),
         dtype,
@@ -402,7 +404,9 @@ impl Drop for RemoveIfEmpty {
 /// missing, or of another size than the record says. None when it is whole.
 fn damage(dir: &Path, rec: &DatasetRecord) -> Option<String> {
     for split in [&rec.train, &rec.validation] {
-        if let Err(e) = super::reader::Split::open(dir, split, rec.settings.block_size) {
+        let block = rec.settings.block_size;
+        if let Err(e) = super::reader::Split::open(dir, split, block, rec.settings.document_starts)
+        {
             return Some(e.to_string());
         }
     }

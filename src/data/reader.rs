@@ -20,6 +20,7 @@
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+use super::doc_starts::DocStarts;
 use super::megatron::IndexedShard;
 use super::metadata::{DATASET_FILE, FORMAT, METADATA_FILE, Metadata, VERSION};
 use super::writer::SplitStats;
@@ -57,6 +58,8 @@ pub struct PreparedDataset {
 #[derive(Debug)]
 pub struct Split {
     shards: Vec<IndexedShard>,
+    /// Packed splits: each shard's document starts (see `doc_starts`).
+    starts_of: Option<Vec<DocStarts>>,
     /// `starts[s]`: global index of shard `s`'s first sample; `starts[S]` = len.
     starts: Vec<usize>,
     tokens: u64,
@@ -112,6 +115,13 @@ impl PreparedData {
                 "lists no dataset; re-run prepare-data with --overwrite",
             ));
         }
+        if !metadata.padding && !metadata.document_starts {
+            eprintln!(
+                "note: {} was packed before prepare-data recorded document starts: each sample is taken as one document, so its documents attend to each other; re-run prepare-data --padding false --overwrite to keep them apart",
+                dir.display()
+            );
+        }
+        let starts = metadata.document_starts;
         let mut datasets = Vec::with_capacity(metadata.datasets.len());
         for d in &metadata.datasets {
             let ds_dir = dir.join(&d.dir);
@@ -126,8 +136,8 @@ impl PreparedData {
                 name: d.name.clone(),
                 group: d.group.clone(),
                 weight: d.weight,
-                train: Split::open(&ds_dir, &d.train, metadata.block_size)?,
-                validation: Split::open(&ds_dir, &d.validation, metadata.block_size)?,
+                train: Split::open(&ds_dir, &d.train, metadata.block_size, starts)?,
+                validation: Split::open(&ds_dir, &d.validation, metadata.block_size, starts)?,
             });
         }
         Ok(PreparedData {
@@ -174,9 +184,16 @@ pub fn check_tokenizer_hash(
 }
 
 impl Split {
-    /// Map the shards listed in `stats`, under the dataset folder `dir`.
-    pub fn open(dir: &Path, stats: &SplitStats, block_size: usize) -> Result<Split> {
+    /// Map the shards listed in `stats`, under the dataset folder `dir`, with their
+    /// document starts when `document_starts` (packed data that records them).
+    pub fn open(
+        dir: &Path,
+        stats: &SplitStats,
+        block_size: usize,
+        document_starts: bool,
+    ) -> Result<Split> {
         let mut shards = Vec::with_capacity(stats.shards.len());
+        let mut starts_of = document_starts.then(Vec::new);
         let mut starts = vec![0];
         for info in &stats.shards {
             let shard = IndexedShard::open(&dir.join(&info.prefix))?;
@@ -199,10 +216,14 @@ impl Split {
                 )));
             }
             starts.push(starts.last().copied().unwrap_or(0) + shard.len());
+            if let Some(v) = starts_of.as_mut() {
+                v.push(DocStarts::open(&dir.join(&info.prefix), shard.len())?);
+            }
             shards.push(shard);
         }
         Ok(Split {
             shards,
+            starts_of,
             starts,
             tokens: stats.tokens,
             block_size,
@@ -250,6 +271,27 @@ impl Split {
         // The last shard starting at or before i; empty shards share starts and are skipped.
         let s = self.starts.partition_point(|&start| start <= i) - 1;
         self.shards[s].get_into(i - self.starts[s], out)
+    }
+
+    /// Where documents start inside sample `i` besides offset 0 (packed data that
+    /// records it; empty otherwise).
+    pub fn doc_starts(&self, i: usize) -> Result<Vec<u32>> {
+        let Some(all) = &self.starts_of else {
+            return Ok(Vec::new());
+        };
+        if i >= self.len() {
+            return Err(Error::Data(format!(
+                "sample {i} out of range: the split has {} samples",
+                self.len()
+            )));
+        }
+        let s = self.starts.partition_point(|&start| start <= i) - 1;
+        all[s].get(i - self.starts[s])
+    }
+
+    /// Whether the samples record their document starts.
+    pub fn has_doc_starts(&self) -> bool {
+        self.starts_of.is_some()
     }
 
     /// The tokens of sample `i`; fewer than `block_size` means the rest is padding.

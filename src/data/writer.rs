@@ -17,7 +17,9 @@
 //! and a Megatron document is a source document (its chunks). With packing, documents
 //! are laid back to back and cut every `block_size` tokens (consecutive samples are
 //! disjoint slices of the token stream, the last one may be shorter) and each sample is
-//! its own Megatron document.
+//! its own Megatron document; where documents start inside a sample is streamed too
+//! (`.<split>.counts.tmp`: one `u32` per sample, `.<split>.starts.tmp`: the offsets)
+//! and written beside each shard ([`doc_starts`](super::doc_starts)).
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
@@ -75,9 +77,13 @@ pub struct SplitWriter {
     tokens: BufWriter<File>,
     lengths: BufWriter<File>,
     doc_ends: BufWriter<File>,
+    /// Packing: document starts per sample, and the starts themselves.
+    start_counts: Option<BufWriter<File>>,
+    starts: Option<BufWriter<File>>,
     stats: SplitStats,
-    /// Packing: tokens of the sample being filled.
+    /// Packing: tokens of the sample being filled, and where documents start in it.
     fill: usize,
+    fill_starts: Vec<u32>,
     buf: Vec<u8>,
 }
 
@@ -110,8 +116,17 @@ impl SplitWriter {
             tokens: create(&temp_name(dir, split, "tokens"))?,
             lengths: create(&temp_name(dir, split, "lengths"))?,
             doc_ends: create(&temp_name(dir, split, "docs"))?,
+            start_counts: match padding {
+                true => None,
+                false => Some(create(&temp_name(dir, split, "counts"))?),
+            },
+            starts: match padding {
+                true => None,
+                false => Some(create(&temp_name(dir, split, "starts"))?),
+            },
             stats: SplitStats::default(),
             fill: 0,
+            fill_starts: Vec::new(),
             buf: Vec::new(),
         })
     }
@@ -132,6 +147,13 @@ impl SplitWriter {
             .at(&path)?;
         self.stats.samples += 1;
         self.stats.padded_tokens += (self.block_size - len) as u64;
+        if let (Some(counts), Some(starts)) = (self.start_counts.as_mut(), self.starts.as_mut()) {
+            let n = self.fill_starts.len() as u32;
+            counts.write_all(&n.to_le_bytes()).at(&path)?;
+            for s in self.fill_starts.drain(..) {
+                starts.write_all(&s.to_le_bytes()).at(&path)?;
+            }
+        }
         Ok(())
     }
 
@@ -159,6 +181,10 @@ impl SplitWriter {
             }
             self.end_document()?;
         } else {
+            // A document that does not open its sample starts inside it.
+            if self.fill > 0 && !ids.is_empty() {
+                self.fill_starts.push(self.fill as u32);
+            }
             self.fill += ids.len();
             while self.fill >= self.block_size {
                 self.fill -= self.block_size;
@@ -185,10 +211,18 @@ impl SplitWriter {
         let tokens_path = temp_name(&self.dir, self.split, "tokens");
         let lengths_path = temp_name(&self.dir, self.split, "lengths");
         let docs_path = temp_name(&self.dir, self.split, "docs");
+        let counts_path = temp_name(&self.dir, self.split, "counts");
+        let starts_path = temp_name(&self.dir, self.split, "starts");
         self.tokens.flush().at(&tokens_path)?;
         self.lengths.flush().at(&lengths_path)?;
         self.doc_ends.flush().at(&docs_path)?;
+        let packed = self.start_counts.is_some();
+        if let (Some(c), Some(s)) = (self.start_counts.as_mut(), self.starts.as_mut()) {
+            c.flush().at(&counts_path)?;
+            s.flush().at(&starts_path)?;
+        }
         drop((self.tokens, self.lengths, self.doc_ends));
+        drop((self.start_counts, self.starts));
 
         let n = self.stats.samples;
         let num_shards = shard_count(self.stats.tokens, shard_tokens, multiple_of);
@@ -207,6 +241,13 @@ impl SplitWriter {
         let mut docs = DocEnds::new(open(&docs_path)?, docs_path.clone());
         let mut tokens = open(&tokens_path)?;
         let size = self.dtype.size() as u64;
+        let mut start_files = match packed {
+            true => Some((
+                BufReader::with_capacity(1 << 20, open(&counts_path)?),
+                BufReader::with_capacity(1 << 20, open(&starts_path)?),
+            )),
+            false => None,
+        };
 
         for s in 0..num_shards as u64 {
             let lo = (s as u128 * n as u128 / num_shards as u128) as u64;
@@ -246,6 +287,23 @@ impl SplitWriter {
             idx.seek(SeekFrom::Start(26)).at(&idx_path)?;
             idx.write_all(&entries.to_le_bytes()).at(&idx_path)?;
 
+            if let Some((counts_in, starts_in)) = start_files.as_mut() {
+                let mut counts = vec![0u32; count as usize];
+                let mut b4 = [0u8; 4];
+                for c in counts.iter_mut() {
+                    counts_in.read_exact(&mut b4).at(&counts_path)?;
+                    *c = u32::from_le_bytes(b4);
+                }
+                let n: u64 = counts.iter().map(|&c| c as u64).sum();
+                let mut starts = Vec::with_capacity(n as usize);
+                for _ in 0..n {
+                    starts_in.read_exact(&mut b4).at(&starts_path)?;
+                    starts.push(u32::from_le_bytes(b4));
+                }
+                let prefix = out_dir.join(&name);
+                super::doc_starts::write(&super::doc_starts::docs_path(&prefix), &counts, &starts)?;
+            }
+
             let mut bin = File::create(&bin_path).at(&bin_path)?;
             std::io::copy(&mut (&mut tokens).take(ptr), &mut bin).at(&bin_path)?;
             if ptr == 0 {
@@ -259,8 +317,14 @@ impl SplitWriter {
                 documents: entries - 1,
             });
         }
+        drop(start_files);
         for p in [&tokens_path, &lengths_path, &docs_path] {
             std::fs::remove_file(p).at(p)?;
+        }
+        if packed {
+            for p in [&counts_path, &starts_path] {
+                std::fs::remove_file(p).at(p)?;
+            }
         }
         Ok(self.stats)
     }

@@ -8,6 +8,8 @@
 //! `g` query heads sharing a key/value head are stacked along the sequence axis, so one
 //! batched matmul per key/value head does the work.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Result, Tensor};
 
 use super::fused::{MaskSpec, masked_softmax};
@@ -123,12 +125,15 @@ impl Attention {
     ///
     /// `rope` covers those positions (None for learned positions). With a cache, keys
     /// and values of earlier calls are attended to and this call's are appended.
+    /// `docs` (packed samples, `B·T` document starts, see [`MaskSpec::docs`]) hides
+    /// other documents' keys; generation passes None.
     pub fn forward(
         &self,
         x: &Tensor,
         pos: usize,
         rope: Option<&RopeTables>,
         cache: Option<&mut LayerCache>,
+        docs: Option<&Arc<[u32]>>,
         dropout: Option<&Dropout>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
@@ -179,6 +184,7 @@ impl Attention {
             q_start: pos,
             k_start: key_start,
             window: self.window,
+            docs: docs.cloned(),
         };
         let probs = masked_softmax(&scores, self.scale, Some(mask))?.to_dtype(v.dtype())?;
         let y = probs.reshape((b, nkv, g * t, s))?.matmul(&v)?; // (B, nkv, g·T, hs)

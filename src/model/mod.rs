@@ -17,6 +17,8 @@ pub mod norm;
 pub mod rope;
 pub mod weights;
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Result, Tensor, Var};
 
 pub use attention::{Attention, LayerCache, QkvProj};
@@ -47,10 +49,11 @@ impl Block {
         pos: usize,
         rope: Option<&RopeTables>,
         cache: Option<&mut LayerCache>,
+        docs: Option<&Arc<[u32]>>,
         dropout: Option<&Dropout>,
     ) -> Result<Tensor> {
         let n1 = self.norm1.forward(x)?;
-        let a = self.attn.forward(&n1, pos, rope, cache, dropout)?;
+        let a = self.attn.forward(&n1, pos, rope, cache, docs, dropout)?;
         match self.residual {
             Residual::Sequential => {
                 let h = (x + a)?;
@@ -115,7 +118,21 @@ impl Gpt {
     /// Logits `(B, T, V)` in f32 for `ids: (B, T)` at positions `0..T`.
     /// `dropout` is `Some` in training.
     pub fn forward(&self, ids: &Tensor, dropout: Option<&Dropout>) -> Result<Tensor> {
-        self.run(ids, 0, None, dropout, false)
+        self.run(ids, 0, None, None, dropout, false)
+    }
+
+    /// Logits `(B, T, V)` of packed samples: `docs[b·T + i]` is the index of the first
+    /// token of the document token `i` of row `b` belongs to (non-decreasing along a row,
+    /// `docs[b·T + i] <= i`). Each token attends only to its own document and sits at
+    /// position `i − docs[b·T + i]`, as if its document were run alone. `None` is
+    /// [`Gpt::forward`].
+    pub fn forward_packed(
+        &self,
+        ids: &Tensor,
+        docs: Option<&Arc<[u32]>>,
+        dropout: Option<&Dropout>,
+    ) -> Result<Tensor> {
+        self.run(ids, 0, None, docs, dropout, false)
     }
 
     /// Logits for the new `ids` after what `cache` has seen, appending to it.
@@ -128,7 +145,7 @@ impl Gpt {
     ) -> Result<Tensor> {
         let pos = cache.pos;
         let (_, t) = ids.dims2()?;
-        let logits = self.run(ids, pos, Some(&mut cache.layers), None, last_only)?;
+        let logits = self.run(ids, pos, Some(&mut cache.layers), None, None, last_only)?;
         cache.pos += t;
         Ok(logits)
     }
@@ -138,11 +155,17 @@ impl Gpt {
         ids: &Tensor,
         pos: usize,
         mut caches: Option<&mut Vec<LayerCache>>,
+        docs: Option<&Arc<[u32]>>,
         dropout: Option<&Dropout>,
         last_only: bool,
     ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let c = self.cfg.hidden_size;
+        // Packed samples: each token's position inside its document.
+        let positions = match docs {
+            Some(d) => Some(document_positions(d, b, t)?),
+            None => None,
+        };
         let mut x = self
             .wte
             .index_select(&ids.flatten_all()?, 0)?
@@ -156,16 +179,26 @@ impl Gpt {
                     wpe.dim(0)?
                 );
             }
-            let p = wpe.narrow(0, pos, t)?.to_dtype(self.compute_dtype)?;
-            x = x.broadcast_add(&p)?;
+            x = match &positions {
+                None => x.broadcast_add(&wpe.narrow(0, pos, t)?.to_dtype(self.compute_dtype)?)?,
+                Some(p) => {
+                    let p: Vec<u32> = p.iter().map(|&p| p as u32).collect();
+                    let p = Tensor::from_vec(p, b * t, ids.device())?;
+                    let rows = wpe.index_select(&p, 0)?.reshape((b, t, c))?;
+                    (x + rows.to_dtype(self.compute_dtype)?)?
+                }
+            };
         }
-        let rope = match &self.cfg.position {
-            PositionKind::Rotary(r) => Some(RopeTables::new(r, pos, t, ids.device())?),
-            PositionKind::Learned => None,
+        let rope = match (&self.cfg.position, &positions) {
+            (PositionKind::Rotary(r), None) => Some(RopeTables::new(r, pos, t, ids.device())?),
+            (PositionKind::Rotary(r), Some(p)) => {
+                Some(RopeTables::at_positions(r, p, b, t, ids.device())?)
+            }
+            (PositionKind::Learned, _) => None,
         };
         for (i, block) in self.blocks.iter().enumerate() {
             let cache = caches.as_deref_mut().map(|c| &mut c[i]);
-            x = block.forward(&x, pos, rope.as_ref(), cache, dropout)?;
+            x = block.forward(&x, pos, rope.as_ref(), cache, docs, dropout)?;
         }
         if last_only {
             x = x.narrow(1, t - 1, 1)?;
@@ -235,6 +268,30 @@ impl Gpt {
         }
         out
     }
+}
+
+/// Position of each token of packed rows inside its document: `i − docs[b·T + i]`,
+/// checking that `docs` holds `B·T` starts, each at most its token's index.
+fn document_positions(docs: &[u32], b: usize, t: usize) -> Result<Vec<usize>> {
+    if docs.len() != b * t {
+        candle_core::bail!(
+            "packed batch: {} document starts for {b} rows of {t} tokens",
+            docs.len()
+        );
+    }
+    docs.iter()
+        .enumerate()
+        .map(|(n, &d)| {
+            let i = n % t;
+            match i.checked_sub(d as usize) {
+                Some(p) => Ok(p),
+                None => candle_core::bail!(
+                    "packed batch: token {i} of row {} starts its document at {d}, after itself",
+                    n / t
+                ),
+            }
+        })
+        .collect()
 }
 
 /// A model with the variables an optimizer updates.

@@ -51,7 +51,9 @@ pub fn inv_freq(cfg: &RotaryConfig) -> Vec<f64> {
     }
 }
 
-/// Cosines and sines for a run of positions, each `(seq, rotary_dims / 2)`.
+/// Cosines and sines, each `(seq, rotary_dims / 2)` for a run of positions shared by
+/// every batch row, or `(batch, seq, rotary_dims / 2)` for per-token positions (packed
+/// samples, where positions restart at each document).
 #[derive(Debug, Clone)]
 pub struct RopeTables {
     pub cos: Tensor,
@@ -62,18 +64,9 @@ pub struct RopeTables {
 impl RopeTables {
     /// Tables for positions `start .. start + len`, computed in f32 like PyTorch does.
     pub fn new(cfg: &RotaryConfig, start: usize, len: usize, device: &Device) -> Result<Self> {
-        let freqs = inv_freq(cfg);
-        let half = freqs.len();
-        let mut cos = Vec::with_capacity(len * half);
-        let mut sin = Vec::with_capacity(len * half);
-        for p in start..start + len {
-            for f in &freqs {
-                // f32 product, as transformers computes `positions.float() @ inv_freq.float()`.
-                let angle = (p as f32) * (*f as f32);
-                cos.push(angle.cos());
-                sin.push(angle.sin());
-            }
-        }
+        let positions: Vec<usize> = (start..start + len).collect();
+        let (cos, sin) = Self::angles(cfg, &positions);
+        let half = cfg.rotary_dims / 2;
         Ok(RopeTables {
             cos: Tensor::from_vec(cos, (len, half), device)?,
             sin: Tensor::from_vec(sin, (len, half), device)?,
@@ -81,7 +74,48 @@ impl RopeTables {
         })
     }
 
-    /// Rotate `x`: `(batch, heads, seq, head_dim)`; the tables must cover `seq` positions.
+    /// Tables for per-token positions: `positions[b * seq + i]` is the position of token
+    /// `i` of batch row `b`; the tables are `(batch, seq, rotary_dims / 2)`.
+    pub fn at_positions(
+        cfg: &RotaryConfig,
+        positions: &[usize],
+        batch: usize,
+        seq: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        if positions.len() != batch * seq {
+            candle_core::bail!(
+                "rotary tables: {} positions for {batch} rows of {seq} tokens",
+                positions.len()
+            );
+        }
+        let (cos, sin) = Self::angles(cfg, positions);
+        let half = cfg.rotary_dims / 2;
+        Ok(RopeTables {
+            cos: Tensor::from_vec(cos, (batch, seq, half), device)?,
+            sin: Tensor::from_vec(sin, (batch, seq, half), device)?,
+            rotary_dims: cfg.rotary_dims,
+        })
+    }
+
+    /// `cos(p·θᵢ)` and `sin(p·θᵢ)` for each position `p` in turn, `rotary_dims / 2` each.
+    fn angles(cfg: &RotaryConfig, positions: &[usize]) -> (Vec<f32>, Vec<f32>) {
+        let freqs = inv_freq(cfg);
+        let n = positions.len() * freqs.len();
+        let (mut cos, mut sin) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        for &p in positions {
+            for f in &freqs {
+                // f32 product, as transformers computes `positions.float() @ inv_freq.float()`.
+                let angle = (p as f32) * (*f as f32);
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        (cos, sin)
+    }
+
+    /// Rotate `x`: `(batch, heads, seq, head_dim)`; the tables must cover `seq` positions
+    /// (of each of the `batch` rows, for per-token tables).
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
         match super::fused::rope(x, &self.cos, &self.sin)? {
             Some(y) => Ok(y),
@@ -94,8 +128,12 @@ impl RopeTables {
         let (_, _, _, head_dim) = x.dims4()?;
         let rd = self.rotary_dims;
         let half = rd / 2;
-        let cos = self.cos.to_dtype(x.dtype())?;
-        let sin = self.sin.to_dtype(x.dtype())?;
+        let (mut cos, mut sin) = (self.cos.to_dtype(x.dtype())?, self.sin.to_dtype(x.dtype())?);
+        if cos.rank() == 3 {
+            // (B, T, rd/2) → (B, 1, T, rd/2): the same angles for every head.
+            cos = cos.unsqueeze(1)?;
+            sin = sin.unsqueeze(1)?;
+        }
         let x1 = x.narrow(3, 0, half)?;
         let x2 = x.narrow(3, half, half)?;
         let r1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;

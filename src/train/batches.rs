@@ -24,9 +24,76 @@ pub trait SampleSet: Send + Sync {
     fn len(&self) -> usize;
     /// Tokens of sample `i`: at most the block size; shorter samples are padded.
     fn sample(&self, i: usize) -> Result<Vec<u32>>;
+    /// Where documents start inside sample `i` besides its first token: ascending
+    /// offsets in `1..len` (packed samples). Empty: the sample is one document (or
+    /// its boundaries are not known).
+    fn doc_starts(&self, _i: usize) -> Result<Vec<u32>> {
+        Ok(Vec::new())
+    }
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// Packed samples held in memory: `samples[i]` with its document starts `starts[i]`
+/// (see [`SampleSet::doc_starts`]).
+#[derive(Debug, Clone, Default)]
+pub struct PackedSamples {
+    pub samples: Vec<Vec<u32>>,
+    pub starts: Vec<Vec<u32>>,
+}
+
+impl PackedSamples {
+    /// Documents laid back to back and cut every `block_size` tokens, as
+    /// `prepare-data --padding false` does.
+    pub fn pack(documents: &[Vec<u32>], block_size: usize) -> Self {
+        let mut out = PackedSamples::default();
+        let (mut cur, mut starts) = (Vec::new(), Vec::new());
+        for doc in documents {
+            if !cur.is_empty() {
+                starts.push(cur.len() as u32);
+            }
+            for &id in doc {
+                cur.push(id);
+                if cur.len() == block_size {
+                    out.samples.push(std::mem::take(&mut cur));
+                    out.starts.push(std::mem::take(&mut starts));
+                }
+            }
+        }
+        if !cur.is_empty() {
+            out.samples.push(cur);
+            out.starts.push(starts);
+        }
+        out
+    }
+}
+
+impl SampleSet for PackedSamples {
+    fn len(&self) -> usize {
+        self.samples.len()
+    }
+    fn sample(&self, i: usize) -> Result<Vec<u32>> {
+        Ok(self.samples[i].clone())
+    }
+    fn doc_starts(&self, i: usize) -> Result<Vec<u32>> {
+        Ok(self.starts[i].clone())
+    }
+}
+
+/// Sample `i` of `set` and its document starts; none with `cross_document` (the
+/// documents of a packed sample then see each other, the behaviour before issue 13).
+pub fn sample_with_starts(
+    set: &dyn SampleSet,
+    i: usize,
+    cross_document: bool,
+) -> Result<(Vec<u32>, Vec<u32>)> {
+    let starts = if cross_document {
+        Vec::new()
+    } else {
+        set.doc_starts(i)?
+    };
+    Ok((set.sample(i)?, starts))
 }
 
 /// Samples held in memory.
@@ -192,17 +259,45 @@ pub struct Batch {
     pub mask: Tensor,
     /// Number of targets that count.
     pub tokens: usize,
+    /// Packed samples: for each input token, the index in its row of its document's
+    /// first token ([`crate::model::fused::MaskSpec::docs`]); None when every row is
+    /// one document.
+    pub docs: Option<Arc<[u32]>>,
 }
 
 impl Batch {
     /// From samples of at most `block_size` tokens: inputs `s[..−1]`, targets `s[1..]`,
     /// both padded to `block_size − 1`; padded targets are masked.
     pub fn from_samples(samples: &[Vec<u32>], block_size: usize, device: &Device) -> Result<Self> {
+        Self::from_packed(samples, &[], block_size, device)
+    }
+
+    /// From packed samples and their document starts (`starts[r]` for `samples[r]`, see
+    /// [`SampleSet::doc_starts`]; missing or empty: one document), as
+    /// [`Batch::from_samples`], and so that each document is scored as if alone:
+    ///
+    /// - `docs` restarts attention and positions at each document (the padding after a
+    ///   short sample is a document of its own, whose targets are masked anyway);
+    /// - the target that crosses a boundary (a document's last token "predicting" the
+    ///   next one's first) is masked and not counted in `tokens`: run alone, that last
+    ///   token has nothing to predict. Megatron-LM masks the same target with
+    ///   `--reset-attention-mask --reset-position-ids --eod-mask-loss`.
+    ///
+    /// So a packed row's summed loss and its gradients equal those of its documents run
+    /// separately, and the mean loss is over the same targets.
+    pub fn from_packed(
+        samples: &[Vec<u32>],
+        starts: &[Vec<u32>],
+        block_size: usize,
+        device: &Device,
+    ) -> Result<Self> {
         let t = block_size - 1;
         let b = samples.len();
         let mut inputs = vec![0u32; b * t];
         let mut targets = vec![0u32; b * t];
         let mut mask = vec![0f32; b * t];
+        let packed = starts.iter().any(|s| !s.is_empty());
+        let mut docs = vec![0u32; if packed { b * t } else { 0 }];
         let mut tokens = 0;
         for (r, s) in samples.iter().enumerate() {
             if s.len() > block_size {
@@ -216,8 +311,44 @@ impl Batch {
             targets[r * t..r * t + n].copy_from_slice(&s[1..n + 1]);
             mask[r * t..r * t + n].iter_mut().for_each(|m| *m = 1.0);
             tokens += n;
+            if !packed {
+                continue;
+            }
+            let st = starts.get(r).map_or(&[][..], |v| v.as_slice());
+            if st.windows(2).any(|w| w[0] >= w[1])
+                || st.iter().any(|&x| x == 0 || x as usize >= s.len())
+            {
+                return Err(Error::Data(format!(
+                    "document starts {st:?} of a sample of {} tokens: expected ascending offsets in 1..{}; the prepared data is damaged, re-run prepare-data with --overwrite",
+                    s.len(),
+                    s.len()
+                )));
+            }
+            let row = &mut docs[r * t..(r + 1) * t];
+            let mut cur = 0u32;
+            let mut next = st.iter().peekable();
+            for (i, d) in row.iter_mut().enumerate() {
+                if i == n {
+                    cur = n as u32; // padding: a document of its own
+                } else if next.peek().is_some_and(|&&x| x as usize == i) {
+                    cur = i as u32;
+                    next.next();
+                }
+                *d = cur;
+            }
+            // Input i predicts token i + 1: not across a boundary.
+            for &x in st {
+                let i = r * t + x as usize - 1;
+                if mask[i] > 0.0 {
+                    mask[i] = 0.0;
+                    targets[i] = 0;
+                    tokens -= 1;
+                }
+            }
         }
-        Self::from_parts(inputs, targets, mask, b, t, tokens, device)
+        let mut batch = Self::from_parts(inputs, targets, mask, b, t, tokens, device)?;
+        batch.docs = packed.then(|| docs.into());
+        Ok(batch)
     }
 
     /// From full rows (`(B, T+1)` ids): targets equal to `ignore` are masked (the
@@ -257,6 +388,7 @@ impl Batch {
             targets: Tensor::from_vec(targets, b * t, device)?,
             mask: Tensor::from_vec(mask, b * t, device)?.to_dtype(DType::F32)?,
             tokens,
+            docs: None,
         })
     }
 }
@@ -319,5 +451,32 @@ mod tests {
             b.mask.to_vec1::<f32>().unwrap(),
             vec![1., 1., 1., 1., 0., 0.]
         );
+    }
+
+    #[test]
+    fn packed_rows_restart_documents_and_mask_the_crossing_target() {
+        // Row 0: documents [5 6 7] [8 9] [10]; row 1: one short document.
+        let samples = [vec![5, 6, 7, 8, 9, 10], vec![1, 2, 3]];
+        let starts = [vec![3, 5], vec![]];
+        let b = Batch::from_packed(&samples, &starts, 6, &Device::Cpu).unwrap();
+        assert_eq!(
+            b.docs.as_deref().unwrap(),
+            &[0, 0, 0, 3, 3, 0, 0, 2, 2, 2][..]
+        );
+        // 7 → 8 and 9 → 10 cross a boundary; row 1 has two targets.
+        assert_eq!(
+            b.mask.to_vec1::<f32>().unwrap(),
+            vec![1., 1., 0., 1., 0., 1., 1., 0., 0., 0.]
+        );
+        assert_eq!(b.tokens, 5);
+        // Packing the same documents gives these samples and starts.
+        let p = PackedSamples::pack(&[vec![5, 6, 7], vec![8, 9], vec![10, 11, 12]], 6);
+        assert_eq!(p.samples, vec![vec![5, 6, 7, 8, 9, 10], vec![11, 12]]);
+        assert_eq!(p.starts, vec![vec![3, 5], vec![]]);
+        // Without starts, the old batch exactly.
+        let plain = Batch::from_packed(&samples, &[vec![], vec![]], 6, &Device::Cpu).unwrap();
+        assert!(plain.docs.is_none());
+        assert_eq!(plain.tokens, 7);
+        assert!(Batch::from_packed(&samples, &[vec![0], vec![]], 6, &Device::Cpu).is_err());
     }
 }

@@ -172,6 +172,12 @@ train_options! {
     eval_max_batches: usize;
     /// `auto` (the run's newest checkpoint) or a checkpoint folder.
     resume: String;
+    /// Let the documents packed in one sample (`prepare-data --padding false`) attend to
+    /// each other and run on positions across them, as before issue 13. Default: false
+    /// (each document sees only itself and starts at position 0); a resumed run keeps
+    /// its checkpoint's setting.
+    #[arg(num_args = 0..=1, default_missing_value = "true")]
+    cross_document_attention: bool;
     /// Where metrics go: `csv` (RUN/metrics.csv, always on) and `tensorboard` (event
     /// files in RUN/) [default: csv].
     #[arg(value_enum, value_delimiter = ',')]
@@ -211,6 +217,12 @@ impl TrainConfig {
         })?;
         cfg.check()?;
         Ok(cfg)
+    }
+
+    /// Whether packed documents attend to each other (`--cross-document-attention`;
+    /// false unless set).
+    pub fn cross_document(&self) -> bool {
+        self.cross_document_attention.unwrap_or(false)
     }
 
     /// Every problem with the values, in one message.

@@ -18,6 +18,10 @@ impl SampleSet for Split {
     fn sample(&self, i: usize) -> Result<Vec<u32>> {
         Split::sample(self, i)
     }
+
+    fn doc_starts(&self, i: usize) -> Result<Vec<u32>> {
+        Split::doc_starts(self, i)
+    }
 }
 
 /// Open the prepared folder `dir` for training and validation.

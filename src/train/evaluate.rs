@@ -2,7 +2,7 @@
 
 use candle_core::Device;
 
-use super::batches::{Batch, SampleSet};
+use super::batches::{Batch, SampleSet, sample_with_starts};
 use super::step::StepRunner;
 use crate::error::Result;
 use crate::model::Gpt;
@@ -24,6 +24,8 @@ impl EvalResult {
 }
 
 /// Score the first `max_batches` micro-batches (all if None) of `split`, in order.
+/// Packed samples are scored document by document (block-diagonal attention,
+/// positions restarting, see [`Batch::from_packed`]) unless `cross_document`.
 /// Returns None for an empty split.
 pub fn evaluate(
     model: &Gpt,
@@ -31,6 +33,7 @@ pub fn evaluate(
     block_size: usize,
     micro_batch_size: usize,
     max_batches: Option<usize>,
+    cross_document: bool,
     device: &Device,
 ) -> Result<Option<EvalResult>> {
     let n = split.len();
@@ -43,10 +46,12 @@ pub fn evaluate(
     let mut i = 0;
     while i < limit {
         let end = (i + micro_batch_size).min(limit);
-        let samples = (i..end)
-            .map(|j| split.sample(j))
-            .collect::<Result<Vec<_>>>()?;
-        let batch = Batch::from_samples(&samples, block_size, device)?;
+        let (samples, starts): (Vec<_>, Vec<_>) = (i..end)
+            .map(|j| sample_with_starts(split, j, cross_document))
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .unzip();
+        let batch = Batch::from_packed(&samples, &starts, block_size, device)?;
         let (s, t) = StepRunner::eval_loss_sum(model, &batch)?;
         sum += s;
         tokens += t;

@@ -69,9 +69,10 @@ pub struct StepStats {
     pub skipped: bool,
 }
 
-/// Summed next-token loss of a micro-batch's counted tokens (a scalar tensor).
+/// Summed next-token loss of a micro-batch's counted tokens (a scalar tensor); the
+/// documents of packed rows are scored as if alone ([`Batch::from_packed`]).
 fn loss_sum(model: &Gpt, batch: &Batch, dropout: Option<&Dropout>) -> Result<Tensor> {
-    let logits = model.forward(&batch.inputs, dropout)?;
+    let logits = model.forward_packed(&batch.inputs, batch.docs.as_ref(), dropout)?;
     let (b, t, v) = logits.dims3()?;
     let (sum, _) = cross_entropy_sum(
         &logits.reshape((b * t, v))?,

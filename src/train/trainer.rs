@@ -12,7 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use super::batches::{Batch, DataPosition, TrainData};
+use super::batches::{Batch, DataPosition, TrainData, sample_with_starts};
 use super::checkpoint::{self, TrainingState};
 use super::config::{IntervalUnit, TrainConfig};
 use super::evaluate::evaluate;
@@ -76,6 +76,8 @@ struct Plan {
     resume: Option<(PathBuf, TrainingState)>,
     lora: Option<LoraConfig>,
     schedule: Schedule,
+    /// `--cross-document-attention` as this run uses it (a resume keeps its checkpoint's).
+    cross_document: bool,
     /// Lines for the log once it is open (a damaged checkpoint passed over, ...).
     warnings: Vec<String>,
 }
@@ -84,8 +86,12 @@ impl Plan {
     fn new(cfg: &TrainConfig, data: &TrainData, strategy: Strategy) -> Result<Plan> {
         cfg.check()?;
         let (resume, mut warnings) = resume_from(cfg)?;
+        let mut cross_document = cfg.cross_document();
         if let Some((dir, state)) = &resume {
             check_resume(cfg, dir, state)?;
+            let (value, note) = resumed_cross_document(cfg, dir, state)?;
+            cross_document = value;
+            warnings.extend(note);
             // metrics.csv must still hold the rows logged before the checkpoint.
             if let (Some(expected), true) = (state.metrics_rows, strategy.is_global_zero()) {
                 warnings.extend(super::metrics::check_rows(
@@ -112,6 +118,7 @@ impl Plan {
             resume,
             lora: cfg.lora(),
             schedule,
+            cross_document,
             warnings,
         })
     }
@@ -192,6 +199,35 @@ fn check_resume(cfg: &TrainConfig, dir: &Path, state: &TrainingState) -> Result<
         )));
     }
     Ok(())
+}
+
+/// `--cross-document-attention` of a resumed run: the checkpoint's, which a flag may
+/// repeat but not contradict (the loss would change meaning mid-run). A checkpoint from
+/// before the flag existed trained with cross-document attention and keeps it unless
+/// the flag says otherwise; the returned line says so.
+fn resumed_cross_document(
+    cfg: &TrainConfig,
+    dir: &Path,
+    state: &TrainingState,
+) -> Result<(bool, Option<String>)> {
+    match (
+        cfg.cross_document_attention,
+        state.hyperparameters.cross_document_attention,
+    ) {
+        (Some(now), Some(then)) if now != then => Err(Error::Usage(format!(
+            "{} was trained with --cross-document-attention {then}; resume it with --cross-document-attention {then} (or leave the flag out), or start a new run to change it",
+            dir.display()
+        ))),
+        (now, Some(then)) => Ok((now.unwrap_or(then), None)),
+        (Some(now), None) => Ok((now, None)),
+        (None, None) => Ok((
+            true,
+            Some(format!(
+                "{} predates --cross-document-attention: its run let packed documents attend to each other, and so does this one; pass --cross-document-attention false to switch",
+                dir.display()
+            )),
+        )),
+    }
 }
 
 /// The data must come from the base model's tokenizer, fit its context, and weigh
@@ -396,7 +432,12 @@ impl Trainer {
         let resumed_from = plan.resume.as_ref().map(|(d, s)| (d.clone(), s.step));
         let (lora, schedule) = (plan.lora.clone(), plan.schedule.clone());
         let warnings = plan.warnings.clone();
-        let (runner, state) = build_runner(cfg, plan)?;
+        // The setting as used goes into hyperparameters.toml and every checkpoint.
+        let mut cfg = cfg.clone();
+        cfg.cross_document_attention = Some(plan.cross_document);
+        let cfg = &cfg;
+        let (runner, mut state) = build_runner(cfg, plan)?;
+        state.hyperparameters.cross_document_attention = cfg.cross_document_attention;
         let (metrics, log) = if zero {
             let resume = resumed_from.as_ref().map(|_| (state.step, state.tokens));
             let (m, l) = open_outputs(cfg, &data, resume)?;
@@ -468,9 +509,9 @@ impl Trainer {
     }
 
     /// This rank's `batch_size` samples of the next global batch (`batch_size` ×
-    /// ranks samples of the epoch's order), moving to the next epoch when the current
-    /// one has less than a global batch left.
-    fn next_samples(&mut self) -> Result<Vec<Vec<u32>>> {
+    /// ranks samples of the epoch's order) with their document starts, moving to the
+    /// next epoch when the current one has less than a global batch left.
+    fn next_samples(&mut self) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
         let world = self.runner.strategy.world_size;
         let bs = self.cfg.batch_size;
         if self.state.position.offset + bs * world > self.data.epoch_len(1) {
@@ -488,9 +529,13 @@ impl Trainer {
         let share = self.state.position.share(bs, self.runner.strategy.rank);
         let picks = self.order[share].to_vec();
         self.state.position.offset += bs * world;
+        let cross = self.cfg.cross_document();
         picks
             .into_iter()
-            .map(|(d, i)| self.data.datasets[d as usize].train.sample(i as usize))
+            .map(|(d, i)| {
+                let set = self.data.datasets[d as usize].train.as_ref();
+                sample_with_starts(set, i as usize, cross)
+            })
             .collect()
     }
 
@@ -507,6 +552,7 @@ impl Trainer {
                     self.data.block_size,
                     self.cfg.micro_batch_size,
                     self.cfg.eval_max_batches,
+                    self.cfg.cross_document(),
                     &self.runner.strategy.device,
                 )?;
                 if let Some(r) = r {
@@ -693,10 +739,12 @@ impl Trainer {
     /// One optimizer step on the next batch; returns its statistics and learning rate.
     fn train_step(&mut self) -> Result<(StepStats, f64)> {
         let device = self.runner.strategy.device.clone();
-        let samples = self.next_samples()?;
+        let (samples, starts): (Vec<_>, Vec<_>) = self.next_samples()?.into_iter().unzip();
+        let mb = self.cfg.micro_batch_size;
         let micro_batches = samples
-            .chunks(self.cfg.micro_batch_size)
-            .map(|c| Batch::from_samples(c, self.data.block_size, &device))
+            .chunks(mb)
+            .zip(starts.chunks(mb))
+            .map(|(s, d)| Batch::from_packed(s, d, self.data.block_size, &device))
             .collect::<Result<Vec<_>>>()?;
         let lr = self.schedule.lr(self.state.step);
         let stats = self

@@ -3,7 +3,8 @@
 //!
 //! Rows: `checkpoint, step, dataset, loss, perplexity, tokens, batch_size, elapsed_s,
 //! peak_memory_mb, data` (`data`: the prepared folder's fingerprint, so the same dataset
-//! names in other data are scored again). Triples already in the CSV are skipped, so
+//! names in other data are scored again; followed by `+cross-document` when packed
+//! documents attended to each other, so the two ways of scoring are kept apart). Triples already in the CSV are skipped, so
 //! the command can run again and again while training goes on (`watch` keeps looking for new checkpoints until
 //! the run's `final/` one is scored). LoRA checkpoints are scored as base + adapter,
 //! without writing a merged copy; the base is loaded once.
@@ -39,6 +40,9 @@ pub struct ValidateOptions {
     pub csv: Option<PathBuf>,
     /// Poll for new checkpoints every this often until `final/` is scored.
     pub watch: Option<Duration>,
+    /// Let packed documents attend to each other (`--cross-document-attention`). None:
+    /// as each checkpoint's run trained (false for runs that do not say).
+    pub cross_document_attention: Option<bool>,
 }
 
 /// One scored (checkpoint, dataset) pair.
@@ -177,7 +181,12 @@ pub fn validate_run(
         .as_ref()
         .map(|o| o.fingerprint.clone())
         .unwrap_or_default();
-    let key = |ckpt: &str, ds: &str| (ckpt.to_string(), ds.to_string(), fingerprint.clone());
+    let data_label = |cross: bool| match cross {
+        true => format!("{fingerprint}+cross-document"),
+        false => fingerprint.clone(),
+    };
+    let key =
+        |ckpt: &str, ds: &str, cross: bool| (ckpt.to_string(), ds.to_string(), data_label(cross));
     let mut rows = Vec::new();
     let mut base = None;
     loop {
@@ -195,10 +204,14 @@ pub fn validate_run(
                 .map(|n| n.to_string_lossy().to_string())
                 .unwrap_or_default();
             finished |= name == "final";
+            let cross = opts
+                .cross_document_attention
+                .or(state.hyperparameters.cross_document_attention)
+                .unwrap_or(false);
             let todo: Vec<_> = data
                 .datasets
                 .iter()
-                .filter(|d| !done.contains(&key(&name, &d.name)))
+                .filter(|d| !done.contains(&key(&name, &d.name, cross)))
                 .collect();
             if todo.is_empty() {
                 continue;
@@ -214,6 +227,7 @@ pub fn validate_run(
                     data.block_size,
                     opts.batch_size,
                     opts.max_batches,
+                    cross,
                     &strategy.device,
                 )?;
                 let Some(r) = r else {
@@ -221,7 +235,7 @@ pub fn validate_run(
                         "{name}: dataset {} has no validation samples, skipped",
                         ds.name
                     );
-                    done.insert(key(&name, &ds.name));
+                    done.insert(key(&name, &ds.name, cross));
                     continue;
                 };
                 let row = ValidationRow {
@@ -234,14 +248,14 @@ pub fn validate_run(
                     batch_size: opts.batch_size,
                     elapsed_s: start.elapsed().as_secs_f64(),
                     peak_memory_mb: peak_memory_mb(),
-                    data: fingerprint.clone(),
+                    data: data_label(cross),
                 };
                 append(&csv, &row)?;
                 eprintln!(
                     "{name} {}: loss {:.4} perplexity {:.2}",
                     ds.name, row.loss, row.perplexity
                 );
-                done.insert(key(&name, &ds.name));
+                done.insert(key(&name, &ds.name, cross));
                 rows.push(row);
             }
         }

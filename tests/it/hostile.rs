@@ -549,6 +549,7 @@ fn issue9_validate_checks_the_tokenizer_and_keys_rows_by_data() {
         batch_size: 2,
         csv: None,
         watch: None,
+        cross_document_attention: None,
     };
     let strategy = lit_claire::strategy::Strategy::new(
         lit_claire::strategy::DeviceSpec::Cpu,
@@ -687,6 +688,7 @@ fn issue9_probe_validate_refuses_data_longer_than_the_model_context() {
         batch_size: 2,
         csv: None,
         watch: None,
+        cross_document_attention: None,
     };
     let strategy = lit_claire::strategy::Strategy::new(
         lit_claire::strategy::DeviceSpec::Cpu,

@@ -15,6 +15,7 @@ mod layout;
 mod lora_fused;
 mod lora_grads;
 mod model_cli;
+mod packing;
 mod parity;
 mod pipeline;
 mod plot;

@@ -1,5 +1,23 @@
-//! Softmax over the last dimension, with an optional score scale and causal/window
-//! mask computed on the fly.
+//! Softmax over the last dimension, with an optional score scale and causal/window/
+//! document mask computed on the fly.
+//!
+//! Packed samples hold several documents back to back; with [`MaskSpec::docs`] each
+//! query sees only the keys of its own document, a block-diagonal causal mask:
+//!
+//! ```text
+//!            keys →  a a a b b c        docs (row b) = [0 0 0 3 3 5]
+//! query a0           x . . . . .
+//!       a1           x x . . . .        x visible, . hidden
+//!       a2           x x x . . .
+//!       b0           . . . x . .
+//!       b1           . . . x x .
+//!       c0           . . . . . x
+//! ```
+//!
+//! The fused kernel finds each row's visible keys as one range
+//! ([`MaskSpec::visible_keys`]) and never builds a mask tensor.
+
+use std::ops::Range;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, D, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -9,36 +27,72 @@ use crate::config::AttentionWindow;
 
 /// Which entries of a `(…, T, S)` score tensor are visible: query `i` sits at position
 /// `q_start + i`, key `j` at `k_start + j`; a key is visible when it is not later than
-/// the query and, with a window `w`, when `q − k < w`.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// the query, with a window `w` when `q − k < w`, and with `docs` when it is not
+/// before the first token of the query's document.
+#[derive(Debug, Clone, PartialEq)]
 pub struct MaskSpec {
     pub q_start: usize,
     pub k_start: usize,
     pub window: AttentionWindow,
+    /// Packed samples: for batch row `b` and query `i`, `docs[b * T + i]` is the absolute
+    /// position of the first token of that query's document; keys before it are hidden.
+    /// `None`: one document per row.
+    pub docs: Option<std::sync::Arc<[u32]>>,
 }
 
 impl MaskSpec {
-    fn visible(&self, i: usize, j: usize) -> bool {
-        let (q, k) = (self.q_start + i, self.k_start + j);
-        k <= q
-            && match self.window {
-                AttentionWindow::Global => true,
-                AttentionWindow::Sliding(w) => q - k < w,
-            }
+    /// The keys `j` (of `s`) visible to query `i` of batch row `b`, in scores of `t`
+    /// queries per row: always one contiguous range.
+    pub fn visible_keys(&self, t: usize, b: usize, i: usize, s: usize) -> Range<usize> {
+        let q = self.q_start + i;
+        let mut lo = match self.window {
+            AttentionWindow::Global => 0,
+            AttentionWindow::Sliding(w) => (q + 1).saturating_sub(w),
+        };
+        if let Some(d) = &self.docs {
+            lo = lo.max(d[b * t + i] as usize);
+        }
+        let lo = lo.saturating_sub(self.k_start).min(s);
+        let hi = (q + 1).saturating_sub(self.k_start).min(s);
+        lo..hi.max(lo)
     }
 
-    /// The additive mask `(T, S)`: 0 where visible, −∞ elsewhere.
+    /// Whether key `j` is visible to query `i` of batch row `b` (`t` queries per row).
+    pub fn visible(&self, t: usize, b: usize, i: usize, j: usize) -> bool {
+        self.visible_keys(t, b, i, j + 1).contains(&j)
+    }
+
+    /// Batch rows the mask describes: `docs.len() / t`, or None without documents.
+    fn rows_of(&self, t: usize) -> Option<usize> {
+        self.docs.as_ref().map(|d| d.len() / t.max(1))
+    }
+
+    /// Fail unless `docs` fits scores of shape `dims` `(B, H, T, S)`.
+    fn check(&self, dims: &[usize]) -> Result<()> {
+        let Some(d) = &self.docs else { return Ok(()) };
+        let t = dims[dims.len() - 2];
+        if dims.len() != 4 || d.len() != dims[0] * t {
+            candle_core::bail!(
+                "attention mask: {} document starts for scores of shape {dims:?}; expected B·T = (B, H, T, S)[0] · T",
+                d.len()
+            );
+        }
+        Ok(())
+    }
+
+    /// The additive mask, 0 where visible and −∞ elsewhere: `(T, S)`, or `(B, 1, T, S)`
+    /// with documents.
     pub fn tensor(&self, t: usize, s: usize, device: &Device) -> Result<Tensor> {
-        let m: Vec<f32> = (0..t * s)
-            .map(|n| {
-                if self.visible(n / s, n % s) {
-                    0.0
-                } else {
-                    f32::NEG_INFINITY
-                }
-            })
-            .collect();
-        Tensor::from_vec(m, (t, s), device)
+        let b = self.rows_of(t).unwrap_or(1);
+        let mut m = vec![f32::NEG_INFINITY; b * t * s];
+        for (row, chunk) in m.chunks_mut(s).enumerate() {
+            let (r, i) = (row / t, row % t);
+            chunk[self.visible_keys(t, r, i, s)].fill(0.0);
+        }
+        match self.docs {
+            None => Tensor::from_vec(m, (t, s), device),
+            Some(_) => Tensor::from_vec(m, (b, 1, t, s), device),
+        }
     }
 }
 
@@ -54,6 +108,8 @@ struct MaskedSoftmax {
     mask: Option<MaskSpec>,
     /// Rows per (batch, head) block: T.
     t: usize,
+    /// Rows per batch row: H·T.
+    per_batch: usize,
 }
 
 impl CustomOp1 for MaskedSoftmax {
@@ -68,11 +124,14 @@ impl CustomOp1 for MaskedSoftmax {
             .zip(x.par_chunks(cols))
             .enumerate()
             .for_each(|(row, (yr, xr))| {
-                let i = row % self.t;
+                let (i, b) = (row % self.t, row / self.per_batch);
+                let keys = match &self.mask {
+                    Some(m) => m.visible_keys(self.t, b, i, cols),
+                    None => 0..cols,
+                };
                 let mut max = f32::NEG_INFINITY;
                 for (j, (o, &v)) in yr.iter_mut().zip(xr).enumerate() {
-                    let ok = self.mask.is_none_or(|m| m.visible(i, j));
-                    *o = if ok {
+                    *o = if keys.contains(&j) {
                         v * self.scale
                     } else {
                         f32::NEG_INFINITY
@@ -127,16 +186,25 @@ impl CustomOp2 for SoftmaxBackward {
     }
 }
 
-/// `softmax(scale · x + mask)` over the last dimension of `x: (…, T, S)`.
-/// Fused on CPU f32; elsewhere built from [`softmax_plain`] and an additive mask.
+/// `softmax(scale · x + mask)` over the last dimension of `x: (…, T, S)` (`(B, H, T, S)`
+/// when the mask has documents). Fused on CPU f32; elsewhere built from
+/// [`softmax_plain`] and an additive mask.
 pub fn masked_softmax(x: &Tensor, scale: f64, mask: Option<MaskSpec>) -> Result<Tensor> {
     let dims = x.dims();
     let (t, s) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+    if let Some(m) = &mask {
+        m.check(dims)?;
+    }
     if fusable(x) {
+        let rows = x.elem_count() / s.max(1);
         let op = MaskedSoftmax {
             scale: scale as f32,
-            mask,
             t,
+            per_batch: match mask.as_ref().and_then(|m| m.rows_of(t)) {
+                Some(b) => (rows / b.max(1)).max(1),
+                None => rows.max(1),
+            },
+            mask,
         };
         return x.contiguous()?.apply_op1(op);
     }
@@ -152,6 +220,7 @@ mod tests {
     use super::super::testing::agree;
     use super::*;
     use candle_core::Var;
+    use std::sync::Arc;
 
     #[test]
     fn fused_masked_softmax_matches_plain_forward_and_backward() {
@@ -163,14 +232,16 @@ mod tests {
                 q_start: 4,
                 k_start: 0,
                 window: AttentionWindow::Global,
+                docs: None,
             }),
             Some(MaskSpec {
                 q_start: 6,
                 k_start: 2,
                 window: AttentionWindow::Sliding(3),
+                docs: None,
             }),
         ] {
-            let fused = masked_softmax(x.as_tensor(), 0.7, mask).unwrap();
+            let fused = masked_softmax(x.as_tensor(), 0.7, mask.clone()).unwrap();
             let mut plain = (x.as_tensor() * 0.7).unwrap();
             if let Some(m) = mask {
                 plain = plain.broadcast_add(&m.tensor(5, 9, &dev).unwrap()).unwrap();
@@ -192,6 +263,7 @@ mod tests {
             q_start: s - 1,
             k_start: 0,
             window: AttentionWindow::Global,
+            docs: None,
         };
         let p = masked_softmax(&x, 1.0, Some(mask)).unwrap();
         let p = p.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -207,5 +279,53 @@ mod tests {
             "other {} vs {p1}",
             p[1]
         );
+    }
+
+    /// Documents: the fused kernel and its plain twin agree, with and without a window,
+    /// and a query sees exactly the keys of its own document up to itself.
+    #[test]
+    fn document_mask_is_block_diagonal_in_fused_and_plain() {
+        let dev = Device::Cpu;
+        let (b, h, t) = (2, 3, 6);
+        // Row 0: documents at 0, 3, 5; row 1: one document, then one starting at 4.
+        let docs: Arc<[u32]> = vec![0, 0, 0, 3, 3, 5, 0, 0, 0, 0, 4, 4].into();
+        let x = Var::from_tensor(&Tensor::randn(0f32, 3.0, (b, h, t, t), &dev).unwrap()).unwrap();
+        for window in [AttentionWindow::Global, AttentionWindow::Sliding(2)] {
+            let mask = MaskSpec {
+                q_start: 0,
+                k_start: 0,
+                window,
+                docs: Some(docs.clone()),
+            };
+            let fused = masked_softmax(x.as_tensor(), 0.7, Some(mask.clone())).unwrap();
+            let plain = (x.as_tensor() * 0.7)
+                .unwrap()
+                .broadcast_add(&mask.tensor(t, t, &dev).unwrap())
+                .unwrap();
+            agree(&[&x], &fused, &softmax_plain(&plain).unwrap(), 1e-6, 1e-6);
+            let p = fused.reshape((b * h, t, t)).unwrap();
+            let p = p.to_vec3::<f32>().unwrap();
+            for (bh, rows) in p.iter().enumerate() {
+                let r = bh / h;
+                for (i, row) in rows.iter().enumerate() {
+                    for (j, &v) in row.iter().enumerate() {
+                        let start = docs[r * t + i] as usize;
+                        let mut want = j <= i && j >= start;
+                        if let AttentionWindow::Sliding(w) = window {
+                            want &= i - j < w || j > i;
+                        }
+                        assert_eq!(v > 0.0, want, "row {r} head {} query {i} key {j}", bh % h);
+                    }
+                }
+            }
+        }
+        // Documents that do not fit the scores are an error, not a wrong answer.
+        let bad = MaskSpec {
+            q_start: 0,
+            k_start: 0,
+            window: AttentionWindow::Global,
+            docs: Some(vec![0u32; 5].into()),
+        };
+        assert!(masked_softmax(x.as_tensor(), 1.0, Some(bad)).is_err());
     }
 }
