@@ -29,6 +29,10 @@ pub struct DistCheckArgs {
     /// --timeout).
     #[arg(long)]
     pub collective_timeout: Option<f64>,
+    /// Seconds a silent peer is waited for (default: from --collective-timeout, 10 s
+    /// to 2 min).
+    #[arg(long)]
+    pub silence_timeout: Option<f64>,
     /// MiB of the timed all-reduce (CUDA), 0 for none.
     #[arg(long, default_value_t = 256)]
     pub bench_mib: usize,
@@ -50,6 +54,9 @@ pub fn dist_check_cmd(a: DistCheckArgs) -> Result<()> {
         collective_timeout: Duration::from_secs_f64(
             a.collective_timeout.unwrap_or(a.timeout).max(0.001),
         ),
+        silence_timeout: a
+            .silence_timeout
+            .map(|s| Duration::from_secs_f64(s.max(0.001))),
         bench_mib: a.bench_mib,
         simulate: a.simulate.map(|s| (s, a.faulty_rank)),
     };

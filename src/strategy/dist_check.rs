@@ -33,6 +33,9 @@ pub struct DistCheckOptions {
     pub timeout: Duration,
     /// How long a collective may take before the watchdog stops every rank.
     pub collective_timeout: Duration,
+    /// How long a silent peer is waited for (default: from the collective timeout,
+    /// see [`WatchdogConfig::new`]).
+    pub silence_timeout: Option<Duration>,
     /// Size of the timed all-reduce (CUDA), 0 for none.
     pub bench_mib: usize,
     /// A failure to stage after the rendezvous (CPU only), and the rank that fails.
@@ -49,6 +52,10 @@ pub enum Simulate {
     Stall,
     /// Report a NaN loss of its own and exit with that error.
     Nan,
+    /// Enter the collective, then freeze (SIGSTOP): alive, connections open, silent.
+    Freeze,
+    /// Enter the collective like every other rank: all are in it, none completes.
+    Hang,
 }
 
 /// What one rank found.
@@ -144,12 +151,12 @@ pub fn dist_check(
             report
                 .checks
                 .push(format!("rendezvous: {} bytes from rank 0", shared.len()));
-            let watchdog = Watchdog::start(
-                pg.rank,
-                pg.world_size,
-                links,
-                WatchdogConfig::new(opts.collective_timeout),
-            )?;
+            let mut cfg = WatchdogConfig::new(opts.collective_timeout);
+            if let Some(silence) = opts.silence_timeout {
+                cfg.silence_timeout = silence;
+                cfg.heartbeat = cfg.heartbeat.min(silence / 10);
+            }
+            let watchdog = Watchdog::start(pg.rank, pg.world_size, links, cfg)?;
             if let Some((what, faulty)) = opts.simulate {
                 simulate(&watchdog, pg.rank, what, faulty)?;
             }
@@ -186,18 +193,28 @@ fn simulate(watchdog: &Watchdog, rank: usize, what: Simulate, faulty: usize) -> 
             std::thread::sleep(Duration::from_secs(1));
         }
     };
-    if rank != faulty {
+    if rank != faulty || what == Simulate::Hang {
         endless(watchdog);
     }
+    let signal = |name: &str| {
+        let _ = std::process::Command::new("kill")
+            .args([name, &std::process::id().to_string()])
+            .status();
+    };
     match what {
         Simulate::Kill => {
             let _in_flight = watchdog.enter("all_reduce");
             // SIGKILL: no destructor, no goodbye; the kernel closes the sockets.
-            let _ = std::process::Command::new("kill")
-                .args(["-KILL", &std::process::id().to_string()])
-                .status();
+            signal("-KILL");
             std::process::abort()
         }
+        Simulate::Freeze => {
+            let _in_flight = watchdog.enter("all_reduce");
+            // Every thread stops, the watchdog's too; whoever started us must kill us.
+            signal("-STOP");
+            endless(watchdog)
+        }
+        Simulate::Hang => unreachable!("every rank entered the endless collective"),
         Simulate::Stall => loop {
             std::thread::sleep(Duration::from_secs(1));
         },

@@ -243,13 +243,37 @@ fn wait_all(
 
 /// `world` dist-check processes over localhost, `extra` flags for all; rank 0 last.
 fn simulated(world: usize, extra: &[&str]) -> Vec<(std::process::ExitStatus, String)> {
+    simulated_with_frozen(world, extra, None)
+}
+
+/// [`simulated`], where rank `frozen` stops itself: it is killed once the others
+/// have ended.
+fn simulated_with_frozen(
+    world: usize,
+    extra: &[&str],
+    frozen: Option<usize>,
+) -> Vec<(std::process::ExitStatus, String)> {
     let port = free_port();
     let mut children: Vec<_> = (0..world)
         .rev()
         .map(|rank| dist_check_process(port, rank, world, 20, extra))
         .collect();
     children.reverse();
-    wait_all(children, Duration::from_secs(40))
+    let Some(f) = frozen else {
+        return wait_all(children, Duration::from_secs(40));
+    };
+    let mut stopped = children.remove(f);
+    let others = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_all(children, Duration::from_secs(40))
+    }));
+    stopped.kill().unwrap();
+    let out = stopped.wait_with_output().unwrap();
+    let mut results = others.unwrap_or_else(|p| std::panic::resume_unwind(p));
+    results.insert(
+        f,
+        (out.status, String::from_utf8_lossy(&out.stderr).to_string()),
+    );
+    results
 }
 
 /// Every rank but `except` stopped with exactly one line, containing `want`.
@@ -319,5 +343,30 @@ fn a_nan_on_one_rank_stops_every_rank_naming_it_across_processes() {
         &results,
         None,
         "error: rank 1 failed: the loss is NaN (simulated by dist-check)",
+    );
+}
+
+#[test]
+fn a_silent_rank_is_named_after_the_silence_timeout() {
+    let flags = [
+        "--collective-timeout",
+        "600",
+        "--silence-timeout",
+        "2",
+        "--simulate",
+        "freeze",
+    ];
+    let results = simulated_with_frozen(3, &flags, Some(1));
+    every_other_rank_says(&results, Some(1), "error: rank 1 sent nothing for ");
+}
+
+#[test]
+fn a_collective_every_rank_entered_but_none_completes_is_named() {
+    let results = simulated(3, &["--collective-timeout", "1", "--simulate", "hang"]);
+    every_other_rank_says(&results, None, "did not complete within 1 s on rank");
+    assert!(
+        results[0].1.contains("though all 3 ranks entered it"),
+        "{}",
+        results[0].1
     );
 }
