@@ -343,6 +343,9 @@ impl Collective for Nccl {
         }
     }
     fn finish(&self) {
+        // This rank's last operations complete on its GPU before anything may drop
+        // the communicator (cudarc's drop is an abort, not a finalize).
+        let _ = self.device.synchronize();
         self.watchdog.finish();
     }
 }
