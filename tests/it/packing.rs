@@ -91,7 +91,13 @@ fn check_against_pytorch(family: &str) {
     let docs = documents(&fix);
     let tm = load(&reference_dir(family), true);
     let (row, starts) = packed_row(&docs);
-    let batch = Batch::from_packed(&[row.clone()], &[starts], row.len(), &Device::Cpu).unwrap();
+    let batch = Batch::from_packed(
+        std::slice::from_ref(&row),
+        &[starts],
+        row.len(),
+        &Device::Cpu,
+    )
+    .unwrap();
     let targets = fix["targets"].as_u64().unwrap() as usize;
     assert_eq!(batch.tokens, targets, "{family}: counted targets");
     let (loss, grads) = loss_and_grads(&tm, &batch);
