@@ -312,3 +312,24 @@ pub fn check_ids(cfg: &Config, ids: &[u32], what: &str) -> LcResult<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 13: positions restart at each document of a packed row. (Under the
+    /// block-diagonal mask, rotary attention depends only on relative positions, so for
+    /// rotary families this is visible here, not in the loss; learned positions, GPT-2
+    /// and GPT-Neo, show it in the loss too: tests/it/packing.rs.)
+    #[test]
+    fn positions_restart_at_each_document() {
+        // Row 0: documents at 0, 3 and 5 (the last one cut off by the row's end);
+        // row 1: one at 0, one at 2.
+        let docs = [0, 0, 0, 3, 3, 0, 0, 2, 2, 2];
+        let p = document_positions(&docs, 2, 5).unwrap();
+        assert_eq!(p, [0, 1, 2, 0, 1, 0, 1, 0, 1, 2]);
+        // A start after its token, or the wrong count, is an error.
+        assert!(document_positions(&[0, 2, 2, 2, 2], 1, 5).is_err());
+        assert!(document_positions(&[0, 0, 0], 1, 5).is_err());
+    }
+}
