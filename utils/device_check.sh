@@ -6,6 +6,8 @@
 #
 #     utils/device_check.sh [--bin device-bin/lit-claire] [--out DIR] [--device cuda:0]
 #
+# (`--bin PATH` also takes `PATH.xz`, as utils/build_device_bin.sh writes it.)
+#
 #   1. reference  losses of the six reference checkpoints (tests/fixtures/reference) in
 #                 32-true against PyTorch's                   → reference.jsonl
 #   2. bench      bf16-true training of a ~1.1B-parameter LLaMA shape: tokens/s, MFU, and
@@ -36,6 +38,20 @@ case "$DEVICE" in
     cpu|cuda|cuda:[0-9]*) ;;
     *) echo "error: --device $DEVICE: expected cuda:N or cpu" >&2; exit 2 ;;
 esac
+# A stripped CUDA binary is ~75 MB, more than the 64 MiB a GPU session may carry:
+# utils/build_device_bin.sh ships it xz-compressed (~15 MB); unpack it beside the results.
+if [ ! -x "$BIN" ] && [ -f "$BIN.xz" ]; then
+    mkdir -p "$DIR" || { echo "error: cannot create $DIR" >&2; exit 2; }
+    unpacked="$DIR/bin/lit-claire"
+    mkdir -p "$DIR/bin"
+    if command -v xz >/dev/null; then
+        xz -dc "$BIN.xz" >"$unpacked.partial"
+    else
+        python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$BIN.xz" "$unpacked.partial"
+    fi || { echo "error: could not unpack $BIN.xz (needs xz or python3)" >&2; exit 2; }
+    chmod +x "$unpacked.partial" && mv "$unpacked.partial" "$unpacked"
+    BIN=$unpacked
+fi
 if [ ! -x "$BIN" ]; then
     echo "error: $BIN is not an executable lit-claire; build it with --features cuda as README's \"Checking a GPU machine\" says, or pass --bin" >&2
     exit 2
