@@ -10,11 +10,15 @@ use crate::config::AttentionWindow;
 /// Which entries of a `(…, T, S)` score tensor are visible: query `i` sits at position
 /// `q_start + i`, key `j` at `k_start + j`; a key is visible when it is not later than
 /// the query and, with a window `w`, when `q − k < w`.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct MaskSpec {
     pub q_start: usize,
     pub k_start: usize,
     pub window: AttentionWindow,
+    /// Packed samples: for batch row `b` and query `i`, `docs[b * T + i]` is the absolute
+    /// position of the first token of that query's document; keys before it are hidden.
+    /// `None`: one document per row.
+    pub docs: Option<std::sync::Arc<[u32]>>,
 }
 
 impl MaskSpec {
@@ -71,7 +75,7 @@ impl CustomOp1 for MaskedSoftmax {
                 let i = row % self.t;
                 let mut max = f32::NEG_INFINITY;
                 for (j, (o, &v)) in yr.iter_mut().zip(xr).enumerate() {
-                    let ok = self.mask.is_none_or(|m| m.visible(i, j));
+                    let ok = self.mask.as_ref().is_none_or(|m| m.visible(i, j));
                     *o = if ok {
                         v * self.scale
                     } else {
@@ -163,16 +167,18 @@ mod tests {
                 q_start: 4,
                 k_start: 0,
                 window: AttentionWindow::Global,
+                docs: None,
             }),
             Some(MaskSpec {
                 q_start: 6,
                 k_start: 2,
                 window: AttentionWindow::Sliding(3),
+                docs: None,
             }),
         ] {
-            let fused = masked_softmax(x.as_tensor(), 0.7, mask).unwrap();
+            let fused = masked_softmax(x.as_tensor(), 0.7, mask.clone()).unwrap();
             let mut plain = (x.as_tensor() * 0.7).unwrap();
-            if let Some(m) = mask {
+            if let Some(m) = &mask {
                 plain = plain.broadcast_add(&m.tensor(5, 9, &dev).unwrap()).unwrap();
             }
             agree(&[&x], &fused, &softmax_plain(&plain).unwrap(), 1e-6, 1e-6);
@@ -192,6 +198,7 @@ mod tests {
             q_start: s - 1,
             k_start: 0,
             window: AttentionWindow::Global,
+            docs: None,
         };
         let p = masked_softmax(&x, 1.0, Some(mask)).unwrap();
         let p = p.flatten_all().unwrap().to_vec1::<f32>().unwrap();
