@@ -7,7 +7,7 @@ use clap::Args;
 
 use crate::error::Result;
 use crate::strategy::DeviceSpec;
-use crate::strategy::dist_check::{DistCheckOptions, dist_check};
+use crate::strategy::dist_check::{DistCheckOptions, Simulate, dist_check};
 
 /// Start it like `pretrain` (one process per GPU under srun or torchrun); each rank
 /// prints one JSON line.
@@ -25,9 +25,24 @@ pub struct DistCheckArgs {
     /// Seconds to wait for the other ranks.
     #[arg(long, default_value_t = 60.0)]
     pub timeout: f64,
+    /// Seconds a collective may take before the watchdog stops every rank (default:
+    /// --timeout).
+    #[arg(long)]
+    pub collective_timeout: Option<f64>,
+    /// Seconds a silent peer is waited for (default: from --collective-timeout, 10 s
+    /// to 2 min).
+    #[arg(long)]
+    pub silence_timeout: Option<f64>,
     /// MiB of the timed all-reduce (CUDA), 0 for none.
     #[arg(long, default_value_t = 256)]
     pub bench_mib: usize,
+    /// After the rendezvous, make --faulty-rank fail this way while the others wait in
+    /// a collective that never ends (CPU; tests of the watchdog).
+    #[arg(long, value_enum)]
+    pub simulate: Option<Simulate>,
+    /// The rank that fails under --simulate.
+    #[arg(long, default_value_t = 1)]
+    pub faulty_rank: usize,
 }
 
 pub fn dist_check_cmd(a: DistCheckArgs) -> Result<()> {
@@ -36,7 +51,14 @@ pub fn dist_check_cmd(a: DistCheckArgs) -> Result<()> {
         devices: a.devices,
         num_nodes: a.num_nodes,
         timeout: Duration::from_secs_f64(a.timeout.max(0.0)),
+        collective_timeout: Duration::from_secs_f64(
+            a.collective_timeout.unwrap_or(a.timeout).max(0.001),
+        ),
+        silence_timeout: a
+            .silence_timeout
+            .map(|s| Duration::from_secs_f64(s.max(0.001))),
         bench_mib: a.bench_mib,
+        simulate: a.simulate.map(|s| (s, a.faulty_rank)),
     };
     let report = dist_check(&crate::strategy::env::process_env(), &opts)?;
     println!("{}", serde_json::to_string(&report).expect("plain data"));

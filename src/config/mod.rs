@@ -3,7 +3,7 @@
 //! Each Hugging Face family (LLaMA, Mistral, Falcon, GPT-2, GPT-NeoX, GPT-Neo) is a
 //! *configuration* of the single decoder in [`crate::model`]: which norm, which MLP,
 //! where the residuals go, how positions are encoded and how the attention projection
-//! is laid out. Family quirks live in [`hf`], which reads `config.json` into a
+//! is laid out. Family quirks live in [`families`], which reads `config.json` into a
 //! [`Config`]; the model never looks at the family name.
 
 pub mod families;
@@ -145,7 +145,7 @@ pub enum Residual {
 }
 
 /// Everything the decoder needs to know. Derived values (head size, query groups)
-/// are filled in by [`hf`] once.
+/// are filled in by [`families`] once.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Config {
     /// Family of the checkpoint: names of weights, LoRA targets, export only.

@@ -14,41 +14,77 @@
 //! Every layer keeps the Hugging Face path of its module (`model.layers.0.self_attn.q_proj`),
 //! which names its weights in checkpoints, gradients and adapters.
 
-use std::cell::RefCell;
+use std::cell::Cell;
 
 use candle_core::{DType, Result, Tensor};
-use rand::Rng;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-/// Randomness for dropout during training; `None` everywhere means evaluation.
+/// Dropout masks for training; `None` everywhere means evaluation.
+///
+/// The mask of one sample at one layer (a dropout *site*, named by the layer's path) is
+/// a pure function of `(seed, optimizer step, sample, site)`, where `sample` is the
+/// sample's index in the step's global batch: the same whatever the number of ranks,
+/// the split into micro-batches or the resume point. Each draws a ChaCha8 stream
+/// keyed by those four numbers, one value per `(position, feature)` in order, so a
+/// longer padded row only adds values at its end.
 #[derive(Debug)]
 pub struct Dropout {
-    rng: RefCell<ChaCha8Rng>,
+    seed: u64,
+    /// Optimizer step, and the global index of this rank's next sample in it.
+    next: Cell<(u64, u64)>,
+    /// Optimizer step, and the global index of the first sample of the micro-batch
+    /// being computed, and its number of samples.
+    current: Cell<(u64, u64, usize)>,
 }
 
 impl Dropout {
-    pub fn new(rng: ChaCha8Rng) -> Self {
+    pub fn new(seed: u64) -> Self {
         Dropout {
-            rng: RefCell::new(rng),
+            seed,
+            next: Cell::new((0, 0)),
+            current: Cell::new((0, 0, 1)),
         }
     }
 
-    /// The generator's state, to be saved in a checkpoint.
-    pub fn rng(&self) -> ChaCha8Rng {
-        self.rng.borrow().clone()
+    /// Optimizer step `step` begins; this rank's samples start at `first` in the
+    /// step's global batch.
+    pub fn begin_step(&self, step: u64, first: u64) {
+        self.next.set((step, first));
     }
 
-    /// Zero each element with probability `p`, scale the rest by `1/(1-p)`.
-    pub fn apply(&self, x: &Tensor, p: f32) -> Result<Tensor> {
+    /// The next `n` samples of this rank (a micro-batch) are about to be computed.
+    pub fn next_micro_batch(&self, n: usize) {
+        let (step, first) = self.next.get();
+        self.current.set((step, first, n));
+        self.next.set((step, first + n as u64));
+    }
+
+    /// Zero each element of `x: (B·T, in)` (the micro-batch's rows, sample-major) with
+    /// probability `p`, scale the rest by `1/(1-p)`; `site` names the layer.
+    pub fn apply(&self, x: &Tensor, p: f32, site: &str) -> Result<Tensor> {
         if p <= 0.0 {
             return Ok(x.clone());
         }
-        let n = x.elem_count();
+        let (rows, n_in) = x.dims2()?;
+        let (step, first, samples) = self.current.get();
+        if samples == 0 || rows % samples != 0 {
+            candle_core::bail!(
+                "dropout at {site}: {rows} rows do not split into {samples} samples (a bug)"
+            );
+        }
+        let per_sample = rows / samples * n_in;
         let keep = 1.0 / (1.0 - p);
-        let mut rng = self.rng.borrow_mut();
-        let mask: Vec<f32> = (0..n)
-            .map(|_| if rng.random::<f32>() < p { 0.0 } else { keep })
-            .collect();
+        let site_key = twox_hash::XxHash3_64::oneshot(site.as_bytes());
+        let mut mask = Vec::with_capacity(rows * n_in);
+        for s in 0..samples as u64 {
+            let mut key = [0u8; 32];
+            for (i, v) in [self.seed, step, first + s, site_key].iter().enumerate() {
+                key[8 * i..8 * i + 8].copy_from_slice(&v.to_le_bytes());
+            }
+            let mut rng = ChaCha8Rng::from_seed(key);
+            mask.extend((0..per_sample).map(|_| if rng.random::<f32>() < p { 0.0 } else { keep }));
+        }
         let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
         x.mul(&mask)
     }
@@ -130,7 +166,7 @@ impl Linear {
         }
         if let Some(lora) = &self.lora {
             let xin = match dropout {
-                Some(d) => d.apply(&x2, lora.dropout)?,
+                Some(d) => d.apply(&x2, lora.dropout, &self.name)?,
                 None => x2.clone(),
             };
             let a = lora.a.to_dtype(x.dtype())?;

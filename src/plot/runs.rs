@@ -115,6 +115,9 @@ pub struct ValidationRow {
     /// Seconds the scoring took.
     pub elapsed_s: Option<f64>,
     pub peak_memory_mb: Option<f64>,
+    /// Fingerprint of the prepared data the row was scored on (`data` column; empty for
+    /// files written before it, or data made in memory).
+    pub data: String,
 }
 
 /// Read `validation_results.csv` as `lit-claire validate` writes it. The checkpoint
@@ -125,12 +128,13 @@ pub fn read_validation_results(path: impl AsRef<Path>) -> Result<Vec<ValidationR
     let [ckpt, step, dataset, loss] =
         ["checkpoint", "step", "dataset", "loss"].map(|c| table.require(path, c));
     let (ckpt, step, dataset, loss) = (ckpt?, step?, dataset?, loss?);
-    let [ppl, tokens, bs, elapsed, mem] = [
+    let [ppl, tokens, bs, elapsed, mem, data] = [
         "perplexity",
         "tokens",
         "batch_size",
         "elapsed_s",
         "peak_memory_mb",
+        "data",
     ]
     .map(|c| table.column(c));
     let mut rows = Vec::with_capacity(table.records.len());
@@ -151,6 +155,7 @@ pub fn read_validation_results(path: impl AsRef<Path>) -> Result<Vec<ValidationR
             batch_size: rec.u64(path, bs, "batch_size")?,
             elapsed_s: rec.f64(path, elapsed, "elapsed_s")?,
             peak_memory_mb: rec.f64(path, mem, "peak_memory_mb")?,
+            data: data.map_or("", |i| rec.field(i)).to_string(),
         });
     }
     Ok(rows)
@@ -287,10 +292,25 @@ pub fn best_checkpoint(run: &Path) -> Result<Option<BestCheckpoint>> {
     }))
 }
 
+/// The rows scored on each dataset's newest data: a dataset name re-prepared since
+/// (another `data` fingerprint) keeps only the rows of its last fingerprint, as scores of
+/// the old data are not comparable with scores of the new.
+pub fn newest_data_rows(rows: &[ValidationRow]) -> Vec<&ValidationRow> {
+    let newest: BTreeMap<&str, &str> = rows
+        .iter()
+        .map(|r| (r.dataset.as_str(), r.data.as_str()))
+        .collect();
+    rows.iter()
+        .filter(|r| newest[r.dataset.as_str()] == r.data)
+        .collect()
+}
+
 /// Mean offline loss per checkpoint, `checkpoint -> (step, mean)`, over the checkpoints
-/// scored on every dataset of the file (a mean over fewer datasets is not comparable).
-/// A (checkpoint, dataset) pair scored twice counts with its last row.
+/// scored on every dataset of the file (a mean over fewer datasets is not comparable),
+/// on each dataset's newest data ([`newest_data_rows`]). A (checkpoint, dataset) pair
+/// scored twice counts with its last row.
 pub fn offline_means(rows: &[ValidationRow]) -> BTreeMap<String, (u64, f64)> {
+    let rows = newest_data_rows(rows);
     let datasets: BTreeSet<&str> = rows.iter().map(|r| r.dataset.as_str()).collect();
     let mut per_ckpt: BTreeMap<&str, (u64, BTreeMap<&str, f64>)> = BTreeMap::new();
     for r in rows.iter().filter(|r| r.loss.is_finite()) {

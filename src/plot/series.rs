@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use super::axis::XAxis;
-use super::runs::{CheckpointInfo, MetricsRow, ValidationRow, offline_means};
+use super::runs::{CheckpointInfo, MetricsRow, ValidationRow, newest_data_rows, offline_means};
 
 /// A point `(x, loss)`.
 pub type Point = (f64, f64);
@@ -82,7 +82,10 @@ pub fn build(
         _ => map.at(step),
     };
     let mut per_dataset: BTreeMap<String, BTreeMap<u64, Point>> = BTreeMap::new();
-    for r in offline.iter().filter(|r| r.loss.is_finite()) {
+    for r in newest_data_rows(offline)
+        .into_iter()
+        .filter(|r| r.loss.is_finite())
+    {
         if let Some(x) = x_of_ckpt(&r.checkpoint, r.step) {
             per_dataset
                 .entry(r.dataset.clone())
@@ -266,6 +269,7 @@ mod tests {
             batch_size: None,
             elapsed_s: None,
             peak_memory_mb: None,
+            data: String::new(),
         }];
         let s = build("r".into(), &metrics, &offline, &[], XAxis::Tokens);
         assert_eq!(s.train_raw, vec![(100.0, 9.0), (200.0, 8.0), (400.0, 6.0)]);

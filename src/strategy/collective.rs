@@ -44,8 +44,12 @@ pub trait Collective: Send + Sync {
     /// Wait until every rank gets here.
     fn barrier(&self) -> Result<()>;
     /// Tell the other ranks that this one failed (their pending and later calls return
-    /// an error naming this rank and `reason`).
+    /// an error naming this rank and `reason`, or, between processes, they stop with
+    /// it).
     fn abort(&self, reason: &str);
+    /// This rank made its last call: its process ending from now on is not a failure
+    /// (between processes, the [`watchdog`](super::watchdog) hears a goodbye).
+    fn finish(&self) {}
 }
 
 /// One rank: every operation is the identity.

@@ -4,7 +4,9 @@
 //!
 //! Run by the hidden `lit-claire dist-check`: under `srun`/`torchrun` on a cluster, by
 //! `utils/device_check.sh` on one GPU, and by the tests with real processes on CPU
-//! (where only the rendezvous runs).
+//! (where the rendezvous and the [`Watchdog`] run). `--simulate` makes one rank fail
+//! after the rendezvous while the others wait in a collective that never ends, which
+//! only the watchdog can end: see [`Simulate`].
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -16,6 +18,7 @@ use serde::Serialize;
 use super::collective::{Collective, ReduceOp};
 use super::env::{self, DEFAULT_PORT, ProcessGroup};
 use super::rendezvous::Rendezvous;
+use super::watchdog::{Watchdog, WatchdogConfig};
 use super::{DeviceSpec, local_device, nccl_collective};
 use crate::error::{Error, Result};
 
@@ -28,8 +31,31 @@ pub struct DistCheckOptions {
     pub devices: Option<usize>,
     pub num_nodes: Option<usize>,
     pub timeout: Duration,
+    /// How long a collective may take before the watchdog stops every rank.
+    pub collective_timeout: Duration,
+    /// How long a silent peer is waited for (default: from the collective timeout,
+    /// see [`WatchdogConfig::new`]).
+    pub silence_timeout: Option<Duration>,
     /// Size of the timed all-reduce (CUDA), 0 for none.
     pub bench_mib: usize,
+    /// A failure to stage after the rendezvous (CPU only), and the rank that fails.
+    pub simulate: Option<(Simulate, usize)>,
+}
+
+/// What the failing rank of `dist-check --simulate` does after the rendezvous, while
+/// every other rank waits in a collective that never completes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Simulate {
+    /// Enter the collective, then die by SIGKILL (as the out-of-memory killer does).
+    Kill,
+    /// Stay alive but never reach the collective (a rank stuck in its own work).
+    Stall,
+    /// Report a NaN loss of its own and exit with that error.
+    Nan,
+    /// Enter the collective, then freeze (SIGSTOP): alive, connections open, silent.
+    Freeze,
+    /// Enter the collective like every other rank: all are in it, none completes.
+    Hang,
 }
 
 /// What one rank found.
@@ -100,17 +126,42 @@ pub fn dist_check(
         all_reduce_busbw_gbs: None,
         seconds: 0.0,
     };
+    match opts.simulate {
+        Some(_) if opts.device != DeviceSpec::Cpu => {
+            return Err(Error::Usage(
+                "dist-check --simulate runs on --device cpu (the watchdog alone)".into(),
+            ));
+        }
+        Some((_, r)) if r >= pg.world_size => {
+            return Err(Error::Usage(format!(
+                "--faulty-rank {r}: ranks run from 0 to {}",
+                pg.world_size - 1
+            )));
+        }
+        _ => {}
+    }
     match opts.device {
         DeviceSpec::Cpu => {
             report.backend = "tcp".into();
             let mut payload = [0u8; 128];
             rand::rng().fill_bytes(&mut payload);
             let own = (pg.rank == 0).then_some(&payload[..]);
-            let shared = Rendezvous::new(&pg, opts.timeout).share(own)?;
+            let (shared, links) = Rendezvous::new(&pg, opts.timeout).share_and_keep(own)?;
             report.shared_digest = hex(&shared[..shared.len().min(8)]);
             report
                 .checks
                 .push(format!("rendezvous: {} bytes from rank 0", shared.len()));
+            let mut cfg = WatchdogConfig::new(opts.collective_timeout);
+            if let Some(silence) = opts.silence_timeout {
+                cfg.silence_timeout = silence;
+                cfg.heartbeat = cfg.heartbeat.min(silence / 10);
+            }
+            let watchdog = Watchdog::start(pg.rank, pg.world_size, links, cfg)?;
+            if let Some((what, faulty)) = opts.simulate {
+                simulate(&watchdog, pg.rank, what, faulty)?;
+            }
+            watchdog.finish();
+            report.checks.push("watchdog".into());
         }
         DeviceSpec::Cuda(n) => {
             report.backend = "nccl".into();
@@ -118,7 +169,7 @@ pub fn dist_check(
                 Some(_) => local_device(&pg, vars)?,
                 None => super::cuda_device(n)?,
             };
-            let comm = nccl_collective(&pg, &device, opts.timeout)?;
+            let comm = nccl_collective(&pg, &device, opts.timeout, opts.collective_timeout)?;
             check_collectives(comm.as_ref(), &device, &mut report.checks)?;
             if opts.bench_mib > 0 {
                 report.all_reduce_busbw_gbs =
@@ -126,10 +177,53 @@ pub fn dist_check(
             }
             comm.barrier()?;
             report.checks.push("barrier".into());
+            comm.finish();
         }
     }
     report.seconds = start.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// Rank `faulty` does `what`; every other rank enters a collective that never
+/// completes. Only an error of the faulty rank returns: the watchdog ends the others.
+fn simulate(watchdog: &Watchdog, rank: usize, what: Simulate, faulty: usize) -> Result<()> {
+    let endless = |w: &Watchdog| -> ! {
+        let _in_flight = w.enter("all_reduce");
+        loop {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    };
+    if rank != faulty || what == Simulate::Hang {
+        endless(watchdog);
+    }
+    let signal = |name: &str| {
+        let _ = std::process::Command::new("kill")
+            .args([name, &std::process::id().to_string()])
+            .status();
+    };
+    match what {
+        Simulate::Kill => {
+            let _in_flight = watchdog.enter("all_reduce");
+            // SIGKILL: no destructor, no goodbye; the kernel closes the sockets.
+            signal("-KILL");
+            std::process::abort()
+        }
+        Simulate::Freeze => {
+            let _in_flight = watchdog.enter("all_reduce");
+            // Every thread stops, the watchdog's too; whoever started us must kill us.
+            signal("-STOP");
+            endless(watchdog)
+        }
+        Simulate::Hang => unreachable!("every rank entered the endless collective"),
+        Simulate::Stall => loop {
+            std::thread::sleep(Duration::from_secs(1));
+        },
+        Simulate::Nan => {
+            let why = "the loss is NaN (simulated by dist-check)";
+            watchdog.report_failure(why);
+            Err(Error::Msg(format!("rank {rank} failed: {why}")))
+        }
+    }
 }
 
 /// Every collective on small tensors whose results are known exactly, in f32 and bf16.

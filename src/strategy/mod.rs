@@ -20,6 +20,7 @@ pub mod nccl;
 pub mod precision;
 pub mod rendezvous;
 pub mod threads;
+pub mod watchdog;
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -263,6 +264,12 @@ impl Strategy {
         self.collective.abort(reason)
     }
 
+    /// This rank made its last collective call: its process may end (see
+    /// [`Collective::finish`]).
+    pub fn finish(&self) {
+        self.collective.finish()
+    }
+
     /// Sum gradients over ranks, in place, in buckets of at most
     /// [`Strategy::bucket_bytes`]: each bucket's tensors are flattened into one f32
     /// buffer, all-reduced, and split back. Each rank's gradient must already be its
@@ -385,14 +392,16 @@ pub fn local_device(pg: &ProcessGroup, env: &HashMap<String, String>) -> Result<
 
 /// NCCL collectives between the processes of `pg`, one GPU each (`device`, from
 /// [`local_device`]): meets the other ranks over TCP within `timeout` (see
-/// [`rendezvous`]), then opens an NCCL communicator on the device's stream.
+/// [`rendezvous`]), starts the [`watchdog`] (no collective may take longer than
+/// `collective_timeout`), then opens an NCCL communicator on the device's stream.
 #[cfg(feature = "cuda")]
 pub fn nccl_collective(
     pg: &ProcessGroup,
     device: &Device,
     timeout: Duration,
+    collective_timeout: Duration,
 ) -> Result<Arc<dyn Collective>> {
-    nccl::nccl_collective(pg, device, timeout)
+    nccl::nccl_collective(pg, device, timeout, collective_timeout)
 }
 
 /// NCCL collectives need the `cuda` feature.
@@ -401,6 +410,7 @@ pub fn nccl_collective(
     pg: &ProcessGroup,
     _device: &Device,
     _timeout: Duration,
+    _collective_timeout: Duration,
 ) -> Result<Arc<dyn Collective>> {
     Err(Error::Usage(format!(
         "{} started {} processes, but this lit-claire was built without CUDA and NCCL; rebuild with `cargo build --release --features cuda`",

@@ -8,13 +8,22 @@
 //!
 //! ```text
 //! rank 0: Id::new() ──rendezvous (TCP)──▶ every rank: Id ─▶ Comm::from_rank(stream, rank, world, id)
+//!                   (connections kept: the watchdog)
 //! ```
+//!
+//! NCCL waits forever for a rank that died. So the rendezvous connections stay open
+//! for the [`Watchdog`], and every operation is tracked until a CUDA event recorded
+//! after it completes: one in flight longer than the collective timeout, a peer gone
+//! or silent, or a peer's own failure stops every rank with one line naming the rank
+//! and the cause, after aborting the communicator (`ncclCommAbort`, which is what
+//! dropping cudarc's `Comm` does).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
+use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
 use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, NcclType, ReduceOp as NcclOp};
 use candle_core::cuda_backend::{CudaDType, CudaStorage};
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
@@ -22,6 +31,7 @@ use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 use super::collective::{Collective, ReduceOp};
 use super::env::ProcessGroup;
 use super::rendezvous::Rendezvous;
+use super::watchdog::{Watchdog, WatchdogConfig};
 use crate::error::{Error, Result};
 
 /// NCCL's unique id is 128 bytes.
@@ -43,18 +53,21 @@ pub struct Nccl {
     world_size: usize,
     /// This rank's GPU.
     device: Device,
-    /// `None` once aborted.
-    comm: Mutex<Option<CommHandle>>,
+    /// `None` once aborted (shared with the watchdog's abort hook).
+    comm: Arc<Mutex<Option<CommHandle>>>,
     /// Why this rank aborted.
     aborted: Mutex<Option<String>>,
+    watchdog: Watchdog,
 }
 
-/// Meet the other ranks (rank 0's NCCL id travels over [`Rendezvous`]) and open an NCCL
-/// communicator on `device`'s stream. Every rank of `pg` must call it.
+/// Meet the other ranks within `timeout` (rank 0's NCCL id travels over
+/// [`Rendezvous`]), start the [`Watchdog`] (collectives may take `collective_timeout`)
+/// and open an NCCL communicator on `device`'s stream. Every rank of `pg` must call it.
 pub fn nccl_collective(
     pg: &ProcessGroup,
     device: &Device,
     timeout: Duration,
+    collective_timeout: Duration,
 ) -> Result<Arc<dyn Collective>> {
     let Device::Cuda(dev) = device else {
         return Err(Error::Usage(format!(
@@ -71,7 +84,13 @@ pub fn nccl_collective(
     } else {
         None
     };
-    let bytes = Rendezvous::new(pg, timeout).share(own_id.as_deref())?;
+    let (bytes, links) = Rendezvous::new(pg, timeout).share_and_keep(own_id.as_deref())?;
+    let watchdog = Watchdog::start(
+        pg.rank,
+        pg.world_size,
+        links,
+        WatchdogConfig::new(collective_timeout),
+    )?;
     if bytes.len() != ID_BYTES {
         return Err(Error::Msg(format!(
             "rank {}: rank 0 sent an NCCL id of {} bytes, expected {ID_BYTES}",
@@ -83,19 +102,33 @@ pub fn nccl_collective(
     for (d, s) in internal.iter_mut().zip(&bytes) {
         *d = *s as std::ffi::c_char;
     }
+    // ncclCommInitRank waits for every rank: a rank that dies now is caught too.
+    let init = watchdog.enter("ncclCommInitRank");
     let comm = Comm::from_rank(dev.cuda_stream(), pg.rank, pg.world_size, Id::uninit(internal))
         .map_err(|e| {
-            Error::Msg(format!(
+            let msg = format!(
                 "rank {}: ncclCommInitRank ({} ranks, rank 0 at {}:{}) failed: {e:?}; NCCL_DEBUG=INFO says why",
                 pg.rank, pg.world_size, pg.master_addr, pg.master_port
-            ))
+            );
+            watchdog.report_failure(&msg);
+            Error::Msg(msg)
         })?;
+    drop(init);
+    let comm = Arc::new(Mutex::new(Some(CommHandle(comm))));
+    let hook = comm.clone();
+    watchdog.on_fatal(move || {
+        // ncclCommAbort: whatever this process was waiting on in NCCL returns.
+        if let Ok(mut c) = hook.lock() {
+            c.take();
+        }
+    });
     Ok(Arc::new(Nccl {
         rank: pg.rank,
         world_size: pg.world_size,
         device: device.clone(),
-        comm: Mutex::new(Some(CommHandle(comm))),
+        comm,
         aborted: Mutex::new(None),
+        watchdog,
     }))
 }
 
@@ -172,14 +205,20 @@ impl NcclOpOn<'_> {
     }
 }
 
-impl CustomOp1 for NcclOpOn<'_> {
-    fn name(&self) -> &'static str {
-        match self.kind {
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
             Kind::AllReduce(_) => "all_reduce",
             Kind::ReduceScatter(_) => "reduce_scatter",
             Kind::AllGather => "all_gather",
             Kind::Broadcast(_) => "broadcast",
         }
+    }
+}
+
+impl CustomOp1 for NcclOpOn<'_> {
+    fn name(&self) -> &'static str {
+        self.kind.name()
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
@@ -230,7 +269,28 @@ impl Nccl {
                 ))
             })?
             .0;
-        Ok(x.apply_op1_no_bwd(&NcclOpOn { comm, kind })?)
+        let out = x.apply_op1_no_bwd(&NcclOpOn { comm, kind })?;
+        drop(guard);
+        self.track(kind)?;
+        Ok(out)
+    }
+
+    /// Hand the operation just queued to the watchdog: in flight until an event
+    /// recorded after it on the same stream completes.
+    fn track(&self, kind: Kind) -> Result<()> {
+        let Device::Cuda(dev) = &self.device else {
+            return Ok(());
+        };
+        let event = dev
+            .cuda_stream()
+            .record_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING))
+            .map_err(|e| Error::Msg(format!("nccl {}: recording an event: {e:?}", kind.name())))?;
+        self.watchdog.track(kind.name(), move || {
+            // An error is the main thread's to report, at its next read of the device;
+            // only an operation that is still running counts as in flight.
+            event.context().bind_to_thread().is_err() || event.try_is_complete() != Ok(false)
+        });
+        Ok(())
     }
 }
 
@@ -274,10 +334,18 @@ impl Collective for Nccl {
         if let Ok(mut a) = self.aborted.lock() {
             a.get_or_insert_with(|| reason.to_string());
         }
+        // The other processes learn it through rank 0 and stop.
+        self.watchdog.report_failure(reason);
         // Dropping the communicator calls ncclCommAbort: NCCL stops its operations here,
         // and the other ranks' pending ones fail instead of waiting for this rank.
         if let Ok(mut c) = self.comm.lock() {
             c.take();
         }
+    }
+    fn finish(&self) {
+        // This rank's last operations complete on its GPU before anything may drop
+        // the communicator (cudarc's drop is an abort, not a finalize).
+        let _ = self.device.synchronize();
+        self.watchdog.finish();
     }
 }

@@ -14,6 +14,10 @@
 //!
 //! Every wait is bounded by the timeout: rank 0 names the ranks that did not arrive,
 //! the others say rank 0 was not reachable. No shared files, no other service.
+//!
+//! [`Rendezvous::share_and_keep`] leaves the connections open (rank 0's to every other
+//! rank, theirs to rank 0): the [`watchdog`](super::watchdog) talks over them for the
+//! rest of the run, so that a rank that dies later does not leave the others waiting.
 
 use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read, Write};
@@ -24,11 +28,15 @@ use super::env::ProcessGroup;
 use crate::error::{Error, Result};
 
 const MAGIC: &[u8; 4] = b"LCRV";
-const VERSION: u8 = 1;
+/// 2: the connections stay open after the answer, for the watchdog.
+const VERSION: u8 = 2;
 const OK: u8 = 0;
 const REFUSED: u8 = 1;
 /// Largest payload or message accepted (an NCCL id is 128 bytes).
 const MAX_FRAME: usize = 1 << 20;
+
+/// An open connection to a peer after the rendezvous: the peer's rank and the socket.
+pub type Link = (usize, TcpStream);
 
 /// Where and how the ranks of one run meet.
 #[derive(Debug, Clone)]
@@ -58,6 +66,12 @@ impl Rendezvous {
     /// Meet every other rank; rank 0 sends them `payload` (its own, `Some`; the others
     /// pass `None`). Every rank returns rank 0's payload.
     pub fn share(&self, payload: Option<&[u8]>) -> Result<Vec<u8>> {
+        self.share_and_keep(payload).map(|(p, _)| p)
+    }
+
+    /// [`Rendezvous::share`], keeping the connections open: rank 0 gets one link to
+    /// every other rank (in rank order), the others one link to rank 0.
+    pub fn share_and_keep(&self, payload: Option<&[u8]>) -> Result<(Vec<u8>, Vec<Link>)> {
         if self.rank >= self.world_size {
             return Err(Error::Usage(format!(
                 "rank {} of a world of {}: ranks run from 0 to world size - 1",
@@ -74,10 +88,10 @@ impl Rendezvous {
                     payload.len()
                 )));
             }
-            self.serve(payload)?;
-            Ok(payload.to_vec())
+            let links = self.serve(payload)?;
+            Ok((payload.to_vec(), links))
         } else {
-            self.join()
+            self.join().map(|(p, s)| (p, vec![(0, s)]))
         }
     }
 
@@ -90,7 +104,7 @@ impl Rendezvous {
     }
 
     /// Rank 0: wait for every other rank's hello, check it, answer all at once.
-    fn serve(&self, payload: &[u8]) -> Result<()> {
+    fn serve(&self, payload: &[u8]) -> Result<Vec<Link>> {
         let deadline = Instant::now() + self.timeout;
         // All interfaces: MASTER_ADDR is how the others reach this node, which may not
         // be the address its own host name resolves to here (e.g. 127.0.1.1).
@@ -178,14 +192,16 @@ impl Rendezvous {
             arrived.insert(rank, (stream, peer));
         }
         let mut failed = Vec::new();
+        let mut links = Vec::new();
         for (rank, (mut stream, _)) in arrived {
             let end = Instant::now() + Duration::from_secs(10);
-            if let Err(e) = send_frame(&mut stream, OK, payload, end) {
-                failed.push(format!("rank {rank}: {e}"));
+            match send_frame(&mut stream, OK, payload, end) {
+                Ok(()) => links.push((rank, stream)),
+                Err(e) => failed.push(format!("rank {rank}: {e}")),
             }
         }
         if failed.is_empty() {
-            Ok(())
+            Ok(links)
         } else {
             Err(Error::Msg(format!(
                 "rendezvous at {}: could not answer {}",
@@ -197,7 +213,7 @@ impl Rendezvous {
 
     /// Rank r ≠ 0: connect to rank 0 (retrying until the deadline), say hello, wait for
     /// the answer.
-    fn join(&self) -> Result<Vec<u8>> {
+    fn join(&self) -> Result<(Vec<u8>, TcpStream)> {
         let start = Instant::now();
         let deadline = start + self.timeout;
         let endpoint = self.endpoint();
@@ -224,7 +240,7 @@ impl Rendezvous {
             ))
         })?;
         match status {
-            OK => Ok(body),
+            OK => Ok((body, stream)),
             _ => Err(Error::Msg(format!(
                 "rank {}: rank 0 stopped the rendezvous: {}",
                 self.rank,
@@ -286,7 +302,7 @@ fn refuse_all(arrived: BTreeMap<usize, (TcpStream, SocketAddr)>, msg: String) ->
 }
 
 /// `ranks 3, 5-7` / `rank 2`.
-fn rank_list(ranks: &[usize]) -> String {
+pub(super) fn rank_list(ranks: &[usize]) -> String {
     let mut parts: Vec<String> = Vec::new();
     let mut i = 0;
     while i < ranks.len() {
@@ -320,7 +336,7 @@ fn read_hello(
 }
 
 /// MAGIC, status, length (u32 LE), body.
-fn send_frame(
+pub(super) fn send_frame(
     stream: &mut TcpStream,
     status: u8,
     body: &[u8],
@@ -332,6 +348,27 @@ fn send_frame(
     frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
     frame.extend_from_slice(body);
     write_by(stream, &frame, deadline)
+}
+
+/// The first whole frame at the start of `buf`: status, body and the bytes it took;
+/// `None` while it is incomplete.
+pub(super) fn parse_frame(buf: &[u8]) -> std::result::Result<Option<(u8, Vec<u8>, usize)>, String> {
+    if buf.len() < 9 {
+        return Ok(None);
+    }
+    if &buf[..4] != MAGIC {
+        return Err("not a lit-claire frame".into());
+    }
+    let len = u32::from_le_bytes(buf[5..9].try_into().expect("4 bytes")) as usize;
+    if len > MAX_FRAME {
+        return Err(format!(
+            "a frame of {len} bytes is over the {MAX_FRAME}-byte limit"
+        ));
+    }
+    if buf.len() < 9 + len {
+        return Ok(None);
+    }
+    Ok(Some((buf[4], buf[9..9 + len].to_vec(), 9 + len)))
 }
 
 fn read_frame(
@@ -401,7 +438,15 @@ fn write_by(
 
 #[cfg(test)]
 mod tests {
-    use super::rank_list;
+    use super::{parse_frame, rank_list};
+
+    #[test]
+    fn frames_are_parsed_only_when_whole() {
+        let frame = [b'L', b'C', b'R', b'V', 3, 2, 0, 0, 0, b'h', b'i', 9];
+        assert_eq!(parse_frame(&frame[..10]).unwrap(), None);
+        assert_eq!(parse_frame(&frame).unwrap(), Some((3, b"hi".to_vec(), 11)));
+        assert!(parse_frame(b"XXXX\0\0\0\0\0").is_err());
+    }
 
     #[test]
     fn missing_ranks_are_listed_as_ranges() {

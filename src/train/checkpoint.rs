@@ -16,7 +16,6 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
-use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::batches::DataPosition;
@@ -54,7 +53,11 @@ pub struct TrainingState {
     #[serde(default)]
     pub metrics_rows: Option<usize>,
     pub loss_scaler: Option<LossScaler>,
-    pub dropout_rng: Option<ChaCha8Rng>,
+    /// Seed of the LoRA dropout masks (None without dropout): a mask is a function of
+    /// it, the step and the sample (see [`crate::model::Dropout`]), so nothing else
+    /// needs saving. Checkpoints of older versions held a generator's state instead.
+    #[serde(default)]
+    pub dropout_seed: Option<u64>,
     pub base_checkpoint_dir: PathBuf,
     pub hyperparameters: TrainConfig,
     pub lit_claire_version: String,

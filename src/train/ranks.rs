@@ -8,10 +8,13 @@
 //! ```
 //!
 //! A rank that fails (an error or a panic) aborts the collective, so every other rank
-//! stops at its next collective call with `rank R failed: reason` instead of waiting;
-//! a rank that vanishes is named by the others when their timeout
-//! (`--collective-timeout`) runs out. Rank 0 alone writes files, and each checkpoint is
-//! renamed into place complete, so a failure never leaves a half-written one.
+//! stops at its next collective call with `rank R failed: reason` instead of waiting.
+//! Between processes (NCCL), the [`watchdog`](crate::strategy::watchdog) carries that
+//! message, and also names a rank whose process vanished (its connection closed or went
+//! silent) or that never reached a collective within `--collective-timeout`; every
+//! process then prints that line, aborts its communicator and exits. Rank 0 alone
+//! writes files, and each checkpoint is written in a `.tmp-` folder renamed into place
+//! complete, so a failure never leaves a half-written one.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Mutex};
@@ -133,10 +136,13 @@ pub fn train_rank(
 ) -> Result<TrainSummary> {
     let group = strategy.clone();
     let result = Trainer::on_rank(cfg, data, strategy).and_then(|mut t| t.run(None));
-    if let Err(e) = &result {
-        let why = e.to_string();
-        on_failure(&why);
-        group.abort(&why);
+    match &result {
+        Err(e) => {
+            let why = e.to_string();
+            on_failure(&why);
+            group.abort(&why);
+        }
+        Ok(_) => group.finish(),
     }
     result
 }
@@ -159,7 +165,7 @@ fn train_process_group(cfg: &TrainConfig, data: TrainData) -> Result<TrainSummar
     let gpu = crate::strategy::env::local_cuda_ordinal(&pg, &env)?;
     let strategy = Strategy::new(DeviceSpec::Cuda(gpu), cfg.precision)?;
     let timeout = Duration::from_secs(cfg.collective_timeout);
-    let nccl = crate::strategy::nccl_collective(&pg, &strategy.device, timeout)?;
+    let nccl = crate::strategy::nccl_collective(&pg, &strategy.device, timeout, timeout)?;
     train_rank(
         cfg,
         data,

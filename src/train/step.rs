@@ -89,6 +89,8 @@ pub struct StepRunner {
     /// Global-norm clipping threshold (None: no clipping).
     pub grad_clip: Option<f64>,
     pub scaler: Option<LossScaler>,
+    /// LoRA dropout; the caller says which step and samples each [`StepRunner::step`]
+    /// computes ([`Dropout::begin_step`]).
     pub dropout: Option<Dropout>,
 }
 
@@ -109,6 +111,9 @@ impl StepRunner {
         let mut acc: Option<Vec<Tensor>> = None;
         let mut total = 0f64;
         for batch in micro_batches {
+            if let Some(d) = &self.dropout {
+                d.next_micro_batch(batch.inputs.dim(0)?);
+            }
             let sum = loss_sum(&self.model, batch, self.dropout.as_ref())?;
             total += sum.to_scalar::<f32>()? as f64;
             let scaled = (sum * (scale / denom))?;

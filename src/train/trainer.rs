@@ -9,8 +9,6 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 
 use super::batches::{Batch, DataPosition, TrainData};
 use super::checkpoint::{self, TrainingState};
@@ -293,10 +291,10 @@ fn build_runner(cfg: &TrainConfig, plan: Plan) -> Result<(StepRunner, TrainingSt
         opt,
         grad_clip: (cfg.grad_clip > 0.0).then_some(cfg.grad_clip),
         scaler: state.loss_scaler,
-        dropout: state
-            .dropout_rng
-            .clone()
-            .map(|rng| Dropout::new(rank_stream(rng, strategy.rank))),
+        dropout: lora
+            .as_ref()
+            .filter(|l| l.dropout > 0.0)
+            .map(|_| Dropout::new(state.dropout_seed.unwrap_or(state.hyperparameters.seed))),
         strategy,
     };
     Ok((runner, state))
@@ -308,15 +306,6 @@ fn ranks_label(s: &Strategy) -> String {
         1 => s.spec.to_string(),
         w => format!("{} × {w} ranks ({})", s.spec, s.parallel),
     }
-}
-
-/// Rank `rank`'s dropout generator, from the one saved in a checkpoint (rank 0's):
-/// rank 0 continues it, every other rank draws from its own stream of it.
-fn rank_stream(mut rng: ChaCha8Rng, rank: usize) -> ChaCha8Rng {
-    if rank > 0 {
-        rng.set_stream(rank as u64);
-    }
-    rng
 }
 
 /// The state of a run at step 0.
@@ -333,8 +322,7 @@ fn fresh_state(cfg: &TrainConfig, strategy: &Strategy, lora: Option<&LoraConfig>
         evals_without_improvement: 0,
         metrics_rows: Some(0),
         loss_scaler: strategy.precision.uses_loss_scaling().then(LossScaler::new),
-        dropout_rng: needs_dropout
-            .then(|| ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_add(strategy.rank as u64))),
+        dropout_seed: needs_dropout.then_some(cfg.seed),
         base_checkpoint_dir: cfg.checkpoint_dir.clone(),
         hyperparameters: cfg.clone(),
         lit_claire_version: env!("CARGO_PKG_VERSION").into(),
@@ -555,7 +543,6 @@ impl Trainer {
             }
         }
         self.state.loss_scaler = self.runner.scaler;
-        self.state.dropout_rng = self.runner.dropout.as_ref().map(|d| d.rng());
         let dir = checkpoint::save(
             &self.cfg.out_dir,
             name,
@@ -699,6 +686,11 @@ impl Trainer {
             .map(|c| Batch::from_samples(c, self.data.block_size, &device))
             .collect::<Result<Vec<_>>>()?;
         let lr = self.schedule.lr(self.state.step);
+        if let Some(d) = &self.runner.dropout {
+            // This rank's samples start at rank × batch size in the global batch.
+            let first = self.runner.strategy.rank * self.cfg.batch_size;
+            d.begin_step(self.state.step as u64, first as u64);
+        }
         let stats = self
             .runner
             .step(&micro_batches, lr)

@@ -68,11 +68,12 @@ fn config(out: &Path, devices: usize, micro: usize) -> TrainConfig {
     }
 }
 
-fn lora(mut cfg: TrainConfig) -> TrainConfig {
+fn lora(mut cfg: TrainConfig, dropout: f64) -> TrainConfig {
     cfg.lora_r = 4;
     cfg.lora_alpha = 8.0;
-    // Dropout masks are drawn per rank: exact equivalence needs none.
-    cfg.lora_dropout = 0.0;
+    // A sample's dropout masks depend on the seed, step, sample and layer alone, so
+    // even with dropout, ranks and micro-batches do not change the computation.
+    cfg.lora_dropout = dropout;
     cfg.lora_mlp = true;
     cfg
 }
@@ -139,10 +140,18 @@ fn assert_same(what: &str, a: &Path, b: &Path) {
     assert!(w < 1e-5, "{what}: final weights differ by {w:e}");
 }
 
-/// 1 rank × micro-batch 4 against 2 ranks × micro-batch 2, with ddp and zero1.
-fn two_ranks_are_one_rank(lora_on: bool) {
-    let kind = if lora_on { "LoRA" } else { "full" };
-    let tweak = |c: TrainConfig| if lora_on { lora(c) } else { c };
+/// 1 rank × micro-batch 4 against 2 ranks × micro-batch 2, with ddp and zero1
+/// (`lora_dropout`: None for full training); returns the 1-rank run.
+fn two_ranks_are_one_rank(lora_dropout: Option<f64>) -> tempfile::TempDir {
+    let lora_on = lora_dropout.is_some();
+    let kind = match lora_dropout {
+        None => "full".to_string(),
+        Some(p) => format!("LoRA (dropout {p})"),
+    };
+    let tweak = |c: TrainConfig| match lora_dropout {
+        Some(p) => lora(c, p),
+        None => c,
+    };
     let one = temp_dir();
     let s = pretrain_with_data(&tweak(config(one.path(), 1, 4)), data()).unwrap();
     assert_eq!(s.steps, 10);
@@ -176,16 +185,39 @@ fn two_ranks_are_one_rank(lora_on: bool) {
         }
         assert_no_partial_files(two.path());
     }
+    one
 }
 
 #[test]
 fn two_ranks_give_the_losses_and_weights_of_one_full() {
-    two_ranks_are_one_rank(false);
+    two_ranks_are_one_rank(None);
 }
 
 #[test]
 fn two_ranks_give_the_losses_and_weights_of_one_lora() {
-    two_ranks_are_one_rank(true);
+    two_ranks_are_one_rank(Some(0.0));
+}
+
+/// Issue 10: dropout masks were drawn per rank, so 2 ranks × m and 1 rank × 2m were
+/// only statistically equal with LoRA dropout on.
+#[test]
+fn two_ranks_give_the_losses_and_weights_of_one_lora_with_dropout() {
+    let one = two_ranks_are_one_rank(Some(0.25));
+    // The dropout did something: the losses are not those of a run without it.
+    let plain = temp_dir();
+    pretrain_with_data(&lora(config(plain.path(), 1, 4), 0.0), data()).unwrap();
+    let (loss, _) = compare(one.path(), plain.path());
+    assert!(loss > 1e-4, "dropout changed the losses by only {loss:e}");
+    // Stopped at step 4 and resumed on 2 ranks: the same masks, the same run.
+    let (_keep, resumed) = stopped_at(one.path(), 4);
+    let mut cfg = lora(config(&resumed, 2, 1), 0.25);
+    cfg.resume = Some("auto".into());
+    assert_eq!(pretrain_with_data(&cfg, data()).unwrap().steps, 10);
+    assert_same(
+        "LoRA with dropout, resumed at step 4 on 2 ranks",
+        one.path(),
+        &resumed,
+    );
 }
 
 fn assert_no_partial_files(run: &Path) {

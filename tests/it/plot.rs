@@ -469,3 +469,32 @@ fn cli_bad_input_is_one_line_and_writes_nothing() {
     assert!(!tmp.path().join("out").exists(), "nothing written");
     assert!(!Path::new("curves.bmp").exists());
 }
+
+#[test]
+fn best_checkpoint_counts_only_the_newest_data_of_a_dataset() {
+    // A dataset re-prepared between two `validate` runs, the second one interrupted:
+    // step 100 was scored (very low) on the old data only. Not comparable: step 200,
+    // the only one scored on the current data, is the best.
+    let tmp = temp_dir();
+    let run = tmp.path().join("run");
+    for step in [100u64, 200] {
+        let d = run.join(format!("step-{step:08}"));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(
+            d.join("training_state.json"),
+            format!("{{\"step\": {step}}}"),
+        )
+        .unwrap();
+    }
+    let csv = "checkpoint,step,dataset,loss,perplexity,tokens,batch_size,elapsed_s,peak_memory_mb,data\n\
+               step-00000100,100,wiki,0.5,,,,,,old\n\
+               step-00000200,200,wiki,2.5,,,,,,old\n\
+               step-00000200,200,wiki,2.0,,,,,,new\n";
+    std::fs::write(run.join("validation_results.csv"), csv).unwrap();
+    let best = best_checkpoint(&run).unwrap().unwrap();
+    assert_eq!(
+        (best.checkpoint.as_str(), best.source),
+        ("step-00000200", LossSource::OfflineMean)
+    );
+    assert_eq!(best.val_loss, 2.0);
+}

@@ -207,3 +207,166 @@ fn devices_disagreeing_with_torchrun_are_refused() {
         "{stderr}"
     );
 }
+
+/// Wait for every child, killing them all if one is still running after `limit` (a
+/// hang: the watchdog did not end it); stderr and exit status of each, in order.
+fn wait_all(
+    mut children: Vec<std::process::Child>,
+    limit: Duration,
+) -> Vec<(std::process::ExitStatus, String)> {
+    let start = Instant::now();
+    loop {
+        let running: Vec<usize> = children
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, c)| c.try_wait().unwrap().is_none().then_some(i))
+            .collect();
+        if running.is_empty() {
+            break;
+        }
+        if start.elapsed() > limit {
+            for c in &mut children {
+                let _ = c.kill();
+            }
+            panic!("processes {running:?} still running after {limit:?}: nothing stopped them");
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    children
+        .into_iter()
+        .map(|c| {
+            let out = c.wait_with_output().unwrap();
+            (out.status, String::from_utf8_lossy(&out.stderr).to_string())
+        })
+        .collect()
+}
+
+/// `world` dist-check processes over localhost, `extra` flags for all; rank 0 last.
+fn simulated(world: usize, extra: &[&str]) -> Vec<(std::process::ExitStatus, String)> {
+    simulated_with_frozen(world, extra, None)
+}
+
+/// [`simulated`], where rank `frozen` stops itself: it is killed once the others
+/// have ended.
+fn simulated_with_frozen(
+    world: usize,
+    extra: &[&str],
+    frozen: Option<usize>,
+) -> Vec<(std::process::ExitStatus, String)> {
+    let port = free_port();
+    let mut children: Vec<_> = (0..world)
+        .rev()
+        .map(|rank| dist_check_process(port, rank, world, 20, extra))
+        .collect();
+    children.reverse();
+    let Some(f) = frozen else {
+        return wait_all(children, Duration::from_secs(40));
+    };
+    let mut stopped = children.remove(f);
+    let others = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_all(children, Duration::from_secs(40))
+    }));
+    stopped.kill().unwrap();
+    let out = stopped.wait_with_output().unwrap();
+    let mut results = others.unwrap_or_else(|p| std::panic::resume_unwind(p));
+    results.insert(
+        f,
+        (out.status, String::from_utf8_lossy(&out.stderr).to_string()),
+    );
+    results
+}
+
+/// Every rank but `except` stopped with exactly one line, containing `want`.
+fn every_other_rank_says(
+    results: &[(std::process::ExitStatus, String)],
+    except: Option<usize>,
+    want: &str,
+) {
+    for (rank, (status, stderr)) in results.iter().enumerate() {
+        if Some(rank) == except {
+            continue;
+        }
+        assert!(!status.success(), "rank {rank}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "rank {rank}: {stderr}");
+        assert!(stderr.contains(want), "rank {rank}: {stderr}");
+    }
+}
+
+#[test]
+fn a_rank_killed_after_the_rendezvous_is_named_by_every_other() {
+    // The collective timeout is long: the others learn it from the closed connection.
+    let long = ["--collective-timeout", "600", "--simulate", "kill"];
+    let results = simulated(3, &[&long[..], &["--faulty-rank", "2"]].concat());
+    assert_eq!(
+        results[2].0.code(),
+        None,
+        "killed by a signal: {}",
+        results[2].1
+    );
+    every_other_rank_says(
+        &results,
+        Some(2),
+        "error: rank 2 is gone: its connection closed",
+    );
+    // Rank 0 itself: every other rank names it.
+    let results = simulated(3, &[&long[..], &["--faulty-rank", "0"]].concat());
+    every_other_rank_says(&results, Some(0), "error: rank 0 is gone");
+}
+
+#[test]
+fn a_rank_that_never_reaches_the_collective_is_named_after_the_timeout() {
+    for faulty in ["1", "0"] {
+        let results = simulated(
+            3,
+            &[
+                "--collective-timeout",
+                "1",
+                "--simulate",
+                "stall",
+                "--faulty-rank",
+                faulty,
+            ],
+        );
+        // Every rank, the stuck one too, stops with rank 0's verdict.
+        every_other_rank_says(
+            &results,
+            None,
+            &format!("error: rank {faulty} did not reach collective #1 (all_reduce) within 1 s"),
+        );
+    }
+}
+
+#[test]
+fn a_nan_on_one_rank_stops_every_rank_naming_it_across_processes() {
+    let results = simulated(3, &["--collective-timeout", "600", "--simulate", "nan"]);
+    every_other_rank_says(
+        &results,
+        None,
+        "error: rank 1 failed: the loss is NaN (simulated by dist-check)",
+    );
+}
+
+#[test]
+fn a_silent_rank_is_named_after_the_silence_timeout() {
+    let flags = [
+        "--collective-timeout",
+        "600",
+        "--silence-timeout",
+        "2",
+        "--simulate",
+        "freeze",
+    ];
+    let results = simulated_with_frozen(3, &flags, Some(1));
+    every_other_rank_says(&results, Some(1), "error: rank 1 sent nothing for ");
+}
+
+#[test]
+fn a_collective_every_rank_entered_but_none_completes_is_named() {
+    let results = simulated(3, &["--collective-timeout", "1", "--simulate", "hang"]);
+    every_other_rank_says(&results, None, "did not complete within 1 s on rank");
+    assert!(
+        results[0].1.contains("though all 3 ranks entered it"),
+        "{}",
+        results[0].1
+    );
+}

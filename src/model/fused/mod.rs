@@ -19,7 +19,7 @@
 //! Reductions over rows (the weight gradients of norms) are summed in fixed blocks and
 //! combined in order, so results do not depend on the number of threads. Reductions
 //! along a row (softmax and log-sum-exp normalisers, norm statistics) accumulate in f64:
-//! see [`sum_f64`].
+//! see `sum_f64`.
 
 mod cross_entropy;
 mod flash;
