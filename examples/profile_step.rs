@@ -26,12 +26,15 @@ fn profile(lora: bool) -> lit_claire::Result<()> {
         layers: 4,
         width: 512,
         heads: 8,
+        kv_heads: 8,
+        intermediate: BenchShape::default_intermediate(512),
         vocab: 8192,
         seq: 256,
         batch: 4,
     };
     let strategy = Strategy::cpu();
-    let mut runner = bench_runner(&shape, &strategy, lora)?;
+    let l = lit_claire::bench::bench_lora(16, "q,k,v,o,mlp")?;
+    let mut runner = bench_runner(&shape, &strategy, lora.then_some(&l))?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     let batch = random_batch(&shape, &mut rng, &strategy.device)?;
     for it in 0..4 {

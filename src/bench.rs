@@ -63,20 +63,30 @@ pub struct BenchShape {
     pub layers: usize,
     pub width: usize,
     pub heads: usize,
+    /// Key/value heads (GQA when fewer than `heads`).
+    pub kv_heads: usize,
+    /// MLP width.
+    pub intermediate: usize,
     pub vocab: usize,
     pub seq: usize,
     pub batch: usize,
 }
 
 impl BenchShape {
+    /// The default MLP width of a `width`-wide bench model (as `utils/bench_torch.py`).
+    pub fn default_intermediate(width: usize) -> usize {
+        width * 8 / 3 / 64 * 64
+    }
+
     pub fn config(&self) -> Result<Config> {
         parse_config(&serde_json::json!({
             "model_type": "llama",
             "vocab_size": self.vocab,
             "hidden_size": self.width,
-            "intermediate_size": self.width * 8 / 3 / 64 * 64,
+            "intermediate_size": self.intermediate,
             "num_hidden_layers": self.layers,
             "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
             "max_position_embeddings": self.seq.max(256),
         }))
     }
@@ -94,6 +104,9 @@ pub struct BenchReport {
     pub achieved_gflops: f64,
     pub peak_gflops: f64,
     pub mfu: f64,
+    /// Peak resident memory of the process so far (VmHWM), MB: one mode per process
+    /// gives that mode's peak.
+    pub peak_rss_mb: f64,
 }
 
 /// Dense f32 (or `dtype`) matmul throughput of `n × n` matrices, GFLOP/s (best of a few).
@@ -111,34 +124,63 @@ pub fn matmul_gflops(n: usize, dtype: DType, device: &Device) -> Result<f64> {
     Ok(2.0 * (n as f64).powi(3) / best / 1e9)
 }
 
-/// A step runner for the synthetic model: full fine-tuning, or LoRA (r 16 on every
-/// projection and the MLP, as `utils/bench_torch.py` does).
-pub fn bench_runner(shape: &BenchShape, strategy: &Strategy, lora: bool) -> Result<StepRunner> {
+/// LoRA of rank `r` (alpha 2r, no dropout) on `targets`, a comma-separated list of
+/// `q`, `k`, `v`, `o`, `mlp` (the names `utils/bench_torch.py` takes).
+pub fn bench_lora(r: usize, targets: &str) -> Result<LoraConfig> {
+    let mut t = LoraTargets {
+        query: false,
+        key: false,
+        value: false,
+        projection: false,
+        mlp: false,
+        head: false,
+    };
+    for name in targets.split(',').map(str::trim) {
+        match name {
+            "q" => t.query = true,
+            "k" => t.key = true,
+            "v" => t.value = true,
+            "o" => t.projection = true,
+            "mlp" => t.mlp = true,
+            _ => {
+                return Err(crate::error::Error::Usage(format!(
+                    "--lora-targets: unknown target {name:?}; use a comma-separated list of q, k, v, o, mlp"
+                )));
+            }
+        }
+    }
+    if r == 0 || !t.any() {
+        return Err(crate::error::Error::Usage(
+            "--lora-r must be positive and --lora-targets name at least one of q, k, v, o, mlp"
+                .into(),
+        ));
+    }
+    Ok(LoraConfig {
+        r,
+        alpha: 2.0 * r as f64,
+        dropout: 0.0,
+        targets: t,
+        rslora: false,
+    })
+}
+
+/// A step runner for the synthetic model: full fine-tuning (`lora` None), or LoRA
+/// (the default bench: r 16 on every projection and the MLP, as `utils/bench_torch.py`).
+pub fn bench_runner(
+    shape: &BenchShape,
+    strategy: &Strategy,
+    lora: Option<&LoraConfig>,
+) -> Result<StepRunner> {
     let cfg = shape.config()?;
     let tm = build_model(
         &cfg,
         &RandomSource { seed: 1, std: 0.02 },
-        &strategy.build_options(!lora),
+        &strategy.build_options(lora.is_none()),
     )?;
     let mut model = tm.model;
-    let vars = if lora {
-        let l = LoraConfig {
-            r: 16,
-            alpha: 32.0,
-            dropout: 0.0,
-            targets: LoraTargets {
-                query: true,
-                key: true,
-                value: true,
-                projection: true,
-                mlp: true,
-                head: false,
-            },
-            rslora: false,
-        };
-        crate::lora::attach_new(&mut model, &l, 0)?
-    } else {
-        tm.vars
+    let vars = match lora {
+        Some(l) => crate::lora::attach_new(&mut model, l, 0)?,
+        None => tm.vars,
     };
     Ok(StepRunner {
         model,
@@ -166,7 +208,7 @@ pub fn random_batch(shape: &BenchShape, rng: &mut ChaCha8Rng, device: &Device) -
 pub fn bench_train(
     shape: &BenchShape,
     strategy: &Strategy,
-    lora: bool,
+    lora: Option<&LoraConfig>,
     warmup: usize,
     steps: usize,
     peak_gflops: f64,
@@ -191,7 +233,12 @@ pub fn bench_train(
     let flops = 3.0 * cfg.flops_per_token(shape.seq) * tokens;
     let achieved = flops / secs / 1e9;
     Ok(BenchReport {
-        mode: if lora { "train-lora" } else { "train-full" }.into(),
+        mode: if lora.is_some() {
+            "train-lora"
+        } else {
+            "train-full"
+        }
+        .into(),
         shape: shape.clone(),
         precision: strategy.precision,
         params: cfg.num_params(),
@@ -200,5 +247,6 @@ pub fn bench_train(
         achieved_gflops: achieved,
         peak_gflops,
         mfu: achieved / peak_gflops,
+        peak_rss_mb: crate::train::validate::peak_memory_mb(),
     })
 }

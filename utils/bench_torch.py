@@ -1,15 +1,18 @@
 #!/usr/bin/env python3
 """PyTorch reference for `lit-claire bench`: the same synthetic LLaMA, the same steps.
 
-Trains a randomly initialised LlamaForCausalLM (transformers, eager attention) with
-AdamW and gradient clipping, full or LoRA (peft, r 16 on q/k/v/o and the MLP), on
-random tokens, and prints tokens/s and MFU against the measured f32 matmul peak.
-Not used by the tests; needs `pip install torch transformers peft`.
+Trains a randomly initialised LlamaForCausalLM (transformers; `--attn sdpa` or
+`eager` attention) with AdamW and gradient clipping, full or LoRA (peft; by default
+r 16 on q/k/v/o and the MLP), on random tokens, and prints tokens/s, MFU against the
+measured f32 matmul peak, and the process's peak RSS so far (ru_maxrss; run one
+`--mode` per process for that mode's peak). The flags and defaults are
+`lit-claire bench`'s. Not used by the tests; needs `pip install torch transformers peft`.
 
     RAYON_NUM_THREADS=2 lit-claire bench            # candle
     python3 utils/bench_torch.py --threads 2        # PyTorch, same shapes
 """
 import argparse
+import resource
 import time
 
 import torch
@@ -30,7 +33,8 @@ def matmul_gflops(n, dtype):
 def flops_per_token(cfg, seq):
     h, v, L = cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers
     inter = cfg.intermediate_size
-    per_layer = 4 * h * h + 3 * h * inter
+    kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * inter
     matmul_params = L * per_layer + v * h  # head; the embedding is a lookup
     return 2 * matmul_params + 4 * L * seq * h
 
@@ -40,6 +44,9 @@ def main():
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
+    p.add_argument("--intermediate", type=int, default=None,
+                   help="default: width * 8/3, rounded down to a multiple of 64")
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--batch", type=int, default=4)
@@ -47,6 +54,10 @@ def main():
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--mode", choices=["full", "lora", "both"], default="both")
+    p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (alpha = 2 * rank)")
+    p.add_argument("--lora-targets", default="q,k,v,o,mlp",
+                   help="comma-separated q, k, v, o, mlp")
+    p.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -55,14 +66,19 @@ def main():
     cfg = LlamaConfig(
         vocab_size=a.vocab,
         hidden_size=a.width,
-        intermediate_size=a.width * 8 // 3 // 64 * 64,
+        intermediate_size=a.intermediate or a.width * 8 // 3 // 64 * 64,
         num_hidden_layers=a.layers,
         num_attention_heads=a.heads,
+        num_key_value_heads=a.kv_heads or a.heads,
         max_position_embeddings=max(a.seq, 256),
-        attn_implementation="eager",
+        attn_implementation=a.attn,
     )
+    names = {"q": ["q_proj"], "k": ["k_proj"], "v": ["v_proj"], "o": ["o_proj"],
+             "mlp": ["gate_proj", "up_proj", "down_proj"]}
+    targets = [m for t in a.lora_targets.split(",") for m in names[t.strip()]]
     peak = matmul_gflops(2048, torch.float32)
-    print(f"peak {peak:.1f} GFLOP/s (matmul), threads {torch.get_num_threads()}")
+    print(f"peak {peak:.1f} GFLOP/s (matmul), threads {torch.get_num_threads()}, "
+          f"attention {a.attn}")
     modes = ["full", "lora"] if a.mode == "both" else [a.mode]
     for mode in modes:
         torch.manual_seed(0)
@@ -72,9 +88,8 @@ def main():
 
             model = get_peft_model(
                 model,
-                LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
-                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                           "gate_proj", "up_proj", "down_proj"]),
+                LoraConfig(r=a.lora_r, lora_alpha=2 * a.lora_r, lora_dropout=0.0,
+                           target_modules=targets),
             )
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
@@ -99,7 +114,8 @@ def main():
         achieved = 3 * flops_per_token(cfg, a.seq) * tokens / secs / 1e9
         n = sum(p.numel() for p in model.parameters())
         print(f"train-{mode:<5} {n} params, 32-true: {tokens / secs:.0f} tokens/s, "
-              f"{achieved:.1f} GFLOP/s, MFU {100 * achieved / peak:.1f}%")
+              f"{achieved:.1f} GFLOP/s, MFU {100 * achieved / peak:.1f}%, "
+              f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 use clap::{Args, ValueEnum};
 
 use super::RuntimeArgs;
-use crate::bench::{BenchShape, bench_train, matmul_gflops};
+use crate::bench::{BenchShape, bench_lora, bench_train, matmul_gflops};
 use crate::error::Result;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -23,6 +23,12 @@ pub struct BenchArgs {
     pub width: usize,
     #[arg(long, default_value_t = 8)]
     pub heads: usize,
+    /// Key/value heads (default: --heads).
+    #[arg(long)]
+    pub kv_heads: Option<usize>,
+    /// MLP width (default: width · 8/3, rounded down to a multiple of 64).
+    #[arg(long)]
+    pub intermediate: Option<usize>,
     #[arg(long, default_value_t = 8192)]
     pub vocab: usize,
     #[arg(long, default_value_t = 256)]
@@ -33,6 +39,12 @@ pub struct BenchArgs {
     pub warmup: usize,
     #[arg(long, default_value_t = 5)]
     pub steps: usize,
+    /// LoRA rank (alpha = 2 · rank).
+    #[arg(long, default_value_t = 16)]
+    pub lora_r: usize,
+    /// LoRA targets: comma-separated q, k, v, o, mlp.
+    #[arg(long, default_value = "q,k,v,o,mlp")]
+    pub lora_targets: String,
     /// Peak GFLOP/s for MFU (default: measured with a 2048² matmul in the compute dtype).
     #[arg(long)]
     pub peak_gflops: Option<f64>,
@@ -44,6 +56,7 @@ pub struct BenchArgs {
 }
 
 pub fn bench(a: BenchArgs) -> Result<()> {
+    let lora = bench_lora(a.lora_r, &a.lora_targets)?;
     let strategy = a.runtime.strategy()?;
     let peak = match a.peak_gflops {
         Some(p) => p,
@@ -53,30 +66,35 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         layers: a.layers,
         width: a.width,
         heads: a.heads,
+        kv_heads: a.kv_heads.unwrap_or(a.heads),
+        intermediate: a
+            .intermediate
+            .unwrap_or_else(|| BenchShape::default_intermediate(a.width)),
         vocab: a.vocab,
         seq: a.seq,
         batch: a.batch,
     };
     let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "unset".into());
     eprintln!("peak {peak:.1} GFLOP/s (matmul), RAYON_NUM_THREADS={threads}");
-    let modes: &[bool] = match a.mode {
-        BenchMode::Full => &[false],
-        BenchMode::Lora => &[true],
-        BenchMode::Both => &[false, true],
+    let modes = match a.mode {
+        BenchMode::Full => vec![None],
+        BenchMode::Lora => vec![Some(&lora)],
+        BenchMode::Both => vec![None, Some(&lora)],
     };
-    for &lora in modes {
+    for lora in modes {
         let r = bench_train(&shape, &strategy, lora, a.warmup, a.steps, peak)?;
         if a.json {
             println!("{}", serde_json::to_string(&r).expect("plain data"));
         } else {
             println!(
-                "{:<11} {} params, {}: {:.0} tokens/s, {:.1} GFLOP/s, MFU {:.1}%",
+                "{:<11} {} params, {}: {:.0} tokens/s, {:.1} GFLOP/s, MFU {:.1}%, peak RSS {:.0} MB",
                 r.mode,
                 r.params,
                 r.precision,
                 r.tokens_per_s,
                 r.achieved_gflops,
-                100.0 * r.mfu
+                100.0 * r.mfu,
+                r.peak_rss_mb
             );
         }
     }

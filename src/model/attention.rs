@@ -3,16 +3,15 @@
 //! Shapes: `B` batch, `T` new tokens, `S` keys (cached + new), `nh` query heads,
 //! `nkv` key/value heads, `g = nh / nkv` queries per key/value head, `hs` head size.
 //!
-//! Softmax is our own kernel with a backward pass ([`super::fused`]) because candle's
-//! fused `softmax_last_dim` and `sdpa` have none. Grouped heads are not copied: the
-//! `g` query heads sharing a key/value head are stacked along the sequence axis, so one
-//! batched matmul per key/value head does the work.
+//! The attention itself is [`super::fused::attention`]: on CPU f32 a flash kernel with
+//! its own backward that never holds the `(T, S)` scores (candle's `sdpa` has no
+//! backward), elsewhere a composition of tensor ops. Neither copies grouped heads.
 
 use std::sync::Arc;
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{Result, Tensor};
 
-use super::fused::{MaskSpec, masked_softmax};
+use super::fused::{MaskSpec, attention};
 use super::linear::{Dropout, Linear};
 use super::rope::RopeTables;
 use crate::config::{AttentionWindow, Config, QkvLayout};
@@ -137,8 +136,7 @@ impl Attention {
         dropout: Option<&Dropout>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
-        let (nh, nkv, hs) = (self.n_head, self.n_kv_head, self.head_dim);
-        let g = nh / nkv;
+        let (nh, hs) = (self.n_head, self.head_dim);
         let (q, k, v) = self.project(x, dropout)?;
         // (B, heads, T, hs)
         let mut q = q.transpose(1, 2)?.contiguous()?;
@@ -174,24 +172,14 @@ impl Attention {
                 (k, v, start)
             }
         };
-        let s = k.dim(2)?;
-        // Stack the g query heads of each key/value head along the sequence:
-        // (B, nh, T, hs) = (B, nkv, g, T, hs) → (B, nkv, g·T, hs)
-        let q = q.reshape((b, nkv, g * t, hs))?;
-        let scores = q.matmul(&k.t()?)?; // (B, nkv, g·T, S)
-        let scores = scores.to_dtype(DType::F32)?.reshape((b, nh, t, s))?;
         let mask = MaskSpec {
             q_start: pos,
             k_start: key_start,
             window: self.window,
             docs: docs.cloned(),
         };
-        let probs = masked_softmax(&scores, self.scale, Some(mask))?.to_dtype(v.dtype())?;
-        let y = probs.reshape((b, nkv, g * t, s))?.matmul(&v)?; // (B, nkv, g·T, hs)
-        let y = y
-            .reshape((b, nh, t, hs))?
-            .transpose(1, 2)?
-            .reshape((b, t, nh * hs))?;
+        let y = attention(&q, &k, &v, self.scale, &mask)?; // (B, nh, T, hs)
+        let y = y.transpose(1, 2)?.reshape((b, t, nh * hs))?;
         self.proj.forward(&y, dropout)
     }
 }

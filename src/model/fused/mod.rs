@@ -8,6 +8,7 @@
 //!
 //! ```text
 //! softmax        y = softmax(s·x + mask)            dx = s · y ⊙ (dy − Σ dy ⊙ y)
+//! attention      o = softmax(s·q kᵀ + mask) v       flash: tiles, never (T, S); see flash.rs
 //! cross-entropy  ℓᵢ = log Σⱼ exp xᵢⱼ − xᵢ,tᵢ         dxᵢ = dℓᵢ (softmax xᵢ − onehot tᵢ)
 //! rms norm       n = x / rms(x), y = n ⊙ w          dx = (dn − n·mean(dn ⊙ n)) / rms,  dn = dy ⊙ w
 //! layer norm     n = (x − μ)/σ, y = n ⊙ w + b       dx = (dn − mean dn − n·mean(dn ⊙ n)) / σ
@@ -21,12 +22,14 @@
 //! see `sum_f64`.
 
 mod cross_entropy;
+mod flash;
 mod linear;
 mod norm;
 mod rope;
 mod softmax;
 
 pub use cross_entropy::cross_entropy_rows;
+pub use flash::{TILES, Tiles, attention, attention_plain, flash_attention};
 pub use linear::linear_matmul;
 pub use norm::{layer_norm, rms_norm};
 pub use rope::rope;

@@ -243,7 +243,7 @@ mod tests {
         ] {
             let fused = masked_softmax(x.as_tensor(), 0.7, mask.clone()).unwrap();
             let mut plain = (x.as_tensor() * 0.7).unwrap();
-            if let Some(m) = mask {
+            if let Some(m) = &mask {
                 plain = plain.broadcast_add(&m.tensor(5, 9, &dev).unwrap()).unwrap();
             }
             agree(&[&x], &fused, &softmax_plain(&plain).unwrap(), 1e-6, 1e-6);

@@ -1,0 +1,753 @@
+//! Causal attention in O(T) memory: the flash-attention algorithm on the CPU.
+//!
+//! Shapes: `B` batch, `T` queries, `S` keys, `nh` query heads, `nkv` key/value heads,
+//! query head `h` reading key/value head `h / (nh / nkv)` (never copied), `hs` head size.
+//!
+//! ```text
+//! forward   per (b, h, block of BQ queries), over tiles of BK visible keys:
+//!             s = scale · q kᵀ                      (BQ × BK, never (T, S))
+//!             m' = max(m, max s)    l = l·e^(m−m') + Σ e^(s−m')     (l in f64)
+//!             o = o·e^(m−m') + e^(s−m') v
+//!           o /= l; keep m and 1/l per row (the log-sum-exp)
+//! backward  D = rowsum(dO ⊙ O)
+//!           per (b, h, query block): recompute p = e^(s−m)/l tile by tile,
+//!             dp = dO vᵀ, ds = p ⊙ (dp − D), dq += scale · ds k
+//!           per (b, kv head, block of BKV keys), over the g query heads and the
+//!             query blocks that see it: dv += pᵀ dO, dk += scale · dsᵀ q
+//! ```
+//!
+//! Every output element is written by one task in a fixed order, so results do not
+//! depend on the number of threads. The tile products go through the gemm crate;
+//! the exponentials through a polynomial that vectorises ([`exp_shifted`]).
+//! A query's visible keys form one interval (causal, window, document start), so masks
+//! are intervals per row, not per element.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use rayon::prelude::*;
+
+use super::softmax::{MaskSpec, masked_softmax};
+use super::{fusable, not_fused};
+use crate::config::AttentionWindow;
+
+/// Queries per tile, keys per tile (forward and dq), keys per task (dk and dv).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Tiles {
+    pub q: usize,
+    pub k: usize,
+    pub kv: usize,
+}
+
+/// 64 × 256 scores (64 KB) with their key and value tiles stay in a core's L2.
+pub const TILES: Tiles = Tiles {
+    q: 64,
+    k: 256,
+    kv: 64,
+};
+
+/// `softmax(scale · q kᵀ + mask) v` for `q: (B, nh, T, hs)`, `k, v: (B, nkv, S, hs)`
+/// → `(B, nh, T, hs)`. Flash kernel on CPU f32; elsewhere [`attention_plain`].
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: &MaskSpec,
+) -> Result<Tensor> {
+    if fusable(q) && fusable(k) && fusable(v) {
+        flash_attention(q, k, v, scale, mask, TILES)
+    } else {
+        attention_plain(q, k, v, scale, mask)
+    }
+}
+
+/// The flash kernel with the given tiles (CPU f32 only).
+pub fn flash_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: &MaskSpec,
+    tiles: Tiles,
+) -> Result<Tensor> {
+    let (b, nh, t, hs) = q.dims4()?;
+    let (bk, nkv, s, hsk) = k.dims4()?;
+    if bk != b || hsk != hs || k.dims() != v.dims() || nkv == 0 || nh % nkv != 0 {
+        candle_core::bail!(
+            "flash attention: q {:?} does not fit k {:?} / v {:?}",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    let docs = mask.docs.as_ref().map_or(b * t, |d| d.len());
+    if docs != b * t {
+        candle_core::bail!("flash attention: {docs} document starts for {b} × {t} queries");
+    }
+    let op = Flash {
+        dims: Dims {
+            b,
+            nh,
+            nkv,
+            t,
+            s,
+            hs,
+        },
+        scale: scale as f32,
+        mask: mask.clone(),
+        tiles,
+        stats: Mutex::new(None),
+    };
+    q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
+/// The composition of tensor ops the kernel replaces (any device and dtype): the `g`
+/// query heads sharing a key/value head are stacked along the sequence, so one batched
+/// matmul per key/value head does the work; scores and probabilities are `(B, nh, T, S)`.
+pub fn attention_plain(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: &MaskSpec,
+) -> Result<Tensor> {
+    let (b, nh, t, hs) = q.dims4()?;
+    let (_, nkv, s, _) = k.dims4()?;
+    let g = nh / nkv;
+    // (B, nh, T, hs) = (B, nkv, g, T, hs) → (B, nkv, g·T, hs)
+    let q = q.contiguous()?.reshape((b, nkv, g * t, hs))?;
+    let scores = q.matmul(&k.t()?)?; // (B, nkv, g·T, S)
+    let scores = scores
+        .to_dtype(candle_core::DType::F32)?
+        .reshape((b, nh, t, s))?;
+    let probs = masked_softmax(&scores, scale, Some(mask.clone()))?.to_dtype(v.dtype())?;
+    let y = probs.reshape((b, nkv, g * t, s))?.matmul(v)?; // (B, nkv, g·T, hs)
+    y.reshape((b, nh, t, hs))
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    b: usize,
+    nh: usize,
+    nkv: usize,
+    t: usize,
+    s: usize,
+    hs: usize,
+}
+
+impl Dims {
+    fn g(&self) -> usize {
+        self.nh / self.nkv
+    }
+}
+
+/// Per query row of the forward: the running max `m` it subtracted and `1 / l`.
+struct Stats {
+    m: Vec<f32>,
+    inv_l: Vec<f32>,
+}
+
+struct Flash {
+    dims: Dims,
+    scale: f32,
+    mask: MaskSpec,
+    tiles: Tiles,
+    /// Written by the forward, read by the backward.
+    stats: Mutex<Option<Arc<Stats>>>,
+}
+
+/// For each batch row `b` and query `i`, the keys `lo..hi` it sees (`b · T + i`).
+fn visible_ranges(d: &Dims, mask: &MaskSpec) -> Vec<(usize, usize)> {
+    (0..d.b * d.t)
+        .map(|bi| {
+            let q = mask.q_start + bi % d.t;
+            // keys k ≤ q: j < q + 1 − k_start
+            let hi = (q + 1).saturating_sub(mask.k_start).min(d.s);
+            let mut first = 0; // the first visible absolute key position
+            if let AttentionWindow::Sliding(w) = mask.window {
+                first = (q + 1).saturating_sub(w);
+            }
+            if let Some(docs) = &mask.docs {
+                first = first.max(docs[bi] as usize);
+            }
+            let lo = first.saturating_sub(mask.k_start).min(hi);
+            (lo, hi)
+        })
+        .collect()
+}
+
+/// The union of the ranges of `rows` (`(0, 0)` when all are empty).
+fn span(rows: &[(usize, usize)]) -> (usize, usize) {
+    let mut r = (usize::MAX, 0);
+    for &(lo, hi) in rows.iter().filter(|(lo, hi)| lo < hi) {
+        r = (r.0.min(lo), r.1.max(hi));
+    }
+    if r.0 >= r.1 { (0, 0) } else { r }
+}
+
+/// A matrix inside a slice: element `(r, c)` at `r · rs + c · cs`.
+#[derive(Clone, Copy)]
+struct View<'a> {
+    data: &'a [f32],
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a> View<'a> {
+    /// `rows × cols` row-major at `data[off..]`.
+    fn rows(data: &'a [f32], off: usize, cols: usize) -> Self {
+        View {
+            data: &data[off..],
+            rs: cols,
+            cs: 1,
+        }
+    }
+
+    /// The transpose of `rows × cols` row-major at `data[off..]`.
+    fn transposed(data: &'a [f32], off: usize, cols: usize) -> Self {
+        View {
+            data: &data[off..],
+            rs: 1,
+            cs: cols,
+        }
+    }
+
+    fn fits(&self, rows: usize, cols: usize) -> bool {
+        rows == 0 || cols == 0 || (rows - 1) * self.rs + (cols - 1) * self.cs < self.data.len()
+    }
+}
+
+/// `dst (m × n, row-major, rows dst_rs apart) = [dst +] beta · a (m × k) · b (k × n)`,
+/// on this thread.
+#[allow(clippy::too_many_arguments)]
+fn mm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    acc: bool,
+    a: View,
+    b: View,
+    beta: f32,
+) {
+    assert!(
+        View {
+            data: dst,
+            rs: dst_rs,
+            cs: 1
+        }
+        .fits(m, n)
+            && a.fits(m, k)
+            && b.fits(k, n),
+        "flash attention: tile out of bounds"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !acc {
+            (0..m).for_each(|r| dst[r * dst_rs..r * dst_rs + n].fill(0.0));
+        }
+        return;
+    }
+    // SAFETY: the three matrices lie inside their slices (checked above); dst is
+    // exclusively borrowed, so it does not alias a or b.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            acc,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            1.0,
+            beta,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// `x ← e^(scale·x − m)` over a slice, vectorised where the CPU allows (the same
+/// arithmetic either way: no fused multiply-adds, so results do not depend on it).
+fn exp_shifted(x: &mut [f32], scale: f32, m: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked just above).
+        unsafe { exp_shifted_avx2(x, scale, m) };
+        return;
+    }
+    exp_shifted_any(x, scale, m);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn exp_shifted_avx2(x: &mut [f32], scale: f32, m: f32) {
+    exp_shifted_any(x, scale, m);
+}
+
+#[inline(always)]
+fn exp_shifted_any(x: &mut [f32], scale: f32, m: f32) {
+    x.iter_mut().for_each(|v| *v = exp_approx(*v * scale - m));
+}
+
+/// `e^x` within ~2 ulp, 0 below −87: `2ⁿ · e^r` with `n = round(x / ln 2)`,
+/// `|r| ≤ ln 2 / 2`, and Cephes' `expf` polynomial for `e^r`. Branch-free, so loops of
+/// it vectorise (libm's `expf` is a call per element).
+#[inline(always)]
+fn exp_approx(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2²³: adding it rounds to an integer
+    let xc = x.clamp(-87.0, 88.0);
+    let t = xc * std::f32::consts::LOG2_E + MAGIC;
+    let n = t - MAGIC;
+    let ni = t.to_bits() as i32 - MAGIC.to_bits() as i32;
+    let r = xc - n * (355.0 / 512.0) + n * 2.121_944_4e-4; // ln 2 = 355/512 − 2.12e-4
+    let mut p = 1.987_569_1e-4f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let y = p * r * r + r + 1.0;
+    let y = y * f32::from_bits(((ni + 127) as u32) << 23);
+    if x < -87.0 { 0.0 } else { y }
+}
+
+/// Largest value of a slice (−∞ when empty).
+fn max_of(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = a.max(v);
+        }
+    }
+    rest.iter()
+        .chain(&acc)
+        .fold(f32::NEG_INFINITY, |a, &v| a.max(v))
+}
+
+/// Σ of a slice in f64 (see [`super::sum_f64`]), in eight fixed lanes so it vectorises.
+fn sum_lanes_f64(x: &[f32]) -> f64 {
+    let mut acc = [0f64; 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += f64::from(v);
+        }
+    }
+    acc.iter().sum::<f64>() + super::sum_f64(rest.iter().copied())
+}
+
+/// Turn a tile of raw scores `q kᵀ` (rows `w` wide, keys `j0..j0 + w`) into
+/// probabilities `e^(scale·s − m) · inv_l` inside each row's visible range, 0 outside.
+fn probabilities(
+    tile: &mut [f32],
+    w: usize,
+    j0: usize,
+    ranges: &[(usize, usize)],
+    scale: f32,
+    m: &[f32],
+    inv_l: &[f32],
+) {
+    for (r, row) in tile.chunks_exact_mut(w).enumerate() {
+        let (a, e) = clip(ranges[r], j0, w);
+        row[..a].fill(0.0);
+        row[e..].fill(0.0);
+        let vis = &mut row[a..e];
+        exp_shifted(vis, scale, m[r]);
+        vis.iter_mut().for_each(|p| *p *= inv_l[r]);
+    }
+}
+
+/// A row's visible range as offsets into the tile `j0..j0 + w` (`a == e` when empty).
+fn clip((lo, hi): (usize, usize), j0: usize, w: usize) -> (usize, usize) {
+    let a = lo.clamp(j0, j0 + w) - j0;
+    let e = hi.clamp(j0, j0 + w) - j0;
+    (a, e.max(a))
+}
+
+impl Flash {
+    /// One query block of the forward: rows `i0..i0 + n` of head `h` in batch row `b`.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_block(
+        &self,
+        (q, k, v): (&[f32], &[f32], &[f32]),
+        ranges: &[(usize, usize)],
+        (b, h, i0): (usize, usize, usize),
+        o: &mut [f32],
+        m: &mut [f32],
+        inv_l: &mut [f32],
+    ) {
+        let d = &self.dims;
+        let (hs, n) = (d.hs, m.len());
+        let kv_off = (b * d.nkv + h / d.g()) * d.s * hs;
+        let q_off = ((b * d.nh + h) * d.t + i0) * hs;
+        let rows = &ranges[b * d.t + i0..b * d.t + i0 + n];
+        let (klo, khi) = span(rows);
+        m.fill(f32::NEG_INFINITY);
+        o.fill(0.0);
+        let mut l = vec![0f64; n];
+        let mut tile = vec![0f32; n * self.tiles.k];
+        for j0 in (klo..khi).step_by(self.tiles.k) {
+            let w = self.tiles.k.min(khi - j0);
+            let tile = &mut tile[..n * w];
+            let kt = View::transposed(k, kv_off + j0 * hs, hs);
+            mm(n, w, hs, tile, w, false, View::rows(q, q_off, hs), kt, 1.0);
+            for (r, row) in tile.chunks_exact_mut(w).enumerate() {
+                let (a, e) = clip(rows[r], j0, w);
+                row[..a].fill(0.0);
+                row[e..].fill(0.0);
+                if a == e {
+                    continue;
+                }
+                let vis = &mut row[a..e];
+                let m_new = m[r].max(max_of(vis) * self.scale);
+                if m_new > m[r] {
+                    // Rescale what this row has gathered (e^(−∞) = 0 on its first tile).
+                    let corr = if m[r] == f32::NEG_INFINITY {
+                        0.0
+                    } else {
+                        exp_approx(m[r] - m_new)
+                    };
+                    l[r] *= f64::from(corr);
+                    o[r * hs..(r + 1) * hs].iter_mut().for_each(|x| *x *= corr);
+                    m[r] = m_new;
+                }
+                exp_shifted(vis, self.scale, m[r]);
+                l[r] += sum_lanes_f64(vis);
+            }
+            mm(
+                n,
+                hs,
+                w,
+                o,
+                hs,
+                true,
+                View::rows(tile, 0, w),
+                View::rows(v, kv_off + j0 * hs, hs),
+                1.0,
+            );
+        }
+        for r in 0..n {
+            // A row that sees no key (only possible with a cache that lost it) gives 0.
+            let inv = if l[r] > 0.0 { (1.0 / l[r]) as f32 } else { 0.0 };
+            inv_l[r] = inv;
+            o[r * hs..(r + 1) * hs].iter_mut().for_each(|x| *x *= inv);
+        }
+    }
+}
+
+/// The f32 values of a contiguous CPU tensor, for the duration of `f`.
+fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let (st, l) = t.storage_and_layout();
+    match (&*st, l.contiguous_offsets()) {
+        (Storage::Cpu(CpuStorage::F32(v)), Some((a, e))) => f(&v[a..e]),
+        _ => Err(not_fused("lc-flash-attention")),
+    }
+}
+
+fn values<'a>(name: &str, s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, e))) => Ok(&v[a..e]),
+        _ => Err(not_fused(name)),
+    }
+}
+
+impl CustomOp3 for Flash {
+    fn name(&self) -> &'static str {
+        "lc-flash-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (q, k, v) = (
+            values(self.name(), s1, l1)?,
+            values(self.name(), s2, l2)?,
+            values(self.name(), s3, l3)?,
+        );
+        let d = self.dims;
+        let ranges = visible_ranges(&d, &self.mask);
+        let (bq, hs) = (self.tiles.q, d.hs);
+        let mut o = vec![0f32; d.b * d.nh * d.t * hs];
+        let mut m = vec![0f32; d.b * d.nh * d.t];
+        let mut inv_l = vec![0f32; d.b * d.nh * d.t];
+        o.par_chunks_mut(d.t * hs)
+            .zip(m.par_chunks_mut(d.t).zip(inv_l.par_chunks_mut(d.t)))
+            .enumerate()
+            .for_each(|(bh, (o, (m, inv_l)))| {
+                o.par_chunks_mut(bq * hs)
+                    .zip(m.par_chunks_mut(bq).zip(inv_l.par_chunks_mut(bq)))
+                    .enumerate()
+                    .for_each(|(qb, (o, (m, inv_l)))| {
+                        let at = (bh / d.nh, bh % d.nh, qb * bq);
+                        self.forward_block((q, k, v), &ranges, at, o, m, inv_l);
+                    });
+            });
+        *self.stats.lock().expect("stats lock") = Some(Arc::new(Stats { m, inv_l }));
+        Ok((CpuStorage::F32(o), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let stats = self
+            .stats
+            .lock()
+            .expect("stats lock")
+            .clone()
+            .ok_or_else(|| {
+                candle_core::Error::Msg("flash attention: backward before forward".into())
+            })?;
+        let grad = grad.contiguous()?;
+        let (dq, dk, dv) = with_values(q, |q| {
+            with_values(k, |k| {
+                with_values(v, |v| {
+                    with_values(o, |o| {
+                        with_values(&grad, |g| Ok(self.backward((q, k, v), o, g, &stats)))
+                    })
+                })
+            })
+        })?;
+        let dev = q.device();
+        Ok((
+            Some(Tensor::from_vec(dq, q.shape(), dev)?),
+            Some(Tensor::from_vec(dk, k.shape(), dev)?),
+            Some(Tensor::from_vec(dv, v.shape(), dev)?),
+        ))
+    }
+}
+
+impl Flash {
+    /// `(dq, dk, dv)` from the inputs, the output `o`, its gradient `g` and the stats.
+    fn backward(
+        &self,
+        qkv: (&[f32], &[f32], &[f32]),
+        o: &[f32],
+        g: &[f32],
+        stats: &Stats,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let d = self.dims;
+        let hs = d.hs;
+        let ranges = visible_ranges(&d, &self.mask);
+        // D = rowsum(dO ⊙ O), one per query row.
+        let dd: Vec<f32> = g
+            .par_chunks(hs)
+            .zip(o.par_chunks(hs))
+            .map(|(g, o)| super::sum_f64(g.iter().zip(o).map(|(a, b)| a * b)) as f32)
+            .collect();
+        let mut dq = vec![0f32; qkv.0.len()];
+        let bq = self.tiles.q;
+        dq.par_chunks_mut(d.t * hs)
+            .enumerate()
+            .for_each(|(bh, dq)| {
+                dq.par_chunks_mut(bq * hs).enumerate().for_each(|(qb, dq)| {
+                    let at = (bh / d.nh, bh % d.nh, qb * bq);
+                    self.dq_block(qkv, g, &dd, stats, &ranges, at, dq);
+                });
+            });
+        let mut dk = vec![0f32; qkv.1.len()];
+        let mut dv = vec![0f32; qkv.2.len()];
+        let bkv = self.tiles.kv;
+        dk.par_chunks_mut(d.s * hs)
+            .zip(dv.par_chunks_mut(d.s * hs))
+            .enumerate()
+            .for_each(|(bh, (dk, dv))| {
+                dk.par_chunks_mut(bkv * hs)
+                    .zip(dv.par_chunks_mut(bkv * hs))
+                    .enumerate()
+                    .for_each(|(kb, (dk, dv))| {
+                        let at = (bh / d.nkv, bh % d.nkv, kb * bkv);
+                        self.dkv_block(qkv, g, &dd, stats, &ranges, at, dk, dv);
+                    });
+            });
+        (dq, dk, dv)
+    }
+
+    /// dq of rows `i0..` of head `h` in batch row `b`, over the keys they see.
+    #[allow(clippy::too_many_arguments)]
+    fn dq_block(
+        &self,
+        (q, k, v): (&[f32], &[f32], &[f32]),
+        g: &[f32],
+        dd: &[f32],
+        st: &Stats,
+        ranges: &[(usize, usize)],
+        (b, h, i0): (usize, usize, usize),
+        dq: &mut [f32],
+    ) {
+        let d = &self.dims;
+        let hs = d.hs;
+        let n = dq.len() / hs;
+        let kv_off = (b * d.nkv + h / d.g()) * d.s * hs;
+        let row0 = (b * d.nh + h) * d.t + i0;
+        let q_off = row0 * hs;
+        let rows = &ranges[b * d.t + i0..b * d.t + i0 + n];
+        let (klo, khi) = span(rows);
+        dq.fill(0.0);
+        let mut p = vec![0f32; n * self.tiles.k];
+        let mut dp = vec![0f32; n * self.tiles.k];
+        for j0 in (klo..khi).step_by(self.tiles.k) {
+            let w = self.tiles.k.min(khi - j0);
+            let (p, dp) = (&mut p[..n * w], &mut dp[..n * w]);
+            mm(
+                n,
+                w,
+                hs,
+                p,
+                w,
+                false,
+                View::rows(q, q_off, hs),
+                View::transposed(k, kv_off + j0 * hs, hs),
+                1.0,
+            );
+            let (m, il) = (&st.m[row0..row0 + n], &st.inv_l[row0..row0 + n]);
+            probabilities(p, w, j0, rows, self.scale, m, il);
+            mm(
+                n,
+                w,
+                hs,
+                dp,
+                w,
+                false,
+                View::rows(g, q_off, hs),
+                View::transposed(v, kv_off + j0 * hs, hs),
+                1.0,
+            );
+            softmax_grad(p, dp, w, &dd[row0..row0 + n]);
+            mm(
+                n,
+                hs,
+                w,
+                dq,
+                hs,
+                true,
+                View::rows(dp, 0, w),
+                View::rows(k, kv_off + j0 * hs, hs),
+                self.scale,
+            );
+        }
+    }
+
+    /// dk and dv of keys `j0..` of key/value head `kh` in batch row `b`, over the `g`
+    /// query heads reading it and the query blocks that see these keys.
+    #[allow(clippy::too_many_arguments)]
+    fn dkv_block(
+        &self,
+        (q, k, v): (&[f32], &[f32], &[f32]),
+        g: &[f32],
+        dd: &[f32],
+        st: &Stats,
+        ranges: &[(usize, usize)],
+        (b, kh, j0): (usize, usize, usize),
+        dk: &mut [f32],
+        dv: &mut [f32],
+    ) {
+        let d = &self.dims;
+        let (hs, bq) = (d.hs, self.tiles.q);
+        let w = dk.len() / hs;
+        let kv_off = (b * d.nkv + kh) * d.s * hs + j0 * hs;
+        dk.fill(0.0);
+        dv.fill(0.0);
+        let mut p = vec![0f32; bq * w];
+        let mut dp = vec![0f32; bq * w];
+        for h in kh * d.g()..(kh + 1) * d.g() {
+            for i0 in (0..d.t).step_by(bq) {
+                let n = bq.min(d.t - i0);
+                let rows = &ranges[b * d.t + i0..b * d.t + i0 + n];
+                let (lo, hi) = span(rows);
+                if hi <= j0 || lo >= j0 + w {
+                    continue;
+                }
+                let row0 = (b * d.nh + h) * d.t + i0;
+                let q_off = row0 * hs;
+                let (p, dp) = (&mut p[..n * w], &mut dp[..n * w]);
+                mm(
+                    n,
+                    w,
+                    hs,
+                    p,
+                    w,
+                    false,
+                    View::rows(q, q_off, hs),
+                    View::transposed(k, kv_off, hs),
+                    1.0,
+                );
+                let (m, il) = (&st.m[row0..row0 + n], &st.inv_l[row0..row0 + n]);
+                probabilities(p, w, j0, rows, self.scale, m, il);
+                // dv += pᵀ dO
+                mm(
+                    w,
+                    hs,
+                    n,
+                    dv,
+                    hs,
+                    true,
+                    View::transposed(p, 0, w),
+                    View::rows(g, q_off, hs),
+                    1.0,
+                );
+                mm(
+                    n,
+                    w,
+                    hs,
+                    dp,
+                    w,
+                    false,
+                    View::rows(g, q_off, hs),
+                    View::transposed(v, kv_off, hs),
+                    1.0,
+                );
+                softmax_grad(p, dp, w, &dd[row0..row0 + n]);
+                // dk += scale · dsᵀ q
+                mm(
+                    w,
+                    hs,
+                    n,
+                    dk,
+                    hs,
+                    true,
+                    View::transposed(dp, 0, w),
+                    View::rows(q, q_off, hs),
+                    self.scale,
+                );
+            }
+        }
+    }
+}
+
+/// `dp ← p ⊙ (dp − D)` row by row (rows `w` wide): the softmax gradient of a tile.
+fn softmax_grad(p: &[f32], dp: &mut [f32], w: usize, dd: &[f32]) {
+    for ((dp, p), &dd) in dp.chunks_exact_mut(w).zip(p.chunks_exact(w)).zip(dd) {
+        dp.iter_mut().zip(p).for_each(|(x, &p)| *x = p * (*x - dd));
+    }
+}
+
+#[cfg(test)]
+mod tests;
