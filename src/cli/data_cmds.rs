@@ -24,9 +24,10 @@ pub struct PrepareDataArgs {
     /// Tokens the model sees at once (samples hold one more); default: the model's context.
     #[arg(long)]
     pub max_length: Option<usize>,
-    /// true: one chunk of one document per sample (padded by training);
-    /// false: documents packed back to back into full samples.
-    #[arg(long, action = ArgAction::Set, default_value_t = true)]
+    /// false (default): documents packed back to back into full samples, kept apart in
+    /// training by a block-diagonal mask; true: one chunk of one document per sample
+    /// (padded by training).
+    #[arg(long, action = ArgAction::Set, default_value_t = false)]
     pub padding: bool,
     #[command(flatten)]
     pub input: super::InputFormatArgs,

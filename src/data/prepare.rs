@@ -81,7 +81,7 @@ impl PrepareOptions {
             checkpoint_dir: checkpoint_dir.to_path_buf(),
             destination: destination.to_path_buf(),
             max_length: None,
-            padding: true,
+            padding: false,
             read: ReadOptions::default(),
             val_fraction: 0.05,
             seed: 42,

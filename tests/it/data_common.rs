@@ -43,10 +43,12 @@ pub fn fortunes_source(root: &Path) -> PathBuf {
     src
 }
 
-/// Options for `src` -> `dest` with the fixture model, `%`-separated documents and a
-/// 64-token context (so many documents are cut).
+/// Options for `src` -> `dest` with the fixture model, `%`-separated documents, a
+/// 64-token context (so many documents are cut) and one document per padded sample
+/// (tests of packing, the default, set `padding = false`).
 pub fn options(src: &Path, dest: &Path) -> PrepareOptions {
     let mut o = PrepareOptions::new(src, &model_dir(), dest);
+    o.padding = true;
     o.read.layout = TextLayout::Separator("%".into());
     o.max_length = Some(64);
     o
