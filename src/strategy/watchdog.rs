@@ -318,7 +318,7 @@ impl Inner {
                     continue;
                 }
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) => return self.lost(peer, &format!("its connection failed ({e})")),
+                Err(e) => return self.lost(peer, &connection_end(&e)),
             }
             *lock(&peer.last_heard) = Instant::now();
             loop {
@@ -464,6 +464,18 @@ impl Inner {
     }
 }
 
+/// How a peer's connection ended, from the error its read gave. A killed process's
+/// kernel resets the connection instead of closing it when bytes were still unread on
+/// its side (heartbeats, usually): the same event as a close.
+fn connection_end(e: &std::io::Error) -> String {
+    match e.kind() {
+        ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted => {
+            "its connection closed (reset)".into()
+        }
+        _ => format!("its connection failed ({e})"),
+    }
+}
+
 /// A message on one line (a verdict is printed as one).
 fn one_line(s: &str) -> String {
     s.lines().map(str::trim).collect::<Vec<_>>().join(" ")
@@ -483,6 +495,26 @@ mod tests {
         assert_eq!(c.heartbeat, Duration::from_millis(200));
         let c = WatchdogConfig::new(Duration::from_millis(50));
         assert_eq!(c.heartbeat, Duration::from_millis(20));
+    }
+
+    /// Regression (CI of stop 9): a rank killed with heartbeats unread in its socket
+    /// reset the connection, and the others said "its connection failed (Connection
+    /// reset by peer)" where a kill reads "its connection closed".
+    #[test]
+    fn a_peer_killed_with_unread_bytes_reads_as_a_closed_connection() {
+        use std::io::Write;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut ours, _) = listener.accept().unwrap();
+        ours.write_all(b"heartbeat").unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        drop(peer); // never read what we sent: the kernel answers with a reset
+        ours.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let e = ours.read(&mut [0u8; 16]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::ConnectionReset, "{e}");
+        assert_eq!(connection_end(&e), "its connection closed (reset)");
+        let other = std::io::Error::new(ErrorKind::PermissionDenied, "no");
+        assert_eq!(connection_end(&other), "its connection failed (no)");
     }
 
     #[test]
