@@ -128,6 +128,12 @@ train_options! {
     /// Seed of data order, LoRA initialisation and dropout [default: 42].
     seed: u64 = 42;
 
+    /// Activation checkpointing: keep only the input of every k-th block through the
+    /// forward and recompute its activations during the backward (gradients are
+    /// unchanged; peak memory falls, time rises); 1 checkpoints every block, 0 none
+    /// [default: 0].
+    activation_checkpointing: usize = 0;
+
     // --- LoRA (lora_r > 0 enables it) ---
     /// LoRA rank; > 0 trains a LoRA adapter instead of all weights [default: 0].
     lora_r: usize = 0;
