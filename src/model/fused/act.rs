@@ -189,7 +189,8 @@ mod tests {
         Activation::Relu,
     ];
 
-    /// Values equal candle's unary ops; derivatives equal candle's autograd.
+    /// Values equal candle's unary ops (to an ulp or two at |x| ≈ 8); derivatives equal
+    /// candle's autograd.
     #[test]
     fn fused_activations_match_candle_values_and_gradients() {
         let dev = Device::Cpu;
@@ -200,7 +201,7 @@ mod tests {
         for a in ALL {
             let want = activate(x.as_tensor(), a).unwrap();
             let got = act_forward(&xt, a).unwrap().unwrap();
-            crate::model::fused::testing::close(&got, &want, 1e-6);
+            crate::model::fused::testing::close(&got, &want, 1e-5);
             let g = (&want * &dh)
                 .unwrap()
                 .sum_all()
@@ -213,7 +214,7 @@ mod tests {
 
             let gated = (activate(x.as_tensor(), a).unwrap() * &u).unwrap();
             let got = gated_forward(&xt, &u, a).unwrap().unwrap();
-            crate::model::fused::testing::close(&got, &gated, 1e-6);
+            crate::model::fused::testing::close(&got, &gated, 1e-5);
             let g = (&gated * &dh)
                 .unwrap()
                 .sum_all()
@@ -223,7 +224,7 @@ mod tests {
             let (dg, du) = gated_backward(&xt, &u, &dh, a).unwrap().unwrap();
             crate::model::fused::testing::close(&dg, g.get(x.as_tensor()).unwrap(), 1e-5);
             let want_du = (activate(&xt, a).unwrap() * &dh).unwrap();
-            crate::model::fused::testing::close(&du, &want_du, 1e-6);
+            crate::model::fused::testing::close(&du, &want_du, 1e-5);
         }
     }
 }
