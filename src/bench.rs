@@ -107,6 +107,12 @@ pub struct BenchReport {
     /// Peak resident memory of the process so far (VmHWM), MB: one mode per process
     /// gives that mode's peak.
     pub peak_rss_mb: f64,
+    /// Activation checkpointing: every k-th block (0: none).
+    pub checkpoint_every: usize,
+    /// Wall time of the timed steps.
+    pub seconds: f64,
+    /// Where that time went (with `--profile`), largest first.
+    pub profile: Vec<crate::model::engine::profile::Row>,
 }
 
 /// Dense f32 (or `dtype`) matmul throughput of `n × n` matrices, GFLOP/s (best of a few).
@@ -203,17 +209,35 @@ pub fn random_batch(shape: &BenchShape, rng: &mut ChaCha8Rng, device: &Device) -
     Batch::from_rows(&rows, None, device)
 }
 
+/// How a training benchmark runs.
+#[derive(Debug, Clone, Copy)]
+pub struct BenchRun {
+    pub warmup: usize,
+    pub steps: usize,
+    /// Peak GFLOP/s for MFU.
+    pub peak_gflops: f64,
+    /// `--activation-checkpointing`: every k-th block (0: none).
+    pub checkpoint_every: usize,
+    /// Collect where the timed steps' time goes ([`BenchReport::profile`]).
+    pub profile: bool,
+}
+
 /// Time `steps` training steps (after `warmup`) of the synthetic model.
 pub fn bench_train(
     shape: &BenchShape,
     strategy: &Strategy,
     lora: Option<&LoraConfig>,
-    warmup: usize,
-    steps: usize,
-    peak_gflops: f64,
+    run: &BenchRun,
 ) -> Result<BenchReport> {
+    let BenchRun {
+        warmup,
+        steps,
+        peak_gflops,
+        ..
+    } = *run;
     let cfg = shape.config()?;
     let mut runner = bench_runner(shape, strategy, lora)?;
+    runner.activation_checkpointing = run.checkpoint_every;
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     for _ in 0..warmup {
         let b = random_batch(shape, &mut rng, &strategy.device)?;
@@ -222,12 +246,24 @@ pub fn bench_train(
     let batches = (0..steps)
         .map(|_| random_batch(shape, &mut rng, &strategy.device))
         .collect::<Result<Vec<_>>>()?;
+    crate::model::engine::profile::enable(run.profile);
     let t = Instant::now();
     for b in batches {
         runner.step(&[b], 1e-4)?;
     }
     strategy.device.synchronize()?;
     let secs = t.elapsed().as_secs_f64();
+    let mut profile = crate::model::engine::profile::report();
+    crate::model::engine::profile::enable(false);
+    if run.profile {
+        let counted: f64 = profile.iter().map(|r| r.seconds).sum();
+        profile.push(crate::model::engine::profile::Row {
+            kind: "other (residual adds, reshapes, embeddings, bookkeeping)",
+            seconds: (secs - counted).max(0.0),
+            flops: 0.0,
+            calls: 0,
+        });
+    }
     let tokens = (steps * shape.batch * shape.seq) as f64;
     let flops = 3.0 * cfg.flops_per_token(shape.seq) * tokens;
     let achieved = flops / secs / 1e9;
@@ -247,5 +283,8 @@ pub fn bench_train(
         peak_gflops,
         mfu: achieved / peak_gflops,
         peak_rss_mb: crate::train::validate::peak_memory_mb(),
+        checkpoint_every: run.checkpoint_every,
+        seconds: secs,
+        profile,
     })
 }

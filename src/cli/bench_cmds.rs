@@ -3,7 +3,7 @@
 use clap::{Args, ValueEnum};
 
 use super::RuntimeArgs;
-use crate::bench::{BenchShape, bench_lora, bench_train, matmul_gflops};
+use crate::bench::{BenchRun, BenchShape, bench_lora, bench_train, matmul_gflops};
 use crate::error::Result;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -48,6 +48,13 @@ pub struct BenchArgs {
     /// Peak GFLOP/s for MFU (default: measured with a 2048² matmul in the compute dtype).
     #[arg(long)]
     pub peak_gflops: Option<f64>,
+    /// Activation checkpointing: keep only the input of every k-th block (0: none).
+    #[arg(long, default_value_t = 0)]
+    pub activation_checkpointing: usize,
+    /// Print where the time of the timed steps goes (matmuls with their GFLOP/s, then
+    /// each kind of kernel).
+    #[arg(long)]
+    pub profile: bool,
     /// Print JSON lines instead of text.
     #[arg(long)]
     pub json: bool,
@@ -81,8 +88,15 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         BenchMode::Lora => vec![Some(&lora)],
         BenchMode::Both => vec![None, Some(&lora)],
     };
+    let run = BenchRun {
+        warmup: a.warmup,
+        steps: a.steps,
+        peak_gflops: peak,
+        checkpoint_every: a.activation_checkpointing,
+        profile: a.profile,
+    };
     for lora in modes {
-        let r = bench_train(&shape, &strategy, lora, a.warmup, a.steps, peak)?;
+        let r = bench_train(&shape, &strategy, lora, &run)?;
         if a.json {
             println!("{}", serde_json::to_string(&r).expect("plain data"));
         } else {
@@ -96,6 +110,19 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 100.0 * r.mfu,
                 r.peak_rss_mb
             );
+            for p in &r.profile {
+                let rate = if p.flops > 0.0 {
+                    format!(", {:.1} GFLOP/s", p.flops / p.seconds.max(1e-12) / 1e9)
+                } else {
+                    String::new()
+                };
+                println!(
+                    "  {:>5.1}%  {:>8.3} s  {}{rate}",
+                    100.0 * p.seconds / r.seconds.max(1e-12),
+                    p.seconds,
+                    p.kind
+                );
+            }
         }
     }
     Ok(())

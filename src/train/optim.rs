@@ -14,12 +14,11 @@
 
 use std::collections::HashMap;
 
-use std::sync::Mutex;
-
-use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::model::fused;
 
 /// AdamW hyper-parameters (the learning rate comes with each step).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -58,7 +57,11 @@ impl AdamW {
             .iter()
             .map(|(_, v)| v.as_tensor().zeros_like())
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let v = m.clone();
+        // Separate buffers: the update writes both in place.
+        let v = vars
+            .iter()
+            .map(|(_, v)| v.as_tensor().zeros_like())
+            .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(AdamW {
             cfg,
             vars,
@@ -74,6 +77,11 @@ impl AdamW {
 
     /// One update with gradients `grads` (same order as the variables).
     pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
+        self.step_scaled(grads, lr, 1.0)
+    }
+
+    /// One update with gradients `grad_scale · grads` (clipping folded into the pass).
+    pub fn step_scaled(&mut self, grads: &[Tensor], lr: f64, grad_scale: f64) -> Result<()> {
         if grads.len() != self.vars.len() {
             return Err(Error::Msg(format!(
                 "optimizer got {} gradients for {} variables",
@@ -82,7 +90,8 @@ impl AdamW {
             )));
         }
         self.t += 1;
-        let h = self.cfg.at_step(self.t, lr);
+        let mut h = self.cfg.at_step(self.t, lr);
+        h.grad_scale = grad_scale;
         for (i, ((_, var), g)) in self.vars.iter().zip(grads).enumerate() {
             let p = var.as_tensor();
             let g = g.to_dtype(p.dtype())?;
@@ -93,7 +102,9 @@ impl AdamW {
         Ok(())
     }
 
-    /// State to save: `exp_avg.<name>` and `exp_avg_sq.<name>` tensors.
+    /// State to save: `exp_avg.<name>` and `exp_avg_sq.<name>` tensors. They share
+    /// storage with the optimizer, which the next step updates in place: write them
+    /// out before that.
     pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
         let mut out = Vec::with_capacity(2 * self.vars.len());
         for (i, (name, _)) in self.vars.iter().enumerate() {
@@ -128,6 +139,7 @@ impl AdamWConfig {
             weight_decay: self.weight_decay,
             step_size: lr / (1.0 - self.beta1.powi(t as i32)),
             bc2_sqrt: (1.0 - self.beta2.powi(t as i32)).sqrt(),
+            grad_scale: 1.0,
         }
     }
 }
@@ -144,6 +156,8 @@ pub struct StepConstants {
     step_size: f64,
     /// `√(1 − β₂ᵗ)`
     bc2_sqrt: f64,
+    /// Factor on every gradient (gradient clipping's coefficient).
+    pub grad_scale: f64,
 }
 
 /// One AdamW update of the parameter `p` with gradient `g` (same dtype) and moments
@@ -157,29 +171,55 @@ pub fn update(
     v: &mut Tensor,
     h: &StepConstants,
 ) -> Result<Option<Tensor>> {
-    if p.device().is_cpu() && p.dtype() == DType::F32 && p.is_contiguous() {
-        let op = AdamCpu {
-            m: Mutex::new(std::mem::replace(
-                m,
-                Tensor::zeros(0, DType::F32, p.device())?,
-            )),
-            v: Mutex::new(std::mem::replace(
-                v,
-                Tensor::zeros(0, DType::F32, p.device())?,
-            )),
-            beta1: h.beta1,
-            beta2: h.beta2,
-            decay: 1.0 - h.lr * h.weight_decay,
-            step_size: h.step_size,
-            bc2_sqrt: h.bc2_sqrt,
-            eps: h.eps,
-        };
-        p.inplace_op2(&g.contiguous()?, &op)?;
-        *m = op.m.into_inner().expect("not poisoned");
-        *v = op.v.into_inner().expect("not poisoned");
-        return Ok(None);
+    let cpu = [p, &*m, &*v]
+        .iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous());
+    if cpu && g.dtype() == DType::F32 && p.elem_count() == g.elem_count() {
+        let g = g.contiguous()?;
+        let (b1, b2) = (h.beta1 as f32, h.beta2 as f32);
+        let (decay, step, bc2, eps, gs) = (
+            (1.0 - h.lr * h.weight_decay) as f32,
+            h.step_size as f32,
+            h.bc2_sqrt as f32,
+            h.eps as f32,
+            h.grad_scale as f32,
+        );
+        // p, m and v updated in place, in one parallel pass (no copies).
+        let done = fused::with_values(&g, |g| {
+            fused::with_values_mut(p, |p| {
+                let inner = fused::with_values_mut(m, |m| {
+                    let innermost = fused::with_values_mut(v, |v| {
+                        const CHUNK: usize = 1 << 14;
+                        p.par_chunks_mut(CHUNK)
+                            .zip(g.par_chunks(CHUNK))
+                            .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
+                            .for_each(|((p, g), (m, v))| {
+                                for i in 0..p.len() {
+                                    let gi = g[i] * gs;
+                                    m[i] = b1 * m[i] + (1.0 - b1) * gi;
+                                    v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
+                                    let denom = v[i].sqrt() / bc2 + eps;
+                                    p[i] = p[i] * decay - step * (m[i] / denom);
+                                }
+                            });
+                        Ok(())
+                    })?;
+                    check(innermost)
+                })?;
+                check(inner)
+            })
+        })
+        .transpose()?;
+        if done == Some(true) {
+            return Ok(None);
+        }
     }
-    let new_m = ((&*m * h.beta1)? + (g * (1.0 - h.beta1))?)?;
+    let g = if h.grad_scale != 1.0 {
+        (g * h.grad_scale)?
+    } else {
+        g.clone()
+    };
+    let new_m = ((&*m * h.beta1)? + (&g * (1.0 - h.beta1))?)?;
     let new_v = ((&*v * h.beta2)? + (g.sqr()? * (1.0 - h.beta2))?)?;
     let decayed = if h.weight_decay != 0.0 {
         (p * (1.0 - h.lr * h.weight_decay))?
@@ -193,85 +233,25 @@ pub fn update(
     Ok(Some((decayed - step)?))
 }
 
-/// The update of one f32 CPU parameter, fused: reads `g`, updates `m`, `v` and the
-/// parameter in place, in parallel chunks (the same arithmetic as the tensor path).
-struct AdamCpu {
-    m: Mutex<Tensor>,
-    v: Mutex<Tensor>,
-    beta1: f64,
-    beta2: f64,
-    /// `1 − lr·wd`
-    decay: f64,
-    /// `lr / (1 − β₁ᵗ)`
-    step_size: f64,
-    bc2_sqrt: f64,
-    eps: f64,
-}
-
-impl InplaceOp2 for AdamCpu {
-    fn name(&self) -> &'static str {
-        "lc-adamw"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &mut CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<()> {
-        let bad = || candle_core::Error::Msg("lc-adamw: needs contiguous f32 tensors".into());
-        let (CpuStorage::F32(p), CpuStorage::F32(g)) = (s1, s2) else {
-            return Err(bad());
-        };
-        let (ps, pe) = l1.contiguous_offsets().ok_or_else(bad)?;
-        let (gs, ge) = l2.contiguous_offsets().ok_or_else(bad)?;
-        let p = &mut p[ps..pe];
-        let g = &g[gs..ge];
-        let mut m = self
-            .m
-            .lock()
-            .expect("not poisoned")
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        let mut v = self
-            .v
-            .lock()
-            .expect("not poisoned")
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        let (b1, b2) = (self.beta1 as f32, self.beta2 as f32);
-        let (decay, step, bc2, eps) = (
-            self.decay as f32,
-            self.step_size as f32,
-            self.bc2_sqrt as f32,
-            self.eps as f32,
-        );
-        const CHUNK: usize = 1 << 14;
-        p.par_chunks_mut(CHUNK)
-            .zip(g.par_chunks(CHUNK))
-            .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
-            .for_each(|((p, g), (m, v))| {
-                for i in 0..p.len() {
-                    let gi = g[i];
-                    m[i] = b1 * m[i] + (1.0 - b1) * gi;
-                    v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
-                    let denom = v[i].sqrt() / bc2 + eps;
-                    p[i] = p[i] * decay - step * (m[i] / denom);
-                }
-            });
-        let shape = self.m.lock().expect("not poisoned").shape().clone();
-        let dev = candle_core::Device::Cpu;
-        *self.m.lock().expect("not poisoned") = Tensor::from_vec(m, shape.clone(), &dev)?;
-        *self.v.lock().expect("not poisoned") = Tensor::from_vec(v, shape, &dev)?;
+/// A nested in-place pass ran (the tensors were checked before).
+fn check(ran: bool) -> candle_core::Result<()> {
+    if ran {
         Ok(())
+    } else {
+        Err(candle_core::Error::Msg(
+            "adamw: moments are not contiguous f32 CPU tensors".into(),
+        ))
     }
 }
 
-/// Global L2 norm of `grads` (computed in f32).
+/// Global L2 norm of `grads` (squares summed in f64 on CPU f32, else in f32).
 pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
     let mut total = 0f64;
     for g in grads {
+        if let Some(s) = fused::sum_squares(&g.contiguous()?) {
+            total += s;
+            continue;
+        }
         total += g
             .to_dtype(DType::F32)?
             .sqr()?

@@ -13,6 +13,7 @@ use super::batches::Batch;
 use super::zero::Optimizer;
 use crate::error::{Error, Result};
 use crate::loss::cross_entropy_sum;
+use crate::model::engine::profile::timed;
 use crate::model::engine::{Grads, PassInput, train_pass};
 use crate::model::{Dropout, Gpt};
 use crate::strategy::Strategy;
@@ -169,7 +170,9 @@ impl StepRunner {
             )));
         }
         let loss = per_rank.iter().sum::<f64>() / denom;
-        let norm = self.opt.sync_grads(grads, &self.strategy, self.grad_clip)?;
+        let norm = timed("optimizer", 0.0, || {
+            self.opt.sync_grads(grads, &self.strategy, self.grad_clip)
+        })?;
         let overflow = !norm.is_finite() || bad_rank.is_some();
         if let Some(s) = self.scaler.as_mut() {
             s.update(overflow);
@@ -185,7 +188,7 @@ impl StepRunner {
             )));
         }
         if !skipped {
-            self.opt.update(lr, &self.strategy)?;
+            timed("optimizer", 0.0, || self.opt.update(lr, &self.strategy))?;
         }
         Ok(StepStats {
             loss,

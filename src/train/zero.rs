@@ -32,7 +32,8 @@ pub enum Optimizer {
     Replicated {
         adam: AdamW,
         /// Gradients summed over ranks by [`Optimizer::sync_grads`], for the next update.
-        pending: Option<Vec<Tensor>>,
+        /// Gradients of the last sync and their clipping factor.
+        pending: Option<(Vec<Tensor>, f64)>,
     },
     /// This rank's shard of the state (`zero1`).
     Sharded(ShardedAdamW),
@@ -76,12 +77,8 @@ impl Optimizer {
             Optimizer::Replicated { pending, .. } => {
                 strategy.all_reduce_grads(&mut grads)?;
                 let norm = global_norm(&grads)?;
-                if let Some(c) = clip_coefficient(norm, clip) {
-                    for g in grads.iter_mut() {
-                        *g = (&*g * c)?;
-                    }
-                }
-                *pending = Some(grads);
+                // Clipping scales the gradients inside the update's pass.
+                *pending = Some((grads, clip_coefficient(norm, clip).unwrap_or(1.0)));
                 Ok(norm)
             }
             Optimizer::Sharded(z) => z.sync_grads(&grads, strategy, clip),
@@ -93,8 +90,8 @@ impl Optimizer {
     pub fn update(&mut self, lr: f64, strategy: &Strategy) -> Result<()> {
         match self {
             Optimizer::Replicated { adam, pending } => {
-                let grads = pending.take().ok_or_else(no_gradients)?;
-                adam.step(&grads, lr)
+                let (grads, scale) = pending.take().ok_or_else(no_gradients)?;
+                adam.step_scaled(&grads, lr, scale)
             }
             Optimizer::Sharded(z) => z.update(lr, strategy),
         }
@@ -149,14 +146,15 @@ impl ShardedAdamW {
     pub fn new(vars: Vec<(String, Var)>, cfg: AdamWConfig, strategy: &Strategy) -> Result<Self> {
         let n: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
         let (padded, shard) = strategy.shard_of(n);
-        let zeros = Tensor::zeros(shard.len(), DType::F32, &strategy.device)?;
+        // Two buffers: the update writes both in place.
+        let zeros = || Tensor::zeros(shard.len(), DType::F32, &strategy.device);
         Ok(ShardedAdamW {
             cfg,
             vars,
             padded,
+            m: zeros()?,
+            v: zeros()?,
             shard,
-            m: zeros.clone(),
-            v: zeros,
             pending: None,
             t: 0,
         })

@@ -69,7 +69,9 @@ impl Grads {
             return Ok(());
         };
         let g = g.to_dtype(buf.dtype())?.contiguous()?;
-        if !fused::add_assign(&buf, &g)? {
+        let done =
+            super::profile::timed("gradient accumulation", 0.0, || fused::add_assign(&buf, &g))?;
+        if !done {
             let sum = (&buf + g.reshape(buf.shape())?)?;
             self.replace(param, sum);
         }
@@ -87,7 +89,15 @@ impl Grads {
         let Some(buf) = self.buffer(param, a)? else {
             return Ok(());
         };
-        if buf.dtype() == a.dtype() && fused::gemm_acc(&buf, a, a_t, b, b_t, alpha as f32)? {
+        let (m, n) = buf.dims2()?;
+        let k = a.elem_count() / m.max(1);
+        let flops = 2.0 * (m * n * k) as f64;
+        let done = super::profile::timed("matmul", flops, || {
+            Ok::<_, candle_core::Error>(
+                buf.dtype() == a.dtype() && fused::gemm_acc(&buf, a, a_t, b, b_t, alpha as f32)?,
+            )
+        })?;
+        if done {
             return Ok(());
         }
         let opa = if a_t { a.t()? } else { a.clone() };
@@ -106,7 +116,8 @@ impl Grads {
         };
         let g = g.to_dtype(buf.dtype())?.contiguous()?;
         let id_vec = ids.to_dtype(DType::U32)?.to_vec1::<u32>()?;
-        if !fused::rows_add(&buf, &id_vec, &g)? {
+        let done = super::profile::timed("embedding", 0.0, || fused::rows_add(&buf, &id_vec, &g))?;
+        if !done {
             let sum = buf.index_add(ids, &g, 0)?;
             self.replace(param, sum);
         }

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use candle_core::{DType, Result, Tensor, Var};
 
 use super::grads::Grads;
+use super::profile::timed;
 use crate::config::{Activation, NormKind};
 use crate::model::attention::{Attention, QkvProj};
 use crate::model::fused::{self, FlashSaved, MaskSpec};
@@ -45,6 +46,22 @@ pub(super) fn vjp(
 
 // ------------------------------------------------------------------------- linear
 
+/// `x wᵀ` for `x: (m, k)`, `w: (n, k)`, timed.
+pub(super) fn mm_nt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (m, k) = x.dims2()?;
+    let n = w.dim(0)?;
+    timed("matmul", 2.0 * (m * n * k) as f64, || {
+        fused::matmul_nt(x, w)
+    })
+}
+
+/// `a b` for `a: (m, k)`, `b: (k, n)`, timed.
+pub(super) fn mm(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (m, k) = a.dims2()?;
+    let n = b.dim(1)?;
+    timed("matmul", 2.0 * (m * n * k) as f64, || a.matmul(b))
+}
+
 /// What a linear layer's backward needs besides its input: the LoRA input after
 /// dropout (when dropout applies) and `u = x_in Aᵀ`.
 #[derive(Default)]
@@ -70,19 +87,21 @@ pub(super) fn linear_fwd(
 ) -> Result<(Tensor, LinearSaved)> {
     let dt = x.dtype();
     let w = lin.weight.detach().to_dtype(dt)?;
-    let mut y = fused::matmul_nt(x, &w)?;
+    let mut y = mm_nt(x, &w)?;
     if let Some(b) = &lin.bias {
         y = y.broadcast_add(&b.detach().to_dtype(dt)?)?;
     }
     let mut saved = LinearSaved::default();
     if let Some(l) = &lin.lora {
         let xin = match dropout {
-            Some(d) if l.dropout > 0.0 => Some(d.apply(x, l.dropout, &lin.name)?),
+            Some(d) if l.dropout > 0.0 => {
+                Some(timed("dropout", 0.0, || d.apply(x, l.dropout, &lin.name))?)
+            }
             _ => None,
         };
         let a = l.a.detach().to_dtype(dt)?;
-        let u = fused::matmul_nt(xin.as_ref().unwrap_or(x), &a)?;
-        let delta = fused::matmul_nt(&u, &lora_b(l, dt)?)?;
+        let u = mm_nt(xin.as_ref().unwrap_or(x), &a)?;
+        let delta = mm_nt(&u, &lora_b(l, dt)?)?;
         y = (y + (delta * l.scale)?)?;
         saved = LinearSaved { xin, u: Some(u) };
     }
@@ -107,7 +126,7 @@ pub(super) fn linear_bwd(
     let dt = dy.dtype();
     let dy = dy.contiguous()?;
     let w = lin.weight.detach().to_dtype(dt)?;
-    let mut dx = dy.matmul(&w)?;
+    let mut dx = mm(&dy, &w)?;
     let input = || {
         x.ok_or_else(|| candle_core::Error::Msg(format!("{}: backward without input", lin.name)))
     };
@@ -134,22 +153,22 @@ pub(super) fn linear_bwd(
                 // dB = s · dyᵀ u, on the rows the adapter may change.
                 None => grads.add_matmul(&l.b, (&dy, true), (u, false), l.scale)?,
                 Some(m) => {
-                    let db = (dy.t()?.matmul(u)? * l.scale)?.broadcast_mul(&m.to_dtype(dt)?)?;
+                    let db = (mm(&dy.t()?, u)? * l.scale)?.broadcast_mul(&m.to_dtype(dt)?)?;
                     grads.add(&l.b, &db)?;
                 }
             }
         }
-        let du = (dy.matmul(&beff)? * l.scale)?;
+        let du = (mm(&dy, &beff)? * l.scale)?;
         if grads.wants(&l.a) {
             grads.add_matmul(&l.a, (&du, true), (xin, false), 1.0)?;
         }
         let a = l.a.detach().to_dtype(dt)?;
-        let mut dxin = du.matmul(&a)?;
+        let mut dxin = mm(&du, &a)?;
         if saved.xin.is_some()
             && let Some(d) = dropout
         {
             // The same mask (a pure function of the step, sample and layer).
-            dxin = d.apply(&dxin, l.dropout, &lin.name)?;
+            dxin = timed("dropout", 0.0, || d.apply(&dxin, l.dropout, &lin.name))?;
         }
         dx = (dx + dxin)?;
     }
@@ -167,6 +186,10 @@ fn plain_norm(n: &Norm, w: Tensor, b: Option<Tensor>) -> Norm {
 }
 
 pub(super) fn norm_fwd(n: &Norm, x: &Tensor) -> Result<Tensor> {
+    timed("norm", 0.0, || norm_fwd_inner(n, x))
+}
+
+fn norm_fwd_inner(n: &Norm, x: &Tensor) -> Result<Tensor> {
     let (w, b) = norm_params(n);
     let fused = match (n.kind, &b) {
         (NormKind::RmsNorm, _) => fused::rms_norm(x, &w, n.eps)?,
@@ -181,6 +204,17 @@ pub(super) fn norm_fwd(n: &Norm, x: &Tensor) -> Result<Tensor> {
 
 /// The input gradient of a norm at input `x` for `dy`.
 pub(super) fn norm_bwd(n: &Norm, x: &Tensor, dy: &Tensor, grads: &mut Grads) -> Result<Tensor> {
+    let (dx, dw, db) = timed("norm", 0.0, || norm_bwd_inner(n, x, dy))?;
+    grads.add(&n.weight, &dw)?;
+    if let (Some(bias), Some(db)) = (&n.bias, db) {
+        grads.add(bias, &db)?;
+    }
+    Ok(dx)
+}
+
+type NormGrads = (Tensor, Tensor, Option<Tensor>);
+
+fn norm_bwd_inner(n: &Norm, x: &Tensor, dy: &Tensor) -> Result<NormGrads> {
     let (w, b) = norm_params(n);
     let fused = match (n.kind, &b) {
         (NormKind::RmsNorm, _) => {
@@ -202,11 +236,7 @@ pub(super) fn norm_bwd(n: &Norm, x: &Tensor, dy: &Tensor, grads: &mut Grads) -> 
             (g[0].clone(), g[1].clone(), g.get(2).cloned())
         }
     };
-    grads.add(&n.weight, &dw)?;
-    if let (Some(bias), Some(db)) = (&n.bias, db) {
-        grads.add(bias, &db)?;
-    }
-    Ok(dx)
+    Ok((dx, dw, db))
 }
 
 // ---------------------------------------------------------------------- attention
@@ -292,19 +322,28 @@ pub(super) fn attn_fwd(at: &Attention, x: &Tensor, ctx: &Ctx) -> Result<(Tensor,
             )
         }
     };
-    let mut q = q.transpose(1, 2)?.contiguous()?;
-    let mut k = k.transpose(1, 2)?.contiguous()?;
-    let v = v.transpose(1, 2)?.contiguous()?;
+    let (mut q, mut k, v) = timed("layout", 0.0, || -> Result<_> {
+        Ok((
+            q.transpose(1, 2)?.contiguous()?,
+            k.transpose(1, 2)?.contiguous()?,
+            v.transpose(1, 2)?.contiguous()?,
+        ))
+    })?;
     if let Some(r) = ctx.rope {
-        q = r.fwd.apply(&q)?;
-        k = r.fwd.apply(&k)?;
+        (q, k) = timed("rotary", 0.0, || -> Result<_> {
+            Ok((r.fwd.apply(&q)?, r.fwd.apply(&k)?))
+        })?;
     }
     let mask = mask_of(at, ctx);
-    let (o, flash) = match fused::flash_forward(&q, &k, &v, at.scale, &mask)? {
-        Some((o, s)) => (o, Some(s)),
-        None => (fused::attention_plain(&q, &k, &v, at.scale, &mask)?, None),
-    };
-    let y = o.transpose(1, 2)?.reshape((b * t, nh * hs))?;
+    let (o, flash) = timed("attention forward", 0.0, || -> Result<_> {
+        Ok(match fused::flash_forward(&q, &k, &v, at.scale, &mask)? {
+            Some((o, s)) => (o, Some(s)),
+            None => (fused::attention_plain(&q, &k, &v, at.scale, &mask)?, None),
+        })
+    })?;
+    let y = timed("layout", 0.0, || {
+        o.transpose(1, 2)?.reshape((b * t, nh * hs))
+    })?;
     let (out, proj) = linear_fwd(&at.proj, &y, ctx.dropout)?;
     let saved = AttnSaved {
         qkv: saved_qkv,
@@ -331,7 +370,9 @@ pub(super) fn attn_bwd(
     let (nh, nkv, hs) = (at.n_head, at.n_kv_head, at.head_dim);
     let n = b * t;
     let y = if linear_needs_input(&at.proj, grads) {
-        Some(s.o.transpose(1, 2)?.reshape((n, nh * hs))?)
+        Some(timed("layout", 0.0, || {
+            s.o.transpose(1, 2)?.reshape((n, nh * hs))
+        })?)
     } else {
         None
     };
@@ -343,22 +384,28 @@ pub(super) fn attn_bwd(
         grads,
         ctx.dropout,
     )?;
-    let dout = dyo.reshape((b, t, nh, hs))?.transpose(1, 2)?.contiguous()?;
-    let (mut dq, mut dk, dv) = match &s.flash {
-        Some(f) => f.backward(&s.q, &s.k, &s.v, &s.o, &dout)?,
+    let dout = timed("layout", 0.0, || {
+        dyo.reshape((b, t, nh, hs))?.transpose(1, 2)?.contiguous()
+    })?;
+    let (mut dq, mut dk, dv) = timed("attention backward", 0.0, || match &s.flash {
+        Some(f) => f.backward(&s.q, &s.k, &s.v, &s.o, &dout),
         None => {
             let mask = mask_of(at, ctx);
             let g = vjp(&[&s.q, &s.k, &s.v], &dout, |t| {
                 fused::attention_plain(&t[0], &t[1], &t[2], at.scale, &mask)
             })?;
-            (g[0].clone(), g[1].clone(), g[2].clone())
+            Ok((g[0].clone(), g[1].clone(), g[2].clone()))
         }
-    };
+    })?;
     if let Some(r) = ctx.rope {
-        dq = r.bwd.apply(&dq.contiguous()?)?;
-        dk = r.bwd.apply(&dk.contiguous()?)?;
+        (dq, dk) = timed("rotary", 0.0, || -> Result<_> {
+            Ok((
+                r.bwd.apply(&dq.contiguous()?)?,
+                r.bwd.apply(&dk.contiguous()?)?,
+            ))
+        })?;
     }
-    // (B, heads, T, hs) → (B, T, heads, hs)
+    // (B, heads, T, hs) → (B, T, heads, hs): the copies happen in the reshapes below.
     let dq = dq.transpose(1, 2)?;
     let dk = dk.transpose(1, 2)?;
     let dv = dv.transpose(1, 2)?;
@@ -451,10 +498,12 @@ pub(super) fn mlp_fwd(m: &Mlp, x: &Tensor, ctx: &Ctx) -> Result<(Tensor, MlpSave
         Some(gate) => {
             let (g, sg) = linear_fwd(gate, &x2, ctx.dropout)?;
             let (u, su) = linear_fwd(&m.up, &x2, ctx.dropout)?;
-            let h = match fused::gated_forward(&g, &u, m.activation)? {
-                Some(h) => h,
-                None => (activate(&g, m.activation)? * &u)?,
-            };
+            let h = timed("activation", 0.0, || -> Result<_> {
+                Ok(match fused::gated_forward(&g, &u, m.activation)? {
+                    Some(h) => h,
+                    None => (activate(&g, m.activation)? * &u)?,
+                })
+            })?;
             let saved = MlpSaved {
                 pre: g,
                 up: Some(u),
@@ -465,7 +514,7 @@ pub(super) fn mlp_fwd(m: &Mlp, x: &Tensor, ctx: &Ctx) -> Result<(Tensor, MlpSave
         }
         None => {
             let (p, sp) = linear_fwd(&m.up, &x2, ctx.dropout)?;
-            let h = act_fwd(&p, m.activation)?;
+            let h = timed("activation", 0.0, || act_fwd(&p, m.activation))?;
             let saved = MlpSaved {
                 pre: p,
                 up: None,
@@ -493,13 +542,15 @@ pub(super) fn mlp_bwd(
     let a = m.activation;
     // The down projection's input, recomputed when its backward reads it.
     let h = if linear_needs_input(&m.down, grads) {
-        Some(match &s.up {
-            Some(u) => match fused::gated_forward(&s.pre, u, a)? {
-                Some(h) => h,
-                None => (activate(&s.pre, a)? * u)?,
-            },
-            None => act_fwd(&s.pre, a)?,
-        })
+        Some(timed("activation", 0.0, || -> Result<_> {
+            Ok(match &s.up {
+                Some(u) => match fused::gated_forward(&s.pre, u, a)? {
+                    Some(h) => h,
+                    None => (activate(&s.pre, a)? * u)?,
+                },
+                None => act_fwd(&s.pre, a)?,
+            })
+        })?)
     } else {
         None
     };
@@ -513,23 +564,27 @@ pub(super) fn mlp_bwd(
     )?;
     let dx = match (&m.gate, &s.up) {
         (Some(gate), Some(u)) => {
-            let (dg, du) = match fused::gated_backward(&s.pre, u, &dh, a)? {
-                Some(r) => r,
-                None => {
-                    let g = vjp(&[&s.pre, u], &dh, |t| activate(&t[0], a)? * &t[1])?;
-                    (g[0].clone(), g[1].clone())
-                }
-            };
+            let (dg, du) = timed("activation", 0.0, || -> Result<_> {
+                Ok(match fused::gated_backward(&s.pre, u, &dh, a)? {
+                    Some(r) => r,
+                    None => {
+                        let g = vjp(&[&s.pre, u], &dh, |t| activate(&t[0], a)? * &t[1])?;
+                        (g[0].clone(), g[1].clone())
+                    }
+                })
+            })?;
             let needs = linear_needs_input(gate, grads) || linear_needs_input(&m.up, grads);
             let xin = needs.then_some(&x2);
             let dx = linear_bwd(gate, xin, &s.lin[0], &dg, grads, ctx.dropout)?;
             (dx + linear_bwd(&m.up, xin, &s.lin[1], &du, grads, ctx.dropout)?)?
         }
         _ => {
-            let dp = match fused::act_backward(&s.pre, &dh, a)? {
-                Some(d) => d,
-                None => vjp(&[&s.pre], &dh, |t| activate(&t[0], a))?.remove(0),
-            };
+            let dp = timed("activation", 0.0, || -> Result<_> {
+                Ok(match fused::act_backward(&s.pre, &dh, a)? {
+                    Some(d) => d,
+                    None => vjp(&[&s.pre], &dh, |t| activate(&t[0], a))?.remove(0),
+                })
+            })?;
             let xin = linear_needs_input(&m.up, grads).then_some(&x2);
             linear_bwd(&m.up, xin, &s.lin[0], &dp, grads, ctx.dropout)?
         }

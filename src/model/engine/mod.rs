@@ -23,6 +23,7 @@
 
 mod grads;
 mod layers;
+pub mod profile;
 
 use std::sync::Arc;
 
@@ -82,13 +83,14 @@ fn block_fwd(blk: &Block, x: &Tensor, ctx: &Ctx) -> Result<(Tensor, BlockSaved)>
     let (a, attn) = layers::attn_fwd(&blk.attn, &n1, ctx)?;
     let (out, h, n2, mlp) = match blk.residual {
         Residual::Sequential => {
-            let h = (x + a)?;
+            let h = profile::timed("residual", 0.0, || x + a)?;
             let norm2 = blk.norm2.as_ref().ok_or_else(|| {
                 candle_core::Error::Msg("a sequential block without a second norm".into())
             })?;
             let n2 = layers::norm_fwd(norm2, &h)?;
             let (m, mlp) = layers::mlp_fwd(&blk.mlp, &n2, ctx)?;
-            ((&h + m)?, Some(h), Some(n2), mlp)
+            let out = profile::timed("residual", 0.0, || &h + m)?;
+            (out, Some(h), Some(n2), mlp)
         }
         Residual::Parallel => {
             let n2 = match &blk.norm2 {
@@ -96,7 +98,8 @@ fn block_fwd(blk: &Block, x: &Tensor, ctx: &Ctx) -> Result<(Tensor, BlockSaved)>
                 None => None,
             };
             let (m, mlp) = layers::mlp_fwd(&blk.mlp, n2.as_ref().unwrap_or(&n1), ctx)?;
-            (((x + a)? + m)?, None, n2, mlp)
+            let out = profile::timed("residual", 0.0, || (x + a)? + m)?;
+            (out, None, n2, mlp)
         }
     };
     let saved = BlockSaved {
@@ -124,9 +127,11 @@ fn block_bwd(
                 _ => candle_core::bail!("a sequential block without its second norm's state"),
             };
             let dn2 = layers::mlp_bwd(&blk.mlp, n2, &s.mlp, dout, ctx, grads)?;
-            let dh = (dout + layers::norm_bwd(norm2, h, &dn2, grads)?)?;
+            let dn = layers::norm_bwd(norm2, h, &dn2, grads)?;
+            let dh = profile::timed("residual", 0.0, || dout + dn)?;
             let dn1 = layers::attn_bwd(&blk.attn, &s.n1, &s.attn, &dh, ctx, grads)?;
-            &dh + layers::norm_bwd(&blk.norm1, &s.x, &dn1, grads)?
+            let dn = layers::norm_bwd(&blk.norm1, &s.x, &dn1, grads)?;
+            profile::timed("residual", 0.0, || &dh + dn)
         }
         Residual::Parallel => {
             let dn1 = layers::attn_bwd(&blk.attn, &s.n1, &s.attn, dout, ctx, grads)?;
@@ -290,16 +295,16 @@ fn head_pass(model: &Gpt, x: &Tensor, inp: &PassInput, grads: &mut Grads) -> Res
             None => None,
         };
         // logits = x Wᵀ + b + s · (x_in Aᵀ) Bᵀ
-        let mut logits = super::fused::matmul_nt(&xc, &w)?;
+        let mut logits = layers::mm_nt(&xc, &w)?;
         if let Some(bias) = &head.bias {
             logits = logits.broadcast_add(&bias.detach().to_dtype(dt)?)?;
         }
         let mut lora_u = None;
         if let Some(l) = &head.lora {
             let a = l.a.detach().to_dtype(dt)?;
-            let u = super::fused::matmul_nt(xin.as_ref().unwrap_or(&xc), &a)?;
+            let u = layers::mm_nt(xin.as_ref().unwrap_or(&xc), &a)?;
             let beff = lora_b_of(l, dt)?;
-            logits = (logits + (super::fused::matmul_nt(&u, &beff)? * l.scale)?)?;
+            logits = (logits + (layers::mm_nt(&u, &beff)? * l.scale)?)?;
             lora_u = Some(u);
         }
         let logits = logits.to_dtype(DType::F32)?;
@@ -308,7 +313,9 @@ fn head_pass(model: &Gpt, x: &Tensor, inp: &PassInput, grads: &mut Grads) -> Res
             &weights[r0..r0 + len],
             &mask[r0..r0 + len],
         );
-        let (nll, dlogits) = cross_entropy_chunk(&logits, tg, wt)?;
+        let (nll, dlogits) = profile::timed("cross-entropy", 0.0, || {
+            cross_entropy_chunk(&logits, tg, wt)
+        })?;
         loss += nll
             .iter()
             .zip(mk)
@@ -316,7 +323,7 @@ fn head_pass(model: &Gpt, x: &Tensor, inp: &PassInput, grads: &mut Grads) -> Res
             .sum::<f64>();
         drop(logits);
         let dl = dlogits.to_dtype(dt)?;
-        dx_parts.push(dl.matmul(&w)?);
+        dx_parts.push(layers::mm(&dl, &w)?);
         if grads.wants(&head.weight) {
             grads.add_matmul(&head.weight, (&dl, true), (&xc, false), 1.0)?;
         }
@@ -328,18 +335,18 @@ fn head_pass(model: &Gpt, x: &Tensor, inp: &PassInput, grads: &mut Grads) -> Res
         if let (Some(l), Some(u)) = (&head.lora, &lora_u) {
             let beff = lora_b_of(l, dt)?;
             if grads.wants(&l.b) {
-                let db = (dl.t()?.matmul(u)? * l.scale)?;
+                let db = (layers::mm(&dl.t()?, u)? * l.scale)?;
                 let db = match &l.out_mask {
                     Some(m) => db.broadcast_mul(&m.to_dtype(dt)?)?,
                     None => db,
                 };
                 grads.add(&l.b, &db)?;
             }
-            let du = (dl.matmul(&beff)? * l.scale)?;
+            let du = (layers::mm(&dl, &beff)? * l.scale)?;
             if grads.wants(&l.a) {
                 grads.add_matmul(&l.a, (&du, true), (xin.as_ref().unwrap_or(&xc), false), 1.0)?;
             }
-            dxin_parts.push(du.matmul(&l.a.detach().to_dtype(dt)?)?);
+            dxin_parts.push(layers::mm(&du, &l.a.detach().to_dtype(dt)?)?);
         }
         r0 += len;
     }

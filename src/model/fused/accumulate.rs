@@ -4,7 +4,11 @@
 //! A weight's gradient from each micro-batch (and each head chunk) lands in one
 //! buffer allocated once, with no temporary of the weight's size.
 
-use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
+use std::sync::Mutex;
+
+use candle_core::{
+    CpuStorage, InplaceOp1, InplaceOp2, InplaceOp3, Layout, Result, Storage, Tensor,
+};
 use rayon::prelude::*;
 
 use super::{fusable, not_fused};
@@ -218,6 +222,60 @@ pub fn rows_add(dst: &Tensor, ids: &[u32], g: &Tensor) -> Result<bool> {
     }
     dst.inplace_op2(g, &RowsAdd { ids: ids.to_vec() })?;
     Ok(true)
+}
+
+struct WithMut<F>(Mutex<Option<F>>);
+
+impl<F: FnOnce(&mut [f32]) -> Result<()>> InplaceOp1 for WithMut<F> {
+    fn name(&self) -> &'static str {
+        "lc-with-mut"
+    }
+
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> Result<()> {
+        let f = self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("lc-with-mut: called twice".into()))?;
+        f(slice_mut(self.name(), s, l)?)
+    }
+}
+
+/// Run `f` on the values of a contiguous f32 CPU tensor, mutably, in place (the
+/// tensor's storage is locked meanwhile: `f` must not touch `t` itself). False, and
+/// `f` not run, when `t` is not such a tensor.
+pub fn with_values_mut(t: &Tensor, f: impl FnOnce(&mut [f32]) -> Result<()>) -> Result<bool> {
+    if !(t.device().is_cpu() && t.dtype() == candle_core::DType::F32 && t.is_contiguous()) {
+        return Ok(false);
+    }
+    t.inplace_op1(&WithMut(Mutex::new(Some(f))))?;
+    Ok(true)
+}
+
+/// Run `f` on the values of a contiguous f32 CPU tensor; None when `t` is not one.
+pub fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    if !(t.device().is_cpu() && t.dtype() == candle_core::DType::F32) {
+        return None;
+    }
+    let (st, l) = t.storage_and_layout();
+    let (a, e) = l.contiguous_offsets()?;
+    match &*st {
+        Storage::Cpu(CpuStorage::F32(v)) => Some(f(&v[a..e])),
+        _ => None,
+    }
+}
+
+/// `Σ x²` of a contiguous f32 CPU tensor, in parallel blocks summed in f64 in a fixed
+/// order; None when `t` is not such a tensor.
+pub fn sum_squares(t: &Tensor) -> Option<f64> {
+    with_values(t, |x| {
+        x.par_chunks(1 << 16)
+            .map(|c| super::vectorized(|| super::flash::sum_lanes_f64_sq(c)))
+            .collect::<Vec<f64>>()
+            .iter()
+            .sum()
+    })
 }
 
 #[cfg(test)]

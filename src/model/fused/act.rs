@@ -5,60 +5,134 @@
 //! gated   h = act(g) ⊙ u             dg = dh ⊙ u ⊙ act'(g),  du = dh ⊙ act(g)
 //! ```
 //!
-//! The values are computed as candle's unary ops compute them (same formulas, same
-//! `erf`), so a forward here equals `Tensor::silu` / `gelu` / `gelu_erf` / `relu`.
+//! The values follow candle's unary ops (same formulas, same `erf`), with the
+//! exponential of [`super::exp_approx`] (within ~2 ulp; it vectorises, libm's does
+//! not), so a forward here equals `Tensor::silu` / `gelu` / `gelu_erf` / `relu` to
+//! an ulp or two.
 
 use candle_core::{Result, Storage, Tensor};
 use rayon::prelude::*;
 
-use super::fusable;
+use super::{exp_approx, fusable, vectorized};
 use crate::config::Activation;
 
 const SQRT_TWO_OVER_PI: f32 = 0.797_884_6;
 const INV_SQRT_TWO_PI: f32 = 0.398_942_3;
 
-fn value(a: Activation, x: f32) -> f32 {
-    match a {
-        Activation::Silu => x / (1.0 + (-x).exp()),
-        Activation::GeluErf => {
-            (candle_core::cpu::erf::erf_f32(x * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5 * x
-        }
-        Activation::GeluTanh => {
-            0.5 * x * (1.0 + (SQRT_TWO_OVER_PI * x * (1.0 + 0.044715 * x * x)).tanh())
-        }
-        Activation::Relu => x.max(0.0),
+/// One activation, as a type: the kernels below are compiled once per activation, so
+/// their loops have no branch on it and vectorise.
+trait Act {
+    fn value(x: f32) -> f32;
+    /// `act(x)` and `act'(x)`.
+    fn value_and_slope(x: f32) -> (f32, f32);
+}
+
+struct Silu;
+struct GeluErf;
+struct GeluTanh;
+struct Relu;
+
+impl Act for Silu {
+    #[inline(always)]
+    fn value(x: f32) -> f32 {
+        x / (1.0 + exp_approx(-x))
+    }
+    #[inline(always)]
+    fn value_and_slope(x: f32) -> (f32, f32) {
+        let s = 1.0 / (1.0 + exp_approx(-x));
+        (x * s, s * (1.0 + x * (1.0 - s)))
     }
 }
 
-/// `act(x)` and `act'(x)`.
-fn value_and_slope(a: Activation, x: f32) -> (f32, f32) {
-    match a {
-        Activation::Silu => {
-            let s = 1.0 / (1.0 + (-x).exp());
-            (x * s, s * (1.0 + x * (1.0 - s)))
-        }
-        Activation::GeluErf => {
-            let cdf =
-                (candle_core::cpu::erf::erf_f32(x * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5;
-            (x * cdf, cdf + x * INV_SQRT_TWO_PI * (-0.5 * x * x).exp())
-        }
-        Activation::GeluTanh => {
-            let inner = SQRT_TWO_OVER_PI * x * (1.0 + 0.044715 * x * x);
-            let t = inner.tanh();
-            let d_inner = SQRT_TWO_OVER_PI * (1.0 + 3.0 * 0.044715 * x * x);
-            (
-                0.5 * x * (1.0 + t),
-                0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * d_inner,
-            )
-        }
-        Activation::Relu => {
-            if x > 0.0 {
-                (x, 1.0)
-            } else {
-                (0.0, 0.0)
-            }
-        }
+impl Act for GeluErf {
+    #[inline(always)]
+    fn value(x: f32) -> f32 {
+        (candle_core::cpu::erf::erf_f32(x * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5 * x
     }
+    #[inline(always)]
+    fn value_and_slope(x: f32) -> (f32, f32) {
+        let cdf = (candle_core::cpu::erf::erf_f32(x * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5;
+        (
+            x * cdf,
+            cdf + x * INV_SQRT_TWO_PI * exp_approx(-0.5 * x * x),
+        )
+    }
+}
+
+impl Act for GeluTanh {
+    #[inline(always)]
+    fn value(x: f32) -> f32 {
+        0.5 * x * (1.0 + (SQRT_TWO_OVER_PI * x * (1.0 + 0.044715 * x * x)).tanh())
+    }
+    #[inline(always)]
+    fn value_and_slope(x: f32) -> (f32, f32) {
+        let inner = SQRT_TWO_OVER_PI * x * (1.0 + 0.044715 * x * x);
+        let t = inner.tanh();
+        let d_inner = SQRT_TWO_OVER_PI * (1.0 + 3.0 * 0.044715 * x * x);
+        (
+            0.5 * x * (1.0 + t),
+            0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * d_inner,
+        )
+    }
+}
+
+impl Act for Relu {
+    #[inline(always)]
+    fn value(x: f32) -> f32 {
+        x.max(0.0)
+    }
+    #[inline(always)]
+    fn value_and_slope(x: f32) -> (f32, f32) {
+        (x.max(0.0), if x > 0.0 { 1.0 } else { 0.0 })
+    }
+}
+
+/// Call `$f::<A>($args)` for the type `A` of activation `$a`.
+macro_rules! dispatch {
+    ($a:expr, $f:ident($($args:expr),*)) => {
+        match $a {
+            Activation::Silu => $f::<Silu>($($args),*),
+            Activation::GeluErf => $f::<GeluErf>($($args),*),
+            Activation::GeluTanh => $f::<GeluTanh>($($args),*),
+            Activation::Relu => $f::<Relu>($($args),*),
+        }
+    };
+}
+
+fn forward_chunk<A: Act>(y: &mut [f32], x: &[f32]) {
+    vectorized(|| y.iter_mut().zip(x).for_each(|(o, &v)| *o = A::value(v)))
+}
+
+fn backward_chunk<A: Act>(d: &mut [f32], x: &[f32], g: &[f32]) {
+    vectorized(|| {
+        for ((o, &v), &gv) in d.iter_mut().zip(x).zip(g) {
+            *o = gv * A::value_and_slope(v).1;
+        }
+    })
+}
+
+fn gated_chunk<A: Act>(h: &mut [f32], g: &[f32], u: &[f32]) {
+    vectorized(|| {
+        for ((o, &gv), &uv) in h.iter_mut().zip(g).zip(u) {
+            *o = A::value(gv) * uv;
+        }
+    })
+}
+
+fn gated_backward_chunk<A: Act>(dg: &mut [f32], du: &mut [f32], g: &[f32], u: &[f32], dh: &[f32]) {
+    vectorized(|| {
+        let n = g
+            .len()
+            .min(u.len())
+            .min(dh.len())
+            .min(dg.len())
+            .min(du.len());
+        for i in 0..n {
+            let (y, s) = A::value_and_slope(g[i]);
+            dg[i] = dh[i] * u[i] * s;
+            du[i] = dh[i] * y;
+        }
+    })
 }
 
 /// Contiguous f32 values of `t` on the CPU, for the duration of `f`.
@@ -82,7 +156,7 @@ pub fn act_forward(x: &Tensor, a: Activation) -> Result<Option<Tensor>> {
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK))
-            .for_each(|(y, x)| y.iter_mut().zip(x).for_each(|(o, &v)| *o = value(a, v)));
+            .for_each(|(y, x)| dispatch!(a, forward_chunk(y, x)));
         y
     }) else {
         return Ok(None);
@@ -97,11 +171,7 @@ pub fn act_backward(x: &Tensor, dh: &Tensor, a: Activation) -> Result<Option<Ten
             let mut dx = vec![0f32; x.len()];
             dx.par_chunks_mut(CHUNK)
                 .zip(x.par_chunks(CHUNK).zip(dh.par_chunks(CHUNK)))
-                .for_each(|(d, (x, g))| {
-                    for ((o, &v), &gv) in d.iter_mut().zip(x).zip(g) {
-                        *o = gv * value_and_slope(a, v).1;
-                    }
-                });
+                .for_each(|(d, (x, g))| dispatch!(a, backward_chunk(d, x, g)));
             dx
         })
     });
@@ -120,11 +190,7 @@ pub fn gated_forward(g: &Tensor, u: &Tensor, a: Activation) -> Result<Option<Ten
             let mut h = vec![0f32; g.len()];
             h.par_chunks_mut(CHUNK)
                 .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-                .for_each(|(h, (g, u))| {
-                    for ((o, &gv), &uv) in h.iter_mut().zip(g).zip(u) {
-                        *o = value(a, gv) * uv;
-                    }
-                });
+                .for_each(|(h, (g, u))| dispatch!(a, gated_chunk(h, g, u)));
             h
         })
     });
@@ -157,11 +223,7 @@ pub fn gated_backward(
                     .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
                     .zip(dh.par_chunks(CHUNK))
                     .for_each(|(((dg, du), (g, u)), dh)| {
-                        for i in 0..g.len() {
-                            let (y, s) = value_and_slope(a, g[i]);
-                            dg[i] = dh[i] * u[i] * s;
-                            du[i] = dh[i] * y;
-                        }
+                        dispatch!(a, gated_backward_chunk(dg, du, g, u, dh))
                     });
                 (dg, du)
             })

@@ -155,16 +155,17 @@ pub fn cross_entropy_grad(
         .zip(x.par_chunks(v))
         .zip(targets.par_iter().zip(weights.par_iter()))
         .map(|((d, r), (&t, &w))| {
-            let max = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f64;
-            for (o, &xv) in d.iter_mut().zip(r) {
-                *o = (xv - max).exp();
-                sum += f64::from(*o);
-            }
-            let scale = (f64::from(w) / sum) as f32;
-            d.iter_mut().for_each(|o| *o *= scale);
-            d[t as usize] -= w;
-            (sum.ln() + f64::from(max - r[t as usize])) as f32
+            super::vectorized(|| {
+                let max = super::flash::max_of(r);
+                for (o, &xv) in d.iter_mut().zip(r) {
+                    *o = super::exp_approx(xv - max);
+                }
+                let sum = super::flash::sum_lanes_f64(d);
+                let scale = (f64::from(w) / sum) as f32;
+                d.iter_mut().for_each(|o| *o *= scale);
+                d[t as usize] -= w;
+                (sum.ln() + f64::from(max - r[t as usize])) as f32
+            })
         })
         .collect();
     drop(st);

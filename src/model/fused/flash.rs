@@ -28,7 +28,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor}
 use rayon::prelude::*;
 
 use super::softmax::{MaskSpec, masked_softmax};
-use super::{fusable, not_fused};
+use super::{exp_approx, fusable, not_fused};
 use crate::config::AttentionWindow;
 
 /// Queries per tile, keys per tile (forward and dq), keys per task (dk and dv).
@@ -379,30 +379,8 @@ fn exp_shifted_any(x: &mut [f32], scale: f32, m: f32) {
     x.iter_mut().for_each(|v| *v = exp_approx(*v * scale - m));
 }
 
-/// `e^x` within ~2 ulp, 0 below −87: `2ⁿ · e^r` with `n = round(x / ln 2)`,
-/// `|r| ≤ ln 2 / 2`, and Cephes' `expf` polynomial for `e^r`. Branch-free, so loops of
-/// it vectorise (libm's `expf` is a call per element).
-#[inline(always)]
-fn exp_approx(x: f32) -> f32 {
-    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2²³: adding it rounds to an integer
-    let xc = x.clamp(-87.0, 88.0);
-    let t = xc * std::f32::consts::LOG2_E + MAGIC;
-    let n = t - MAGIC;
-    let ni = t.to_bits() as i32 - MAGIC.to_bits() as i32;
-    let r = xc - n * (355.0 / 512.0) + n * 2.121_944_4e-4; // ln 2 = 355/512 − 2.12e-4
-    let mut p = 1.987_569_1e-4f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5;
-    let y = p * r * r + r + 1.0;
-    let y = y * f32::from_bits(((ni + 127) as u32) << 23);
-    if x < -87.0 { 0.0 } else { y }
-}
-
 /// Largest value of a slice (−∞ when empty).
-fn max_of(x: &[f32]) -> f32 {
+pub(super) fn max_of(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; 8];
     let chunks = x.chunks_exact(8);
     let rest = chunks.remainder();
@@ -417,7 +395,7 @@ fn max_of(x: &[f32]) -> f32 {
 }
 
 /// Σ of a slice in f64 (see [`super::sum_f64`]), in eight fixed lanes so it vectorises.
-fn sum_lanes_f64(x: &[f32]) -> f64 {
+pub(super) fn sum_lanes_f64(x: &[f32]) -> f64 {
     let mut acc = [0f64; 8];
     let chunks = x.chunks_exact(8);
     let rest = chunks.remainder();
@@ -427,6 +405,23 @@ fn sum_lanes_f64(x: &[f32]) -> f64 {
         }
     }
     acc.iter().sum::<f64>() + super::sum_f64(rest.iter().copied())
+}
+
+/// Σ x² of a slice in f64, in eight fixed lanes.
+pub(super) fn sum_lanes_f64_sq(x: &[f32]) -> f64 {
+    let mut acc = [0f64; 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += f64::from(v) * f64::from(v);
+        }
+    }
+    acc.iter().sum::<f64>()
+        + rest
+            .iter()
+            .map(|&v| f64::from(v) * f64::from(v))
+            .sum::<f64>()
 }
 
 /// Turn a tile of raw scores `q kᵀ` (rows `w` wide, keys `j0..j0 + w`) into

@@ -30,7 +30,7 @@ mod norm;
 mod rope;
 mod softmax;
 
-pub use accumulate::{add_assign, gemm_acc, rows_add};
+pub use accumulate::{add_assign, gemm_acc, rows_add, sum_squares, with_values, with_values_mut};
 pub use act::{act_backward, act_forward, gated_backward, gated_forward};
 pub use cross_entropy::{cross_entropy_grad, cross_entropy_rows, nll_plain};
 pub use flash::{
@@ -95,6 +95,44 @@ fn fusable(x: &Tensor) -> bool {
 /// the sum, 2²⁹ times lower.
 fn sum_f64(terms: impl Iterator<Item = f32>) -> f64 {
     terms.map(f64::from).sum()
+}
+
+/// `e^x` within ~2 ulp, 0 below −87: `2ⁿ · e^r` with `n = round(x / ln 2)`,
+/// `|r| ≤ ln 2 / 2`, and Cephes' `expf` polynomial for `e^r`. Branch-free, so loops of
+/// it vectorise (libm's `expf` is a call per element).
+#[inline(always)]
+pub(crate) fn exp_approx(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2²³: adding it rounds to an integer
+    let xc = x.clamp(-87.0, 88.0);
+    let t = xc * std::f32::consts::LOG2_E + MAGIC;
+    let n = t - MAGIC;
+    let ni = t.to_bits() as i32 - MAGIC.to_bits() as i32;
+    let r = xc - n * (355.0 / 512.0) + n * 2.121_944_4e-4; // ln 2 = 355/512 − 2.12e-4
+    let mut p = 1.987_569_1e-4f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let y = p * r * r + r + 1.0;
+    let y = y * f32::from_bits(((ni + 127) as u32) << 23);
+    if x < -87.0 { 0.0 } else { y }
+}
+
+/// Run `f` compiled for AVX2 when the CPU has it (loops of [`exp_approx`] inlined into
+/// `f` then vectorise); the arithmetic is the same either way (no fused multiply-adds).
+#[inline(always)]
+fn vectorized<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        #[target_feature(enable = "avx2")]
+        fn avx2<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        // SAFETY: the CPU has AVX2 (checked just above).
+        return unsafe { avx2(f) };
+    }
+    f()
 }
 
 /// Rows per block when summing over rows (fixed, for thread-count independence).

@@ -1,0 +1,167 @@
+//! The training engine (`model::engine`) beyond the reference values: activation
+//! checkpointing changes nothing (bit for bit, LoRA dropout included), and one pass
+//! over a micro-batch gives the evaluation forward's loss.
+
+use std::collections::HashMap;
+
+use candle_core::{Device, Tensor};
+use lit_claire::lora::{LoraConfig, LoraTargets, attach_new};
+use lit_claire::model::engine::{Grads, PassInput, train_pass};
+use lit_claire::model::{Dropout, TrainableModel};
+
+use crate::checks::{load, values};
+use crate::common::*;
+
+/// Loss and gradients of two rows of `ids`-derived tokens, checkpointing every
+/// `every`-th block, with LoRA dropout when `dropout` is set.
+fn pass(tm: &TrainableModel, every: usize, dropout: Option<&Dropout>) -> (f64, Vec<Tensor>) {
+    let ids = ids(&expected("llama")["input_ids"]);
+    let n = ids.len() - 1;
+    let dev = Device::Cpu;
+    let rows: Vec<u32> = ids[..n].iter().chain(ids[1..].iter()).copied().collect();
+    let inputs = Tensor::from_vec(rows, (2, n), &dev).unwrap();
+    let targets: Vec<u32> = ids[1..].iter().chain(ids[..n].iter()).copied().collect();
+    let targets = Tensor::from_vec(targets, 2 * n, &dev).unwrap();
+    let mask = Tensor::ones(2 * n, candle_core::DType::F32, &dev).unwrap();
+    if let Some(d) = dropout {
+        d.begin_step(3, 0);
+        d.next_micro_batch(2);
+    }
+    let input = PassInput {
+        ids: &inputs,
+        targets: &targets,
+        mask: &mask,
+        docs: None,
+        dropout,
+        grad_scale: 0.5,
+        checkpoint_every: every,
+    };
+    let mut grads = Grads::new(&tm.vars);
+    let loss = train_pass(&tm.model, &input, &mut grads).unwrap();
+    (loss, grads.take(&tm.vars).unwrap())
+}
+
+fn lora_model(family: &str) -> TrainableModel {
+    let mut tm = load(&reference_dir(family), false);
+    let cfg = LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.3,
+        targets: LoraTargets {
+            query: true,
+            value: true,
+            mlp: true,
+            head: true,
+            ..Default::default()
+        },
+        rslora: false,
+    };
+    let vars = attach_new(&mut tm.model, &cfg, 7).unwrap();
+    // B starts at zero; give it values so that A's gradient is not trivially zero.
+    for (name, v) in &vars {
+        if name.ends_with("lora_B.weight") {
+            v.set(&Tensor::randn(0f32, 0.1, v.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+    }
+    TrainableModel {
+        model: tm.model,
+        vars,
+    }
+}
+
+fn assert_identical(what: &str, a: &(f64, Vec<Tensor>), b: &(f64, Vec<Tensor>)) {
+    assert_eq!(
+        a.0.to_bits(),
+        b.0.to_bits(),
+        "{what}: loss {} vs {}",
+        a.0,
+        b.0
+    );
+    for (i, (x, y)) in a.1.iter().zip(&b.1).enumerate() {
+        assert_eq!(values(x), values(y), "{what}: gradient {i} differs");
+    }
+}
+
+#[test]
+fn activation_checkpointing_gives_identical_gradients() {
+    for family in ["llama", "gpt2", "falcon", "gpt_neox"] {
+        let full = load(&reference_dir(family), true);
+        let plain = pass(&full, 0, None);
+        assert!(values(&plain.1[1]).iter().any(|&g| g != 0.0));
+        for every in [1, 2, 3] {
+            assert_identical(
+                &format!("{family} full, checkpointing every {every}"),
+                &plain,
+                &pass(&full, every, None),
+            );
+        }
+        let lora = lora_model(family);
+        let dropout = Dropout::new(11);
+        let plain = pass(&lora, 0, Some(&dropout));
+        for every in [1, 2] {
+            assert_identical(
+                &format!("{family} LoRA with dropout, checkpointing every {every}"),
+                &plain,
+                &pass(&lora, every, Some(&dropout)),
+            );
+        }
+        // Dropout is on: without it the gradients differ.
+        let without = pass(&lora, 0, None);
+        assert_ne!(
+            values(&plain.1[0]),
+            values(&without.1[0]),
+            "{family}: dropout had no effect"
+        );
+    }
+}
+
+/// The engine's LoRA gradients with dropout equal candle's autograd through the
+/// evaluation forward with the same masks.
+#[test]
+fn lora_dropout_gradients_equal_autograd_through_the_forward() {
+    for family in ["llama", "falcon"] {
+        let tm = lora_model(family);
+        let dropout = Dropout::new(11);
+        let (loss, ours) = pass(&tm, 0, Some(&dropout));
+        let ids = ids(&expected("llama")["input_ids"]);
+        let n = ids.len() - 1;
+        let dev = Device::Cpu;
+        let rows: Vec<u32> = ids[..n].iter().chain(ids[1..].iter()).copied().collect();
+        let inputs = Tensor::from_vec(rows, (2, n), &dev).unwrap();
+        let targets: Vec<u32> = ids[1..].iter().chain(ids[..n].iter()).copied().collect();
+        let targets = Tensor::from_vec(targets, 2 * n, &dev).unwrap();
+        dropout.begin_step(3, 0);
+        dropout.next_micro_batch(2);
+        let logits = tm.model.forward(&inputs, Some(&dropout)).unwrap();
+        let (sum, _) = lit_claire::loss::cross_entropy_sum(
+            &logits.reshape((2 * n, logits.dim(2).unwrap())).unwrap(),
+            &targets,
+            None,
+        )
+        .unwrap();
+        let want = sum.to_scalar::<f32>().unwrap() as f64;
+        assert!(
+            (loss - want).abs() < 1e-4 * want,
+            "{family}: {loss} vs {want}"
+        );
+        let g = (sum * 0.5).unwrap().backward().unwrap();
+        let by_name: HashMap<&str, &Tensor> = tm
+            .vars
+            .iter()
+            .map(|(n, v)| (n.as_str(), g.get(v.as_tensor()).unwrap()))
+            .collect();
+        for ((name, _), ours) in tm.vars.iter().zip(&ours) {
+            let r = values(by_name[name.as_str()]);
+            let scale = r.iter().fold(1e-12f32, |m, x| m.max(x.abs()));
+            let d = values(ours)
+                .iter()
+                .zip(&r)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(
+                d / scale < 1e-4,
+                "{family}: {name} differs by {d} (scale {scale})"
+            );
+        }
+    }
+}
