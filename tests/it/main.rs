@@ -10,6 +10,7 @@ mod data_megatron;
 mod data_parallel;
 mod data_prepare;
 mod demo;
+mod estimate;
 mod hostile;
 mod layout;
 mod lora_fused;
