@@ -182,14 +182,13 @@ pub fn bench_runner(
         Some(l) => crate::lora::attach_new(&mut model, l, 0)?,
         None => tm.vars,
     };
-    Ok(StepRunner {
+    let mut runner = StepRunner::new(
         model,
-        opt: AdamW::new(vars, AdamWConfig::default())?.into(),
-        strategy: strategy.clone(),
-        grad_clip: Some(1.0),
-        scaler: None,
-        dropout: None,
-    })
+        AdamW::new(vars, AdamWConfig::default())?.into(),
+        strategy.clone(),
+    );
+    runner.grad_clip = Some(1.0);
+    Ok(runner)
 }
 
 /// A batch of random token rows for the synthetic model.

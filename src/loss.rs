@@ -1,6 +1,6 @@
 //! Next-token cross-entropy, differentiable, with ignored positions.
 
-use candle_core::{D, DType, Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
 /// Mean of `−log softmax(logits)[target]` over the positions where `mask` is 1.
 ///
@@ -35,12 +35,4 @@ pub fn cross_entropy_sum(
     }
 }
 
-/// Per-row `log Σ exp(x) − x[target]`, `(N)`, from differentiable ops (the max is
-/// detached: it cancels out).
-pub fn nll_plain(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    let max = logits.max_keepdim(D::Minus1)?.detach();
-    let shifted = logits.broadcast_sub(&max)?;
-    let log_z = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?; // (N, 1)
-    let picked = shifted.gather(&targets.unsqueeze(1)?, 1)?; // (N, 1)
-    (log_z - picked)?.squeeze(1)
-}
+pub use crate::model::fused::nll_plain;

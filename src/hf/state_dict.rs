@@ -43,6 +43,20 @@ pub fn state_dict(model: &Gpt) -> Result<Vec<(String, Tensor)>> {
         .collect()
 }
 
+/// Gradients of `vars` given in their order (as the training engine returns them,
+/// [`crate::model::engine::Grads::take`]), named and in Hugging Face layout.
+pub fn named_gradients(
+    model: &Gpt,
+    vars: &[(String, Var)],
+    grads: &[Tensor],
+) -> Result<Vec<(String, Tensor)>> {
+    let tr = transposed_names(model);
+    vars.iter()
+        .zip(grads)
+        .map(|((n, _), g)| Ok((n.clone(), to_hf_layout(n, g, &tr)?)))
+        .collect()
+}
+
 /// Gradients of `vars` (named as [`crate::model::TrainableModel::vars`]) in Hugging
 /// Face layout. A variable without gradient gets zeros.
 pub fn gradients(

@@ -9,6 +9,7 @@
 
 pub mod attention;
 pub mod build;
+pub mod engine;
 pub mod fused;
 pub mod linear;
 pub mod mlp;

@@ -7,12 +7,13 @@
 //! batch into micro-batches, or over ranks, does not change the gradient (the ranks'
 //! gradients are summed once per step, not averaged).
 
-use candle_core::{Tensor, backprop::GradStore};
+use candle_core::Tensor;
 
 use super::batches::Batch;
 use super::zero::Optimizer;
 use crate::error::{Error, Result};
 use crate::loss::cross_entropy_sum;
+use crate::model::engine::{Grads, PassInput, train_pass};
 use crate::model::{Dropout, Gpt};
 use crate::strategy::Strategy;
 
@@ -93,9 +94,28 @@ pub struct StepRunner {
     /// LoRA dropout; the caller says which step and samples each [`StepRunner::step`]
     /// computes ([`Dropout::begin_step`]).
     pub dropout: Option<Dropout>,
+    /// Activation checkpointing: every k-th block keeps only its input (0: none).
+    pub activation_checkpointing: usize,
+    /// Gradient buffers, allocated at the first step and reused.
+    grads: Option<Grads>,
 }
 
 impl StepRunner {
+    /// A runner without clipping, loss scaling, dropout or checkpointing (set the
+    /// fields to change that).
+    pub fn new(model: Gpt, opt: Optimizer, strategy: Strategy) -> Self {
+        StepRunner {
+            model,
+            opt,
+            strategy,
+            grad_clip: None,
+            scaler: None,
+            dropout: None,
+            activation_checkpointing: 0,
+            grads: None,
+        }
+    }
+
     /// Mean loss and token count of a micro-batch without gradients (evaluation).
     pub fn eval_loss_sum(model: &Gpt, batch: &Batch) -> Result<(f64, usize)> {
         let sum = loss_sum(model, batch, None)?;
@@ -109,27 +129,26 @@ impl StepRunner {
         let total_tokens = self.strategy.all_reduce_sum(&[local_tokens as f64])?[0] as usize;
         let denom = total_tokens.max(1) as f64;
         let scale = self.scaler.map_or(1.0, |s| s.scale);
-        let mut acc: Option<Vec<Tensor>> = None;
         let mut total = 0f64;
+        let grads = self
+            .grads
+            .get_or_insert_with(|| Grads::new(self.opt.vars()));
         for batch in micro_batches {
             if let Some(d) = &self.dropout {
                 d.next_micro_batch(batch.inputs.dim(0)?);
             }
-            let sum = loss_sum(&self.model, batch, self.dropout.as_ref())?;
-            total += sum.to_scalar::<f32>()? as f64;
-            let scaled = (sum * (scale / denom))?;
-            let grads = scaled.backward()?;
-            let grads = self.collect(&grads)?;
-            acc = Some(match acc {
-                None => grads,
-                Some(prev) => prev
-                    .iter()
-                    .zip(&grads)
-                    .map(|(a, g)| a + g)
-                    .collect::<candle_core::Result<_>>()?,
-            });
+            let input = PassInput {
+                ids: &batch.inputs,
+                targets: &batch.targets,
+                mask: &batch.mask,
+                docs: batch.docs.as_ref(),
+                dropout: self.dropout.as_ref(),
+                grad_scale: scale / denom,
+                checkpoint_every: self.activation_checkpointing,
+            };
+            total += train_pass(&self.model, &input, grads)?;
         }
-        let mut grads = acc.unwrap_or_default();
+        let mut grads = grads.take(self.opt.vars())?;
         if scale != 1.0 {
             for g in grads.iter_mut() {
                 *g = (&*g / scale)?;
@@ -175,17 +194,5 @@ impl StepRunner {
             tokens: total_tokens,
             skipped,
         })
-    }
-
-    /// Gradients of the optimizer's variables, zeros where none flowed.
-    fn collect(&self, grads: &GradStore) -> Result<Vec<Tensor>> {
-        self.opt
-            .vars()
-            .iter()
-            .map(|(_, v)| match grads.get(v.as_tensor()) {
-                Some(g) => Ok(g.clone()),
-                None => Ok(v.as_tensor().zeros_like()?),
-            })
-            .collect()
     }
 }

@@ -329,17 +329,14 @@ fn build_runner(cfg: &TrainConfig, plan: Plan) -> Result<(StepRunner, TrainingSt
     };
     let trained: Vec<candle_core::Var> = opt.vars().iter().map(|(_, v)| v.clone()).collect();
     strategy.broadcast_vars(&trained)?;
-    let runner = StepRunner {
-        model,
-        opt,
-        grad_clip: (cfg.grad_clip > 0.0).then_some(cfg.grad_clip),
-        scaler: state.loss_scaler,
-        dropout: lora
-            .as_ref()
-            .filter(|l| l.dropout > 0.0)
-            .map(|_| Dropout::new(state.dropout_seed.unwrap_or(state.hyperparameters.seed))),
-        strategy,
-    };
+    let mut runner = StepRunner::new(model, opt, strategy);
+    runner.grad_clip = (cfg.grad_clip > 0.0).then_some(cfg.grad_clip);
+    runner.scaler = state.loss_scaler;
+    runner.dropout = lora
+        .as_ref()
+        .filter(|l| l.dropout > 0.0)
+        .map(|_| Dropout::new(state.dropout_seed.unwrap_or(state.hyperparameters.seed)));
+    runner.activation_checkpointing = cfg.activation_checkpointing;
     Ok((runner, state))
 }
 

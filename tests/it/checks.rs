@@ -10,10 +10,11 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
+use candle_core::{Device, Tensor, Var};
 use lit_claire::generate::{Sampling, generate};
 use lit_claire::hf::{self, state_dict};
 use lit_claire::loss::cross_entropy;
+use lit_claire::model::engine::{Grads, PassInput, train_pass};
 use lit_claire::model::names::WeightNames;
 use lit_claire::model::{BuildOptions, Gpt, TrainableModel, build_model};
 use serde_json::Value;
@@ -53,6 +54,40 @@ pub fn load(dir: &Path, trainable: bool) -> TrainableModel {
         ..BuildOptions::cpu_f32()
     };
     build_model(&cfg, &weights, &opts).unwrap()
+}
+
+/// Mean next-token loss of `ids` and every variable's gradient (under its name, in
+/// Hugging Face layout) from the training engine, checkpointing every
+/// `checkpoint_every`-th block (0: none).
+pub fn engine_loss_and_grads(
+    model: &Gpt,
+    vars: &[(String, Var)],
+    ids: &[u32],
+    checkpoint_every: usize,
+) -> (f64, HashMap<String, Tensor>) {
+    let n = ids.len();
+    let dev = Device::Cpu;
+    let inputs = Tensor::from_vec(ids.to_vec(), (1, n), &dev).unwrap();
+    let mut t = ids[1..].to_vec();
+    t.push(0);
+    let targets = Tensor::from_vec(t, n, &dev).unwrap();
+    let mut m = vec![1f32; n];
+    m[n - 1] = 0.0;
+    let mask = Tensor::from_vec(m, n, &dev).unwrap();
+    let input = PassInput {
+        ids: &inputs,
+        targets: &targets,
+        mask: &mask,
+        docs: None,
+        dropout: None,
+        grad_scale: 1.0 / (n - 1) as f64,
+        checkpoint_every,
+    };
+    let mut grads = Grads::new(vars);
+    let sum = train_pass(model, &input, &mut grads).unwrap();
+    let g = grads.take(vars).unwrap();
+    let named = state_dict::named_gradients(model, vars, &g).unwrap();
+    (sum / (n - 1) as f64, named.into_iter().collect())
 }
 
 /// Logits `(T, V)` of every position of `ids`, and the mean next-token loss over all
@@ -134,15 +169,20 @@ pub fn check_forward_and_grads(dir: &Path) {
     let want = exp["loss"].as_f64().unwrap();
     assert!((l - want).abs() < TOL as f64, "{what}: loss {l} vs {want}");
 
-    let grads = loss.backward().unwrap();
-    let ours: HashMap<String, Tensor> = state_dict::gradients(&tm.model, &tm.vars, &grads)
-        .unwrap()
-        .into_iter()
-        .collect();
+    // The training engine, with and without activation checkpointing (every block,
+    // every other block).
     let reference = safetensors(&dir.join("ref_grads.safetensors"));
     // References use transformers 5's module names (GPT-NeoX's head is `lm_head`).
     let names = WeightNames::for_config(&tm.model.cfg);
-    assert_grads_match(&what, &ours, &reference, |n| canonical_param(&names, n));
+    for every in [0, 1, 2] {
+        let (engine_loss, ours) = engine_loss_and_grads(&tm.model, &tm.vars, &ids, every);
+        assert!(
+            (engine_loss - want).abs() < TOL as f64,
+            "{what}: training loss {engine_loss} vs {want} (checkpointing {every})"
+        );
+        let what = format!("{what} (checkpointing every {every})");
+        assert_grads_match(&what, &ours, &reference, |n| canonical_param(&names, n));
+    }
 }
 
 /// Greedy decoding (through the KV cache) gives PyTorch's ids.

@@ -10,7 +10,7 @@ use candle_core::{Device, Tensor};
 use lit_claire::hf::peft::{PEFT_PREFIX, load_adapter};
 use lit_claire::model::names::WeightNames;
 
-use crate::checks::{assert_grads_match, load, loss_of, safetensors};
+use crate::checks::{assert_grads_match, engine_loss_and_grads, load, loss_of, safetensors};
 use crate::common::*;
 
 fn check_lora_grads(family: &str) {
@@ -21,32 +21,47 @@ fn check_lora_grads(family: &str) {
     let vars =
         lit_claire::lora::attach_tensors(&mut model, &adapter.tensors, adapter.scale(), 0.0, true)
             .unwrap();
-    let (_, loss) = loss_of(&model, &ids);
     let want = expected(family)["lora"]["loss"].as_f64().unwrap();
+    let (_, loss) = loss_of(&model, &ids);
     let l = loss.to_scalar::<f32>().unwrap() as f64;
     assert!(
         (l - want).abs() < 1e-4,
         "{family}: adapter loss {l} vs {want}"
     );
+    for every in [0, 1] {
+        check_engine(family, &model, &vars, &ids, every);
+    }
+}
 
-    let grads = loss.backward().unwrap();
-    let ours: HashMap<String, Tensor> = vars
-        .iter()
-        .map(|(n, v)| {
-            let g = grads
-                .get(v.as_tensor())
-                .unwrap_or_else(|| panic!("{family}: no gradient reached {n}"));
-            (n.clone(), g.clone())
-        })
-        .collect();
+/// The training engine's LoRA gradients against PEFT's.
+fn check_engine(
+    family: &str,
+    model: &lit_claire::model::Gpt,
+    vars: &[(String, candle_core::Var)],
+    ids: &[u32],
+    every: usize,
+) {
+    let (l, ours) = engine_loss_and_grads(model, vars, ids, every);
+    let want = expected(family)["lora"]["loss"].as_f64().unwrap();
+    assert!(
+        (l - want).abs() < 1e-4,
+        "{family}: training loss {l} vs {want} (checkpointing {every})"
+    );
+    // The engine names LoRA gradients like the variables, already.
+    let ours: HashMap<String, Tensor> = ours;
     let reference = safetensors(&extra_dir("lora_grads").join(format!("{family}.safetensors")));
     // PEFT's `base_model.model.<module>.lora_X.weight` → our `<module>.lora_X.weight`.
     let names = WeightNames::for_config(&model.cfg);
-    assert_grads_match(&format!("{family} LoRA"), &ours, &reference, |n| {
-        let inner = n.strip_prefix(PEFT_PREFIX).unwrap_or(n);
-        let (module, leaf) = inner.split_once(".lora_").unwrap();
-        format!("{}.lora_{leaf}", names.canonical(module))
-    });
+    assert_grads_match(
+        &format!("{family} LoRA, checkpointing {every}"),
+        &ours,
+        &reference,
+        |n| {
+            let inner = n.strip_prefix(PEFT_PREFIX).unwrap_or(n);
+            let (module, leaf) = inner.split_once(".lora_").unwrap();
+            format!("{}.lora_{leaf}", names.canonical(module))
+        },
+    );
 }
 
 macro_rules! family_tests {

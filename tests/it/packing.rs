@@ -15,6 +15,7 @@ use lit_claire::data::reader::PreparedData;
 use lit_claire::hf::state_dict;
 use lit_claire::loss::cross_entropy_sum;
 use lit_claire::model::TrainableModel;
+use lit_claire::model::engine::{Grads, PassInput, train_pass};
 use lit_claire::model::fused::with_plain_kernels;
 use lit_claire::model::names::WeightNames;
 use lit_claire::train::batches::{Batch, PackedSamples, SampleSet};
@@ -43,25 +44,40 @@ fn documents(fix: &Value) -> Vec<Vec<u32>> {
         .collect()
 }
 
-/// Summed loss of a batch and the gradient of every parameter (under our names).
+/// Summed loss of a batch and the gradient of every parameter (under our names), from
+/// the training engine (every other block checkpointed, so both kinds are covered).
 fn loss_and_grads(tm: &TrainableModel, batch: &Batch) -> (f64, HashMap<String, Tensor>) {
+    let input = PassInput {
+        ids: &batch.inputs,
+        targets: &batch.targets,
+        mask: &batch.mask,
+        docs: batch.docs.as_ref(),
+        dropout: None,
+        grad_scale: 1.0,
+        checkpoint_every: 2,
+    };
+    let mut grads = Grads::new(&tm.vars);
+    let sum = train_pass(&tm.model, &input, &mut grads).unwrap();
+    let g = grads.take(&tm.vars).unwrap();
+    let named = state_dict::named_gradients(&tm.model, &tm.vars, &g).unwrap();
+    // The evaluation forward scores the packed batch the same.
     let logits = tm
         .model
         .forward_packed(&batch.inputs, batch.docs.as_ref(), None)
         .unwrap();
     let (b, t, v) = logits.dims3().unwrap();
-    let (sum, _) = cross_entropy_sum(
+    let (eval_sum, _) = cross_entropy_sum(
         &logits.reshape((b * t, v)).unwrap(),
         &batch.targets,
         Some(&batch.mask),
     )
     .unwrap();
-    let grads = sum.backward().unwrap();
-    let named = state_dict::gradients(&tm.model, &tm.vars, &grads).unwrap();
-    (
-        sum.to_scalar::<f32>().unwrap() as f64,
-        named.into_iter().collect(),
-    )
+    let eval_sum = eval_sum.to_scalar::<f32>().unwrap() as f64;
+    assert!(
+        (eval_sum - sum).abs() < 1e-4 * sum.abs().max(1.0),
+        "training loss {sum} vs evaluation {eval_sum}"
+    );
+    (sum, named.into_iter().collect())
 }
 
 /// One row holding `docs` back to back, with their starts.

@@ -36,14 +36,12 @@ pub fn check_training(dir: &Path) {
         eps: tr["eps"].as_f64().unwrap(),
         weight_decay: tr["weight_decay"].as_f64().unwrap(),
     };
-    let mut runner = StepRunner {
-        model: tm.model,
-        opt: AdamW::new(tm.vars, adam).unwrap().into(),
-        strategy: Strategy::cpu(),
-        grad_clip: Some(tr["clip_grad_norm"].as_f64().unwrap()),
-        scaler: None,
-        dropout: None,
-    };
+    let mut runner = StepRunner::new(
+        tm.model,
+        AdamW::new(tm.vars, adam).unwrap().into(),
+        Strategy::cpu(),
+    );
+    runner.grad_clip = Some(tr["clip_grad_norm"].as_f64().unwrap());
     let batches: Vec<Vec<Vec<u32>>> = tr["batches"].as_array().unwrap().iter().map(rows).collect();
     let want: Vec<f64> = tr["losses"]
         .as_array()

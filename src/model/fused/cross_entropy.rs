@@ -111,6 +111,66 @@ pub fn cross_entropy_rows(logits: &Tensor, targets: &Tensor) -> Result<Option<Te
     ))
 }
 
+/// Per-row `log Σ exp(x) − x[target]`, `(N)`, from differentiable ops (the max is
+/// detached: it cancels out): the plain twin of the fused kernels.
+pub fn nll_plain(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let max = logits.max_keepdim(D::Minus1)?.detach();
+    let shifted = logits.broadcast_sub(&max)?;
+    let log_z = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?; // (N, 1)
+    let picked = shifted.gather(&targets.unsqueeze(1)?, 1)?; // (N, 1)
+    (log_z - picked)?.squeeze(1)
+}
+
+/// Forward and backward of the cross-entropy of `logits: (N, V)` (contiguous CPU f32)
+/// in one pass: per row `nllᵢ = log Σⱼ exp xᵢⱼ − xᵢ,tᵢ` and the gradient
+/// `wᵢ (softmax xᵢ − onehot tᵢ)`, weighted by `weights` (0 for rows that do not count).
+/// None when the fused path does not apply.
+pub fn cross_entropy_grad(
+    logits: &Tensor,
+    targets: &[u32],
+    weights: &[f32],
+) -> Result<Option<(Vec<f32>, Tensor)>> {
+    if !fusable(logits) || !logits.is_contiguous() {
+        return Ok(None);
+    }
+    let (n, v) = logits.dims2()?;
+    if targets.len() != n || weights.len() != n {
+        candle_core::bail!(
+            "cross-entropy: {n} rows for {} targets and {} weights",
+            targets.len(),
+            weights.len()
+        );
+    }
+    if let Some(&bad) = targets.iter().find(|&&t| t as usize >= v) {
+        candle_core::bail!("target id {bad} outside a vocabulary of {v}");
+    }
+    let (st, l) = logits.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*st else {
+        return Ok(None);
+    };
+    let (x, _) = rows("lc-cross-entropy", cpu, l)?;
+    let mut dx = vec![0f32; x.len()];
+    let nll: Vec<f32> = dx
+        .par_chunks_mut(v)
+        .zip(x.par_chunks(v))
+        .zip(targets.par_iter().zip(weights.par_iter()))
+        .map(|((d, r), (&t, &w))| {
+            let max = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f64;
+            for (o, &xv) in d.iter_mut().zip(r) {
+                *o = (xv - max).exp();
+                sum += f64::from(*o);
+            }
+            let scale = (f64::from(w) / sum) as f32;
+            d.iter_mut().for_each(|o| *o *= scale);
+            d[t as usize] -= w;
+            (sum.ln() + f64::from(max - r[t as usize])) as f32
+        })
+        .collect();
+    drop(st);
+    Ok(Some((nll, Tensor::from_vec(dx, (n, v), logits.device())?)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::testing::agree;
@@ -123,7 +183,7 @@ mod tests {
             Var::from_tensor(&Tensor::randn(0f32, 2.0, (7, 11), &Device::Cpu).unwrap()).unwrap();
         let t = Tensor::new(&[0u32, 3, 10, 4, 4, 1, 9], &Device::Cpu).unwrap();
         let fused = cross_entropy_rows(x.as_tensor(), &t).unwrap().unwrap();
-        let plain = crate::loss::nll_plain(x.as_tensor(), &t).unwrap();
+        let plain = nll_plain(x.as_tensor(), &t).unwrap();
         agree(&[&x], &fused, &plain, 1e-5, 1e-6);
     }
 

@@ -62,15 +62,15 @@ pub fn attention(
     }
 }
 
-/// The flash kernel with the given tiles (CPU f32 only).
-pub fn flash_attention(
+/// The kernel for these shapes, checked.
+fn flash_op(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     scale: f64,
     mask: &MaskSpec,
     tiles: Tiles,
-) -> Result<Tensor> {
+) -> Result<Flash> {
     let (b, nh, t, hs) = q.dims4()?;
     let (bk, nkv, s, hsk) = k.dims4()?;
     if bk != b || hsk != hs || k.dims() != v.dims() || nkv == 0 || nh % nkv != 0 {
@@ -85,7 +85,7 @@ pub fn flash_attention(
     if docs != b * t {
         candle_core::bail!("flash attention: {docs} document starts for {b} × {t} queries");
     }
-    let op = Flash {
+    Ok(Flash {
         dims: Dims {
             b,
             nh,
@@ -98,9 +98,85 @@ pub fn flash_attention(
         mask: mask.clone(),
         tiles,
         stats: Mutex::new(None),
-    };
+    })
+}
+
+/// The flash kernel with the given tiles (CPU f32 only), differentiable through
+/// candle's autograd.
+pub fn flash_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: &MaskSpec,
+    tiles: Tiles,
+) -> Result<Tensor> {
+    let op = flash_op(q, k, v, scale, mask, tiles)?;
     q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
+/// What a flash forward keeps for its backward: the row statistics (max and
+/// normaliser, two floats per query row), not the probabilities.
+pub struct FlashSaved(Arc<Flash>);
+
+/// Lets the training engine keep the kernel (and its statistics) after the forward.
+struct SharedFlash(Arc<Flash>);
+
+impl CustomOp3 for SharedFlash {
+    fn name(&self) -> &'static str {
+        "lc-flash-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.0.cpu_fwd(s1, l1, s2, l2, s3, l3)
+    }
+}
+
+/// The flash forward for an explicit backward ([`FlashSaved::backward`]): `q, k, v`
+/// contiguous f32 on the CPU, no autograd. None when the kernel does not apply.
+pub fn flash_forward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: &MaskSpec,
+) -> Result<Option<(Tensor, FlashSaved)>> {
+    if !(fusable(q) && fusable(k) && fusable(v)) {
+        return Ok(None);
+    }
+    let op = Arc::new(flash_op(q, k, v, scale, mask, TILES)?);
+    let o = q.contiguous()?.apply_op3_no_bwd(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        &SharedFlash(op.clone()),
+    )?;
+    Ok(Some((o, FlashSaved(op))))
+}
+
+impl FlashSaved {
+    /// `(dq, dk, dv)` from the forward's inputs, its output `o` and `do`.
+    pub fn backward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        dout: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        match self.0.bwd(q, k, v, o, dout)? {
+            (Some(dq), Some(dk), Some(dv)) => Ok((dq, dk, dv)),
+            _ => candle_core::bail!("flash attention: backward gave no gradient"),
+        }
+    }
 }
 
 /// The composition of tensor ops the kernel replaces (any device and dtype): the `g`

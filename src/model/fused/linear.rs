@@ -103,6 +103,17 @@ pub fn linear_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// `x Wᵀ` without autograd for `x: (rows, in)` and `w: (out, in)`: straight into gemm
+/// on CPU f32 (no transposed copy of `w`), a plain matmul elsewhere.
+pub fn matmul_nt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if super::fusable(x) && super::fusable(w) && w.is_contiguous() {
+        x.contiguous()?
+            .apply_op1_no_bwd(&FrozenMatmul { w: w.clone() })
+    } else {
+        x.matmul(&w.t()?)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::testing::agree;

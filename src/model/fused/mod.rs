@@ -21,6 +21,8 @@
 //! along a row (softmax and log-sum-exp normalisers, norm statistics) accumulate in f64:
 //! see `sum_f64`.
 
+mod accumulate;
+mod act;
 mod cross_entropy;
 mod flash;
 mod linear;
@@ -28,10 +30,14 @@ mod norm;
 mod rope;
 mod softmax;
 
-pub use cross_entropy::cross_entropy_rows;
-pub use flash::{TILES, Tiles, attention, attention_plain, flash_attention};
-pub use linear::linear_matmul;
-pub use norm::{layer_norm, rms_norm};
+pub use accumulate::{add_assign, gemm_acc, rows_add};
+pub use act::{act_backward, act_forward, gated_backward, gated_forward};
+pub use cross_entropy::{cross_entropy_grad, cross_entropy_rows, nll_plain};
+pub use flash::{
+    FlashSaved, TILES, Tiles, attention, attention_plain, flash_attention, flash_forward,
+};
+pub use linear::{linear_matmul, matmul_nt};
+pub use norm::{layer_norm, layer_norm_backward, rms_norm, rms_norm_backward};
 pub use rope::rope;
 pub use softmax::{MaskSpec, masked_softmax, softmax_plain};
 

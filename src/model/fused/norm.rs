@@ -291,6 +291,41 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Option
     )?))
 }
 
+/// `(dx, dw)` of the fused RMSNorm for the output gradient `dy` (CPU f32; None
+/// otherwise).
+pub fn rms_norm_backward(
+    x: &Tensor,
+    w: &Tensor,
+    eps: f64,
+    dy: &Tensor,
+) -> Result<Option<(Tensor, Tensor)>> {
+    if !(fusable(x) && fusable(w) && fusable(dy)) {
+        return Ok(None);
+    }
+    match (RmsNorm { eps: eps as f32 }).bwd(x, w, x, dy)? {
+        (Some(dx), Some(dw)) => Ok(Some((dx, dw))),
+        _ => candle_core::bail!("rms norm: backward gave no gradient"),
+    }
+}
+
+/// `(dx, dw, db)` of the fused LayerNorm for the output gradient `dy` (CPU f32; None
+/// otherwise).
+pub fn layer_norm_backward(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    eps: f64,
+    dy: &Tensor,
+) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    if !(fusable(x) && fusable(w) && fusable(b) && fusable(dy)) {
+        return Ok(None);
+    }
+    match (LayerNorm { eps: eps as f32 }).bwd(x, w, b, x, dy)? {
+        (Some(dx), Some(dw), Some(db)) => Ok(Some((dx, dw, db))),
+        _ => candle_core::bail!("layer norm: backward gave no gradient"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::testing::agree;

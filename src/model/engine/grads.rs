@@ -1,0 +1,137 @@
+//! Gradient buffers of the trained variables, filled in place by the backward.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Result, Tensor, TensorId, Var};
+
+use crate::model::fused;
+
+/// One buffer per trained variable, allocated at its first gradient and kept (zeroed,
+/// not freed) across micro-batches and steps. A weight used twice (a tied head) has
+/// one buffer.
+pub struct Grads {
+    index: HashMap<TensorId, usize>,
+    shapes: Vec<(Vec<usize>, DType)>,
+    bufs: Vec<Option<Tensor>>,
+    /// Whether each buffer holds this step's gradient (else it is stale and is
+    /// overwritten, not added to).
+    live: Vec<bool>,
+}
+
+impl Grads {
+    /// Buffers for `vars` (in their order, which [`Grads::take`] returns).
+    pub fn new(vars: &[(String, Var)]) -> Self {
+        let index = vars
+            .iter()
+            .enumerate()
+            .map(|(i, (_, v))| (v.as_tensor().id(), i))
+            .collect();
+        Grads {
+            index,
+            shapes: vars
+                .iter()
+                .map(|(_, v)| (v.dims().to_vec(), v.dtype()))
+                .collect(),
+            bufs: vec![None; vars.len()],
+            live: vec![false; vars.len()],
+        }
+    }
+
+    /// Whether `t` (a parameter of the model) is trained.
+    pub fn wants(&self, t: &Tensor) -> bool {
+        self.index.contains_key(&t.id())
+    }
+
+    /// The buffer of `param`, this step's values kept (or zeroed when stale), or None
+    /// when `param` is not trained.
+    fn buffer(&mut self, param: &Tensor, like: &Tensor) -> Result<Option<Tensor>> {
+        let Some(&i) = self.index.get(&param.id()) else {
+            return Ok(None);
+        };
+        let (dims, dtype) = &self.shapes[i];
+        // In-place buffers are f32 on the device of the gradient.
+        let usable = |b: &Tensor| b.device().same_device(like.device());
+        if self.bufs[i].as_ref().is_none_or(|b| !usable(b)) {
+            self.bufs[i] = Some(Tensor::zeros(dims.as_slice(), *dtype, like.device())?);
+            self.live[i] = true;
+        }
+        let buf = self.bufs[i].clone().expect("set above");
+        if !self.live[i] {
+            buf.zero_set()?;
+            self.live[i] = true;
+        }
+        Ok(Some(buf))
+    }
+
+    /// `grad(param) += g` (`g` of `param`'s shape, any dtype).
+    pub fn add(&mut self, param: &Tensor, g: &Tensor) -> Result<()> {
+        let Some(buf) = self.buffer(param, g)? else {
+            return Ok(());
+        };
+        let g = g.to_dtype(buf.dtype())?.contiguous()?;
+        if !fused::add_assign(&buf, &g)? {
+            let sum = (&buf + g.reshape(buf.shape())?)?;
+            self.replace(param, sum);
+        }
+        Ok(())
+    }
+
+    /// `grad(param) += alpha · op(a) · op(b)`, through gemm into the buffer on CPU f32.
+    pub fn add_matmul(
+        &mut self,
+        param: &Tensor,
+        (a, a_t): (&Tensor, bool),
+        (b, b_t): (&Tensor, bool),
+        alpha: f64,
+    ) -> Result<()> {
+        let Some(buf) = self.buffer(param, a)? else {
+            return Ok(());
+        };
+        if buf.dtype() == a.dtype() && fused::gemm_acc(&buf, a, a_t, b, b_t, alpha as f32)? {
+            return Ok(());
+        }
+        let opa = if a_t { a.t()? } else { a.clone() };
+        let opb = if b_t { b.t()? } else { b.clone() };
+        let mut p = opa.matmul(&opb)?;
+        if alpha != 1.0 {
+            p = (p * alpha)?;
+        }
+        self.add(param, &p)
+    }
+
+    /// `grad(param)[ids[i]] += g[i]` (embedding rows).
+    pub fn add_rows(&mut self, param: &Tensor, ids: &Tensor, g: &Tensor) -> Result<()> {
+        let Some(buf) = self.buffer(param, g)? else {
+            return Ok(());
+        };
+        let g = g.to_dtype(buf.dtype())?.contiguous()?;
+        let id_vec = ids.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+        if !fused::rows_add(&buf, &id_vec, &g)? {
+            let sum = buf.index_add(ids, &g, 0)?;
+            self.replace(param, sum);
+        }
+        Ok(())
+    }
+
+    fn replace(&mut self, param: &Tensor, t: Tensor) {
+        if let Some(&i) = self.index.get(&param.id()) {
+            self.bufs[i] = Some(t);
+        }
+    }
+
+    /// This step's gradients in the variables' order and dtypes (zeros where none
+    /// flowed). The buffers are kept, and zeroed at the next step's first gradient: the
+    /// caller must be done with these tensors by then.
+    pub fn take(&mut self, vars: &[(String, Var)]) -> Result<Vec<Tensor>> {
+        let mut out = Vec::with_capacity(vars.len());
+        for (i, (_, v)) in vars.iter().enumerate() {
+            let g = match (&self.bufs[i], self.live[i]) {
+                (Some(b), true) => b.clone(),
+                _ => v.as_tensor().zeros_like()?,
+            };
+            out.push(g.to_dtype(v.dtype())?);
+            self.live[i] = false;
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,538 @@
+//! Forward and backward of each layer, explicit: a forward returns its output and
+//! what its backward needs; a backward takes the output gradient, returns the input
+//! gradient and adds the trained parameters' gradients into [`Grads`].
+//!
+//! Parameters are read detached (candle records no graph). The fused CPU f32 kernels
+//! are the fast paths; elsewhere the same arithmetic in tensor ops, and for norms,
+//! rotary and attention the plain twin differentiated on its own ([`vjp`]).
+
+use std::sync::Arc;
+
+use candle_core::{DType, Result, Tensor, Var};
+
+use super::grads::Grads;
+use crate::config::{Activation, NormKind};
+use crate::model::attention::{Attention, QkvProj};
+use crate::model::fused::{self, FlashSaved, MaskSpec};
+use crate::model::linear::{Dropout, Linear, LoraAdapter};
+use crate::model::mlp::{Mlp, activate};
+use crate::model::norm::Norm;
+use crate::model::rope::RopeTables;
+
+/// Gradients of `inputs` of `f` for the output gradient `dy`, from candle's autograd
+/// on this one operation (the fallback off the fused paths).
+pub(super) fn vjp(
+    inputs: &[&Tensor],
+    dy: &Tensor,
+    f: impl FnOnce(&[Tensor]) -> Result<Tensor>,
+) -> Result<Vec<Tensor>> {
+    let vars = inputs
+        .iter()
+        .map(|t| Var::from_tensor(&t.detach()))
+        .collect::<Result<Vec<_>>>()?;
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let y = f(&ts)?;
+    let g = (y * dy.to_dtype(ts[0].dtype())?.detach())?
+        .sum_all()?
+        .backward()?;
+    vars.iter()
+        .map(|v| match g.get(v.as_tensor()) {
+            Some(g) => Ok(g.clone()),
+            None => v.as_tensor().zeros_like(),
+        })
+        .collect()
+}
+
+// ------------------------------------------------------------------------- linear
+
+/// What a linear layer's backward needs besides its input: the LoRA input after
+/// dropout (when dropout applies) and `u = x_in Aᵀ`.
+#[derive(Default)]
+pub(super) struct LinearSaved {
+    xin: Option<Tensor>,
+    u: Option<Tensor>,
+}
+
+/// `B ⊙ m`, detached.
+fn lora_b(l: &LoraAdapter, dtype: DType) -> Result<Tensor> {
+    let b = l.b.detach().to_dtype(dtype)?;
+    match &l.out_mask {
+        Some(m) => b.broadcast_mul(&m.to_dtype(dtype)?),
+        None => Ok(b),
+    }
+}
+
+/// `x: (N, in)` → `(N, out)`, as [`Linear::forward`] computes it.
+pub(super) fn linear_fwd(
+    lin: &Linear,
+    x: &Tensor,
+    dropout: Option<&Dropout>,
+) -> Result<(Tensor, LinearSaved)> {
+    let dt = x.dtype();
+    let w = lin.weight.detach().to_dtype(dt)?;
+    let mut y = fused::matmul_nt(x, &w)?;
+    if let Some(b) = &lin.bias {
+        y = y.broadcast_add(&b.detach().to_dtype(dt)?)?;
+    }
+    let mut saved = LinearSaved::default();
+    if let Some(l) = &lin.lora {
+        let xin = match dropout {
+            Some(d) if l.dropout > 0.0 => Some(d.apply(x, l.dropout, &lin.name)?),
+            _ => None,
+        };
+        let a = l.a.detach().to_dtype(dt)?;
+        let u = fused::matmul_nt(xin.as_ref().unwrap_or(x), &a)?;
+        let delta = fused::matmul_nt(&u, &lora_b(l, dt)?)?;
+        y = (y + (delta * l.scale)?)?;
+        saved = LinearSaved { xin, u: Some(u) };
+    }
+    Ok((y, saved))
+}
+
+/// Whether the backward of `lin` reads its input (to form a weight's gradient).
+pub(super) fn linear_needs_input(lin: &Linear, grads: &Grads) -> bool {
+    grads.wants(&lin.weight) || lin.lora.is_some()
+}
+
+/// The input gradient of `lin` for `dy: (N, out)`; `x` is the forward's input (None
+/// only when [`linear_needs_input`] is false).
+pub(super) fn linear_bwd(
+    lin: &Linear,
+    x: Option<&Tensor>,
+    saved: &LinearSaved,
+    dy: &Tensor,
+    grads: &mut Grads,
+    dropout: Option<&Dropout>,
+) -> Result<Tensor> {
+    let dt = dy.dtype();
+    let dy = dy.contiguous()?;
+    let w = lin.weight.detach().to_dtype(dt)?;
+    let mut dx = dy.matmul(&w)?;
+    let input = || {
+        x.ok_or_else(|| candle_core::Error::Msg(format!("{}: backward without input", lin.name)))
+    };
+    if grads.wants(&lin.weight) {
+        grads.add_matmul(&lin.weight, (&dy, true), (input()?, false), 1.0)?;
+    }
+    if let Some(b) = &lin.bias
+        && grads.wants(b)
+    {
+        grads.add(b, &dy.sum(0)?)?;
+    }
+    if let Some(l) = &lin.lora {
+        let u = saved
+            .u
+            .as_ref()
+            .ok_or_else(|| candle_core::Error::Msg(format!("{}: no saved LoRA state", lin.name)))?;
+        let xin = match &saved.xin {
+            Some(t) => t,
+            None => input()?,
+        };
+        let beff = lora_b(l, dt)?;
+        if grads.wants(&l.b) {
+            match &l.out_mask {
+                // dB = s · dyᵀ u, on the rows the adapter may change.
+                None => grads.add_matmul(&l.b, (&dy, true), (u, false), l.scale)?,
+                Some(m) => {
+                    let db = (dy.t()?.matmul(u)? * l.scale)?.broadcast_mul(&m.to_dtype(dt)?)?;
+                    grads.add(&l.b, &db)?;
+                }
+            }
+        }
+        let du = (dy.matmul(&beff)? * l.scale)?;
+        if grads.wants(&l.a) {
+            grads.add_matmul(&l.a, (&du, true), (xin, false), 1.0)?;
+        }
+        let a = l.a.detach().to_dtype(dt)?;
+        let mut dxin = du.matmul(&a)?;
+        if saved.xin.is_some()
+            && let Some(d) = dropout
+        {
+            // The same mask (a pure function of the step, sample and layer).
+            dxin = d.apply(&dxin, l.dropout, &lin.name)?;
+        }
+        dx = (dx + dxin)?;
+    }
+    Ok(dx)
+}
+
+// --------------------------------------------------------------------------- norm
+
+fn norm_params(n: &Norm) -> (Tensor, Option<Tensor>) {
+    (n.weight.detach(), n.bias.as_ref().map(Tensor::detach))
+}
+
+fn plain_norm(n: &Norm, w: Tensor, b: Option<Tensor>) -> Norm {
+    Norm::new(n.name.clone(), n.kind, w, b, n.eps)
+}
+
+pub(super) fn norm_fwd(n: &Norm, x: &Tensor) -> Result<Tensor> {
+    let (w, b) = norm_params(n);
+    let fused = match (n.kind, &b) {
+        (NormKind::RmsNorm, _) => fused::rms_norm(x, &w, n.eps)?,
+        (NormKind::LayerNorm, Some(b)) => fused::layer_norm(x, &w, b, n.eps)?,
+        (NormKind::LayerNorm, None) => None,
+    };
+    match fused {
+        Some(y) => Ok(y),
+        None => plain_norm(n, w, b).forward_plain(x),
+    }
+}
+
+/// The input gradient of a norm at input `x` for `dy`.
+pub(super) fn norm_bwd(n: &Norm, x: &Tensor, dy: &Tensor, grads: &mut Grads) -> Result<Tensor> {
+    let (w, b) = norm_params(n);
+    let fused = match (n.kind, &b) {
+        (NormKind::RmsNorm, _) => {
+            fused::rms_norm_backward(x, &w, n.eps, dy)?.map(|(dx, dw)| (dx, dw, None))
+        }
+        (NormKind::LayerNorm, Some(b)) => {
+            fused::layer_norm_backward(x, &w, b, n.eps, dy)?.map(|(dx, dw, db)| (dx, dw, Some(db)))
+        }
+        (NormKind::LayerNorm, None) => None,
+    };
+    let (dx, dw, db) = match fused {
+        Some(r) => r,
+        None => {
+            let mut inputs = vec![x, &w];
+            inputs.extend(b.as_ref());
+            let g = vjp(&inputs, dy, |t| {
+                plain_norm(n, t[1].clone(), t.get(2).cloned()).forward_plain(&t[0])
+            })?;
+            (g[0].clone(), g[1].clone(), g.get(2).cloned())
+        }
+    };
+    grads.add(&n.weight, &dw)?;
+    if let (Some(bias), Some(db)) = (&n.bias, db) {
+        grads.add(bias, &db)?;
+    }
+    Ok(dx)
+}
+
+// ---------------------------------------------------------------------- attention
+
+/// Rotary tables for the forward and their inverse rotation for the backward.
+pub(super) struct Rotary {
+    pub fwd: RopeTables,
+    pub bwd: RopeTables,
+}
+
+impl Rotary {
+    pub fn new(t: RopeTables) -> Result<Self> {
+        let bwd = RopeTables {
+            cos: t.cos.clone(),
+            sin: t.sin.neg()?,
+            rotary_dims: t.rotary_dims,
+        };
+        Ok(Rotary { fwd: t, bwd })
+    }
+}
+
+pub(super) struct AttnSaved {
+    qkv: Vec<LinearSaved>,
+    /// `(B, heads, T, hs)`, after the rotation.
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    /// `(B, nh, T, hs)`.
+    o: Tensor,
+    flash: Option<FlashSaved>,
+    proj: LinearSaved,
+}
+
+/// Per-layer inputs shared by the blocks of a pass.
+pub(super) struct Ctx<'a> {
+    pub rope: Option<&'a Rotary>,
+    pub docs: Option<&'a Arc<[u32]>>,
+    pub dropout: Option<&'a Dropout>,
+}
+
+fn mask_of(at: &Attention, ctx: &Ctx) -> MaskSpec {
+    MaskSpec {
+        q_start: 0,
+        k_start: 0,
+        window: at.window,
+        docs: ctx.docs.cloned(),
+    }
+}
+
+/// `x: (B, T, C)` (the first norm's output) → `(B, T, C)`.
+pub(super) fn attn_fwd(at: &Attention, x: &Tensor, ctx: &Ctx) -> Result<(Tensor, AttnSaved)> {
+    let (b, t, c) = x.dims3()?;
+    let (nh, nkv, hs) = (at.n_head, at.n_kv_head, at.head_dim);
+    let x2 = x.reshape((b * t, c))?;
+    let mut saved_qkv = Vec::new();
+    let mut lin = |l: &Linear| -> Result<Tensor> {
+        let (y, s) = linear_fwd(l, &x2, ctx.dropout)?;
+        saved_qkv.push(s);
+        Ok(y)
+    };
+    let (q, k, v) = match &at.qkv {
+        QkvProj::Separate { q, k, v } => (
+            lin(q)?.reshape((b, t, nh, hs))?,
+            lin(k)?.reshape((b, t, nkv, hs))?,
+            lin(v)?.reshape((b, t, nkv, hs))?,
+        ),
+        QkvProj::Blocked(l) => {
+            let y = lin(l)?.reshape((b, t, (nh + 2 * nkv) * hs))?;
+            (
+                y.narrow(2, 0, nh * hs)?.reshape((b, t, nh, hs))?,
+                y.narrow(2, nh * hs, nkv * hs)?.reshape((b, t, nkv, hs))?,
+                y.narrow(2, (nh + nkv) * hs, nkv * hs)?
+                    .reshape((b, t, nkv, hs))?,
+            )
+        }
+        QkvProj::Grouped(l) => {
+            let g = nh / nkv;
+            let y = lin(l)?.reshape((b, t, nkv, g + 2, hs))?;
+            (
+                y.narrow(3, 0, g)?.reshape((b, t, nh, hs))?,
+                y.narrow(3, g, 1)?.reshape((b, t, nkv, hs))?,
+                y.narrow(3, g + 1, 1)?.reshape((b, t, nkv, hs))?,
+            )
+        }
+    };
+    let mut q = q.transpose(1, 2)?.contiguous()?;
+    let mut k = k.transpose(1, 2)?.contiguous()?;
+    let v = v.transpose(1, 2)?.contiguous()?;
+    if let Some(r) = ctx.rope {
+        q = r.fwd.apply(&q)?;
+        k = r.fwd.apply(&k)?;
+    }
+    let mask = mask_of(at, ctx);
+    let (o, flash) = match fused::flash_forward(&q, &k, &v, at.scale, &mask)? {
+        Some((o, s)) => (o, Some(s)),
+        None => (fused::attention_plain(&q, &k, &v, at.scale, &mask)?, None),
+    };
+    let y = o.transpose(1, 2)?.reshape((b * t, nh * hs))?;
+    let (out, proj) = linear_fwd(&at.proj, &y, ctx.dropout)?;
+    let saved = AttnSaved {
+        qkv: saved_qkv,
+        q,
+        k,
+        v,
+        o,
+        flash,
+        proj,
+    };
+    Ok((out.reshape((b, t, c))?, saved))
+}
+
+/// The gradient of the attention's input `x` (the first norm's output) for `dy`.
+pub(super) fn attn_bwd(
+    at: &Attention,
+    x: &Tensor,
+    s: &AttnSaved,
+    dy: &Tensor,
+    ctx: &Ctx,
+    grads: &mut Grads,
+) -> Result<Tensor> {
+    let (b, t, c) = x.dims3()?;
+    let (nh, nkv, hs) = (at.n_head, at.n_kv_head, at.head_dim);
+    let n = b * t;
+    let y = if linear_needs_input(&at.proj, grads) {
+        Some(s.o.transpose(1, 2)?.reshape((n, nh * hs))?)
+    } else {
+        None
+    };
+    let dyo = linear_bwd(
+        &at.proj,
+        y.as_ref(),
+        &s.proj,
+        &dy.reshape((n, c))?,
+        grads,
+        ctx.dropout,
+    )?;
+    let dout = dyo.reshape((b, t, nh, hs))?.transpose(1, 2)?.contiguous()?;
+    let (mut dq, mut dk, dv) = match &s.flash {
+        Some(f) => f.backward(&s.q, &s.k, &s.v, &s.o, &dout)?,
+        None => {
+            let mask = mask_of(at, ctx);
+            let g = vjp(&[&s.q, &s.k, &s.v], &dout, |t| {
+                fused::attention_plain(&t[0], &t[1], &t[2], at.scale, &mask)
+            })?;
+            (g[0].clone(), g[1].clone(), g[2].clone())
+        }
+    };
+    if let Some(r) = ctx.rope {
+        dq = r.bwd.apply(&dq.contiguous()?)?;
+        dk = r.bwd.apply(&dk.contiguous()?)?;
+    }
+    // (B, heads, T, hs) → (B, T, heads, hs)
+    let dq = dq.transpose(1, 2)?;
+    let dk = dk.transpose(1, 2)?;
+    let dv = dv.transpose(1, 2)?;
+    let x2 = x.reshape((n, c))?;
+    let needs = at
+        .qkv
+        .linears()
+        .iter()
+        .any(|l| linear_needs_input(l, grads));
+    let xin = needs.then_some(&x2);
+    let dx = match &at.qkv {
+        QkvProj::Separate { q, k, v } => {
+            let mut dx = linear_bwd(
+                q,
+                xin,
+                &s.qkv[0],
+                &dq.reshape((n, nh * hs))?,
+                grads,
+                ctx.dropout,
+            )?;
+            dx = (dx
+                + linear_bwd(
+                    k,
+                    xin,
+                    &s.qkv[1],
+                    &dk.reshape((n, nkv * hs))?,
+                    grads,
+                    ctx.dropout,
+                )?)?;
+            (dx + linear_bwd(
+                v,
+                xin,
+                &s.qkv[2],
+                &dv.reshape((n, nkv * hs))?,
+                grads,
+                ctx.dropout,
+            )?)?
+        }
+        QkvProj::Blocked(l) => {
+            let d = Tensor::cat(
+                &[
+                    dq.reshape((n, nh * hs))?,
+                    dk.reshape((n, nkv * hs))?,
+                    dv.reshape((n, nkv * hs))?,
+                ],
+                1,
+            )?;
+            linear_bwd(l, xin, &s.qkv[0], &d, grads, ctx.dropout)?
+        }
+        QkvProj::Grouped(l) => {
+            let g = nh / nkv;
+            let d = Tensor::cat(
+                &[
+                    dq.reshape((b, t, nkv, g, hs))?,
+                    dk.reshape((b, t, nkv, 1, hs))?,
+                    dv.reshape((b, t, nkv, 1, hs))?,
+                ],
+                3,
+            )?
+            .reshape((n, (nh + 2 * nkv) * hs))?;
+            linear_bwd(l, xin, &s.qkv[0], &d, grads, ctx.dropout)?
+        }
+    };
+    dx.reshape((b, t, c))
+}
+
+// ---------------------------------------------------------------------------- mlp
+
+pub(super) struct MlpSaved {
+    /// Pre-activation (gate projection for gated MLPs).
+    pre: Tensor,
+    /// Up projection (gated only).
+    up: Option<Tensor>,
+    lin: Vec<LinearSaved>,
+    down: LinearSaved,
+}
+
+fn act_fwd(x: &Tensor, a: Activation) -> Result<Tensor> {
+    match fused::act_forward(x, a)? {
+        Some(y) => Ok(y),
+        None => activate(x, a),
+    }
+}
+
+/// `x: (B, T, C)` → `(B, T, C)`.
+pub(super) fn mlp_fwd(m: &Mlp, x: &Tensor, ctx: &Ctx) -> Result<(Tensor, MlpSaved)> {
+    let (b, t, c) = x.dims3()?;
+    let x2 = x.reshape((b * t, c))?;
+    let (saved, h) = match &m.gate {
+        Some(gate) => {
+            let (g, sg) = linear_fwd(gate, &x2, ctx.dropout)?;
+            let (u, su) = linear_fwd(&m.up, &x2, ctx.dropout)?;
+            let h = match fused::gated_forward(&g, &u, m.activation)? {
+                Some(h) => h,
+                None => (activate(&g, m.activation)? * &u)?,
+            };
+            let saved = MlpSaved {
+                pre: g,
+                up: Some(u),
+                lin: vec![sg, su],
+                down: LinearSaved::default(),
+            };
+            (saved, h)
+        }
+        None => {
+            let (p, sp) = linear_fwd(&m.up, &x2, ctx.dropout)?;
+            let h = act_fwd(&p, m.activation)?;
+            let saved = MlpSaved {
+                pre: p,
+                up: None,
+                lin: vec![sp],
+                down: LinearSaved::default(),
+            };
+            (saved, h)
+        }
+    };
+    let (y, down) = linear_fwd(&m.down, &h, ctx.dropout)?;
+    Ok((y.reshape((b, t, c))?, MlpSaved { down, ..saved }))
+}
+
+/// The gradient of the MLP's input `x` for `dy`.
+pub(super) fn mlp_bwd(
+    m: &Mlp,
+    x: &Tensor,
+    s: &MlpSaved,
+    dy: &Tensor,
+    ctx: &Ctx,
+    grads: &mut Grads,
+) -> Result<Tensor> {
+    let (b, t, c) = x.dims3()?;
+    let x2 = x.reshape((b * t, c))?;
+    let a = m.activation;
+    // The down projection's input, recomputed when its backward reads it.
+    let h = if linear_needs_input(&m.down, grads) {
+        Some(match &s.up {
+            Some(u) => match fused::gated_forward(&s.pre, u, a)? {
+                Some(h) => h,
+                None => (activate(&s.pre, a)? * u)?,
+            },
+            None => act_fwd(&s.pre, a)?,
+        })
+    } else {
+        None
+    };
+    let dh = linear_bwd(
+        &m.down,
+        h.as_ref(),
+        &s.down,
+        &dy.reshape((b * t, c))?,
+        grads,
+        ctx.dropout,
+    )?;
+    let dx = match (&m.gate, &s.up) {
+        (Some(gate), Some(u)) => {
+            let (dg, du) = match fused::gated_backward(&s.pre, u, &dh, a)? {
+                Some(r) => r,
+                None => {
+                    let g = vjp(&[&s.pre, u], &dh, |t| activate(&t[0], a)? * &t[1])?;
+                    (g[0].clone(), g[1].clone())
+                }
+            };
+            let needs = linear_needs_input(gate, grads) || linear_needs_input(&m.up, grads);
+            let xin = needs.then_some(&x2);
+            let dx = linear_bwd(gate, xin, &s.lin[0], &dg, grads, ctx.dropout)?;
+            (dx + linear_bwd(&m.up, xin, &s.lin[1], &du, grads, ctx.dropout)?)?
+        }
+        _ => {
+            let dp = match fused::act_backward(&s.pre, &dh, a)? {
+                Some(d) => d,
+                None => vjp(&[&s.pre], &dh, |t| activate(&t[0], a))?.remove(0),
+            };
+            let xin = linear_needs_input(&m.up, grads).then_some(&x2);
+            linear_bwd(&m.up, xin, &s.lin[0], &dp, grads, ctx.dropout)?
+        }
+    };
+    dx.reshape((b, t, c))
+}
