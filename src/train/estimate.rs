@@ -22,7 +22,9 @@
 //!                        + C             h, only in the sequential residual layout
 //!                        + C             second norm's output, when the block has one
 //!                        + I | 2·I       MLP pre-activation(s): 2 when gated (SwiGLU)
-//!                        + r · (LoRA-adapted linears of the block) )
+//!                        + r · (LoRA-adapted linears of the block)
+//!                        + in · (each LoRA-adapted linear, when --lora-dropout > 0:
+//!                                the dropped-out input its A reads) )
 //!              + f32 · 2 · micro_batch · nh · T          attention statistics
 //!              × L blocks. With --activation-checkpointing k, a block i with
 //!              i % k == 0 keeps only x (e·N·C), and the backward brings one
@@ -32,7 +34,14 @@
 //!              + f32 · 2 · rows · V               one chunk of logits and their gradient,
 //!                                                 rows = head_chunk_rows(V, N)
 //!              + e · N · C                        embedding output
+//!              + e · N · C                        the head's dropped-out LoRA input
+//!                                                 (LoRA on the head, --lora-dropout > 0)
 //! ```
+//!
+//! The LoRA dropout copies are the engine's (`src/model/engine/layers.rs`: a LoRA
+//! layer with dropout keeps its masked input for A's gradient); they come on top of
+//! the list issue 11 started from, and for the Falcon-7B LoRA recipe (dropout 0.05,
+//! every target) they nearly double the activations.
 //!
 //! Not counted: the allocator's and runtime's own overhead (on CPU, the process, its
 //! threads and the memory-mapped data; on CUDA, the context and cuBLAS workspace,
@@ -47,16 +56,13 @@ use crate::strategy::{DataParallel, DeviceSpec};
 
 use super::TrainConfig;
 
+/// Rows of the output head computed at once, `min(N, max(64, 2^23 / V))`: the
+/// engine's own definition, so that the plan follows it.
+pub use crate::model::engine::head_chunk_rows;
+
 const F32: u64 = 4;
 const GIB: f64 = (1u64 << 30) as f64;
 const MIB: f64 = (1u64 << 20) as f64;
-
-/// Rows of the output head computed at once: the full (tokens × vocab) logits and
-/// their gradient are never held, only `rows × V` of each, in f32. About 32 MiB of
-/// logits per chunk (2^23 f32), at least 64 rows, at most every token.
-pub fn head_chunk_rows(vocab: usize, tokens: usize) -> usize {
-    tokens.min(64.max((1 << 23) / vocab.max(1)))
-}
 
 /// Bytes the training engine plans for, by part.
 #[derive(Debug, Clone, PartialEq)]
@@ -182,10 +188,17 @@ pub fn estimate(model: &Config, cfg: &TrainConfig, seq_len: usize) -> MemoryEsti
         MlpKind::Gated => 2 * i,
         MlpKind::Plain => i,
     };
-    let lora_linears = lora
+    let adapted = lora
         .as_ref()
-        .map_or(0, |l| adapted_block_linears(model, l).len()) as u64;
+        .map_or(Vec::new(), |l| adapted_block_linears(model, l));
+    let lora_linears = adapted.len() as u64;
     let r = lora.as_ref().map_or(0, |l| l.r) as u64;
+    let dropout = lora.as_ref().is_some_and(|l| l.dropout > 0.0);
+    let dropped_inputs: u64 = if dropout {
+        adapted.iter().map(|&(n_in, _)| n_in as u64).sum()
+    } else {
+        0
+    };
     let per_token = c
         + c
         + qkv
@@ -193,7 +206,8 @@ pub fn estimate(model: &Config, cfg: &TrainConfig, seq_len: usize) -> MemoryEsti
         + if sequential { c } else { 0 }
         + if second_norm { c } else { 0 }
         + mlp
-        + r * lora_linears;
+        + r * lora_linears
+        + dropped_inputs;
     let full_block = e * n * per_token + F32 * 2 * mb * nh * t;
     let input_only = e * n * c;
     let layers = model.n_layer as u64;
@@ -207,8 +221,12 @@ pub fn estimate(model: &Config, cfg: &TrainConfig, seq_len: usize) -> MemoryEsti
 
     let vocab = model.vocab_size;
     let rows = head_chunk_rows(vocab, n as usize) as u64;
-    let workspace =
-        e * n * (2 * c + 2 * i + qkv) + e * n * c + F32 * 2 * rows * vocab as u64 + e * n * c;
+    let head_dropped = lora.as_ref().is_some_and(|l| l.targets.head && dropout);
+    let workspace = e * n * (2 * c + 2 * i + qkv)
+        + e * n * c
+        + F32 * 2 * rows * vocab as u64
+        + e * n * c
+        + if head_dropped { e * n * c } else { 0 };
 
     let total = params + grads + optimizer + activations + workspace;
     MemoryEstimate {
@@ -231,10 +249,15 @@ fn assumptions(
 ) -> String {
     let what = match lora {
         Some(l) => format!(
-            "LoRA r{} ({} base + {} adapter parameters, only the adapter trained)",
+            "LoRA r{} ({} base + {} adapter parameters, only the adapter trained; {})",
             l.r,
             grouped(counts.base),
-            grouped(counts.lora)
+            grouped(counts.lora),
+            if l.dropout > 0.0 {
+                "dropout keeps a masked copy of each adapted input"
+            } else {
+                "no dropout"
+            }
         ),
         None => format!("full fine-tuning ({} parameters)", grouped(counts.base)),
     };

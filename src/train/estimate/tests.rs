@@ -93,10 +93,26 @@ fn lora_trains_only_its_matrices() {
     assert_eq!(m.grads, 2 * 3 * per_block);
     assert_eq!(m.params, 2 * (162_240 + 3 * per_block));
     assert!(m.grads * 10 < m.params, "{m}");
-    // 5 adapted linears: + 5·r per token, in bf16.
+    // 5 adapted linears: + 5·r per token, in bf16; with dropout (0.05 by default)
+    // also each one's masked input: q 64, v 64, gate 64, up 64, down 160.
     let full = estimate(&model, &run(2), 8);
     let f32_per_block = (full.activations / 3 - 512) / 4;
+    assert_eq!(
+        m.activations,
+        3 * (2 * (f32_per_block + 16 * (5 * 4 + 4 * 64 + 160)) + 512)
+    );
+    cfg.lora_dropout = 0.0;
+    let m = estimate(&model, &cfg, 8);
     assert_eq!(m.activations, 3 * (2 * (f32_per_block + 16 * 5 * 4) + 512));
+    // The head's masked input, N·C, only with LoRA on the head and dropout.
+    let base_workspace = m.workspace;
+    cfg.lora_head = true;
+    assert_eq!(estimate(&model, &cfg, 8).workspace, base_workspace);
+    cfg.lora_dropout = 0.1;
+    assert_eq!(
+        estimate(&model, &cfg, 8).workspace,
+        base_workspace + 2 * 16 * 64
+    );
 }
 
 #[test]
