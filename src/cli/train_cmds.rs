@@ -16,11 +16,26 @@ pub struct PretrainArgs {
     pub recipe: Option<PathBuf>,
     #[command(flatten)]
     pub flags: TrainFlags,
+    /// Print the memory the run plans for (parameters, gradients, optimizer state,
+    /// activations, workspace) and exit: reads only the checkpoint's config.json (and
+    /// the prepared data's metadata.json, if there), writes nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 impl PretrainArgs {
     /// Defaults ← recipe ← flags.
     pub fn resolve(&self) -> Result<TrainConfig> {
+        let cfg = self.resolve_unchecked()?;
+        if self.dry_run {
+            cfg.check_needing(&["--checkpoint-dir"])?;
+        } else {
+            cfg.check()?;
+        }
+        Ok(cfg)
+    }
+
+    fn resolve_unchecked(&self) -> Result<TrainConfig> {
         // TOML integers are i64: name a flag beyond them rather than "bad flags".
         if let Ok(serde_json::Value::Object(m)) = serde_json::to_value(&self.flags) {
             for (k, v) in m {
@@ -35,12 +50,16 @@ impl PretrainArgs {
         }
         let flags = toml::Table::try_from(&self.flags)
             .map_err(|e| Error::Usage(format!("bad flags: {e}")))?;
-        TrainConfig::resolve(self.recipe.as_deref(), flags)
+        TrainConfig::resolve_unchecked(self.recipe.as_deref(), flags)
     }
 }
 
 pub fn pretrain(a: PretrainArgs) -> Result<()> {
     let cfg = a.resolve()?;
+    if a.dry_run {
+        println!("{}", crate::train::estimate::dry_run(&cfg)?);
+        return Ok(());
+    }
     let summary = crate::train::pretrain(&cfg)?;
     if let Some(dir) = summary.final_checkpoint {
         println!("{}", dir.display());

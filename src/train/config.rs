@@ -194,6 +194,14 @@ impl TrainConfig {
     /// Defaults, overlaid with the recipe at `recipe` (if any), overlaid with `flags`
     /// (a table holding only the flags given on the command line).
     pub fn resolve(recipe: Option<&Path>, flags: toml::Table) -> Result<Self> {
+        let cfg = Self::resolve_unchecked(recipe, flags)?;
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    /// [`TrainConfig::resolve`] without [`TrainConfig::check`], for callers that need
+    /// only some of the options (`pretrain --dry-run` reads no data and writes no run).
+    pub fn resolve_unchecked(recipe: Option<&Path>, flags: toml::Table) -> Result<Self> {
         let recipe = match recipe {
             None => None,
             Some(path) => {
@@ -209,20 +217,25 @@ impl TrainConfig {
                 Some(table)
             }
         };
-        Self::resolve_tables(recipe, flags)
+        Self::merge_tables(recipe, flags)
     }
 
     /// [`TrainConfig::resolve`] with the recipe already parsed.
     pub fn resolve_tables(recipe: Option<toml::Table>, flags: toml::Table) -> Result<Self> {
+        let cfg = Self::merge_tables(recipe, flags)?;
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    /// Defaults ← recipe ← flags, unchecked.
+    fn merge_tables(recipe: Option<toml::Table>, flags: toml::Table) -> Result<Self> {
         let mut table = toml::Table::try_from(TrainConfig::default()).expect("defaults serialise");
         // Relative paths in a recipe are relative to the working directory, as flags are.
         table.extend(recipe.unwrap_or_default());
         table.extend(flags);
-        let cfg: TrainConfig = table.try_into().map_err(|e: toml::de::Error| {
+        table.try_into().map_err(|e: toml::de::Error| {
             Error::Usage(format!("bad training option: {}", one_line(&e.to_string())))
-        })?;
-        cfg.check()?;
-        Ok(cfg)
+        })
     }
 
     /// Whether packed documents attend to each other (`--cross-document-attention`;
@@ -233,13 +246,19 @@ impl TrainConfig {
 
     /// Every problem with the values, in one message.
     pub fn check(&self) -> Result<()> {
+        self.check_needing(&["--data-dir", "--checkpoint-dir", "--out-dir"])
+    }
+
+    /// [`TrainConfig::check`], requiring only the folders whose flags `required`
+    /// names (`pretrain --dry-run` needs only `--checkpoint-dir`).
+    pub fn check_needing(&self, required: &[&str]) -> Result<()> {
         let mut problems = Vec::new();
         for (flag, p) in [
             ("--data-dir", &self.data_dir),
             ("--checkpoint-dir", &self.checkpoint_dir),
             ("--out-dir", &self.out_dir),
         ] {
-            if p.as_os_str().is_empty() {
+            if p.as_os_str().is_empty() && required.contains(&flag) {
                 problems.push(format!("{flag} is required"));
             }
         }

@@ -4,6 +4,7 @@ pub mod batches;
 pub mod checkpoint;
 pub mod config;
 pub mod data_source;
+pub mod estimate;
 pub mod evaluate;
 pub mod loggers;
 pub mod metrics;

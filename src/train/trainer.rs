@@ -101,6 +101,13 @@ impl Plan {
         }
         let model_cfg = load_config(&cfg.checkpoint_dir)?;
         check_data_fits(cfg, data, &model_cfg)?;
+        // A GPU that cannot hold the run refuses it now, not minutes into loading.
+        super::estimate::check_device_memory(
+            &model_cfg,
+            cfg,
+            data.block_size - 1,
+            &strategy.device,
+        )?;
         let total_steps = total_steps(cfg, data, strategy.world_size)?;
         let schedule = Schedule::new(
             cfg.lr_schedule,
