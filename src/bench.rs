@@ -113,6 +113,8 @@ pub struct BenchReport {
     pub seconds: f64,
     /// Where that time went (with `--profile`), largest first.
     pub profile: Vec<crate::model::engine::profile::Row>,
+    /// The planned memory of this run (`pretrain --dry-run`'s total), MB.
+    pub estimate_mb: f64,
 }
 
 /// Dense f32 (or `dtype`) matmul throughput of `n × n` matrices, GFLOP/s (best of a few).
@@ -195,6 +197,40 @@ pub fn bench_runner(
     );
     runner.grad_clip = Some(1.0);
     Ok(runner)
+}
+
+/// The planned memory ([`crate::train::estimate`]) of the benchmark's run, to set
+/// beside its measured peak.
+pub fn bench_estimate(
+    shape: &BenchShape,
+    strategy: &Strategy,
+    lora: Option<&LoraConfig>,
+    checkpoint_every: usize,
+) -> Result<crate::train::estimate::MemoryEstimate> {
+    let mut cfg = crate::train::TrainConfig {
+        micro_batch_size: shape.batch,
+        batch_size: shape.batch,
+        precision: strategy.precision,
+        activation_checkpointing: checkpoint_every,
+        lora_r: 0,
+        ..Default::default()
+    };
+    if let Some(l) = lora {
+        cfg.lora_r = l.r;
+        cfg.lora_alpha = l.alpha;
+        cfg.lora_dropout = f64::from(l.dropout);
+        cfg.lora_query = l.targets.query;
+        cfg.lora_key = l.targets.key;
+        cfg.lora_value = l.targets.value;
+        cfg.lora_projection = l.targets.projection;
+        cfg.lora_mlp = l.targets.mlp;
+        cfg.lora_head = l.targets.head;
+    }
+    Ok(crate::train::estimate::estimate(
+        &shape.config()?,
+        &cfg,
+        shape.seq,
+    ))
 }
 
 /// A batch of random token rows for the synthetic model.
@@ -286,5 +322,7 @@ pub fn bench_train(
         checkpoint_every: run.checkpoint_every,
         seconds: secs,
         profile,
+        estimate_mb: bench_estimate(shape, strategy, lora, run.checkpoint_every)?.total as f64
+            / (1u64 << 20) as f64,
     })
 }

@@ -101,15 +101,29 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             println!("{}", serde_json::to_string(&r).expect("plain data"));
         } else {
             println!(
-                "{:<11} {} params, {}: {:.0} tokens/s, {:.1} GFLOP/s, MFU {:.1}%, peak RSS {:.0} MB",
+                "{:<11} {} params, {}: {:.0} tokens/s, {:.1} GFLOP/s, MFU {:.1}%, peak RSS {:.0} MB (planned {:.0} MB)",
                 r.mode,
                 r.params,
                 r.precision,
                 r.tokens_per_s,
                 r.achieved_gflops,
                 100.0 * r.mfu,
-                r.peak_rss_mb
+                r.peak_rss_mb,
+                r.estimate_mb
             );
+            let (mm_s, mm_f) = r
+                .profile
+                .iter()
+                .filter(|p| p.kind.starts_with("matmul"))
+                .fold((0.0, 0.0), |(s, f), p| (s + p.seconds, f + p.flops));
+            if mm_s > 0.0 {
+                println!(
+                    "  {:>5.1}%  {:>8.3} s  all matmuls, {:.1} GFLOP/s",
+                    100.0 * mm_s / r.seconds.max(1e-12),
+                    mm_s,
+                    mm_f / mm_s / 1e9
+                );
+            }
             for p in &r.profile {
                 let rate = if p.flops > 0.0 {
                     format!(", {:.1} GFLOP/s", p.flops / p.seconds.max(1e-12) / 1e9)

@@ -27,8 +27,10 @@
 //!                                the dropped-out input its A reads) )
 //!              + f32 · 2 · micro_batch · nh · T          attention statistics
 //!              × L blocks. With --activation-checkpointing k, a block i with
-//!              i % k == 0 keeps only x (e·N·C), and the backward brings one
-//!              checkpointed block's full set back (one more full block).
+//!              i % k == 0 keeps only x and its attention output with the statistics
+//!              (e·N·(C + nh·hs) + f32·2·micro_batch·nh·T: the recomputation skips
+//!              the attention itself), and the backward brings one checkpointed
+//!              block's full set back (one more full block).
 //! workspace    e · N · (2C + 2I + (nh+2nkv)·hs)   one block's backward transients
 //!              + e · N · C                        final norm output
 //!              + f32 · 2 · rows · V               one chunk of logits and their gradient,
@@ -209,7 +211,7 @@ pub fn estimate(model: &Config, cfg: &TrainConfig, seq_len: usize) -> MemoryEsti
         + r * lora_linears
         + dropped_inputs;
     let full_block = e * n * per_token + F32 * 2 * mb * nh * t;
-    let input_only = e * n * c;
+    let input_only = e * n * (c + nh * hs) + F32 * 2 * mb * nh * t;
     let layers = model.n_layer as u64;
     let k = cfg.activation_checkpointing as u64;
     let activations = if k == 0 {

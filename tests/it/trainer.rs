@@ -189,6 +189,33 @@ fn micro_batching_does_not_change_the_step() {
     }
 }
 
+/// `--activation-checkpointing` reaches the engine and changes nothing: the same losses,
+/// bit for bit, full and LoRA (with dropout).
+#[test]
+fn activation_checkpointing_gives_the_same_run() {
+    for lora in [false, true] {
+        let a = temp_dir();
+        let b = temp_dir();
+        let mut cfg = config(a.path());
+        cfg.max_steps = Some(3);
+        if lora {
+            cfg.lora_r = 4;
+            cfg.lora_dropout = 0.2;
+        }
+        pretrain_with_data(&cfg, data(33)).unwrap();
+        cfg.out_dir = b.path().to_path_buf();
+        cfg.activation_checkpointing = 1;
+        pretrain_with_data(&cfg, data(33)).unwrap();
+        let (la, lb) = (losses(a.path()), losses(b.path()));
+        assert_eq!(la.len(), 3, "{la:?}");
+        let loss =
+            |r: &[(String, String, String)]| r.iter().map(|x| x.1.clone()).collect::<Vec<_>>();
+        assert_eq!(loss(&la), loss(&lb), "lora {lora}");
+        let saved = std::fs::read_to_string(b.path().join("hyperparameters.toml")).unwrap();
+        assert!(saved.contains("activation_checkpointing = 1"), "{saved}");
+    }
+}
+
 #[test]
 fn rotation_keeps_newest_and_best() {
     let dir = temp_dir();

@@ -81,6 +81,7 @@ impl Grads {
     /// `grad(param) += alpha · op(a) · op(b)`, through gemm into the buffer on CPU f32.
     pub fn add_matmul(
         &mut self,
+        kind: &'static str,
         param: &Tensor,
         (a, a_t): (&Tensor, bool),
         (b, b_t): (&Tensor, bool),
@@ -92,7 +93,7 @@ impl Grads {
         let (m, n) = buf.dims2()?;
         let k = a.elem_count() / m.max(1);
         let flops = 2.0 * (m * n * k) as f64;
-        let done = super::profile::timed("matmul", flops, || {
+        let done = super::profile::timed(kind, flops, || {
             Ok::<_, candle_core::Error>(
                 buf.dtype() == a.dtype() && fused::gemm_acc(&buf, a, a_t, b, b_t, alpha as f32)?,
             )

@@ -46,21 +46,24 @@ pub(super) fn vjp(
 
 // ------------------------------------------------------------------------- linear
 
-/// `x wᵀ` for `x: (m, k)`, `w: (n, k)`, timed.
-pub(super) fn mm_nt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+/// `x wᵀ` for `x: (m, k)`, `w: (n, k)`, timed under `kind`.
+pub(super) fn mm_nt(kind: &'static str, x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (m, k) = x.dims2()?;
     let n = w.dim(0)?;
-    timed("matmul", 2.0 * (m * n * k) as f64, || {
-        fused::matmul_nt(x, w)
-    })
+    timed(kind, 2.0 * (m * n * k) as f64, || fused::matmul_nt(x, w))
 }
 
-/// `a b` for `a: (m, k)`, `b: (k, n)`, timed.
-pub(super) fn mm(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+/// `a b` for `a: (m, k)`, `b: (k, n)`, timed under `kind`.
+pub(super) fn mm(kind: &'static str, a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let (m, k) = a.dims2()?;
     let n = b.dim(1)?;
-    timed("matmul", 2.0 * (m * n * k) as f64, || a.matmul(b))
+    timed(kind, 2.0 * (m * n * k) as f64, || a.matmul(b))
 }
+
+pub(super) const MM_FWD: &str = "matmul: forward x·Wᵀ";
+pub(super) const MM_DX: &str = "matmul: input gradient dy·W";
+pub(super) const MM_DW: &str = "matmul: weight gradient dyᵀ·x";
+pub(super) const MM_LORA: &str = "matmul: LoRA (rank r)";
 
 /// What a linear layer's backward needs besides its input: the LoRA input after
 /// dropout (when dropout applies) and `u = x_in Aᵀ`.
@@ -87,7 +90,7 @@ pub(super) fn linear_fwd(
 ) -> Result<(Tensor, LinearSaved)> {
     let dt = x.dtype();
     let w = lin.weight.detach().to_dtype(dt)?;
-    let mut y = mm_nt(x, &w)?;
+    let mut y = mm_nt(MM_FWD, x, &w)?;
     if let Some(b) = &lin.bias {
         y = y.broadcast_add(&b.detach().to_dtype(dt)?)?;
     }
@@ -100,8 +103,8 @@ pub(super) fn linear_fwd(
             _ => None,
         };
         let a = l.a.detach().to_dtype(dt)?;
-        let u = mm_nt(xin.as_ref().unwrap_or(x), &a)?;
-        let delta = mm_nt(&u, &lora_b(l, dt)?)?;
+        let u = mm_nt(MM_LORA, xin.as_ref().unwrap_or(x), &a)?;
+        let delta = mm_nt(MM_LORA, &u, &lora_b(l, dt)?)?;
         y = (y + (delta * l.scale)?)?;
         saved = LinearSaved { xin, u: Some(u) };
     }
@@ -126,12 +129,12 @@ pub(super) fn linear_bwd(
     let dt = dy.dtype();
     let dy = dy.contiguous()?;
     let w = lin.weight.detach().to_dtype(dt)?;
-    let mut dx = mm(&dy, &w)?;
+    let mut dx = mm(MM_DX, &dy, &w)?;
     let input = || {
         x.ok_or_else(|| candle_core::Error::Msg(format!("{}: backward without input", lin.name)))
     };
     if grads.wants(&lin.weight) {
-        grads.add_matmul(&lin.weight, (&dy, true), (input()?, false), 1.0)?;
+        grads.add_matmul(MM_DW, &lin.weight, (&dy, true), (input()?, false), 1.0)?;
     }
     if let Some(b) = &lin.bias
         && grads.wants(b)
@@ -151,19 +154,20 @@ pub(super) fn linear_bwd(
         if grads.wants(&l.b) {
             match &l.out_mask {
                 // dB = s · dyᵀ u, on the rows the adapter may change.
-                None => grads.add_matmul(&l.b, (&dy, true), (u, false), l.scale)?,
+                None => grads.add_matmul(MM_LORA, &l.b, (&dy, true), (u, false), l.scale)?,
                 Some(m) => {
-                    let db = (mm(&dy.t()?, u)? * l.scale)?.broadcast_mul(&m.to_dtype(dt)?)?;
+                    let db =
+                        (mm(MM_LORA, &dy.t()?, u)? * l.scale)?.broadcast_mul(&m.to_dtype(dt)?)?;
                     grads.add(&l.b, &db)?;
                 }
             }
         }
-        let du = (mm(&dy, &beff)? * l.scale)?;
+        let du = (mm(MM_LORA, &dy, &beff)? * l.scale)?;
         if grads.wants(&l.a) {
-            grads.add_matmul(&l.a, (&du, true), (xin, false), 1.0)?;
+            grads.add_matmul(MM_LORA, &l.a, (&du, true), (xin, false), 1.0)?;
         }
         let a = l.a.detach().to_dtype(dt)?;
-        let mut dxin = mm(&du, &a)?;
+        let mut dxin = mm(MM_LORA, &du, &a)?;
         if saved.xin.is_some()
             && let Some(d) = dropout
         {
@@ -287,7 +291,32 @@ fn mask_of(at: &Attention, ctx: &Ctx) -> MaskSpec {
 }
 
 /// `x: (B, T, C)` (the first norm's output) → `(B, T, C)`.
-pub(super) fn attn_fwd(at: &Attention, x: &Tensor, ctx: &Ctx) -> Result<(Tensor, AttnSaved)> {
+/// The attention's own output and row statistics, kept by a checkpointed block so that
+/// its recomputation skips the attention itself (the costliest part of a long-context
+/// forward): `N · nh · hs` values and two floats per query row.
+pub(super) struct AttnKept {
+    o: Tensor,
+    flash: Option<FlashSaved>,
+}
+
+impl AttnSaved {
+    /// What a checkpointed block keeps of this (the rest is recomputed).
+    pub fn kept(self) -> AttnKept {
+        AttnKept {
+            o: self.o,
+            flash: self.flash,
+        }
+    }
+}
+
+/// `x: (B, T, C)` (the first norm's output) → `(B, T, C)`; with `kept`, the attention
+/// output of an earlier identical forward is reused instead of recomputed.
+pub(super) fn attn_fwd(
+    at: &Attention,
+    x: &Tensor,
+    ctx: &Ctx,
+    kept: Option<AttnKept>,
+) -> Result<(Tensor, AttnSaved)> {
     let (b, t, c) = x.dims3()?;
     let (nh, nkv, hs) = (at.n_head, at.n_kv_head, at.head_dim);
     let x2 = x.reshape((b * t, c))?;
@@ -335,12 +364,15 @@ pub(super) fn attn_fwd(at: &Attention, x: &Tensor, ctx: &Ctx) -> Result<(Tensor,
         })?;
     }
     let mask = mask_of(at, ctx);
-    let (o, flash) = timed("attention forward", 0.0, || -> Result<_> {
-        Ok(match fused::flash_forward(&q, &k, &v, at.scale, &mask)? {
-            Some((o, s)) => (o, Some(s)),
-            None => (fused::attention_plain(&q, &k, &v, at.scale, &mask)?, None),
-        })
-    })?;
+    let (o, flash) = match kept {
+        Some(AttnKept { o, flash }) => (o, flash),
+        None => timed("attention forward", 0.0, || -> Result<_> {
+            Ok(match fused::flash_forward(&q, &k, &v, at.scale, &mask)? {
+                Some((o, s)) => (o, Some(s)),
+                None => (fused::attention_plain(&q, &k, &v, at.scale, &mask)?, None),
+            })
+        })?,
+    };
     let y = timed("layout", 0.0, || {
         o.transpose(1, 2)?.reshape((b * t, nh * hs))
     })?;

@@ -4,9 +4,11 @@
 //! ```text
 //! forward   embed ─ block₀ … blockₗ₋₁ ─ final norm ─┬ head+CE over rows 0..R   ─┐
 //!             each block keeps what its backward      ├ head+CE over rows R..2R  ─┤ loss
-//!             reads (or only its input: checkpoint)   └ …                        ─┘
+//!             reads (checkpointed: its input and      └ …                        ─┘
+//!             its attention output only)
 //! backward  the head's chunks give d(final norm) ─ blockₗ₋₁ … block₀ ─ embed
-//!             a checkpointed block first recomputes its forward from its input
+//!             a checkpointed block first recomputes its forward from its input,
+//!             all but the attention itself (the costliest part at long contexts)
 //! ```
 //!
 //! What each block keeps ([`layers`]): its input, the norms' outputs, the rotated
@@ -30,7 +32,7 @@ use std::sync::Arc;
 use candle_core::{DType, Result, Tensor};
 
 pub use grads::Grads;
-use layers::{AttnSaved, Ctx, MlpSaved, Rotary};
+use layers::{AttnKept, AttnSaved, Ctx, MlpSaved, Rotary};
 
 use super::rope::RopeTables;
 use super::{Block, Dropout, Gpt};
@@ -63,8 +65,9 @@ pub struct PassInput<'a> {
 enum Kept {
     /// Everything its backward reads.
     All(Box<BlockSaved>),
-    /// Only its input (activation checkpointing).
-    Input(Tensor),
+    /// Only its input and its attention output (activation checkpointing): the
+    /// backward recomputes the rest.
+    Checkpoint(Tensor, AttnKept),
 }
 
 struct BlockSaved {
@@ -78,9 +81,14 @@ struct BlockSaved {
     mlp: MlpSaved,
 }
 
-fn block_fwd(blk: &Block, x: &Tensor, ctx: &Ctx) -> Result<(Tensor, BlockSaved)> {
+fn block_fwd(
+    blk: &Block,
+    x: &Tensor,
+    ctx: &Ctx,
+    kept: Option<AttnKept>,
+) -> Result<(Tensor, BlockSaved)> {
     let n1 = layers::norm_fwd(&blk.norm1, x)?;
-    let (a, attn) = layers::attn_fwd(&blk.attn, &n1, ctx)?;
+    let (a, attn) = layers::attn_fwd(&blk.attn, &n1, ctx, kept)?;
     let (out, h, n2, mlp) = match blk.residual {
         Residual::Sequential => {
             let h = profile::timed("residual", 0.0, || x + a)?;
@@ -216,10 +224,9 @@ pub fn train_pass(model: &Gpt, inp: &PassInput, grads: &mut Grads) -> Result<f64
     let k = inp.checkpoint_every;
     let mut kept = Vec::with_capacity(model.blocks.len());
     for (i, blk) in model.blocks.iter().enumerate() {
-        let (y, saved) = block_fwd(blk, &x, &ctx)?;
+        let (y, saved) = block_fwd(blk, &x, &ctx, None)?;
         if k > 0 && i % k == 0 {
-            drop(saved);
-            kept.push(Kept::Input(x));
+            kept.push(Kept::Checkpoint(x, saved.attn.kept()));
         } else {
             kept.push(Kept::All(Box::new(saved)));
         }
@@ -235,7 +242,7 @@ pub fn train_pass(model: &Gpt, inp: &PassInput, grads: &mut Grads) -> Result<f64
     for (blk, kept) in model.blocks.iter().zip(kept).rev() {
         let saved = match kept {
             Kept::All(s) => *s,
-            Kept::Input(x) => block_fwd(blk, &x, &ctx)?.1,
+            Kept::Checkpoint(x, attn) => block_fwd(blk, &x, &ctx, Some(attn))?.1,
         };
         dx = block_bwd(blk, &saved, &dx, &ctx, grads)?;
     }
@@ -295,16 +302,16 @@ fn head_pass(model: &Gpt, x: &Tensor, inp: &PassInput, grads: &mut Grads) -> Res
             None => None,
         };
         // logits = x Wᵀ + b + s · (x_in Aᵀ) Bᵀ
-        let mut logits = layers::mm_nt(&xc, &w)?;
+        let mut logits = layers::mm_nt("matmul: head forward", &xc, &w)?;
         if let Some(bias) = &head.bias {
             logits = logits.broadcast_add(&bias.detach().to_dtype(dt)?)?;
         }
         let mut lora_u = None;
         if let Some(l) = &head.lora {
             let a = l.a.detach().to_dtype(dt)?;
-            let u = layers::mm_nt(xin.as_ref().unwrap_or(&xc), &a)?;
+            let u = layers::mm_nt(layers::MM_LORA, xin.as_ref().unwrap_or(&xc), &a)?;
             let beff = lora_b_of(l, dt)?;
-            logits = (logits + (layers::mm_nt(&u, &beff)? * l.scale)?)?;
+            logits = (logits + (layers::mm_nt(layers::MM_LORA, &u, &beff)? * l.scale)?)?;
             lora_u = Some(u);
         }
         let logits = logits.to_dtype(DType::F32)?;
@@ -323,9 +330,15 @@ fn head_pass(model: &Gpt, x: &Tensor, inp: &PassInput, grads: &mut Grads) -> Res
             .sum::<f64>();
         drop(logits);
         let dl = dlogits.to_dtype(dt)?;
-        dx_parts.push(layers::mm(&dl, &w)?);
+        dx_parts.push(layers::mm("matmul: head input gradient", &dl, &w)?);
         if grads.wants(&head.weight) {
-            grads.add_matmul(&head.weight, (&dl, true), (&xc, false), 1.0)?;
+            grads.add_matmul(
+                "matmul: head weight gradient",
+                &head.weight,
+                (&dl, true),
+                (&xc, false),
+                1.0,
+            )?;
         }
         if let Some(bias) = &head.bias
             && grads.wants(bias)
@@ -335,18 +348,28 @@ fn head_pass(model: &Gpt, x: &Tensor, inp: &PassInput, grads: &mut Grads) -> Res
         if let (Some(l), Some(u)) = (&head.lora, &lora_u) {
             let beff = lora_b_of(l, dt)?;
             if grads.wants(&l.b) {
-                let db = (layers::mm(&dl.t()?, u)? * l.scale)?;
+                let db = (layers::mm(layers::MM_LORA, &dl.t()?, u)? * l.scale)?;
                 let db = match &l.out_mask {
                     Some(m) => db.broadcast_mul(&m.to_dtype(dt)?)?,
                     None => db,
                 };
                 grads.add(&l.b, &db)?;
             }
-            let du = (layers::mm(&dl, &beff)? * l.scale)?;
+            let du = (layers::mm(layers::MM_LORA, &dl, &beff)? * l.scale)?;
             if grads.wants(&l.a) {
-                grads.add_matmul(&l.a, (&du, true), (xin.as_ref().unwrap_or(&xc), false), 1.0)?;
+                grads.add_matmul(
+                    layers::MM_LORA,
+                    &l.a,
+                    (&du, true),
+                    (xin.as_ref().unwrap_or(&xc), false),
+                    1.0,
+                )?;
             }
-            dxin_parts.push(layers::mm(&du, &l.a.detach().to_dtype(dt)?)?);
+            dxin_parts.push(layers::mm(
+                layers::MM_LORA,
+                &du,
+                &l.a.detach().to_dtype(dt)?,
+            )?);
         }
         r0 += len;
     }
