@@ -91,15 +91,28 @@ impl Attention {
     /// `k, v: (B, T, nkv, hs)`.
     fn project(&self, x: &Tensor, dropout: Option<&Dropout>) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, t, _) = x.dims3()?;
+        self.split_qkv(b, t, |l| l.forward(x, dropout))
+    }
+
+    /// `q: (B, T, nh, hs)`, `k, v: (B, T, nkv, hs)` from the projection layers, each
+    /// applied by `apply` (to `B·T` rows) in module order, split as the layout stores
+    /// them. The training engine passes its own forward, which keeps what its backward
+    /// reads.
+    pub fn split_qkv(
+        &self,
+        b: usize,
+        t: usize,
+        mut apply: impl FnMut(&Linear) -> Result<Tensor>,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let (nh, nkv, hs) = (self.n_head, self.n_kv_head, self.head_dim);
         match &self.qkv {
             QkvProj::Separate { q, k, v } => Ok((
-                q.forward(x, dropout)?.reshape((b, t, nh, hs))?,
-                k.forward(x, dropout)?.reshape((b, t, nkv, hs))?,
-                v.forward(x, dropout)?.reshape((b, t, nkv, hs))?,
+                apply(q)?.reshape((b, t, nh, hs))?,
+                apply(k)?.reshape((b, t, nkv, hs))?,
+                apply(v)?.reshape((b, t, nkv, hs))?,
             )),
             QkvProj::Blocked(l) => {
-                let y = l.forward(x, dropout)?;
+                let y = apply(l)?.reshape((b, t, (nh + 2 * nkv) * hs))?;
                 Ok((
                     y.narrow(2, 0, nh * hs)?.reshape((b, t, nh, hs))?,
                     y.narrow(2, nh * hs, nkv * hs)?.reshape((b, t, nkv, hs))?,
@@ -110,7 +123,7 @@ impl Attention {
             QkvProj::Grouped(l) => {
                 let g = nh / nkv;
                 // (B, T, nkv, g + 2, hs): per group, g query heads then one key, one value.
-                let y = l.forward(x, dropout)?.reshape((b, t, nkv, g + 2, hs))?;
+                let y = apply(l)?.reshape((b, t, nkv, g + 2, hs))?;
                 Ok((
                     y.narrow(3, 0, g)?.reshape((b, t, nh, hs))?,
                     y.narrow(3, g, 1)?.reshape((b, t, nkv, hs))?,

@@ -14,14 +14,20 @@ use crate::common::*;
 
 /// Loss and gradients of two rows of `ids`-derived tokens, checkpointing every
 /// `every`-th block, with LoRA dropout when `dropout` is set.
-fn pass(tm: &TrainableModel, every: usize, dropout: Option<&Dropout>) -> (f64, Vec<Tensor>) {
+/// Two rows made from the llama fixture's ids, `(B = 2, n)`, and their `2n` targets.
+fn two_rows() -> (Tensor, Tensor, usize) {
     let ids = ids(&expected("llama")["input_ids"]);
     let n = ids.len() - 1;
     let dev = Device::Cpu;
     let rows: Vec<u32> = ids[..n].iter().chain(ids[1..].iter()).copied().collect();
     let inputs = Tensor::from_vec(rows, (2, n), &dev).unwrap();
     let targets: Vec<u32> = ids[1..].iter().chain(ids[..n].iter()).copied().collect();
-    let targets = Tensor::from_vec(targets, 2 * n, &dev).unwrap();
+    (inputs, Tensor::from_vec(targets, 2 * n, &dev).unwrap(), n)
+}
+
+fn pass(tm: &TrainableModel, every: usize, dropout: Option<&Dropout>) -> (f64, Vec<Tensor>) {
+    let (inputs, targets, n) = two_rows();
+    let dev = Device::Cpu;
     let mask = Tensor::ones(2 * n, candle_core::DType::F32, &dev).unwrap();
     if let Some(d) = dropout {
         d.begin_step(3, 0);
@@ -124,13 +130,7 @@ fn lora_dropout_gradients_equal_autograd_through_the_forward() {
         let tm = lora_model(family);
         let dropout = Dropout::new(11);
         let (loss, ours) = pass(&tm, 0, Some(&dropout));
-        let ids = ids(&expected("llama")["input_ids"]);
-        let n = ids.len() - 1;
-        let dev = Device::Cpu;
-        let rows: Vec<u32> = ids[..n].iter().chain(ids[1..].iter()).copied().collect();
-        let inputs = Tensor::from_vec(rows, (2, n), &dev).unwrap();
-        let targets: Vec<u32> = ids[1..].iter().chain(ids[..n].iter()).copied().collect();
-        let targets = Tensor::from_vec(targets, 2 * n, &dev).unwrap();
+        let (inputs, targets, n) = two_rows();
         dropout.begin_step(3, 0);
         dropout.next_micro_batch(2);
         let logits = tm.model.forward(&inputs, Some(&dropout)).unwrap();

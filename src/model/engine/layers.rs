@@ -74,7 +74,7 @@ pub(super) struct LinearSaved {
 }
 
 /// `B ⊙ m`, detached.
-fn lora_b(l: &LoraAdapter, dtype: DType) -> Result<Tensor> {
+pub(super) fn lora_b(l: &LoraAdapter, dtype: DType) -> Result<Tensor> {
     let b = l.b.detach().to_dtype(dtype)?;
     match &l.out_mask {
         Some(m) => b.broadcast_mul(&m.to_dtype(dtype)?),
@@ -318,39 +318,14 @@ pub(super) fn attn_fwd(
     kept: Option<AttnKept>,
 ) -> Result<(Tensor, AttnSaved)> {
     let (b, t, c) = x.dims3()?;
-    let (nh, nkv, hs) = (at.n_head, at.n_kv_head, at.head_dim);
+    let (nh, hs) = (at.n_head, at.head_dim);
     let x2 = x.reshape((b * t, c))?;
     let mut saved_qkv = Vec::new();
-    let mut lin = |l: &Linear| -> Result<Tensor> {
+    let (q, k, v) = at.split_qkv(b, t, |l| {
         let (y, s) = linear_fwd(l, &x2, ctx.dropout)?;
         saved_qkv.push(s);
         Ok(y)
-    };
-    let (q, k, v) = match &at.qkv {
-        QkvProj::Separate { q, k, v } => (
-            lin(q)?.reshape((b, t, nh, hs))?,
-            lin(k)?.reshape((b, t, nkv, hs))?,
-            lin(v)?.reshape((b, t, nkv, hs))?,
-        ),
-        QkvProj::Blocked(l) => {
-            let y = lin(l)?.reshape((b, t, (nh + 2 * nkv) * hs))?;
-            (
-                y.narrow(2, 0, nh * hs)?.reshape((b, t, nh, hs))?,
-                y.narrow(2, nh * hs, nkv * hs)?.reshape((b, t, nkv, hs))?,
-                y.narrow(2, (nh + nkv) * hs, nkv * hs)?
-                    .reshape((b, t, nkv, hs))?,
-            )
-        }
-        QkvProj::Grouped(l) => {
-            let g = nh / nkv;
-            let y = lin(l)?.reshape((b, t, nkv, g + 2, hs))?;
-            (
-                y.narrow(3, 0, g)?.reshape((b, t, nh, hs))?,
-                y.narrow(3, g, 1)?.reshape((b, t, nkv, hs))?,
-                y.narrow(3, g + 1, 1)?.reshape((b, t, nkv, hs))?,
-            )
-        }
-    };
+    })?;
     let (mut q, mut k, v) = timed("layout", 0.0, || -> Result<_> {
         Ok((
             q.transpose(1, 2)?.contiguous()?,

@@ -161,15 +161,11 @@ fn block_bwd(
 }
 
 /// Per-token positions of packed rows, as [`Gpt::forward_packed`] computes them.
-fn positions(model: &Gpt, inp: &PassInput) -> Result<Option<Vec<usize>>> {
+fn positions(inp: &PassInput) -> Result<Option<Vec<usize>>> {
     let (b, t) = inp.ids.dims2()?;
-    match inp.docs {
-        Some(d) => Ok(Some(super::document_positions(d, b, t)?)),
-        None => {
-            let _ = model;
-            Ok(None)
-        }
-    }
+    inp.docs
+        .map(|d| super::document_positions(d, b, t))
+        .transpose()
 }
 
 /// Forward and backward of one micro-batch: returns `Σ nll` over the counted tokens
@@ -180,7 +176,7 @@ pub fn train_pass(model: &Gpt, inp: &PassInput, grads: &mut Grads) -> Result<f64
     let n = b * t;
     let dt = model.compute_dtype;
     let dev = inp.ids.device();
-    let pos = positions(model, inp)?;
+    let pos = positions(inp)?;
 
     // Embedding.
     let ids = inp.ids.flatten_all()?;
@@ -310,7 +306,7 @@ fn head_pass(model: &Gpt, x: &Tensor, inp: &PassInput, grads: &mut Grads) -> Res
         if let Some(l) = &head.lora {
             let a = l.a.detach().to_dtype(dt)?;
             let u = layers::mm_nt(layers::MM_LORA, xin.as_ref().unwrap_or(&xc), &a)?;
-            let beff = lora_b_of(l, dt)?;
+            let beff = layers::lora_b(l, dt)?;
             logits = (logits + (layers::mm_nt(layers::MM_LORA, &u, &beff)? * l.scale)?)?;
             lora_u = Some(u);
         }
@@ -346,7 +342,7 @@ fn head_pass(model: &Gpt, x: &Tensor, inp: &PassInput, grads: &mut Grads) -> Res
             grads.add(bias, &dl.sum(0)?)?;
         }
         if let (Some(l), Some(u)) = (&head.lora, &lora_u) {
-            let beff = lora_b_of(l, dt)?;
+            let beff = layers::lora_b(l, dt)?;
             if grads.wants(&l.b) {
                 let db = (layers::mm(layers::MM_LORA, &dl.t()?, u)? * l.scale)?;
                 let db = match &l.out_mask {
@@ -382,14 +378,6 @@ fn head_pass(model: &Gpt, x: &Tensor, inp: &PassInput, grads: &mut Grads) -> Res
         dxf = (dxf + dxin)?;
     }
     Ok((loss, dxf.reshape((b, t, c))?))
-}
-
-fn lora_b_of(l: &super::LoraAdapter, dt: DType) -> Result<Tensor> {
-    let b = l.b.detach().to_dtype(dt)?;
-    match &l.out_mask {
-        Some(m) => b.broadcast_mul(&m.to_dtype(dt)?),
-        None => Ok(b),
-    }
 }
 
 /// Per-row `nll` and the weighted gradient of `logits: (R, V)` (f32).

@@ -10,7 +10,7 @@
 //! not), so a forward here equals `Tensor::silu` / `gelu` / `gelu_erf` / `relu` to
 //! an ulp or two.
 
-use candle_core::{Result, Storage, Tensor};
+use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
 use super::{exp_approx, fusable, vectorized};
@@ -135,17 +135,12 @@ fn gated_backward_chunk<A: Act>(dg: &mut [f32], du: &mut [f32], g: &[f32], u: &[
     })
 }
 
-/// Contiguous f32 values of `t` on the CPU, for the duration of `f`.
+/// Contiguous f32 values of `t` on the CPU when the fused kernels apply, for `f`.
 fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
     if !fusable(t) || !t.is_contiguous() {
         return None;
     }
-    let (st, l) = t.storage_and_layout();
-    let (a, e) = l.contiguous_offsets()?;
-    match &*st {
-        Storage::Cpu(candle_core::CpuStorage::F32(v)) => Some(f(&v[a..e])),
-        _ => None,
-    }
+    super::with_values(t, f)
 }
 
 const CHUNK: usize = 4096;
