@@ -10,14 +10,15 @@
 //!             o = o·e^(m−m') + e^(s−m') v
 //!           o /= l; keep m and 1/l per row (the log-sum-exp)
 //! backward  D = rowsum(dO ⊙ O)
-//!           per (b, h, query block): recompute p = e^(s−m)/l tile by tile,
-//!             dp = dO vᵀ, ds = p ⊙ (dp − D), dq += scale · ds k
-//!           per (b, kv head, block of BKV keys), over the g query heads and the
-//!             query blocks that see it: dv += pᵀ dO, dk += scale · dsᵀ q
+//!           per (b, h, part of the key blocks), per block of BKV keys, over the
+//!             query blocks that see it: recompute p = e^(s−m)/l once,
+//!             dv_h += pᵀ dO, dp = dO vᵀ, ds = p ⊙ (dp − D),
+//!             dk_h += scale · dsᵀ q, dq_part += scale · ds k
+//!           dq = Σ parts in order; dk, dv = Σ over the g query heads in order
 //! ```
 //!
-//! Every output element is written by one task in a fixed order, so results do not
-//! depend on the number of threads. The tile products go through the gemm crate;
+//! Every output element is written by one task in a fixed order and the partial sums
+//! are added in a fixed order, so results do not depend on the number of threads. The tile products go through the gemm crate;
 //! the exponentials through a polynomial that vectorises ([`exp_shifted`]).
 //! A query's visible keys form one interval (causal, window, document start), so masks
 //! are intervals per row, not per element.
@@ -31,7 +32,7 @@ use super::softmax::{MaskSpec, masked_softmax};
 use super::{exp_approx, fusable, not_fused};
 use crate::config::AttentionWindow;
 
-/// Queries per tile, keys per tile (forward and dq), keys per task (dk and dv).
+/// Queries per tile, keys per tile of the forward, keys per block of the backward.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Tiles {
     pub q: usize,
@@ -615,8 +616,31 @@ impl CustomOp3 for Flash {
     }
 }
 
+/// The backward's key blocks of one batch row are cut into this many parts of about
+/// equal work; each part accumulates its own `dq`, summed in part order afterwards.
+/// A constant (not the thread count), so results do not depend on the threads.
+const BWD_PARTS: usize = 4;
+
+/// One task of the backward: query head `h` of batch row `b` over key blocks
+/// `kb0..kb1`, with the slices it alone writes.
+struct BwdTask<'a> {
+    b: usize,
+    h: usize,
+    kb0: usize,
+    kb1: usize,
+    /// `dq` of this part: `T × hs` rows of head `h`.
+    dq: &'a mut [f32],
+    /// `dk`, `dv` of head `h` (before the sum over the query heads of a group), rows of
+    /// keys `kb0 · BKV..`.
+    dk: &'a mut [f32],
+    dv: &'a mut [f32],
+}
+
 impl Flash {
-    /// `(dq, dk, dv)` from the inputs, the output `o`, its gradient `g` and the stats.
+    /// `(dq, dk, dv)` from the inputs, the output `o`, its gradient `g` and the stats,
+    /// in one pass over the tiles (FlashAttention-2's order): per task, for each key
+    /// block, over the query blocks that see it, recompute `p` once and form
+    /// `dv += pᵀ dO`, `ds = p ⊙ (dO vᵀ − D)`, `dk += scale · dsᵀ q`, `dq += scale · ds k`.
     fn backward(
         &self,
         qkv: (&[f32], &[f32], &[f32]),
@@ -633,122 +657,146 @@ impl Flash {
             .zip(o.par_chunks(hs))
             .map(|(g, o)| super::sum_f64(g.iter().zip(o).map(|(a, b)| a * b)) as f32)
             .collect();
-        let mut dq = vec![0f32; qkv.0.len()];
-        let bq = self.tiles.q;
-        dq.par_chunks_mut(d.t * hs)
+        let bk = self.tiles.kv;
+        let parts: Vec<[usize; BWD_PARTS + 1]> = (0..d.b)
+            .map(|b| self.key_parts(&ranges[b * d.t..(b + 1) * d.t]))
+            .collect();
+        let q_len = qkv.0.len();
+        // Part 0 accumulates into dq itself, the others into their own buffers.
+        let mut dq = vec![0f32; q_len];
+        let mut dq_more = vec![0f32; (BWD_PARTS - 1) * q_len];
+        // dk and dv per query head; summed over each group's g heads below (g = 1: final).
+        let mut dkh = vec![0f32; d.b * d.nh * d.s * hs];
+        let mut dvh = vec![0f32; d.b * d.nh * d.s * hs];
+        let mut dq_parts: Vec<Vec<&mut [f32]>> = std::iter::once(&mut dq[..])
+            .chain(dq_more.chunks_mut(q_len))
+            .map(|p| p.chunks_mut(d.t * hs).collect())
+            .collect();
+        let mut tasks = Vec::with_capacity(d.b * d.nh * BWD_PARTS);
+        for (bh, (dk, dv)) in dkh
+            .chunks_mut(d.s * hs)
+            .zip(dvh.chunks_mut(d.s * hs))
             .enumerate()
-            .for_each(|(bh, dq)| {
-                dq.par_chunks_mut(bq * hs).enumerate().for_each(|(qb, dq)| {
-                    let at = (bh / d.nh, bh % d.nh, qb * bq);
-                    self.dq_block(qkv, g, &dd, stats, &ranges, at, dq);
-                });
-            });
-        let mut dk = vec![0f32; qkv.1.len()];
-        let mut dv = vec![0f32; qkv.2.len()];
-        let bkv = self.tiles.kv;
-        dk.par_chunks_mut(d.s * hs)
-            .zip(dv.par_chunks_mut(d.s * hs))
-            .enumerate()
-            .for_each(|(bh, (dk, dv))| {
-                dk.par_chunks_mut(bkv * hs)
-                    .zip(dv.par_chunks_mut(bkv * hs))
-                    .enumerate()
-                    .for_each(|(kb, (dk, dv))| {
-                        let at = (bh / d.nkv, bh % d.nkv, kb * bkv);
-                        self.dkv_block(qkv, g, &dd, stats, &ranges, at, dk, dv);
+        {
+            let (b, h) = (bh / d.nh, bh % d.nh);
+            let cuts = &parts[b];
+            let (mut dk, mut dv) = (dk, dv);
+            for (p, dq_p) in dq_parts.iter_mut().enumerate() {
+                let (kb0, kb1) = (cuts[p], cuts[p + 1]);
+                let rows = (kb1 * bk).min(d.s) - (kb0 * bk).min(d.s);
+                let (dk_p, dk_rest) = dk.split_at_mut(rows * hs);
+                let (dv_p, dv_rest) = dv.split_at_mut(rows * hs);
+                (dk, dv) = (dk_rest, dv_rest);
+                let dq = std::mem::take(&mut dq_p[bh]);
+                if kb0 < kb1 {
+                    tasks.push(BwdTask {
+                        b,
+                        h,
+                        kb0,
+                        kb1,
+                        dq,
+                        dk: dk_p,
+                        dv: dv_p,
                     });
+                }
+            }
+        }
+        tasks
+            .into_par_iter()
+            .with_max_len(1)
+            .for_each(|task| self.bwd_task(qkv, g, &dd, stats, &ranges, task));
+        drop(dq_parts);
+        if BWD_PARTS > 1 {
+            dq.par_chunks_mut(4096).enumerate().for_each(|(c, dq)| {
+                let (at, len) = (c * 4096, dq.len());
+                for part in dq_more.chunks(q_len) {
+                    dq.iter_mut()
+                        .zip(&part[at..at + len])
+                        .for_each(|(a, &b)| *a += b);
+                }
             });
+        }
+        let gq = d.g();
+        let (dk, dv) = if gq == 1 {
+            (dkh, dvh)
+        } else {
+            // dk of kv head kh = Σ over its query heads, in head order.
+            let group = |src: &[f32]| {
+                let mut out = vec![0f32; d.b * d.nkv * d.s * hs];
+                out.par_chunks_mut(d.s * hs)
+                    .zip(src.par_chunks(gq * d.s * hs))
+                    .for_each(|(out, heads)| {
+                        for head in heads.chunks(d.s * hs) {
+                            out.iter_mut().zip(head).for_each(|(a, &b)| *a += b);
+                        }
+                    });
+                out
+            };
+            (group(&dkh), group(&dvh))
+        };
         (dq, dk, dv)
     }
 
-    /// dq of rows `i0..` of head `h` in batch row `b`, over the keys they see.
-    #[allow(clippy::too_many_arguments)]
-    fn dq_block(
-        &self,
-        (q, k, v): (&[f32], &[f32], &[f32]),
-        g: &[f32],
-        dd: &[f32],
-        st: &Stats,
-        ranges: &[(usize, usize)],
-        (b, h, i0): (usize, usize, usize),
-        dq: &mut [f32],
-    ) {
-        let d = &self.dims;
-        let hs = d.hs;
-        let n = dq.len() / hs;
-        let kv_off = (b * d.nkv + h / d.g()) * d.s * hs;
-        let row0 = (b * d.nh + h) * d.t + i0;
-        let q_off = row0 * hs;
-        let rows = &ranges[b * d.t + i0..b * d.t + i0 + n];
-        let (klo, khi) = span(rows);
-        dq.fill(0.0);
-        let mut p = vec![0f32; n * self.tiles.k];
-        let mut dp = vec![0f32; n * self.tiles.k];
-        for j0 in (klo..khi).step_by(self.tiles.k) {
-            let w = self.tiles.k.min(khi - j0);
-            let (p, dp) = (&mut p[..n * w], &mut dp[..n * w]);
-            mm(
-                n,
-                w,
-                hs,
-                p,
-                w,
-                false,
-                View::rows(q, q_off, hs),
-                View::transposed(k, kv_off + j0 * hs, hs),
-                1.0,
-            );
-            let (m, il) = (&st.m[row0..row0 + n], &st.inv_l[row0..row0 + n]);
-            probabilities(p, w, j0, rows, self.scale, m, il);
-            mm(
-                n,
-                w,
-                hs,
-                dp,
-                w,
-                false,
-                View::rows(g, q_off, hs),
-                View::transposed(v, kv_off + j0 * hs, hs),
-                1.0,
-            );
-            softmax_grad(p, dp, w, &dd[row0..row0 + n]);
-            mm(
-                n,
-                hs,
-                w,
-                dq,
-                hs,
-                true,
-                View::rows(dp, 0, w),
-                View::rows(k, kv_off + j0 * hs, hs),
-                self.scale,
-            );
+    /// Where the key blocks of one batch row (`ranges`: its `T` query rows) are cut
+    /// into [`BWD_PARTS`] parts of about equal work (tile rows per key block).
+    fn key_parts(&self, ranges: &[(usize, usize)]) -> [usize; BWD_PARTS + 1] {
+        let (bq, bk) = (self.tiles.q, self.tiles.kv);
+        let nkb = self.dims.s.div_ceil(bk);
+        let mut work = vec![0usize; nkb];
+        for rows in ranges.chunks(bq) {
+            let (lo, hi) = span(rows);
+            if lo < hi {
+                work[lo / bk..hi.div_ceil(bk)]
+                    .iter_mut()
+                    .for_each(|w| *w += rows.len());
+            }
         }
+        let total: usize = work.iter().sum();
+        let mut cuts = [nkb; BWD_PARTS + 1];
+        cuts[0] = 0;
+        let (mut kb, mut done) = (0, 0);
+        for (p, cut) in cuts.iter_mut().enumerate().take(BWD_PARTS).skip(1) {
+            // The part ends at the first block reaching p / PARTS of the work.
+            while kb < nkb && done * BWD_PARTS < total * p {
+                done += work[kb];
+                kb += 1;
+            }
+            *cut = kb;
+        }
+        cuts
     }
 
-    /// dk and dv of keys `j0..` of key/value head `kh` in batch row `b`, over the `g`
-    /// query heads reading it and the query blocks that see these keys.
+    /// One [`BwdTask`]: its key blocks in order, each over the query blocks seeing it.
     #[allow(clippy::too_many_arguments)]
-    fn dkv_block(
+    fn bwd_task(
         &self,
         (q, k, v): (&[f32], &[f32], &[f32]),
         g: &[f32],
         dd: &[f32],
         st: &Stats,
         ranges: &[(usize, usize)],
-        (b, kh, j0): (usize, usize, usize),
-        dk: &mut [f32],
-        dv: &mut [f32],
+        task: BwdTask,
     ) {
         let d = &self.dims;
-        let (hs, bq) = (d.hs, self.tiles.q);
-        let w = dk.len() / hs;
-        let kv_off = (b * d.nkv + kh) * d.s * hs + j0 * hs;
-        dk.fill(0.0);
-        dv.fill(0.0);
-        let mut p = vec![0f32; bq * w];
-        let mut dp = vec![0f32; bq * w];
-        for h in kh * d.g()..(kh + 1) * d.g() {
+        let (hs, bq, bk) = (d.hs, self.tiles.q, self.tiles.kv);
+        let BwdTask {
+            b,
+            h,
+            kb0,
+            kb1,
+            dq,
+            dk,
+            dv,
+        } = task;
+        let head_off = (b * d.nkv + h / d.g()) * d.s * hs;
+        let mut p = vec![0f32; bq * bk];
+        let mut dp = vec![0f32; bq * bk];
+        for kb in kb0..kb1 {
+            let j0 = kb * bk;
+            let w = bk.min(d.s - j0);
+            let kv_off = head_off + j0 * hs;
+            let at = (j0 - kb0 * bk) * hs;
+            let (dk, dv) = (&mut dk[at..at + w * hs], &mut dv[at..at + w * hs]);
             for i0 in (0..d.t).step_by(bq) {
                 let n = bq.min(d.t - i0);
                 let rows = &ranges[b * d.t + i0..b * d.t + i0 + n];
@@ -806,6 +854,18 @@ impl Flash {
                     true,
                     View::transposed(dp, 0, w),
                     View::rows(q, q_off, hs),
+                    self.scale,
+                );
+                // dq += scale · ds k
+                mm(
+                    n,
+                    hs,
+                    w,
+                    &mut dq[i0 * hs..(i0 + n) * hs],
+                    hs,
+                    true,
+                    View::rows(dp, 0, w),
+                    View::rows(k, kv_off, hs),
                     self.scale,
                 );
             }

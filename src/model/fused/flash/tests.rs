@@ -282,3 +282,56 @@ fn exp_approx_is_close_to_exp() {
     assert_eq!(exp_approx(f32::NEG_INFINITY), 0.0);
     assert_eq!(exp_approx(-100.0), 0.0);
 }
+
+/// The backward's parts cover every key block once, in order, and split a causal
+/// row's work about evenly.
+#[test]
+fn backward_parts_cover_the_keys_and_balance_the_work() {
+    let dims = Dims {
+        b: 1,
+        nh: 1,
+        nkv: 1,
+        t: 2048,
+        s: 2048,
+        hs: 8,
+    };
+    let mask = MaskSpec {
+        q_start: 0,
+        k_start: 0,
+        window: AttentionWindow::Global,
+        docs: None,
+    };
+    let flash = Flash {
+        dims,
+        scale: 1.0,
+        mask: mask.clone(),
+        tiles: TILES,
+        stats: std::sync::Mutex::new(None),
+    };
+    let ranges = visible_ranges(&dims, &mask);
+    let cuts = flash.key_parts(&ranges);
+    let nkb = 2048 / TILES.kv;
+    assert_eq!((cuts[0], cuts[BWD_PARTS]), (0, nkb));
+    assert!(cuts.windows(2).all(|w| w[0] < w[1]), "{cuts:?}");
+    // Key block kb is seen by the query blocks from its own on: work ∝ nqb − kb.
+    let work = |kb: usize| 2048 / TILES.q - kb * TILES.kv / TILES.q;
+    let parts: Vec<usize> = cuts
+        .windows(2)
+        .map(|w| (w[0]..w[1]).map(work).sum())
+        .collect();
+    let (lo, hi) = (parts.iter().min().unwrap(), parts.iter().max().unwrap());
+    assert!(*hi <= lo + lo / 4, "unbalanced parts {parts:?}");
+    // A short row with fewer blocks than parts: empty parts at the end, nothing lost.
+    let short = Dims {
+        t: 70,
+        s: 70,
+        ..dims
+    };
+    let flash = Flash {
+        dims: short,
+        ..flash
+    };
+    let cuts = flash.key_parts(&visible_ranges(&short, &mask));
+    assert_eq!((cuts[0], cuts[BWD_PARTS]), (0, 2));
+    assert!(cuts.windows(2).all(|w| w[0] <= w[1]), "{cuts:?}");
+}
