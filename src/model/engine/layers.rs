@@ -82,6 +82,37 @@ pub(super) fn lora_b(l: &LoraAdapter, dtype: DType) -> Result<Tensor> {
     }
 }
 
+/// `dst + alpha · op(a) · op(b)` (`op(a)` is `aᵀ` when `a_t`), timed under `kind`:
+/// added into `dst` in place on the fused path (None: no temporary, no extra pass),
+/// else returned.
+fn mm_acc(
+    kind: &'static str,
+    dst: &Tensor,
+    (a, a_t): (&Tensor, bool),
+    (b, b_t): (&Tensor, bool),
+    alpha: f64,
+) -> Result<Option<Tensor>> {
+    let (m, n) = dst.dims2()?;
+    let k = a.dim(if a_t { 0 } else { 1 })?;
+    timed(kind, 2.0 * (m * n * k) as f64, || {
+        if fused::gemm_acc(dst, a, a_t, b, b_t, alpha as f32)? {
+            return Ok(None);
+        }
+        let opa = if a_t { a.t()? } else { a.clone() };
+        let opb = if b_t { b.t()? } else { b.clone() };
+        Ok(Some((dst + (opa.matmul(&opb)? * alpha)?)?))
+    })
+}
+
+/// `dst + g`, in place when the fused path applies.
+fn add_into(dst: Tensor, g: &Tensor) -> Result<Tensor> {
+    if fused::add_assign(&dst, g)? {
+        Ok(dst)
+    } else {
+        dst + g
+    }
+}
+
 /// `x: (N, in)` → `(N, out)`, as [`Linear::forward`] computes it.
 pub(super) fn linear_fwd(
     lin: &Linear,
@@ -94,21 +125,33 @@ pub(super) fn linear_fwd(
     if let Some(b) = &lin.bias {
         y = y.broadcast_add(&b.detach().to_dtype(dt)?)?;
     }
-    let mut saved = LinearSaved::default();
-    if let Some(l) = &lin.lora {
-        let xin = match dropout {
-            Some(d) if l.dropout > 0.0 => {
-                Some(timed("dropout", 0.0, || d.apply(x, l.dropout, &lin.name))?)
-            }
-            _ => None,
-        };
-        let a = l.a.detach().to_dtype(dt)?;
-        let u = mm_nt(MM_LORA, xin.as_ref().unwrap_or(x), &a)?;
-        let delta = mm_nt(MM_LORA, &u, &lora_b(l, dt)?)?;
-        y = (y + (delta * l.scale)?)?;
-        saved = LinearSaved { xin, u: Some(u) };
-    }
-    Ok((y, saved))
+    let (sum, saved) = lora_fwd(lin, x, &y, dropout)?;
+    Ok((sum.unwrap_or(y), saved))
+}
+
+/// The adapter of `lin` (if any) added onto `y = x Wᵀ (+ b)`: `y += s · u (B ⊙ m)ᵀ` with
+/// `u = x_in Aᵀ`, in place into `y` (None) or returned. `y` may be a block of columns
+/// of a wider output (one projection's part of a fused q|k|v).
+fn lora_fwd(
+    lin: &Linear,
+    x: &Tensor,
+    y: &Tensor,
+    dropout: Option<&Dropout>,
+) -> Result<(Option<Tensor>, LinearSaved)> {
+    let Some(l) = &lin.lora else {
+        return Ok((None, LinearSaved::default()));
+    };
+    let dt = x.dtype();
+    let xin = match dropout {
+        Some(d) if l.dropout > 0.0 => {
+            Some(timed("dropout", 0.0, || d.apply(x, l.dropout, &lin.name))?)
+        }
+        _ => None,
+    };
+    let a = l.a.detach().to_dtype(dt)?;
+    let u = mm_nt(MM_LORA, xin.as_ref().unwrap_or(x), &a)?;
+    let sum = mm_acc(MM_LORA, y, (&u, false), (&lora_b(l, dt)?, true), l.scale)?;
+    Ok((sum, LinearSaved { xin, u: Some(u) }))
 }
 
 /// Whether the backward of `lin` reads its input (to form a weight's gradient).
@@ -116,65 +159,170 @@ pub(super) fn linear_needs_input(lin: &Linear, grads: &Grads) -> bool {
     grads.wants(&lin.weight) || lin.lora.is_some()
 }
 
-/// The input gradient of `lin` for `dy: (N, out)`; `x` is the forward's input (None
-/// only when [`linear_needs_input`] is false).
+/// The input gradient of `lin` for `dy: (N, out)`, added onto `acc` (the input
+/// gradient so far, in place when the fused path applies) when given; `x` is the
+/// forward's input (None only when [`linear_needs_input`] is false).
 pub(super) fn linear_bwd(
     lin: &Linear,
     x: Option<&Tensor>,
     saved: &LinearSaved,
     dy: &Tensor,
+    acc: Option<Tensor>,
     grads: &mut Grads,
     dropout: Option<&Dropout>,
 ) -> Result<Tensor> {
     let dt = dy.dtype();
     let dy = dy.contiguous()?;
     let w = lin.weight.detach().to_dtype(dt)?;
-    let mut dx = mm(MM_DX, &dy, &w)?;
-    let input = || {
-        x.ok_or_else(|| candle_core::Error::Msg(format!("{}: backward without input", lin.name)))
+    let dx = match acc {
+        Some(acc) => mm_acc(MM_DX, &acc, (&dy, false), (&w, false), 1.0)?.unwrap_or(acc),
+        None => mm(MM_DX, &dy, &w)?,
     };
+    params_bwd(lin, x, &dy, grads)?;
+    lora_bwd(lin, x, saved, &dy, dx, grads, dropout)
+}
+
+fn missing_input(lin: &Linear) -> candle_core::Error {
+    candle_core::Error::Msg(format!("{}: backward without input", lin.name))
+}
+
+/// The gradients of the weight and bias of `lin` (where trained) for `dy`.
+fn params_bwd(lin: &Linear, x: Option<&Tensor>, dy: &Tensor, grads: &mut Grads) -> Result<()> {
     if grads.wants(&lin.weight) {
-        grads.add_matmul(MM_DW, &lin.weight, (&dy, true), (input()?, false), 1.0)?;
+        let x = x.ok_or_else(|| missing_input(lin))?;
+        grads.add_matmul(MM_DW, &lin.weight, (dy, true), (x, false), 1.0)?;
     }
     if let Some(b) = &lin.bias
         && grads.wants(b)
     {
         grads.add(b, &dy.sum(0)?)?;
     }
-    if let Some(l) = &lin.lora {
-        let u = saved
-            .u
-            .as_ref()
-            .ok_or_else(|| candle_core::Error::Msg(format!("{}: no saved LoRA state", lin.name)))?;
-        let xin = match &saved.xin {
-            Some(t) => t,
-            None => input()?,
-        };
-        let beff = lora_b(l, dt)?;
-        if grads.wants(&l.b) {
-            match &l.out_mask {
-                // dB = s · dyᵀ u, on the rows the adapter may change.
-                None => grads.add_matmul(MM_LORA, &l.b, (&dy, true), (u, false), l.scale)?,
-                Some(m) => {
-                    let db =
-                        (mm(MM_LORA, &dy.t()?, u)? * l.scale)?.broadcast_mul(&m.to_dtype(dt)?)?;
-                    grads.add(&l.b, &db)?;
-                }
+    Ok(())
+}
+
+/// The adapter's part of the backward of `lin` (if it has one): its gradients into
+/// `grads`, and its input gradient added onto `dx` (`dy W`), which is returned.
+fn lora_bwd(
+    lin: &Linear,
+    x: Option<&Tensor>,
+    saved: &LinearSaved,
+    dy: &Tensor,
+    dx: Tensor,
+    grads: &mut Grads,
+    dropout: Option<&Dropout>,
+) -> Result<Tensor> {
+    let Some(l) = &lin.lora else {
+        return Ok(dx);
+    };
+    let dt = dy.dtype();
+    let u = saved
+        .u
+        .as_ref()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{}: no saved LoRA state", lin.name)))?;
+    let xin = match (&saved.xin, x) {
+        (Some(t), _) | (None, Some(t)) => t,
+        (None, None) => return Err(missing_input(lin)),
+    };
+    let beff = lora_b(l, dt)?;
+    if grads.wants(&l.b) {
+        match &l.out_mask {
+            // dB = s · dyᵀ u, on the rows the adapter may change.
+            None => grads.add_matmul(MM_LORA, &l.b, (dy, true), (u, false), l.scale)?,
+            Some(m) => {
+                let db = (mm(MM_LORA, &dy.t()?, u)? * l.scale)?.broadcast_mul(&m.to_dtype(dt)?)?;
+                grads.add(&l.b, &db)?;
             }
         }
-        let du = (mm(MM_LORA, &dy, &beff)? * l.scale)?;
-        if grads.wants(&l.a) {
-            grads.add_matmul(MM_LORA, &l.a, (&du, true), (xin, false), 1.0)?;
+    }
+    // du = s · dy (B ⊙ m), the scale applied by gemm.
+    let du = Tensor::zeros((dy.dim(0)?, beff.dim(1)?), dt, dy.device())?;
+    let du = mm_acc(MM_LORA, &du, (dy, false), (&beff, false), l.scale)?.unwrap_or(du);
+    if grads.wants(&l.a) {
+        grads.add_matmul(MM_LORA, &l.a, (&du, true), (xin, false), 1.0)?;
+    }
+    let a = l.a.detach().to_dtype(dt)?;
+    if saved.xin.is_some()
+        && let Some(d) = dropout
+    {
+        // The same mask (a pure function of the step, sample and layer).
+        let dxin = mm(MM_LORA, &du, &a)?;
+        let dxin = timed("dropout", 0.0, || d.apply(&dxin, l.dropout, &lin.name))?;
+        return add_into(dx, &dxin);
+    }
+    Ok(mm_acc(MM_LORA, &dx, (&du, false), (&a, false), 1.0)?.unwrap_or(dx))
+}
+
+/// `[W_q; W_k; W_v]` (and their biases, zeros where a layer has none) in `dt`: a copy
+/// of the weights per pass, a few MB, against a gemm of `N` times that many FLOPs.
+fn qkv_params(lins: &[&Linear; 3], dt: DType) -> Result<(Tensor, Option<Tensor>)> {
+    timed("layout", 0.0, || {
+        let ws = lins
+            .iter()
+            .map(|l| l.weight.detach().to_dtype(dt))
+            .collect::<Result<Vec<_>>>()?;
+        let w = Tensor::cat(&ws, 0)?;
+        if lins.iter().all(|l| l.bias.is_none()) {
+            return Ok((w, None));
         }
-        let a = l.a.detach().to_dtype(dt)?;
-        let mut dxin = mm(MM_LORA, &du, &a)?;
-        if saved.xin.is_some()
-            && let Some(d) = dropout
-        {
-            // The same mask (a pure function of the step, sample and layer).
-            dxin = timed("dropout", 0.0, || d.apply(&dxin, l.dropout, &lin.name))?;
+        let bs = lins
+            .iter()
+            .zip(&ws)
+            .map(|(l, w)| match &l.bias {
+                Some(b) => b.detach().to_dtype(dt),
+                None => Tensor::zeros(w.dim(0)?, dt, w.device()),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((w, Some(Tensor::cat(&bs, 0)?)))
+    })
+}
+
+/// Separate q, k, v projections of `x: (N, C)` as one, `(N, (nh + 2·nkv)·hs)`: one gemm
+/// by the stacked weights reads `x` once, and the narrow k and v parts (`nkv·hs`
+/// columns) run at a wide gemm's speed. Each adapter is added onto its block of columns.
+fn qkv_fwd(
+    lins: [&Linear; 3],
+    x: &Tensor,
+    dropout: Option<&Dropout>,
+) -> Result<(Tensor, Vec<LinearSaved>)> {
+    let (w, bias) = qkv_params(&lins, x.dtype())?;
+    let mut y = mm_nt(MM_FWD, x, &w)?;
+    if let Some(b) = bias {
+        y = y.broadcast_add(&b)?;
+    }
+    let mut saved = Vec::with_capacity(3);
+    let mut col = 0;
+    for l in lins {
+        let out = l.weight.dim(0)?;
+        let (sum, s) = lora_fwd(l, x, &y.narrow(1, col, out)?, dropout)?;
+        if let Some(sum) = sum {
+            y.slice_set(&sum.contiguous()?, 1, col)?;
         }
-        dx = (dx + dxin)?;
+        saved.push(s);
+        col += out;
+    }
+    Ok((y, saved))
+}
+
+/// The input gradient of [`qkv_fwd`] for the gradients `dys` of q, k and v, `(N, ·)`
+/// each: one gemm of `[dq | dk | dv]` by the stacked weights.
+fn qkv_bwd(
+    lins: [&Linear; 3],
+    x: Option<&Tensor>,
+    saved: &[LinearSaved],
+    dys: [Tensor; 3],
+    grads: &mut Grads,
+    dropout: Option<&Dropout>,
+) -> Result<Tensor> {
+    let (w, _) = qkv_params(&lins, dys[0].dtype())?;
+    let dys = dys
+        .iter()
+        .map(Tensor::contiguous)
+        .collect::<Result<Vec<_>>>()?;
+    let dy = timed("layout", 0.0, || Tensor::cat(&dys, 1))?;
+    let mut dx = mm(MM_DX, &dy, &w)?;
+    for ((l, s), dy) in lins.into_iter().zip(saved).zip(&dys) {
+        params_bwd(l, x, dy, grads)?;
+        dx = lora_bwd(l, x, s, dy, dx, grads, dropout)?;
     }
     Ok(dx)
 }
@@ -318,14 +466,27 @@ pub(super) fn attn_fwd(
     kept: Option<AttnKept>,
 ) -> Result<(Tensor, AttnSaved)> {
     let (b, t, c) = x.dims3()?;
-    let (nh, hs) = (at.n_head, at.head_dim);
+    let (nh, nkv, hs) = (at.n_head, at.n_kv_head, at.head_dim);
     let x2 = x.reshape((b * t, c))?;
     let mut saved_qkv = Vec::new();
-    let (q, k, v) = at.split_qkv(b, t, |l| {
-        let (y, s) = linear_fwd(l, &x2, ctx.dropout)?;
-        saved_qkv.push(s);
-        Ok(y)
-    })?;
+    let (q, k, v) = match &at.qkv {
+        QkvProj::Separate { q, k, v } => {
+            let (y, s) = qkv_fwd([q, k, v], &x2, ctx.dropout)?;
+            saved_qkv = s;
+            // Views; the copy to the heads-first layout below is the only one.
+            let y = y.reshape((b, t, nh + 2 * nkv, hs))?;
+            (
+                y.narrow(2, 0, nh)?,
+                y.narrow(2, nh, nkv)?,
+                y.narrow(2, nh + nkv, nkv)?,
+            )
+        }
+        _ => at.split_qkv(b, t, |l| {
+            let (y, s) = linear_fwd(l, &x2, ctx.dropout)?;
+            saved_qkv.push(s);
+            Ok(y)
+        })?,
+    };
     let (mut q, mut k, v) = timed("layout", 0.0, || -> Result<_> {
         Ok((
             q.transpose(1, 2)?.contiguous()?,
@@ -388,6 +549,7 @@ pub(super) fn attn_bwd(
         y.as_ref(),
         &s.proj,
         &dy.reshape((n, c))?,
+        None,
         grads,
         ctx.dropout,
     )?;
@@ -425,31 +587,14 @@ pub(super) fn attn_bwd(
     let xin = needs.then_some(&x2);
     let dx = match &at.qkv {
         QkvProj::Separate { q, k, v } => {
-            let mut dx = linear_bwd(
-                q,
-                xin,
-                &s.qkv[0],
-                &dq.reshape((n, nh * hs))?,
-                grads,
-                ctx.dropout,
-            )?;
-            dx = (dx
-                + linear_bwd(
-                    k,
-                    xin,
-                    &s.qkv[1],
-                    &dk.reshape((n, nkv * hs))?,
-                    grads,
-                    ctx.dropout,
-                )?)?;
-            (dx + linear_bwd(
-                v,
-                xin,
-                &s.qkv[2],
-                &dv.reshape((n, nkv * hs))?,
-                grads,
-                ctx.dropout,
-            )?)?
+            let dys = timed("layout", 0.0, || -> Result<_> {
+                Ok([
+                    dq.reshape((n, nh * hs))?,
+                    dk.reshape((n, nkv * hs))?,
+                    dv.reshape((n, nkv * hs))?,
+                ])
+            })?;
+            qkv_bwd([q, k, v], xin, &s.qkv, dys, grads, ctx.dropout)?
         }
         QkvProj::Blocked(l) => {
             let d = Tensor::cat(
@@ -460,7 +605,7 @@ pub(super) fn attn_bwd(
                 ],
                 1,
             )?;
-            linear_bwd(l, xin, &s.qkv[0], &d, grads, ctx.dropout)?
+            linear_bwd(l, xin, &s.qkv[0], &d, None, grads, ctx.dropout)?
         }
         QkvProj::Grouped(l) => {
             let g = nh / nkv;
@@ -473,7 +618,7 @@ pub(super) fn attn_bwd(
                 3,
             )?
             .reshape((n, (nh + 2 * nkv) * hs))?;
-            linear_bwd(l, xin, &s.qkv[0], &d, grads, ctx.dropout)?
+            linear_bwd(l, xin, &s.qkv[0], &d, None, grads, ctx.dropout)?
         }
     };
     dx.reshape((b, t, c))
@@ -566,6 +711,7 @@ pub(super) fn mlp_bwd(
         h.as_ref(),
         &s.down,
         &dy.reshape((b * t, c))?,
+        None,
         grads,
         ctx.dropout,
     )?;
@@ -582,8 +728,8 @@ pub(super) fn mlp_bwd(
             })?;
             let needs = linear_needs_input(gate, grads) || linear_needs_input(&m.up, grads);
             let xin = needs.then_some(&x2);
-            let dx = linear_bwd(gate, xin, &s.lin[0], &dg, grads, ctx.dropout)?;
-            (dx + linear_bwd(&m.up, xin, &s.lin[1], &du, grads, ctx.dropout)?)?
+            let dx = linear_bwd(gate, xin, &s.lin[0], &dg, None, grads, ctx.dropout)?;
+            linear_bwd(&m.up, xin, &s.lin[1], &du, Some(dx), grads, ctx.dropout)?
         }
         _ => {
             let dp = timed("activation", 0.0, || -> Result<_> {
@@ -593,7 +739,7 @@ pub(super) fn mlp_bwd(
                 })
             })?;
             let xin = linear_needs_input(&m.up, grads).then_some(&x2);
-            linear_bwd(&m.up, xin, &s.lin[0], &dp, grads, ctx.dropout)?
+            linear_bwd(&m.up, xin, &s.lin[0], &dp, None, grads, ctx.dropout)?
         }
     };
     dx.reshape((b, t, c))

@@ -27,6 +27,29 @@ fn slice_mut<'a>(name: &str, s: &'a mut CpuStorage, l: &Layout) -> Result<&'a mu
     }
 }
 
+/// The values of an `(m, n)` f32 matrix whose rows are contiguous and `ld` apart (a
+/// column block of a wider matrix, such as one projection's part of a fused q|k|v
+/// output), from its first element to its last, and `ld`.
+fn rows_mut<'a>(
+    name: &str,
+    s: &'a mut CpuStorage,
+    l: &Layout,
+    (m, n): (usize, usize),
+) -> Result<(&'a mut [f32], usize)> {
+    let CpuStorage::F32(v) = s else {
+        return Err(not_fused(name));
+    };
+    let (start, ld) = (l.start_offset(), l.stride()[0]);
+    if l.dims() != [m, n] || l.stride()[1] != 1 || ld < n {
+        candle_core::bail!("{name}: destination is not {m}×{n} with contiguous rows");
+    }
+    let len = if m == 0 { 0 } else { (m - 1) * ld + n };
+    match v.get_mut(start..start + len) {
+        Some(d) => Ok((d, ld)),
+        None => candle_core::bail!("{name}: destination out of its storage"),
+    }
+}
+
 fn parallelism() -> gemm::Parallelism {
     match rayon::current_num_threads() {
         0 | 1 => gemm::Parallelism::None,
@@ -58,17 +81,18 @@ impl InplaceOp3 for GemmAcc {
         l3: &Layout,
     ) -> Result<()> {
         let (m, n, k) = (self.m, self.n, self.k);
-        let dst = slice_mut(self.name(), s1, l1)?;
+        let (dst, ld) = rows_mut(self.name(), s1, l1, (m, n))?;
         let a = slice(self.name(), s2, l2)?;
         let b = slice(self.name(), s3, l3)?;
-        if dst.len() != m * n || a.len() != m * k || b.len() != k * n {
+        if a.len() != m * k || b.len() != k * n {
             candle_core::bail!("gemm accumulate: sizes do not match {m}×{k}·{k}×{n}");
         }
         // Column and row strides of the logical A (m × k) and B (k × n).
         let (a_cs, a_rs) = if self.a_t { (m, 1) } else { (1, k) };
         let (b_cs, b_rs) = if self.b_t { (k, 1) } else { (1, n) };
-        // SAFETY: dst is m × n row-major; A and B are read through in-bounds strides of
-        // their own slices, checked above.
+        // SAFETY: dst holds m rows of n values, ld apart (its length checked by
+        // rows_mut); A and B are read through in-bounds strides of their own slices,
+        // checked above.
         unsafe {
             gemm::gemm(
                 m,
@@ -76,7 +100,7 @@ impl InplaceOp3 for GemmAcc {
                 k,
                 dst.as_mut_ptr(),
                 1,
-                n as isize,
+                ld as isize,
                 true,
                 a.as_ptr(),
                 a_cs as isize,
@@ -97,7 +121,9 @@ impl InplaceOp3 for GemmAcc {
 }
 
 /// `dst += alpha · op(a) · op(b)` in place, where `op(a)` is `aᵀ` when `a_t`; `dst`
-/// is `(m, n)`. Returns false (and does nothing) when the fused path does not apply.
+/// is `(m, n)`, contiguous or a column block of a wider matrix (`narrow(1, ..)` of a
+/// contiguous one). Returns false (and does nothing) when the fused path does not
+/// apply.
 pub fn gemm_acc(
     dst: &Tensor,
     a: &Tensor,
@@ -106,7 +132,11 @@ pub fn gemm_acc(
     b_t: bool,
     alpha: f32,
 ) -> Result<bool> {
-    let ready = [dst, a, b].iter().all(|t| fusable(t) && t.is_contiguous());
+    let rows_contiguous = dst.rank() == 2 && dst.stride()[1] == 1;
+    let ready = [dst, a, b].iter().all(|t| fusable(t))
+        && rows_contiguous
+        && a.is_contiguous()
+        && b.is_contiguous();
     if !ready {
         return Ok(false);
     }
@@ -299,6 +329,17 @@ mod tests {
             let acc = dst.copy().unwrap();
             assert!(gemm_acc(&acc, &a, a_t, &b, b_t, 0.5).unwrap());
             close(&acc, &want, 1e-5);
+            // Into columns 2..2+n of a wider matrix, the others untouched.
+            let wide = r((m, n + 4));
+            let before = wide.copy().unwrap();
+            let block = wide.narrow(1, 2, n).unwrap();
+            let want = (&block + (opa.matmul(&opb).unwrap() * 0.5).unwrap()).unwrap();
+            assert!(gemm_acc(&block, &a, a_t, &b, b_t, 0.5).unwrap());
+            close(&wide.narrow(1, 2, n).unwrap(), &want, 1e-5);
+            for c in [0, n + 2] {
+                let cols = |t: &Tensor| t.narrow(1, c, 2).unwrap().to_vec2::<f32>().unwrap();
+                assert_eq!(cols(&wide), cols(&before));
+            }
         }
         let dst = r((4, 3));
         let g = r((4, 3));
