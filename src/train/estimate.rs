@@ -34,7 +34,10 @@
 //! workspace    e · N · (2C + 2I + (nh+2nkv)·hs)   one block's backward transients
 //!              + e · N · C                        final norm output
 //!              + f32 · 2 · rows · V               one chunk of logits and their gradient,
-//!                                                 rows = head_chunk_rows(V, N)
+//!                                                 rows = head_chunk_rows(V, N) (the fused
+//!                                                 CPU kernel writes the gradient over the
+//!                                                 logits: one of the two; other devices
+//!                                                 hold both)
 //!              + e · N · C                        embedding output
 //!              + e · N · C                        the head's dropped-out LoRA input
 //!                                                 (LoRA on the head, --lora-dropout > 0)
@@ -58,8 +61,8 @@ use crate::strategy::{DataParallel, DeviceSpec};
 
 use super::TrainConfig;
 
-/// Rows of the output head computed at once, `min(N, max(64, 2^23 / V))`: the
-/// engine's own definition, so that the plan follows it.
+/// Rows of the output head computed at once, `N` in equal chunks of at most
+/// `max(64, 2^25 / V)` rows: the engine's own definition, so that the plan follows it.
 pub use crate::model::engine::head_chunk_rows;
 
 const F32: u64 = 4;

@@ -38,11 +38,23 @@ use super::rope::RopeTables;
 use super::{Block, Dropout, Gpt};
 use crate::config::{PositionKind, Residual};
 
-/// Rows of logits computed at once by the head: about 8 M logits (32 MB in f32), at
-/// least 64 rows, at most all of them.
+/// Rows of logits computed at once by the head: the tokens in equal chunks of at most
+/// `max(64, HEAD_CHUNK_LOGITS / V)` rows (2048 tokens over 49,152 ids: 4 chunks of 512
+/// rather than 3 of 682 and one of 2).
+///
+/// The head's matmuls (`x Wᵀ`, `dlogits W`, and `dlogitsᵀ x` for a trained head) are
+/// slow on thin chunks: at ~170 rows they ran at about half of the gemm's speed on
+/// larger shapes, and a trained head's gradient reads and writes all of `dW` once per
+/// chunk.
 pub fn head_chunk_rows(vocab: usize, tokens: usize) -> usize {
-    ((1usize << 23) / vocab.max(1)).max(64).min(tokens.max(1))
+    let max = (HEAD_CHUNK_LOGITS / vocab.max(1)).max(64);
+    let tokens = tokens.max(1);
+    tokens.div_ceil(tokens.div_ceil(max))
 }
+
+/// The most logits [`head_chunk_rows`] computes at once (but for 64 rows of a larger
+/// vocabulary): 128 MiB in f32, which their gradient overwrites in place.
+pub const HEAD_CHUNK_LOGITS: usize = 1 << 25;
 
 /// One micro-batch for [`train_pass`].
 pub struct PassInput<'a> {
@@ -287,8 +299,15 @@ fn head_pass(model: &Gpt, x: &Tensor, inp: &PassInput, grads: &mut Grads) -> Res
     let w = head.weight.detach().to_dtype(dt)?;
     let rows = head_chunk_rows(vocab, n);
     let mut loss = 0f64;
-    let mut dx_parts = Vec::new();
-    let mut dxin_parts = Vec::new();
+    // Each chunk's input gradient is added straight into its rows of one zeroed buffer
+    // (the head's LoRA part too), instead of parts concatenated at the end. With LoRA
+    // dropout the LoRA part is masked over all rows at once, so it collects in a
+    // buffer of its own first.
+    let mut dxf = Tensor::zeros((n, c), dt, x.device())?;
+    let mut dxin = match &lora_in {
+        Some(_) => Some(Tensor::zeros((n, c), dt, x.device())?),
+        None => None,
+    };
     let mut r0 = 0;
     while r0 < n {
         let len = rows.min(n - r0);
@@ -307,7 +326,13 @@ fn head_pass(model: &Gpt, x: &Tensor, inp: &PassInput, grads: &mut Grads) -> Res
             let a = l.a.detach().to_dtype(dt)?;
             let u = layers::mm_nt(layers::MM_LORA, xin.as_ref().unwrap_or(&xc), &a)?;
             let beff = layers::lora_b(l, dt)?;
-            logits = (logits + (layers::mm_nt(layers::MM_LORA, &u, &beff)? * l.scale)?)?;
+            let flops = 2.0 * (len * vocab * u.dim(1)?) as f64;
+            let added = profile::timed(layers::MM_LORA, flops, || {
+                super::fused::gemm_acc(&logits, &u, false, &beff, true, l.scale as f32)
+            })?;
+            if !added {
+                logits = (logits + (layers::mm_nt(layers::MM_LORA, &u, &beff)? * l.scale)?)?;
+            }
             lora_u = Some(u);
         }
         let logits = logits.to_dtype(DType::F32)?;
@@ -316,17 +341,16 @@ fn head_pass(model: &Gpt, x: &Tensor, inp: &PassInput, grads: &mut Grads) -> Res
             &weights[r0..r0 + len],
             &mask[r0..r0 + len],
         );
-        let (nll, dlogits) = profile::timed("cross-entropy", 0.0, || {
-            cross_entropy_chunk(&logits, tg, wt)
-        })?;
+        let (nll, dlogits) =
+            profile::timed("cross-entropy", 0.0, || cross_entropy_chunk(logits, tg, wt))?;
         loss += nll
             .iter()
             .zip(mk)
             .map(|(&l, &m)| f64::from(l) * f64::from(m))
             .sum::<f64>();
-        drop(logits);
         let dl = dlogits.to_dtype(dt)?;
-        dx_parts.push(layers::mm("matmul: head input gradient", &dl, &w)?);
+        drop(dlogits);
+        mm_into_rows("matmul: head input gradient", &mut dxf, r0, &dl, &w)?;
         if grads.wants(&head.weight) {
             grads.add_matmul(
                 "matmul: head weight gradient",
@@ -361,39 +385,58 @@ fn head_pass(model: &Gpt, x: &Tensor, inp: &PassInput, grads: &mut Grads) -> Res
                     1.0,
                 )?;
             }
-            dxin_parts.push(layers::mm(
-                layers::MM_LORA,
-                &du,
-                &l.a.detach().to_dtype(dt)?,
-            )?);
+            let a = l.a.detach().to_dtype(dt)?;
+            let dst = dxin.as_mut().unwrap_or(&mut dxf);
+            mm_into_rows(layers::MM_LORA, dst, r0, &du, &a)?;
         }
         r0 += len;
     }
-    let mut dxf = Tensor::cat(&dx_parts, 0)?;
-    if !dxin_parts.is_empty() {
-        let mut dxin = Tensor::cat(&dxin_parts, 0)?;
-        if let (Some(l), Some(d), true) = (&head.lora, inp.dropout, lora_in.is_some()) {
-            dxin = d.apply(&dxin, l.dropout, &head.name)?;
+    if let (Some(l), Some(d), Some(dxin)) = (&head.lora, inp.dropout, dxin) {
+        let dxin = d.apply(&dxin, l.dropout, &head.name)?;
+        if !super::fused::add_assign(&dxf, &dxin)? {
+            dxf = (dxf + dxin)?;
         }
-        dxf = (dxf + dxin)?;
     }
     Ok((loss, dxf.reshape((b, t, c))?))
 }
 
-/// Per-row `nll` and the weighted gradient of `logits: (R, V)` (f32).
+/// Rows `r0..` of `dst: (N, n)` `+= a b` (`a: (m, k)`, `b: (k, n)`): in place on the
+/// fused path (gemm straight into those rows), timed under `kind`.
+fn mm_into_rows(
+    kind: &'static str,
+    dst: &mut Tensor,
+    r0: usize,
+    a: &Tensor,
+    b: &Tensor,
+) -> Result<()> {
+    let (m, k) = a.dims2()?;
+    let n = b.dim(1)?;
+    let rows = dst.narrow(0, r0, m)?;
+    let done = profile::timed(kind, 2.0 * (m * n * k) as f64, || {
+        super::fused::gemm_acc(&rows, a, false, b, false, 1.0)
+    })?;
+    if !done {
+        let sum = (rows + a.matmul(b)?)?;
+        *dst = dst.slice_assign(&[r0..r0 + m, 0..n], &sum)?;
+    }
+    Ok(())
+}
+
+/// Per-row `nll` and the weighted gradient of `logits: (R, V)` (f32), which the fused
+/// path writes over the logits.
 fn cross_entropy_chunk(
-    logits: &Tensor,
+    logits: Tensor,
     targets: &[u32],
     weights: &[f32],
 ) -> Result<(Vec<f32>, Tensor)> {
-    if let Some(r) = super::fused::cross_entropy_grad(logits, targets, weights)? {
-        return Ok(r);
+    if let Some(nll) = super::fused::cross_entropy_grad_in_place(&logits, targets, weights)? {
+        return Ok((nll, logits));
     }
     let dev = logits.device();
     let tg = Tensor::new(targets, dev)?;
     let nll = super::fused::nll_plain(&logits.detach(), &tg)?;
     let w = Tensor::new(weights, dev)?;
-    let g = layers::vjp(&[logits], &w, |x| super::fused::nll_plain(&x[0], &tg))?;
+    let g = layers::vjp(&[&logits], &w, |x| super::fused::nll_plain(&x[0], &tg))?;
     Ok((
         nll.to_vec1::<f32>()?,
         g.into_iter().next().expect("one input"),

@@ -10,6 +10,8 @@
 //! not), so a forward here equals `Tensor::silu` / `gelu` / `gelu_erf` / `relu` to
 //! an ulp or two.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
@@ -99,27 +101,40 @@ macro_rules! dispatch {
     };
 }
 
-fn forward_chunk<A: Act>(y: &mut [f32], x: &[f32]) {
-    vectorized(|| y.iter_mut().zip(x).for_each(|(o, &v)| *o = A::value(v)))
+// The kernels write their outputs into memory not yet initialised (see `filled`): each
+// writes every element of its output chunk, whose length equals its inputs'.
+
+fn forward_chunk<A: Act>(y: &mut [MaybeUninit<f32>], x: &[f32]) {
+    vectorized(|| {
+        y.iter_mut().zip(x).for_each(|(o, &v)| {
+            o.write(A::value(v));
+        })
+    })
 }
 
-fn backward_chunk<A: Act>(d: &mut [f32], x: &[f32], g: &[f32]) {
+fn backward_chunk<A: Act>(d: &mut [MaybeUninit<f32>], x: &[f32], g: &[f32]) {
     vectorized(|| {
         for ((o, &v), &gv) in d.iter_mut().zip(x).zip(g) {
-            *o = gv * A::value_and_slope(v).1;
+            o.write(gv * A::value_and_slope(v).1);
         }
     })
 }
 
-fn gated_chunk<A: Act>(h: &mut [f32], g: &[f32], u: &[f32]) {
+fn gated_chunk<A: Act>(h: &mut [MaybeUninit<f32>], g: &[f32], u: &[f32]) {
     vectorized(|| {
         for ((o, &gv), &uv) in h.iter_mut().zip(g).zip(u) {
-            *o = A::value(gv) * uv;
+            o.write(A::value(gv) * uv);
         }
     })
 }
 
-fn gated_backward_chunk<A: Act>(dg: &mut [f32], du: &mut [f32], g: &[f32], u: &[f32], dh: &[f32]) {
+fn gated_backward_chunk<A: Act>(
+    dg: &mut [MaybeUninit<f32>],
+    du: &mut [MaybeUninit<f32>],
+    g: &[f32],
+    u: &[f32],
+    dh: &[f32],
+) {
     vectorized(|| {
         let n = g
             .len()
@@ -129,8 +144,8 @@ fn gated_backward_chunk<A: Act>(dg: &mut [f32], du: &mut [f32], g: &[f32], u: &[
             .min(du.len());
         for i in 0..n {
             let (y, s) = A::value_and_slope(g[i]);
-            dg[i] = dh[i] * u[i] * s;
-            du[i] = dh[i] * y;
+            dg[i].write(dh[i] * u[i] * s);
+            du[i].write(dh[i] * y);
         }
     })
 }
@@ -145,14 +160,38 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
 
 const CHUNK: usize = 4096;
 
+/// `len` values, chunk `i` of [`CHUNK`] written by `fill(i, chunk)`, in parallel. The
+/// buffer is not zeroed first: that would be a pass over the output for nothing, in
+/// memory the allocator hands back already used.
+///
+/// # Safety
+///
+/// `fill` must write every element of the chunk it is given.
+unsafe fn filled(len: usize, fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync) -> Vec<f32> {
+    let mut v = Vec::with_capacity(len);
+    v.spare_capacity_mut()[..len]
+        .par_chunks_mut(CHUNK)
+        .enumerate()
+        .for_each(|(i, c)| fill(i, c));
+    // SAFETY: the chunks cover the first `len` elements, and `fill` wrote all of them.
+    unsafe { v.set_len(len) };
+    v
+}
+
+/// The `i`-th chunk of `x` as [`filled`] cuts its output: `len` values from `i · CHUNK`.
+fn chunk(x: &[f32], i: usize, len: usize) -> &[f32] {
+    &x[i * CHUNK..i * CHUNK + len]
+}
+
 /// `act(x)`; None when the fused path does not apply.
 pub fn act_forward(x: &Tensor, a: Activation) -> Result<Option<Tensor>> {
     let Some(y) = with_f32(x, |x| {
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK))
-            .for_each(|(y, x)| dispatch!(a, forward_chunk(y, x)));
-        y
+        // SAFETY: forward_chunk writes all of y, as long as its input chunk.
+        unsafe {
+            filled(x.len(), |i, y| {
+                dispatch!(a, forward_chunk(y, chunk(x, i, y.len())))
+            })
+        }
     }) else {
         return Ok(None);
     };
@@ -163,15 +202,20 @@ pub fn act_forward(x: &Tensor, a: Activation) -> Result<Option<Tensor>> {
 pub fn act_backward(x: &Tensor, dh: &Tensor, a: Activation) -> Result<Option<Tensor>> {
     let out = with_f32(x, |x| {
         with_f32(dh, |dh| {
-            let mut dx = vec![0f32; x.len()];
-            dx.par_chunks_mut(CHUNK)
-                .zip(x.par_chunks(CHUNK).zip(dh.par_chunks(CHUNK)))
-                .for_each(|(d, (x, g))| dispatch!(a, backward_chunk(d, x, g)));
-            dx
+            if x.len() != dh.len() {
+                return None;
+            }
+            // SAFETY: backward_chunk writes all of d, as long as its input chunks.
+            Some(unsafe {
+                filled(x.len(), |i, d| {
+                    let n = d.len();
+                    dispatch!(a, backward_chunk(d, chunk(x, i, n), chunk(dh, i, n)))
+                })
+            })
         })
     });
     match out {
-        Some(Some(dx)) if x.dims() == dh.dims() => {
+        Some(Some(Some(dx))) if x.dims() == dh.dims() => {
             Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
         }
         _ => Ok(None),
@@ -182,15 +226,20 @@ pub fn act_backward(x: &Tensor, dh: &Tensor, a: Activation) -> Result<Option<Ten
 pub fn gated_forward(g: &Tensor, u: &Tensor, a: Activation) -> Result<Option<Tensor>> {
     let out = with_f32(g, |g| {
         with_f32(u, |u| {
-            let mut h = vec![0f32; g.len()];
-            h.par_chunks_mut(CHUNK)
-                .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-                .for_each(|(h, (g, u))| dispatch!(a, gated_chunk(h, g, u)));
-            h
+            if g.len() != u.len() {
+                return None;
+            }
+            // SAFETY: gated_chunk writes all of h, as long as its input chunks.
+            Some(unsafe {
+                filled(g.len(), |i, h| {
+                    let n = h.len();
+                    dispatch!(a, gated_chunk(h, chunk(g, i, n), chunk(u, i, n)))
+                })
+            })
         })
     });
     match out {
-        Some(Some(h)) if g.dims() == u.dims() => {
+        Some(Some(Some(h))) if g.dims() == u.dims() => {
             Ok(Some(Tensor::from_vec(h, g.shape(), g.device())?))
         }
         _ => Ok(None),
@@ -211,21 +260,33 @@ pub fn gated_backward(
     let out = with_f32(g, |g| {
         with_f32(u, |u| {
             with_f32(dh, |dh| {
-                let mut dg = vec![0f32; g.len()];
-                let mut du = vec![0f32; g.len()];
-                dg.par_chunks_mut(CHUNK)
-                    .zip(du.par_chunks_mut(CHUNK))
+                let n = g.len();
+                if u.len() != n || dh.len() != n {
+                    return None;
+                }
+                // Not zeroed, as in `filled`.
+                let mut dg = Vec::with_capacity(n);
+                let mut du = Vec::with_capacity(n);
+                dg.spare_capacity_mut()[..n]
+                    .par_chunks_mut(CHUNK)
+                    .zip(du.spare_capacity_mut()[..n].par_chunks_mut(CHUNK))
                     .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
                     .zip(dh.par_chunks(CHUNK))
                     .for_each(|(((dg, du), (g, u)), dh)| {
                         dispatch!(a, gated_backward_chunk(dg, du, g, u, dh))
                     });
-                (dg, du)
+                // SAFETY: the chunks cover the first n elements of dg and du, and
+                // gated_backward_chunk writes all of both (all five chunks are as long).
+                unsafe {
+                    dg.set_len(n);
+                    du.set_len(n);
+                }
+                Some((dg, du))
             })
         })
     });
     match out {
-        Some(Some(Some((dg, du)))) => Ok(Some((
+        Some(Some(Some(Some((dg, du))))) => Ok(Some((
             Tensor::from_vec(dg, g.shape(), g.device())?,
             Tensor::from_vec(du, g.shape(), g.device())?,
         ))),

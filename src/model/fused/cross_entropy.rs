@@ -122,14 +122,17 @@ pub fn nll_plain(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 }
 
 /// Forward and backward of the cross-entropy of `logits: (N, V)` (contiguous CPU f32)
-/// in one pass: per row `nllᵢ = log Σⱼ exp xᵢⱼ − xᵢ,tᵢ` and the gradient
-/// `wᵢ (softmax xᵢ − onehot tᵢ)`, weighted by `weights` (0 for rows that do not count).
-/// None when the fused path does not apply.
-pub fn cross_entropy_grad(
+/// in one pass, in place: per row `nllᵢ = log Σⱼ exp xᵢⱼ − xᵢ,tᵢ`, and `logits` then
+/// holds the gradient `wᵢ (softmax xᵢ − onehot tᵢ)`, weighted by `weights` (0 for rows
+/// that do not count). Overwriting the logits halves the head's largest buffer and
+/// saves allocating (and zeroing) a second one. None, and `logits` untouched, when the
+/// fused path does not apply; `logits` must share its storage with no tensor still in
+/// use.
+pub fn cross_entropy_grad_in_place(
     logits: &Tensor,
     targets: &[u32],
     weights: &[f32],
-) -> Result<Option<(Vec<f32>, Tensor)>> {
+) -> Result<Option<Vec<f32>>> {
     if !fusable(logits) || !logits.is_contiguous() {
         return Ok(None);
     }
@@ -144,32 +147,29 @@ pub fn cross_entropy_grad(
     if let Some(&bad) = targets.iter().find(|&&t| t as usize >= v) {
         candle_core::bail!("target id {bad} outside a vocabulary of {v}");
     }
-    let (st, l) = logits.storage_and_layout();
-    let candle_core::Storage::Cpu(cpu) = &*st else {
-        return Ok(None);
-    };
-    let (x, _) = rows("lc-cross-entropy", cpu, l)?;
-    let mut dx = vec![0f32; x.len()];
-    let nll: Vec<f32> = dx
-        .par_chunks_mut(v)
-        .zip(x.par_chunks(v))
-        .zip(targets.par_iter().zip(weights.par_iter()))
-        .map(|((d, r), (&t, &w))| {
-            super::vectorized(|| {
-                let max = super::flash::max_of(r);
-                for (o, &xv) in d.iter_mut().zip(r) {
-                    *o = super::exp_approx(xv - max);
-                }
-                let sum = super::flash::sum_lanes_f64(d);
-                let scale = (f64::from(w) / sum) as f32;
-                d.iter_mut().for_each(|o| *o *= scale);
-                d[t as usize] -= w;
-                (sum.ln() + f64::from(max - r[t as usize])) as f32
+    let mut nll = Vec::new();
+    let done = super::with_values_mut(logits, |x| {
+        nll = x
+            .par_chunks_mut(v)
+            .zip(targets.par_iter().zip(weights.par_iter()))
+            .map(|(r, (&t, &w))| {
+                super::vectorized(|| {
+                    let max = super::flash::max_of(r);
+                    let picked = r[t as usize];
+                    for o in r.iter_mut() {
+                        *o = super::exp_approx(*o - max);
+                    }
+                    let sum = super::flash::sum_lanes_f64(r);
+                    let scale = (f64::from(w) / sum) as f32;
+                    r.iter_mut().for_each(|o| *o *= scale);
+                    r[t as usize] -= w;
+                    (sum.ln() + f64::from(max - picked)) as f32
+                })
             })
-        })
-        .collect();
-    drop(st);
-    Ok(Some((nll, Tensor::from_vec(dx, (n, v), logits.device())?)))
+            .collect();
+        Ok(())
+    })?;
+    Ok(done.then_some(nll))
 }
 
 #[cfg(test)]

@@ -35,15 +35,20 @@ impl CustomOp1 for FrozenMatmul {
                 .contiguous_offsets()
                 .ok_or_else(|| not_fused(self.name()))?;
             let (x, w) = (&x[start..end], &w[w0..w1]);
-            let mut y = vec![0f32; rows * out];
+            // Not zeroed: gemm writes every element (read_dst = false), and zeroing a
+            // reused allocation first is a pass over the output for nothing.
+            let mut y = Vec::<f32>::with_capacity(rows * out);
             let threads = rayon::current_num_threads();
             let par = if threads > 1 {
                 gemm::Parallelism::Rayon(threads)
             } else {
                 gemm::Parallelism::None
             };
-            // SAFETY: y is rows × out, x rows × k, w out × k, all row-major and in bounds;
-            // y[i, j] = Σ_c x[i, c] · w[j, c] (rhs element (c, j) at w + j·k + c).
+            // SAFETY: y has capacity rows × out, x is rows × k, w out × k, all row-major
+            // and in bounds; y[i, j] = Σ_c x[i, c] · w[j, c] (rhs element (c, j) at
+            // w + j·k + c). With read_dst = false gemm only writes y, through the raw
+            // pointer (no reference to its uninitialised values), and writes all of it
+            // (zeros when k = 0), so its length can then be set to rows × out.
             unsafe {
                 gemm::gemm(
                     rows,
@@ -66,6 +71,7 @@ impl CustomOp1 for FrozenMatmul {
                     false,
                     par,
                 );
+                y.set_len(rows * out);
             }
             return Ok((CpuStorage::F32(y), Shape::from(shape)));
         }

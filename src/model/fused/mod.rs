@@ -32,7 +32,7 @@ mod softmax;
 
 pub use accumulate::{add_assign, gemm_acc, rows_add, sum_squares, with_values, with_values_mut};
 pub use act::{act_backward, act_forward, gated_backward, gated_forward};
-pub use cross_entropy::{cross_entropy_grad, cross_entropy_rows, nll_plain};
+pub use cross_entropy::{cross_entropy_grad_in_place, cross_entropy_rows, nll_plain};
 pub use flash::{
     FlashSaved, TILES, Tiles, attention, attention_plain, flash_attention, flash_forward,
 };
