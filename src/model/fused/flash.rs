@@ -357,39 +357,10 @@ fn mm(
     }
 }
 
-/// `x ← e^(scale·x − m)` over a slice, vectorised where the CPU allows (the same
-/// arithmetic either way: no fused multiply-adds, so results do not depend on it).
+/// `x ← e^(scale·x − m)` over a slice, vectorised where the CPU allows
+/// ([`super::vectorized`]: the same arithmetic either way).
 fn exp_shifted(x: &mut [f32], scale: f32, m: f32) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512F (checked just above).
-        unsafe { exp_shifted_avx512(x, scale, m) };
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has AVX2 (checked just above).
-        unsafe { exp_shifted_avx2(x, scale, m) };
-        return;
-    }
-    exp_shifted_any(x, scale, m);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn exp_shifted_avx512(x: &mut [f32], scale: f32, m: f32) {
-    exp_shifted_any(x, scale, m);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn exp_shifted_avx2(x: &mut [f32], scale: f32, m: f32) {
-    exp_shifted_any(x, scale, m);
-}
-
-#[inline(always)]
-fn exp_shifted_any(x: &mut [f32], scale: f32, m: f32) {
-    x.iter_mut().for_each(|v| *v = exp_approx(*v * scale - m));
+    super::vectorized(|| x.iter_mut().for_each(|v| *v = exp_approx(*v * scale - m)));
 }
 
 /// Largest value of a slice (−∞ when empty).
