@@ -111,8 +111,11 @@ pub struct BenchReport {
     pub checkpoint_every: usize,
     /// Wall time of the timed steps.
     pub seconds: f64,
-    /// Where that time went (with `--profile`), largest first.
+    /// Where that time went (with `--profile`), largest first: thread time, summed
+    /// over the parts of a micro-batch when they run at once (`parts`).
     pub profile: Vec<crate::model::engine::profile::Row>,
+    /// Parts each micro-batch is split into, one core each ([`StepRunner::parts`]).
+    pub parts: usize,
     /// The planned memory of this run (`pretrain --dry-run`'s total), MB.
     pub estimate_mb: f64,
 }
@@ -282,6 +285,10 @@ pub fn bench_train(
     let batches = (0..steps)
         .map(|_| random_batch(shape, &mut rng, &strategy.device))
         .collect::<Result<Vec<_>>>()?;
+    let parts = match batches.first() {
+        Some(b) => StepRunner::parts(&runner.model, runner.opt.vars(), b)?,
+        None => 1,
+    };
     crate::model::engine::profile::enable(run.profile);
     let t = Instant::now();
     for b in batches {
@@ -295,7 +302,7 @@ pub fn bench_train(
         let counted: f64 = profile.iter().map(|r| r.seconds).sum();
         profile.push(crate::model::engine::profile::Row {
             kind: "other (residual adds, reshapes, embeddings, bookkeeping)",
-            seconds: (secs - counted).max(0.0),
+            seconds: (secs * parts as f64 - counted).max(0.0),
             flops: 0.0,
             calls: 0,
         });
@@ -322,6 +329,7 @@ pub fn bench_train(
         checkpoint_every: run.checkpoint_every,
         seconds: secs,
         profile,
+        parts,
         estimate_mb: bench_estimate(shape, strategy, lora, run.checkpoint_every)?.total as f64
             / (1u64 << 20) as f64,
     })

@@ -60,6 +60,17 @@ impl Dropout {
         self.next.set((step, first + n as u64));
     }
 
+    /// The masks of samples `offset..offset + n` of the micro-batch being computed,
+    /// for a part of it computed on its own (the same masks as in the whole).
+    pub fn for_part(&self, offset: usize, n: usize) -> Dropout {
+        let (step, first, _) = self.current.get();
+        Dropout {
+            seed: self.seed,
+            next: Cell::new(self.next.get()),
+            current: Cell::new((step, first + offset as u64, n)),
+        }
+    }
+
     /// Zero each element of `x: (B·T, in)` (the micro-batch's rows, sample-major) with
     /// probability `p`, scale the rest by `1/(1-p)`; `site` names the layer.
     pub fn apply(&self, x: &Tensor, p: f32, site: &str) -> Result<Tensor> {

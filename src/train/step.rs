@@ -7,7 +7,7 @@
 //! batch into micro-batches, or over ranks, does not change the gradient (the ranks'
 //! gradients are summed once per step, not averaged).
 
-use candle_core::Tensor;
+use candle_core::{Tensor, Var};
 
 use super::batches::Batch;
 use super::zero::Optimizer;
@@ -99,6 +99,10 @@ pub struct StepRunner {
     pub activation_checkpointing: usize,
     /// Gradient buffers, allocated at the first step and reused.
     grads: Option<Grads>,
+    /// The other parts' buffers and one-thread pools when micro-batches are split
+    /// over the cores ([`StepRunner::parts`]).
+    part_grads: Vec<Grads>,
+    part_pools: Vec<rayon::ThreadPool>,
 }
 
 impl StepRunner {
@@ -114,6 +118,8 @@ impl StepRunner {
             dropout: None,
             activation_checkpointing: 0,
             grads: None,
+            part_grads: Vec::new(),
+            part_pools: Vec::new(),
         }
     }
 
@@ -121,6 +127,124 @@ impl StepRunner {
     pub fn eval_loss_sum(model: &Gpt, batch: &Batch) -> Result<(f64, usize)> {
         let sum = loss_sum(model, batch, None)?;
         Ok((sum.to_scalar::<f32>()? as f64, batch.tokens))
+    }
+
+    /// Into how many parts, computed at once on their own cores, a micro-batch is
+    /// split (by samples; 1: not split).
+    ///
+    /// Cores sharing one matmul wait on each other; cores with matmuls of their own do
+    /// not. On the 2-core CI machine a projection-sized product (512 × 576 × 960, cold
+    /// operands, the gemm crate) ran at 150–200 GFLOP/s on both cores, and at 86–128
+    /// on each core when two ran at once on one core each; a LoRA step at 2 × 256
+    /// tokens of the real-model shape went from 178–195 to 202–218 tokens/s split
+    /// (alternating, same binary otherwise). Each extra part holds its own gradient
+    /// buffers, so only on a multi-core CPU in f32 with the fused kernels, with two
+    /// samples or more, and trained parameters under 1/16 of the model's (LoRA); full
+    /// fine-tuning, measured on the bench model, gained nothing for 18% more memory.
+    pub fn parts(model: &Gpt, vars: &[(String, Var)], batch: &Batch) -> Result<usize> {
+        let samples = batch.inputs.dim(0)?;
+        let threads = rayon::current_num_threads();
+        let cpu_f32 = batch.inputs.device().is_cpu()
+            && model.compute_dtype == candle_core::DType::F32
+            && crate::model::fused::kernels_on();
+        if !cpu_f32 || threads < 2 || samples < 2 {
+            return Ok(1);
+        }
+        let trained: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
+        let weights: usize = model
+            .named_parameters()
+            .iter()
+            .map(|(_, t)| t.elem_count())
+            .sum();
+        Ok(if trained * 16 <= weights {
+            threads.min(samples)
+        } else {
+            1
+        })
+    }
+
+    /// [`train_pass`] over `parts` consecutive groups of the micro-batch's samples at
+    /// once, each on a one-thread pool, their gradients then summed in order into
+    /// `grads`. The dropout masks are those of the whole (keyed by sample).
+    fn split_pass(
+        model: &Gpt,
+        vars: &[(String, Var)],
+        (pools, part_grads): (&mut Vec<rayon::ThreadPool>, &mut Vec<Grads>),
+        input: &PassInput,
+        grads: &mut Grads,
+        parts: usize,
+    ) -> Result<f64> {
+        while pools.len() < parts {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .thread_name(|_| "lc-part".into())
+                .build()
+                .map_err(|e| Error::Msg(format!("cannot start a training thread: {e}")))?;
+            pools.push(pool);
+        }
+        while part_grads.len() < parts - 1 {
+            part_grads.push(Grads::new(vars));
+        }
+        let (b, t) = input.ids.dims2()?;
+        type Piece = (
+            Tensor,
+            Tensor,
+            Tensor,
+            Option<std::sync::Arc<[u32]>>,
+            Option<Dropout>,
+        );
+        let mut pieces: Vec<Piece> = Vec::with_capacity(parts);
+        for p in 0..parts {
+            let (lo, hi) = (b * p / parts, b * (p + 1) / parts);
+            let docs: Option<std::sync::Arc<[u32]>> = input
+                .docs
+                .map(|d| d[lo * t..hi * t].iter().copied().collect());
+            pieces.push((
+                input.ids.narrow(0, lo, hi - lo)?,
+                input.targets.narrow(0, lo * t, (hi - lo) * t)?,
+                input.mask.narrow(0, lo * t, (hi - lo) * t)?,
+                docs,
+                input.dropout.map(|d| d.for_part(lo, hi - lo)),
+            ));
+        }
+        let (grad_scale, checkpoint_every) = (input.grad_scale, input.checkpoint_every);
+        let run = |(ids, targets, mask, docs, dropout): Piece,
+                   grads: &mut Grads|
+         -> candle_core::Result<f64> {
+            let part = PassInput {
+                ids: &ids,
+                targets: &targets,
+                mask: &mask,
+                docs: docs.as_ref(),
+                dropout: dropout.as_ref(),
+                grad_scale,
+                checkpoint_every,
+            };
+            train_pass(model, &part, grads)
+        };
+        let pools = &pools[..];
+        let mut pieces = pieces.into_iter();
+        let first = pieces.next().expect("at least two parts");
+        let results: Vec<candle_core::Result<f64>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = pieces
+                .zip(part_grads.iter_mut())
+                .zip(&pools[1..])
+                .map(|((piece, g), pool)| scope.spawn(move || pool.install(|| run(piece, g))))
+                .collect();
+            let mut out = vec![pools[0].install(|| run(first, grads))];
+            for h in handles {
+                out.push(h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
+            }
+            out
+        });
+        let mut total = 0f64;
+        for r in results {
+            total += r?;
+        }
+        for g in part_grads.iter_mut().take(parts - 1) {
+            grads.absorb(g)?;
+        }
+        Ok(total)
     }
 
     /// One optimizer step over `micro_batches` (this rank's share of the global
@@ -131,24 +255,44 @@ impl StepRunner {
         let denom = total_tokens.max(1) as f64;
         let scale = self.scaler.map_or(1.0, |s| s.scale);
         let mut total = 0f64;
-        let grads = self
+        let mut grads = self
             .grads
-            .get_or_insert_with(|| Grads::new(self.opt.vars()));
-        for batch in micro_batches {
-            if let Some(d) = &self.dropout {
-                d.next_micro_batch(batch.inputs.dim(0)?);
+            .take()
+            .unwrap_or_else(|| Grads::new(self.opt.vars()));
+        let mut passes = || -> Result<f64> {
+            let mut total = 0f64;
+            for batch in micro_batches {
+                if let Some(d) = &self.dropout {
+                    d.next_micro_batch(batch.inputs.dim(0)?);
+                }
+                let input = PassInput {
+                    ids: &batch.inputs,
+                    targets: &batch.targets,
+                    mask: &batch.mask,
+                    docs: batch.docs.as_ref(),
+                    dropout: self.dropout.as_ref(),
+                    grad_scale: scale / denom,
+                    checkpoint_every: self.activation_checkpointing,
+                };
+                let parts = Self::parts(&self.model, self.opt.vars(), batch)?;
+                total += if parts > 1 {
+                    Self::split_pass(
+                        &self.model,
+                        self.opt.vars(),
+                        (&mut self.part_pools, &mut self.part_grads),
+                        &input,
+                        &mut grads,
+                        parts,
+                    )?
+                } else {
+                    train_pass(&self.model, &input, &mut grads)?
+                };
             }
-            let input = PassInput {
-                ids: &batch.inputs,
-                targets: &batch.targets,
-                mask: &batch.mask,
-                docs: batch.docs.as_ref(),
-                dropout: self.dropout.as_ref(),
-                grad_scale: scale / denom,
-                checkpoint_every: self.activation_checkpointing,
-            };
-            total += train_pass(&self.model, &input, grads)?;
-        }
+            Ok(total)
+        };
+        let passed = passes();
+        let grads = self.grads.insert(grads);
+        total += passed?;
         let mut grads = grads.take(self.opt.vars())?;
         if scale != 1.0 {
             for g in grads.iter_mut() {

@@ -8,6 +8,10 @@ use candle_core::{Device, Tensor};
 use lit_claire::lora::{LoraConfig, LoraTargets, attach_new};
 use lit_claire::model::engine::{Grads, PassInput, train_pass};
 use lit_claire::model::{Dropout, TrainableModel};
+use lit_claire::strategy::Strategy;
+use lit_claire::train::batches::Batch;
+use lit_claire::train::optim::{AdamW, AdamWConfig};
+use lit_claire::train::step::StepRunner;
 
 use crate::checks::{load, values};
 use crate::common::*;
@@ -48,18 +52,26 @@ fn pass(tm: &TrainableModel, every: usize, dropout: Option<&Dropout>) -> (f64, V
 }
 
 fn lora_model(family: &str) -> TrainableModel {
-    let mut tm = load(&reference_dir(family), false);
-    let cfg = LoraConfig {
-        r: 4,
-        alpha: 8.0,
-        dropout: 0.3,
-        targets: LoraTargets {
+    lora_model_on(
+        family,
+        LoraTargets {
             query: true,
             value: true,
             mlp: true,
             head: true,
             ..Default::default()
         },
+    )
+}
+
+/// LoRA r 4 with dropout 0.3 on `targets`, B random.
+fn lora_model_on(family: &str, targets: LoraTargets) -> TrainableModel {
+    let mut tm = load(&reference_dir(family), false);
+    let cfg = LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.3,
+        targets,
         rslora: false,
     };
     let vars = attach_new(&mut tm.model, &cfg, 7).unwrap();
@@ -163,5 +175,92 @@ fn lora_dropout_gradients_equal_autograd_through_the_forward() {
                 "{family}: {name} differs by {d} (scale {scale})"
             );
         }
+    }
+}
+
+/// On a multi-core CPU a LoRA micro-batch is split by samples over the cores
+/// (`StepRunner::parts`): two steps give one core's losses and weights, with the same
+/// dropout masks and packed documents, on an uneven split (3 samples, 2 parts).
+#[test]
+fn a_micro_batch_split_over_cores_trains_like_one_core() {
+    let light = |family: &str| {
+        let targets = LoraTargets {
+            query: true,
+            value: true,
+            ..Default::default()
+        };
+        lora_model_on(family, targets)
+    };
+    for family in ["llama", "falcon"] {
+        let start = light(family);
+        let run = |threads: usize| -> (Vec<f64>, Vec<Vec<f32>>) {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let tm = light(family);
+                for ((_, v), (_, s)) in tm.vars.iter().zip(&start.vars) {
+                    v.set(s.as_tensor()).unwrap();
+                }
+                let vars = tm.vars.clone();
+                let (inputs, targets, n) = two_rows();
+                let dev = Device::Cpu;
+                let inputs = Tensor::cat(&[&inputs, &inputs.narrow(0, 0, 1).unwrap()], 0).unwrap();
+                let targets =
+                    Tensor::cat(&[&targets, &targets.narrow(0, 0, n).unwrap()], 0).unwrap();
+                // Two documents per row, the second from position 5.
+                let docs: Vec<u32> = (0..3 * n).map(|i| if i % n < 5 { 0 } else { 5 }).collect();
+                let batch = Batch {
+                    inputs,
+                    targets,
+                    mask: Tensor::ones(3 * n, candle_core::DType::F32, &dev).unwrap(),
+                    tokens: 3 * n,
+                    docs: Some(docs.into()),
+                };
+                let parts = StepRunner::parts(&tm.model, &vars, &batch).unwrap();
+                assert_eq!(parts, threads.min(3), "{family}: {threads} threads");
+                // A large epsilon keeps the update of a near-zero gradient (whose
+                // rounding depends on the order of the sum) proportional to it.
+                let adam = AdamWConfig {
+                    eps: 1e-3,
+                    ..AdamWConfig::default()
+                };
+                let mut runner = StepRunner::new(
+                    tm.model,
+                    AdamW::new(tm.vars, adam).unwrap().into(),
+                    Strategy::cpu(),
+                );
+                runner.dropout = Some(Dropout::new(11));
+                let losses = (0..2)
+                    .map(|step| {
+                        runner.dropout.as_ref().unwrap().begin_step(step, 0);
+                        runner
+                            .step(std::slice::from_ref(&batch), 1e-3)
+                            .unwrap()
+                            .loss
+                    })
+                    .collect();
+                (
+                    losses,
+                    vars.iter().map(|(_, v)| values(v.as_tensor())).collect(),
+                )
+            })
+        };
+        let (one, split) = (run(1), run(2));
+        for (a, b) in one.0.iter().zip(&split.0) {
+            assert!((a - b).abs() <= 1e-6 * a.abs(), "{family}: loss {a} vs {b}");
+        }
+        for (i, (a, b)) in one.1.iter().zip(&split.1).enumerate() {
+            let d = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(d <= 1e-7, "{family}: variable {i} differs by {d}");
+        }
+        // The step changed the weights.
+        assert!(
+            one.1
+                .iter()
+                .zip(&start.vars)
+                .any(|(a, (_, s))| *a != values(s.as_tensor()))
+        );
     }
 }

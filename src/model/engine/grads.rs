@@ -131,6 +131,35 @@ impl Grads {
         }
     }
 
+    /// Add this step's gradients in `other` (buffers of the same variables) into
+    /// these, and mark `other`'s stale.
+    pub fn absorb(&mut self, other: &mut Grads) -> Result<()> {
+        if other.bufs.len() != self.bufs.len() {
+            candle_core::bail!("gradient buffers of different variables (a bug)");
+        }
+        for i in 0..self.bufs.len() {
+            let g = match (&other.bufs[i], other.live[i]) {
+                (Some(g), true) => g.clone(),
+                _ => continue,
+            };
+            other.live[i] = false;
+            match (&self.bufs[i], self.live[i]) {
+                (Some(b), true) => {
+                    if !super::profile::timed("gradient accumulation", 0.0, || {
+                        fused::add_assign(b, &g)
+                    })? {
+                        self.bufs[i] = Some((b + &g)?);
+                    }
+                }
+                _ => {
+                    self.bufs[i] = Some(g.copy()?);
+                    self.live[i] = true;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// This step's gradients in the variables' order and dtypes (zeros where none
     /// flowed). The buffers are kept, and zeroed at the next step's first gradient: the
     /// caller must be done with these tensors by then.

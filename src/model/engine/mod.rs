@@ -34,6 +34,7 @@ use candle_core::{DType, Result, Tensor};
 pub use grads::Grads;
 use layers::{AttnKept, AttnSaved, Ctx, MlpSaved, Rotary};
 
+use super::fused;
 use super::rope::RopeTables;
 use super::{Block, Dropout, Gpt};
 use crate::config::{PositionKind, Residual};
@@ -103,13 +104,13 @@ fn block_fwd(
     let (a, attn) = layers::attn_fwd(&blk.attn, &n1, ctx, kept)?;
     let (out, h, n2, mlp) = match blk.residual {
         Residual::Sequential => {
-            let h = profile::timed("residual", 0.0, || x + a)?;
+            let h = profile::timed("residual", 0.0, || fused::add(x, &a))?;
             let norm2 = blk.norm2.as_ref().ok_or_else(|| {
                 candle_core::Error::Msg("a sequential block without a second norm".into())
             })?;
             let n2 = layers::norm_fwd(norm2, &h)?;
             let (m, mlp) = layers::mlp_fwd(&blk.mlp, &n2, ctx)?;
-            let out = profile::timed("residual", 0.0, || &h + m)?;
+            let out = profile::timed("residual", 0.0, || fused::add(&h, &m))?;
             (out, Some(h), Some(n2), mlp)
         }
         Residual::Parallel => {
@@ -118,7 +119,7 @@ fn block_fwd(
                 None => None,
             };
             let (m, mlp) = layers::mlp_fwd(&blk.mlp, n2.as_ref().unwrap_or(&n1), ctx)?;
-            let out = profile::timed("residual", 0.0, || (x + a)? + m)?;
+            let out = profile::timed("residual", 0.0, || fused::add(&fused::add(x, &a)?, &m))?;
             (out, None, n2, mlp)
         }
     };
@@ -148,10 +149,10 @@ fn block_bwd(
             };
             let dn2 = layers::mlp_bwd(&blk.mlp, n2, &s.mlp, dout, ctx, grads)?;
             let dn = layers::norm_bwd(norm2, h, &dn2, grads)?;
-            let dh = profile::timed("residual", 0.0, || dout + dn)?;
+            let dh = profile::timed("residual", 0.0, || fused::add(dout, &dn))?;
             let dn1 = layers::attn_bwd(&blk.attn, &s.n1, &s.attn, &dh, ctx, grads)?;
             let dn = layers::norm_bwd(&blk.norm1, &s.x, &dn1, grads)?;
-            profile::timed("residual", 0.0, || &dh + dn)
+            profile::timed("residual", 0.0, || fused::add(&dh, &dn))
         }
         Residual::Parallel => {
             let dn1 = layers::attn_bwd(&blk.attn, &s.n1, &s.attn, dout, ctx, grads)?;
@@ -161,11 +162,12 @@ fn block_bwd(
                 (Some(norm2), Some(_)) => {
                     let d1 = layers::norm_bwd(&blk.norm1, &s.x, &dn1, grads)?;
                     let d2 = layers::norm_bwd(norm2, &s.x, &dm, grads)?;
-                    (dout + d1)? + d2
+                    profile::timed("residual", 0.0, || fused::add(&fused::add(dout, &d1)?, &d2))
                 }
                 _ => {
-                    let d = layers::norm_bwd(&blk.norm1, &s.x, &(dn1 + dm)?, grads)?;
-                    dout + d
+                    let dn = profile::timed("residual", 0.0, || fused::add(&dn1, &dm))?;
+                    let d = layers::norm_bwd(&blk.norm1, &s.x, &dn, grads)?;
+                    profile::timed("residual", 0.0, || fused::add(dout, &d))
                 }
             }
         }

@@ -1,6 +1,7 @@
 //! Where a training step's time goes: wall time (and FLOPs, for matmuls) per kind of
 //! work, collected when switched on (`lit-claire bench --profile`). Off, each probe
-//! costs one relaxed atomic load.
+//! costs one relaxed atomic load. The parts of a micro-batch split over the cores
+//! (`StepRunner::parts`) run at once, each adding its own thread's time.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};

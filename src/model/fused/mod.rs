@@ -30,7 +30,9 @@ mod norm;
 mod rope;
 mod softmax;
 
-pub use accumulate::{add_assign, gemm_acc, rows_add, sum_squares, with_values, with_values_mut};
+pub use accumulate::{
+    add, add_assign, gemm_acc, rows_add, sum_squares, with_values, with_values_mut,
+};
 pub use act::{act_backward, act_forward, gated_backward, gated_forward};
 pub use cross_entropy::{cross_entropy_grad_in_place, cross_entropy_rows, nll_plain};
 pub use flash::{
@@ -78,6 +80,11 @@ pub fn with_plain_kernels<R>(f: impl FnOnce() -> R) -> R {
     }
     let _restore = Restore(ENABLED.with(|e| e.replace(false)));
     f()
+}
+
+/// Whether the fused kernels are on for this thread (see [`with_plain_kernels`]).
+pub fn kernels_on() -> bool {
+    ENABLED.with(Cell::get)
 }
 
 /// Whether the fused kernels apply to `x` (decided on the thread that dispatches the op).
