@@ -138,16 +138,23 @@ impl StepRunner {
     /// on each core when two ran at once on one core each; a LoRA step at 2 × 256
     /// tokens of the real-model shape went from 178–195 to 202–218 tokens/s split
     /// (alternating, same binary otherwise). Each extra part holds its own gradient
-    /// buffers, so only on a multi-core CPU in f32 with the fused kernels, with two
-    /// samples or more, and trained parameters under 1/16 of the model's (LoRA); full
-    /// fine-tuning, measured on the bench model, gained nothing for 18% more memory.
-    pub fn parts(model: &Gpt, vars: &[(String, Var)], batch: &Batch) -> Result<usize> {
+    /// buffers, so only on a multi-core CPU in f32 with the fused kernels, one rank,
+    /// two samples or more, and trained parameters under 1/16 of the model's (LoRA);
+    /// full fine-tuning, measured on the bench model, gained nothing for 18% more
+    /// memory.
+    pub fn parts(
+        model: &Gpt,
+        vars: &[(String, Var)],
+        strategy: &Strategy,
+        batch: &Batch,
+    ) -> Result<usize> {
         let samples = batch.inputs.dim(0)?;
         let threads = rayon::current_num_threads();
         let cpu_f32 = batch.inputs.device().is_cpu()
             && model.compute_dtype == candle_core::DType::F32
             && crate::model::fused::kernels_on();
-        if !cpu_f32 || threads < 2 || samples < 2 {
+        // Ranks on the CPU already share its cores.
+        if !cpu_f32 || strategy.world_size > 1 || threads < 2 || samples < 2 {
             return Ok(1);
         }
         let trained: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
@@ -274,7 +281,7 @@ impl StepRunner {
                     grad_scale: scale / denom,
                     checkpoint_every: self.activation_checkpointing,
                 };
-                let parts = Self::parts(&self.model, self.opt.vars(), batch)?;
+                let parts = Self::parts(&self.model, self.opt.vars(), &self.strategy, batch)?;
                 total += if parts > 1 {
                     Self::split_pass(
                         &self.model,

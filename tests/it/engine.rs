@@ -218,7 +218,7 @@ fn a_micro_batch_split_over_cores_trains_like_one_core() {
                     tokens: 3 * n,
                     docs: Some(docs.into()),
                 };
-                let parts = StepRunner::parts(&tm.model, &vars, &batch).unwrap();
+                let parts = StepRunner::parts(&tm.model, &vars, &Strategy::cpu(), &batch).unwrap();
                 assert_eq!(parts, threads.min(3), "{family}: {threads} threads");
                 // A large epsilon keeps the update of a near-zero gradient (whose
                 // rounding depends on the order of the sum) proportional to it.
