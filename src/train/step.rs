@@ -132,16 +132,15 @@ impl StepRunner {
     /// Into how many parts, computed at once on their own cores, a micro-batch is
     /// split (by samples; 1: not split).
     ///
-    /// Cores sharing one matmul wait on each other; cores with matmuls of their own do
-    /// not. On the 2-core CI machine a projection-sized product (512 × 576 × 960, cold
-    /// operands, the gemm crate) ran at 150–200 GFLOP/s on both cores, and at 86–128
-    /// on each core when two ran at once on one core each; a LoRA step at 2 × 256
-    /// tokens of the real-model shape went from 178–195 to 202–218 tokens/s split
-    /// (alternating, same binary otherwise). Each extra part holds its own gradient
-    /// buffers, so only on a multi-core CPU in f32 with the fused kernels, one rank,
-    /// two samples or more, and trained parameters under 1/16 of the model's (LoRA);
-    /// full fine-tuning, measured on the bench model, gained nothing for 18% more
-    /// memory.
+    /// Cores sharing one matmul wait on each other; cores with matmuls of their own do not.
+    /// On the 2-core CI machine a projection-sized product (512 × 576 × 960, cold operands,
+    /// the gemm crate) ran at 150–200 GFLOP/s on both cores, and at 86–128 on each core
+    /// when two ran at once in single-threaded processes; a LoRA step at 2 × 256 tokens of
+    /// the real-model shape went from 178–195 to 202–218 tokens/s split (alternating, same
+    /// binary otherwise). Each extra part holds its own gradient buffers, so only on a
+    /// multi-core CPU in f32 with the fused kernels, one rank, two samples or more, and
+    /// trained parameters under 1/16 of the model's (LoRA); full fine-tuning, measured on
+    /// the bench model, gained nothing for about 20% more memory.
     pub fn parts(
         model: &Gpt,
         vars: &[(String, Var)],
