@@ -256,6 +256,32 @@ impl StepRunner {
     /// One optimizer step over `micro_batches` (this rank's share of the global
     /// batch) at learning rate `lr`.
     pub fn step(&mut self, micro_batches: &[Batch], lr: f64) -> Result<StepStats> {
+        // On the CPU, from a thread outside rayon's pool (the main thread), every
+        // parallel kernel would hand its work to the pool and sleep until it is done:
+        // two wake-ups per kernel, thousands per second, on a VM each a trip through
+        // the hypervisor. Run the whole step on a worker of the pool instead, which
+        // takes its share of each kernel and never sleeps between them. Not with
+        // ranks: ranks that are threads of one process would queue for the pool's
+        // workers, and one waiting in a collective would hold a worker the others need.
+        let alone = self.strategy.world_size == 1;
+        if alone && self.model.device().is_cpu() && rayon::current_thread_index().is_none() {
+            let plain = !crate::model::fused::kernels_on();
+            let mut out = None;
+            rayon::scope(|_| {
+                let mut run = || self.step_here(micro_batches, lr);
+                out = Some(if plain {
+                    crate::model::fused::with_plain_kernels(run)
+                } else {
+                    run()
+                });
+            });
+            return out.expect("the scope ran its body");
+        }
+        self.step_here(micro_batches, lr)
+    }
+
+    /// [`StepRunner::step`] on this thread.
+    fn step_here(&mut self, micro_batches: &[Batch], lr: f64) -> Result<StepStats> {
         let local_tokens: usize = micro_batches.iter().map(|b| b.tokens).sum();
         let total_tokens = self.strategy.all_reduce_sum(&[local_tokens as f64])?[0] as usize;
         let denom = total_tokens.max(1) as f64;
