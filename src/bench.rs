@@ -286,7 +286,7 @@ pub fn bench_train(
         .map(|_| random_batch(shape, &mut rng, &strategy.device))
         .collect::<Result<Vec<_>>>()?;
     let parts = match batches.first() {
-        Some(b) => StepRunner::parts(&runner.model, runner.opt.vars(), &runner.strategy, b)?,
+        Some(b) => runner.parts(b)?,
         None => 1,
     };
     crate::model::engine::profile::enable(run.profile);

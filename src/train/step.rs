@@ -99,10 +99,19 @@ pub struct StepRunner {
     pub activation_checkpointing: usize,
     /// Gradient buffers, allocated at the first step and reused.
     grads: Option<Grads>,
-    /// The other parts' buffers and one-thread pools when micro-batches are split
-    /// over the cores ([`StepRunner::parts`]).
-    part_grads: Vec<Grads>,
-    part_pools: Vec<rayon::ThreadPool>,
+    /// What splitting micro-batches over the cores keeps ([`StepRunner::parts`]).
+    split: Split,
+}
+
+/// What a runner keeps for micro-batches split over the cores.
+#[derive(Default)]
+struct Split {
+    /// One one-thread pool per part.
+    pools: Vec<rayon::ThreadPool>,
+    /// The gradient buffers of every part but the first (which uses the runner's).
+    grads: Vec<Grads>,
+    /// Elements in the model's weights, counted once.
+    weights: Option<usize>,
 }
 
 impl StepRunner {
@@ -118,8 +127,7 @@ impl StepRunner {
             dropout: None,
             activation_checkpointing: 0,
             grads: None,
-            part_grads: Vec::new(),
-            part_pools: Vec::new(),
+            split: Split::default(),
         }
     }
 
@@ -141,27 +149,25 @@ impl StepRunner {
     /// multi-core CPU in f32 with the fused kernels, one rank, two samples or more, and
     /// trained parameters under 1/16 of the model's (LoRA); full fine-tuning, measured on
     /// the bench model, gained nothing for about 20% more memory.
-    pub fn parts(
-        model: &Gpt,
-        vars: &[(String, Var)],
-        strategy: &Strategy,
-        batch: &Batch,
-    ) -> Result<usize> {
+    pub fn parts(&mut self, batch: &Batch) -> Result<usize> {
         let samples = batch.inputs.dim(0)?;
         let threads = rayon::current_num_threads();
         let cpu_f32 = batch.inputs.device().is_cpu()
-            && model.compute_dtype == candle_core::DType::F32
+            && self.model.compute_dtype == candle_core::DType::F32
             && crate::model::fused::kernels_on();
         // Ranks on the CPU already share its cores.
-        if !cpu_f32 || strategy.world_size > 1 || threads < 2 || samples < 2 {
+        if !cpu_f32 || self.strategy.world_size > 1 || threads < 2 || samples < 2 {
             return Ok(1);
         }
-        let trained: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
-        let weights: usize = model
-            .named_parameters()
-            .iter()
-            .map(|(_, t)| t.elem_count())
-            .sum();
+        let trained: usize = self.opt.vars().iter().map(|(_, v)| v.elem_count()).sum();
+        let model = &self.model;
+        let weights = *self.split.weights.get_or_insert_with(|| {
+            model
+                .named_parameters()
+                .iter()
+                .map(|(_, t)| t.elem_count())
+                .sum()
+        });
         Ok(if trained * 16 <= weights {
             threads.min(samples)
         } else {
@@ -175,11 +181,16 @@ impl StepRunner {
     fn split_pass(
         model: &Gpt,
         vars: &[(String, Var)],
-        (pools, part_grads): (&mut Vec<rayon::ThreadPool>, &mut Vec<Grads>),
+        split: &mut Split,
         input: &PassInput,
         grads: &mut Grads,
         parts: usize,
     ) -> Result<f64> {
+        let Split {
+            pools,
+            grads: part_grads,
+            ..
+        } = split;
         while pools.len() < parts {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(1)
@@ -256,28 +267,11 @@ impl StepRunner {
     /// One optimizer step over `micro_batches` (this rank's share of the global
     /// batch) at learning rate `lr`.
     pub fn step(&mut self, micro_batches: &[Batch], lr: f64) -> Result<StepStats> {
-        // On the CPU, from a thread outside rayon's pool (the main thread), every
-        // parallel kernel would hand its work to the pool and sleep until it is done:
-        // two wake-ups per kernel, thousands per second, on a VM each a trip through
-        // the hypervisor. Run the whole step on a worker of the pool instead, which
-        // takes its share of each kernel and never sleeps between them. Not with
+        // Every kernel of the step on a worker of rayon's pool (`on_pool`). Not with
         // ranks: ranks that are threads of one process would queue for the pool's
         // workers, and one waiting in a collective would hold a worker the others need.
-        let alone = self.strategy.world_size == 1;
-        if alone && self.model.device().is_cpu() && rayon::current_thread_index().is_none() {
-            let plain = !crate::model::fused::kernels_on();
-            let mut out = None;
-            rayon::scope(|_| {
-                let mut run = || self.step_here(micro_batches, lr);
-                out = Some(if plain {
-                    crate::model::fused::with_plain_kernels(run)
-                } else {
-                    run()
-                });
-            });
-            return out.expect("the scope ran its body");
-        }
-        self.step_here(micro_batches, lr)
+        let cpu = self.strategy.world_size == 1 && self.model.device().is_cpu();
+        crate::model::fused::on_pool(cpu, || self.step_here(micro_batches, lr))
     }
 
     /// [`StepRunner::step`] on this thread.
@@ -297,6 +291,7 @@ impl StepRunner {
                 if let Some(d) = &self.dropout {
                     d.next_micro_batch(batch.inputs.dim(0)?);
                 }
+                let parts = self.parts(batch)?;
                 let input = PassInput {
                     ids: &batch.inputs,
                     targets: &batch.targets,
@@ -306,12 +301,11 @@ impl StepRunner {
                     grad_scale: scale / denom,
                     checkpoint_every: self.activation_checkpointing,
                 };
-                let parts = Self::parts(&self.model, self.opt.vars(), &self.strategy, batch)?;
                 total += if parts > 1 {
                     Self::split_pass(
                         &self.model,
                         self.opt.vars(),
-                        (&mut self.part_pools, &mut self.part_grads),
+                        &mut self.split,
                         &input,
                         &mut grads,
                         parts,

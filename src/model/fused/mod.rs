@@ -82,6 +82,22 @@ pub fn with_plain_kernels<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// Run `f` on a worker of rayon's global pool when `cpu` and this thread is not one,
+/// with this thread's kernel switch ([`with_plain_kernels`]) carried over.
+///
+/// From a thread outside the pool (the main thread), every parallel kernel hands its
+/// work to the pool and sleeps until it is done: two wake-ups per kernel, thousands per
+/// second, on a VM each a trip through the hypervisor. A worker takes its share of each
+/// kernel and does not sleep between them. `f` must not wait on another thread that
+/// needs the pool (a collective of ranks that are threads of this process).
+pub fn on_pool<R: Send>(cpu: bool, f: impl FnOnce() -> R + Send) -> R {
+    if !cpu || rayon::current_thread_index().is_some() {
+        return f();
+    }
+    let plain = !kernels_on();
+    rayon::scope(|_| if plain { with_plain_kernels(f) } else { f() })
+}
+
 /// Whether the fused kernels are on for this thread (see [`with_plain_kernels`]).
 pub fn kernels_on() -> bool {
     ENABLED.with(Cell::get)
