@@ -11,6 +11,9 @@
 # BENCH_FLAGS are the flags both benches take (utils/bench_torch.py and
 # `lit-claire bench`); --mode must be full or lora. Flags only ours takes go after
 # `--ours`: ... --mode full --ours --activation-checkpointing 1
+#
+# The last line sums the run up: the speed ratio of each round (ours / PyTorch's
+# tokens/s) and that of the mean tokens/s over the rounds.
 set -euo pipefail
 rounds=2
 bin=target/release/lit-claire
@@ -31,11 +34,17 @@ done
 threads=${RAYON_NUM_THREADS:-$(nproc)}
 python=${PYTHON:-python3}
 [[ -x "$bin" ]] || { echo "error: $bin not found: build it with cargo build --release" >&2; exit 1; }
+tokens_per_s() { sed -n 's/.*: \([0-9.]*\) tokens\/s.*/\1/p' | tail -1; }
+speeds=()
 for r in $(seq 1 "$rounds"); do
     echo "# round $r, load $(cut -d' ' -f1 /proc/loadavg)"
-    RAYON_NUM_THREADS=$threads "$bin" bench "${common[@]}" "${ours[@]}" --peak-gflops 1 \
-        | sed 's/^/lit-claire  /'
+    out=$(RAYON_NUM_THREADS=$threads "$bin" bench "${common[@]}" "${ours[@]}" --peak-gflops 1)
+    sed 's/^/lit-claire  /' <<<"$out"
+    a=$(tokens_per_s <<<"$out")
     echo "# round $r, load $(cut -d' ' -f1 /proc/loadavg)"
-    "$python" utils/bench_torch.py "${common[@]}" --threads "$threads" | grep -v '^peak' \
-        | sed 's/^/pytorch     /'
+    out=$("$python" utils/bench_torch.py "${common[@]}" --threads "$threads" | grep -v '^peak')
+    sed 's/^/pytorch     /' <<<"$out"
+    speeds+=("${a:-0} $(tokens_per_s <<<"$out")")
 done
+printf '%s\n' "${speeds[@]}" | awk '{ o += $1; p += $2; r = r sprintf(" %.2f", ($2 > 0) ? $1 / $2 : 0) }
+    END { printf "# speed ratio per round:%s; mean tokens/s %.0f vs %.0f, ratio %.2f\n", r, o / NR, p / NR, (p > 0) ? o / p : 0 }'
