@@ -39,7 +39,8 @@ speeds=()
 for r in $(seq 1 "$rounds"); do
     echo "# round $r, load $(cut -d' ' -f1 /proc/loadavg)"
     out=$(RAYON_NUM_THREADS=$threads "$bin" bench "${common[@]}" "${ours[@]}" --peak-gflops 1)
-    sed 's/^/lit-claire  /' <<<"$out"
+    # --peak-gflops 1 skips measuring the peak, so MFU would read as GFLOP/s: drop it.
+    sed 's/, MFU [0-9.]*%//; s/^/lit-claire  /' <<<"$out"
     a=$(tokens_per_s <<<"$out")
     echo "# round $r, load $(cut -d' ' -f1 /proc/loadavg)"
     out=$("$python" utils/bench_torch.py "${common[@]}" --threads "$threads" | grep -v '^peak')
