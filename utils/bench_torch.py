@@ -5,7 +5,8 @@ Trains a randomly initialised LlamaForCausalLM (transformers; `--attn sdpa` or
 `eager` attention) with AdamW and gradient clipping, full or LoRA (peft; by default
 r 16 on q/k/v/o and the MLP), on random tokens, and prints tokens/s, MFU against the
 measured f32 matmul peak, and the process's peak RSS so far (ru_maxrss; run one
-`--mode` per process for that mode's peak). The flags and defaults are
+`--mode` per process for that mode's peak); `--profile` then prints where one more
+step's time goes. The flags and defaults are
 `lit-claire bench`'s. Not used by the tests; needs `pip install torch transformers peft`.
 
     RAYON_NUM_THREADS=2 lit-claire bench            # candle
@@ -58,6 +59,9 @@ def main():
     p.add_argument("--lora-targets", default="q,k,v,o,mlp",
                    help="comma-separated q, k, v, o, mlp")
     p.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa")
+    p.add_argument("--profile", action="store_true",
+                   help="after the timed steps, one more under torch.profiler: "
+                        "the ops by their own CPU time (compare `lit-claire bench --profile`)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -116,6 +120,10 @@ def main():
         print(f"train-{mode:<5} {n} params, 32-true: {tokens / secs:.0f} tokens/s, "
               f"{achieved:.1f} GFLOP/s, MFU {100 * achieved / peak:.1f}%, "
               f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+        if a.profile:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                step()
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 
 if __name__ == "__main__":
