@@ -41,7 +41,16 @@
 //!              + e · N · C                        embedding output
 //!              + e · N · C                        the head's dropped-out LoRA input
 //!                                                 (LoRA on the head, --lora-dropout > 0)
+//!              + f32 · 14 · micro_batch · nh · T²  off the flash kernel only: see below
 //! ```
+//!
+//! The flash kernel (CPU, f32) never holds the `(T, T)` scores. Everywhere else (CUDA,
+//! or a CPU run in bf16) attention is the plain composition, and one block's backward
+//! differentiates it with candle's autograd: scores, probabilities, their f32 copies
+//! and gradients, all `(micro_batch, nh, T, T)`, are live at once. Measured on the CPU
+//! with the plain kernels (`attention_bench plain`, 9 heads): 505 MB at T = 1024 and
+//! 1968 MB at 2048, 53–54 bytes per score; counted as 14 f32 (56 bytes), an upper
+//! bound in bf16 (the scores and probabilities are then half as wide).
 //!
 //! The LoRA dropout copies are the engine's (`src/model/engine/layers.rs`: a LoRA
 //! layer with dropout keeps its masked input for A's gradient); they come on top of
@@ -231,7 +240,8 @@ pub fn estimate(model: &Config, cfg: &TrainConfig, seq_len: usize) -> MemoryEsti
         + e * n * c
         + F32 * 2 * rows * vocab as u64
         + e * n * c
-        + if head_dropped { e * n * c } else { 0 };
+        + if head_dropped { e * n * c } else { 0 }
+        + plain_attention_bytes(cfg, model, seq_len);
 
     let total = params + grads + optimizer + activations + workspace;
     MemoryEstimate {
@@ -241,12 +251,29 @@ pub fn estimate(model: &Config, cfg: &TrainConfig, seq_len: usize) -> MemoryEsti
         activations,
         workspace,
         total,
-        assumed: assumptions(cfg, &counts, lora.as_ref(), seq_len, rows),
+        assumed: assumptions(cfg, model, &counts, lora.as_ref(), seq_len, rows),
     }
+}
+
+/// Whether attention runs on the flash kernel, which never holds the `(T, T)` scores:
+/// on the CPU in f32 (the fused kernels' device and dtype).
+pub fn uses_flash_kernel(cfg: &TrainConfig) -> bool {
+    cfg.device == DeviceSpec::Cpu && cfg.precision.compute_dtype() == candle_core::DType::F32
+}
+
+/// One block's plain attention in its backward, off the flash kernel (module docs):
+/// 14 f32 per score of `(micro_batch, nh, T, T)`; 0 on the flash kernel.
+fn plain_attention_bytes(cfg: &TrainConfig, model: &Config, seq_len: usize) -> u64 {
+    if uses_flash_kernel(cfg) {
+        return 0;
+    }
+    let t = seq_len as u64;
+    F32 * 14 * cfg.micro_batch_size as u64 * model.n_head as u64 * t * t
 }
 
 fn assumptions(
     cfg: &TrainConfig,
+    model: &Config,
     counts: &ParamCounts,
     lora: Option<&LoraConfig>,
     seq_len: usize,
@@ -285,8 +312,16 @@ fn assumptions(
             "the CUDA context and cuBLAS workspace are not counted (they exist before free memory is measured)"
         }
     };
+    let attention = if uses_flash_kernel(cfg) {
+        "attention by the flash kernel (no (T, T) scores kept)".to_string()
+    } else {
+        format!(
+            "attention without the flash kernel (CPU f32 only): one block's (T, T) scores and their gradients in the workspace, {}",
+            human(plain_attention_bytes(cfg, model, seq_len))
+        )
+    };
     format!(
-        "assumes {what}; micro-batch {} × {seq_len} tokens; {} (parameters {:?}, activations {:?}); AdamW; {ckpt}; head in chunks of {rows} rows; {ranks}; {runtime}",
+        "assumes {what}; micro-batch {} × {seq_len} tokens; {} (parameters {:?}, activations {:?}); AdamW; {ckpt}; head in chunks of {rows} rows; {attention}; {ranks}; {runtime}",
         cfg.micro_batch_size,
         cfg.precision,
         cfg.precision.param_dtype(),

@@ -154,3 +154,42 @@ fn table_is_aligned() {
     assert_eq!(human(3 << 19), "1.5 MiB");
     assert_eq!(grouped(6_921_720_704), "6,921,720,704");
 }
+
+/// Off the flash kernel (CUDA, or bf16 on the CPU) one block's backward holds its
+/// plain attention: 14 f32 per score of (micro_batch, nh, T, T), in the workspace.
+#[test]
+fn plain_attention_is_counted_off_the_flash_kernel() {
+    let flash = estimate(&tiny(), &run(2), 8);
+    assert!(uses_flash_kernel(&run(2)));
+    let scores = 2 * 4 * 8 * 8;
+    for (device, precision) in [
+        (DeviceSpec::Cuda(0), Precision::True32),
+        (DeviceSpec::Cpu, Precision::Bf16True),
+    ] {
+        let cfg = TrainConfig {
+            device,
+            precision,
+            ..run(2)
+        };
+        assert!(!uses_flash_kernel(&cfg));
+        let m = estimate(&tiny(), &cfg, 8);
+        let e = precision.compute_dtype().size_in_bytes() as u64;
+        // The rest of the workspace scales with the activations' width.
+        let rest = flash.workspace - 2 * 16 * 256 * 4;
+        assert_eq!(
+            m.workspace,
+            rest / 4 * e + 2 * 16 * 256 * 4 + 4 * 14 * scores,
+            "{device:?} {precision:?}"
+        );
+        assert!(
+            m.assumed.contains("without the flash kernel"),
+            "{}",
+            m.assumed
+        );
+    }
+    assert!(
+        flash.assumed.contains("by the flash kernel"),
+        "{}",
+        flash.assumed
+    );
+}
