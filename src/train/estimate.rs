@@ -258,7 +258,7 @@ pub fn estimate(model: &Config, cfg: &TrainConfig, seq_len: usize) -> MemoryEsti
 /// Whether attention runs on the flash kernel, which never holds the `(T, T)` scores:
 /// on the CPU in f32 (the fused kernels' device and dtype).
 pub fn uses_flash_kernel(cfg: &TrainConfig) -> bool {
-    cfg.device == DeviceSpec::Cpu && cfg.precision.compute_dtype() == candle_core::DType::F32
+    crate::model::fused::serves(cfg.device == DeviceSpec::Cpu, cfg.precision.compute_dtype())
 }
 
 /// One block's plain attention in its backward, off the flash kernel (module docs):

@@ -110,8 +110,8 @@ struct Split {
     pools: Vec<rayon::ThreadPool>,
     /// The gradient buffers of every part but the first (which uses the runner's).
     grads: Vec<Grads>,
-    /// Elements in the model's weights, counted once.
-    weights: Option<usize>,
+    /// Whether the trained parameters are under 1/16 of the model's (LoRA), decided once.
+    trains_few: Option<bool>,
 }
 
 impl StepRunner {
@@ -152,27 +152,26 @@ impl StepRunner {
     pub fn parts(&mut self, batch: &Batch) -> Result<usize> {
         let samples = batch.inputs.dim(0)?;
         let threads = rayon::current_num_threads();
-        let cpu_f32 = batch.inputs.device().is_cpu()
-            && self.model.compute_dtype == candle_core::DType::F32
-            && crate::model::fused::kernels_on();
+        let fused = crate::model::fused::kernels_on()
+            && crate::model::fused::serves(
+                batch.inputs.device().is_cpu(),
+                self.model.compute_dtype,
+            );
         // Ranks on the CPU already share its cores.
-        if !cpu_f32 || self.strategy.world_size > 1 || threads < 2 || samples < 2 {
+        if !fused || self.strategy.world_size > 1 || threads < 2 || samples < 2 {
             return Ok(1);
         }
-        let trained: usize = self.opt.vars().iter().map(|(_, v)| v.elem_count()).sum();
-        let model = &self.model;
-        let weights = *self.split.weights.get_or_insert_with(|| {
-            model
+        let (model, vars) = (&self.model, self.opt.vars());
+        let trains_few = *self.split.trains_few.get_or_insert_with(|| {
+            let trained: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
+            let weights: usize = model
                 .named_parameters()
                 .iter()
                 .map(|(_, t)| t.elem_count())
-                .sum()
+                .sum();
+            trained * 16 <= weights
         });
-        Ok(if trained * 16 <= weights {
-            threads.min(samples)
-        } else {
-            1
-        })
+        Ok(if trains_few { threads.min(samples) } else { 1 })
     }
 
     /// [`train_pass`] over `parts` consecutive groups of the micro-batch's samples at

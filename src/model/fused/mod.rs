@@ -103,9 +103,14 @@ pub fn kernels_on() -> bool {
     ENABLED.with(Cell::get)
 }
 
+/// Whether the fused kernels serve a device and dtype: the CPU (`cpu`) in f32.
+pub fn serves(cpu: bool, dtype: DType) -> bool {
+    cpu && dtype == DType::F32
+}
+
 /// Whether the fused kernels apply to `x` (decided on the thread that dispatches the op).
 fn fusable(x: &Tensor) -> bool {
-    ENABLED.with(Cell::get) && x.device().is_cpu() && x.dtype() == DType::F32
+    ENABLED.with(Cell::get) && serves(x.device().is_cpu(), x.dtype())
 }
 
 /// Σ of f32 terms, accumulated in f64.
