@@ -8,6 +8,12 @@
 //! so its work is about `2 × forward` — we report MFU with the `3×` convention, as
 //! PaLM and Lit-GPT do, and say so.
 
+mod attention;
+
+pub use attention::{
+    AttentionAgreement, AttentionReport, AttentionShape, AttentionTiming, attention_check,
+};
+
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};

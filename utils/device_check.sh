@@ -12,7 +12,10 @@
 #                 32-true against PyTorch's                   → reference.jsonl
 #   2. bench      bf16-true training of a ~1.1B-parameter LLaMA shape: tokens/s, MFU, and
 #                 peak GPU memory sampled with nvidia-smi     → bench.jsonl, gpu_memory.csv
-#   3. nccl       NCCL init, every collective checked, all-reduce bandwidth (world size 1)
+#   3. attention  the flash kernel against the plain attention, values and gradients,
+#                 then both timed at 32 heads × 2048 tokens × 128, f32 and bf16
+#                                                             → attention.jsonl
+#   4. nccl       NCCL init, every collective checked, all-reduce bandwidth (world size 1)
 #                                                             → nccl.json
 # Everything goes to DIR (default $OUT, else out/device-check): one log per step and
 # summary.txt. Each step has a time limit; the exit code is non-zero if any failed.
@@ -132,7 +135,23 @@ if [ -n "$sampler" ]; then
 fi
 [ -s "$DIR/bench.jsonl" ] && note "bench: $(tr '\n' ' ' <"$DIR/bench.jsonl")"
 
-# 3. NCCL on one rank: init through the rendezvous, every collective, bandwidth.
+# 3. The attention kernels: the flash kernel against the plain attention on the device,
+#    values and gradients (every mask, GQA, MQA, a KV-cache offset), then both timed at
+#    a Llama-2-7B layer's shape (32 heads of 128, 2048 tokens), in f32 and bf16.
+if [ "$DEVICE" = cpu ]; then
+    ashape=(--heads 4 --kv-heads 2 --seq 256 --head-size 64 --steps 2)
+else
+    ashape=(--heads 32 --seq 2048 --head-size 128 --steps 5)
+fi
+: >"$DIR/attention.jsonl"
+for precision in 32-true bf16-true; do
+    step "attention-$precision" attention-$precision.json "$BIN" attention-check --device "$DEVICE" \
+        --precision "$precision" --json "${ashape[@]}"
+    [ -s "$DIR/attention-$precision.json" ] && cat "$DIR/attention-$precision.json" >>"$DIR/attention.jsonl" &&
+        note "attention $precision: $(tr '\n' ' ' <"$DIR/attention-$precision.json")"
+done
+
+# 4. NCCL on one rank: init through the rendezvous, every collective, bandwidth.
 #    (On the CPU only the rendezvous runs.) No launcher variables: world size 1.
 step nccl nccl.json env -u RANK -u WORLD_SIZE -u SLURM_PROCID -u SLURM_NTASKS \
     MASTER_PORT="${MASTER_PORT:-29517}" "$BIN" dist-check --device "$DEVICE" --timeout 60 --bench-mib 256

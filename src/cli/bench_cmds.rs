@@ -3,8 +3,10 @@
 use clap::{Args, ValueEnum};
 
 use super::RuntimeArgs;
-use crate::bench::{BenchRun, BenchShape, bench_lora, bench_train, matmul_gflops};
-use crate::error::Result;
+use crate::bench::{
+    AttentionShape, BenchRun, BenchShape, attention_check, bench_lora, bench_train, matmul_gflops,
+};
+use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum BenchMode {
@@ -146,6 +148,81 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 );
             }
         }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct AttentionCheckArgs {
+    /// Batch of the long shape.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 32)]
+    pub heads: usize,
+    /// Key/value heads (default: --heads).
+    #[arg(long)]
+    pub kv_heads: Option<usize>,
+    #[arg(long, default_value_t = 2048)]
+    pub seq: usize,
+    #[arg(long, default_value_t = 128)]
+    pub head_size: usize,
+    /// Timed forward + backward passes of each kernel (after one warm-up).
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    /// Print one JSON line instead of text.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+/// `attention-check`: the device's attention kernel against the plain attention (values
+/// and gradients), then both timed at one long shape. Fails if they disagree.
+pub fn attention_check_cmd(a: AttentionCheckArgs) -> Result<()> {
+    let strategy = a.runtime.strategy()?;
+    let dtype = strategy.precision.compute_dtype();
+    let shape = AttentionShape {
+        batch: a.batch,
+        heads: a.heads,
+        kv_heads: a.kv_heads.unwrap_or(a.heads),
+        seq: a.seq,
+        head_size: a.head_size,
+    };
+    let r = attention_check(&strategy.device, dtype, shape, a.steps.max(1))?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r).expect("plain data"));
+    } else {
+        println!(
+            "{} {}: attention takes the {} kernel",
+            r.device, r.dtype, r.kernel
+        );
+        for g in &r.agreement {
+            let [o, dq, dk, dv] = g.max_rel_diff;
+            println!(
+                "  {:<34} vs plain: output {o:.1e}, dq {dq:.1e}, dk {dk:.1e}, dv {dv:.1e}",
+                g.case
+            );
+        }
+        let s = r.shape;
+        println!(
+            "  {} × {} heads ({} kv) × {} tokens × {}:",
+            s.batch, s.heads, s.kv_heads, s.seq, s.head_size
+        );
+        for t in &r.timings {
+            let held = t.held_mb.map_or(String::new(), |m| {
+                format!(", {m:.0} MB held for the backward")
+            });
+            println!(
+                "  {:<13} forward {:.2} ms, backward {:.2} ms{held}",
+                t.kernel, t.forward_ms, t.backward_ms
+            );
+        }
+    }
+    if !r.agrees() {
+        return Err(Error::Msg(format!(
+            "attention-check: the {} kernel differs from the plain attention by more than {:.0e} of the largest value (see above)",
+            r.kernel, r.tolerance
+        )));
     }
     Ok(())
 }

@@ -65,6 +65,10 @@ pub enum Command {
     /// Losses on the reference checkpoints against PyTorch's, on any device and precision.
     #[command(hide = true)]
     ReferenceCheck(model_cmds::ReferenceCheckArgs),
+    /// The device's attention kernel against the plain attention, values, gradients,
+    /// time and memory (the flash kernels' check on a GPU).
+    #[command(hide = true)]
+    AttentionCheck(bench_cmds::AttentionCheckArgs),
 }
 
 /// Parse the command line and run the command.
@@ -84,6 +88,7 @@ pub fn run() -> Result<()> {
         Command::Bench(a) => bench_cmds::bench(a),
         Command::DistCheck(a) => dist_cmds::dist_check_cmd(a),
         Command::ReferenceCheck(a) => model_cmds::reference_check(a),
+        Command::AttentionCheck(a) => bench_cmds::attention_check_cmd(a),
         Command::Plot(a) => plot_cmds::plot(a),
         Command::MergeLora(a) => publish_cmds::merge(a),
         Command::ConvertToHf(a) => publish_cmds::convert(a),

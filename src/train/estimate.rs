@@ -44,8 +44,10 @@
 //!              + f32 · 14 · micro_batch · nh · T²  off the flash kernel only: see below
 //! ```
 //!
-//! The flash kernel (CPU, f32) never holds the `(T, T)` scores. Everywhere else (CUDA,
-//! or a CPU run in bf16) attention is the plain composition, and one block's backward
+//! The flash kernels (the CPU's in f32, CUDA's in every precision for heads up to 128
+//! wide) never hold the `(T, T)` scores. Everywhere else (a CPU run in bf16, heads wider
+//! than 128 on CUDA, `LIT_CLAIRE_ATTENTION=plain`) attention is the plain composition,
+//! and one block's backward
 //! differentiates it with candle's autograd: scores, probabilities, their f32 copies
 //! and gradients, all `(micro_batch, nh, T, T)`, are live at once. Measured on the CPU
 //! with the plain kernels (`attention_bench plain`, 9 heads): 505 MB at T = 1024 and
@@ -255,16 +257,21 @@ pub fn estimate(model: &Config, cfg: &TrainConfig, seq_len: usize) -> MemoryEsti
     }
 }
 
-/// Whether attention runs on the flash kernel, which never holds the `(T, T)` scores:
-/// on the CPU in f32 (the fused kernels' device and dtype).
-pub fn uses_flash_kernel(cfg: &TrainConfig) -> bool {
-    crate::model::fused::serves(cfg.device == DeviceSpec::Cpu, cfg.precision.compute_dtype())
+/// Whether attention runs on a flash kernel, which never holds the `(T, T)` scores: on
+/// the CPU in f32, on CUDA in every precision for heads up to 128 wide (see
+/// [`crate::model::fused::flash_serves_run`]).
+pub fn uses_flash_kernel(cfg: &TrainConfig, model: &Config) -> bool {
+    crate::model::fused::flash_serves_run(
+        cfg.device != DeviceSpec::Cpu,
+        cfg.precision.compute_dtype(),
+        model.head_dim,
+    )
 }
 
 /// One block's plain attention in its backward, off the flash kernel (module docs):
 /// 14 f32 per score of `(micro_batch, nh, T, T)`; 0 on the flash kernel.
 fn plain_attention_bytes(cfg: &TrainConfig, model: &Config, seq_len: usize) -> u64 {
-    if uses_flash_kernel(cfg) {
+    if uses_flash_kernel(cfg, model) {
         return 0;
     }
     let t = seq_len as u64;
@@ -312,11 +319,11 @@ fn assumptions(
             "the CUDA context and cuBLAS workspace are not counted (they exist before free memory is measured)"
         }
     };
-    let attention = if uses_flash_kernel(cfg) {
+    let attention = if uses_flash_kernel(cfg, model) {
         "attention by the flash kernel (no (T, T) scores kept)".to_string()
     } else {
         format!(
-            "attention without the flash kernel (CPU f32 only): one block's (T, T) scores and their gradients in the workspace, {}",
+            "attention without a flash kernel (the CPU one takes f32, the CUDA one heads up to 128 wide): one block's (T, T) scores and their gradients in the workspace, {}",
             human(plain_attention_bytes(cfg, model, seq_len))
         )
     };

@@ -56,11 +56,38 @@ pub fn attention(
     scale: f64,
     mask: &MaskSpec,
 ) -> Result<Tensor> {
-    if fusable(q) && fusable(k) && fusable(v) {
+    if flash_serves(q, k, v)? {
         flash_attention(q, k, v, scale, mask, TILES)
     } else {
         attention_plain(q, k, v, scale, mask)
     }
+}
+
+/// The kernel [`attention`] takes for these tensors: "flash (CPU)", "flash (CUDA)" or
+/// "plain".
+pub fn flash_kernel(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<&'static str> {
+    Ok(match (flash_serves(q, k, v)?, q.device().is_cuda()) {
+        (false, _) => "plain",
+        (true, false) => "flash (CPU)",
+        (true, true) => "flash (CUDA)",
+    })
+}
+
+/// Whether a flash kernel takes this attention: the CPU kernel for f32 on the CPU, the
+/// CUDA kernel (`flash_cuda.rs`) where it serves; neither under
+/// `LIT_CLAIRE_ATTENTION=plain`.
+fn flash_serves(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<bool> {
+    if super::plain_attention_requested() {
+        return Ok(false);
+    }
+    if fusable(q) && fusable(k) && fusable(v) {
+        return Ok(true);
+    }
+    #[cfg(feature = "cuda")]
+    if super::kernels_on() && super::flash_cuda::serves(q, k, v)? {
+        return Ok(true);
+    }
+    Ok(false)
 }
 
 /// The kernel for these shapes, checked.
@@ -99,6 +126,8 @@ fn flash_op(
         mask: mask.clone(),
         tiles,
         stats: Mutex::new(None),
+        #[cfg(feature = "cuda")]
+        lse: Mutex::new(None),
     })
 }
 
@@ -140,10 +169,23 @@ impl CustomOp3 for SharedFlash {
     ) -> Result<(CpuStorage, Shape)> {
         self.0.cpu_fwd(s1, l1, s2, l2, s3, l3)
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.0.cuda_fwd(s1, l1, s2, l2, s3, l3)
+    }
 }
 
-/// The flash forward for an explicit backward ([`FlashSaved::backward`]): `q, k, v`
-/// contiguous f32 on the CPU, no autograd. None when the kernel does not apply.
+/// The flash forward for an explicit backward ([`FlashSaved::backward`]), no autograd:
+/// f32 on the CPU, or where the CUDA kernel serves. None when no kernel applies.
 pub fn flash_forward(
     q: &Tensor,
     k: &Tensor,
@@ -151,7 +193,7 @@ pub fn flash_forward(
     scale: f64,
     mask: &MaskSpec,
 ) -> Result<Option<(Tensor, FlashSaved)>> {
-    if !(fusable(q) && fusable(k) && fusable(v)) {
+    if !flash_serves(q, k, v)? {
         return Ok(None);
     }
     let op = Arc::new(flash_op(q, k, v, scale, mask, TILES)?);
@@ -233,6 +275,9 @@ struct Flash {
     tiles: Tiles,
     /// Written by the forward, read by the backward.
     stats: Mutex<Option<Arc<Stats>>>,
+    /// The CUDA forward's row log-sum-exps, `(B · nh · T)` f32, for its backward.
+    #[cfg(feature = "cuda")]
+    lse: Mutex<Option<Tensor>>,
 }
 
 /// For each batch row `b` and query `i`, the keys `lo..hi` it sees (`b · T + i`).
@@ -564,6 +609,38 @@ impl CustomOp3 for Flash {
         Ok((CpuStorage::F32(o), l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let p = super::flash_cuda::params_of(
+            (self.dims.b, self.dims.nh, self.dims.nkv),
+            (self.dims.t, self.dims.s, self.dims.hs),
+            f64::from(self.scale),
+            &self.mask,
+        )?;
+        let (o, lse) = super::flash_cuda::forward((s1, l1), (s2, l2), (s3, l3), p, &self.mask)?;
+        let rows = self.dims.b * self.dims.nh * self.dims.t;
+        let lse = Tensor::from_storage(
+            Storage::Cuda(candle_core::CudaStorage::wrap_cuda_slice(
+                lse,
+                s1.device().clone(),
+            )),
+            rows,
+            candle_core::op::BackpropOp::none(),
+            false,
+        );
+        *self.lse.lock().expect("lse lock") = Some(lse);
+        Ok((o, l1.shape().clone()))
+    }
+
     fn bwd(
         &self,
         q: &Tensor,
@@ -572,6 +649,15 @@ impl CustomOp3 for Flash {
         o: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "cuda")]
+        if q.device().is_cuda() {
+            let lse = self.lse.lock().expect("lse lock").clone().ok_or_else(|| {
+                candle_core::Error::Msg("flash attention: backward before forward".into())
+            })?;
+            let p = super::flash_cuda::params(q, k, f64::from(self.scale), &self.mask)?;
+            let (dq, dk, dv) = super::flash_cuda::backward(q, k, v, o, grad, &lse, p, &self.mask)?;
+            return Ok((Some(dq), Some(dk), Some(dv)));
+        }
         let stats = self
             .stats
             .lock()
@@ -863,5 +949,7 @@ fn softmax_grad(p: &[f32], dp: &mut [f32], w: usize, dd: &[f32]) {
     }
 }
 
+#[cfg(test)]
+mod cuda_tests;
 #[cfg(test)]
 mod tests;

@@ -16,6 +16,10 @@
 //! frozen linear  y = x Wᵀ (W constant)              dx = dy W   (no dW: W is frozen)
 //! ```
 //!
+//! On CUDA, attention has a kernel of its own: the flash algorithm of `flash.rs` in
+//! `cuda/flash.cu`, launched by `flash_cuda.rs` (`cuda` feature), checked in emulation by
+//! the tests and against the plain attention on each GPU before its first use.
+//!
 //! Reductions over rows (the weight gradients of norms) are summed in fixed blocks and
 //! combined in order, so results do not depend on the number of threads. Reductions
 //! along a row (softmax and log-sum-exp normalisers, norm statistics) accumulate in f64:
@@ -25,6 +29,8 @@ mod accumulate;
 mod act;
 mod cross_entropy;
 mod flash;
+#[cfg(feature = "cuda")]
+mod flash_cuda;
 mod linear;
 mod norm;
 mod rope;
@@ -37,6 +43,7 @@ pub use act::{act_backward, act_forward, gated_backward, gated_forward};
 pub use cross_entropy::{cross_entropy_grad_in_place, cross_entropy_rows, nll_plain};
 pub use flash::{
     FlashSaved, TILES, Tiles, attention, attention_plain, flash_attention, flash_forward,
+    flash_kernel,
 };
 pub use linear::{linear_matmul, matmul_nt};
 pub use norm::{layer_norm, layer_norm_backward, rms_norm, rms_norm_backward};
@@ -106,6 +113,32 @@ pub fn kernels_on() -> bool {
 /// Whether the fused kernels serve a device and dtype: the CPU (`cpu`) in f32.
 pub fn serves(cpu: bool, dtype: DType) -> bool {
     cpu && dtype == DType::F32
+}
+
+/// The largest head size the CUDA flash kernel takes (larger heads: plain attention).
+pub const CUDA_FLASH_HEAD_MAX: usize = 128;
+
+/// Whether `LIT_CLAIRE_ATTENTION=plain` asks for the plain attention everywhere (the flash
+/// kernels off, on every device).
+pub fn plain_attention_requested() -> bool {
+    static PLAIN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PLAIN.get_or_init(|| std::env::var("LIT_CLAIRE_ATTENTION").is_ok_and(|v| v == "plain"))
+}
+
+/// Whether a flash kernel takes the attention of a run on CUDA (`cuda`) or the CPU in
+/// `dtype` with heads of `head_dim`: the CPU kernel in f32, the CUDA kernel in f32, bf16
+/// and f16 up to [`CUDA_FLASH_HEAD_MAX`] (on GPUs with 75 KB of shared memory per block,
+/// compute capability 7.0 and 8.0 on), unless [`plain_attention_requested`].
+pub fn flash_serves_run(cuda: bool, dtype: DType, head_dim: usize) -> bool {
+    if plain_attention_requested() {
+        return false;
+    }
+    if cuda {
+        matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
+            && (1..=CUDA_FLASH_HEAD_MAX).contains(&head_dim)
+    } else {
+        serves(true, dtype)
+    }
 }
 
 /// Whether the fused kernels apply to `x` (decided on the thread that dispatches the op).

@@ -155,23 +155,32 @@ fn table_is_aligned() {
     assert_eq!(grouped(6_921_720_704), "6,921,720,704");
 }
 
-/// Off the flash kernel (CUDA, or bf16 on the CPU) one block's backward holds its
-/// plain attention: 14 f32 per score of (micro_batch, nh, T, T), in the workspace.
+/// Off the flash kernels (bf16 on the CPU, heads wider than 128 on CUDA) one block's
+/// backward holds its plain attention: 14 f32 per score of (micro_batch, nh, T, T), in
+/// the workspace. On CUDA with heads up to 128, in every precision, the flash kernel.
 #[test]
 fn plain_attention_is_counted_off_the_flash_kernel() {
     let flash = estimate(&tiny(), &run(2), 8);
-    assert!(uses_flash_kernel(&run(2)));
+    assert!(uses_flash_kernel(&run(2), &tiny()));
+    for precision in [Precision::True32, Precision::Bf16True, Precision::F16Mixed] {
+        let cfg = TrainConfig {
+            device: DeviceSpec::Cuda(0),
+            precision,
+            ..run(2)
+        };
+        assert!(uses_flash_kernel(&cfg, &tiny()), "{precision:?}");
+    }
     let scores = 2 * 4 * 8 * 8;
     for (device, precision) in [
-        (DeviceSpec::Cuda(0), Precision::True32),
         (DeviceSpec::Cpu, Precision::Bf16True),
+        (DeviceSpec::Cpu, Precision::F16Mixed),
     ] {
         let cfg = TrainConfig {
             device,
             precision,
             ..run(2)
         };
-        assert!(!uses_flash_kernel(&cfg));
+        assert!(!uses_flash_kernel(&cfg, &tiny()));
         let m = estimate(&tiny(), &cfg, 8);
         let e = precision.compute_dtype().size_in_bytes() as u64;
         // The rest of the workspace scales with the activations' width.
@@ -182,11 +191,30 @@ fn plain_attention_is_counted_off_the_flash_kernel() {
             "{device:?} {precision:?}"
         );
         assert!(
-            m.assumed.contains("without the flash kernel"),
+            m.assumed.contains("without a flash kernel"),
             "{}",
             m.assumed
         );
     }
+    // Heads of 256 on CUDA: wider than the CUDA kernel takes.
+    let wide = parse_config(&json!({
+        "model_type": "llama", "hidden_size": 512, "num_attention_heads": 2,
+        "num_key_value_heads": 2, "intermediate_size": 160, "num_hidden_layers": 1,
+        "vocab_size": 256, "max_position_embeddings": 32, "tie_word_embeddings": false
+    }))
+    .unwrap();
+    assert_eq!(wide.head_dim, 256);
+    let cuda = TrainConfig {
+        device: DeviceSpec::Cuda(0),
+        precision: Precision::Bf16True,
+        ..run(2)
+    };
+    assert!(!uses_flash_kernel(&cuda, &wide));
+    assert!(
+        estimate(&wide, &cuda, 8)
+            .assumed
+            .contains("without a flash kernel")
+    );
     assert!(
         flash.assumed.contains("by the flash kernel"),
         "{}",

@@ -16,7 +16,7 @@ const SMALL: Tiles = Tiles {
 /// The definition, written out: key `k` is visible to query `q` of row `b` iff
 /// `k ≤ q`, `q − k < w` and `k` is not before the query's document. K and V are
 /// copied per head; scores are `(B, nh, T, S)`.
-fn reference(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, m: &MaskSpec) -> Tensor {
+pub(super) fn reference(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, m: &MaskSpec) -> Tensor {
     let (b, nh, t, _) = q.dims4().unwrap();
     let (_, nkv, s, _) = k.dims4().unwrap();
     let dev = q.device();
@@ -47,7 +47,7 @@ fn reference(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, m: &MaskSpec) -> Te
 }
 
 /// `max |a − b| ≤ tol · max |b|` (+ 1e-7, for gradients that are exactly 0).
-fn rel_close(what: &str, a: &Tensor, b: &Tensor, tol: f32) {
+pub(super) fn rel_close(what: &str, a: &Tensor, b: &Tensor, tol: f32) {
     let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert_eq!(a.len(), b.len());
@@ -307,6 +307,8 @@ fn backward_parts_cover_the_keys_and_balance_the_work() {
         mask: mask.clone(),
         tiles: TILES,
         stats: std::sync::Mutex::new(None),
+        #[cfg(feature = "cuda")]
+        lse: std::sync::Mutex::new(None),
     };
     let ranges = visible_ranges(&dims, &mask);
     let cuts = flash.key_parts(&ranges);
