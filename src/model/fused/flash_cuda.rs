@@ -26,10 +26,9 @@ use crate::config::AttentionWindow;
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash.ptx"));
 const MODULE: &str = "lc_flash_attention";
 
-/// Queries and keys per tile, threads per block, largest head size: as in flash.cu.
-const BQ: usize = 32;
-const BK: usize = 32;
-const THREADS: u32 = 64;
+use super::cuda_launch::{Kernel, THREADS};
+
+/// The largest head size, `LC_HS_MAX` of flash.cu.
 const HS_MAX: usize = super::CUDA_FLASH_HEAD_MAX;
 
 /// Shared memory the kernel sizes a launch without opting in to more.
@@ -54,33 +53,6 @@ pub(super) struct Params {
 
 // SAFETY: a plain `#[repr(C)]` struct of i32 and f32, laid out as flash.cu's LcParams.
 unsafe impl DeviceRepr for Params {}
-
-#[derive(Clone, Copy)]
-enum Kernel {
-    Forward,
-    Dq,
-    Dkv,
-}
-
-impl Kernel {
-    fn name(self) -> &'static str {
-        match self {
-            Kernel::Forward => "lc_flash_fwd",
-            Kernel::Dq => "lc_flash_bwd_dq",
-            Kernel::Dkv => "lc_flash_bwd_dkv",
-        }
-    }
-
-    /// Bytes of shared memory for head size `hs` (the layout in flash.cu).
-    fn smem(self, hs: usize) -> usize {
-        let (ld, pld) = (hs + 1, BK + 1);
-        4 * match self {
-            Kernel::Forward => (BQ + BK) * ld + BQ * pld,
-            Kernel::Dq => (2 * BQ + BK) * ld + BQ * pld,
-            Kernel::Dkv => (2 * BQ + 2 * BK) * ld + 2 * BQ * pld + 2 * BQ,
-        }
-    }
-}
 
 /// Whether the CUDA kernel takes this attention: q, k, v on one CUDA device, f32, bf16 or
 /// f16, head size at most [`HS_MAX`], the device's shared memory large enough, and the
@@ -303,12 +275,19 @@ fn function(
     Ok((f, cfg))
 }
 
-fn launch_err(e: impl std::fmt::Debug) -> candle_core::Error {
-    candle_core::Error::Msg(format!("flash attention (CUDA): launch failed: {e:?}"))
+fn grid(kernel: Kernel, p: &Params) -> (u32, u32, u32) {
+    let [x, y, z] = kernel.grid(
+        p.b as usize,
+        p.nh as usize,
+        p.nkv as usize,
+        p.t as usize,
+        p.s as usize,
+    );
+    (x, y, z)
 }
 
-fn tiles(n: i32, tile: usize) -> u32 {
-    (n as usize).div_ceil(tile) as u32
+fn launch_err(e: impl std::fmt::Debug) -> candle_core::Error {
+    candle_core::Error::Msg(format!("flash attention (CUDA): launch failed: {e:?}"))
 }
 
 fn suffix(dtype: DType) -> Result<&'static str> {
@@ -355,7 +334,7 @@ fn forward_t<T: CudaDType + DeviceRepr>(
     let mut o = unsafe { dev.alloc::<T>(rows * p.hs as usize)? };
     let mut lse = unsafe { dev.alloc::<f32>(rows)? };
     let (f, mut cfg) = function(&dev, Kernel::Forward, suffix(q.dtype())?, p.hs as usize)?;
-    cfg.grid_dim = (tiles(p.t, BQ), p.nh as u32, p.b as u32);
+    cfg.grid_dim = grid(Kernel::Forward, &p);
     let stream = dev.cuda_stream();
     let mut b = stream.launch_builder(&f);
     b.arg(&qv)
@@ -472,7 +451,7 @@ fn backward_t<T: CudaDType + DeviceRepr>(
     let mut dv = unsafe { dev.alloc::<T>(v.elem_count())? };
 
     let (f, mut cfg) = function(dev, Kernel::Dq, name, hs)?;
-    cfg.grid_dim = (tiles(p.t, BQ), p.nh as u32, p.b as u32);
+    cfg.grid_dim = grid(Kernel::Dq, &p);
     let stream = dev.cuda_stream();
     let mut b = stream.launch_builder(&f);
     b.arg(&qv).arg(&kv).arg(&vv).arg(&dov).arg(&lv).arg(&dv_);
@@ -481,7 +460,7 @@ fn backward_t<T: CudaDType + DeviceRepr>(
     unsafe { b.launch(cfg) }.map_err(launch_err)?;
 
     let (f, mut cfg) = function(dev, Kernel::Dkv, name, hs)?;
-    cfg.grid_dim = (tiles(p.s, BK), p.nkv as u32, p.b as u32);
+    cfg.grid_dim = grid(Kernel::Dkv, &p);
     let mut b = stream.launch_builder(&f);
     b.arg(&qv).arg(&kv).arg(&vv).arg(&dov).arg(&lv).arg(&dv_);
     b.arg(&mut dk).arg(&mut dv).arg(&docs).arg(&p);

@@ -28,6 +28,8 @@
 mod accumulate;
 mod act;
 mod cross_entropy;
+#[cfg(any(feature = "cuda", test))]
+mod cuda_launch;
 mod flash;
 #[cfg(feature = "cuda")]
 mod flash_cuda;
@@ -244,6 +246,12 @@ pub(crate) mod testing {
         let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(a.len(), b.len());
+        // f32::max drops a NaN operand: a NaN (or an infinity the other side lacks) fails.
+        let bad = a
+            .iter()
+            .zip(&b)
+            .position(|(x, y)| !(x.is_finite() && y.is_finite()) && x != y);
+        assert!(bad.is_none(), "element {bad:?} is not finite on one side");
         let d = a
             .iter()
             .zip(&b)

@@ -8,6 +8,8 @@
 #include <barrier>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <thread>
@@ -63,18 +65,26 @@ inline unsigned short lc_emu_f32_to_f16(float f) {
 
 #include <math.h> // expf, fmaxf, log in the global namespace, as CUDA has them
 
+// Floats after the shared memory a launch asked for, kept NaN: a kernel that reads past
+// its shared memory reads NaN, one that writes there is stopped after its block.
+constexpr size_t LC_EMU_GUARD = 4096;
+
 // Run `kernel()` for every block of `grid`, `threads` threads each (whole warps), with
-// `smem_bytes` of shared memory.
+// `smem_bytes` of shared memory. Exits with status 3 when a block wrote past it.
 template <typename F>
 inline void lc_emu_launch(lc_dim3 grid, unsigned threads, size_t smem_bytes, F kernel) {
     gridDim = grid;
     blockDim = lc_dim3{threads, 1, 1};
-    std::vector<float> smem(smem_bytes / sizeof(float) + 1);
+    const size_t asked = smem_bytes / sizeof(float);
+    std::vector<float> smem(asked + LC_EMU_GUARD);
+    const float nan = std::nanf("");
+    unsigned nan_bits;
+    std::memcpy(&nan_bits, &nan, 4);
     lc_emu_exchange.assign(threads, 0.0);
     for (unsigned z = 0; z < grid.z; z++)
         for (unsigned y = 0; y < grid.y; y++)
             for (unsigned x = 0; x < grid.x; x++) {
-                std::fill(smem.begin(), smem.end(), std::nanf(""));
+                std::fill(smem.begin(), smem.end(), nan);
                 lc_emu_smem = smem.data();
                 std::barrier<> block(threads);
                 lc_emu_block_barrier = &block;
@@ -89,5 +99,14 @@ inline void lc_emu_launch(lc_dim3 grid, unsigned threads, size_t smem_bytes, F k
                         kernel();
                     });
                 for (auto& th : pool) th.join();
+                for (size_t i = asked; i < smem.size(); i++) {
+                    unsigned bits;
+                    std::memcpy(&bits, &smem[i], 4);
+                    if (bits != nan_bits) {
+                        std::fprintf(stderr, "emulate: block (%u, %u, %u) wrote past its %zu bytes of shared memory\n",
+                                     x, y, z, smem_bytes);
+                        std::exit(3);
+                    }
+                }
             }
 }

@@ -1,12 +1,15 @@
 // Runs flash.cu's kernels on the CPU (emulate.h) for the tests in
-// src/model/fused/flash/cuda_tests.rs, with the launch geometry of flash_cuda.rs:
+// src/model/fused/flash/cuda_tests.rs, with the launch geometry the test passes (that of
+// src/model/fused/cuda_launch.rs, which flash_cuda.rs launches with on a GPU):
 //
 //     emulate IN OUT
 //
 // IN: i32 dtype (0 f32, 1 bf16, 2 f16), b, nh, nkv, t, s, hs, q_start, k_start, window,
-//     has_docs; f32 scale; f32 q, k, v, dout; u32 docs (b·t, when has_docs).
-// OUT: f32 o, lse, dq, dk, dv. Inputs are rounded to the dtype first; dsum is
-//     rowsum(dout ⊙ o) in f32 over the rounded o, as flash_cuda.rs computes it.
+//     has_docs; per kernel (forward, dq, dk/dv) i32 grid x, y, z, threads, shared bytes;
+//     f32 scale; f32 q, k, v, dout; u32 docs (b·t, when has_docs).
+// OUT: f32 o, lse, dq, dk, dv. Inputs are rounded to the dtype first; outputs start as
+//     NaN (an element no thread writes stays NaN); dsum is rowsum(dout ⊙ o) in f32 over
+//     the rounded o, as flash_cuda.rs computes it.
 #include "flash.cu"
 
 #include <cstdio>
@@ -42,36 +45,34 @@ static std::vector<float> to_f32(const std::vector<T>& x) {
     return y;
 }
 
-static size_t smem_floats(int kernel, int hs) {
-    const size_t ld = hs + 1, pld = LC_BK + 1;
-    switch (kernel) {
-    case 0: return (LC_BQ + LC_BK) * ld + LC_BQ * pld;
-    case 1: return (2 * LC_BQ + LC_BK) * ld + LC_BQ * pld;
-    default: return (2 * LC_BQ + 2 * LC_BK) * ld + 2 * LC_BQ * pld + 2 * LC_BQ;
-    }
-}
+struct Launch {
+    lc_dim3 grid;
+    unsigned threads;
+    size_t smem;
+};
 
 template <typename T, typename Fwd, typename Dq, typename Dkv>
-static void run(const LcParams& p, const std::vector<float>& qf, const std::vector<float>& kf,
+static void run(const LcParams& p, const Launch* launch, const std::vector<float>& qf, const std::vector<float>& kf,
                 const std::vector<float>& vf, const std::vector<float>& df, const std::vector<unsigned>& docs,
                 FILE* out, Fwd fwd, Dq dq_kernel, Dkv dkv_kernel) {
     auto q = to_t<T>(qf), k = to_t<T>(kf), v = to_t<T>(vf), dout = to_t<T>(df);
-    std::vector<T> o(q.size()), dq(q.size()), dk(k.size()), dv(v.size());
+    const float nan = std::nanf("");
     const size_t rows = (size_t)p.b * p.nh * p.t;
-    std::vector<float> lse(rows), dsum(rows);
+    auto o = to_t<T>(std::vector<float>(q.size(), nan)), dq = o;
+    auto dk = to_t<T>(std::vector<float>(k.size(), nan)), dv = dk;
+    std::vector<float> lse(rows, nan), dsum(rows, nan);
     const unsigned* dp = docs.data();
-    const unsigned qt = (p.t + LC_BQ - 1) / LC_BQ, kt = (p.s + LC_BK - 1) / LC_BK;
-    lc_emu_launch(lc_dim3{qt, (unsigned)p.nh, (unsigned)p.b}, LC_THREADS, 4 * smem_floats(0, p.hs),
+    lc_emu_launch(launch[0].grid, launch[0].threads, launch[0].smem,
                   [&] { fwd(q.data(), k.data(), v.data(), o.data(), lse.data(), dp, p); });
     for (size_t r = 0; r < rows; r++) {
         float acc = 0.0f;
         for (int d = 0; d < p.hs; d++) acc += lc_load(dout[r * p.hs + d]) * lc_load(o[r * p.hs + d]);
         dsum[r] = acc;
     }
-    lc_emu_launch(lc_dim3{qt, (unsigned)p.nh, (unsigned)p.b}, LC_THREADS, 4 * smem_floats(1, p.hs), [&] {
+    lc_emu_launch(launch[1].grid, launch[1].threads, launch[1].smem, [&] {
         dq_kernel(q.data(), k.data(), v.data(), dout.data(), lse.data(), dsum.data(), dq.data(), dp, p);
     });
-    lc_emu_launch(lc_dim3{kt, (unsigned)p.nkv, (unsigned)p.b}, LC_THREADS, 4 * smem_floats(2, p.hs), [&] {
+    lc_emu_launch(launch[2].grid, launch[2].threads, launch[2].smem, [&] {
         dkv_kernel(q.data(), k.data(), v.data(), dout.data(), lse.data(), dsum.data(), dk.data(), dv.data(), dp, p);
     });
     write_vec(out, to_f32(o));
@@ -87,6 +88,13 @@ int main(int argc, char** argv) {
     if (!in) fail("cannot open IN");
     auto h = read_vec<int>(in, 11);
     LcParams p{h[1], h[2], h[3], h[4], h[5], h[6], h[7], h[8], h[9], h[10], 0.0f};
+    Launch launch[3];
+    auto g = read_vec<int>(in, 15);
+    for (int i = 0; i < 3; i++) {
+        const int* l = &g[5 * i];
+        if (l[0] < 1 || l[1] < 1 || l[2] < 1 || l[3] < 32 || l[3] % 32 || l[4] < 0) fail("bad launch");
+        launch[i] = Launch{lc_dim3{(unsigned)l[0], (unsigned)l[1], (unsigned)l[2]}, (unsigned)l[3], (size_t)l[4]};
+    }
     p.scale = read_vec<float>(in, 1)[0];
     if (p.hs > LC_HS_MAX || p.nkv == 0 || p.nh % p.nkv) fail("bad shape");
     const size_t nq = (size_t)p.b * p.nh * p.t * p.hs, nk = (size_t)p.b * p.nkv * p.s * p.hs;
@@ -97,11 +105,11 @@ int main(int argc, char** argv) {
     FILE* out = std::fopen(argv[2], "wb");
     if (!out) fail("cannot open OUT");
     switch (h[0]) {
-    case 0: run<float>(p, q, k, v, dout, docs, out, lc_flash_fwd_f32, lc_flash_bwd_dq_f32, lc_flash_bwd_dkv_f32); break;
+    case 0: run<float>(p, launch, q, k, v, dout, docs, out, lc_flash_fwd_f32, lc_flash_bwd_dq_f32, lc_flash_bwd_dkv_f32); break;
     case 1:
-        run<lc_bf16>(p, q, k, v, dout, docs, out, lc_flash_fwd_bf16, lc_flash_bwd_dq_bf16, lc_flash_bwd_dkv_bf16);
+        run<lc_bf16>(p, launch, q, k, v, dout, docs, out, lc_flash_fwd_bf16, lc_flash_bwd_dq_bf16, lc_flash_bwd_dkv_bf16);
         break;
-    case 2: run<lc_f16>(p, q, k, v, dout, docs, out, lc_flash_fwd_f16, lc_flash_bwd_dq_f16, lc_flash_bwd_dkv_f16); break;
+    case 2: run<lc_f16>(p, launch, q, k, v, dout, docs, out, lc_flash_fwd_f16, lc_flash_bwd_dq_f16, lc_flash_bwd_dkv_f16); break;
     default: fail("bad dtype");
     }
     if (std::fclose(out) != 0) fail("cannot write OUT");

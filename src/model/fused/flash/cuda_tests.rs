@@ -1,5 +1,7 @@
 //! The CUDA kernel's source (`cuda/flash.cu`), run on the CPU by `cuda/emulate.h` (each
-//! block's threads as CPU threads, shared memory filled with NaN before each block),
+//! block's threads as CPU threads, shared memory filled with NaN before each block) with
+//! the launch geometry of `cuda_launch.rs` (outputs start as NaN, so an element no block
+//! writes, or a read past the shared memory, shows),
 //! against the definition of masked attention: values and gradients, f32 within 1e-5
 //! of the largest value, bf16 and f16 within their rounding. Needs a C++20 compiler
 //! (`CXX`, else g++); no GPU.
@@ -12,6 +14,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use super::super::cuda_launch::{Kernel, THREADS};
 use super::tests::{reference, rel_close};
 use super::*;
 
@@ -138,6 +141,14 @@ fn run(c: &Case, seed: u64) {
     ];
     for h in header {
         bytes.extend((h as i32).to_le_bytes());
+    }
+    // The geometry flash_cuda.rs launches with.
+    for kernel in Kernel::ALL {
+        let grid = kernel.grid(c.b, c.nh, c.nkv, c.t, c.s);
+        let launch = [grid[0], grid[1], grid[2], THREADS, kernel.smem(c.hs) as u32];
+        for x in launch {
+            bytes.extend((x as i32).to_le_bytes());
+        }
     }
     bytes.extend((scale as f32).to_le_bytes());
     for t in [&q, &k, &v, &dout] {

@@ -51,6 +51,16 @@ pub(super) fn rel_close(what: &str, a: &Tensor, b: &Tensor, tol: f32) {
     let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert_eq!(a.len(), b.len());
+    // f32::max drops a NaN operand: a NaN (or an infinity the other side lacks) must fail
+    // here, not vanish from the maximum.
+    let bad = a
+        .iter()
+        .zip(&b)
+        .position(|(x, y)| !(x.is_finite() && y.is_finite()) && x != y);
+    assert!(
+        bad.is_none(),
+        "{what}: element {bad:?} is not finite on one side"
+    );
     let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
     let diff = a
         .iter()
