@@ -115,11 +115,7 @@ fn checked(dev: &CudaDevice, dtype: DType) -> Result<()> {
 /// The kernel against the plain attention on `dev`, values and gradients, on two small
 /// problems (every mask feature, head sizes 64 and 40, T not a multiple of the tiles).
 pub fn self_check(dev: &Device, dtype: DType) -> Result<f32> {
-    let tol = match dtype {
-        DType::F32 => 1e-4,
-        DType::F16 => 1e-2,
-        _ => 5e-2,
-    };
+    let tol = super::cuda_launch::self_check_tolerance(dtype);
     let cases = [
         // (B, nh, nkv, T, S, hs, q_start, k_start, window, docs)
         (2, 4, 2, 75, 75, 64, 0, 0, 0, true),

@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::super::cuda_launch::{Kernel, THREADS};
+use super::super::cuda_launch::{Kernel, THREADS, self_check_tolerance};
 use super::tests::{reference, rel_close};
 use super::*;
 
@@ -227,6 +227,36 @@ fn run(c: &Case, seed: u64) {
         ("dv", &dv, &vars[2]),
     ] {
         rel_close(&what(name), got, grads.get(var.as_tensor()).unwrap(), tol);
+    }
+    if c.dtype != DType::F32 {
+        // What the check before a GPU's first use compares: the plain attention computed
+        // in the dtype. The kernel must pass it with room to spare (half its tolerance).
+        let low = [&q, &k, &v].map(|t| Var::from_tensor(&t.to_dtype(c.dtype).unwrap()).unwrap());
+        let plain = attention_plain(
+            low[0].as_tensor(),
+            low[1].as_tensor(),
+            low[2].as_tensor(),
+            scale,
+            &mask,
+        )
+        .unwrap();
+        let g = (plain.to_dtype(DType::F32).unwrap() * &dout)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let f32_of = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        let margin = self_check_tolerance(c.dtype) / 2.0;
+        rel_close(&what("output vs plain"), &o, &f32_of(&plain), margin);
+        for (name, got, var) in [
+            ("dq", &dq, &low[0]),
+            ("dk", &dk, &low[1]),
+            ("dv", &dv, &low[2]),
+        ] {
+            let want = f32_of(g.get(var.as_tensor()).unwrap());
+            rel_close(&what(&format!("{name} vs plain")), got, &want, margin);
+        }
     }
 }
 
