@@ -171,6 +171,31 @@ LC_DEVICE void lc_block_span(const LcParams& p, const unsigned* docs, int bi, in
     *bhi = lo_all < hi_all ? hi_all : 0;
 }
 
+// The place of a block of the forward and dq kernels: queries i0 .. i0 + nq of head
+// blockIdx.y in batch row bi (their first row of q is qrow), and the key and value rows
+// of the kv head that head reads.
+template <typename T>
+struct LcQueryBlock {
+    int i0, bi, nq;
+    size_t qrow;
+    const T* kp;
+    const T* vp;
+};
+
+template <typename T>
+LC_DEVICE LcQueryBlock<T> lc_query_block(const T* k, const T* v, const LcParams& p) {
+    LcQueryBlock<T> at;
+    const int h = blockIdx.y, hk = h / (p.nh / p.nkv);
+    at.i0 = blockIdx.x * LC_BQ;
+    at.bi = blockIdx.z;
+    at.nq = p.t - at.i0 < LC_BQ ? p.t - at.i0 : LC_BQ;
+    at.qrow = ((size_t)at.bi * p.nh + h) * p.t + at.i0;
+    const size_t kv0 = ((size_t)at.bi * p.nkv + hk) * p.s * p.hs;
+    at.kp = k + kv0;
+    at.vp = v + kv0;
+    return at;
+}
+
 // Shared memory: q (LC_BQ × ld), k then v (LC_BK × ld), p (LC_BQ × (LC_BK + 1)).
 template <typename T>
 LC_DEVICE void lc_fwd(const T* q, const T* k, const T* v, T* o, float* lse, const unsigned* docs, LcParams p) {
@@ -179,21 +204,16 @@ LC_DEVICE void lc_fwd(const T* q, const T* k, const T* v, T* o, float* lse, cons
     float* kv = qs + LC_BQ * ld;
     float* ps = kv + LC_BK * ld;
     const int ty = threadIdx.x / 8, tx = threadIdx.x % 8;
-    const int i0 = blockIdx.x * LC_BQ, h = blockIdx.y, bi = blockIdx.z;
-    const int hk = h / (p.nh / p.nkv);
-    const int nq = p.t - i0 < LC_BQ ? p.t - i0 : LC_BQ;
-    const size_t qrow = ((size_t)bi * p.nh + h) * p.t + i0;
-    const T* kp = k + ((size_t)bi * p.nkv + hk) * p.s * hs;
-    const T* vp = v + ((size_t)bi * p.nkv + hk) * p.s * hs;
-    lc_load_tile(qs, q + qrow * hs, nq, hs, ld);
+    const LcQueryBlock<T> at = lc_query_block(k, v, p);
+    lc_load_tile(qs, q + at.qrow * hs, at.nq, hs, ld);
 
     int lo[4], hi[4];
     for (int r = 0; r < 4; r++) {
         lo[r] = hi[r] = 0;
-        if (4 * ty + r < nq) lc_visible(p, docs, bi, i0 + 4 * ty + r, &lo[r], &hi[r]);
+        if (4 * ty + r < at.nq) lc_visible(p, docs, at.bi, at.i0 + 4 * ty + r, &lo[r], &hi[r]);
     }
     int blo, bhi;
-    lc_block_span(p, docs, bi, i0, &blo, &bhi);
+    lc_block_span(p, docs, at.bi, at.i0, &blo, &bhi);
 
     float m[4], acc[4][LC_CPT];
     double l[4];
@@ -205,7 +225,7 @@ LC_DEVICE void lc_fwd(const T* q, const T* k, const T* v, T* o, float* lse, cons
     for (int j0 = (blo / LC_BK) * LC_BK; j0 < bhi; j0 += LC_BK) {
         const int nk = p.s - j0 < LC_BK ? p.s - j0 : LC_BK;
         __syncthreads(); // the last tile's reads of kv are done
-        lc_load_tile(kv, kp + (size_t)j0 * hs, nk, hs, ld);
+        lc_load_tile(kv, at.kp + (size_t)j0 * hs, nk, hs, ld);
         __syncthreads();
         float s[4][4];
         lc_tile_abt(s, qs, kv, hs, ld, ty, tx);
@@ -231,19 +251,19 @@ LC_DEVICE void lc_fwd(const T* q, const T* k, const T* v, T* o, float* lse, cons
             for (int c = 0; c < LC_CPT; c++) acc[r][c] *= alpha;
         }
         __syncthreads(); // p written, k read
-        lc_load_tile(kv, vp + (size_t)j0 * hs, nk, hs, ld);
+        lc_load_tile(kv, at.vp + (size_t)j0 * hs, nk, hs, ld);
         __syncthreads();
         lc_tile_acc(acc, ps, 1, pld, kv, LC_BK, hs, ld, ty, tx);
     }
     for (int r = 0; r < 4; r++) {
         const int i = 4 * ty + r;
-        if (i >= nq) continue;
+        if (i >= at.nq) continue;
         const float inv = l[r] > 0.0 ? (float)(1.0 / l[r]) : 0.0f;
         for (int c = 0; c < LC_CPT; c++) {
             int d = tx + 8 * c;
-            if (d < hs) lc_store(&o[(qrow + i) * hs + d], acc[r][c] * inv);
+            if (d < hs) lc_store(&o[(at.qrow + i) * hs + d], acc[r][c] * inv);
         }
-        if (tx == 0) lse[qrow + i] = l[r] > 0.0 ? m[r] + (float)log(l[r]) : INFINITY;
+        if (tx == 0) lse[at.qrow + i] = l[r] > 0.0 ? m[r] + (float)log(l[r]) : INFINITY;
     }
 }
 
@@ -257,14 +277,9 @@ LC_DEVICE void lc_bwd_dq(const T* q, const T* k, const T* v, const T* dout, cons
     float* kv = dos + LC_BQ * ld;
     float* dss = kv + LC_BK * ld;
     const int ty = threadIdx.x / 8, tx = threadIdx.x % 8;
-    const int i0 = blockIdx.x * LC_BQ, h = blockIdx.y, bi = blockIdx.z;
-    const int hk = h / (p.nh / p.nkv);
-    const int nq = p.t - i0 < LC_BQ ? p.t - i0 : LC_BQ;
-    const size_t qrow = ((size_t)bi * p.nh + h) * p.t + i0;
-    const T* kp = k + ((size_t)bi * p.nkv + hk) * p.s * hs;
-    const T* vp = v + ((size_t)bi * p.nkv + hk) * p.s * hs;
-    lc_load_tile(qs, q + qrow * hs, nq, hs, ld);
-    lc_load_tile(dos, dout + qrow * hs, nq, hs, ld);
+    const LcQueryBlock<T> at = lc_query_block(k, v, p);
+    lc_load_tile(qs, q + at.qrow * hs, at.nq, hs, ld);
+    lc_load_tile(dos, dout + at.qrow * hs, at.nq, hs, ld);
 
     int lo[4], hi[4];
     float rl[4], rd[4];
@@ -272,14 +287,14 @@ LC_DEVICE void lc_bwd_dq(const T* q, const T* k, const T* v, const T* dout, cons
         lo[r] = hi[r] = 0;
         rl[r] = INFINITY;
         rd[r] = 0.0f;
-        if (4 * ty + r < nq) {
-            lc_visible(p, docs, bi, i0 + 4 * ty + r, &lo[r], &hi[r]);
-            rl[r] = lse[qrow + 4 * ty + r];
-            rd[r] = dsum[qrow + 4 * ty + r];
+        if (4 * ty + r < at.nq) {
+            lc_visible(p, docs, at.bi, at.i0 + 4 * ty + r, &lo[r], &hi[r]);
+            rl[r] = lse[at.qrow + 4 * ty + r];
+            rd[r] = dsum[at.qrow + 4 * ty + r];
         }
     }
     int blo, bhi;
-    lc_block_span(p, docs, bi, i0, &blo, &bhi);
+    lc_block_span(p, docs, at.bi, at.i0, &blo, &bhi);
 
     float acc[4][LC_CPT];
     for (int r = 0; r < 4; r++)
@@ -287,12 +302,12 @@ LC_DEVICE void lc_bwd_dq(const T* q, const T* k, const T* v, const T* dout, cons
     for (int j0 = (blo / LC_BK) * LC_BK; j0 < bhi; j0 += LC_BK) {
         const int nk = p.s - j0 < LC_BK ? p.s - j0 : LC_BK;
         __syncthreads(); // the last tile's reads of kv and ds are done
-        lc_load_tile(kv, vp + (size_t)j0 * hs, nk, hs, ld);
+        lc_load_tile(kv, at.vp + (size_t)j0 * hs, nk, hs, ld);
         __syncthreads();
         float dp[4][4], s[4][4];
         lc_tile_abt(dp, dos, kv, hs, ld, ty, tx);
         __syncthreads(); // v read
-        lc_load_tile(kv, kp + (size_t)j0 * hs, nk, hs, ld);
+        lc_load_tile(kv, at.kp + (size_t)j0 * hs, nk, hs, ld);
         __syncthreads();
         lc_tile_abt(s, qs, kv, hs, ld, ty, tx);
         for (int r = 0; r < 4; r++)
@@ -306,10 +321,10 @@ LC_DEVICE void lc_bwd_dq(const T* q, const T* k, const T* v, const T* dout, cons
     }
     for (int r = 0; r < 4; r++) {
         const int i = 4 * ty + r;
-        if (i >= nq) continue;
+        if (i >= at.nq) continue;
         for (int c = 0; c < LC_CPT; c++) {
             int d = tx + 8 * c;
-            if (d < hs) lc_store(&dq[(qrow + i) * hs + d], acc[r][c] * p.scale);
+            if (d < hs) lc_store(&dq[(at.qrow + i) * hs + d], acc[r][c] * p.scale);
         }
     }
 }
