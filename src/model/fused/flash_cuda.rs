@@ -16,7 +16,7 @@ use candle_core::cuda_backend::cudarc::driver::sys::{CUdevice_attribute, CUfunct
 use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
 };
-use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, DeviceId};
 use candle_core::op::BackpropOp;
 use candle_core::{D, DType, Device, Layout, Result, Storage, Tensor, Var};
 
@@ -68,43 +68,27 @@ pub(super) fn serves(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<bool> {
     let hs = q.dim(D::Minus1)?;
     let same = |t: &Tensor| t.device().same_device(q.device()) && t.dtype() == q.dtype();
     // The same rule as the memory plan's (`flash_serves_run`), then the device's.
-    if !(super::flash_serves_run(true, q.dtype(), hs) && same(k) && same(v))
-        || max_smem(dev)? < Kernel::Dkv.smem(HS_MAX)
-    {
+    if !(super::flash_serves_run(true, q.dtype(), hs) && same(k) && same(v)) {
         return Ok(false);
     }
-    checked(dev, q.dtype())?;
-    Ok(true)
+    checked(dev, q.dtype())
 }
 
-/// The device's largest shared memory per block, opted in.
-fn max_smem(dev: &CudaDevice) -> Result<usize> {
-    let n = dev
-        .cuda_stream()
-        .context()
-        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
-        .map_err(|e| {
-            candle_core::Error::Msg(format!("flash attention: device attribute: {e:?}"))
-        })?;
-    Ok(n.max(0) as usize)
-}
-
-/// Run the check of [`self_check`] once per device and dtype; its verdict is kept.
-fn checked(dev: &CudaDevice, dtype: DType) -> Result<()> {
-    type Verdicts = Mutex<HashMap<(String, DType), std::result::Result<(), String>>>;
+/// Whether the kernel serves `dtype` on `dev`, decided once per device and dtype and kept:
+/// false when the device's shared memory is too small; else the kernels are allowed the
+/// shared memory they need and [`self_check`] runs, and a failure is an error.
+fn checked(dev: &CudaDevice, dtype: DType) -> Result<bool> {
+    type Verdicts = Mutex<HashMap<(DeviceId, DType), std::result::Result<bool, String>>>;
     static DONE: OnceLock<Verdicts> = OnceLock::new();
-    let key = (format!("{:?}", dev.id()), dtype);
-    let done = DONE.get_or_init(Default::default);
-    let mut done = done
+    let mut done = DONE
+        .get_or_init(Default::default)
         .lock()
         .map_err(|_| candle_core::Error::Msg("flash attention: check lock poisoned".into()))?;
-    let verdict = match done.get(&key) {
+    let verdict = match done.get(&(dev.id(), dtype)) {
         Some(v) => v.clone(),
         None => {
-            let v = self_check(&Device::Cuda(dev.clone()), dtype)
-                .map(|_| ())
-                .map_err(|e| e.to_string());
-            done.insert(key, v.clone());
+            let v = prepare(dev, dtype).map_err(|e| e.to_string());
+            done.insert((dev.id(), dtype), v.clone());
             v
         }
     };
@@ -113,6 +97,39 @@ fn checked(dev: &CudaDevice, dtype: DType) -> Result<()> {
             "the CUDA flash-attention kernel failed its check on this GPU ({dtype:?}): {e}; set LIT_CLAIRE_ATTENTION=plain to train with the plain attention (O(T²) memory) and report this"
         ))
     })
+}
+
+/// The first use on a device and dtype: false when the device lacks the shared memory
+/// the kernels need at the largest head size; else allow each kernel that much and run
+/// [`self_check`].
+fn prepare(dev: &CudaDevice, dtype: DType) -> Result<bool> {
+    let max = dev
+        .cuda_stream()
+        .context()
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        .map_err(|e| {
+            candle_core::Error::Msg(format!("flash attention: device attribute: {e:?}"))
+        })?;
+    if (max.max(0) as usize) < Kernel::Dkv.smem(HS_MAX) {
+        return Ok(false);
+    }
+    for kernel in [Kernel::Forward, Kernel::Dq, Kernel::Dkv] {
+        let smem = kernel.smem(HS_MAX);
+        if smem > SMEM_DEFAULT {
+            function(dev, kernel, suffix(dtype)?)?
+                .set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    smem as i32,
+                )
+                .map_err(|e| {
+                    candle_core::Error::Msg(format!(
+                        "flash attention (CUDA): {smem} bytes of shared memory: {e:?}"
+                    ))
+                })?;
+        }
+    }
+    self_check(&Device::Cuda(dev.clone()), dtype)?;
+    Ok(true)
 }
 
 /// The kernel against the plain attention on `dev`, values and gradients, on two small
@@ -249,37 +266,16 @@ fn docs_on(dev: &CudaDevice, mask: &MaskSpec) -> Result<CudaSlice<u32>> {
     }
 }
 
-/// The function `kernel` for dtype suffix `name`, allowed the shared memory it needs.
-fn function(
-    dev: &CudaDevice,
-    kernel: Kernel,
-    name: &str,
-    hs: usize,
-) -> Result<(CudaFunction, LaunchConfig)> {
-    let f = dev
+/// The function `kernel` for dtype suffix `name` (allowed its shared memory by
+/// [`prepare`]).
+fn function(dev: &CudaDevice, kernel: Kernel, name: &str) -> Result<CudaFunction> {
+    Ok(dev
         .get_or_load_custom_func(&format!("{}_{name}", kernel.name()), MODULE, PTX)?
-        .into_cuda_function();
-    let smem = kernel.smem(hs);
-    if smem > SMEM_DEFAULT {
-        f.set_attribute(
-            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            smem as i32,
-        )
-        .map_err(|e| {
-            candle_core::Error::Msg(format!(
-                "flash attention (CUDA): {smem} bytes of shared memory: {e:?}"
-            ))
-        })?;
-    }
-    let cfg = LaunchConfig {
-        grid_dim: (1, 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: smem as u32,
-    };
-    Ok((f, cfg))
+        .into_cuda_function())
 }
 
-fn grid(kernel: Kernel, p: &Params) -> (u32, u32, u32) {
+/// Threads, blocks and shared memory of `kernel` for the problem `p`.
+fn launch_config(kernel: Kernel, p: &Params) -> LaunchConfig {
     let [x, y, z] = kernel.grid(
         p.b as usize,
         p.nh as usize,
@@ -287,7 +283,11 @@ fn grid(kernel: Kernel, p: &Params) -> (u32, u32, u32) {
         p.t as usize,
         p.s as usize,
     );
-    (x, y, z)
+    LaunchConfig {
+        grid_dim: (x, y, z),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: kernel.smem(p.hs as usize) as u32,
+    }
 }
 
 fn launch_err(e: impl std::fmt::Debug) -> candle_core::Error {
@@ -337,8 +337,8 @@ fn forward_t<T: CudaDType + DeviceRepr>(
     // SAFETY: the kernel writes every element of o and lse.
     let mut o = unsafe { dev.alloc::<T>(rows * p.hs as usize)? };
     let mut lse = unsafe { dev.alloc::<f32>(rows)? };
-    let (f, mut cfg) = function(&dev, Kernel::Forward, suffix(q.dtype())?, p.hs as usize)?;
-    cfg.grid_dim = grid(Kernel::Forward, &p);
+    let f = function(&dev, Kernel::Forward, suffix(q.dtype())?)?;
+    let cfg = launch_config(Kernel::Forward, &p);
     let stream = dev.cuda_stream();
     let mut b = stream.launch_builder(&f);
     b.arg(&qv)
@@ -448,14 +448,13 @@ fn backward_t<T: CudaDType + DeviceRepr>(
     );
     let docs = docs_on(dev, mask)?;
     let name = suffix(q.dtype())?;
-    let hs = p.hs as usize;
     // SAFETY: the kernels write every element of dq, dk and dv.
     let mut dq = unsafe { dev.alloc::<T>(q.elem_count())? };
     let mut dk = unsafe { dev.alloc::<T>(k.elem_count())? };
     let mut dv = unsafe { dev.alloc::<T>(v.elem_count())? };
 
-    let (f, mut cfg) = function(dev, Kernel::Dq, name, hs)?;
-    cfg.grid_dim = grid(Kernel::Dq, &p);
+    let f = function(dev, Kernel::Dq, name)?;
+    let cfg = launch_config(Kernel::Dq, &p);
     let stream = dev.cuda_stream();
     let mut b = stream.launch_builder(&f);
     b.arg(&qv).arg(&kv).arg(&vv).arg(&dov).arg(&lv).arg(&dv_);
@@ -463,8 +462,8 @@ fn backward_t<T: CudaDType + DeviceRepr>(
     // SAFETY: as in forward_t.
     unsafe { b.launch(cfg) }.map_err(launch_err)?;
 
-    let (f, mut cfg) = function(dev, Kernel::Dkv, name, hs)?;
-    cfg.grid_dim = grid(Kernel::Dkv, &p);
+    let f = function(dev, Kernel::Dkv, name)?;
+    let cfg = launch_config(Kernel::Dkv, &p);
     let mut b = stream.launch_builder(&f);
     b.arg(&qv).arg(&kv).arg(&vv).arg(&dov).arg(&lv).arg(&dv_);
     b.arg(&mut dk).arg(&mut dv).arg(&docs).arg(&p);
