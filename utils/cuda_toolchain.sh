@@ -45,7 +45,7 @@ lit_claire_cuda_toolchain() {
         [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && return 0
         echo "installing CUDA wheels into $dest: $want" >&2
         rm -rf "$dest.partial"
-        if ! "${pip[@]}" install --quiet --no-deps --disable-pip-version-check \
+        if ! "${pip[@]}" install --quiet --no-deps --no-cache-dir --disable-pip-version-check \
             --no-warn-script-location --target "$dest.partial" "$@" >&2; then
             rm -rf "$dest.partial"
             echo "error: could not install the CUDA wheels ($want) from PyPI into $dest; is PyPI reachable (pip config, proxy)?" >&2
