@@ -23,19 +23,22 @@ pub(super) fn self_check_tolerance(dtype: candle_core::DType) -> f32 {
 #[derive(Clone, Copy, Debug)]
 pub(super) enum Kernel {
     Forward,
+    /// `rowsum(dO ⊙ O)`, launched before `Dq` and `Dkv`, which read it.
+    Dsum,
     Dq,
     Dkv,
 }
 
 impl Kernel {
     #[cfg(test)]
-    pub(super) const ALL: [Kernel; 3] = [Kernel::Forward, Kernel::Dq, Kernel::Dkv];
+    pub(super) const ALL: [Kernel; 4] = [Kernel::Forward, Kernel::Dsum, Kernel::Dq, Kernel::Dkv];
 
     /// The kernel's name without its dtype suffix (`_f32`, `_bf16`, `_f16`).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub(super) fn name(self) -> &'static str {
         match self {
             Kernel::Forward => "lc_flash_fwd",
+            Kernel::Dsum => "lc_flash_bwd_dsum",
             Kernel::Dq => "lc_flash_bwd_dq",
             Kernel::Dkv => "lc_flash_bwd_dkv",
         }
@@ -47,6 +50,7 @@ impl Kernel {
         let (ld, pld) = (hs + 1, BK + 1);
         4 * match self {
             Kernel::Forward => (BQ + BK) * ld + BQ * pld,
+            Kernel::Dsum => 0,
             Kernel::Dq => (2 * BQ + BK) * ld + BQ * pld,
             Kernel::Dkv => (2 * BQ + 2 * BK) * ld + 2 * BQ * pld + 2 * BQ,
         }
@@ -56,7 +60,9 @@ impl Kernel {
     /// one per (query tile, head, row), or per (key tile, kv head, row) for dk/dv.
     pub(super) fn grid(self, b: usize, nh: usize, nkv: usize, t: usize, s: usize) -> [u32; 3] {
         match self {
-            Kernel::Forward | Kernel::Dq => [t.div_ceil(BQ) as u32, nh as u32, b as u32],
+            Kernel::Forward | Kernel::Dsum | Kernel::Dq => {
+                [t.div_ceil(BQ) as u32, nh as u32, b as u32]
+            }
             Kernel::Dkv => [s.div_ceil(BK) as u32, nkv as u32, b as u32],
         }
     }

@@ -400,15 +400,11 @@ pub(super) fn backward(
     p: Params,
     mask: &MaskSpec,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    // D = rowsum(dO ⊙ O), one f32 per query row.
-    let dsum = (dout.to_dtype(DType::F32)? * o.to_dtype(DType::F32)?)?
-        .sum(D::Minus1)?
-        .contiguous()?;
-    let dout = dout.contiguous()?;
+    let (o, dout) = (o.contiguous()?, dout.contiguous()?);
     match q.dtype() {
-        DType::F32 => backward_t::<f32>(q, k, v, &dout, lse, &dsum, p, mask),
-        DType::BF16 => backward_t::<half::bf16>(q, k, v, &dout, lse, &dsum, p, mask),
-        DType::F16 => backward_t::<half::f16>(q, k, v, &dout, lse, &dsum, p, mask),
+        DType::F32 => backward_t::<f32>(q, k, v, &o, &dout, lse, p, mask),
+        DType::BF16 => backward_t::<half::bf16>(q, k, v, &o, &dout, lse, p, mask),
+        DType::F16 => backward_t::<half::f16>(q, k, v, &o, &dout, lse, p, mask),
         other => candle_core::bail!("flash attention (CUDA): {other:?} is not supported"),
     }
 }
@@ -418,9 +414,9 @@ fn backward_t<T: CudaDType + DeviceRepr>(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
+    o: &Tensor,
     dout: &Tensor,
     lse: &Tensor,
-    dsum: &Tensor,
     p: Params,
     mask: &MaskSpec,
 ) -> Result<(Tensor, Tensor, Tensor)> {
@@ -428,7 +424,7 @@ fn backward_t<T: CudaDType + DeviceRepr>(
         candle_core::bail!("flash attention (CUDA): q is not on a CUDA device")
     };
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-    let guards = [&q, &k, &v, dout, lse, dsum].map(|t| t.storage_and_layout());
+    let guards = [&q, &k, &v, dout, lse, o].map(|t| t.storage_and_layout());
     let mut s = Vec::with_capacity(6);
     for (g, l) in &guards {
         let Storage::Cuda(c) = &**g else {
@@ -442,22 +438,33 @@ fn backward_t<T: CudaDType + DeviceRepr>(
         view::<T>(s[2].0, s[2].1, "v")?,
         view::<T>(s[3].0, s[3].1, "dout")?,
     );
-    let (lv, dv_) = (
+    let (lv, ov) = (
         view::<f32>(s[4].0, s[4].1, "lse")?,
-        view::<f32>(s[5].0, s[5].1, "dsum")?,
+        view::<T>(s[5].0, s[5].1, "o")?,
     );
     let docs = docs_on(dev, mask)?;
     let name = suffix(q.dtype())?;
-    // SAFETY: the kernels write every element of dq, dk and dv.
+    // SAFETY: the kernels write every element of dsum, dq, dk and dv.
+    let mut dsum = unsafe { dev.alloc::<f32>((p.b * p.nh * p.t) as usize)? };
     let mut dq = unsafe { dev.alloc::<T>(q.elem_count())? };
     let mut dk = unsafe { dev.alloc::<T>(k.elem_count())? };
     let mut dv = unsafe { dev.alloc::<T>(v.elem_count())? };
+    let stream = dev.cuda_stream();
+
+    // D = rowsum(dO ⊙ O), one f32 per query row, which both kernels after it read.
+    {
+        let f = function(dev, Kernel::Dsum, name)?;
+        let cfg = launch_config(Kernel::Dsum, &p);
+        let mut b = stream.launch_builder(&f);
+        b.arg(&ov).arg(&dov).arg(&mut dsum).arg(&p);
+        // SAFETY: as in forward_t.
+        unsafe { b.launch(cfg) }.map_err(launch_err)?;
+    }
 
     let f = function(dev, Kernel::Dq, name)?;
     let cfg = launch_config(Kernel::Dq, &p);
-    let stream = dev.cuda_stream();
     let mut b = stream.launch_builder(&f);
-    b.arg(&qv).arg(&kv).arg(&vv).arg(&dov).arg(&lv).arg(&dv_);
+    b.arg(&qv).arg(&kv).arg(&vv).arg(&dov).arg(&lv).arg(&dsum);
     b.arg(&mut dq).arg(&docs).arg(&p);
     // SAFETY: as in forward_t.
     unsafe { b.launch(cfg) }.map_err(launch_err)?;
@@ -465,7 +472,7 @@ fn backward_t<T: CudaDType + DeviceRepr>(
     let f = function(dev, Kernel::Dkv, name)?;
     let cfg = launch_config(Kernel::Dkv, &p);
     let mut b = stream.launch_builder(&f);
-    b.arg(&qv).arg(&kv).arg(&vv).arg(&dov).arg(&lv).arg(&dv_);
+    b.arg(&qv).arg(&kv).arg(&vv).arg(&dov).arg(&lv).arg(&dsum);
     b.arg(&mut dk).arg(&mut dv).arg(&docs).arg(&p);
     // SAFETY: as in forward_t.
     unsafe { b.launch(cfg) }.map_err(launch_err)?;

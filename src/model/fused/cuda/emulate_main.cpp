@@ -5,11 +5,11 @@
 //     emulate IN OUT
 //
 // IN: i32 dtype (0 f32, 1 bf16, 2 f16), b, nh, nkv, t, s, hs, q_start, k_start, window,
-//     has_docs; per kernel (forward, dq, dk/dv) i32 grid x, y, z, threads, shared bytes;
+//     has_docs; per kernel (forward, dsum, dq, dk/dv) i32 grid x, y, z, threads, shared bytes;
 //     f32 scale; f32 q, k, v, dout; u32 docs (b·t, when has_docs).
-// OUT: f32 o, lse, dq, dk, dv. Inputs are rounded to the dtype first; outputs start as
-//     NaN (an element no thread writes stays NaN); dsum is rowsum(dout ⊙ o) in f32 over
-//     the rounded o, as flash_cuda.rs computes it.
+// OUT: f32 o, lse, dsum, dq, dk, dv. Inputs are rounded to the dtype first; outputs start
+//     as NaN (an element no thread writes stays NaN). The kernels run in flash_cuda.rs's
+//     order: forward, then dsum from its o, then dq and dk/dv.
 #include "flash.cu"
 
 #include <cstdio>
@@ -51,10 +51,10 @@ struct Launch {
     size_t smem;
 };
 
-template <typename T, typename Fwd, typename Dq, typename Dkv>
+template <typename T, typename Fwd, typename Dsum, typename Dq, typename Dkv>
 static void run(const LcParams& p, const Launch* launch, const std::vector<float>& qf, const std::vector<float>& kf,
                 const std::vector<float>& vf, const std::vector<float>& df, const std::vector<unsigned>& docs,
-                FILE* out, Fwd fwd, Dq dq_kernel, Dkv dkv_kernel) {
+                FILE* out, Fwd fwd, Dsum dsum_kernel, Dq dq_kernel, Dkv dkv_kernel) {
     auto q = to_t<T>(qf), k = to_t<T>(kf), v = to_t<T>(vf), dout = to_t<T>(df);
     const float nan = std::nanf("");
     const size_t rows = (size_t)p.b * p.nh * p.t;
@@ -64,19 +64,17 @@ static void run(const LcParams& p, const Launch* launch, const std::vector<float
     const unsigned* dp = docs.data();
     lc_emu_launch(launch[0].grid, launch[0].threads, launch[0].smem,
                   [&] { fwd(q.data(), k.data(), v.data(), o.data(), lse.data(), dp, p); });
-    for (size_t r = 0; r < rows; r++) {
-        float acc = 0.0f;
-        for (int d = 0; d < p.hs; d++) acc += lc_load(dout[r * p.hs + d]) * lc_load(o[r * p.hs + d]);
-        dsum[r] = acc;
-    }
-    lc_emu_launch(launch[1].grid, launch[1].threads, launch[1].smem, [&] {
+    lc_emu_launch(launch[1].grid, launch[1].threads, launch[1].smem,
+                  [&] { dsum_kernel(o.data(), dout.data(), dsum.data(), p); });
+    lc_emu_launch(launch[2].grid, launch[2].threads, launch[2].smem, [&] {
         dq_kernel(q.data(), k.data(), v.data(), dout.data(), lse.data(), dsum.data(), dq.data(), dp, p);
     });
-    lc_emu_launch(launch[2].grid, launch[2].threads, launch[2].smem, [&] {
+    lc_emu_launch(launch[3].grid, launch[3].threads, launch[3].smem, [&] {
         dkv_kernel(q.data(), k.data(), v.data(), dout.data(), lse.data(), dsum.data(), dk.data(), dv.data(), dp, p);
     });
     write_vec(out, to_f32(o));
     write_vec(out, lse);
+    write_vec(out, dsum);
     write_vec(out, to_f32(dq));
     write_vec(out, to_f32(dk));
     write_vec(out, to_f32(dv));
@@ -88,9 +86,9 @@ int main(int argc, char** argv) {
     if (!in) fail("cannot open IN");
     auto h = read_vec<int>(in, 11);
     LcParams p{h[1], h[2], h[3], h[4], h[5], h[6], h[7], h[8], h[9], h[10], 0.0f};
-    Launch launch[3];
-    auto g = read_vec<int>(in, 15);
-    for (int i = 0; i < 3; i++) {
+    Launch launch[4];
+    auto g = read_vec<int>(in, 20);
+    for (int i = 0; i < 4; i++) {
         const int* l = &g[5 * i];
         if (l[0] < 1 || l[1] < 1 || l[2] < 1 || l[3] < 32 || l[3] % 32 || l[4] < 0) fail("bad launch");
         launch[i] = Launch{lc_dim3{(unsigned)l[0], (unsigned)l[1], (unsigned)l[2]}, (unsigned)l[3], (size_t)l[4]};
@@ -105,11 +103,18 @@ int main(int argc, char** argv) {
     FILE* out = std::fopen(argv[2], "wb");
     if (!out) fail("cannot open OUT");
     switch (h[0]) {
-    case 0: run<float>(p, launch, q, k, v, dout, docs, out, lc_flash_fwd_f32, lc_flash_bwd_dq_f32, lc_flash_bwd_dkv_f32); break;
-    case 1:
-        run<lc_bf16>(p, launch, q, k, v, dout, docs, out, lc_flash_fwd_bf16, lc_flash_bwd_dq_bf16, lc_flash_bwd_dkv_bf16);
+    case 0:
+        run<float>(p, launch, q, k, v, dout, docs, out, lc_flash_fwd_f32, lc_flash_bwd_dsum_f32, lc_flash_bwd_dq_f32,
+                   lc_flash_bwd_dkv_f32);
         break;
-    case 2: run<lc_f16>(p, launch, q, k, v, dout, docs, out, lc_flash_fwd_f16, lc_flash_bwd_dq_f16, lc_flash_bwd_dkv_f16); break;
+    case 1:
+        run<lc_bf16>(p, launch, q, k, v, dout, docs, out, lc_flash_fwd_bf16, lc_flash_bwd_dsum_bf16,
+                     lc_flash_bwd_dq_bf16, lc_flash_bwd_dkv_bf16);
+        break;
+    case 2:
+        run<lc_f16>(p, launch, q, k, v, dout, docs, out, lc_flash_fwd_f16, lc_flash_bwd_dsum_f16, lc_flash_bwd_dq_f16,
+                    lc_flash_bwd_dkv_f16);
+        break;
     default: fail("bad dtype");
     }
     if (std::fclose(out) != 0) fail("cannot write OUT");

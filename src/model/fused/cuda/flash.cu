@@ -11,6 +11,7 @@
 //   forward   per (b, h, 32 queries), over tiles of 32 visible keys:
 //               s = scale·q kᵀ, online softmax (running max m, normaliser l in f64),
 //               o = o·e^(m−m') + e^(s−m') v;  o /= l;  lse = m + log l
+//   dsum      per (b, h, 32 queries): dsum = rowsum(dO ⊙ O), one f32 per query row
 //   dq        per (b, h, 32 queries), over key tiles: p = e^(s − lse),
 //               ds = p ⊙ (dO vᵀ − dsum), dq += scale · ds k       (dsum = rowsum(dO ⊙ O))
 //   dk, dv    per (b, kv head, 32 keys), over the g query heads in order and the query
@@ -410,18 +411,41 @@ LC_DEVICE void lc_bwd_dkv(const T* q, const T* k, const T* v, const T* dout, con
     }
 }
 
-#define LC_KERNELS(NAME, T)                                                                                           \
-    LC_KERNEL lc_flash_fwd_##NAME(const T* q, const T* k, const T* v, T* o, float* lse, const unsigned* docs,           \
+// dsum = rowsum(dO ⊙ O) in f32, the dq and dk/dv kernels' D; launched before them, per
+// (b, h, 32 queries) like the forward. The 8 threads of row group ty take rows 8·r + ty,
+// each summing columns tx + 8c; lc_row_sum adds their parts in a fixed order.
+template <typename T>
+LC_DEVICE void lc_bwd_dsum(const T* o, const T* dout, float* dsum, LcParams p) {
+    const int i0 = blockIdx.x * LC_BQ, nq = p.t - i0 < LC_BQ ? p.t - i0 : LC_BQ;
+    const size_t row0 = ((size_t)blockIdx.z * p.nh + blockIdx.y) * p.t + i0;
+    const int ty = threadIdx.x / 8, tx = threadIdx.x % 8;
+    for (int r = 0; r < LC_BQ / 8; r++) {
+        const int i = 8 * r + ty;
+        float acc = 0.0f;
+        if (i < nq) {
+            const size_t at = (row0 + i) * p.hs;
+            for (int d = tx; d < p.hs; d += 8) acc += lc_load(dout[at + d]) * lc_load(o[at + d]);
+        }
+        acc = lc_row_sum(acc); // every thread of the warp takes part in the shuffles
+        if (i < nq && tx == 0) dsum[row0 + i] = acc;
+    }
+}
+
+#define LC_KERNELS(NAME, T)                                                                                            \
+    LC_KERNEL lc_flash_fwd_##NAME(const T* q, const T* k, const T* v, T* o, float* lse, const unsigned* docs,          \
                                   LcParams p) {                                                                        \
-        lc_fwd<T>(q, k, v, o, lse, docs, p);                                                                          \
+        lc_fwd<T>(q, k, v, o, lse, docs, p);                                                                           \
+    }                                                                                                                  \
+    LC_KERNEL lc_flash_bwd_dsum_##NAME(const T* o, const T* dout, float* dsum, LcParams p) {                           \
+        lc_bwd_dsum<T>(o, dout, dsum, p);                                                                              \
     }                                                                                                                  \
     LC_KERNEL lc_flash_bwd_dq_##NAME(const T* q, const T* k, const T* v, const T* dout, const float* lse,              \
-                                     const float* dsum, T* dq, const unsigned* docs, LcParams p) {                    \
-        lc_bwd_dq<T>(q, k, v, dout, lse, dsum, dq, docs, p);                                                          \
+                                     const float* dsum, T* dq, const unsigned* docs, LcParams p) {                     \
+        lc_bwd_dq<T>(q, k, v, dout, lse, dsum, dq, docs, p);                                                           \
     }                                                                                                                  \
     LC_KERNEL lc_flash_bwd_dkv_##NAME(const T* q, const T* k, const T* v, const T* dout, const float* lse,             \
-                                      const float* dsum, T* dk, T* dv, const unsigned* docs, LcParams p) {            \
-        lc_bwd_dkv<T>(q, k, v, dout, lse, dsum, dk, dv, docs, p);                                                     \
+                                      const float* dsum, T* dk, T* dv, const unsigned* docs, LcParams p) {             \
+        lc_bwd_dkv<T>(q, k, v, dout, lse, dsum, dk, dv, docs, p);                                                      \
     }
 
 LC_KERNELS(f32, float)

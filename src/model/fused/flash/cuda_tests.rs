@@ -176,14 +176,24 @@ fn run(c: &Case, seed: u64) {
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect();
     let (nq, nk, rows) = (q.elem_count(), k.elem_count(), c.b * c.nh * c.t);
-    assert_eq!(got.len(), 2 * nq + rows + 2 * nk, "emulator output size");
+    assert_eq!(
+        got.len(),
+        2 * nq + 2 * rows + 2 * nk,
+        "emulator output size"
+    );
     let part = |from: usize, len: usize, like: &Tensor| {
         Tensor::from_vec(got[from..from + len].to_vec(), like.shape(), &Device::Cpu).unwrap()
     };
     let o = part(0, nq, &q);
-    let dq = part(nq + rows, nq, &q);
-    let dk = part(2 * nq + rows, nk, &k);
-    let dv = part(2 * nq + rows + nk, nk, &k);
+    let dsum = Tensor::from_vec(
+        got[nq + rows..nq + 2 * rows].to_vec(),
+        (c.b, c.nh, c.t),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let dq = part(nq + 2 * rows, nq, &q);
+    let dk = part(2 * nq + 2 * rows, nk, &k);
+    let dv = part(2 * nq + 2 * rows + nk, nk, &k);
 
     let mask = MaskSpec {
         q_start: c.q_start,
@@ -221,6 +231,8 @@ fn run(c: &Case, seed: u64) {
         )
     };
     rel_close(&what("output"), &o, &want, tol);
+    let want_dsum = (&dout * &want).unwrap().sum(3).unwrap();
+    rel_close(&what("dsum"), &dsum, &want_dsum, tol);
     for (name, got, var) in [
         ("dq", &dq, &vars[0]),
         ("dk", &dk, &vars[1]),
