@@ -57,6 +57,14 @@ pub(super) struct Params {
 // SAFETY: a plain `#[repr(C)]` struct of i32 and f32, laid out as flash.cu's LcParams.
 unsafe impl DeviceRepr for Params {}
 
+impl Params {
+    /// Query rows, `b · nh · t`: the length of `lse` and `dsum` (in usize: the product of
+    /// three i32 can pass i32's range).
+    fn rows(&self) -> usize {
+        self.b as usize * self.nh as usize * self.t as usize
+    }
+}
+
 /// Whether the CUDA kernel takes this attention: q, k, v on one CUDA device, f32, bf16 or
 /// f16, head size at most [`HS_MAX`], the device's shared memory large enough, and the
 /// kernel passed its check on this device and dtype (run here the first time). The
@@ -327,7 +335,7 @@ fn forward_t<T: CudaDType + DeviceRepr>(
     mask: &MaskSpec,
 ) -> Result<(CudaStorage, CudaSlice<f32>)> {
     let dev = q.device().clone();
-    let rows = (p.b * p.nh * p.t) as usize;
+    let rows = p.rows();
     let (qv, kv, vv) = (
         view::<T>(q, ql, "q")?,
         view::<T>(k, kl, "k")?,
@@ -384,8 +392,7 @@ fn forward_tensors(
     };
     let (o, lse) = forward((qs, ql), (ks, kl), (vs, vl), p, mask)?;
     let o = Tensor::from_storage(Storage::Cuda(o), q.shape(), BackpropOp::none(), false);
-    let rows = (p.b * p.nh * p.t) as usize;
-    Ok((o, tensor(lse, dev, &[rows])))
+    Ok((o, tensor(lse, dev, &[p.rows()])))
 }
 
 /// `(dq, dk, dv)` from the forward's inputs, output, row log-sum-exps `lse` and `dout`.
@@ -445,7 +452,7 @@ fn backward_t<T: CudaDType + DeviceRepr>(
     let docs = docs_on(dev, mask)?;
     let name = suffix(q.dtype())?;
     // SAFETY: the kernels write every element of dsum, dq, dk and dv.
-    let mut dsum = unsafe { dev.alloc::<f32>((p.b * p.nh * p.t) as usize)? };
+    let mut dsum = unsafe { dev.alloc::<f32>(p.rows())? };
     let mut dq = unsafe { dev.alloc::<T>(q.elem_count())? };
     let mut dk = unsafe { dev.alloc::<T>(k.elem_count())? };
     let mut dv = unsafe { dev.alloc::<T>(v.elem_count())? };

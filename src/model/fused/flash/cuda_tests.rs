@@ -181,19 +181,14 @@ fn run(c: &Case, seed: u64) {
         2 * nq + 2 * rows + 2 * nk,
         "emulator output size"
     );
-    let part = |from: usize, len: usize, like: &Tensor| {
-        Tensor::from_vec(got[from..from + len].to_vec(), like.shape(), &Device::Cpu).unwrap()
+    let part = |from: usize, len: usize, dims: &[usize]| {
+        Tensor::from_vec(got[from..from + len].to_vec(), dims, &Device::Cpu).unwrap()
     };
-    let o = part(0, nq, &q);
-    let dsum = Tensor::from_vec(
-        got[nq + rows..nq + 2 * rows].to_vec(),
-        (c.b, c.nh, c.t),
-        &Device::Cpu,
-    )
-    .unwrap();
-    let dq = part(nq + 2 * rows, nq, &q);
-    let dk = part(2 * nq + 2 * rows, nk, &k);
-    let dv = part(2 * nq + 2 * rows + nk, nk, &k);
+    let o = part(0, nq, q.dims());
+    let dsum = part(nq + rows, rows, &[c.b, c.nh, c.t]);
+    let dq = part(nq + 2 * rows, nq, q.dims());
+    let dk = part(2 * nq + 2 * rows, nk, k.dims());
+    let dv = part(2 * nq + 2 * rows + nk, nk, k.dims());
 
     let mask = MaskSpec {
         q_start: c.q_start,
