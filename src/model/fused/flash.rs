@@ -949,7 +949,8 @@ fn softmax_grad(p: &[f32], dp: &mut [f32], w: usize, dd: &[f32]) {
     }
 }
 
-#[cfg(test)]
+// The CUDA kernel in emulation: its fibers are glibc's ucontext.
+#[cfg(all(test, target_os = "linux"))]
 mod cuda_tests;
 #[cfg(test)]
 mod tests;

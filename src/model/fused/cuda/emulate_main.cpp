@@ -10,6 +10,10 @@
 // OUT: f32 o, lse, dsum, dq, dk, dv. Inputs are rounded to the dtype first; outputs start
 //     as NaN (an element no thread writes stays NaN). The kernels run in flash_cuda.rs's
 //     order: forward, then dsum from its o, then dq and dk/dv.
+//
+// The four kernels run twice, under each of emulate.h's two thread and block orders; the
+// outputs must agree bit for bit (flash.cu promises results that do not depend on
+// scheduling), else the run stops with status 5 naming the first element that differs.
 #include "flash.cu"
 
 #include <cstdio>
@@ -52,9 +56,9 @@ struct Launch {
 };
 
 template <typename T, typename Fwd, typename Dsum, typename Dq, typename Dkv>
-static void run(const LcParams& p, const Launch* launch, const std::vector<float>& qf, const std::vector<float>& kf,
-                const std::vector<float>& vf, const std::vector<float>& df, const std::vector<unsigned>& docs,
-                FILE* out, Fwd fwd, Dsum dsum_kernel, Dq dq_kernel, Dkv dkv_kernel) {
+static lc_emu_outputs run(const LcParams& p, const Launch* launch, const std::vector<float>& qf,
+                          const std::vector<float>& kf, const std::vector<float>& vf, const std::vector<float>& df,
+                          const std::vector<unsigned>& docs, Fwd fwd, Dsum dsum_kernel, Dq dq_kernel, Dkv dkv_kernel) {
     auto q = to_t<T>(qf), k = to_t<T>(kf), v = to_t<T>(vf), dout = to_t<T>(df);
     const float nan = std::nanf("");
     const size_t rows = (size_t)p.b * p.nh * p.t;
@@ -72,12 +76,7 @@ static void run(const LcParams& p, const Launch* launch, const std::vector<float
     lc_emu_launch(launch[3].grid, launch[3].threads, launch[3].smem, [&] {
         dkv_kernel(q.data(), k.data(), v.data(), dout.data(), lse.data(), dsum.data(), dk.data(), dv.data(), dp, p);
     });
-    write_vec(out, to_f32(o));
-    write_vec(out, lse);
-    write_vec(out, dsum);
-    write_vec(out, to_f32(dq));
-    write_vec(out, to_f32(dk));
-    write_vec(out, to_f32(dv));
+    return {to_f32(o), lse, dsum, to_f32(dq), to_f32(dk), to_f32(dv)};
 }
 
 int main(int argc, char** argv) {
@@ -100,23 +99,32 @@ int main(int argc, char** argv) {
          dout = read_vec<float>(in, nq);
     auto docs = p.has_docs ? read_vec<unsigned>(in, (size_t)p.b * p.t) : std::vector<unsigned>(1, 0);
     std::fclose(in);
-    FILE* out = std::fopen(argv[2], "wb");
-    if (!out) fail("cannot open OUT");
+    const std::vector<const char*> names{"o", "lse", "dsum", "dq", "dk", "dv"};
+    lc_emu_outputs got;
     switch (h[0]) {
     case 0:
-        run<float>(p, launch, q, k, v, dout, docs, out, lc_flash_fwd_f32, lc_flash_bwd_dsum_f32, lc_flash_bwd_dq_f32,
-                   lc_flash_bwd_dkv_f32);
+        got = lc_emu_run_both(names, [&] {
+            return run<float>(p, launch, q, k, v, dout, docs, lc_flash_fwd_f32, lc_flash_bwd_dsum_f32,
+                              lc_flash_bwd_dq_f32, lc_flash_bwd_dkv_f32);
+        });
         break;
     case 1:
-        run<lc_bf16>(p, launch, q, k, v, dout, docs, out, lc_flash_fwd_bf16, lc_flash_bwd_dsum_bf16,
-                     lc_flash_bwd_dq_bf16, lc_flash_bwd_dkv_bf16);
+        got = lc_emu_run_both(names, [&] {
+            return run<lc_bf16>(p, launch, q, k, v, dout, docs, lc_flash_fwd_bf16, lc_flash_bwd_dsum_bf16,
+                                lc_flash_bwd_dq_bf16, lc_flash_bwd_dkv_bf16);
+        });
         break;
     case 2:
-        run<lc_f16>(p, launch, q, k, v, dout, docs, out, lc_flash_fwd_f16, lc_flash_bwd_dsum_f16, lc_flash_bwd_dq_f16,
-                    lc_flash_bwd_dkv_f16);
+        got = lc_emu_run_both(names, [&] {
+            return run<lc_f16>(p, launch, q, k, v, dout, docs, lc_flash_fwd_f16, lc_flash_bwd_dsum_f16,
+                               lc_flash_bwd_dq_f16, lc_flash_bwd_dkv_f16);
+        });
         break;
     default: fail("bad dtype");
     }
+    FILE* out = std::fopen(argv[2], "wb");
+    if (!out) fail("cannot open OUT");
+    for (const auto& x : got) write_vec(out, x);
     if (std::fclose(out) != 0) fail("cannot write OUT");
     return 0;
 }

@@ -24,8 +24,8 @@
 // as f32, rows padded to hs + 1 floats so that the threads of a warp read distinct banks.
 //
 // Without __CUDACC__ this file compiles as C++ against emulate.h, which runs each block's
-// threads as CPU threads: the tests check this exact source against the plain attention
-// (src/model/fused/flash/cuda_tests.rs).
+// threads one at a time in two orders whose results must agree bit for bit: the tests
+// check this exact source against the plain attention (src/model/fused/flash/cuda_tests.rs).
 
 #ifdef __CUDACC__
 #define LC_DEVICE __device__ __forceinline__

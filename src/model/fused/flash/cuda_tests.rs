@@ -1,10 +1,13 @@
-//! The CUDA kernel's source (`cuda/flash.cu`), run on the CPU by `cuda/emulate.h` (each
-//! block's threads as CPU threads, shared memory filled with NaN before each block) with
-//! the launch geometry of `cuda_launch.rs` (outputs start as NaN, so an element no block
-//! writes, or a read past the shared memory, shows),
-//! against the definition of masked attention: values and gradients, f32 within 1e-5
-//! of the largest value, bf16 and f16 within their rounding. Needs a C++20 compiler
-//! (`CXX`, else g++); no GPU.
+//! The CUDA kernel's source (`cuda/flash.cu`), run on the CPU by `cuda/emulate.h` with
+//! the launch geometry of `cuda_launch.rs`, against the definition of masked attention:
+//! values and gradients, f32 within 1e-5 of the largest value, bf16 and f16 within their
+//! rounding. The emulator runs each block's threads one at a time, switching at barriers,
+//! in two orders whose results must agree bit for bit (a missing `__syncthreads` or two
+//! blocks writing one element shows as a difference); shared memory and outputs start as
+//! NaN (an element no thread writes, or a read of shared memory no thread wrote, shows);
+//! a barrier not every thread reaches and a write past the shared memory stop it.
+//! `cuda/emulate_selftest.cpp` checks that the emulator finds each of these. Needs Linux
+//! (ucontext) and a C++20 compiler (`CXX`, else g++); no GPU.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -18,33 +21,31 @@ use super::super::cuda_launch::{Kernel, THREADS, self_check_tolerance};
 use super::tests::{reference, rel_close};
 use super::*;
 
+/// `src/model/fused/cuda/{source}` compiled into `dir`.
+fn compile(dir: &Path, source: &str) -> PathBuf {
+    let bin = dir.join(source.trim_end_matches(".cpp"));
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/model/fused/cuda");
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".into());
+    let out = Command::new(&cxx)
+        .args(["-std=c++20", "-O2", "-Wall", "-Wextra", "-Werror", "-o"])
+        .arg(&bin)
+        .arg(src.join(source))
+        .output()
+        .unwrap_or_else(|e| panic!("{cxx} (a C++20 compiler) could not run: {e}"));
+    assert!(
+        out.status.success(),
+        "{cxx} failed on {source}:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    bin
+}
+
 /// The emulator, compiled once per test run.
 fn emulator() -> &'static Path {
     static BIN: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
     let (_, bin) = BIN.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
-        let bin = dir.path().join("emulate");
-        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/model/fused/cuda");
-        let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".into());
-        let out = Command::new(&cxx)
-            .args([
-                "-std=c++20",
-                "-O2",
-                "-pthread",
-                "-Wall",
-                "-Wextra",
-                "-Werror",
-                "-o",
-            ])
-            .arg(&bin)
-            .arg(src.join("emulate_main.cpp"))
-            .output()
-            .unwrap_or_else(|e| panic!("{cxx} (a C++20 compiler) could not run: {e}"));
-        assert!(
-            out.status.success(),
-            "{cxx} failed on emulate_main.cpp:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let bin = compile(dir.path(), "emulate_main.cpp");
         (dir, bin)
     });
     bin
@@ -167,7 +168,7 @@ fn run(c: &Case, seed: u64) {
         .unwrap();
     assert!(
         out.status.success(),
-        "emulate: {}",
+        "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     let got: Vec<f32> = std::fs::read(&output)
@@ -340,5 +341,44 @@ fn cuda_kernel_source_matches_the_definition_in_emulation() {
     ];
     for (i, c) in cases.iter().enumerate() {
         run(c, 100 + i as u64);
+    }
+}
+
+/// The emulator finds what the test above relies on it to find, each with its own exit
+/// status and message: races between threads and between blocks (5), a barrier not every
+/// thread reaches (4), a write past the shared memory (3); and runs a correct exchange
+/// through shared memory and shuffles to the expected values under both orders (0).
+#[test]
+fn cuda_emulator_finds_races_stuck_barriers_and_overflows() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = compile(dir.path(), "emulate_selftest.cpp");
+    for (case, status, says) in [
+        ("ordered", 0, ""),
+        (
+            "race",
+            5,
+            "out element 0 is nan with threads and blocks in order, 101",
+        ),
+        (
+            "blocks",
+            5,
+            "out element 0 is 1 with threads and blocks in order, 0",
+        ),
+        (
+            "diverge",
+            4,
+            "ended, 32 wait at __syncthreads, 0 at a warp shuffle",
+        ),
+        (
+            "shuffle",
+            4,
+            "ended, 0 wait at __syncthreads, 32 at a warp shuffle",
+        ),
+        ("overflow", 3, "wrote past its 256 bytes of shared memory"),
+    ] {
+        let out = Command::new(&bin).arg(case).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(status), "{case}: {stderr}");
+        assert!(stderr.contains(says), "{case}: {stderr}");
     }
 }
