@@ -120,18 +120,22 @@ inline void lc_emu_release(unsigned threads) {
     }
 }
 
+// `th` ready to start lc_emu_entry on its stack. getcontext only fills the struct here:
+// makecontext replaces its resume point, so it never returns twice (kept out of
+// lc_emu_block so that no loop variable lives across it).
+[[gnu::noinline]] inline void lc_emu_prepare(lc_emu_thread* th) {
+    th->state = LC_EMU_RUNNABLE;
+    th->shuffles = 0;
+    getcontext(&th->ctx);
+    th->ctx.uc_stack.ss_sp = th->stack.data();
+    th->ctx.uc_stack.ss_size = th->stack.size();
+    th->ctx.uc_link = &lc_emu_scheduler;
+    makecontext(&th->ctx, lc_emu_entry, 0);
+}
+
 // One block to its end under the current schedule.
 inline void lc_emu_block(unsigned threads) {
-    for (unsigned t = 0; t < threads; t++) {
-        lc_emu_thread& th = lc_emu_threads[t];
-        th.state = LC_EMU_RUNNABLE;
-        th.shuffles = 0;
-        getcontext(&th.ctx);
-        th.ctx.uc_stack.ss_sp = th.stack.data();
-        th.ctx.uc_stack.ss_size = th.stack.size();
-        th.ctx.uc_link = &lc_emu_scheduler;
-        makecontext(&th.ctx, lc_emu_entry, 0);
-    }
+    for (unsigned t = 0; t < threads; t++) lc_emu_prepare(&lc_emu_threads[t]);
     for (;;) {
         int next = -1;
         for (unsigned i = 0; i < threads; i++) {
