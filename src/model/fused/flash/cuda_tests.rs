@@ -349,11 +349,16 @@ const CASES: [Case; 10] = [
     },
 ];
 
+/// Every case of [`CASES`] through `emulator`, each with its own seed.
+fn run_cases(emulator: &Path) {
+    for (i, c) in CASES.iter().enumerate() {
+        run(emulator, c, 100 + i as u64);
+    }
+}
+
 #[test]
 fn cuda_kernel_source_matches_the_definition_in_emulation() {
-    for (i, c) in CASES.iter().enumerate() {
-        run(emulator(), c, 100 + i as u64);
-    }
+    run_cases(emulator());
 }
 
 /// The same with the emulator built with AddressSanitizer and UndefinedBehaviorSanitizer
@@ -363,10 +368,7 @@ fn cuda_kernel_source_matches_the_definition_in_emulation() {
 #[ignore = "the emulator under C++ sanitizers: slower, needs libasan and libubsan"]
 fn cuda_kernel_source_under_sanitizers() {
     let dir = tempfile::tempdir().unwrap();
-    let bin = compile(dir.path(), "emulate_main.cpp", &SANITIZERS);
-    for (i, c) in CASES.iter().enumerate() {
-        run(&bin, c, 100 + i as u64);
-    }
+    run_cases(&compile(dir.path(), "emulate_main.cpp", &SANITIZERS));
 }
 
 /// The emulator finds what the test above relies on it to find, each with its own exit
