@@ -1,6 +1,6 @@
 //! With the `cuda` feature: compile the CUDA flash-attention kernels
-//! (src/model/fused/cuda/flash.cu) to PTX with nvcc, as candle does its own kernels.
-//! The PTX is loaded by the driver at run time (src/model/fused/flash_cuda.rs).
+//! (src/model/fused/flash/kernel/flash.cu) to PTX with nvcc, as candle does its own kernels.
+//! The PTX is loaded by the driver at run time (src/model/fused/flash/cuda.rs).
 //! `CUDA_COMPUTE_CAP` (e.g. 90) picks the virtual architecture, default 75 (the oldest
 //! CUDA 13 compiles for; the driver compiles it on for newer GPUs). `NVCC`, then
 //! `$CUDA_ROOT/bin/nvcc`, then `nvcc` on PATH is the compiler.
@@ -10,7 +10,7 @@ use std::process::Command;
 
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");
-    println!("cargo::rerun-if-changed=src/model/fused/cuda/flash.cu");
+    println!("cargo::rerun-if-changed=src/model/fused/flash/kernel/flash.cu");
     println!("cargo::rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo::rerun-if-env-changed=NVCC");
     println!("cargo::rerun-if-env-changed=CUDA_ROOT");
@@ -37,12 +37,12 @@ fn main() {
         .arg(format!("-arch=compute_{cap}"))
         .arg("-o")
         .arg(&out)
-        .arg("src/model/fused/cuda/flash.cu")
+        .arg("src/model/fused/flash/kernel/flash.cu")
         .status();
     match status {
         Ok(s) if s.success() => {}
         Ok(s) => panic!(
-            "{} failed ({s}) compiling src/model/fused/cuda/flash.cu for compute_{cap}",
+            "{} failed ({s}) compiling src/model/fused/flash/kernel/flash.cu for compute_{cap}",
             nvcc.display()
         ),
         Err(e) => panic!(

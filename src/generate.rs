@@ -12,7 +12,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::error::{Error, Result};
-use crate::model::{Gpt, KvCache, check_ids};
+use crate::model::engine::{self, KvCache};
+use crate::model::{Gpt, check_ids};
 
 /// How to pick each next token.
 #[derive(Debug, Clone)]
@@ -70,6 +71,9 @@ pub struct Generated {
     pub new_ids: Vec<u32>,
     /// New tokens per second, prompt processing included.
     pub tokens_per_s: f64,
+    /// Bytes the KV cache held at the end ([`crate::train::estimate::kv_cache_bytes`]
+    /// plans the same).
+    pub kv_cache_bytes: usize,
 }
 
 /// Generate up to `max_new` tokens after `prompt`, stopping after any of `stop_ids`.
@@ -94,7 +98,7 @@ pub fn generate(
     let dev = model.device().clone();
     let mut input = Tensor::from_vec(prompt.to_vec(), (1, prompt.len()), &dev)?;
     for _ in 0..max_new {
-        let logits = model.forward_cached(&input, &mut cache, true)?;
+        let logits = engine::logits(model, &input, Some(&mut cache), true)?;
         let logits: Vec<f32> = logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
         if logits.iter().any(|x| x.is_nan()) {
             return Err(Error::Msg(format!(
@@ -113,6 +117,7 @@ pub fn generate(
     let secs = start.elapsed().as_secs_f64();
     Ok(Generated {
         tokens_per_s: new_ids.len() as f64 / secs.max(1e-9),
+        kv_cache_bytes: cache.bytes(),
         new_ids,
     })
 }

@@ -6,14 +6,15 @@
 //!
 //! Module map:
 //! - [`config`]: one [`config::Config`] for every family, read from `config.json`.
-//! - [`model`]: the decoder (attention, MLP, norms, rotary, LoRA-capable linear), the
-//!   weight-name tables per family and the safetensors reader it loads from.
+//! - [`model`]: the decoder's weights (attention, MLP, norms, rotary, LoRA-capable
+//!   linear), its one forward/backward pass (`model::engine`, with the loss), the fused
+//!   kernels, the weight-name tables per family and the safetensors reader.
 //! - [`hf`]: Hugging Face model folders: loading, PEFT adapters, export, LoRA merge.
 //! - [`gguf`]: GGUF files for llama.cpp (`quantize`).
 //! - [`lora`]: targeting, attaching and merging adapters.
 //! - [`strategy`]: device, precision and ranks.
 //! - [`plot`]: loss curves of runs and their best checkpoints.
-//! - [`tokenizer`], [`loss`], [`perplexity`], [`generate`], [`chat`].
+//! - [`tokenizer`], [`perplexity`], [`generate`], [`chat`].
 //! - [`hub`]: uploading to and downloading from the Hugging Face Hub.
 //! - [`cli`]: the command-line front end.
 
@@ -31,7 +32,6 @@ pub mod hf;
 pub mod hub;
 pub mod io;
 pub mod lora;
-pub mod loss;
 pub mod model;
 pub mod perplexity;
 pub mod plot;

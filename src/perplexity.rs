@@ -9,7 +9,7 @@ use candle_core::Tensor;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::loss::cross_entropy_sum;
+use crate::model::engine;
 use crate::model::{Gpt, check_ids};
 
 /// What `lit-claire perplexity` prints.
@@ -76,13 +76,13 @@ pub fn perplexity(
             .collect();
         let rows = Tensor::from_vec(rows, (j - i, len), &dev)?;
         let inputs = rows.narrow(1, 0, len - 1)?.contiguous()?;
-        let targets = rows.narrow(1, 1, len - 1)?.flatten_all()?;
-        let logits = model.forward(&inputs, None)?;
-        let v = logits.dim(2)?;
-        let (sum, n) =
-            cross_entropy_sum(&logits.reshape(((j - i) * (len - 1), v))?, &targets, None)?;
-        total += sum.to_scalar::<f32>()? as f64;
-        count += n;
+        let targets = rows
+            .narrow(1, 1, len - 1)?
+            .flatten_all()?
+            .to_vec1::<u32>()?;
+        let scores = engine::score(model, &inputs, None, &targets)?;
+        total += scores.nll.iter().map(|&l| f64::from(l)).sum::<f64>();
+        count += scores.nll.len() as f64;
         i = j;
     }
     let loss = total / count;

@@ -170,15 +170,17 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     if text_mode {
         writeln!(out).at("stdout")?;
         eprintln!(
-            "{} new tokens, {:.1} tokens/s",
+            "{} new tokens, {:.1} tokens/s, KV cache {}",
             g.new_ids.len(),
-            g.tokens_per_s
+            g.tokens_per_s,
+            crate::train::estimate::human(g.kv_cache_bytes as u64)
         );
     } else {
         let v = json!({
             "completion": tokenizer.decode_after(&prompt, &g.new_ids)?,
             "new_token_ids": g.new_ids,
             "tokens_per_s": g.tokens_per_s,
+            "kv_cache_bytes": g.kv_cache_bytes,
         });
         writeln!(out, "{v}").at("stdout")?;
     }

@@ -1,20 +1,17 @@
-//! Causal self-attention with grouped/multi-query heads, windows and a KV cache.
+//! A causal self-attention layer's weights and shape: grouped/multi-query heads,
+//! windows, and the layouts of the query/key/value projection checkpoints store.
 //!
-//! Shapes: `B` batch, `T` new tokens, `S` keys (cached + new), `nh` query heads,
-//! `nkv` key/value heads, `g = nh / nkv` queries per key/value head, `hs` head size.
+//! Shapes: `B` batch, `T` tokens, `nh` query heads, `nkv` key/value heads,
+//! `g = nh / nkv` queries per key/value head, `hs` head size.
 //!
-//! The attention itself is [`super::fused::attention`]: on CPU f32, and on CUDA with heads
-//! up to 128 wide, a flash kernel with its own backward that never holds the `(T, S)`
-//! scores (candle's `sdpa` has no backward), elsewhere a composition of tensor ops. None
-//! copies grouped heads.
-
-use std::sync::Arc;
+//! Its computation is the engine's ([`super::engine`]): the projection split here
+//! ([`Attention::split_qkv`]), rotary positions, then the flash kernel (CPU f32; CUDA with
+//! heads up to 128 wide) or the plain attention ([`super::fused::attention_plain`]),
+//! neither of which copies grouped heads.
 
 use candle_core::{Result, Tensor};
 
-use super::fused::{MaskSpec, attention};
-use super::linear::{Dropout, Linear};
-use super::rope::RopeTables;
+use super::linear::Linear;
 use crate::config::{AttentionWindow, Config, QkvLayout};
 
 /// The query/key/value projection, as the checkpoint stores it.
@@ -53,16 +50,6 @@ impl QkvProj {
     }
 }
 
-/// Keys and values seen so far by one layer during generation.
-#[derive(Debug, Clone, Default)]
-pub struct LayerCache {
-    /// `(B, nkv, S, hs)`
-    k: Option<Tensor>,
-    v: Option<Tensor>,
-    /// Absolute position of the first cached key (windows drop old ones).
-    start: usize,
-}
-
 /// One attention layer.
 #[derive(Debug, Clone)]
 pub struct Attention {
@@ -86,13 +73,6 @@ impl Attention {
             window: cfg.windows[layer],
             scale: cfg.score_scale(layer),
         }
-    }
-
-    /// Split the projection of `x: (B, T, C)` into `q: (B, T, nh, hs)`,
-    /// `k, v: (B, T, nkv, hs)`.
-    fn project(&self, x: &Tensor, dropout: Option<&Dropout>) -> Result<(Tensor, Tensor, Tensor)> {
-        let (b, t, _) = x.dims3()?;
-        self.split_qkv(b, t, |l| l.forward(x, dropout))
     }
 
     /// `q: (B, T, nh, hs)`, `k, v: (B, T, nkv, hs)` from the projection layers, each
@@ -132,68 +112,5 @@ impl Attention {
                 ))
             }
         }
-    }
-
-    /// `x: (B, T, C)` at absolute positions `pos .. pos + T` → `(B, T, C)`.
-    ///
-    /// `rope` covers those positions (None for learned positions). With a cache, keys
-    /// and values of earlier calls are attended to and this call's are appended.
-    /// `docs` (packed samples, `B·T` document starts, see [`MaskSpec::docs`]) hides
-    /// other documents' keys; generation passes None.
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        pos: usize,
-        rope: Option<&RopeTables>,
-        cache: Option<&mut LayerCache>,
-        docs: Option<&Arc<[u32]>>,
-        dropout: Option<&Dropout>,
-    ) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
-        let (nh, hs) = (self.n_head, self.head_dim);
-        let (q, k, v) = self.project(x, dropout)?;
-        // (B, heads, T, hs)
-        let mut q = q.transpose(1, 2)?.contiguous()?;
-        let mut k = k.transpose(1, 2)?.contiguous()?;
-        let v = v.transpose(1, 2)?.contiguous()?;
-        if let Some(rope) = rope {
-            q = rope.apply(&q)?;
-            k = rope.apply(&k)?;
-        }
-        let (k, v, key_start) = match cache {
-            None => (k, v, pos),
-            Some(c) => {
-                let (k, v) = match (&c.k, &c.v) {
-                    (Some(ck), Some(cv)) => {
-                        (Tensor::cat(&[ck, &k], 2)?, Tensor::cat(&[cv, &v], 2)?)
-                    }
-                    _ => {
-                        c.start = pos;
-                        (k, v)
-                    }
-                };
-                let start = c.start;
-                // Keep only what a later query can still see: a windowed layer's query
-                // at position p sees keys after p - w.
-                let len = k.dim(2)?;
-                let keep = match self.window {
-                    AttentionWindow::Sliding(w) => len.min(w.saturating_sub(1)),
-                    AttentionWindow::Global => len,
-                };
-                c.k = Some(k.narrow(2, len - keep, keep)?);
-                c.v = Some(v.narrow(2, len - keep, keep)?);
-                c.start = start + len - keep;
-                (k, v, start)
-            }
-        };
-        let mask = MaskSpec {
-            q_start: pos,
-            k_start: key_start,
-            window: self.window,
-            docs: docs.cloned(),
-        };
-        let y = attention(&q, &k, &v, self.scale, &mask)?; // (B, nh, T, hs)
-        let y = y.transpose(1, 2)?.reshape((b, t, nh * hs))?;
-        self.proj.forward(&y, dropout)
     }
 }

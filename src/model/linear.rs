@@ -161,32 +161,4 @@ impl Linear {
     pub fn in_features(&self) -> usize {
         self.weight.dims()[1]
     }
-
-    /// Apply to `x: (…, in)`, computing in `x`'s dtype.
-    pub fn forward(&self, x: &Tensor, dropout: Option<&Dropout>) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let n_in = *dims
-            .last()
-            .expect("linear input has at least one dimension");
-        let rows = x.elem_count() / n_in;
-        let x2 = x.reshape((rows, n_in))?;
-        let w = self.weight.to_dtype(x.dtype())?;
-        let mut y = super::fused::linear_matmul(&x2, &w)?;
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(&b.to_dtype(x.dtype())?)?;
-        }
-        if let Some(lora) = &self.lora {
-            let xin = match dropout {
-                Some(d) => d.apply(&x2, lora.dropout, &self.name)?,
-                None => x2.clone(),
-            };
-            let a = lora.a.to_dtype(x.dtype())?;
-            let b = lora.effective_b()?.to_dtype(x.dtype())?;
-            let delta = xin.matmul(&a.t()?)?.matmul(&b.t()?)?;
-            y = (y + (delta * lora.scale)?)?;
-        }
-        let mut out_dims = dims;
-        *out_dims.last_mut().expect("x has a last dimension") = self.out_features();
-        y.reshape(out_dims)
-    }
 }

@@ -4,10 +4,13 @@
 //! Plain:  proj(act(fc(x)))            (GPT-2, GPT-NeoX, GPT-Neo, Falcon)
 //! Gated:  down(act(gate(x)) ⊙ up(x))  (LLaMA, Mistral: SwiGLU)
 //! ```
+//!
+//! Its computation is the engine's ([`super::engine`]); [`activate`] is the plain twin
+//! of the fused activation kernels.
 
 use candle_core::{Result, Tensor};
 
-use super::linear::{Dropout, Linear};
+use super::linear::Linear;
 use crate::config::Activation;
 
 #[derive(Debug, Clone)]
@@ -22,17 +25,6 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    pub fn forward(&self, x: &Tensor, dropout: Option<&Dropout>) -> Result<Tensor> {
-        let h = match &self.gate {
-            Some(gate) => {
-                (activate(&gate.forward(x, dropout)?, self.activation)?
-                    * self.up.forward(x, dropout)?)?
-            }
-            None => activate(&self.up.forward(x, dropout)?, self.activation)?,
-        };
-        self.down.forward(&h, dropout)
-    }
-
     pub fn linears(&self) -> Vec<&Linear> {
         let mut v = vec![&self.up];
         v.extend(self.gate.as_ref());

@@ -4,8 +4,10 @@
 //! ids (B, T) ─ embed ─[+ learned positions]─ Block × n_layer ─ final norm ─ head ─ logits (B, T, V)
 //! ```
 //!
-//! Every operation on the way is differentiable, so the same forward pass serves
-//! perplexity, generation (with a [`KvCache`]) and training.
+//! This module holds the model's weights and its shape; the computation, one forward
+//! pass (with or without a backward) for every use, is [`engine`]: training
+//! ([`engine::train_pass`]), scoring ([`engine::score`]) and logits, with a
+//! [`engine::KvCache`] for generation ([`engine::logits`]).
 
 pub mod attention;
 pub mod build;
@@ -18,19 +20,16 @@ pub mod norm;
 pub mod rope;
 pub mod weights;
 
-use std::sync::Arc;
-
 use candle_core::{DType, Device, Result, Tensor, Var};
 
-pub use attention::{Attention, LayerCache, QkvProj};
+pub use attention::{Attention, QkvProj};
 pub use build::{BuildOptions, build_model};
 pub use linear::{Dropout, Linear, LoraAdapter};
 pub use mlp::Mlp;
 pub use norm::Norm;
 
-use crate::config::{Config, PositionKind, Residual};
+use crate::config::{Config, Residual};
 use crate::error::{Error, Result as LcResult};
-use rope::RopeTables;
 
 /// One transformer block; see [`Residual`] for the two layouts.
 #[derive(Debug, Clone)]
@@ -41,57 +40,6 @@ pub struct Block {
     pub attn: Attention,
     pub mlp: Mlp,
     pub residual: Residual,
-}
-
-impl Block {
-    fn forward(
-        &self,
-        x: &Tensor,
-        pos: usize,
-        rope: Option<&RopeTables>,
-        cache: Option<&mut LayerCache>,
-        docs: Option<&Arc<[u32]>>,
-        dropout: Option<&Dropout>,
-    ) -> Result<Tensor> {
-        let n1 = self.norm1.forward(x)?;
-        let a = self.attn.forward(&n1, pos, rope, cache, docs, dropout)?;
-        match self.residual {
-            Residual::Sequential => {
-                let h = (x + a)?;
-                let norm2 = self
-                    .norm2
-                    .as_ref()
-                    .expect("sequential blocks have two norms");
-                let m = self.mlp.forward(&norm2.forward(&h)?, dropout)?;
-                h + m
-            }
-            Residual::Parallel => {
-                let n2 = match &self.norm2 {
-                    Some(n) => n.forward(x)?,
-                    None => n1,
-                };
-                let m = self.mlp.forward(&n2, dropout)?;
-                (x + a)? + m
-            }
-        }
-    }
-}
-
-/// Per-layer caches for incremental decoding.
-#[derive(Debug, Clone)]
-pub struct KvCache {
-    layers: Vec<LayerCache>,
-    /// Tokens processed so far: the position of the next one.
-    pub pos: usize,
-}
-
-impl KvCache {
-    pub fn new(n_layer: usize) -> Self {
-        KvCache {
-            layers: vec![LayerCache::default(); n_layer],
-            pos: 0,
-        }
-    }
 }
 
 /// The decoder.
@@ -114,98 +62,6 @@ pub struct Gpt {
 impl Gpt {
     pub fn device(&self) -> &Device {
         self.wte.device()
-    }
-
-    /// Logits `(B, T, V)` in f32 for `ids: (B, T)` at positions `0..T`.
-    /// `dropout` is `Some` in training.
-    pub fn forward(&self, ids: &Tensor, dropout: Option<&Dropout>) -> Result<Tensor> {
-        self.run(ids, 0, None, None, dropout, false)
-    }
-
-    /// Logits `(B, T, V)` of packed samples: `docs[b·T + i]` is the index of the first
-    /// token of the document token `i` of row `b` belongs to (non-decreasing along a row,
-    /// `docs[b·T + i] <= i`). Each token attends only to its own document and sits at
-    /// position `i − docs[b·T + i]`, as if its document were run alone. `None` is
-    /// [`Gpt::forward`].
-    pub fn forward_packed(
-        &self,
-        ids: &Tensor,
-        docs: Option<&Arc<[u32]>>,
-        dropout: Option<&Dropout>,
-    ) -> Result<Tensor> {
-        self.run(ids, 0, None, docs, dropout, false)
-    }
-
-    /// Logits for the new `ids` after what `cache` has seen, appending to it.
-    /// With `last_only`, only the last position's logits `(B, 1, V)`.
-    pub fn forward_cached(
-        &self,
-        ids: &Tensor,
-        cache: &mut KvCache,
-        last_only: bool,
-    ) -> Result<Tensor> {
-        let pos = cache.pos;
-        let (_, t) = ids.dims2()?;
-        let logits = self.run(ids, pos, Some(&mut cache.layers), None, None, last_only)?;
-        cache.pos += t;
-        Ok(logits)
-    }
-
-    fn run(
-        &self,
-        ids: &Tensor,
-        pos: usize,
-        mut caches: Option<&mut Vec<LayerCache>>,
-        docs: Option<&Arc<[u32]>>,
-        dropout: Option<&Dropout>,
-        last_only: bool,
-    ) -> Result<Tensor> {
-        let (b, t) = ids.dims2()?;
-        let c = self.cfg.hidden_size;
-        // Packed samples: each token's position inside its document.
-        let positions = match docs {
-            Some(d) => Some(document_positions(d, b, t)?),
-            None => None,
-        };
-        let mut x = self
-            .wte
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, t, c))?
-            .to_dtype(self.compute_dtype)?;
-        if let Some((_, wpe)) = &self.wpe {
-            if pos + t > wpe.dim(0)? {
-                candle_core::bail!(
-                    "positions up to {} exceed the {} learned positions of this model",
-                    pos + t,
-                    wpe.dim(0)?
-                );
-            }
-            x = match &positions {
-                None => x.broadcast_add(&wpe.narrow(0, pos, t)?.to_dtype(self.compute_dtype)?)?,
-                Some(p) => {
-                    let p: Vec<u32> = p.iter().map(|&p| p as u32).collect();
-                    let p = Tensor::from_vec(p, b * t, ids.device())?;
-                    let rows = wpe.index_select(&p, 0)?.reshape((b, t, c))?;
-                    (x + rows.to_dtype(self.compute_dtype)?)?
-                }
-            };
-        }
-        let rope = match (&self.cfg.position, &positions) {
-            (PositionKind::Rotary(r), None) => Some(RopeTables::new(r, pos, t, ids.device())?),
-            (PositionKind::Rotary(r), Some(p)) => {
-                Some(RopeTables::at_positions(r, p, b, t, ids.device())?)
-            }
-            (PositionKind::Learned, _) => None,
-        };
-        for (i, block) in self.blocks.iter().enumerate() {
-            let cache = caches.as_deref_mut().map(|c| &mut c[i]);
-            x = block.forward(&x, pos, rope.as_ref(), cache, docs, dropout)?;
-        }
-        if last_only {
-            x = x.narrow(1, t - 1, 1)?;
-        }
-        let x = self.ln_f.forward(&x)?;
-        self.lm_head.forward(&x, dropout)?.to_dtype(DType::F32)
     }
 
     /// Every linear layer, in module order.
@@ -273,7 +129,7 @@ impl Gpt {
 
 /// Position of each token of packed rows inside its document: `i − docs[b·T + i]`,
 /// checking that `docs` holds `B·T` starts, each at most its token's index.
-fn document_positions(docs: &[u32], b: usize, t: usize) -> Result<Vec<usize>> {
+pub(crate) fn document_positions(docs: &[u32], b: usize, t: usize) -> Result<Vec<usize>> {
     if docs.len() != b * t {
         candle_core::bail!(
             "packed batch: {} document starts for {b} rows of {t} tokens",

@@ -39,22 +39,8 @@ impl Norm {
         }
     }
 
-    /// `x`: `(..., hidden)` → same shape and dtype.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let fused = match (self.kind, &self.bias) {
-            (NormKind::RmsNorm, _) => super::fused::rms_norm(x, &self.weight, self.eps)?,
-            (NormKind::LayerNorm, Some(b)) => {
-                super::fused::layer_norm(x, &self.weight, b, self.eps)?
-            }
-            (NormKind::LayerNorm, None) => None,
-        };
-        if let Some(y) = fused {
-            return Ok(y);
-        }
-        self.forward_plain(x)
-    }
-
-    /// The same from differentiable tensor ops (any device and dtype).
+    /// `x`: `(..., hidden)` → same shape and dtype, from differentiable tensor ops (any
+    /// device and dtype): the fused kernels' twin.
     pub fn forward_plain(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
         let x32 = x.to_dtype(DType::F32)?;

@@ -42,6 +42,16 @@
 //!              + e · N · C                        the head's dropped-out LoRA input
 //!                                                 (LoRA on the head, --lora-dropout > 0)
 //!              + f32 · 14 · micro_batch · nh · T²  off the flash kernel only: see below
+//! validation   the scoring pass at each --eval-interval and at the end, after a step's
+//!              activations and workspace are freed (so the run needs the larger of
+//!              the two, on top of parameters, gradients and optimizer state):
+//!                one block's forward at a time, nothing kept across blocks:
+//!                e · N · (per-token set of a block above) + f32 · 2 · micro_batch · nh · T
+//!              + e · N · C                        the next block's input
+//!              + e · N · C                        final norm output
+//!              + f32 · rows · V                   one chunk of logits
+//!              + f32 · 3 · micro_batch · nh · T²  off the flash kernel only (scores,
+//!                                                 probabilities and an f32 copy)
 //! ```
 //!
 //! The flash kernels (the CPU's in f32, CUDA's in every precision for heads up to 128
@@ -93,7 +103,10 @@ pub struct MemoryEstimate {
     pub activations: u64,
     /// Transient buffers of the backward and the head.
     pub workspace: u64,
-    /// The sum of the five.
+    /// The validation pass's transients (held when activations and workspace are not).
+    pub validation: u64,
+    /// Parameters, gradients and optimizer state plus the larger of training's
+    /// activations and workspace and validation's transients.
     pub total: u64,
     /// What the numbers assume, in one line.
     pub assumed: String,
@@ -244,17 +257,45 @@ pub fn estimate(model: &Config, cfg: &TrainConfig, seq_len: usize) -> MemoryEsti
         + e * n * c
         + if head_dropped { e * n * c } else { 0 }
         + plain_attention_bytes(cfg, model, seq_len);
+    let plain_scores = if uses_flash_kernel(cfg, model) {
+        0
+    } else {
+        F32 * 3 * mb * nh * t * t
+    };
+    let validation = e * n * per_token
+        + F32 * 2 * mb * nh * t
+        + 2 * e * n * c
+        + F32 * rows * vocab as u64
+        + plain_scores;
 
-    let total = params + grads + optimizer + activations + workspace;
+    let total = params + grads + optimizer + (activations + workspace).max(validation);
     MemoryEstimate {
         params,
         grads,
         optimizer,
         activations,
         workspace,
+        validation,
         total,
         assumed: assumptions(cfg, model, &counts, lora.as_ref(), seq_len, rows),
     }
+}
+
+/// Bytes of generation's KV cache after `tokens` tokens of `batch` rows went through
+/// a model computing in a dtype of `elem` bytes: per layer, keys and values of
+/// `nkv · hs` per token, all of them for a global layer, the last `w − 1` for a layer
+/// with a sliding window of `w` (what a later query can still see).
+pub fn kv_cache_bytes(model: &Config, elem: usize, batch: usize, tokens: usize) -> u64 {
+    let per_token = (2 * batch * model.n_kv_head * model.head_dim * elem) as u64;
+    model
+        .windows
+        .iter()
+        .map(|w| match w {
+            crate::config::AttentionWindow::Global => tokens,
+            crate::config::AttentionWindow::Sliding(w) => tokens.min(w.saturating_sub(1)),
+        })
+        .map(|kept| kept as u64 * per_token)
+        .sum()
 }
 
 /// Whether attention runs on a flash kernel, which never holds the `(T, T)` scores: on
@@ -373,12 +414,13 @@ pub fn table(columns: &[(&str, &MemoryEstimate)]) -> String {
         out.push('\n');
     }
     type Part = fn(&MemoryEstimate) -> u64;
-    let parts: [(&str, Part); 6] = [
+    let parts: [(&str, Part); 7] = [
         ("parameters", |m| m.params),
         ("gradients", |m| m.grads),
         ("optimizer state", |m| m.optimizer),
         ("activations", |m| m.activations),
         ("workspace", |m| m.workspace),
+        ("validation", |m| m.validation),
         ("total", |m| m.total),
     ];
     for (label, part) in parts {

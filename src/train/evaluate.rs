@@ -3,9 +3,8 @@
 use candle_core::Device;
 
 use super::batches::{Batch, SampleSet, sample_with_starts};
-use super::step::StepRunner;
 use crate::error::Result;
-use crate::model::Gpt;
+use crate::model::{Gpt, engine};
 
 /// Loss over (part of) a split.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -52,9 +51,8 @@ pub fn evaluate(
             .into_iter()
             .unzip();
         let batch = Batch::from_packed(&samples, &starts, block_size, device)?;
-        let (s, t) = StepRunner::eval_loss_sum(model, &batch)?;
-        sum += s;
-        tokens += t;
+        sum += loss_sum(model, &batch)?;
+        tokens += batch.tokens;
         i = end;
     }
     Ok(Some(EvalResult {
@@ -62,4 +60,18 @@ pub fn evaluate(
         tokens,
         samples: limit,
     }))
+}
+
+/// `Σ nll` of a batch's counted tokens, scored by the engine's forward without a
+/// backward (packed documents apart, as [`Batch::from_packed`] describes).
+pub fn loss_sum(model: &Gpt, batch: &Batch) -> Result<f64> {
+    let targets = batch.targets.to_vec1::<u32>()?;
+    let mask = batch.mask.to_vec1::<f32>()?;
+    let scores = engine::score(model, &batch.inputs, batch.docs.as_ref(), &targets)?;
+    Ok(scores
+        .nll
+        .iter()
+        .zip(&mask)
+        .map(|(&l, &m)| f64::from(l) * f64::from(m))
+        .sum())
 }

@@ -12,7 +12,6 @@ use candle_core::{Tensor, Var};
 use super::batches::Batch;
 use super::zero::Optimizer;
 use crate::error::{Error, Result};
-use crate::loss::cross_entropy_sum;
 use crate::model::engine::profile::timed;
 use crate::model::engine::{Grads, PassInput, train_pass};
 use crate::model::{Dropout, Gpt};
@@ -71,19 +70,6 @@ pub struct StepStats {
     pub skipped: bool,
 }
 
-/// Summed next-token loss of a micro-batch's counted tokens (a scalar tensor); the
-/// documents of packed rows are scored as if alone ([`Batch::from_packed`]).
-fn loss_sum(model: &Gpt, batch: &Batch, dropout: Option<&Dropout>) -> Result<Tensor> {
-    let logits = model.forward_packed(&batch.inputs, batch.docs.as_ref(), dropout)?;
-    let (b, t, v) = logits.dims3()?;
-    let (sum, _) = cross_entropy_sum(
-        &logits.reshape((b * t, v))?,
-        &batch.targets,
-        Some(&batch.mask),
-    )?;
-    Ok(sum)
-}
-
 /// Model, optimizer and the strategy that runs them.
 pub struct StepRunner {
     pub model: Gpt,
@@ -129,12 +115,6 @@ impl StepRunner {
             grads: None,
             split: Split::default(),
         }
-    }
-
-    /// Mean loss and token count of a micro-batch without gradients (evaluation).
-    pub fn eval_loss_sum(model: &Gpt, batch: &Batch) -> Result<(f64, usize)> {
-        let sum = loss_sum(model, batch, None)?;
-        Ok((sum.to_scalar::<f32>()? as f64, batch.tokens))
     }
 
     /// Into how many parts, computed at once on their own cores, a micro-batch is

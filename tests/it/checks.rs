@@ -13,8 +13,7 @@ use std::path::Path;
 use candle_core::{Device, Tensor, Var};
 use lit_claire::generate::{Sampling, generate};
 use lit_claire::hf::{self, state_dict};
-use lit_claire::loss::cross_entropy;
-use lit_claire::model::engine::{Grads, PassInput, train_pass};
+use lit_claire::model::engine::{self, Grads, PassInput, train_pass};
 use lit_claire::model::names::WeightNames;
 use lit_claire::model::{BuildOptions, Gpt, TrainableModel, build_model};
 use serde_json::Value;
@@ -90,14 +89,19 @@ pub fn engine_loss_and_grads(
     (sum / (n - 1) as f64, named.into_iter().collect())
 }
 
-/// Logits `(T, V)` of every position of `ids`, and the mean next-token loss over all
-/// but the last (labels = inputs shifted by one, as transformers does).
-pub fn loss_of(model: &Gpt, ids: &[u32]) -> (Tensor, Tensor) {
+/// Logits `(T, V)` of every position of `ids` ([`engine::logits`]), and the mean
+/// next-token loss over all but the last (labels = inputs shifted by one, as
+/// transformers does), scored by [`engine::score`].
+pub fn loss_of(model: &Gpt, ids: &[u32]) -> (Tensor, f64) {
     let n = ids.len();
     let all = Tensor::from_vec(ids.to_vec(), (1, n), &Device::Cpu).unwrap();
-    let logits = model.forward(&all, None).unwrap().squeeze(0).unwrap();
-    let targets = Tensor::from_vec(ids[1..].to_vec(), n - 1, &Device::Cpu).unwrap();
-    let loss = cross_entropy(&logits.narrow(0, 0, n - 1).unwrap(), &targets, None).unwrap();
+    let logits = engine::logits(model, &all, None, false)
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let inputs = all.narrow(1, 0, n - 1).unwrap();
+    let scores = engine::score(model, &inputs, None, &ids[1..]).unwrap();
+    let loss = scores.nll.iter().map(|&l| f64::from(l)).sum::<f64>() / (n - 1) as f64;
     (logits, loss)
 }
 
@@ -165,7 +169,7 @@ pub fn check_forward_and_grads(dir: &Path) {
     );
     assert!(d < TOL, "{what}: logits differ by {d}");
 
-    let l = loss.to_scalar::<f32>().unwrap() as f64;
+    let l = loss;
     let want = exp["loss"].as_f64().unwrap();
     assert!((l - want).abs() < TOL as f64, "{what}: loss {l} vs {want}");
 

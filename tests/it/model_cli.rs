@@ -7,7 +7,8 @@ use std::process::{Command, Stdio};
 
 use candle_core::{Device, IndexOp, Tensor};
 use lit_claire::hf::load_model;
-use lit_claire::model::{BuildOptions, KvCache};
+use lit_claire::model::BuildOptions;
+use lit_claire::model::engine::{self, KvCache};
 
 use crate::common::*;
 
@@ -92,7 +93,7 @@ fn long_texts_are_scored_in_windows() {
     let first = lit_claire::perplexity::perplexity(&model, &ids[..256], 256, 1).unwrap();
     let (logits, loss) = crate::checks::loss_of(&model, &ids[..256]);
     assert_eq!(logits.dim(0).unwrap(), 256);
-    assert!((first.loss - loss.to_scalar::<f32>().unwrap() as f64).abs() < 1e-5);
+    assert!((first.loss - loss).abs() < 1e-5);
     // Windows longer than the model's context are refused (issue 9), even for a text
     // that would fit in one.
     assert!(lit_claire::perplexity::perplexity(&model, &ids[..256], 1000, 1).is_err());
@@ -181,15 +182,17 @@ fn the_kv_cache_gives_the_full_forward_logits() {
         let model = load_model(&reference_dir(family), &BuildOptions::cpu_f32(), None).unwrap();
         let ids: Vec<u32> = (0..30).map(|i| (i * 37 % 500) as u32 + 3).collect();
         let all = Tensor::from_vec(ids.clone(), (1, 30), &Device::Cpu).unwrap();
-        let full = model.forward(&all, None).unwrap().i(0).unwrap();
+        let full = engine::logits(&model, &all, None, false)
+            .unwrap()
+            .i(0)
+            .unwrap();
         let mut cache = KvCache::new(model.cfg.n_layer);
         // A prompt of 11, then chunks of 1 and 3 tokens.
         let mut pos = 0;
         for len in [11, 1, 3, 1, 1, 5, 8] {
             let chunk =
                 Tensor::from_vec(ids[pos..pos + len].to_vec(), (1, len), &Device::Cpu).unwrap();
-            let got = model
-                .forward_cached(&chunk, &mut cache, false)
+            let got = engine::logits(&model, &chunk, Some(&mut cache), false)
                 .unwrap()
                 .i(0)
                 .unwrap();
@@ -204,6 +207,13 @@ fn the_kv_cache_gives_the_full_forward_logits() {
                 pos + len
             );
             pos += len;
+            // The memory plan's figure is what the cache holds (windowed layers keep
+            // their last w − 1 keys).
+            assert_eq!(
+                cache.bytes() as u64,
+                lit_claire::train::estimate::kv_cache_bytes(&model.cfg, 4, 1, pos),
+                "{family}: KV cache after {pos} tokens"
+            );
         }
     }
 }

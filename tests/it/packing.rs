@@ -13,7 +13,6 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use lit_claire::data::reader::PreparedData;
 use lit_claire::hf::state_dict;
-use lit_claire::loss::cross_entropy_sum;
 use lit_claire::model::TrainableModel;
 use lit_claire::model::engine::{Grads, PassInput, train_pass};
 use lit_claire::model::fused::with_plain_kernels;
@@ -60,19 +59,8 @@ fn loss_and_grads(tm: &TrainableModel, batch: &Batch) -> (f64, HashMap<String, T
     let sum = train_pass(&tm.model, &input, &mut grads).unwrap();
     let g = grads.take(&tm.vars).unwrap();
     let named = state_dict::named_gradients(&tm.model, &tm.vars, &g).unwrap();
-    // The evaluation forward scores the packed batch the same.
-    let logits = tm
-        .model
-        .forward_packed(&batch.inputs, batch.docs.as_ref(), None)
-        .unwrap();
-    let (b, t, v) = logits.dims3().unwrap();
-    let (eval_sum, _) = cross_entropy_sum(
-        &logits.reshape((b * t, v)).unwrap(),
-        &batch.targets,
-        Some(&batch.mask),
-    )
-    .unwrap();
-    let eval_sum = eval_sum.to_scalar::<f32>().unwrap() as f64;
+    // The scoring pass (validation) scores the packed batch the same.
+    let eval_sum = lit_claire::train::evaluate::loss_sum(&tm.model, batch).unwrap();
     assert!(
         (eval_sum - sum).abs() < 1e-4 * sum.abs().max(1.0),
         "training loss {sum} vs evaluation {eval_sum}"
@@ -342,15 +330,7 @@ fn issue13_old_folders_load_and_cross_document_attention_gives_old_numbers() {
     let (mut sum, mut tokens) = (0.0, 0);
     for c in samples.chunks(4) {
         let b = Batch::from_samples(c, data.block_size, &dev).unwrap();
-        let logits = model.forward(&b.inputs, None).unwrap();
-        let (n, t, v) = logits.dims3().unwrap();
-        let (s, _) = cross_entropy_sum(
-            &logits.reshape((n * t, v)).unwrap(),
-            &b.targets,
-            Some(&b.mask),
-        )
-        .unwrap();
-        sum += s.to_scalar::<f32>().unwrap() as f64;
+        sum += lit_claire::train::evaluate::loss_sum(&model, &b).unwrap();
         tokens += b.tokens;
     }
     assert_eq!(cross.tokens, tokens);

@@ -73,7 +73,7 @@ fn logits(dir: &Path, adapter: Option<&Path>, ids: &[u32]) -> Vec<f32> {
         .unwrap()
         .unsqueeze(0)
         .unwrap();
-    m.forward(&x, None)
+    lit_claire::model::engine::logits(&m, &x, None, false)
         .unwrap()
         .flatten_all()
         .unwrap()

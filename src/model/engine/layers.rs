@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Result, Tensor, Var};
 
+use super::cache::LayerCache;
 use super::grads::Grads;
 use super::profile::timed;
 use crate::config::{Activation, NormKind};
@@ -113,7 +114,7 @@ fn add_into(dst: Tensor, g: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// `x: (N, in)` → `(N, out)`, as [`Linear::forward`] computes it.
+/// `x: (N, in)` → `(N, out)`: `x Wᵀ + b`, plus the adapter (see [`Linear`]).
 pub(super) fn linear_fwd(
     lin: &Linear,
     x: &Tensor,
@@ -424,21 +425,24 @@ pub(super) struct AttnSaved {
 
 /// Per-layer inputs shared by the blocks of a pass.
 pub(super) struct Ctx<'a> {
+    /// Absolute position of the pass's first token (after what a KV cache holds; 0 in
+    /// training).
+    pub pos: usize,
     pub rope: Option<&'a Rotary>,
     pub docs: Option<&'a Arc<[u32]>>,
     pub dropout: Option<&'a Dropout>,
 }
 
-fn mask_of(at: &Attention, ctx: &Ctx) -> MaskSpec {
+/// The mask of queries at `ctx.pos ..` over keys from absolute position `k_start`.
+fn mask_of(at: &Attention, ctx: &Ctx, k_start: usize) -> MaskSpec {
     MaskSpec {
-        q_start: 0,
-        k_start: 0,
+        q_start: ctx.pos,
+        k_start,
         window: at.window,
         docs: ctx.docs.cloned(),
     }
 }
 
-/// `x: (B, T, C)` (the first norm's output) → `(B, T, C)`.
 /// The attention's own output and row statistics, kept by a checkpointed block so that
 /// its recomputation skips the attention itself (the costliest part of a long-context
 /// forward): `N · nh · hs` values and two floats per query row.
@@ -458,12 +462,15 @@ impl AttnSaved {
 }
 
 /// `x: (B, T, C)` (the first norm's output) → `(B, T, C)`; with `kept`, the attention
-/// output of an earlier identical forward is reused instead of recomputed.
+/// output of an earlier identical forward is reused instead of recomputed. With a
+/// `cache` (generation), the queries also attend to the keys and values of earlier
+/// calls, and this call's are appended to it.
 pub(super) fn attn_fwd(
     at: &Attention,
     x: &Tensor,
     ctx: &Ctx,
     kept: Option<AttnKept>,
+    cache: Option<&mut LayerCache>,
 ) -> Result<(Tensor, AttnSaved)> {
     let (b, t, c) = x.dims3()?;
     let (nh, nkv, hs) = (at.n_head, at.n_kv_head, at.head_dim);
@@ -499,7 +506,11 @@ pub(super) fn attn_fwd(
             Ok((r.fwd.apply(&q)?, r.fwd.apply(&k)?))
         })?;
     }
-    let mask = mask_of(at, ctx);
+    let (k, v, k_start) = match cache {
+        Some(c) => c.extend(k, v, ctx.pos, at.window)?,
+        None => (k, v, ctx.pos),
+    };
+    let mask = mask_of(at, ctx, k_start);
     let (o, flash) = match kept {
         Some(AttnKept { o, flash }) => (o, flash),
         None => timed("attention forward", 0.0, || -> Result<_> {
@@ -559,7 +570,7 @@ pub(super) fn attn_bwd(
     let (mut dq, mut dk, dv) = timed("attention backward", 0.0, || match &s.flash {
         Some(f) => f.backward(&s.q, &s.k, &s.v, &s.o, &dout),
         None => {
-            let mask = mask_of(at, ctx);
+            let mask = mask_of(at, ctx, ctx.pos);
             let g = vjp(&[&s.q, &s.k, &s.v], &dout, |t| {
                 fused::attention_plain(&t[0], &t[1], &t[2], at.scale, &mask)
             })?;

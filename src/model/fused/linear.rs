@@ -1,11 +1,10 @@
-//! A matmul by a frozen weight whose backward skips the weight's gradient.
+//! `x Wᵀ` straight into gemm: no transposed copy of the weight, the output written once.
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
 use super::not_fused;
 
-/// `x Wᵀ` for a weight that is not trained: candle's matmul backward would also
-/// compute `dW`, a third of a LoRA step's work for nothing.
+/// `x Wᵀ` without autograd (the engine writes the backward out).
 struct FrozenMatmul {
     /// `(out, in)`, in `x`'s dtype.
     w: Tensor,
@@ -92,21 +91,6 @@ impl CustomOp1 for FrozenMatmul {
             _ => Err(not_fused(self.name())),
         }
     }
-
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad.matmul(&self.w)?))
-    }
-}
-
-/// `x: (rows, in)` times `wᵀ` (`w: (out, in)`). When `w` is frozen and `x` carries
-/// gradients, the backward pass skips `dW` (CPU only; elsewhere a plain matmul).
-pub fn linear_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let frozen = !w.track_op();
-    if frozen && x.track_op() && super::ENABLED.with(std::cell::Cell::get) && x.device().is_cpu() {
-        x.contiguous()?.apply_op1(FrozenMatmul { w: w.clone() })
-    } else {
-        x.matmul(&w.t()?)
-    }
 }
 
 /// `x Wᵀ` without autograd for `x: (rows, in)` and `w: (out, in)`: straight into gemm
@@ -122,18 +106,16 @@ pub fn matmul_nt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testing::agree;
+    use super::super::testing::close;
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::Device;
 
     #[test]
-    fn frozen_matmul_matches_matmul_and_skips_the_weight() {
-        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (6, 5), &Device::Cpu).unwrap()).unwrap();
+    fn matmul_nt_matches_matmul() {
+        let x = Tensor::randn(0f32, 1.0, (6, 5), &Device::Cpu).unwrap();
         let w = Tensor::randn(0f32, 1.0, (3, 5), &Device::Cpu).unwrap();
-        let fused = linear_matmul(x.as_tensor(), &w).unwrap();
-        let plain = x.as_tensor().matmul(&w.t().unwrap()).unwrap();
-        agree(&[&x], &fused, &plain, 1e-5, 1e-5);
-        let g = fused.sum_all().unwrap().backward().unwrap();
-        assert!(g.get(&w).is_none(), "no gradient for the frozen weight");
+        let fused = matmul_nt(&x, &w).unwrap();
+        let plain = x.matmul(&w.t().unwrap()).unwrap();
+        close(&fused, &plain, 1e-5);
     }
 }

@@ -8,17 +8,19 @@
 //!
 //! ```text
 //! softmax        y = softmax(s·x + mask)            dx = s · y ⊙ (dy − Σ dy ⊙ y)
-//! attention      o = softmax(s·q kᵀ + mask) v       flash: tiles, never (T, S); see flash.rs
+//! attention      o = softmax(s·q kᵀ + mask) v       flash: tiles, never (T, S); see flash/mod.rs
 //! cross-entropy  ℓᵢ = log Σⱼ exp xᵢⱼ − xᵢ,tᵢ         dxᵢ = dℓᵢ (softmax xᵢ − onehot tᵢ)
 //! rms norm       n = x / rms(x), y = n ⊙ w          dx = (dn − n·mean(dn ⊙ n)) / rms,  dn = dy ⊙ w
 //! layer norm     n = (x − μ)/σ, y = n ⊙ w + b       dx = (dn − mean dn − n·mean(dn ⊙ n)) / σ
 //! rotary         rotate pairs by +θ                 rotate the gradient by −θ
-//! frozen linear  y = x Wᵀ (W constant)              dx = dy W   (no dW: W is frozen)
+//! linear         y = x Wᵀ straight into gemm         (the engine writes its backward)
 //! ```
 //!
-//! On CUDA, attention has a kernel of its own: the flash algorithm of `flash.rs` in
-//! `cuda/flash.cu`, launched by `flash_cuda.rs` (`cuda` feature), checked in emulation by
-//! the tests and against the plain attention on each GPU before its first use.
+//! Flash attention lives in `flash/`: the CPU kernel (`flash/mod.rs`), the CUDA kernel
+//! (`flash/kernel/flash.cu`) with its launcher (`flash/cuda.rs`, `cuda` feature) and
+//! launch geometry (`flash/launch.rs`), and the CPU emulator that runs the CUDA source
+//! in the tests (`flash/kernel/emulate*.{h,cpp}`, `flash/cuda_tests.rs`); on a GPU the
+//! CUDA kernel is also checked against the plain attention before its first use.
 //!
 //! Reductions over rows (the weight gradients of norms) are summed in fixed blocks and
 //! combined in order, so results do not depend on the number of threads. Reductions
@@ -28,12 +30,9 @@
 mod accumulate;
 mod act;
 mod cross_entropy;
-#[cfg(any(feature = "cuda", test))]
-mod cuda_launch;
 mod flash;
-#[cfg(feature = "cuda")]
-mod flash_cuda;
 mod linear;
+mod mask;
 mod norm;
 mod rope;
 mod softmax;
@@ -47,10 +46,11 @@ pub use flash::{
     FlashSaved, TILES, Tiles, attention, attention_plain, flash_attention, flash_forward,
     flash_kernel,
 };
-pub use linear::{linear_matmul, matmul_nt};
+pub use linear::matmul_nt;
+pub use mask::MaskSpec;
 pub use norm::{layer_norm, layer_norm_backward, rms_norm, rms_norm_backward};
 pub use rope::rope;
-pub use softmax::{MaskSpec, masked_softmax, softmax_plain};
+pub use softmax::{masked_softmax, softmax_plain};
 
 use std::cell::Cell;
 

@@ -38,6 +38,23 @@ fn full_fine_tuning_by_hand() {
     assert_eq!(m.activations, 3 * (49_152 + 512));
     // 16·(128 + 320 + 128)·4 + 16·64·4 + rows 16 (2^23/256 > N): 2·16·256·4 + 16·64·4
     assert_eq!(m.workspace, 36_864 + 4_096 + 32_768 + 4_096);
+    // Validation: one block's set 49152 + 512, its input and the final norm's output
+    // 2·16·64·4, one chunk of logits 16·256·4.
+    assert_eq!(m.validation, 49_152 + 512 + 8_192 + 16_384);
+    assert_eq!(
+        m.total,
+        m.params + m.grads + m.optimizer + m.activations + m.workspace
+    );
+}
+
+/// Validation holds one block at a time, so it is far below training's activations
+/// for a deep model (the scoring pass never adds to a training step's peak).
+#[test]
+fn validation_holds_one_block() {
+    let mut model = tiny();
+    model.n_layer = 30;
+    let m = estimate(&model, &run(2), 8);
+    assert!(m.validation * 10 < m.activations, "{m:?}");
     assert_eq!(
         m.total,
         m.params + m.grads + m.optimizer + m.activations + m.workspace
@@ -144,12 +161,13 @@ fn table_is_aligned() {
     let m = estimate(&tiny(), &run(2), 8);
     let text = m.to_string();
     let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines.len(), 7, "{text}");
+    assert_eq!(lines.len(), 8, "{text}");
     assert!(
-        lines[..6].iter().all(|l| l.len() == lines[0].len()),
+        lines[..7].iter().all(|l| l.len() == lines[0].len()),
         "{text}"
     );
-    assert!(lines[6].starts_with("assumes full fine-tuning"), "{text}");
+    assert!(lines[5].starts_with("validation"), "{text}");
+    assert!(lines[7].starts_with("assumes full fine-tuning"), "{text}");
     assert_eq!(human(3 << 30), "3.00 GiB");
     assert_eq!(human(3 << 19), "1.5 MiB");
     assert_eq!(grouped(6_921_720_704), "6,921,720,704");

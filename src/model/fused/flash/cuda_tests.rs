@@ -1,5 +1,5 @@
 //! The CUDA kernel's source (`cuda/flash.cu`), run on the CPU by `cuda/emulate.h` with
-//! the launch geometry of `cuda_launch.rs`, against the definition of masked attention:
+//! the launch geometry of `launch.rs`, against the definition of masked attention:
 //! values and gradients, f32 within 1e-5 of the largest value, bf16 and f16 within their
 //! rounding. The emulator runs each block's threads one at a time, switching at barriers,
 //! in two orders whose results must agree bit for bit (a missing `__syncthreads` or two
@@ -17,14 +17,14 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::super::cuda_launch::{Kernel, THREADS, self_check_tolerance};
+use super::launch::{Kernel, THREADS, self_check_tolerance};
 use super::tests::{reference, rel_close};
 use super::*;
 
-/// `src/model/fused/cuda/{source}` compiled into `dir`, with `extra` flags.
+/// `src/model/fused/flash/kernel/{source}` compiled into `dir`, with `extra` flags.
 fn compile(dir: &Path, source: &str, extra: &[&str]) -> PathBuf {
     let bin = dir.join(source.trim_end_matches(".cpp"));
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/model/fused/cuda");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/model/fused/flash/kernel");
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".into());
     let out = Command::new(&cxx)
         .args(["-std=c++20", "-O2", "-Wall", "-Wextra", "-Werror"])
@@ -153,7 +153,7 @@ fn run(emulator: &Path, c: &Case, seed: u64) {
     for h in header {
         bytes.extend((h as i32).to_le_bytes());
     }
-    // The geometry flash_cuda.rs launches with.
+    // The geometry cuda.rs launches with.
     for kernel in Kernel::ALL {
         let grid = kernel.grid(c.b, c.nh, c.nkv, c.t, c.s);
         let launch = [grid[0], grid[1], grid[2], THREADS, kernel.smem(c.hs) as u32];

@@ -1,5 +1,5 @@
 // Causal attention in O(T) memory on CUDA: the flash-attention algorithm of
-// src/model/fused/flash.rs (the CPU kernel), forward and backward, for f32, bf16 and f16
+// src/model/fused/flash/mod.rs (the CPU kernel), forward and backward, for f32, bf16 and f16
 // inputs with f32 arithmetic.
 //
 // Shapes (all contiguous): q, o, dout (B, nh, T, hs); k, v, dk, dv (B, nkv, S, hs);

@@ -1,6 +1,6 @@
 //! The flash kernel on CUDA: `cuda/flash.cu` (compiled to PTX by `build.rs`), launched
 //! through cudarc on candle's own stream. The same algorithm as the CPU kernel
-//! (`flash.rs`): O(T) memory, forward keeps one f32 log-sum-exp per query row, the
+//! (`mod.rs`): O(T) memory, forward keeps one f32 log-sum-exp per query row, the
 //! backward recomputes probabilities per tile; f32, bf16 and f16 inputs, f32 arithmetic.
 //!
 //! Before a device first uses it for a dtype, [`serves`] runs it once on a small problem
@@ -23,16 +23,16 @@ use candle_core::{D, DType, Device, Layout, Result, Storage, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::softmax::MaskSpec;
+use super::super::mask::MaskSpec;
 use crate::config::AttentionWindow;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash.ptx"));
 const MODULE: &str = "lc_flash_attention";
 
-use super::cuda_launch::{Kernel, THREADS};
+use super::launch::{Kernel, THREADS};
 
 /// The largest head size, `LC_HS_MAX` of flash.cu.
-const HS_MAX: usize = super::CUDA_FLASH_HEAD_MAX;
+const HS_MAX: usize = super::super::CUDA_FLASH_HEAD_MAX;
 
 /// Shared memory the kernel sizes a launch without opting in to more.
 const SMEM_DEFAULT: usize = 48 * 1024;
@@ -76,7 +76,7 @@ pub(super) fn serves(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<bool> {
     let hs = q.dim(D::Minus1)?;
     let same = |t: &Tensor| t.device().same_device(q.device()) && t.dtype() == q.dtype();
     // The same rule as the memory plan's (`flash_serves_run`), then the device's.
-    if !(super::flash_serves_run(true, q.dtype(), hs) && same(k) && same(v)) {
+    if !(super::super::flash_serves_run(true, q.dtype(), hs) && same(k) && same(v)) {
         return Ok(false);
     }
     checked(dev, q.dtype())
@@ -143,7 +143,7 @@ fn prepare(dev: &CudaDevice, dtype: DType) -> Result<bool> {
 /// The kernel against the plain attention on `dev`, values and gradients, on two small
 /// problems (every mask feature, head sizes 64 and 40, T not a multiple of the tiles).
 pub fn self_check(dev: &Device, dtype: DType) -> Result<f32> {
-    let tol = super::cuda_launch::self_check_tolerance(dtype);
+    let tol = super::launch::self_check_tolerance(dtype);
     let cases = [
         // (B, nh, nkv, T, S, hs, q_start, k_start, window, docs)
         (2, 4, 2, 75, 75, 64, 0, 0, 0, true),

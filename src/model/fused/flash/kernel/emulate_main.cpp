@@ -1,6 +1,6 @@
 // Runs flash.cu's kernels on the CPU (emulate.h) for the tests in
 // src/model/fused/flash/cuda_tests.rs, with the launch geometry the test passes (that of
-// src/model/fused/cuda_launch.rs, which flash_cuda.rs launches with on a GPU):
+// src/model/fused/flash/launch.rs, which flash/cuda.rs launches with on a GPU):
 //
 //     emulate IN OUT
 //
@@ -8,7 +8,7 @@
 //     has_docs; per kernel (forward, dsum, dq, dk/dv) i32 grid x, y, z, threads, shared bytes;
 //     f32 scale; f32 q, k, v, dout; u32 docs (b·t, when has_docs).
 // OUT: f32 o, lse, dsum, dq, dk, dv. Inputs are rounded to the dtype first; outputs start
-//     as NaN (an element no thread writes stays NaN). The kernels run in flash_cuda.rs's
+//     as NaN (an element no thread writes stays NaN). The kernels run in flash/cuda.rs's
 //     order: forward, then dsum from its o, then dq and dk/dv.
 //
 // The four kernels run twice, under each of emulate.h's two thread and block orders; the

@@ -1,5 +1,5 @@
 //! The launch geometry of the CUDA flash kernels (`cuda/flash.cu`): threads, grid and
-//! shared memory of each. `flash_cuda.rs` launches with it on a GPU, and the emulation
+//! shared memory of each. `cuda.rs` launches with it on a GPU, and the emulation
 //! test (`flash/cuda_tests.rs`) launches the same source on the CPU with it, so the
 //! geometry is tested without a GPU.
 
@@ -9,7 +9,7 @@ pub(super) const BK: usize = 32;
 pub(super) const THREADS: u32 = 64;
 
 /// How far the kernel may differ from the plain attention on the same GPU, relative to
-/// the largest value, in the check before its first use (`flash_cuda::self_check`): in
+/// the largest value, in the check before its first use (`cuda::self_check`): in
 /// bf16 and f16 the two round differently (the plain one rounds its scores and
 /// probabilities to the dtype, the kernel keeps them in f32).
 pub(super) fn self_check_tolerance(dtype: candle_core::DType) -> f32 {

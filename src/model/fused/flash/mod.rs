@@ -23,12 +23,18 @@
 //! A query's visible keys form one interval (causal, window, document start), so masks
 //! are intervals per row, not per element.
 
+#[cfg(feature = "cuda")]
+mod cuda;
+#[cfg(any(feature = "cuda", test))]
+mod launch;
+
 use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
-use super::softmax::{MaskSpec, masked_softmax};
+use super::mask::MaskSpec;
+use super::softmax::masked_softmax;
 use super::{exp_approx, fusable, not_fused};
 use crate::config::AttentionWindow;
 
@@ -74,7 +80,7 @@ pub fn flash_kernel(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<&'static str> 
 }
 
 /// Whether a flash kernel takes this attention: the CPU kernel for f32 on the CPU, the
-/// CUDA kernel (`flash_cuda.rs`) where it serves; neither under
+/// CUDA kernel (`cuda.rs`) where it serves; neither under
 /// `LIT_CLAIRE_ATTENTION=plain`.
 fn flash_serves(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<bool> {
     if super::plain_attention_requested() {
@@ -84,7 +90,7 @@ fn flash_serves(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<bool> {
         return Ok(true);
     }
     #[cfg(feature = "cuda")]
-    if super::kernels_on() && super::flash_cuda::serves(q, k, v)? {
+    if super::kernels_on() && cuda::serves(q, k, v)? {
         return Ok(true);
     }
     Ok(false)
@@ -620,13 +626,13 @@ impl CustomOp3 for Flash {
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::backend::BackendStorage;
-        let p = super::flash_cuda::params_of(
+        let p = cuda::params_of(
             (self.dims.b, self.dims.nh, self.dims.nkv),
             (self.dims.t, self.dims.s, self.dims.hs),
             f64::from(self.scale),
             &self.mask,
         )?;
-        let (o, lse) = super::flash_cuda::forward((s1, l1), (s2, l2), (s3, l3), p, &self.mask)?;
+        let (o, lse) = cuda::forward((s1, l1), (s2, l2), (s3, l3), p, &self.mask)?;
         let rows = self.dims.b * self.dims.nh * self.dims.t;
         let lse = Tensor::from_storage(
             Storage::Cuda(candle_core::CudaStorage::wrap_cuda_slice(
@@ -654,8 +660,8 @@ impl CustomOp3 for Flash {
             let lse = self.lse.lock().expect("lse lock").clone().ok_or_else(|| {
                 candle_core::Error::Msg("flash attention: backward before forward".into())
             })?;
-            let p = super::flash_cuda::params(q, k, f64::from(self.scale), &self.mask)?;
-            let (dq, dk, dv) = super::flash_cuda::backward(q, k, v, o, grad, &lse, p, &self.mask)?;
+            let p = cuda::params(q, k, f64::from(self.scale), &self.mask)?;
+            let (dq, dk, dv) = cuda::backward(q, k, v, o, grad, &lse, p, &self.mask)?;
             return Ok((Some(dq), Some(dk), Some(dv)));
         }
         let stats = self
