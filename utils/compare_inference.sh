@@ -3,7 +3,7 @@
 # model (tests/fixtures/real/smollm2-135m: python3 utils/make_real_model.py), two
 # builds alternating, three rounds:
 #   BEFORE=/path/to/old/lit-claire [NOW=target/release/lit-claire] utils/compare_inference.sh
-# (README, Speed: the build before the flash kernel, 861dd19, against this one).
+# (docs/benchmarks.md: the flash kernel against the plain attention, two builds).
 cd "$(dirname "$0")/.."
 M=tests/fixtures/real/smollm2-135m
 head -c 1500 data/sample/fortunes-br.txt > "${TMPDIR:-/tmp}/lc-ppl.txt"

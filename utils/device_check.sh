@@ -2,7 +2,7 @@
 # The GPU checks of lit-claire, for a GPU machine that has CUDA's libraries and NCCL in
 # its Python site-packages (nvidia/*/lib, as PyTorch's wheels install them) but no Rust
 # and no network. It runs a release binary built elsewhere with `--features cuda` (see
-# README, "Checking a GPU machine"):
+# docs/cuda.md, "Checking a GPU machine"):
 #
 #     utils/device_check.sh [--bin device-bin/lit-claire] [--out DIR] [--device cuda:0]
 #
@@ -56,7 +56,7 @@ if [ ! -x "$BIN" ] && [ -f "$BIN.xz" ]; then
     BIN=$unpacked
 fi
 if [ ! -x "$BIN" ]; then
-    echo "error: $BIN is not an executable lit-claire; build it with --features cuda as README's \"Checking a GPU machine\" says, or pass --bin" >&2
+    echo "error: $BIN is not an executable lit-claire; build it with --features cuda as docs/cuda.md's \"Checking a GPU machine\" says, or pass --bin" >&2
     exit 2
 fi
 mkdir -p "$DIR" || { echo "error: cannot create $DIR" >&2; exit 2; }

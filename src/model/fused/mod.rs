@@ -153,7 +153,7 @@ fn fusable(x: &Tensor) -> bool {
 /// A running f32 sum drops every term under half an ulp of what it already holds. After
 /// the max of a softmax row (exp 0 = 1), each exp(x − max) < 2⁻²⁴ vanishes: on a trained
 /// model's 49,152-token rows that lost ~1e-4 of log-sum-exp in every row, the loss came out
-/// 1.1e-4 low (issue 9). After a massive activation's square (2.2e4² = 4.8e8, ulp 32), an
+/// 1.1e-4 low. After a massive activation's square (2.2e4² = 4.8e8, ulp 32), an
 /// RMSNorm row's ordinary squares vanish the same way. In f64 the threshold is 2⁻⁵³ of
 /// the sum, 2²⁹ times lower.
 fn sum_f64(terms: impl Iterator<Item = f32>) -> f64 {
