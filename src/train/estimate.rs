@@ -46,7 +46,8 @@
 //!              activations and workspace are freed (so the run needs the larger of
 //!              the two, on top of parameters, gradients and optimizer state):
 //!                one block's forward at a time, nothing kept across blocks:
-//!                e · N · (per-token set of a block above) + f32 · 2 · micro_batch · nh · T
+//!                e · N · (per-token set of a block above, without dropout's copies)
+//!                + f32 · 2 · micro_batch · nh · T
 //!              + e · N · C                        the next block's input
 //!              + e · N · C                        final norm output
 //!              + f32 · rows · V                   one chunk of logits
@@ -261,7 +262,8 @@ pub fn estimate(model: &Config, cfg: &TrainConfig, seq_len: usize) -> MemoryEsti
     } else {
         F32 * 3 * mb * nh * t * t
     };
-    let validation = e * n * per_token
+    // No dropout in validation: no masked copies of the adapted inputs.
+    let validation = e * n * (per_token - dropped_inputs)
         + F32 * 2 * mb * nh * t
         + 2 * e * n * c
         + F32 * rows * vocab as u64
