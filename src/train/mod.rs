@@ -9,6 +9,7 @@ pub mod evaluate;
 pub mod loggers;
 pub mod metrics;
 pub mod optim;
+pub mod pretrain;
 pub mod ranks;
 pub mod schedule;
 pub mod step;
@@ -18,6 +19,6 @@ pub mod validate;
 pub mod zero;
 
 pub use config::TrainConfig;
-pub use data_source::{load_train_data, pretrain};
-pub use ranks::pretrain_with_data;
+pub use data_source::load_train_data;
+pub use pretrain::{pretrain, pretrain_with_data};
 pub use trainer::{TrainSummary, Trainer};
