@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod optim;
 pub mod pretrain;
 pub mod ranks;
+mod resume;
 pub mod schedule;
 pub mod step;
 pub mod tensorboard;

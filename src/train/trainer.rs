@@ -15,8 +15,9 @@ use super::checkpoint::{self, TrainingState};
 use super::config::{IntervalUnit, TrainConfig};
 use super::evaluate::evaluate;
 use super::loggers::Loggers;
-use super::metrics::{METRICS_FILE, MetricsRow};
+use super::metrics::MetricsRow;
 use super::optim::AdamWConfig;
+use super::resume::{Resume, plan_resume, restore_adapter, restore_optimizer};
 use super::schedule::Schedule;
 use super::step::{LossScaler, StepRunner, StepStats};
 use super::zero::Optimizer;
@@ -55,50 +56,22 @@ pub struct Trainer {
     order_epoch: Option<usize>,
 }
 
-/// Whether `dir` already holds a run.
-fn holds_run(dir: &Path) -> bool {
-    dir.join("hyperparameters.toml").exists()
-        || dir.join(METRICS_FILE).exists()
-        || checkpoint::list(dir)
-            .map(|l| !l.is_empty())
-            .unwrap_or(false)
-}
-
 /// What [`Trainer::new`] settles before any weights load: every check a user can fail
 /// (a 7B model costs minutes and gigabytes to load), and what follows from the config
 /// and the data alone.
 struct Plan {
     strategy: Strategy,
     model_cfg: Config,
-    /// The checkpoint to resume from, with its state.
-    resume: Option<(PathBuf, TrainingState)>,
+    /// The checkpoint the run continues, if any, and what follows from it.
+    resume: Resume,
     lora: Option<LoraConfig>,
     schedule: Schedule,
-    /// `--cross-document-attention` as this run uses it (a resume keeps its checkpoint's).
-    cross_document: bool,
-    /// Lines for the log once it is open (a damaged checkpoint passed over, ...).
-    warnings: Vec<String>,
 }
 
 impl Plan {
     fn new(cfg: &TrainConfig, data: &TrainData, strategy: Strategy) -> Result<Plan> {
         cfg.check()?;
-        let (resume, mut warnings) = resume_from(cfg)?;
-        let mut cross_document = cfg.cross_document();
-        if let Some((dir, state)) = &resume {
-            check_resume(cfg, dir, state)?;
-            let (value, note) = resumed_cross_document(cfg, dir, state)?;
-            cross_document = value;
-            warnings.extend(note);
-            // metrics.csv must still hold the rows logged before the checkpoint.
-            if let (Some(expected), true) = (state.metrics_rows, strategy.is_global_zero()) {
-                warnings.extend(super::metrics::check_rows(
-                    &cfg.out_dir,
-                    state.step,
-                    expected,
-                )?);
-            }
-        }
+        let resume = plan_resume(cfg, strategy.is_global_zero())?;
         let model_cfg = load_config(&cfg.checkpoint_dir)?;
         check_data_fits(cfg, data, &model_cfg)?;
         // A GPU that cannot hold the run refuses it now, not minutes into loading.
@@ -123,115 +96,7 @@ impl Plan {
             resume,
             lora: cfg.lora(),
             schedule,
-            cross_document,
-            warnings,
         })
-    }
-}
-
-/// The checkpoint `--resume` names, checked whole, with its state (`auto`: the run's
-/// newest complete one, passing over damaged ones with a warning each), refusing to
-/// start a second run in a folder that holds one.
-fn resume_from(cfg: &TrainConfig) -> Result<(Option<checkpoint::Found>, Vec<String>)> {
-    let out = &cfg.out_dir;
-    match cfg.resume.as_deref() {
-        None if holds_run(out) => Err(Error::Usage(format!(
-            "{} holds another run; continue it with --resume auto or choose another --out-dir",
-            out.display()
-        ))),
-        None => Ok((None, Vec::new())),
-        Some("auto") => checkpoint::newest_complete(out),
-        Some(p) => {
-            let dir = PathBuf::from(p);
-            let state = checkpoint::check(&dir)?;
-            Ok((Some((dir, state)), Vec::new()))
-        }
-    }
-}
-
-/// A checkpoint continues only a run of its own kind and model: full fine-tuning or
-/// LoRA with the same rank, alpha and targets (another alpha or rank would rescale
-/// what the adapter computes), from a base model of the same configuration.
-fn check_resume(cfg: &TrainConfig, dir: &Path, state: &TrainingState) -> Result<()> {
-    let was = &state.hyperparameters;
-    let lora_then = was.lora_r > 0;
-    if (cfg.lora_r > 0) != lora_then {
-        return Err(Error::Usage(format!(
-            "{} is a checkpoint of {}; resume it with --lora-r {} (or its run's recipe)",
-            dir.display(),
-            if lora_then {
-                "a LoRA run"
-            } else {
-                "full fine-tuning"
-            },
-            was.lora_r
-        )));
-    }
-    if lora_then {
-        let mut diffs = Vec::new();
-        if cfg.lora_r != was.lora_r {
-            diffs.push(format!(
-                "--lora-r {} (checkpoint: {})",
-                cfg.lora_r, was.lora_r
-            ));
-        }
-        if cfg.lora_alpha != was.lora_alpha {
-            diffs.push(format!(
-                "--lora-alpha {} (checkpoint: {})",
-                cfg.lora_alpha, was.lora_alpha
-            ));
-        }
-        if cfg.lora_targets() != was.lora_targets() {
-            diffs.push(format!(
-                "LoRA targets {:?} (checkpoint: {:?})",
-                cfg.lora_targets(),
-                was.lora_targets()
-            ));
-        }
-        if !diffs.is_empty() {
-            return Err(Error::Usage(format!(
-                "{} was trained with other LoRA settings: {}; resume with the checkpoint's values",
-                dir.display(),
-                diffs.join(", ")
-            )));
-        }
-    }
-    if dir.join("config.json").exists() && load_config(dir)? != load_config(&cfg.checkpoint_dir)? {
-        return Err(Error::Usage(format!(
-            "{} was trained from another base model than --checkpoint-dir {} (their config.json differ)",
-            dir.display(),
-            cfg.checkpoint_dir.display()
-        )));
-    }
-    Ok(())
-}
-
-/// `--cross-document-attention` of a resumed run: the checkpoint's, which a flag may
-/// repeat but not contradict (the loss would change meaning mid-run). A checkpoint from
-/// before the flag existed trained with cross-document attention and keeps it unless
-/// the flag says otherwise; the returned line says so.
-fn resumed_cross_document(
-    cfg: &TrainConfig,
-    dir: &Path,
-    state: &TrainingState,
-) -> Result<(bool, Option<String>)> {
-    match (
-        cfg.cross_document_attention,
-        state.hyperparameters.cross_document_attention,
-    ) {
-        (Some(now), Some(then)) if now != then => Err(Error::Usage(format!(
-            "{} was trained with --cross-document-attention {then}; resume it with --cross-document-attention {then} (or leave the flag out), or start a new run to change it",
-            dir.display()
-        ))),
-        (now, Some(then)) => Ok((now.unwrap_or(then), None)),
-        (Some(now), None) => Ok((now, None)),
-        (None, None) => Ok((
-            true,
-            Some(format!(
-                "{} predates --cross-document-attention: its run let packed documents attend to each other, and so does this one; pass --cross-document-attention false to switch",
-                dir.display()
-            )),
-        )),
     }
 }
 
@@ -291,6 +156,7 @@ fn build_runner(cfg: &TrainConfig, plan: Plan) -> Result<(StepRunner, TrainingSt
         lora,
         ..
     } = plan;
+    let resume = resume.from;
     let resume_dir = resume.as_ref().map(|(d, _)| d.as_path());
     let weights_dir = match (resume_dir, &lora) {
         (Some(dir), None) => dir,
@@ -321,8 +187,7 @@ fn build_runner(cfg: &TrainConfig, plan: Plan) -> Result<(StepRunner, TrainingSt
     let mut opt = Optimizer::new(vars, adam, &strategy)?;
     let state = match resume {
         Some((dir, s)) => {
-            let moments = checkpoint::load_optimizer(&dir, &strategy.device)?;
-            opt.load_state(&moments, s.step as u64)?;
+            restore_optimizer(&dir, &s, &mut opt, &strategy)?;
             s
         }
         None => fresh_state(cfg, &strategy, lora.as_ref()),
@@ -421,12 +286,12 @@ impl Trainer {
         if zero {
             group.barrier()?;
         }
-        let resumed_from = plan.resume.as_ref().map(|(d, s)| (d.clone(), s.step));
+        let resumed_from = plan.resume.from.as_ref().map(|(d, s)| (d.clone(), s.step));
         let (lora, schedule) = (plan.lora.clone(), plan.schedule.clone());
-        let warnings = plan.warnings.clone();
+        let warnings = plan.resume.warnings.clone();
         // The setting as used goes into hyperparameters.toml and every checkpoint.
         let mut cfg = cfg.clone();
-        cfg.cross_document_attention = Some(plan.cross_document);
+        cfg.cross_document_attention = Some(plan.resume.cross_document);
         let cfg = &cfg;
         let (runner, mut state) = build_runner(cfg, plan)?;
         state.hyperparameters.cross_document_attention = cfg.cross_document_attention;
@@ -834,35 +699,6 @@ impl Trainer {
             final_checkpoint,
         }
     }
-}
-
-/// Set fresh adapter variables to the values saved in checkpoint `dir`.
-fn restore_adapter(
-    dir: &Path,
-    vars: &[(String, candle_core::Var)],
-    strategy: &Strategy,
-) -> Result<()> {
-    let adapter = crate::hf::peft::load_adapter(dir, &strategy.device)?;
-    for (name, var) in vars {
-        let (module, which) = name
-            .rsplit_once(".lora_")
-            .ok_or_else(|| Error::Msg(format!("unexpected adapter variable {name}")))?;
-        let (a, b) = adapter.tensors.get(module).ok_or_else(|| {
-            Error::bad_file(
-                dir,
-                format!("the adapter has no {module}; was it written by another run?"),
-            )
-        })?;
-        let t = if which.starts_with('A') { a } else { b };
-        if t.dims() != var.dims() {
-            return Err(Error::bad_file(
-                dir,
-                format!("{name} has shape {:?}, expected {:?}", t.dims(), var.dims()),
-            ));
-        }
-        var.set(&t.to_dtype(var.dtype())?)?;
-    }
-    Ok(())
 }
 
 /// Wall time of a run (continuing a resumed run's), and when logging, validation and
