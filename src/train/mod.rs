@@ -1,5 +1,6 @@
 //! Training: the optimizer, schedules, batches, one step, and the trainer loop.
 
+pub mod adamw;
 pub mod batches;
 pub mod checkpoint;
 pub mod config;
@@ -8,16 +9,16 @@ pub mod estimate;
 pub mod evaluate;
 pub mod loggers;
 pub mod metrics;
-pub mod optim;
+pub mod optimizer;
 pub mod pretrain;
 pub mod ranks;
 mod resume;
 pub mod schedule;
+pub mod sharded_adamw;
 pub mod step;
 pub mod tensorboard;
 pub mod trainer;
 pub mod validate;
-pub mod zero;
 
 pub use config::TrainConfig;
 pub use data_source::load_train_data;

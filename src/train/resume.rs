@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use super::checkpoint::{self, TrainingState};
 use super::config::TrainConfig;
 use super::metrics::METRICS_FILE;
-use super::zero::Optimizer;
+use super::optimizer::Optimizer;
 use crate::config::load_config;
 use crate::error::{Error, Result};
 use crate::strategy::Strategy;

@@ -10,7 +10,7 @@
 use candle_core::{Tensor, Var};
 
 use super::batches::Batch;
-use super::zero::Optimizer;
+use super::optimizer::Optimizer;
 use crate::error::{Error, Result};
 use crate::loss::cross_entropy_sum;
 use crate::model::engine::profile::timed;

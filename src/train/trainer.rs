@@ -16,11 +16,11 @@ use super::config::{IntervalUnit, TrainConfig};
 use super::evaluate::evaluate;
 use super::loggers::Loggers;
 use super::metrics::MetricsRow;
-use super::optim::AdamWConfig;
+use super::adamw::AdamWConfig;
 use super::resume::{Resume, plan_resume, restore_adapter, restore_optimizer};
 use super::schedule::Schedule;
 use super::step::{LossScaler, StepRunner, StepStats};
-use super::zero::Optimizer;
+use super::optimizer::Optimizer;
 use crate::config::{Config, load_config};
 use crate::error::{Error, IoContext, Result};
 use crate::lora::LoraConfig;
@@ -450,7 +450,7 @@ impl Trainer {
     ) -> Result<PathBuf> {
         // Never a checkpoint of broken weights (the last update can overflow them).
         for (var_name, var) in self.runner.opt.vars() {
-            if !super::optim::all_finite(var.as_tensor())? {
+            if !super::adamw::all_finite(var.as_tensor())? {
                 return Err(Error::Msg(format!(
                     "step {}: {var_name} holds NaN or infinite values after the update; {name} was not saved. Lower --learning-rate (or set --grad-clip), then --resume auto continues from the last checkpoint",
                     self.state.step
