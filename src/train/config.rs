@@ -13,7 +13,7 @@ use super::loggers::Logger;
 use super::schedule::{Schedule, ScheduleKind};
 use crate::error::{Error, IoContext, Result};
 use crate::lora::{LoraConfig, LoraTargets};
-use crate::strategy::{DataParallel, DeviceSpec, Precision};
+use crate::strategy::{DeviceSpec, Precision, StrategyKind};
 
 /// Unit of the log/eval/save intervals.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -122,7 +122,7 @@ train_options! {
     num_nodes: usize = 1;
     /// With several devices: ddp (every rank keeps the whole optimizer state) or zero1 (each rank keeps its shard of it) [default: ddp].
     #[arg(value_enum)]
-    strategy: DataParallel = DataParallel::Ddp;
+    strategy: StrategyKind = StrategyKind::Ddp;
     /// Seconds a rank waits for the others (at a gradient sync, a checkpoint, a validation) before the run stops with an error naming them [default: 1800].
     collective_timeout: u64 = 1800;
     /// Seed of data order, LoRA initialisation and dropout [default: 42].

@@ -16,7 +16,7 @@ use candle_core::{Tensor, Var};
 use super::adamw::{AdamW, AdamWConfig, clip_coefficient, global_norm};
 use super::sharded_adamw::{ShardedAdamW, no_gradients};
 use crate::error::Result;
-use crate::strategy::{DataParallel, Strategy};
+use crate::strategy::{Strategy, StrategyKind};
 
 /// AdamW over the trainable variables, as the Strategy shares it between ranks.
 pub enum Optimizer {
@@ -41,11 +41,11 @@ impl From<AdamW> for Optimizer {
 }
 
 impl Optimizer {
-    /// AdamW over `vars`, shared between ranks as `strategy.parallel` says.
+    /// AdamW over `vars`, shared between ranks as `strategy.kind` says.
     pub fn new(vars: Vec<(String, Var)>, cfg: AdamWConfig, strategy: &Strategy) -> Result<Self> {
-        Ok(match strategy.parallel {
-            DataParallel::Ddp => AdamW::new(vars, cfg)?.into(),
-            DataParallel::Zero1 => Optimizer::Sharded(ShardedAdamW::new(vars, cfg, strategy)?),
+        Ok(match strategy.kind {
+            StrategyKind::Ddp => AdamW::new(vars, cfg)?.into(),
+            StrategyKind::Zero1 => Optimizer::Sharded(ShardedAdamW::new(vars, cfg, strategy)?),
         })
     }
 
@@ -155,7 +155,7 @@ mod tests {
                 .handles()
                 .into_iter()
                 .map(|c| {
-                    let st = Strategy::cpu().with_collective(c, DataParallel::Zero1);
+                    let st = Strategy::cpu().with_collective(c, StrategyKind::Zero1);
                     s.spawn(move || f(st))
                 })
                 .collect();

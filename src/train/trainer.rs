@@ -10,17 +10,17 @@ use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
+use super::adamw::AdamWConfig;
 use super::batches::{Batch, DataPosition, TrainData, sample_with_starts};
 use super::checkpoint::{self, TrainingState};
 use super::config::{IntervalUnit, TrainConfig};
 use super::evaluate::evaluate;
 use super::loggers::Loggers;
 use super::metrics::MetricsRow;
-use super::adamw::AdamWConfig;
+use super::optimizer::Optimizer;
 use super::resume::{Resume, plan_resume, restore_adapter, restore_optimizer};
 use super::schedule::Schedule;
 use super::step::{LossScaler, StepRunner, StepStats};
-use super::optimizer::Optimizer;
 use crate::config::{Config, load_config};
 use crate::error::{Error, IoContext, Result};
 use crate::lora::LoraConfig;
@@ -209,7 +209,7 @@ fn build_runner(cfg: &TrainConfig, plan: Plan) -> Result<(StepRunner, TrainingSt
 fn ranks_label(s: &Strategy) -> String {
     match s.world_size {
         1 => s.spec.to_string(),
-        w => format!("{} × {w} ranks ({})", s.spec, s.parallel),
+        w => format!("{} × {w} ranks ({})", s.spec, s.kind),
     }
 }
 
