@@ -20,7 +20,7 @@ pub mod tensorboard;
 pub mod trainer;
 pub mod validate;
 
-pub use config::TrainConfig;
+pub use config::{CheckedConfig, ToChecked, TrainConfig};
 pub use data_source::load_train_data;
 pub use pretrain::{pretrain, pretrain_with_data};
 pub use trainer::{TrainSummary, Trainer};

@@ -11,7 +11,7 @@
 use std::time::Duration;
 
 use super::batches::TrainData;
-use super::config::TrainConfig;
+use super::config::ToChecked;
 use super::data_source::load_train_data;
 use super::ranks::{train_process_group, train_threads};
 use super::trainer::{TrainSummary, Trainer};
@@ -19,16 +19,21 @@ use crate::error::{Error, Result};
 use crate::strategy::DeviceSpec;
 use crate::strategy::threads::ThreadGroup;
 
-/// Train as `cfg` says, on the prepared data of `cfg.data_dir`.
-pub fn pretrain(cfg: &TrainConfig) -> Result<TrainSummary> {
-    cfg.check()?;
-    pretrain_with_data(cfg, load_train_data(&cfg.data_dir)?)
+/// Train as `cfg` says, on the prepared data of `cfg.data_dir`. A plain
+/// [`TrainConfig`](super::config::TrainConfig) is checked first; a
+/// [`CheckedConfig`](super::config::CheckedConfig), which
+/// [`TrainConfig::resolve`](super::config::TrainConfig::resolve) returns, is not
+/// checked again.
+pub fn pretrain(cfg: &impl ToChecked) -> Result<TrainSummary> {
+    let cfg = cfg.to_checked()?;
+    pretrain_with_data(cfg.as_ref(), load_train_data(&cfg.data_dir)?)
 }
 
 /// Train as `cfg` says on `data`, to the end, on every rank `cfg` asks for (devices ×
-/// nodes); returns rank 0's summary.
-pub fn pretrain_with_data(cfg: &TrainConfig, data: TrainData) -> Result<TrainSummary> {
-    cfg.check()?;
+/// nodes); returns rank 0's summary. `cfg` is checked as in [`pretrain`].
+pub fn pretrain_with_data(cfg: &impl ToChecked, data: TrainData) -> Result<TrainSummary> {
+    let cfg = cfg.to_checked()?;
+    let cfg = cfg.as_ref();
     let world = cfg.world_size();
     if world == 1 {
         return Trainer::new(cfg, data)?.run(None);

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::batches::TrainData;
-use super::config::TrainConfig;
+use super::config::{CheckedConfig, ToChecked};
 use super::trainer::{TrainSummary, Trainer};
 use crate::error::{Error, Result};
 use crate::strategy::{Collective, DeviceSpec, Strategy};
@@ -24,10 +24,12 @@ use crate::strategy::{Collective, DeviceSpec, Strategy};
 /// One thread per handle of `ranks` (rank `r` on `ranks[r]`), all training `cfg` on
 /// `data`; returns rank 0's summary, or the error of the first rank that failed.
 pub fn train_threads(
-    cfg: &TrainConfig,
+    cfg: &impl ToChecked,
     data: TrainData,
     ranks: Vec<Arc<dyn Collective>>,
 ) -> Result<TrainSummary> {
+    let cfg = cfg.to_checked()?;
+    let cfg = cfg.as_ref();
     let base = Strategy::new(cfg.device, cfg.precision)?;
     let first_failure: Mutex<Option<(usize, String)>> = Mutex::new(None);
     let results: Vec<Result<TrainSummary>> = std::thread::scope(|s| {
@@ -102,7 +104,7 @@ fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
 /// This rank's whole run. On failure, `on_failure` hears it first, then the other
 /// ranks are told (through the collective) so that they stop too.
 pub fn train_rank(
-    cfg: &TrainConfig,
+    cfg: &CheckedConfig,
     data: TrainData,
     strategy: Strategy,
     on_failure: impl Fn(&str),
@@ -126,7 +128,7 @@ pub fn train_rank(
 /// `--num-nodes`; the ranks meet over TCP and open an NCCL communicator
 /// ([`crate::strategy::nccl_collective`]). Every rank returns its own summary (rank 0's
 /// names the final checkpoint).
-pub(super) fn train_process_group(cfg: &TrainConfig, data: TrainData) -> Result<TrainSummary> {
+pub(super) fn train_process_group(cfg: &CheckedConfig, data: TrainData) -> Result<TrainSummary> {
     let env = crate::strategy::env::process_env();
     let pg = crate::strategy::env::process_group(&env)?.ok_or_else(|| {
         Error::Usage(format!(

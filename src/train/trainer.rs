@@ -13,7 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use super::adamw::AdamWConfig;
 use super::batches::{Batch, DataPosition, TrainData, sample_with_starts};
 use super::checkpoint::{self, TrainingState};
-use super::config::{IntervalUnit, TrainConfig};
+use super::config::{CheckedConfig, IntervalUnit, ToChecked, TrainConfig};
 use super::evaluate::evaluate;
 use super::loggers::Loggers;
 use super::metrics::MetricsRow;
@@ -43,7 +43,7 @@ pub struct TrainSummary {
 
 /// A run in progress.
 pub struct Trainer {
-    cfg: TrainConfig,
+    cfg: CheckedConfig,
     data: TrainData,
     runner: StepRunner,
     lora: Option<LoraConfig>,
@@ -69,8 +69,7 @@ struct Plan {
 }
 
 impl Plan {
-    fn new(cfg: &TrainConfig, data: &TrainData, strategy: Strategy) -> Result<Plan> {
-        cfg.check()?;
+    fn new(cfg: &CheckedConfig, data: &TrainData, strategy: Strategy) -> Result<Plan> {
         let resume = plan_resume(cfg, strategy.is_global_zero())?;
         let model_cfg = load_config(&cfg.checkpoint_dir)?;
         check_data_fits(cfg, data, &model_cfg)?;
@@ -148,7 +147,7 @@ fn total_steps(cfg: &TrainConfig, data: &TrainData, world: usize) -> Result<usiz
 /// The model (the base, frozen under a new or resumed adapter for LoRA; the
 /// checkpoint's own weights when resuming full training), its optimizer, and the state
 /// the run starts from.
-fn build_runner(cfg: &TrainConfig, plan: Plan) -> Result<(StepRunner, TrainingState)> {
+fn build_runner(cfg: &CheckedConfig, plan: Plan) -> Result<(StepRunner, TrainingState)> {
     let Plan {
         strategy,
         model_cfg,
@@ -214,7 +213,11 @@ fn ranks_label(s: &Strategy) -> String {
 }
 
 /// The state of a run at step 0.
-fn fresh_state(cfg: &TrainConfig, strategy: &Strategy, lora: Option<&LoraConfig>) -> TrainingState {
+fn fresh_state(
+    cfg: &CheckedConfig,
+    strategy: &Strategy,
+    lora: Option<&LoraConfig>,
+) -> TrainingState {
     let needs_dropout = lora.is_some_and(|l| l.dropout > 0.0);
     TrainingState {
         step: 0,
@@ -229,7 +232,7 @@ fn fresh_state(cfg: &TrainConfig, strategy: &Strategy, lora: Option<&LoraConfig>
         loss_scaler: strategy.precision.uses_loss_scaling().then(LossScaler::new),
         dropout_seed: needs_dropout.then_some(cfg.seed),
         base_checkpoint_dir: cfg.checkpoint_dir.clone(),
-        hyperparameters: cfg.clone(),
+        hyperparameters: cfg.config().clone(),
         lit_claire_version: env!("CARGO_PKG_VERSION").into(),
     }
 }
@@ -237,7 +240,7 @@ fn fresh_state(cfg: &TrainConfig, strategy: &Strategy, lora: Option<&LoraConfig>
 /// Rank 0's files in the run folder: the hyper-parameters, the loggers' files
 /// (continued after `resume = (step, tokens)` when resuming) and `train.log`.
 fn open_outputs(
-    cfg: &TrainConfig,
+    cfg: &CheckedConfig,
     data: &TrainData,
     resume: Option<(usize, u64)>,
 ) -> Result<(Loggers, std::fs::File)> {
@@ -257,32 +260,38 @@ fn open_outputs(
 }
 
 impl Trainer {
-    /// Check everything, then set up model, optimizer and data (from scratch or from
+    /// Check everything (`cfg` once, unless it is a [`CheckedConfig`] already), then
+    /// set up model, optimizer and data (from scratch or from
     /// the checkpoint `cfg.resume` names), on one device. Every user error surfaces
     /// before any weights load. Runs on several devices start one trainer per rank
     /// with [`Trainer::on_rank`] ([`pretrain_with_data`](super::pretrain_with_data)
     /// does).
-    pub fn new(cfg: &TrainConfig, data: TrainData) -> Result<Self> {
+    pub fn new(cfg: &impl ToChecked, data: TrainData) -> Result<Self> {
+        let cfg = cfg.to_checked()?;
         if cfg.world_size() > 1 {
             return Err(Error::Usage(format!(
                 "--devices {} --num-nodes {}: a Trainer is one rank; train with pretrain_with_data, which starts every rank",
                 cfg.devices, cfg.num_nodes
             )));
         }
-        Self::on_rank(cfg, data, Strategy::new(cfg.device, cfg.precision)?)
+        Self::on_rank(
+            cfg.as_ref(),
+            data,
+            Strategy::new(cfg.device, cfg.precision)?,
+        )
     }
 
     /// [`Trainer::new`] for the rank of `strategy`. Rank 0 settles the run folder
     /// first (which checkpoint to resume, metrics, hyper-parameters); the others start
     /// once it has, so none reads a folder being changed.
-    pub fn on_rank(cfg: &TrainConfig, data: TrainData, strategy: Strategy) -> Result<Self> {
-        cfg.check()?;
+    pub fn on_rank(cfg: &impl ToChecked, data: TrainData, strategy: Strategy) -> Result<Self> {
+        let cfg = cfg.to_checked()?;
         let zero = strategy.is_global_zero();
         let group = strategy.clone();
         if !zero {
             group.barrier()?;
         }
-        let plan = Plan::new(cfg, &data, strategy)?;
+        let plan = Plan::new(&cfg, &data, strategy)?;
         if zero {
             group.barrier()?;
         }
@@ -290,8 +299,9 @@ impl Trainer {
         let (lora, schedule) = (plan.lora.clone(), plan.schedule.clone());
         let warnings = plan.resume.warnings.clone();
         // The setting as used goes into hyperparameters.toml and every checkpoint.
-        let mut cfg = cfg.clone();
-        cfg.cross_document_attention = Some(plan.resume.cross_document);
+        let cfg = cfg
+            .into_owned()
+            .with_cross_document_attention(plan.resume.cross_document);
         let cfg = &cfg;
         let (runner, mut state) = build_runner(cfg, plan)?;
         state.hyperparameters.cross_document_attention = cfg.cross_document_attention;
