@@ -26,7 +26,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::lora::LoraConfig;
 use crate::model::weights::Weights;
 use crate::model::{Dropout, build_model};
-use crate::strategy::Strategy;
+use crate::strategy::{Strategy, StrategyKind};
 use crate::tokenizer::Tokenizer;
 
 /// How a run ended.
@@ -204,6 +204,15 @@ fn build_runner(cfg: &CheckedConfig, plan: Plan) -> Result<(StepRunner, Training
     Ok((runner, state))
 }
 
+/// `--strategy zero1` on one rank: nothing to shard (the one-rank [`Strategy`] keeps
+/// the optimizer whole), said rather than silently ignored.
+fn unsharded_note(cfg: &TrainConfig, strategy: &Strategy) -> Option<String> {
+    (cfg.strategy == StrategyKind::Zero1 && strategy.world_size == 1).then(|| {
+        "--strategy zero1 on one rank: nothing to shard, the optimizer state stays whole"
+            .to_string()
+    })
+}
+
 /// The device, and the ranks when there are several: `cpu`, `cpu × 2 ranks (ddp)`.
 fn ranks_label(s: &Strategy) -> String {
     match s.world_size {
@@ -297,7 +306,8 @@ impl Trainer {
         }
         let resumed_from = plan.resume.from.as_ref().map(|(d, s)| (d.clone(), s.step));
         let (lora, schedule) = (plan.lora.clone(), plan.schedule.clone());
-        let warnings = plan.resume.warnings.clone();
+        let mut warnings = plan.resume.warnings.clone();
+        warnings.extend(unsharded_note(&cfg, &plan.strategy));
         // The setting as used goes into hyperparameters.toml and every checkpoint.
         let cfg = cfg
             .into_owned()
