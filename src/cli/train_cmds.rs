@@ -79,8 +79,8 @@ pub struct ValidateArgs {
     /// Keep watching for new checkpoints every SECONDS until the run's final one is scored.
     #[arg(long)]
     pub watch: Option<u64>,
-    /// Let the documents packed in a sample attend to each other (the behaviour before
-    /// issue 13). Default: as each checkpoint's run trained (false when it does not say).
+    /// Let the documents packed in a sample attend to each other. Default: as each
+    /// checkpoint's run trained (false when it does not say).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub cross_document_attention: Option<bool>,
     #[command(flatten)]

@@ -82,7 +82,7 @@ impl SampleSet for PackedSamples {
 }
 
 /// Sample `i` of `set` and its document starts; none with `cross_document` (the
-/// documents of a packed sample then see each other, the behaviour before issue 13).
+/// documents of a packed sample then see each other).
 pub fn sample_with_starts(
     set: &dyn SampleSet,
     i: usize,

@@ -180,9 +180,9 @@ train_options! {
     /// `auto` (the run's newest checkpoint) or a checkpoint folder.
     resume: String;
     /// Let the documents packed in one sample (`prepare-data --padding false`) attend to
-    /// each other and run on positions across them, as before issue 13. Default: false
-    /// (each document sees only itself and starts at position 0); a resumed run keeps
-    /// its checkpoint's setting.
+    /// each other and run on positions across them. Default: false (each document sees
+    /// only itself and starts at position 0); a resumed run keeps its checkpoint's
+    /// setting.
     #[arg(num_args = 0..=1, default_missing_value = "true")]
     cross_document_attention: bool;
     /// Where metrics go: `csv` (RUN/metrics.csv, always on) and `tensorboard` (event

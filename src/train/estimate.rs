@@ -56,8 +56,8 @@
 //!
 //! The LoRA dropout copies are the engine's (`src/model/engine/layers.rs`: a LoRA
 //! layer with dropout keeps its masked input for A's gradient); they come on top of
-//! the list issue 11 started from, and for the Falcon-7B LoRA recipe (dropout 0.05,
-//! every target) they nearly double the activations.
+//! the activations above, and for the Falcon-7B LoRA recipe (dropout 0.05, every
+//! target) they nearly double them.
 //!
 //! Not counted: the allocator's and runtime's own overhead (on CPU, the process, its
 //! threads and the memory-mapped data; on CUDA, the context and cuBLAS workspace,
