@@ -14,6 +14,7 @@ pub mod pretrain;
 pub mod ranks;
 mod resume;
 pub mod schedule;
+mod setup;
 pub mod sharded_adamw;
 pub mod step;
 pub mod tensorboard;
