@@ -23,22 +23,21 @@ use serde::Serialize;
 
 use super::augment::Augmenter;
 use super::chunk::{Chunker, DEFAULT_TURN_PATTERN};
+use super::destination::{
+    RemoveIfEmpty, build_dataset, damage, existing_record, prepare_destination,
+};
 use super::documents::ReadOptions;
 use super::groups::Groups;
 use super::megatron::TokenDtype;
 use super::metadata::{
-    DATASET_FILE, DatasetMeta, DatasetRecord, FORMAT, METADATA_FILE, Metadata, Settings,
-    SourceFile, VERSION,
+    DatasetMeta, DatasetRecord, FORMAT, METADATA_FILE, Metadata, Settings, SourceFile, VERSION,
 };
-use super::pipeline::{Ctx, tokenize_dataset};
+use super::pipeline::Ctx;
 use super::sources::{DatasetSource, discover};
 use super::writer::SplitStats;
 use crate::error::{Error, IoContext, Result};
 use crate::io::write_json_atomic;
 use crate::tokenizer::Tokenizer;
-
-/// Prefix of the folders a dataset is built in.
-const TEMP_PREFIX: &str = ".tmp-prepare-";
 
 /// Everything `prepare-data` takes.
 #[derive(Debug, Clone)]
@@ -419,7 +418,7 @@ fn build_datasets(
             None => {
                 pb.set_message(src.name.clone());
                 let base = pb.position();
-                let rec = build_dataset(ctx, opts, settings, src, files, pb)?;
+                let rec = build_dataset(ctx, &opts.destination, settings, src, files, pb)?;
                 built.bytes_read += pb.position() - base;
                 built.tokens_written += rec.train.tokens + rec.validation.tokens;
                 rec
@@ -450,69 +449,6 @@ fn build_datasets(
     Ok(built)
 }
 
-/// Removes a folder on drop if it is empty, unless disarmed.
-struct RemoveIfEmpty(Option<PathBuf>);
-
-impl RemoveIfEmpty {
-    /// Armed only when `dir` does not exist yet.
-    fn new(dir: &Path) -> Self {
-        RemoveIfEmpty((!dir.exists()).then(|| dir.to_path_buf()))
-    }
-
-    fn disarm(&mut self) {
-        self.0 = None;
-    }
-}
-
-impl Drop for RemoveIfEmpty {
-    fn drop(&mut self) {
-        if let Some(dir) = &self.0 {
-            // Fails, as it should, when the folder holds anything.
-            let _ = std::fs::remove_dir(dir);
-        }
-    }
-}
-
-/// Why the complete-looking dataset `dir` (record `rec`) cannot be kept: a shard
-/// missing, or of another size than the record says. None when it is whole.
-fn damage(dir: &Path, rec: &DatasetRecord) -> Option<String> {
-    for split in [&rec.train, &rec.validation] {
-        let block = rec.settings.block_size;
-        if let Err(e) = super::reader::Split::open(dir, split, block, rec.settings.document_starts)
-        {
-            return Some(e.to_string());
-        }
-    }
-    None
-}
-
-/// Create the destination, check it is writable and remove leftovers of interrupted runs.
-fn prepare_destination(dest: &Path) -> Result<()> {
-    let unwritable = |e: std::io::Error| {
-        Error::Usage(format!(
-            "cannot write to --destination-path {}: {e}; choose a writable folder",
-            dest.display()
-        ))
-    };
-    std::fs::create_dir_all(dest).map_err(unwritable)?;
-    tempfile::Builder::new()
-        .prefix(TEMP_PREFIX)
-        .tempdir_in(dest)
-        .map_err(unwritable)?;
-    for entry in std::fs::read_dir(dest).at(dest)? {
-        let p = entry.at(dest)?.path();
-        let stale = p
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with(TEMP_PREFIX));
-        if stale && p.is_dir() {
-            eprintln!("removing {} left by an interrupted run", p.display());
-            std::fs::remove_dir_all(&p).at(&p)?;
-        }
-    }
-    Ok(())
-}
-
 /// The files of a dataset as recorded in its metadata.
 fn source_files(root: &Path, src: &DatasetSource) -> Result<Vec<SourceFile>> {
     src.files()
@@ -531,23 +467,6 @@ fn source_files(root: &Path, src: &DatasetSource) -> Result<Vec<SourceFile>> {
             })
         })
         .collect()
-}
-
-/// The record of a complete dataset already in `dest`.
-fn existing_record(dest: &Path, name: &str) -> Result<Option<DatasetRecord>> {
-    let dir = dest.join(name);
-    let path = dir.join(DATASET_FILE);
-    if !path.exists() {
-        if dir.exists() {
-            return Err(Error::Usage(format!(
-                "{} exists and is not a prepared dataset; move it away or choose another --destination-path",
-                dir.display()
-            )));
-        }
-        return Ok(None);
-    }
-    let text = std::fs::read_to_string(&path).at(&path)?;
-    Ok(serde_json::from_str(&text).ok())
 }
 
 fn summary_line(rec: &DatasetRecord, skipped: bool) -> String {
@@ -570,41 +489,4 @@ fn summary_line(rec: &DatasetRecord, skipped: bool) -> String {
             String::new()
         }
     )
-}
-
-/// Build one dataset in a temporary folder and rename it into place.
-fn build_dataset(
-    ctx: &Ctx,
-    opts: &PrepareOptions,
-    settings: &Settings,
-    src: &DatasetSource,
-    sources: Vec<SourceFile>,
-    pb: &ProgressBar,
-) -> Result<DatasetRecord> {
-    let dest = &opts.destination;
-    let tmp = tempfile::Builder::new()
-        .prefix(TEMP_PREFIX)
-        .tempdir_in(dest)
-        .at(dest)?;
-    let (train, validation, bad_lines) = tokenize_dataset(ctx, src, tmp.path(), pb)?;
-    let rec = DatasetRecord {
-        name: src.name.clone(),
-        settings: settings.clone(),
-        sources,
-        bad_lines,
-        train,
-        validation,
-    };
-    let value = serde_json::to_value(&rec).expect("record serialises");
-    write_json_atomic(&tmp.path().join(DATASET_FILE), &value)?;
-    let target = dest.join(&src.name);
-    if target.exists() {
-        std::fs::remove_dir_all(&target).at(&target)?;
-    }
-    let kept = tmp.keep();
-    std::fs::rename(&kept, &target).map_err(|e| {
-        let _ = std::fs::remove_dir_all(&kept);
-        Error::io(&target, e)
-    })?;
-    Ok(rec)
 }
