@@ -506,6 +506,20 @@ mod tests {
         );
     }
 
+    /// A plain config is checked on its way into a run; a checked one is taken as it
+    /// is, not checked again.
+    #[test]
+    fn a_config_is_checked_once() {
+        let mut bad = TrainConfig::resolve_unchecked(None, flags(&base())).unwrap();
+        bad.batch_size = 10;
+        let e = bad.to_checked().unwrap_err().to_string();
+        assert!(e.contains("not a multiple"), "{e}");
+        let checked = TrainConfig::resolve(None, flags(&base())).unwrap();
+        assert!(matches!(checked.to_checked().unwrap(), Cow::Borrowed(_)));
+        let plain = checked.config().clone();
+        assert_eq!(*plain.to_checked().unwrap(), checked);
+    }
+
     #[test]
     fn unknown_recipe_key_is_named() {
         let dir = tempfile::tempdir().unwrap();
