@@ -78,7 +78,7 @@ use std::path::Path;
 use crate::config::{Config, MlpKind, QkvLayout, Residual, load_config};
 use crate::error::{Error, Result};
 use crate::lora::LoraConfig;
-use crate::strategy::{DataParallel, DeviceSpec};
+use crate::strategy::{DeviceSpec, StrategyKind};
 
 use super::TrainConfig;
 
@@ -195,7 +195,7 @@ pub fn estimate(model: &Config, cfg: &TrainConfig, seq_len: usize) -> MemoryEsti
 
     let params = p * (counts.base + counts.lora);
     let grads = p * counts.trainable;
-    let shards = if cfg.strategy == DataParallel::Zero1 {
+    let shards = if cfg.strategy == StrategyKind::Zero1 {
         world
     } else {
         1
@@ -350,7 +350,7 @@ fn assumptions(
     let world = cfg.world_size();
     let ranks = if world == 1 {
         "1 rank".to_string()
-    } else if cfg.strategy == DataParallel::Zero1 {
+    } else if cfg.strategy == StrategyKind::Zero1 {
         format!("{world} ranks, optimizer state sharded (zero1)")
     } else {
         format!("{world} ranks, each with the whole optimizer state (ddp)")
