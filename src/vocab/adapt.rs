@@ -320,6 +320,12 @@ fn extend_vocab(
     let text = serde_json::to_string(&json).expect("JSON values serialise");
     let tok = TokenizerFile::from_text(&base.dir, &text)
         .map_err(|e| Error::Msg(format!("the extended tokenizer does not load: {e}")))?;
+    if let Some(id) = (0..base.size()).find(|&i| tok.tokens[i] != base.tokens[i]) {
+        return Err(Error::Msg(format!(
+            "the extended tokenizer moved base token {:?} from id {id}; please report this tokenizer.json",
+            base.tokens[id]
+        )));
+    }
     // Written as the tokenizers library writes it (vocabulary in id order), truncation
     // and padding settings kept.
     let json_text = text

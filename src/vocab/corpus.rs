@@ -174,7 +174,8 @@ pub fn count_units(tok: &TokenizerFile, corpus: &Path, read: &ReadOptions) -> Re
         unit.clear();
     };
     for_each_batch(corpus, read, |docs| {
-        let enc = tok.tokenizer.encode_batch_fast(docs.to_vec(), false)?;
+        // Not `encode_batch_fast`: it leaves the word ids out.
+        let enc = tok.tokenizer.encode_batch(docs.to_vec(), false)?;
         out.size.documents += docs.len() as u64;
         out.size.bytes += docs.iter().map(|d| d.len() as u64).sum::<u64>();
         for e in &enc {

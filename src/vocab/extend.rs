@@ -18,7 +18,17 @@
 //! The result is written into `tokenizer.json` as JSON: the new tokens into
 //! `model.vocab` from the first free id (after the base's added tokens too, so none
 //! collides), the merges after the base's in its own spelling (`"a b"` strings, or
-//! `[a, b]` pairs when the file uses them or a token holds a space).
+//! `[a, b]` pairs when the file uses them or a token holds a space). Added tokens kept
+//! outside the model's vocabulary (LLaMA-3's specials, after it) are entered into it
+//! under their ids:
+//!
+//! ```text
+//! base      model.vocab 0..127999   added_tokens 128000..128255
+//! extended  model.vocab 0..127999, 128000..128255 (the added tokens), 128256.. (new)
+//! ```
+//!
+//! since on loading, the tokenizers library numbers the added tokens it does not find
+//! in the model's vocabulary from the vocabulary's size, which the new tokens change.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
@@ -184,6 +194,15 @@ pub fn extended_json(
         .get_mut("vocab")
         .and_then(Value::as_object_mut)
         .ok_or("the BPE model has no \"vocab\" object")?;
+    // The tokenizers library gives an added token that is not in the model's vocabulary
+    // the id after the vocabulary's *count* when it loads the file: with new tokens
+    // after them, such tokens (LLaMA-3's specials) would move. Listed in the
+    // vocabulary under their own ids, they keep them.
+    for (&id, content) in &base_tok.added {
+        if !vocab.contains_key(content) {
+            vocab.insert(content.clone(), json!(id));
+        }
+    }
     for (k, t) in ext.tokens.iter().enumerate() {
         vocab.insert(t.clone(), json!(ext.first_id + k as u32));
     }
@@ -279,6 +298,25 @@ mod tests {
         // (a, b) spells "ab", a base token: never a new merge.
         let c = counts(&[(&[0, 1], 9), (&[2, 3], 2)]);
         assert_eq!(learn(&base, &c, 5, 2).tokens, ["cd"]);
+    }
+
+    #[test]
+    fn added_tokens_after_the_vocabulary_keep_their_ids() {
+        // "<x>" is id 5, outside the model's vocabulary (0..=4), as LLaMA-3's specials.
+        let mut json = toy().json;
+        json["added_tokens"] = json!([{"id": 5, "content": "<x>", "single_word": false,
+            "lstrip": false, "rstrip": false, "normalized": false, "special": true}]);
+        let base = TokenizerFile::from_text(Path::new("."), &json.to_string()).unwrap();
+        assert_eq!((base.size(), base.id("<x>")), (6, Some(5)));
+        let ext = learn(&base, &counts(&[(&[4, 2], 5)]), 1, 2);
+        assert_eq!(ext.first_id, 6);
+        let v = extended_json(&base.json, &ext, &base).unwrap();
+        let t = TokenizerFile::from_text(Path::new("."), &v.to_string()).unwrap();
+        assert_eq!((t.id("<x>"), t.id("abc"), t.size()), (Some(5), Some(6), 7));
+        assert_eq!(
+            t.tokenizer.encode("abc<x>", false).unwrap().get_ids(),
+            [6, 5]
+        );
     }
 
     #[test]
