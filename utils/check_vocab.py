@@ -265,13 +265,15 @@ def dumps(v, indent: str = "") -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--make-inputs", action="store_true", help="rewrite tests/fixtures/vocab/added_after/")
+    ap.add_argument("--cases", type=Path, default=CASES, help="$CARGO_TARGET_TMPDIR/vocab of the test run")
     args = ap.parse_args()
     if args.make_inputs:
         make_inputs()
         return
-    folders = sorted(d for d in CASES.iterdir() if d.is_dir() and not d.name.endswith(".base")) if CASES.exists() else []
+    cases_dir = args.cases
+    folders = sorted(d for d in cases_dir.iterdir() if d.is_dir() and not d.name.endswith(".base")) if cases_dir.exists() else []
     if not folders:
-        sys.exit(f"no cases in {CASES}: run `cargo test --test it vocab::` first")
+        sys.exit(f"no cases in {cases_dir}: run `cargo test --test it vocab::` first")
     cases = {}
     for d in folders:
         cases[d.name] = check_case(d)
