@@ -263,7 +263,7 @@ def dumps(v, indent: str = "") -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     ap.add_argument("--make-inputs", action="store_true", help="rewrite tests/fixtures/vocab/added_after/")
     ap.add_argument("--cases", type=Path, default=CASES, help="$CARGO_TARGET_TMPDIR/vocab of the test run")
     args = ap.parse_args()
