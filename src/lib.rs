@@ -15,6 +15,7 @@
 //! - [`strategy`]: device, precision and ranks.
 //! - [`plot`]: loss curves of runs and their best checkpoints.
 //! - [`tokenizer`], [`perplexity`], [`generate`], [`chat`].
+//! - [`vocab`]: `adapt-vocab` (a new vocabulary on a pretrained model) and `init-model`.
 //! - [`hub`]: uploading to and downloading from the Hugging Face Hub.
 //! - [`cli`]: the command-line front end.
 
@@ -38,5 +39,6 @@ pub mod plot;
 pub mod strategy;
 pub mod tokenizer;
 pub mod train;
+pub mod vocab;
 
 pub use error::{Error, Result};

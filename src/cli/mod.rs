@@ -10,6 +10,7 @@ mod model_cmds;
 mod plot_cmds;
 mod publish_cmds;
 mod train_cmds;
+mod vocab_cmds;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -37,6 +38,11 @@ pub enum Command {
     TrainTokenizer(corpus_cmds::TrainTokenizerArgs),
     /// Remove exact and near-duplicate documents (MinHash LSH) from a raw corpus.
     Dedup(corpus_cmds::DedupArgs),
+    /// A base model with a new vocabulary: tokens learned on a corpus, or another
+    /// tokenizer; embeddings and head resized, a complete Hugging Face folder.
+    AdaptVocab(vocab_cmds::AdaptVocabArgs),
+    /// A model from scratch for a tokenizer, initialised as its family's transformers code does.
+    InitModel(vocab_cmds::InitModelArgs),
     /// Continual pretraining: full fine-tuning or LoRA on prepared data.
     Pretrain(Box<train_cmds::PretrainArgs>),
     /// Validate every checkpoint of a run on every dataset, appending to a CSV.
@@ -98,6 +104,8 @@ pub fn run() -> Result<()> {
         Command::PrepareData(a) => data_cmds::prepare_data(a),
         Command::TrainTokenizer(a) => corpus_cmds::train_tokenizer(a),
         Command::Dedup(a) => corpus_cmds::dedup(a),
+        Command::AdaptVocab(a) => vocab_cmds::adapt_vocab(a),
+        Command::InitModel(a) => vocab_cmds::init_model(a),
     }
 }
 

@@ -37,7 +37,7 @@ pub enum OutDtype {
 }
 
 impl OutDtype {
-    fn dtype(self) -> DType {
+    pub(super) fn dtype(self) -> DType {
         match self {
             OutDtype::Bf16 => DType::BF16,
             OutDtype::F16 => DType::F16,

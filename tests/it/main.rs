@@ -33,3 +33,4 @@ mod tensorboard;
 mod train_parity;
 mod trainer;
 mod unseen;
+mod vocab;
