@@ -58,7 +58,13 @@ pub struct TrainingState {
     /// needs saving. Checkpoints of older versions held a generator's state instead.
     #[serde(default)]
     pub dropout_seed: Option<u64>,
+    /// The base model's folder, absolute (checkpoints of older versions may hold it as
+    /// typed, relative to where that run started).
     pub base_checkpoint_dir: PathBuf,
+    /// [`base_fingerprint`] of the base model's weights (None in checkpoints of older
+    /// versions): merging an adapter into other weights found at that path is refused.
+    #[serde(default)]
+    pub base_fingerprint: Option<String>,
     pub hyperparameters: TrainConfig,
     pub lit_claire_version: String,
 }
@@ -108,10 +114,17 @@ pub fn save(
     crate::io::save_safetensors_atomic(&tmp.join(OPTIMIZER_FILE), optimizer, None)?;
     let json = serde_json::to_value(state).expect("state serialises");
     crate::io::write_json_atomic(&tmp.join(STATE_FILE), &json)?;
-    if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir).at(&final_dir)?;
+    // A checkpoint being replaced (`final/` of a resumed run) goes aside first, so a
+    // signal leaves either it or the new one in place, and at worst a trash folder
+    // that the next start sweeps.
+    let old = final_dir.exists().then(|| trash_name(run, name));
+    if let Some(trash) = &old {
+        move_to_trash(&final_dir, trash)?;
     }
     std::fs::rename(&tmp, &final_dir).at(&final_dir)?;
+    if let Some(trash) = old {
+        std::fs::remove_dir_all(&trash).at(&trash)?;
+    }
     Ok(final_dir)
 }
 
@@ -240,30 +253,119 @@ pub fn rotate(run: &Path, keep: usize) -> Result<Vec<PathBuf>> {
         if i + keep >= n || Some(&p) == best.as_ref() {
             continue;
         }
-        std::fs::remove_dir_all(&p).at(&p)?;
+        // Renamed first, then deleted: an interrupted deletion leaves a `.trash-*`
+        // folder, never a half-deleted `step-*` one; the next start sweeps it.
+        let name = p.file_name().map(|n| n.to_string_lossy().into_owned());
+        let trash = trash_name(run, &name.unwrap_or_default());
+        move_to_trash(&p, &trash)?;
+        std::fs::remove_dir_all(&trash).at(&trash)?;
         removed.push(p);
     }
     Ok(removed)
 }
 
-/// Remove leftovers of checkpoints whose writing was interrupted.
-pub fn clean_partial(run: &Path) -> Result<()> {
+/// Prefix of checkpoint folders on their way out.
+const TRASH_PREFIX: &str = ".trash-";
+
+fn trash_name(run: &Path, name: &str) -> PathBuf {
+    run.join(format!("{TRASH_PREFIX}{name}"))
+}
+
+/// Rename `dir` to `trash` (removing an older trash of that name first).
+fn move_to_trash(dir: &Path, trash: &Path) -> Result<()> {
+    if trash.exists() {
+        std::fs::remove_dir_all(trash).at(trash)?;
+    }
+    std::fs::rename(dir, trash).at(dir)
+}
+
+/// Remove leftovers of checkpoints whose writing or deletion was interrupted:
+/// `.tmp-*` (being written), `.trash-*` (being deleted), and `step-*` folders without
+/// `training_state.json` (half deleted by versions that deleted in place; a
+/// checkpoint is renamed into place whole, so such a folder is never one being
+/// written). Returns what was removed.
+pub fn clean_partial(run: &Path) -> Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
     if !run.is_dir() {
-        return Ok(());
+        return Ok(removed);
     }
     for entry in std::fs::read_dir(run).at(run)? {
         let path = entry.at(run)?.path();
-        if path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with(".tmp-"))
-        {
-            if path.is_dir() {
-                std::fs::remove_dir_all(&path).at(&path)?;
-            } else {
-                std::fs::remove_file(&path).at(&path)?;
-            }
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let leftover = name.starts_with(".tmp-")
+            || name.starts_with(TRASH_PREFIX)
+            || (name.starts_with("step-") && path.is_dir() && !path.join(STATE_FILE).exists());
+        if !leftover {
+            continue;
         }
+        if path.is_dir() {
+            std::fs::remove_dir_all(&path).at(&path)?;
+        } else {
+            std::fs::remove_file(&path).at(&path)?;
+        }
+        removed.push(path);
+    }
+    Ok(removed)
+}
+
+/// Bytes read at each of [`FINGERPRINT_SAMPLES`] places of a weight file.
+const FINGERPRINT_CHUNK: u64 = 4096;
+const FINGERPRINT_SAMPLES: u64 = 16;
+
+/// A cheap fingerprint of the weights in the model folder `dir`: per weight file, its
+/// name, size, safetensors header and 16 chunks of 4 KiB spread over its data, hashed.
+/// Another model of the same shapes (another fine-tune, other precision) differs.
+pub fn base_fingerprint(dir: &Path) -> Result<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut bytes = Vec::new();
+    for f in crate::model::weights::weight_files(dir)? {
+        let mut file = std::fs::File::open(&f).at(&f)?;
+        let size = file.metadata().at(&f)?.len();
+        let name = f.file_name().map(|n| n.to_string_lossy().into_owned());
+        bytes.extend(name.unwrap_or_default().as_bytes());
+        bytes.extend(size.to_le_bytes());
+        let mut len = [0u8; 8];
+        file.read_exact(&mut len).at(&f)?;
+        let header = u64::from_le_bytes(len);
+        if header > 100_000_000 || 8 + header > size {
+            return Err(Error::bad_file(
+                &f,
+                "not a safetensors file (bad header length)",
+            ));
+        }
+        let mut buf = vec![0u8; header as usize];
+        file.read_exact(&mut buf).at(&f)?;
+        bytes.extend(&buf);
+        let data = 8 + header;
+        let span = size - data;
+        for i in 0..FINGERPRINT_SAMPLES {
+            let at = data + span * i / FINGERPRINT_SAMPLES;
+            file.seek(SeekFrom::Start(at)).at(&f)?;
+            let mut chunk = Vec::new();
+            (&mut file)
+                .take(FINGERPRINT_CHUNK.min(size - at))
+                .read_to_end(&mut chunk)
+                .at(&f)?;
+            bytes.extend(&chunk);
+        }
+    }
+    Ok(format!(
+        "xxh3-128:{:032x}",
+        twox_hash::XxHash3_128::oneshot(&bytes)
+    ))
+}
+
+/// Fail unless the weights in `base` are those a checkpoint was trained on
+/// (`expected`: its state's `base_fingerprint`). `what`: the checkpoint, and `fix`,
+/// for the message.
+pub fn check_base_fingerprint(what: &Path, base: &Path, expected: &str, fix: &str) -> Result<()> {
+    let found = base_fingerprint(base)?;
+    if found != expected {
+        return Err(Error::Usage(format!(
+            "{} was trained on other base weights than those in {} (fingerprint {found}, its training_state.json says {expected}); {fix}",
+            what.display(),
+            base.display()
+        )));
     }
     Ok(())
 }
