@@ -170,7 +170,7 @@ fn check_base_weights(ck: &ResolvedCheckpoint, base: &Path) -> Result<()> {
     let Some(expected) = expected else {
         return Ok(());
     };
-    match crate::train::checkpoint::check_base_fingerprint(
+    match super::merge::check_base_fingerprint(
         &ck.dir,
         base,
         expected,

@@ -137,7 +137,7 @@ fn check_resume(cfg: &TrainConfig, dir: &Path, state: &TrainingState) -> Result<
     }
     // A LoRA checkpoint holds no base weights: the base must be the one it trained on.
     if let (true, Some(expected)) = (lora_then, &state.base_fingerprint) {
-        checkpoint::check_base_fingerprint(
+        crate::hf::merge::check_base_fingerprint(
             dir,
             &cfg.checkpoint_dir,
             expected,

@@ -166,7 +166,7 @@ pub(super) fn build_runner(cfg: &CheckedConfig, plan: Plan) -> Result<(StepRunne
             restore_optimizer(&dir, &s, &mut opt, &strategy)?;
             // Checked against the base in plan_resume: from now on, this one.
             s.base_checkpoint_dir = absolute(&cfg.checkpoint_dir);
-            s.base_fingerprint = Some(checkpoint::base_fingerprint(&cfg.checkpoint_dir)?);
+            s.base_fingerprint = Some(crate::hf::merge::base_fingerprint(&cfg.checkpoint_dir)?);
             s
         }
         None => fresh_state(cfg, &strategy, lora.as_ref())?,
@@ -221,7 +221,7 @@ fn fresh_state(
         loss_scaler: strategy.precision.uses_loss_scaling().then(LossScaler::new),
         dropout_seed: needs_dropout.then_some(cfg.seed),
         base_checkpoint_dir: absolute(&cfg.checkpoint_dir),
-        base_fingerprint: Some(checkpoint::base_fingerprint(&cfg.checkpoint_dir)?),
+        base_fingerprint: Some(crate::hf::merge::base_fingerprint(&cfg.checkpoint_dir)?),
         hyperparameters: cfg.config().clone(),
         lit_claire_version: env!("CARGO_PKG_VERSION").into(),
     })

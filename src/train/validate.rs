@@ -140,7 +140,7 @@ fn model_of(
         let base_dir = &state.base_checkpoint_dir;
         if base.as_ref().is_none_or(|(p, _)| p != base_dir) {
             if let Some(expected) = &state.base_fingerprint {
-                checkpoint::check_base_fingerprint(
+                crate::hf::merge::check_base_fingerprint(
                     dir,
                     base_dir,
                     expected,
