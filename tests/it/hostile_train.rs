@@ -198,13 +198,16 @@ fn interrupted_run(out: &Path) -> TrainConfig {
     cfg
 }
 
+/// A change to a JSON file.
+type Edit = Box<dyn Fn(&mut Value)>;
+
 #[test]
 fn issue23_a_state_past_the_run_is_refused_on_resume() {
     let tmp = temp_dir();
     let cfg = interrupted_run(tmp.path());
     let state = tmp.path().join("step-00000004").join(STATE_FILE);
     let original = std::fs::read(&state).unwrap();
-    let cases: [(&str, Box<dyn Fn(&mut Value)>, &str); 7] = [
+    let cases: [(&str, Edit, &str); 7] = [
         (
             "step",
             Box::new(|v| v["step"] = 1_000_000_000_000_000u64.into()),
