@@ -65,6 +65,11 @@ pub struct TrainingState {
     /// versions): merging an adapter into other weights found at that path is refused.
     #[serde(default)]
     pub base_fingerprint: Option<String>,
+    /// Fingerprint of the prepared data the run trains on (None for data made in
+    /// memory, and in checkpoints of older versions): a resume in the middle of an
+    /// epoch on other data would go on in another order.
+    #[serde(default)]
+    pub data_fingerprint: Option<String>,
     pub hyperparameters: TrainConfig,
     pub lit_claire_version: String,
 }

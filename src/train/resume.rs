@@ -179,6 +179,30 @@ pub(super) fn check_state(
             cfg.data_dir.display()
         ));
     }
+    // In the middle of an epoch, its order must be the one the checkpoint followed.
+    if pos.offset > 0 {
+        let now = data.origin.as_ref().map(|o| &o.fingerprint);
+        if let (Some(then), Some(now)) = (&state.data_fingerprint, now) {
+            if then != now {
+                return Err(Error::Usage(format!(
+                    "{} stopped at sample {} of epoch {} of other data than --data-dir {} (fingerprint {now}, the checkpoint's {then}); resume on the data it trained on, or start a new run",
+                    dir.display(),
+                    pos.offset,
+                    pos.epoch,
+                    cfg.data_dir.display()
+                )));
+            }
+        }
+        if cfg.seed != state.hyperparameters.seed {
+            return Err(Error::Usage(format!(
+                "{} stopped in the middle of epoch {}, drawn in the order of --seed {}; resume with --seed {} (another seed would draw the rest of the epoch in another order)",
+                dir.display(),
+                pos.epoch,
+                state.hyperparameters.seed,
+                state.hyperparameters.seed
+            )));
+        }
+    }
     // Every step consumes one global batch; an epoch takes a step at least.
     let was = &state.hyperparameters;
     let most_per_step = (was.batch_size * was.world_size()).max(cfg.batch_size * world);

@@ -222,6 +222,7 @@ fn fresh_state(
         dropout_seed: needs_dropout.then_some(cfg.seed),
         base_checkpoint_dir: absolute(&cfg.checkpoint_dir),
         base_fingerprint: Some(crate::hf::merge::base_fingerprint(&cfg.checkpoint_dir)?),
+        data_fingerprint: None,
         hyperparameters: cfg.config().clone(),
         lit_claire_version: env!("CARGO_PKG_VERSION").into(),
     })

@@ -113,6 +113,7 @@ impl Trainer {
         let cfg = &cfg;
         let (runner, mut state) = build_runner(cfg, plan)?;
         state.hyperparameters.cross_document_attention = cfg.cross_document_attention;
+        state.data_fingerprint = data.origin.as_ref().map(|o| o.fingerprint.clone());
         let (metrics, log, swept) = if zero {
             let resume = resumed_from.as_ref().map(|_| (state.step, state.tokens));
             let (m, l, swept) = open_outputs(cfg, &data, resume)?;

@@ -267,6 +267,14 @@ fn issue23_a_state_past_the_run_is_refused_on_resume() {
         );
         std::fs::write(&state, &original).unwrap();
     }
+    // Another seed in the middle of an epoch would draw its rest in another order.
+    let mut other_seed = cfg.clone();
+    other_seed.seed = 7;
+    let e = Trainer::new(&other_seed, memory_data())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("--seed 42"), "{e}");
     // The untouched state resumes and finishes.
     let s = pretrain_with_data(&cfg, memory_data()).unwrap();
     assert_eq!(s.steps, 6);
@@ -605,4 +613,62 @@ fn issue23_a_run_folder_takes_one_run_at_a_time() {
         .to_string();
     assert!(e.contains("--batch-size"), "{e}");
     assert!(!fresh.exists());
+}
+
+#[test]
+fn issue23_a_resume_mid_epoch_on_other_data_is_refused() {
+    let tmp = temp_dir();
+    let data = prepared_with(tmp.path(), &reference_dir("llama"), "data");
+    let src = tmp.path().join("raw");
+    let other = tmp.path().join("other");
+    let mut o = options(&src, &other);
+    o.multiple_of = 2;
+    o.seed = 1234;
+    prepare_data(&o).unwrap();
+    let run = tmp.path().join("run");
+    let mut cfg = train_config(&run);
+    cfg.data_dir = data.clone();
+    cfg.max_steps = Some(4);
+    Trainer::new(&cfg, load_train_data(&data).unwrap())
+        .unwrap()
+        .run(Some(2))
+        .unwrap();
+    let state = checkpoint::load_state(&run.join("step-00000002")).unwrap();
+    assert!(state.data_fingerprint.is_some());
+    cfg.resume = Some("auto".into());
+    cfg.data_dir = other.clone();
+    let e = Trainer::new(&cfg, load_train_data(&other).unwrap())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("other data") && e.contains("other"), "{e}");
+    cfg.data_dir = data.clone();
+    let s = pretrain_with_data(&cfg, load_train_data(&data).unwrap()).unwrap();
+    assert_eq!(s.steps, 4);
+}
+
+#[test]
+fn issue23_validate_refuses_out_of_vocabulary_ids() {
+    let tmp = temp_dir();
+    let mut cfg = train_config(tmp.path());
+    cfg.max_steps = Some(2);
+    pretrain_with_data(&cfg, memory_data()).unwrap();
+    let mut data = memory_data();
+    let mut val = samples(33, 4, 400);
+    val[2][5] = 600;
+    data.datasets[0].validation = Arc::new(val);
+    let opts = ValidateOptions {
+        run: tmp.path().to_path_buf(),
+        max_batches: Some(1),
+        batch_size: 2,
+        csv: None,
+        watch: None,
+        cross_document_attention: None,
+    };
+    let e = validate_run(&opts, &data, &cpu()).unwrap_err().to_string();
+    assert!(
+        e.contains("token id 600") && e.contains("validation"),
+        "{e}"
+    );
+    assert!(!tmp.path().join("validation_results.csv").exists());
 }
