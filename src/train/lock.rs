@@ -25,6 +25,34 @@ pub struct RunLock {
 /// Lock files this process holds, with the number of [`RunLock`]s sharing each.
 static HELD: Mutex<Option<HashMap<PathBuf, usize>>> = Mutex::new(None);
 
+/// Taking and releasing locks, one at a time in this process.
+static TURN: Mutex<()> = Mutex::new(());
+
+thread_local! {
+    /// This thread holds [`TURN`] (a lock dropped while acquiring one must not wait
+    /// for it).
+    static IN_TURN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// [`TURN`], held until dropped.
+struct Turn(#[allow(dead_code)] std::sync::MutexGuard<'static, ()>);
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        IN_TURN.with(|t| t.set(false));
+    }
+}
+
+/// Take [`TURN`], unless this thread holds it already.
+fn take_turn() -> Option<Turn> {
+    if IN_TURN.with(|t| t.get()) {
+        return None;
+    }
+    let guard = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    IN_TURN.with(|t| t.set(true));
+    Some(Turn(guard))
+}
+
 /// Count one more holder of `path` in this process if it already holds it.
 fn share(path: &Path) -> bool {
     let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
@@ -75,6 +103,7 @@ fn alive(pid: u32) -> bool {
 impl RunLock {
     /// Lock the run folder `run` (created if missing) for this process.
     pub fn acquire(run: &Path) -> Result<RunLock> {
+        let _turn = take_turn();
         let created = if run.is_dir() {
             None
         } else {
@@ -122,8 +151,15 @@ impl RunLock {
         let their_host = words.next().unwrap_or("").to_string();
         let here = host();
         let gone = match pid {
-            // Half-written by a process killed between creating and writing it.
-            None => text.trim().is_empty(),
+            // Half-written by a process killed between creating and writing it (not
+            // one writing it now).
+            None => {
+                let age = std::fs::metadata(&self.path)
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok());
+                text.trim().is_empty() && age.is_some_and(|a| a.as_secs() >= 10)
+            }
             // Our own pid, not held by this process: a dead process's, reused.
             Some(p) => {
                 (their_host.is_empty() || their_host == here)
@@ -158,6 +194,7 @@ impl RunLock {
 
 impl Drop for RunLock {
     fn drop(&mut self) {
+        let _turn = take_turn();
         if !self.path.as_os_str().is_empty() && count(&self.path, -1) {
             let _ = std::fs::remove_file(&self.path);
         }
