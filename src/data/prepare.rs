@@ -161,6 +161,24 @@ pub struct PrepareReport {
     pub seconds: f64,
 }
 
+/// The longest context `--max-length` defaults to: beyond it, a model's
+/// `max_position_embeddings` is no length a sample can be trained at (the longest
+/// real contexts are about 10M tokens).
+pub const MAX_DEFAULT_LENGTH: usize = 1 << 24;
+
+/// `--max-length` by default: the model's context, unless no machine could train on
+/// samples that long.
+fn default_max_length(model_dir: &Path) -> Result<usize> {
+    let context = crate::config::load_config(model_dir)?.block_size;
+    if context > MAX_DEFAULT_LENGTH {
+        return Err(Error::Usage(format!(
+            "{}: the model's context (max_position_embeddings) is {context} tokens, too long for samples (at most {MAX_DEFAULT_LENGTH} by default); pass --max-length with the length to train at",
+            model_dir.join("config.json").display()
+        )));
+    }
+    Ok(context)
+}
+
 /// Turn raw datasets into shards under `opts.destination`.
 pub fn prepare_data(opts: &PrepareOptions) -> Result<PrepareReport> {
     let started = Instant::now();
@@ -168,7 +186,7 @@ pub fn prepare_data(opts: &PrepareOptions) -> Result<PrepareReport> {
     let tok = Tokenizer::from_dir(&opts.checkpoint_dir)?;
     let max_length = match opts.max_length {
         Some(n) => n,
-        None => crate::config::load_config(&opts.checkpoint_dir)?.block_size,
+        None => default_max_length(&opts.checkpoint_dir)?,
     };
     let block_size = max_length + 1;
     let (chunker, augmenter) = chunking(opts, block_size)?;

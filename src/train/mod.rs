@@ -16,6 +16,7 @@
 //! sharded_adamw.rs   AdamW sharded over the ranks (ZeRO-1)
 //! schedule.rs        learning-rate schedules
 //! checkpoint.rs      checkpoints on disk
+//! lock.rs            one run at a time in a run folder (RUN/.lock)
 //! evaluate.rs        validation loss of a model
 //! validate.rs        offline validation of every checkpoint of a run
 //! metrics.rs, loggers.rs, tensorboard.rs   metrics.csv and TensorBoard event files
@@ -29,6 +30,7 @@ pub mod config;
 pub mod data_source;
 pub mod estimate;
 pub mod evaluate;
+pub mod lock;
 pub mod loggers;
 pub mod metrics;
 pub mod optimizer;

@@ -48,6 +48,8 @@ pub struct Trainer {
     /// Order of the current epoch (for this rank).
     order: Vec<(u32, u32)>,
     order_epoch: Option<usize>,
+    /// Rank 0's lock on the run folder, held until the trainer is dropped.
+    lock: Option<super::lock::RunLock>,
 }
 
 /// The device, and the ranks when there are several: `cpu`, `cpu × 2 ranks (ddp)`.
@@ -90,6 +92,12 @@ impl Trainer {
         if !zero {
             group.barrier()?;
         }
+        // Before reading the run folder: a second run there is refused at once.
+        let lock = if zero {
+            Some(super::lock::RunLock::acquire(&cfg.out_dir)?)
+        } else {
+            None
+        };
         let plan = Plan::new(&cfg, &data, strategy)?;
         if zero {
             group.barrier()?;
@@ -105,13 +113,20 @@ impl Trainer {
         let cfg = &cfg;
         let (runner, mut state) = build_runner(cfg, plan)?;
         state.hyperparameters.cross_document_attention = cfg.cross_document_attention;
-        let (metrics, log) = if zero {
+        state.data_fingerprint = data.origin.as_ref().map(|o| o.fingerprint.clone());
+        let (metrics, log, swept) = if zero {
             let resume = resumed_from.as_ref().map(|_| (state.step, state.tokens));
-            let (m, l) = open_outputs(cfg, &data, resume)?;
-            (Some(m), Some(l))
+            let (m, l, swept) = open_outputs(cfg, &data, resume)?;
+            (Some(m), Some(l), swept)
         } else {
-            (None, None)
+            (None, None, Vec::new())
         };
+        warnings.extend(swept.iter().map(|p| {
+            format!(
+                "removed {}, left by an interrupted checkpoint write or deletion",
+                p.display()
+            )
+        }));
         let mut t = Trainer {
             cfg: cfg.clone(),
             data,
@@ -123,6 +138,7 @@ impl Trainer {
             log,
             order: Vec::new(),
             order_epoch: None,
+            lock,
         };
         let line = t.start_line(resumed_from.as_ref().map(|(d, _)| d.as_path()));
         t.note(&line)?;
@@ -288,6 +304,14 @@ impl Trainer {
     /// Train until the schedule ends (or early stopping, or `stop_after` steps, for
     /// tests of interrupted runs).
     pub fn run(&mut self, stop_after: Option<usize>) -> Result<TrainSummary> {
+        let r = self.run_locked(stop_after);
+        // The run folder is free again once the run ends (the trainer may live on).
+        self.lock = None;
+        r
+    }
+
+    /// [`Trainer::run`], holding the run folder's lock.
+    fn run_locked(&mut self, stop_after: Option<usize>) -> Result<TrainSummary> {
         let total = self.schedule.total_steps;
         let bar = self.progress_bar();
         let mut clock = Clock::new(self.state.elapsed_s);

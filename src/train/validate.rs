@@ -139,6 +139,14 @@ fn model_of(
     if crate::hf::peft::is_adapter_dir(dir) {
         let base_dir = &state.base_checkpoint_dir;
         if base.as_ref().is_none_or(|(p, _)| p != base_dir) {
+            if let Some(expected) = &state.base_fingerprint {
+                crate::hf::merge::check_base_fingerprint(
+                    dir,
+                    base_dir,
+                    expected,
+                    "put the base model it was trained on back in that folder",
+                )?;
+            }
             let m = load_model(base_dir, &strategy.build_options(false), None).map_err(|e| {
                 Error::Msg(format!(
                     "{}: the base model of this LoRA checkpoint could not be loaded from {}: {e}",
@@ -171,6 +179,11 @@ pub fn validate_run(
     if opts.batch_size == 0 {
         return Err(Error::Usage("--batch-size must be positive".into()));
     }
+    if opts.max_batches == Some(0) {
+        return Err(Error::Usage(
+            "--max 0 would score no batch; give at least 1, or leave --max out to score the whole split".into(),
+        ));
+    }
     let csv = opts
         .csv
         .clone()
@@ -189,6 +202,8 @@ pub fn validate_run(
         |ckpt: &str, ds: &str, cross: bool| (ckpt.to_string(), ds.to_string(), data_label(cross));
     let mut rows = Vec::new();
     let mut base = None;
+    // The model vocabulary the validation splits' ids were checked against.
+    let mut vocab_checked = None;
     loop {
         let checkpoints = checkpoint::list(&opts.run)?;
         if checkpoints.is_empty() && opts.watch.is_none() {
@@ -217,8 +232,24 @@ pub fn validate_run(
                 continue;
             }
             check_tokenizer(dir, state, data)?;
+            let cfg_dir = if dir.join("config.json").exists() {
+                dir.as_path()
+            } else {
+                state.base_checkpoint_dir.as_path()
+            };
+            let model_cfg = crate::config::load_config(cfg_dir)?;
+            data.check_context(model_cfg.block_size)?;
+            data.check_sample_memory(
+                opts.batch_size,
+                &model_cfg,
+                strategy.device.is_cpu(),
+                "--batch-size",
+            )?;
             let model = model_of(dir, state, &mut base, strategy)?;
-            data.check_context(model.cfg.block_size)?;
+            if vocab_checked != Some(model.cfg.vocab_size) {
+                data.check_ids_below(model.cfg.vocab_size, dir, false)?;
+                vocab_checked = Some(model.cfg.vocab_size);
+            }
             for ds in todo {
                 let start = Instant::now();
                 let r = evaluate(

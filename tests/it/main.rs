@@ -14,6 +14,7 @@ mod engine;
 mod estimate;
 mod hostile;
 mod hostile_hub;
+mod hostile_train;
 mod layout;
 mod lora_fused;
 mod lora_grads;
