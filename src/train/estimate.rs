@@ -46,7 +46,8 @@
 //!              activations and workspace are freed (so the run needs the larger of
 //!              the two, on top of parameters, gradients and optimizer state):
 //!                one block's forward at a time, nothing kept across blocks:
-//!                e · N · (per-token set of a block above) + f32 · 2 · micro_batch · nh · T
+//!                e · N · (per-token set of a block above, without dropout's copies)
+//!                + f32 · 2 · micro_batch · nh · T
 //!              + e · N · C                        the next block's input
 //!              + e · N · C                        final norm output
 //!              + f32 · rows · V                   one chunk of logits
@@ -77,7 +78,7 @@ use std::path::Path;
 use crate::config::{Config, MlpKind, QkvLayout, Residual, load_config};
 use crate::error::{Error, Result};
 use crate::lora::LoraConfig;
-use crate::strategy::{DataParallel, DeviceSpec};
+use crate::strategy::{DeviceSpec, StrategyKind};
 
 use super::TrainConfig;
 
@@ -282,7 +283,7 @@ pub fn estimate(model: &Config, cfg: &TrainConfig, seq_len: usize) -> Result<Mem
     let params = p * (base + lora_n);
     let grads = p * trainable;
     let optimizer = match (p * b(2) * trainable, cfg.strategy) {
-        (Bytes(Some(all)), DataParallel::Zero1) => Bytes(world.0.map(|w| all.div_ceil(w.max(1)))),
+        (Bytes(Some(all)), StrategyKind::Zero1) => Bytes(world.0.map(|w| all.div_ceil(w.max(1)))),
         (all, _) => all,
     };
 
@@ -309,15 +310,9 @@ pub fn estimate(model: &Config, cfg: &TrainConfig, seq_len: usize) -> Result<Mem
         zero
     };
     let when = |yes: bool, x: Bytes| if yes { x } else { zero };
-    let per_token = c
-        + c
-        + qkv
-        + nh * hs
-        + when(sequential, c)
-        + when(second_norm, c)
-        + mlp
-        + r * lora_linears
-        + dropped_inputs;
+    let per_token_eval =
+        c + c + qkv + nh * hs + when(sequential, c) + when(second_norm, c) + mlp + r * lora_linears;
+    let per_token = per_token_eval + dropped_inputs;
     let stats = f32 * b(2) * mb * nh * t;
     let full_block = e * n * per_token + stats;
     let input_only = e * n * (c + nh * hs) + stats;
@@ -346,7 +341,8 @@ pub fn estimate(model: &Config, cfg: &TrainConfig, seq_len: usize) -> Result<Mem
         + e * n * c
         + when(head_dropped, e * n * c)
         + when(plain, f32 * b(14) * scores);
-    let validation = e * n * per_token
+    // No dropout in validation: no masked copies of the adapted inputs.
+    let validation = e * n * per_token_eval
         + stats
         + b(2) * e * n * c
         + f32 * rows * vocab
@@ -469,7 +465,7 @@ fn assumptions(
     let world = cfg.devices.saturating_mul(cfg.num_nodes);
     let mut ranks = if world == 1 {
         "1 rank".to_string()
-    } else if cfg.strategy == DataParallel::Zero1 {
+    } else if cfg.strategy == StrategyKind::Zero1 {
         format!("{world} ranks, optimizer state sharded (zero1)")
     } else {
         format!("{world} ranks, each with the whole optimizer state (ddp)")
