@@ -217,7 +217,8 @@ impl Ranged for TickAxis {
         if self.hi == self.lo {
             return (limit.0 + limit.1) / 2;
         }
-        let t = (v - self.lo) / (self.hi - self.lo);
+        // Halves: the span of an axis near the ends of f64 is not a finite number.
+        let t = (v / 2.0 - self.lo / 2.0) / (self.hi / 2.0 - self.lo / 2.0);
         let px = limit.0 as f64 + t * (limit.1 - limit.0) as f64;
         px.round().clamp(-1e6, 1e6) as i32
     }

@@ -317,9 +317,11 @@ impl TrainConfig {
         if self.lora_r > 0 && !self.lora_targets().any() {
             problems.push("LoRA needs a target: --lora-query, --lora-key, --lora-value, --lora-projection, --lora-mlp or --lora-head".into());
         }
-        if self.devices == 0 || self.num_nodes == 0 {
-            problems.push("--devices and --num-nodes must be positive".into());
-        }
+        problems.extend(crate::strategy::rank_count_problems(
+            self.device,
+            self.devices,
+            self.num_nodes,
+        ));
         if self.collective_timeout == 0 {
             problems.push("--collective-timeout must be positive (seconds)".into());
         }

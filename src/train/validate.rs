@@ -29,6 +29,22 @@ const HEADER: &str =
 const OLD_HEADER: &str =
     "checkpoint,step,dataset,loss,perplexity,tokens,batch_size,elapsed_s,peak_memory_mb";
 
+/// The shortest `--watch` interval: each look lists the run's checkpoints, so a
+/// shorter one (0) only spins a core.
+pub const MIN_WATCH: Duration = Duration::from_secs(1);
+
+/// Refuse a `--watch` interval below [`MIN_WATCH`], naming the flag.
+pub fn check_watch(watch: Option<Duration>) -> Result<()> {
+    match watch {
+        Some(every) if every < MIN_WATCH => Err(Error::Usage(format!(
+            "--watch {}: the interval between looks for new checkpoints must be at least {} s",
+            every.as_secs_f64(),
+            MIN_WATCH.as_secs()
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// What to validate and how.
 #[derive(Debug, Clone)]
 pub struct ValidateOptions {
@@ -38,7 +54,8 @@ pub struct ValidateOptions {
     pub batch_size: usize,
     /// Default: `RUN/validation_results.csv`.
     pub csv: Option<PathBuf>,
-    /// Poll for new checkpoints every this often until `final/` is scored.
+    /// Poll for new checkpoints every this often until `final/` is scored; at least
+    /// [`MIN_WATCH`] (0 would poll in a busy loop).
     pub watch: Option<Duration>,
     /// Let packed documents attend to each other (`--cross-document-attention`). None:
     /// as each checkpoint's run trained (false for runs that do not say).
@@ -184,6 +201,7 @@ pub fn validate_run(
             "--max 0 would score no batch; give at least 1, or leave --max out to score the whole split".into(),
         ));
     }
+    check_watch(opts.watch)?;
     let csv = opts
         .csv
         .clone()

@@ -13,6 +13,7 @@ mod demo;
 mod engine;
 mod estimate;
 mod hostile;
+mod hostile_cli;
 mod hostile_hub;
 mod hostile_train;
 mod layout;
