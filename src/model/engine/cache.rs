@@ -96,7 +96,7 @@ impl KvCache {
                     match t {
                         Some(t) => {
                             let idx = Tensor::new(rows, t.device())?;
-                            Some(t.index_select(&idx, 0)?.contiguous()).transpose()
+                            Some(t.contiguous()?.index_select(&idx, 0)).transpose()
                         }
                         None => Ok(None),
                     }
