@@ -342,3 +342,17 @@ fn a_run_is_scored_checkpoint_by_checkpoint_without_duplicates() {
     assert!(again.status.success());
     assert_eq!(std::fs::read_to_string(run.join("eval_results.csv")).unwrap(), csv);
 }
+
+/// SmolLM2-135M (git-ignored; see tests/it/real_model.rs) against the harness at its
+/// full context of 8192: `utils/check_lm_eval.py --models tests/fixtures/real/smollm2-135m
+/// --max-length 0` wrote the expected numbers.
+#[test]
+#[ignore = "needs tests/fixtures/real/smollm2-135m (python3 utils/make_real_model.py)"]
+fn real_model_scores_as_lm_evaluation_harness_does() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/real/smollm2-135m");
+    assert!(dir.join("model.safetensors").is_file(), "{} is missing: run python3 utils/make_real_model.py", dir.display());
+    let exp = expected_of("smollm2-135m");
+    let max_len = exp["max_length"].as_u64().map(|n| n as usize).filter(|&n| n > 0);
+    let results = run_tasks(&dir, max_len, 16);
+    assert_parity("smollm2-135m", &results, &exp);
+}
