@@ -28,8 +28,8 @@ use crate::lora::{LoraConfig, LoraTargets};
 use crate::model::build_model;
 use crate::model::weights::TensorSource;
 use crate::strategy::Strategy;
+use crate::train::adamw::{AdamW, AdamWConfig};
 use crate::train::batches::Batch;
-use crate::train::optim::{AdamW, AdamWConfig};
 use crate::train::step::StepRunner;
 
 /// Tensors drawn at random: norms 1, everything else N(0, std²)-like (uniform).

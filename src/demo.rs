@@ -15,16 +15,17 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::data::documents::TextLayout;
-use crate::data::prepare::{PrepareOptions, prepare_data};
+use crate::data::prepare::{PrepareOptions, PrepareReport, prepare_data};
 use crate::error::{Error, IoContext, Result};
 use crate::generate::{Sampling, generate};
 use crate::hf::{attach_adapter_dir, load_model};
 use crate::plot::{PlotOptions, plot_runs};
 use crate::strategy::Strategy;
 use crate::tokenizer::Tokenizer;
-use crate::train::evaluate::evaluate;
+use crate::train::batches::TrainData;
+use crate::train::evaluate::{EvalResult, evaluate};
 use crate::train::validate::{VALIDATION_FILE, ValidateOptions, ValidationRow, validate_run};
-use crate::train::{TrainConfig, load_train_data, pretrain_with_data};
+use crate::train::{TrainConfig, TrainSummary, load_train_data, pretrain_with_data};
 
 /// The built-in model (see data/models/tiny-llama-fortunes/README.md).
 const MODEL_FILES: &[(&str, &[u8])] = &[
@@ -96,52 +97,31 @@ fn write(path: &Path, bytes: &[u8]) -> Result<()> {
     crate::io::write_atomic(path, bytes)
 }
 
-/// Run the demo into `opts.out_dir`.
+/// Run the demo into `opts.out_dir`: the five steps of the module's documentation,
+/// then `demo.json`.
 pub fn run_demo(opts: &DemoOptions) -> Result<DemoReport> {
     let start = Instant::now();
     let out = &opts.out_dir;
-    if out.exists() && std::fs::read_dir(out).at(out)?.next().is_some() {
-        if !opts.overwrite {
-            return Err(Error::Usage(format!(
-                "{} is not empty (a previous demo?); pass --overwrite or another --out-dir",
-                out.display()
-            )));
-        }
-        std::fs::remove_dir_all(out).at(out)?;
-    }
-    let model_dir = out.join("model");
-    for (name, bytes) in MODEL_FILES {
-        write(&model_dir.join(name), bytes)?;
-    }
-    write(&out.join("raw/fortunes/fortunes-br.txt"), CORPUS)?;
+    empty_out_dir(out, opts.overwrite)?;
+    let model_dir = unpack(out)?;
 
     eprintln!("[1/5] prepare-data: the sample corpus, tokenized into blocks of 129 tokens");
     let data_dir = out.join("data");
-    let mut prep = PrepareOptions::new(&out.join("raw"), &model_dir, &data_dir);
-    prep.read.layout = TextLayout::Separator("%".into());
-    prep.max_length = Some(128);
-    prep.padding = false;
-    prep.multiple_of = 1;
-    prep.progress = true;
-    let prepared = prepare_data(&prep)?;
+    let prepared = prepare(&out.join("raw"), &model_dir, &data_dir)?;
 
     let strategy = Strategy::cpu();
     let data = load_train_data(&data_dir)?;
-    let val = data.datasets[0].validation.clone();
-    let score = |model: &crate::model::Gpt| {
-        evaluate(
-            model,
-            val.as_ref(),
-            data.block_size,
-            EVAL_BATCH,
-            None,
-            false,
-            &strategy.device,
-        )
-    };
     let base = load_model(&model_dir, &strategy.build_options(false), None)?;
     let scored = Instant::now();
-    let base_score = score(&base)?;
+    let base_score = evaluate(
+        &base,
+        data.datasets[0].validation.as_ref(),
+        data.block_size,
+        EVAL_BATCH,
+        None,
+        false,
+        &strategy.device,
+    )?;
     let base_secs = scored.elapsed().as_secs_f64();
     let base_val_loss = base_score.as_ref().map_or(f64::NAN, |r| r.loss);
     eprintln!(
@@ -150,19 +130,7 @@ pub fn run_demo(opts: &DemoOptions) -> Result<DemoReport> {
 
     eprintln!("[3/5] pretrain: LoRA on the Portuguese fortunes (lit_recipes/tiny-lora.toml)");
     let run_dir = out.join("run");
-    let mut flags = toml::Table::new();
-    flags.insert("data_dir".into(), data_dir.display().to_string().into());
-    flags.insert(
-        "checkpoint_dir".into(),
-        model_dir.display().to_string().into(),
-    );
-    flags.insert("out_dir".into(), run_dir.display().to_string().into());
-    if let Some(s) = opts.max_steps {
-        flags.insert("max_steps".into(), (s as i64).into());
-    }
-    let recipe: toml::Table = toml::from_str(RECIPE).expect("the built-in recipe parses");
-    let cfg = TrainConfig::resolve_tables(Some(recipe), flags)?;
-    let summary = pretrain_with_data(&cfg, data.clone())?;
+    let summary = train(&data_dir, &model_dir, &run_dir, opts.max_steps, &data)?;
     let final_dir = summary
         .final_checkpoint
         .clone()
@@ -172,52 +140,11 @@ pub fn run_demo(opts: &DemoOptions) -> Result<DemoReport> {
     // The base, as step 0 of the run's offline validation, then every checkpoint.
     let validation_csv = run_dir.join(VALIDATION_FILE);
     if let Some(r) = &base_score {
-        crate::train::validate::append(
-            &validation_csv,
-            &ValidationRow {
-                checkpoint: "base".into(),
-                step: 0,
-                dataset: data.datasets[0].name.clone(),
-                loss: r.loss,
-                perplexity: r.perplexity(),
-                tokens: r.tokens,
-                batch_size: EVAL_BATCH,
-                elapsed_s: base_secs,
-                peak_memory_mb: crate::train::validate::peak_memory_mb(),
-                data: data
-                    .origin
-                    .as_ref()
-                    .map(|o| o.fingerprint.clone())
-                    .unwrap_or_default(),
-            },
-        )?;
+        record_base(&validation_csv, &data, r, base_secs)?;
     }
-    let rows = validate_run(
-        &ValidateOptions {
-            run: run_dir.clone(),
-            max_batches: None,
-            batch_size: EVAL_BATCH,
-            csv: Some(validation_csv.clone()),
-            watch: None,
-            cross_document_attention: None,
-        },
-        &data,
-        &strategy,
-    )?;
-    let tuned_val_loss = rows
-        .iter()
-        .find(|r| r.checkpoint == "final")
-        .map_or(f64::NAN, |r| r.loss);
+    let tuned_val_loss = validate_checkpoints(&run_dir, &validation_csv, &data, &strategy)?;
     let plot = out.join("convergence.png");
-    plot_runs(
-        std::slice::from_ref(&run_dir),
-        &PlotOptions {
-            title: Some(
-                "lit-claire demo: LoRA continual pretraining on Portuguese fortunes".into(),
-            ),
-            ..PlotOptions::new(&plot)
-        },
-    )?;
+    plot_run(&run_dir, &plot)?;
 
     eprintln!(
         "[5/5] generate from base + adapter ({})",
@@ -226,27 +153,8 @@ pub fn run_demo(opts: &DemoOptions) -> Result<DemoReport> {
     let mut tuned = base.clone();
     attach_adapter_dir(&mut tuned, &final_dir)?;
     let tokenizer = Tokenizer::from_dir(&model_dir)?;
-    let prompt_ids = tokenizer.encode(&opts.prompt)?;
-    let sampling = Sampling {
-        temperature: 0.7,
-        top_k: Some(40),
-        top_p: Some(0.95),
-        repetition_penalty: 1.1,
-        seed: 42,
-    };
-    let complete = |model: &crate::model::Gpt| -> Result<String> {
-        let g = generate(
-            model,
-            &prompt_ids,
-            60,
-            &sampling,
-            &tokenizer.eos_ids,
-            |_| Ok(true),
-        )?;
-        tokenizer.decode_after(&prompt_ids, &g.new_ids)
-    };
-    let base_completion = complete(&base)?;
-    let completion = complete(&tuned)?;
+    let base_completion = complete(&base, &tokenizer, &opts.prompt)?;
+    let completion = complete(&tuned, &tokenizer, &opts.prompt)?;
 
     let report = DemoReport {
         model_dir,
@@ -269,4 +177,151 @@ pub fn run_demo(opts: &DemoOptions) -> Result<DemoReport> {
         &serde_json::to_value(&report).expect("plain data"),
     )?;
     Ok(report)
+}
+
+/// Make sure `out` is empty: a folder that holds anything is refused, or with
+/// `overwrite` removed.
+fn empty_out_dir(out: &Path, overwrite: bool) -> Result<()> {
+    if out.exists() && std::fs::read_dir(out).at(out)?.next().is_some() {
+        if !overwrite {
+            return Err(Error::Usage(format!(
+                "{} is not empty (a previous demo?); pass --overwrite or another --out-dir",
+                out.display()
+            )));
+        }
+        std::fs::remove_dir_all(out).at(out)?;
+    }
+    Ok(())
+}
+
+/// Write the built-in model to `out/model` and the sample corpus to `out/raw`; returns
+/// the model's folder.
+fn unpack(out: &Path) -> Result<PathBuf> {
+    let model_dir = out.join("model");
+    for (name, bytes) in MODEL_FILES {
+        write(&model_dir.join(name), bytes)?;
+    }
+    write(&out.join("raw/fortunes/fortunes-br.txt"), CORPUS)?;
+    Ok(model_dir)
+}
+
+/// `prepare-data` of the raw corpus in `raw` (fortunes separated by `%` lines) into
+/// `data_dir`, packed in samples of 129 tokens.
+fn prepare(raw: &Path, model_dir: &Path, data_dir: &Path) -> Result<PrepareReport> {
+    let mut prep = PrepareOptions::new(raw, model_dir, data_dir);
+    prep.read.layout = TextLayout::Separator("%".into());
+    prep.max_length = Some(128);
+    prep.padding = false;
+    prep.multiple_of = 1;
+    prep.progress = true;
+    prepare_data(&prep)
+}
+
+/// The demo's LoRA run: the built-in recipe, its steps overridden by `max_steps`.
+fn train(
+    data_dir: &Path,
+    model_dir: &Path,
+    run_dir: &Path,
+    max_steps: Option<usize>,
+    data: &TrainData,
+) -> Result<TrainSummary> {
+    let mut flags = toml::Table::new();
+    flags.insert("data_dir".into(), data_dir.display().to_string().into());
+    flags.insert(
+        "checkpoint_dir".into(),
+        model_dir.display().to_string().into(),
+    );
+    flags.insert("out_dir".into(), run_dir.display().to_string().into());
+    if let Some(s) = max_steps {
+        flags.insert("max_steps".into(), (s as i64).into());
+    }
+    let recipe: toml::Table = toml::from_str(RECIPE).expect("the built-in recipe parses");
+    let cfg = TrainConfig::resolve_tables(Some(recipe), flags)?;
+    pretrain_with_data(&cfg, data.clone())
+}
+
+/// The base model's validation `score` (taking `secs`), as the row `base` at step 0 of
+/// the run's offline validation `csv`, so the plot starts from it.
+fn record_base(csv: &Path, data: &TrainData, score: &EvalResult, secs: f64) -> Result<()> {
+    crate::train::validate::append(
+        csv,
+        &ValidationRow {
+            checkpoint: "base".into(),
+            step: 0,
+            dataset: data.datasets[0].name.clone(),
+            loss: score.loss,
+            perplexity: score.perplexity(),
+            tokens: score.tokens,
+            batch_size: EVAL_BATCH,
+            elapsed_s: secs,
+            peak_memory_mb: crate::train::validate::peak_memory_mb(),
+            data: data
+                .origin
+                .as_ref()
+                .map(|o| o.fingerprint.clone())
+                .unwrap_or_default(),
+        },
+    )
+}
+
+/// Validate every checkpoint of the run in `run_dir` into `csv`; returns the final
+/// checkpoint's loss (NaN if it was not scored).
+fn validate_checkpoints(
+    run_dir: &Path,
+    csv: &Path,
+    data: &TrainData,
+    strategy: &Strategy,
+) -> Result<f64> {
+    let rows = validate_run(
+        &ValidateOptions {
+            run: run_dir.to_path_buf(),
+            max_batches: None,
+            batch_size: EVAL_BATCH,
+            csv: Some(csv.to_path_buf()),
+            watch: None,
+            cross_document_attention: None,
+        },
+        data,
+        strategy,
+    )?;
+    Ok(rows
+        .iter()
+        .find(|r| r.checkpoint == "final")
+        .map_or(f64::NAN, |r| r.loss))
+}
+
+/// The run's training and validation losses against step, as the image `plot`.
+fn plot_run(run_dir: &Path, plot: &Path) -> Result<()> {
+    plot_runs(
+        std::slice::from_ref(&run_dir.to_path_buf()),
+        &PlotOptions {
+            title: Some(
+                "lit-claire demo: LoRA continual pretraining on Portuguese fortunes".into(),
+            ),
+            ..PlotOptions::new(plot)
+        },
+    )?;
+    Ok(())
+}
+
+/// Up to 60 tokens `model` writes after `prompt`, sampled with a fixed seed (so the
+/// base and the adapted model are compared on the same draws).
+fn complete(model: &crate::model::Gpt, tokenizer: &Tokenizer, prompt: &str) -> Result<String> {
+    let prompt_ids = tokenizer.encode(prompt)?;
+    let sampling = Sampling {
+        temperature: 0.7,
+        top_k: Some(40),
+        top_p: Some(0.95),
+        repetition_penalty: 1.1,
+        seed: 42,
+    };
+    let g = generate(
+        model,
+        &prompt_ids,
+        60,
+        &sampling,
+        &tokenizer.eos_ids,
+        |_| Ok(true),
+    )?;
+    tokenizer.decode_after(&prompt_ids, &g.new_ids)
 }

@@ -24,18 +24,9 @@ pub struct PretrainArgs {
 }
 
 impl PretrainArgs {
-    /// Defaults ← recipe ← flags.
+    /// Defaults ← recipe ← flags, not checked yet: a run checks them all
+    /// ([`TrainConfig::checked`]), `--dry-run` only what it reads.
     pub fn resolve(&self) -> Result<TrainConfig> {
-        let cfg = self.resolve_unchecked()?;
-        if self.dry_run {
-            cfg.check_needing(&["--checkpoint-dir"])?;
-        } else {
-            cfg.check()?;
-        }
-        Ok(cfg)
-    }
-
-    fn resolve_unchecked(&self) -> Result<TrainConfig> {
         // TOML integers are i64: name a flag beyond them rather than "bad flags".
         if let Ok(serde_json::Value::Object(m)) = serde_json::to_value(&self.flags) {
             for (k, v) in m {
@@ -57,10 +48,11 @@ impl PretrainArgs {
 pub fn pretrain(a: PretrainArgs) -> Result<()> {
     let cfg = a.resolve()?;
     if a.dry_run {
+        cfg.check_needing(&["--checkpoint-dir"])?;
         println!("{}", crate::train::estimate::dry_run(&cfg)?);
         return Ok(());
     }
-    let summary = crate::train::pretrain(&cfg)?;
+    let summary = crate::train::pretrain(&cfg.checked()?)?;
     if let Some(dir) = summary.final_checkpoint {
         println!("{}", dir.display());
     }

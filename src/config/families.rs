@@ -891,7 +891,8 @@ mod tests {
         }
     }
 
-    /// Issue 9: `num_attention_heads: 0` divided by zero in every family.
+    /// `num_attention_heads: 0` is an error naming the field in every family, not a
+    /// division by zero.
     #[test]
     fn zero_heads_is_an_error_naming_the_field_in_every_family() {
         for t in TYPES {

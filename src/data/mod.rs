@@ -14,6 +14,7 @@
 pub mod augment;
 pub mod chunk;
 pub mod dedup;
+mod destination;
 pub mod doc_starts;
 pub mod documents;
 pub mod groups;

@@ -23,22 +23,21 @@ use serde::Serialize;
 
 use super::augment::Augmenter;
 use super::chunk::{Chunker, DEFAULT_TURN_PATTERN};
+use super::destination::{
+    RemoveIfEmpty, build_dataset, damage, existing_record, prepare_destination,
+};
 use super::documents::ReadOptions;
 use super::groups::Groups;
 use super::megatron::TokenDtype;
 use super::metadata::{
-    DATASET_FILE, DatasetMeta, DatasetRecord, FORMAT, METADATA_FILE, Metadata, Settings,
-    SourceFile, VERSION,
+    DatasetMeta, DatasetRecord, FORMAT, METADATA_FILE, Metadata, Settings, SourceFile, VERSION,
 };
-use super::pipeline::{Ctx, tokenize_dataset};
+use super::pipeline::Ctx;
 use super::sources::{DatasetSource, discover};
 use super::writer::SplitStats;
 use crate::error::{Error, IoContext, Result};
 use crate::io::write_json_atomic;
 use crate::tokenizer::Tokenizer;
-
-/// Prefix of the folders a dataset is built in.
-const TEMP_PREFIX: &str = ".tmp-prepare-";
 
 /// Everything `prepare-data` takes.
 #[derive(Debug, Clone)]
@@ -172,16 +171,7 @@ pub fn prepare_data(opts: &PrepareOptions) -> Result<PrepareReport> {
         None => crate::config::load_config(&opts.checkpoint_dir)?.block_size,
     };
     let block_size = max_length + 1;
-    let chunker = Chunker::new(block_size, &opts.turn_pattern, opts.turn_window)?;
-    let augmenter = match (opts.augment, chunker.turn_pattern()) {
-        (0, _) => None,
-        (n, Some(re)) => Some(Augmenter::new(re.clone(), n)),
-        (_, None) => {
-            return Err(Error::Usage(
-                "--augment needs a --turn-pattern to find speaker tags".into(),
-            ));
-        }
-    };
+    let (chunker, augmenter) = chunking(opts, block_size)?;
     let groups = match &opts.groups {
         Some(p) => Groups::load(p)?,
         None => Groups::default(),
@@ -192,7 +182,85 @@ pub fn prepare_data(opts: &PrepareOptions) -> Result<PrepareReport> {
     // dataset is complete: a failed command leaves nothing behind.
     let mut created = RemoveIfEmpty::new(dest);
     prepare_destination(dest)?;
+    let ctx = pipeline_context(opts, &tok, block_size, chunker, augmenter)?;
+    let settings = settings(opts, &tok, block_size);
+    let plans = plan_datasets(opts, &sources, &settings)?;
+    let to_read: u64 = plans
+        .iter()
+        .filter(|p| p.done.is_none())
+        .flat_map(|p| p.files.iter().map(|f| f.bytes))
+        .sum();
+    let pb = progress_bar(opts.progress, to_read);
+    let built = build_datasets(&ctx, opts, &settings, &groups, plans, &pb)?;
+    pb.finish_and_clear();
+    let names: Vec<String> = built.metas.iter().map(|m| m.name.clone()).collect();
+    for g in groups.unused(&names) {
+        eprintln!("warning: group {g:?} of the groups file matches no dataset");
+    }
+    let metadata = Metadata {
+        format: FORMAT.into(),
+        version: VERSION,
+        block_size,
+        max_length,
+        padding: opts.padding,
+        document_starts: !opts.padding,
+        tokenizer_hash: tok.hash.clone(),
+        vocab_size: tok.vocab_size(),
+        dtype: ctx.dtype,
+        bos_id: ctx.bos,
+        eos_id: ctx.eos,
+        pad_id: tok.pad_id,
+        datasets: built.metas,
+    };
+    let value = serde_json::to_value(&metadata).expect("metadata serialises");
+    write_json_atomic(&dest.join(METADATA_FILE), &value)?;
+    created.disarm();
+    let seconds = started.elapsed().as_secs_f64();
+    let (bytes_read, tokens_written) = (built.bytes_read, built.tokens_written);
+    if tokens_written > 0 {
+        eprintln!(
+            "prepared {tokens_written} tokens from {:.1} MB in {seconds:.1} s ({:.0} tokens/s)",
+            bytes_read as f64 / 1e6,
+            tokens_written as f64 / seconds
+        );
+    }
+    Ok(PrepareReport {
+        destination: dest.clone(),
+        block_size,
+        datasets: built.reports,
+        bytes_read,
+        tokens_written,
+        seconds,
+    })
+}
 
+/// How documents are cut into samples of `block_size` tokens (at turn starts when
+/// `--turn-pattern` finds them), and the augmenter of `--augment`, which needs that
+/// pattern to find speaker tags.
+fn chunking(opts: &PrepareOptions, block_size: usize) -> Result<(Chunker, Option<Augmenter>)> {
+    let chunker = Chunker::new(block_size, &opts.turn_pattern, opts.turn_window)?;
+    let augmenter = match (opts.augment, chunker.turn_pattern()) {
+        (0, _) => None,
+        (n, Some(re)) => Some(Augmenter::new(re.clone(), n)),
+        (_, None) => {
+            return Err(Error::Usage(
+                "--augment needs a --turn-pattern to find speaker tags".into(),
+            ));
+        }
+    };
+    Ok((chunker, augmenter))
+}
+
+/// What the tokenizing pass needs: the tokenizer without truncation or padding (a
+/// document is cut into samples afterwards), its BOS and EOS, and the token dtype
+/// of the shards. Warns when the tokenizer has no EOS to separate documents.
+fn pipeline_context(
+    opts: &PrepareOptions,
+    tok: &Tokenizer,
+    block_size: usize,
+    chunker: Chunker,
+    augmenter: Option<Augmenter>,
+) -> Result<Ctx> {
     let mut inner = tok.inner().clone();
     inner
         .with_truncation(None)
@@ -204,13 +272,12 @@ pub fn prepare_data(opts: &PrepareOptions) -> Result<PrepareReport> {
             opts.checkpoint_dir.display()
         );
     }
-    let dtype = TokenDtype::for_vocab(tok.vocab_size());
-    let ctx = Ctx {
+    Ok(Ctx {
         tokenizer: inner,
         block_size,
         bos: if tok.adds_bos { tok.bos_id } else { None },
         eos: tok.eos_ids.first().copied(),
-        dtype,
+        dtype: TokenDtype::for_vocab(tok.vocab_size()),
         padding: opts.padding,
         chunker,
         augmenter,
@@ -219,8 +286,13 @@ pub fn prepare_data(opts: &PrepareOptions) -> Result<PrepareReport> {
         seed: opts.seed,
         shard_tokens: opts.shard_tokens,
         multiple_of: opts.multiple_of,
-    };
-    let settings = Settings {
+    })
+}
+
+/// The settings a prepared dataset records: another run with the same settings and
+/// sources keeps it as it is.
+fn settings(opts: &PrepareOptions, tok: &Tokenizer, block_size: usize) -> Settings {
+    Settings {
         tokenizer_hash: tok.hash.clone(),
         block_size,
         padding: opts.padding,
@@ -235,11 +307,29 @@ pub fn prepare_data(opts: &PrepareOptions) -> Result<PrepareReport> {
         shard_tokens: opts.shard_tokens,
         skip_bad_lines: opts.read.skip_bad_lines,
         document_starts: !opts.padding,
-    };
+    }
+}
 
-    // Decide what to do with each dataset before changing anything.
+/// What a run does with one dataset.
+struct DatasetPlan<'a> {
+    src: &'a DatasetSource,
+    files: Vec<SourceFile>,
+    /// Its record, when it is already complete with the same settings and sources
+    /// (it is kept); None when it is to be built.
+    done: Option<DatasetRecord>,
+}
+
+/// Decide what to do with each dataset before changing anything: an empty one, or
+/// one prepared otherwise without `--overwrite`, stops the run. When any is to be
+/// built, `metadata.json` is removed first (it is written again last).
+fn plan_datasets<'a>(
+    opts: &PrepareOptions,
+    sources: &'a [DatasetSource],
+    settings: &Settings,
+) -> Result<Vec<DatasetPlan<'a>>> {
+    let dest = &opts.destination;
     let mut plans = Vec::with_capacity(sources.len());
-    for src in &sources {
+    for src in sources {
         let files = source_files(&opts.source, src)?;
         if files.iter().all(|f| f.bytes == 0) {
             return Err(Error::Data(format!(
@@ -250,7 +340,7 @@ pub fn prepare_data(opts: &PrepareOptions) -> Result<PrepareReport> {
         }
         let existing = existing_record(dest, &src.name)?;
         let done = match existing {
-            Some(rec) if rec.settings == settings && rec.sources == files => {
+            Some(rec) if rec.settings == *settings && rec.sources == files => {
                 match damage(&dest.join(&src.name), &rec) {
                     None => Some(rec),
                     Some(why) => {
@@ -268,38 +358,59 @@ pub fn prepare_data(opts: &PrepareOptions) -> Result<PrepareReport> {
             _ => None,
         };
         let done = done.filter(|_| !opts.overwrite);
-        plans.push((src, files, done));
+        plans.push(DatasetPlan { src, files, done });
     }
-    if plans.iter().any(|(_, _, done)| done.is_none()) {
+    if plans.iter().any(|p| p.done.is_none()) {
         let meta = dest.join(METADATA_FILE);
         if meta.exists() {
             std::fs::remove_file(&meta).at(&meta)?;
         }
     }
+    Ok(plans)
+}
 
-    let total: u64 = plans
-        .iter()
-        .filter(|(_, _, d)| d.is_none())
-        .flat_map(|(_, f, _)| f.iter().map(|f| f.bytes))
-        .sum();
-    let pb = if opts.progress {
-        let pb = ProgressBar::new(total);
-        pb.set_style(
-            ProgressStyle::with_template(
-                "{msg:20} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-            )
-            .expect("valid template")
-            .progress_chars("=> "),
-        );
-        pb
-    } else {
-        ProgressBar::hidden()
+/// A progress bar over `total` bytes to read (hidden unless `shown`).
+fn progress_bar(shown: bool, total: u64) -> ProgressBar {
+    if !shown {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(total);
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{msg:20} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    pb
+}
+
+/// What [`build_datasets`] did: a report and a metadata entry per dataset, and the
+/// bytes read and tokens written by this run.
+struct Built {
+    reports: Vec<DatasetReport>,
+    metas: Vec<DatasetMeta>,
+    bytes_read: u64,
+    tokens_written: u64,
+}
+
+/// Build every dataset of `plans` that is not done (keeping the others), each with
+/// its group and weight, saying a line for each.
+fn build_datasets(
+    ctx: &Ctx,
+    opts: &PrepareOptions,
+    settings: &Settings,
+    groups: &Groups,
+    plans: Vec<DatasetPlan>,
+    pb: &ProgressBar,
+) -> Result<Built> {
+    let mut built = Built {
+        reports: Vec::with_capacity(plans.len()),
+        metas: Vec::with_capacity(plans.len()),
+        bytes_read: 0,
+        tokens_written: 0,
     };
-
-    let mut reports = Vec::with_capacity(plans.len());
-    let mut metas = Vec::with_capacity(plans.len());
-    let (mut bytes_read, mut tokens_written) = (0u64, 0u64);
-    for (src, files, done) in plans {
+    for DatasetPlan { src, files, done } in plans {
         let (group, weight) = groups.assign(&src.name);
         let skipped = done.is_some();
         let rec = match done {
@@ -307,15 +418,15 @@ pub fn prepare_data(opts: &PrepareOptions) -> Result<PrepareReport> {
             None => {
                 pb.set_message(src.name.clone());
                 let base = pb.position();
-                let rec = build_dataset(&ctx, opts, &settings, src, files, &pb)?;
-                bytes_read += pb.position() - base;
-                tokens_written += rec.train.tokens + rec.validation.tokens;
+                let rec = build_dataset(ctx, &opts.destination, settings, src, files, pb)?;
+                built.bytes_read += pb.position() - base;
+                built.tokens_written += rec.train.tokens + rec.validation.tokens;
                 rec
             }
         };
         let line = summary_line(&rec, skipped);
         pb.suspend(|| eprintln!("{line}"));
-        reports.push(DatasetReport {
+        built.reports.push(DatasetReport {
             name: rec.name.clone(),
             skipped,
             group: group.clone(),
@@ -324,7 +435,7 @@ pub fn prepare_data(opts: &PrepareOptions) -> Result<PrepareReport> {
             validation: rec.validation.clone(),
             bad_lines: rec.bad_lines,
         });
-        metas.push(DatasetMeta {
+        built.metas.push(DatasetMeta {
             dir: rec.name.clone(),
             name: rec.name,
             group,
@@ -335,109 +446,7 @@ pub fn prepare_data(opts: &PrepareOptions) -> Result<PrepareReport> {
             validation: rec.validation,
         });
     }
-    pb.finish_and_clear();
-    let names: Vec<String> = metas.iter().map(|m| m.name.clone()).collect();
-    for g in groups.unused(&names) {
-        eprintln!("warning: group {g:?} of the groups file matches no dataset");
-    }
-
-    let metadata = Metadata {
-        format: FORMAT.into(),
-        version: VERSION,
-        block_size,
-        max_length,
-        padding: opts.padding,
-        document_starts: !opts.padding,
-        tokenizer_hash: tok.hash.clone(),
-        vocab_size: tok.vocab_size(),
-        dtype,
-        bos_id: ctx.bos,
-        eos_id: ctx.eos,
-        pad_id: tok.pad_id,
-        datasets: metas,
-    };
-    let value = serde_json::to_value(&metadata).expect("metadata serialises");
-    write_json_atomic(&dest.join(METADATA_FILE), &value)?;
-    created.disarm();
-    let seconds = started.elapsed().as_secs_f64();
-    if tokens_written > 0 {
-        eprintln!(
-            "prepared {tokens_written} tokens from {:.1} MB in {seconds:.1} s ({:.0} tokens/s)",
-            bytes_read as f64 / 1e6,
-            tokens_written as f64 / seconds
-        );
-    }
-    Ok(PrepareReport {
-        destination: dest.clone(),
-        block_size,
-        datasets: reports,
-        bytes_read,
-        tokens_written,
-        seconds,
-    })
-}
-
-/// Removes a folder on drop if it is empty, unless disarmed.
-struct RemoveIfEmpty(Option<PathBuf>);
-
-impl RemoveIfEmpty {
-    /// Armed only when `dir` does not exist yet.
-    fn new(dir: &Path) -> Self {
-        RemoveIfEmpty((!dir.exists()).then(|| dir.to_path_buf()))
-    }
-
-    fn disarm(&mut self) {
-        self.0 = None;
-    }
-}
-
-impl Drop for RemoveIfEmpty {
-    fn drop(&mut self) {
-        if let Some(dir) = &self.0 {
-            // Fails, as it should, when the folder holds anything.
-            let _ = std::fs::remove_dir(dir);
-        }
-    }
-}
-
-/// Why the complete-looking dataset `dir` (record `rec`) cannot be kept: a shard
-/// missing, or of another size than the record says. None when it is whole.
-fn damage(dir: &Path, rec: &DatasetRecord) -> Option<String> {
-    for split in [&rec.train, &rec.validation] {
-        let block = rec.settings.block_size;
-        if let Err(e) = super::reader::Split::open(dir, split, block, rec.settings.document_starts)
-        {
-            return Some(e.to_string());
-        }
-    }
-    None
-}
-
-/// Create the destination, check it is writable and remove leftovers of interrupted runs.
-fn prepare_destination(dest: &Path) -> Result<()> {
-    let unwritable = |e: std::io::Error| {
-        Error::Usage(format!(
-            "cannot write to --destination-path {}: {e}; choose a writable folder",
-            dest.display()
-        ))
-    };
-    std::fs::create_dir_all(dest).map_err(unwritable)?;
-    tempfile::Builder::new()
-        .prefix(TEMP_PREFIX)
-        .tempdir_in(dest)
-        .map_err(unwritable)?;
-    for entry in std::fs::read_dir(dest).at(dest)? {
-        let p = entry.at(dest)?.path();
-        let stale = p
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with(TEMP_PREFIX));
-        if stale && p.is_dir() {
-            eprintln!("removing {} left by an interrupted run", p.display());
-            std::fs::remove_dir_all(&p).at(&p)?;
-        }
-    }
-    Ok(())
+    Ok(built)
 }
 
 /// The files of a dataset as recorded in its metadata.
@@ -460,23 +469,6 @@ fn source_files(root: &Path, src: &DatasetSource) -> Result<Vec<SourceFile>> {
         .collect()
 }
 
-/// The record of a complete dataset already in `dest`.
-fn existing_record(dest: &Path, name: &str) -> Result<Option<DatasetRecord>> {
-    let dir = dest.join(name);
-    let path = dir.join(DATASET_FILE);
-    if !path.exists() {
-        if dir.exists() {
-            return Err(Error::Usage(format!(
-                "{} exists and is not a prepared dataset; move it away or choose another --destination-path",
-                dir.display()
-            )));
-        }
-        return Ok(None);
-    }
-    let text = std::fs::read_to_string(&path).at(&path)?;
-    Ok(serde_json::from_str(&text).ok())
-}
-
 fn summary_line(rec: &DatasetRecord, skipped: bool) -> String {
     let (t, v) = (&rec.train, &rec.validation);
     format!(
@@ -497,41 +489,4 @@ fn summary_line(rec: &DatasetRecord, skipped: bool) -> String {
             String::new()
         }
     )
-}
-
-/// Build one dataset in a temporary folder and rename it into place.
-fn build_dataset(
-    ctx: &Ctx,
-    opts: &PrepareOptions,
-    settings: &Settings,
-    src: &DatasetSource,
-    sources: Vec<SourceFile>,
-    pb: &ProgressBar,
-) -> Result<DatasetRecord> {
-    let dest = &opts.destination;
-    let tmp = tempfile::Builder::new()
-        .prefix(TEMP_PREFIX)
-        .tempdir_in(dest)
-        .at(dest)?;
-    let (train, validation, bad_lines) = tokenize_dataset(ctx, src, tmp.path(), pb)?;
-    let rec = DatasetRecord {
-        name: src.name.clone(),
-        settings: settings.clone(),
-        sources,
-        bad_lines,
-        train,
-        validation,
-    };
-    let value = serde_json::to_value(&rec).expect("record serialises");
-    write_json_atomic(&tmp.path().join(DATASET_FILE), &value)?;
-    let target = dest.join(&src.name);
-    if target.exists() {
-        std::fs::remove_dir_all(&target).at(&target)?;
-    }
-    let kept = tmp.keep();
-    std::fs::rename(&kept, &target).map_err(|e| {
-        let _ = std::fs::remove_dir_all(&kept);
-        Error::io(&target, e)
-    })?;
-    Ok(rec)
 }

@@ -248,239 +248,268 @@ enum Transform {
     Ungroup,
 }
 
+/// One tensor of the GGUF file: where its values come from and how they change.
+#[derive(Debug, Clone)]
+struct Entry {
+    /// Its GGUF name (`blk.3.attn_q.weight`).
+    gguf: String,
+    /// The checkpoint tensor it is made of.
+    hf: String,
+    /// The checkpoint tensor's shape (row-major).
+    shape: Vec<usize>,
+    transform: Transform,
+    /// The output head, or the tied embeddings that serve as head: kept at `q8_0`
+    /// under `q4_0`.
+    head: bool,
+}
+
+/// The GGUF tensors of a checkpoint of `cfg`, in file order, as [`Entry`]s: the
+/// name table of the module's documentation, written out.
+fn tensor_map(cfg: &Config, names: &WeightNames) -> Vec<Entry> {
+    let mut map = TensorMap::default();
+    let (c, ln) = (cfg.hidden_size, cfg.norm == NormKind::LayerNorm);
+    map.head(
+        "token_embd",
+        names.embed,
+        cfg.vocab_size,
+        c,
+        cfg.tie_embeddings,
+    );
+    for i in 0..cfg.n_layer {
+        norm_entries(&mut map, cfg, names, i);
+        attention_entries(&mut map, cfg, names, i);
+        mlp_entries(&mut map, cfg, names, i);
+    }
+    map.module(
+        "output_norm",
+        names.final_norm,
+        vec![c],
+        Transform::None,
+        ln,
+    );
+    if !cfg.tie_embeddings {
+        map.head("output", names.lm_head, cfg.vocab_size, c, true);
+    }
+    map.0
+}
+
+/// The [`Entry`]s of [`tensor_map`], as they are listed.
+#[derive(Default)]
+struct TensorMap(Vec<Entry>);
+
+impl TensorMap {
+    /// `{gguf}.weight` from `{hf}.weight` of `shape` and, with `bias`, `{gguf}.bias`
+    /// from `{hf}.bias` (one value per output row), both changed by `transform`.
+    fn module(
+        &mut self,
+        gguf: &str,
+        hf: &str,
+        shape: Vec<usize>,
+        transform: Transform,
+        bias: bool,
+    ) {
+        let rows = shape[0];
+        self.0.push(Entry {
+            gguf: format!("{gguf}.weight"),
+            hf: format!("{hf}.weight"),
+            shape,
+            transform,
+            head: false,
+        });
+        if bias {
+            self.0.push(Entry {
+                gguf: format!("{gguf}.bias"),
+                hf: format!("{hf}.bias"),
+                shape: vec![rows],
+                transform,
+                head: false,
+            });
+        }
+    }
+
+    /// A `(vocab, c)` matrix of embeddings or output head, `head` when it serves as
+    /// the output head.
+    fn head(&mut self, gguf: &str, hf: &str, vocab: usize, c: usize, head: bool) {
+        self.0.push(Entry {
+            gguf: format!("{gguf}.weight"),
+            hf: format!("{hf}.weight"),
+            shape: vec![vocab, c],
+            transform: Transform::None,
+            head,
+        });
+    }
+}
+
+/// Layer `i`'s norms: the attention norm, and the MLP's own norm unless a parallel
+/// block shares one (`attn_norm_2` in Falcon's new decoder, `ffn_norm` elsewhere).
+fn norm_entries(map: &mut TensorMap, cfg: &Config, names: &WeightNames, i: usize) {
+    let ln = cfg.norm == NormKind::LayerNorm;
+    let shape = vec![cfg.hidden_size];
+    let attn_norm = names.in_layer(i, names.attn_norm);
+    let gguf = format!("blk.{i}.attn_norm");
+    map.module(&gguf, &attn_norm, shape.clone(), Transform::None, ln);
+    let shared = cfg.residual == Residual::Parallel && cfg.shared_attention_norm;
+    if let Some(n) = names.mlp_norm.filter(|_| !shared) {
+        let key = if cfg.family == Family::Falcon {
+            "attn_norm_2"
+        } else {
+            "ffn_norm"
+        };
+        let hf = names.in_layer(i, n);
+        map.module(&format!("blk.{i}.{key}"), &hf, shape, Transform::None, ln);
+    }
+}
+
+/// Layer `i`'s attention: query, key and value (separate, their rotary rows
+/// permuted, or one fused projection, regrouped when grouped per key/value head),
+/// and the output projection.
+fn attention_entries(map: &mut TensorMap, cfg: &Config, names: &WeightNames, i: usize) {
+    let (c, hd) = (cfg.hidden_size, cfg.head_dim);
+    let (q_w, kv_w) = (cfg.n_head * hd, cfg.n_kv_head * hd);
+    let blk = |s: &str| format!("blk.{i}.{s}");
+    match cfg.qkv_layout {
+        QkvLayout::Separate => {
+            let parts = [
+                ("attn_q", names.q, q_w, Transform::Rotary(cfg.n_head)),
+                ("attn_k", names.k, kv_w, Transform::Rotary(cfg.n_kv_head)),
+                ("attn_v", names.v, kv_w, Transform::None),
+            ];
+            for (g, m, width, tr) in parts {
+                let hf = names.in_layer(i, m);
+                map.module(&blk(g), &hf, vec![width, c], tr, cfg.qkv_bias);
+            }
+        }
+        QkvLayout::FusedGrouped | QkvLayout::FusedBlocked => {
+            let tr = if cfg.qkv_layout == QkvLayout::FusedGrouped {
+                Transform::Ungroup
+            } else {
+                Transform::None
+            };
+            let hf = names.in_layer(i, names.qkv);
+            map.module(&blk("attn_qkv"), &hf, vec![cfg.qkv_width(), c], tr, false);
+        }
+    }
+    let hf = names.in_layer(i, names.attn_out);
+    let out = blk("attn_output");
+    map.module(&out, &hf, vec![c, q_w], Transform::None, cfg.attn_out_bias);
+}
+
+/// Layer `i`'s MLP: gate (when gated), up and down projections.
+fn mlp_entries(map: &mut TensorMap, cfg: &Config, names: &WeightNames, i: usize) {
+    let (c, f) = (cfg.hidden_size, cfg.intermediate_size);
+    let mut mlp = vec![
+        ("ffn_up", names.mlp_up, vec![f, c]),
+        ("ffn_down", names.mlp_down, vec![c, f]),
+    ];
+    if cfg.mlp == MlpKind::Gated {
+        mlp.insert(0, ("ffn_gate", names.mlp_gate, vec![f, c]));
+    }
+    for (g, m, shape) in mlp {
+        let hf = names.in_layer(i, m);
+        map.module(
+            &format!("blk.{i}.{g}"),
+            &hf,
+            shape,
+            Transform::None,
+            cfg.mlp_bias,
+        );
+    }
+}
+
+/// The type `e` is stored as: f32 for vectors, `ty` for matrices (`q8_0` for the head
+/// under `q4_0`), f16 when their rows do not split into `ty`'s blocks (said in
+/// `fallbacks`). `dims` is in ggml order.
+fn storage_type(e: &Entry, dims: &[u64], ty: QuantType, fallbacks: &mut Vec<String>) -> GgmlType {
+    if e.shape.len() == 1 {
+        return GgmlType::F32;
+    }
+    let want = if e.head && ty == QuantType::Q4_0 {
+        GgmlType::Q8_0
+    } else {
+        ty.ggml()
+    };
+    let (blk, _) = want.block();
+    if dims[0] % blk != 0 {
+        fallbacks.push(format!(
+            "{}: rows of {} values are not a multiple of {blk}; stored as f16",
+            e.gguf, dims[0]
+        ));
+        GgmlType::F16
+    } else {
+        want
+    }
+}
+
+/// The GGUF tensor of `e`: its values are read from `w` and transformed only when
+/// the file writer reaches it, so one tensor at a time is in memory.
+fn gguf_tensor(
+    e: &Entry,
+    cfg: &Config,
+    w: &Arc<Weights>,
+    ty: QuantType,
+    fallbacks: &mut Vec<String>,
+) -> GgufTensor {
+    let dims: Vec<u64> = e.shape.iter().rev().map(|&d| d as u64).collect();
+    let gty = storage_type(e, &dims, ty, fallbacks);
+    let (w, cfg) = (w.clone(), cfg.clone());
+    let (hf, shape, tr) = (e.hf.clone(), e.shape.clone(), e.transform);
+    GgufTensor {
+        name: e.gguf.clone(),
+        dims,
+        ty: gty,
+        produce: Box::new(move || {
+            let t = w.tensor(&hf, &shape, DType::F32, &Device::Cpu)?;
+            let x: Vec<f32> = t.flatten_all()?.to_vec1()?;
+            let cols = if shape.len() == 2 { shape[1] } else { 1 };
+            Ok(match tr {
+                Transform::None => x,
+                Transform::Rotary(heads) => permute_rotary_rows(&x, heads, cols),
+                Transform::Ungroup => {
+                    ungroup_qkv(&x, cfg.n_kv_head, cfg.q_per_kv(), cfg.head_dim, cols)
+                }
+            })
+        }),
+    }
+}
+
+/// Every tensor of the GGUF file of checkpoint `w` (of `cfg`), matrices as `ty`
+/// (`fallbacks` names those that could not be). Every source tensor's shape is
+/// checked, and every checkpoint tensor must be used, before anything is written.
 fn tensors(
     cfg: &Config,
     w: Arc<Weights>,
     ty: QuantType,
     fallbacks: &mut Vec<String>,
 ) -> Result<Vec<GgufTensor>> {
-    let names = WeightNames::for_config(cfg);
-    let (c, f, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
-    let (q_w, kv_w) = (cfg.n_head * hd, cfg.n_kv_head * hd);
-    let mut out = Vec::new();
-    // Every source tensor with its shape, checked before anything is written.
-    let mut sources: Vec<(String, Vec<usize>)> = Vec::new();
-    let mut add = |gguf: String, hf: String, shape: Vec<usize>, tr: Transform, head: bool| {
-        sources.push((hf.clone(), shape.clone()));
-        let dims: Vec<u64> = shape.iter().rev().map(|&d| d as u64).collect();
-        let gty = if shape.len() == 1 {
-            GgmlType::F32
-        } else {
-            let want = if head && ty == QuantType::Q4_0 {
-                GgmlType::Q8_0
-            } else {
-                ty.ggml()
-            };
-            let (blk, _) = want.block();
-            if dims[0] % blk != 0 {
-                fallbacks.push(format!(
-                    "{gguf}: rows of {} values are not a multiple of {blk}; stored as f16",
-                    dims[0]
-                ));
-                GgmlType::F16
-            } else {
-                want
-            }
-        };
-        let (w, cfg2) = (w.clone(), cfg.clone());
-        out.push(GgufTensor {
-            name: gguf,
-            dims,
-            ty: gty,
-            produce: Box::new(move || {
-                let t = w.tensor(&hf, &shape, DType::F32, &Device::Cpu)?;
-                let x: Vec<f32> = t.flatten_all()?.to_vec1()?;
-                let cols = if shape.len() == 2 { shape[1] } else { 1 };
-                Ok(match tr {
-                    Transform::None => x,
-                    Transform::Rotary(heads) => permute_rotary_rows(&x, heads, cols),
-                    Transform::Ungroup => {
-                        ungroup_qkv(&x, cfg2.n_kv_head, cfg2.q_per_kv(), cfg2.head_dim, cols)
-                    }
-                })
-            }),
-        });
-    };
-    let wt = |m: &str| format!("{m}.weight");
-    let bs = |m: &str| format!("{m}.bias");
-    let ln = cfg.norm == NormKind::LayerNorm;
-    add(
-        "token_embd.weight".into(),
-        wt(names.embed),
-        vec![cfg.vocab_size, c],
-        Transform::None,
-        cfg.tie_embeddings,
-    );
-    for i in 0..cfg.n_layer {
-        let at = |m: &str| names.in_layer(i, m);
-        let blk = |s: &str| format!("blk.{i}.{s}");
-        let shared = cfg.residual == Residual::Parallel && cfg.shared_attention_norm;
-        add(
-            blk("attn_norm.weight"),
-            wt(&at(names.attn_norm)),
-            vec![c],
-            Transform::None,
-            false,
-        );
-        if ln {
-            add(
-                blk("attn_norm.bias"),
-                bs(&at(names.attn_norm)),
-                vec![c],
-                Transform::None,
-                false,
-            );
-        }
-        let mlp_norm = names.mlp_norm.filter(|_| !shared);
-        if let Some(n) = mlp_norm {
-            let key = if cfg.family == Family::Falcon {
-                "attn_norm_2"
-            } else {
-                "ffn_norm"
-            };
-            add(
-                blk(&format!("{key}.weight")),
-                wt(&at(n)),
-                vec![c],
-                Transform::None,
-                false,
-            );
-            if ln {
-                add(
-                    blk(&format!("{key}.bias")),
-                    bs(&at(n)),
-                    vec![c],
-                    Transform::None,
-                    false,
-                );
-            }
-        }
-        match cfg.qkv_layout {
-            QkvLayout::Separate => {
-                let parts = [
-                    ("attn_q", names.q, q_w, Transform::Rotary(cfg.n_head)),
-                    ("attn_k", names.k, kv_w, Transform::Rotary(cfg.n_kv_head)),
-                    ("attn_v", names.v, kv_w, Transform::None),
-                ];
-                for (g, m, width, tr) in parts {
-                    add(
-                        blk(&format!("{g}.weight")),
-                        wt(&at(m)),
-                        vec![width, c],
-                        tr,
-                        false,
-                    );
-                    if cfg.qkv_bias {
-                        add(
-                            blk(&format!("{g}.bias")),
-                            bs(&at(m)),
-                            vec![width],
-                            tr,
-                            false,
-                        );
-                    }
-                }
-            }
-            QkvLayout::FusedGrouped | QkvLayout::FusedBlocked => {
-                let tr = if cfg.qkv_layout == QkvLayout::FusedGrouped {
-                    Transform::Ungroup
-                } else {
-                    Transform::None
-                };
-                add(
-                    blk("attn_qkv.weight"),
-                    wt(&at(names.qkv)),
-                    vec![cfg.qkv_width(), c],
-                    tr,
-                    false,
-                );
-            }
-        }
-        add(
-            blk("attn_output.weight"),
-            wt(&at(names.attn_out)),
-            vec![c, q_w],
-            Transform::None,
-            false,
-        );
-        if cfg.attn_out_bias {
-            add(
-                blk("attn_output.bias"),
-                bs(&at(names.attn_out)),
-                vec![c],
-                Transform::None,
-                false,
-            );
-        }
-        let mut mlp = vec![
-            ("ffn_up", names.mlp_up, vec![f, c]),
-            ("ffn_down", names.mlp_down, vec![c, f]),
-        ];
-        if cfg.mlp == MlpKind::Gated {
-            mlp.insert(0, ("ffn_gate", names.mlp_gate, vec![f, c]));
-        }
-        for (g, m, shape) in mlp {
-            let out_dim = shape[0];
-            add(
-                blk(&format!("{g}.weight")),
-                wt(&at(m)),
-                shape,
-                Transform::None,
-                false,
-            );
-            if cfg.mlp_bias {
-                add(
-                    blk(&format!("{g}.bias")),
-                    bs(&at(m)),
-                    vec![out_dim],
-                    Transform::None,
-                    false,
-                );
-            }
-        }
+    let map = tensor_map(cfg, &WeightNames::for_config(cfg));
+    let mut out: Vec<GgufTensor> = map
+        .iter()
+        .map(|e| gguf_tensor(e, cfg, &w, ty, fallbacks))
+        .collect();
+    for e in &map {
+        w.check(&e.hf, &e.shape)?;
     }
-    add(
-        "output_norm.weight".into(),
-        wt(names.final_norm),
-        vec![c],
-        Transform::None,
-        false,
-    );
-    if ln {
-        add(
-            "output_norm.bias".into(),
-            bs(names.final_norm),
-            vec![c],
-            Transform::None,
-            false,
-        );
-    }
-    if !cfg.tie_embeddings {
-        add(
-            "output.weight".into(),
-            wt(names.lm_head),
-            vec![cfg.vocab_size, c],
-            Transform::None,
-            true,
-        );
-    }
-    for (name, shape) in &sources {
-        w.check(name, shape)?;
-    }
-    let used: Vec<String> = sources.into_iter().map(|(n, _)| n).collect();
+    let used: Vec<String> = map.into_iter().map(|e| e.hf).collect();
     w.check_all_used(&used, cfg.tie_embeddings)?;
-    if let PositionKind::Rotary(r) = &cfg.position {
-        if let RopeScaling::Llama3 { .. } = r.scaling {
-            let factors = llama3_rope_factors(r.base, r.rotary_dims, &r.scaling);
-            out.push(GgufTensor {
-                name: "rope_freqs.weight".into(),
-                dims: vec![factors.len() as u64],
-                ty: GgmlType::F32,
-                produce: Box::new(move || Ok(factors.clone())),
-            });
-        }
-    }
+    out.extend(rope_freqs(cfg));
     Ok(out)
+}
+
+/// LLaMA-3's `rope_freqs.weight`, for a model whose rope scaling needs it.
+fn rope_freqs(cfg: &Config) -> Option<GgufTensor> {
+    let PositionKind::Rotary(r) = &cfg.position else {
+        return None;
+    };
+    let RopeScaling::Llama3 { .. } = r.scaling else {
+        return None;
+    };
+    let factors = llama3_rope_factors(r.base, r.rotary_dims, &r.scaling);
+    Some(GgufTensor {
+        name: "rope_freqs.weight".into(),
+        dims: vec![factors.len() as u64],
+        ty: GgmlType::F32,
+        produce: Box::new(move || Ok(factors.clone())),
+    })
 }
 
 /// Per-frequency divisors of LLaMA-3's rope scaling (llama.cpp's `rope_freqs`).

@@ -16,7 +16,7 @@
 //! Nothing is loaded up front: each tensor is a [`LazyTensor`] read from the
 //! memory-mapped base when it is written.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -146,100 +146,173 @@ pub fn plan_merge(
     dtype: DType,
 ) -> Result<MergePlan> {
     let weights = Arc::new(Weights::open(dir)?);
-    let stored = stored_tensors(weights.files())?;
-    let names = WeightNames::for_config(cfg);
-    // The stored name of a module's weight: exact, without the first path component
-    // (bare GPT-2 checkpoints), or under the head's alias.
-    let find = |module: &str| -> Option<String> {
+    let base = Base {
+        dir,
+        cfg,
+        names: WeightNames::for_config(cfg),
+        stored: stored_tensors(weights.files())?,
+    };
+    let embed = base.embeddings()?;
+    let (deltas, head_delta) = match adapter {
+        Some(ad) => adapter_deltas(&base, &embed, ad)?,
+        None => (BTreeMap::new(), None),
+    };
+    let merged = deltas.len() + head_delta.is_some() as usize;
+    let mut tensors = merged_tensors(&weights, &base.stored, deltas, dtype);
+    let untied_head = head_delta.is_some();
+    if let Some(d) = head_delta {
+        let head = format!("{}.weight", base.names.lm_head);
+        // A checkpoint may store its tied head too; the merged one replaces it.
+        tensors.retain(|t| t.name != head);
+        let (shape, _) = base.stored[&embed].clone();
+        let w = weights.clone();
+        tensors.push(LazyTensor::new(head, shape, dtype, move || {
+            let base = w.raw(&embed, &Device::Cpu)?.to_dtype(DType::F32)?;
+            Ok((base + d.weight()?)?)
+        }));
+    }
+    Ok(MergePlan {
+        tensors,
+        merged,
+        untied_head,
+    })
+}
+
+/// The base checkpoint an adapter is merged into: its tensors as stored (name →
+/// shape, dtype) and its family's weight names.
+struct Base<'a> {
+    dir: &'a Path,
+    cfg: &'a Config,
+    names: WeightNames,
+    stored: BTreeMap<String, (Vec<usize>, DType)>,
+}
+
+impl Base<'_> {
+    /// The stored name of a module's weight: exact, without the first path component
+    /// (bare GPT-2 checkpoints), or under the head's alias.
+    fn find(&self, module: &str) -> Option<String> {
         let mut candidates = vec![format!("{module}.weight")];
         if let Some((_, rest)) = module.split_once('.') {
             candidates.push(format!("{rest}.weight"));
         }
-        if module == names.lm_head {
-            if let Some(alias) = names.lm_head_alias {
+        if module == self.names.lm_head {
+            if let Some(alias) = self.names.lm_head_alias {
                 candidates.push(format!("{alias}.weight"));
             }
         }
-        candidates.into_iter().find(|c| stored.contains_key(c))
-    };
-    let embed = find(names.embed).ok_or_else(|| {
-        Error::Weights(format!(
-            "{} has no token embeddings {}.weight; is it a {} checkpoint?",
-            dir.display(),
-            names.embed,
-            cfg.family.model_type()
-        ))
-    })?;
+        candidates.into_iter().find(|c| self.stored.contains_key(c))
+    }
 
+    /// The stored name of the token embeddings, which every checkpoint has.
+    fn embeddings(&self) -> Result<String> {
+        self.find(self.names.embed).ok_or_else(|| {
+            Error::Weights(format!(
+                "{} has no token embeddings {}.weight; is it a {} checkpoint?",
+                self.dir.display(),
+                self.names.embed,
+                self.cfg.family.model_type()
+            ))
+        })
+    }
+
+    /// Whether the adapter matrices `a`, `b` of `module` fit the stored weight
+    /// `target` (stored `(in, out)` when `transposed`): a floating point matrix of
+    /// `(out, in)` with `a: (r, in)` and `b: (out, r)`.
+    fn check_fit(
+        &self,
+        module: &str,
+        target: &str,
+        (a, b): (&Tensor, &Tensor),
+        transposed: bool,
+    ) -> Result<()> {
+        let (shape, stored_dtype) = &self.stored[target];
+        if !is_float(*stored_dtype) {
+            return Err(Error::Weights(format!(
+                "{target} in {} is {stored_dtype:?}; model weights must be floating point (f32, bf16 or f16)",
+                self.dir.display()
+            )));
+        }
+        let (n_out, n_in) = match (shape.as_slice(), transposed) {
+            ([o, i], false) => (*o, *i),
+            ([i, o], true) => (*o, *i),
+            _ => {
+                return Err(Error::Weights(format!(
+                    "adapter module {module} targets {target} of shape {shape:?}, which is not a matrix"
+                )));
+            }
+        };
+        let (r, a_in) = a.dims2()?;
+        let (b_out, rb) = b.dims2()?;
+        if a_in != n_in || b_out != n_out || rb != r {
+            return Err(Error::Weights(format!(
+                "adapter for {module}: lora_A {:?} and lora_B {:?} do not fit {target} of shape {shape:?} \
+                 (expected ({r}, {n_in}) and ({n_out}, {r})); is the adapter for another base model?",
+                a.dims(),
+                b.dims()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The updates of adapter `ad`: by the stored weight each one goes into, and the one
+/// on a tied head (whose base is the embeddings `embed`), if any. Every module must
+/// fit a weight of `base`.
+fn adapter_deltas(
+    base: &Base,
+    embed: &str,
+    ad: &PeftAdapter,
+) -> Result<(BTreeMap<String, Delta>, Option<Delta>)> {
     let mut deltas: BTreeMap<String, Delta> = BTreeMap::new();
     let mut head_delta: Option<Delta> = None;
     let mut stray = Vec::new();
-    if let Some(ad) = adapter {
-        for (module, (a, b)) in &ad.tensors {
-            let canonical = names.canonical(module);
-            let is_head = canonical == names.lm_head;
-            let tied_head = is_head && cfg.tie_embeddings;
-            let target = if tied_head {
-                Some(embed.clone())
-            } else {
-                find(&canonical)
-            };
-            let Some(target) = target else {
-                stray.push(module.clone());
-                continue;
-            };
-            let transposed = names.conv1d && !is_head;
-            let (shape, stored_dtype) = &stored[&target];
-            if !is_float(*stored_dtype) {
-                return Err(Error::Weights(format!(
-                    "{target} in {} is {stored_dtype:?}; model weights must be floating point (f32, bf16 or f16)",
-                    dir.display()
-                )));
-            }
-            let (n_out, n_in) = match (shape.as_slice(), transposed) {
-                ([o, i], false) => (*o, *i),
-                ([i, o], true) => (*o, *i),
-                _ => {
-                    return Err(Error::Weights(format!(
-                        "adapter module {module} targets {target} of shape {shape:?}, which is not a matrix"
-                    )));
-                }
-            };
-            let (r, a_in) = a.dims2()?;
-            let (b_out, rb) = b.dims2()?;
-            if a_in != n_in || b_out != n_out || rb != r {
-                return Err(Error::Weights(format!(
-                    "adapter for {module}: lora_A {:?} and lora_B {:?} do not fit {target} of shape {shape:?} \
-                     (expected ({r}, {n_in}) and ({n_out}, {r})); is the adapter for another base model?",
-                    a.dims(),
-                    b.dims()
-                )));
-            }
-            let delta = Delta {
-                a: a.clone(),
-                b: b.clone(),
-                scale: ad.scale(),
-                transposed,
-            };
-            if tied_head {
-                head_delta = Some(delta);
-            } else {
-                deltas.insert(target, delta);
-            }
+    for (module, (a, b)) in &ad.tensors {
+        let canonical = base.names.canonical(module);
+        let is_head = canonical == base.names.lm_head;
+        let tied_head = is_head && base.cfg.tie_embeddings;
+        let target = if tied_head {
+            Some(embed.to_string())
+        } else {
+            base.find(&canonical)
+        };
+        let Some(target) = target else {
+            stray.push(module.clone());
+            continue;
+        };
+        let transposed = base.names.conv1d && !is_head;
+        base.check_fit(module, &target, (a, b), transposed)?;
+        let delta = Delta {
+            a: a.clone(),
+            b: b.clone(),
+            scale: ad.scale(),
+            transposed,
+        };
+        if tied_head {
+            head_delta = Some(delta);
+        } else {
+            deltas.insert(target, delta);
         }
     }
     if !stray.is_empty() {
         return Err(Error::Weights(format!(
             "adapter modules {stray:?} match no weight of the {} checkpoint {}; is the adapter for another base model?",
-            cfg.family.model_type(),
-            dir.display()
+            base.cfg.family.model_type(),
+            base.dir.display()
         )));
     }
+    Ok((deltas, head_delta))
+}
 
-    let merged = deltas.len() + head_delta.is_some() as usize;
+/// Every stored tensor, in name order, as it will be written: floating ones as
+/// `dtype` (others as stored), each with its delta added when `deltas` has one.
+fn merged_tensors(
+    weights: &Arc<Weights>,
+    stored: &BTreeMap<String, (Vec<usize>, DType)>,
+    mut deltas: BTreeMap<String, Delta>,
+    dtype: DType,
+) -> Vec<LazyTensor> {
     let mut tensors = Vec::with_capacity(stored.len() + 1);
-    let mut written = BTreeSet::new();
-    for (name, (shape, stored_dtype)) in &stored {
+    for (name, (shape, stored_dtype)) in stored {
         let out_dtype = if is_float(*stored_dtype) {
             dtype
         } else {
@@ -259,24 +332,6 @@ pub fn plan_merge(
                 }
             },
         ));
-        written.insert(name.clone());
     }
-    let mut untied_head = false;
-    if let Some(d) = head_delta {
-        let head = format!("{}.weight", names.lm_head);
-        let (shape, _) = stored[&embed].clone();
-        let w = weights.clone();
-        // A checkpoint may store its tied head too; the merged one replaces it.
-        tensors.retain(|t| t.name != head);
-        tensors.push(LazyTensor::new(head, shape, dtype, move || {
-            let base = w.raw(&embed, &Device::Cpu)?.to_dtype(DType::F32)?;
-            Ok((base + d.weight()?)?)
-        }));
-        untied_head = true;
-    }
-    Ok(MergePlan {
-        tensors,
-        merged,
-        untied_head,
-    })
+    tensors
 }

@@ -47,56 +47,46 @@ pub fn is_adapter_dir(dir: &Path) -> bool {
     dir.join(ADAPTER_CONFIG).exists()
 }
 
-/// Read the adapter in `dir`.
+/// Read the adapter in `dir`: its settings from `adapter_config.json`, its matrices
+/// from `adapter_model.safetensors`, both checked against what a plain LoRA adapter is.
 pub fn load_adapter(dir: &Path, device: &Device) -> Result<PeftAdapter> {
-    let cfg_path = dir.join(ADAPTER_CONFIG);
-    if !cfg_path.exists() {
+    let cfg = read_adapter_config(&dir.join(ADAPTER_CONFIG))?;
+    let tensors = read_lora_matrices(&dir.join(ADAPTER_WEIGHTS), cfg.r, device)?;
+    Ok(PeftAdapter {
+        r: cfg.r,
+        alpha: cfg.alpha,
+        dropout: cfg.dropout,
+        rslora: cfg.rslora,
+        target_modules: cfg.target_modules,
+        tensors,
+    })
+}
+
+/// What `adapter_config.json` says about an adapter.
+struct AdapterConfig {
+    r: usize,
+    alpha: f64,
+    dropout: f32,
+    rslora: bool,
+    target_modules: Vec<String>,
+}
+
+/// Read and check the adapter's `adapter_config.json` at `path`: a LoRA adapter
+/// (no DoRA, no trained biases) of one positive rank and alpha for every module.
+fn read_adapter_config(path: &Path) -> Result<AdapterConfig> {
+    if !path.exists() {
         return Err(Error::missing(
-            &cfg_path,
+            path,
             "an adapter folder holds adapter_config.json and adapter_model.safetensors (PEFT format)",
         ));
     }
-    let text = std::fs::read_to_string(&cfg_path).at(&cfg_path)?;
-    let v: Value = serde_json::from_str(&text)
-        .map_err(|e| Error::bad_file(&cfg_path, format!("not JSON: {e}")))?;
-    let bad = |m: &str| Error::bad_file(&cfg_path, m);
-    if let Some(t) = v.get("peft_type").and_then(Value::as_str) {
-        if t != "LORA" {
-            return Err(bad(&format!(
-                "peft_type {t} is not supported; only LORA adapters are"
-            )));
-        }
-    }
-    if v.get("use_dora").and_then(Value::as_bool) == Some(true) {
-        return Err(bad("DoRA adapters (use_dora: true) are not supported"));
-    }
-    if let Some(b) = v.get("bias").and_then(Value::as_str) {
-        if b != "none" {
-            return Err(bad(&format!(
-                "adapters with trained biases (bias: {b}) are not supported"
-            )));
-        }
-    }
-    let r = v
-        .get("r")
-        .and_then(Value::as_u64)
-        .ok_or_else(|| bad("no rank \"r\" (a positive integer)"))? as usize;
-    if r == 0 {
-        return Err(bad(
-            "r is 0; a LoRA adapter has a positive rank (that of its lora_A / lora_B matrices)",
-        ));
-    }
-    let alpha = match v.get("lora_alpha") {
-        None | Some(Value::Null) => 8.0,
-        Some(a) => a
-            .as_f64()
-            .ok_or_else(|| bad(&format!("lora_alpha {a} is not a number")))?,
-    };
-    if !(alpha.is_finite() && alpha > 0.0) {
-        return Err(bad(&format!(
-            "lora_alpha is {alpha}; the adapter's update is scaled by lora_alpha / r, so it must be positive (0 makes the adapter do nothing)"
-        )));
-    }
+    let text = std::fs::read_to_string(path).at(path)?;
+    let v: Value =
+        serde_json::from_str(&text).map_err(|e| Error::bad_file(path, format!("not JSON: {e}")))?;
+    let bad = |m: &str| Error::bad_file(path, m);
+    check_plain_lora(&v).map_err(|m| bad(&m))?;
+    let r = config_rank(&v).map_err(|m| bad(&m))?;
+    let alpha = config_alpha(&v).map_err(|m| bad(&m))?;
     let dropout = v.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0) as f32;
     let rslora = v
         .get("use_rslora")
@@ -110,102 +100,170 @@ pub fn load_adapter(dir: &Path, device: &Device) -> Result<PeftAdapter> {
         Some(Value::String(s)) => vec![s.clone()],
         _ => vec![],
     };
-    if let Some(k) = v
-        .get("rank_pattern")
-        .and_then(Value::as_object)
-        .and_then(|m| m.keys().next())
-    {
-        return Err(bad(&format!(
-            "per-module ranks (rank_pattern: {k}) are not supported"
-        )));
-    }
-    if let Some(k) = v
-        .get("alpha_pattern")
-        .and_then(Value::as_object)
-        .and_then(|m| m.keys().next())
-    {
-        return Err(bad(&format!(
-            "per-module alphas (alpha_pattern: {k}) are not supported"
-        )));
-    }
+    check_uniform(&v).map_err(|m| bad(&m))?;
+    Ok(AdapterConfig {
+        r,
+        alpha,
+        dropout,
+        rslora,
+        target_modules,
+    })
+}
 
-    let w_path = dir.join(ADAPTER_WEIGHTS);
-    if !w_path.exists() {
+/// Why the adapter config `v` is not a plain LoRA adapter (another PEFT type, DoRA,
+/// trained biases), if it is not.
+fn check_plain_lora(v: &Value) -> std::result::Result<(), String> {
+    if let Some(t) = v.get("peft_type").and_then(Value::as_str) {
+        if t != "LORA" {
+            return Err(format!(
+                "peft_type {t} is not supported; only LORA adapters are"
+            ));
+        }
+    }
+    if v.get("use_dora").and_then(Value::as_bool) == Some(true) {
+        return Err("DoRA adapters (use_dora: true) are not supported".into());
+    }
+    if let Some(b) = v.get("bias").and_then(Value::as_str) {
+        if b != "none" {
+            return Err(format!(
+                "adapters with trained biases (bias: {b}) are not supported"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The adapter's rank `r`, a positive integer.
+fn config_rank(v: &Value) -> std::result::Result<usize, String> {
+    let r = v
+        .get("r")
+        .and_then(Value::as_u64)
+        .ok_or("no rank \"r\" (a positive integer)")? as usize;
+    if r == 0 {
+        return Err(
+            "r is 0; a LoRA adapter has a positive rank (that of its lora_A / lora_B matrices)"
+                .into(),
+        );
+    }
+    Ok(r)
+}
+
+/// The adapter's `lora_alpha` (PEFT's default 8 when absent), positive and finite.
+fn config_alpha(v: &Value) -> std::result::Result<f64, String> {
+    let alpha = match v.get("lora_alpha") {
+        None | Some(Value::Null) => 8.0,
+        Some(a) => a
+            .as_f64()
+            .ok_or_else(|| format!("lora_alpha {a} is not a number"))?,
+    };
+    if !(alpha.is_finite() && alpha > 0.0) {
+        return Err(format!(
+            "lora_alpha is {alpha}; the adapter's update is scaled by lora_alpha / r, so it must be positive (0 makes the adapter do nothing)"
+        ));
+    }
+    Ok(alpha)
+}
+
+/// Per-module ranks or alphas (`rank_pattern`, `alpha_pattern`) are refused: every
+/// module is read with the one `r` and `lora_alpha`.
+fn check_uniform(v: &Value) -> std::result::Result<(), String> {
+    let first_key = |field: &str| {
+        v.get(field)
+            .and_then(Value::as_object)
+            .and_then(|m| m.keys().next().cloned())
+    };
+    if let Some(k) = first_key("rank_pattern") {
+        return Err(format!(
+            "per-module ranks (rank_pattern: {k}) are not supported"
+        ));
+    }
+    if let Some(k) = first_key("alpha_pattern") {
+        return Err(format!(
+            "per-module alphas (alpha_pattern: {k}) are not supported"
+        ));
+    }
+    Ok(())
+}
+
+/// The LoRA matrices of `adapter_model.safetensors` at `path`, by module path, each
+/// `(A, B)` of rank `r`; a tensor that is not one of a pair is refused.
+fn read_lora_matrices(
+    path: &Path,
+    r: usize,
+    device: &Device,
+) -> Result<BTreeMap<String, (Tensor, Tensor)>> {
+    if !path.exists() {
         return Err(Error::missing(
-            &w_path,
+            path,
             "the adapter's weights (PEFT saves them as adapter_model.safetensors)",
         ));
     }
-    let raw = candle_core::safetensors::load(&w_path, device)
-        .map_err(|e| Error::bad_file(&w_path, format!("not a safetensors file: {e}")))?;
+    let raw = candle_core::safetensors::load(path, device)
+        .map_err(|e| Error::bad_file(path, format!("not a safetensors file: {e}")))?;
     let mut a_map = BTreeMap::new();
     let mut b_map = BTreeMap::new();
     for (name, t) in raw {
-        if !t.dtype().is_float() {
-            return Err(Error::bad_file(
-                &w_path,
-                format!(
-                    "tensor {name} is {:?}; LoRA matrices must be floating point",
-                    t.dtype()
-                ),
-            ));
-        }
-        // lora_A is (r, in) and lora_B (out, r), with the r of adapter_config.json: the
-        // update is scaled by alpha / r, so another rank would scale it wrongly.
-        let (is_a, is_b) = (
-            name.ends_with(".lora_A.weight"),
-            name.ends_with(".lora_B.weight"),
-        );
-        let rank = match t.dims() {
-            [a, _] if is_a => Some(*a),
-            [_, b] if is_b => Some(*b),
-            _ => None,
-        };
-        if (is_a || is_b) && rank != Some(r) {
-            return Err(Error::bad_file(
-                &w_path,
-                format!(
-                    "tensor {name} has shape {:?}, but {ADAPTER_CONFIG} says r = {r} (lora_A is (r, in), lora_B (out, r)); fix r or the weights",
-                    t.dims()
-                ),
-            ));
-        }
-        let inner = name.strip_prefix(PEFT_PREFIX).unwrap_or(&name);
-        let inner = inner.replace(".default.", ".");
-        if let Some(m) = inner.strip_suffix(".lora_A.weight") {
-            a_map.insert(m.to_string(), t);
-        } else if let Some(m) = inner.strip_suffix(".lora_B.weight") {
-            b_map.insert(m.to_string(), t);
+        let (module, is_a) = lora_matrix(&name, &t, r).map_err(|m| Error::bad_file(path, m))?;
+        if is_a {
+            a_map.insert(module, t);
         } else {
-            return Err(Error::bad_file(
-                &w_path,
-                format!(
-                    "tensor {name} is not a LoRA matrix (lora_A / lora_B); other adapter kinds are not supported"
-                ),
-            ));
+            b_map.insert(module, t);
         }
     }
     let mut tensors = BTreeMap::new();
     for (m, a) in a_map {
         let b = b_map
             .remove(&m)
-            .ok_or_else(|| Error::bad_file(&w_path, format!("{m} has lora_A but no lora_B")))?;
+            .ok_or_else(|| Error::bad_file(path, format!("{m} has lora_A but no lora_B")))?;
         tensors.insert(m, (a, b));
     }
     if let Some(m) = b_map.keys().next() {
         return Err(Error::bad_file(
-            &w_path,
+            path,
             format!("{m} has lora_B but no lora_A"),
         ));
     }
-    Ok(PeftAdapter {
-        r,
-        alpha,
-        dropout,
-        rslora,
-        target_modules,
-        tensors,
-    })
+    Ok(tensors)
+}
+
+/// The module path of the adapter tensor `name` (PEFT's prefix and `.default.` taken
+/// out) and whether it is `lora_A` (else `lora_B`); why not, when `t` is no floating
+/// point LoRA matrix of rank `r`.
+fn lora_matrix(name: &str, t: &Tensor, r: usize) -> std::result::Result<(String, bool), String> {
+    if !t.dtype().is_float() {
+        return Err(format!(
+            "tensor {name} is {:?}; LoRA matrices must be floating point",
+            t.dtype()
+        ));
+    }
+    // lora_A is (r, in) and lora_B (out, r), with the r of adapter_config.json: the
+    // update is scaled by alpha / r, so another rank would scale it wrongly.
+    let (is_a, is_b) = (
+        name.ends_with(".lora_A.weight"),
+        name.ends_with(".lora_B.weight"),
+    );
+    let rank = match t.dims() {
+        [a, _] if is_a => Some(*a),
+        [_, b] if is_b => Some(*b),
+        _ => None,
+    };
+    if (is_a || is_b) && rank != Some(r) {
+        return Err(format!(
+            "tensor {name} has shape {:?}, but {ADAPTER_CONFIG} says r = {r} (lora_A is (r, in), lora_B (out, r)); fix r or the weights",
+            t.dims()
+        ));
+    }
+    let inner = name.strip_prefix(PEFT_PREFIX).unwrap_or(name);
+    let inner = inner.replace(".default.", ".");
+    if let Some(m) = inner.strip_suffix(".lora_A.weight") {
+        Ok((m.to_string(), true))
+    } else if let Some(m) = inner.strip_suffix(".lora_B.weight") {
+        Ok((m.to_string(), false))
+    } else {
+        Err(format!(
+            "tensor {name} is not a LoRA matrix (lora_A / lora_B); other adapter kinds are not supported"
+        ))
+    }
 }
 
 /// The `target_modules` to write: each adapted module's path below its layer

@@ -9,7 +9,7 @@
 //! computes gradients on its share of each global batch; the Strategy sums them over
 //! ranks once per optimizer step, through a [`Collective`]: [`Single`] for one rank,
 //! [`threads::ThreadGroup`] for ranks as threads of one CPU process, NCCL on GPUs.
-//! [`DataParallel`] says whether every rank keeps the whole optimizer state (`ddp`) or
+//! [`StrategyKind`] says whether every rank keeps the whole optimizer state (`ddp`) or
 //! only its shard of it (`zero1`).
 
 pub mod collective;
@@ -35,7 +35,8 @@ pub use collective::{Collective, ReduceOp, Single};
 pub use env::{Launcher, ProcessGroup};
 pub use precision::Precision;
 
-/// How data-parallel ranks share the optimizer.
+/// How data-parallel ranks share the optimizer: `--strategy` (the `strategy` of a
+/// recipe), kept as [`Strategy::kind`].
 #[derive(
     Debug,
     Clone,
@@ -48,7 +49,7 @@ pub use precision::Precision;
     clap::ValueEnum,
 )]
 #[serde(rename_all = "lowercase")]
-pub enum DataParallel {
+pub enum StrategyKind {
     /// Every rank keeps the whole AdamW state and applies the whole update (PyTorch
     /// DDP): gradients are all-reduced in buckets.
     #[default]
@@ -59,11 +60,11 @@ pub enum DataParallel {
     Zero1,
 }
 
-impl std::fmt::Display for DataParallel {
+impl std::fmt::Display for StrategyKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            DataParallel::Ddp => "ddp",
-            DataParallel::Zero1 => "zero1",
+            StrategyKind::Ddp => "ddp",
+            StrategyKind::Zero1 => "zero1",
         })
     }
 }
@@ -137,7 +138,7 @@ pub struct Strategy {
     pub rank: usize,
     pub world_size: usize,
     /// How the optimizer is shared between ranks.
-    pub parallel: DataParallel,
+    pub kind: StrategyKind,
     /// Largest gradient bucket of [`Strategy::all_reduce_grads`], in bytes.
     pub bucket_bytes: usize,
     collective: Arc<dyn Collective>,
@@ -150,7 +151,7 @@ impl std::fmt::Debug for Strategy {
             .field("precision", &self.precision)
             .field("rank", &self.rank)
             .field("world_size", &self.world_size)
-            .field("parallel", &self.parallel)
+            .field("kind", &self.kind)
             .finish()
     }
 }
@@ -180,18 +181,18 @@ impl Strategy {
             precision,
             rank: 0,
             world_size: 1,
-            parallel: DataParallel::Ddp,
+            kind: StrategyKind::Ddp,
             bucket_bytes: BUCKET_BYTES,
             collective: Arc::new(Single),
         })
     }
 
     /// This strategy as rank `collective.rank()` of a data-parallel group.
-    pub fn with_collective(self, collective: Arc<dyn Collective>, parallel: DataParallel) -> Self {
+    pub fn with_collective(self, collective: Arc<dyn Collective>, kind: StrategyKind) -> Self {
         Strategy {
             rank: collective.rank(),
             world_size: collective.world_size(),
-            parallel,
+            kind,
             collective,
             ..self
         }
@@ -444,7 +445,7 @@ mod tests {
                 .handles()
                 .into_iter()
                 .map(|c| {
-                    let mut st = Strategy::cpu().with_collective(c, DataParallel::Ddp);
+                    let mut st = Strategy::cpu().with_collective(c, StrategyKind::Ddp);
                     // 10 f32 per bucket: several buckets, and a tensor larger than one.
                     st.bucket_bytes = 40;
                     s.spawn(move || f(st))

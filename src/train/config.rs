@@ -5,6 +5,7 @@
 //! The resolved values are written to `RUN/hyperparameters.toml` and into every
 //! checkpoint.
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -13,7 +14,7 @@ use super::loggers::Logger;
 use super::schedule::{Schedule, ScheduleKind};
 use crate::error::{Error, IoContext, Result};
 use crate::lora::{LoraConfig, LoraTargets};
-use crate::strategy::{DataParallel, DeviceSpec, Precision};
+use crate::strategy::{DeviceSpec, Precision, StrategyKind};
 
 /// Unit of the log/eval/save intervals.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -122,7 +123,7 @@ train_options! {
     num_nodes: usize = 1;
     /// With several devices: ddp (every rank keeps the whole optimizer state) or zero1 (each rank keeps its shard of it) [default: ddp].
     #[arg(value_enum)]
-    strategy: DataParallel = DataParallel::Ddp;
+    strategy: StrategyKind = StrategyKind::Ddp;
     /// Seconds a rank waits for the others (at a gradient sync, a checkpoint, a validation) before the run stops with an error naming them [default: 1800].
     collective_timeout: u64 = 1800;
     /// Seed of data order, LoRA initialisation and dropout [default: 42].
@@ -192,15 +193,14 @@ train_options! {
 
 impl TrainConfig {
     /// Defaults, overlaid with the recipe at `recipe` (if any), overlaid with `flags`
-    /// (a table holding only the flags given on the command line).
-    pub fn resolve(recipe: Option<&Path>, flags: toml::Table) -> Result<Self> {
-        let cfg = Self::resolve_unchecked(recipe, flags)?;
-        cfg.check()?;
-        Ok(cfg)
+    /// (a table holding only the flags given on the command line), checked.
+    pub fn resolve(recipe: Option<&Path>, flags: toml::Table) -> Result<CheckedConfig> {
+        Self::resolve_unchecked(recipe, flags)?.checked()
     }
 
-    /// [`TrainConfig::resolve`] without [`TrainConfig::check`], for callers that need
-    /// only some of the options (`pretrain --dry-run` reads no data and writes no run).
+    /// [`TrainConfig::resolve`] without the check, for callers that need only some of
+    /// the options (`pretrain --dry-run` reads no data and writes no run), or that
+    /// check later ([`TrainConfig::checked`]).
     pub fn resolve_unchecked(recipe: Option<&Path>, flags: toml::Table) -> Result<Self> {
         let recipe = match recipe {
             None => None,
@@ -221,10 +221,11 @@ impl TrainConfig {
     }
 
     /// [`TrainConfig::resolve`] with the recipe already parsed.
-    pub fn resolve_tables(recipe: Option<toml::Table>, flags: toml::Table) -> Result<Self> {
-        let cfg = Self::merge_tables(recipe, flags)?;
-        cfg.check()?;
-        Ok(cfg)
+    pub fn resolve_tables(
+        recipe: Option<toml::Table>,
+        flags: toml::Table,
+    ) -> Result<CheckedConfig> {
+        Self::merge_tables(recipe, flags)?.checked()
     }
 
     /// Defaults ← recipe ← flags, unchecked.
@@ -244,13 +245,16 @@ impl TrainConfig {
         self.cross_document_attention.unwrap_or(false)
     }
 
-    /// Every problem with the values, in one message.
-    pub fn check(&self) -> Result<()> {
-        self.check_needing(&["--data-dir", "--checkpoint-dir", "--out-dir"])
+    /// This config, once its values pass every check, as a [`CheckedConfig`]; else
+    /// every problem with them, in one message.
+    pub fn checked(self) -> Result<CheckedConfig> {
+        self.check_needing(&["--data-dir", "--checkpoint-dir", "--out-dir"])?;
+        Ok(CheckedConfig(self))
     }
 
-    /// [`TrainConfig::check`], requiring only the folders whose flags `required`
-    /// names (`pretrain --dry-run` needs only `--checkpoint-dir`).
+    /// Every problem with the values, in one message, requiring only the folders whose
+    /// flags `required` names (`pretrain --dry-run` needs only `--checkpoint-dir`;
+    /// a run needs all three, see [`TrainConfig::checked`]).
     pub fn check_needing(&self, required: &[&str]) -> Result<()> {
         let mut problems = Vec::new();
         for (flag, p) in [
@@ -400,6 +404,54 @@ impl TrainConfig {
     }
 }
 
+/// A [`TrainConfig`] whose values passed its checks: what a run is made of. Only
+/// [`TrainConfig::checked`] makes one (the resolvers call it), so a config reaches
+/// the trainer checked, and checked once. It reads as the [`TrainConfig`] it holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckedConfig(TrainConfig);
+
+impl std::ops::Deref for CheckedConfig {
+    type Target = TrainConfig;
+
+    fn deref(&self) -> &TrainConfig {
+        &self.0
+    }
+}
+
+impl CheckedConfig {
+    /// The config it holds.
+    pub fn config(&self) -> &TrainConfig {
+        &self.0
+    }
+
+    /// This config with `--cross-document-attention` settled to `on` (a resumed run
+    /// keeps its checkpoint's); either value passes the checks.
+    pub fn with_cross_document_attention(mut self, on: bool) -> Self {
+        self.0.cross_document_attention = Some(on);
+        self
+    }
+}
+
+/// What the training entry points take: a [`TrainConfig`], checked on the way in,
+/// or a [`CheckedConfig`], taken as it is. Either way a run's options are checked
+/// once, by the outermost entry point that sees them.
+pub trait ToChecked {
+    /// The config, checked.
+    fn to_checked(&self) -> Result<Cow<'_, CheckedConfig>>;
+}
+
+impl ToChecked for TrainConfig {
+    fn to_checked(&self) -> Result<Cow<'_, CheckedConfig>> {
+        Ok(Cow::Owned(self.clone().checked()?))
+    }
+}
+
+impl ToChecked for CheckedConfig {
+    fn to_checked(&self) -> Result<Cow<'_, CheckedConfig>> {
+        Ok(Cow::Borrowed(self))
+    }
+}
+
 fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
@@ -452,6 +504,20 @@ mod tests {
             e.contains("not a multiple") && e.contains("--lora-dropout"),
             "{e}"
         );
+    }
+
+    /// A plain config is checked on its way into a run; a checked one is taken as it
+    /// is, not checked again.
+    #[test]
+    fn a_config_is_checked_once() {
+        let mut bad = TrainConfig::resolve_unchecked(None, flags(&base())).unwrap();
+        bad.batch_size = 10;
+        let e = bad.to_checked().unwrap_err().to_string();
+        assert!(e.contains("not a multiple"), "{e}");
+        let checked = TrainConfig::resolve(None, flags(&base())).unwrap();
+        assert!(matches!(checked.to_checked().unwrap(), Cow::Borrowed(_)));
+        let plain = checked.config().clone();
+        assert_eq!(*plain.to_checked().unwrap(), checked);
     }
 
     #[test]

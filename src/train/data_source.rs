@@ -3,10 +3,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use super::TrainConfig;
 use super::batches::{DataOrigin, SampleSet, TrainData, TrainDataset};
-use super::ranks::pretrain_with_data;
-use super::trainer::TrainSummary;
 use crate::data::reader::{PreparedData, Split};
 use crate::error::Result;
 
@@ -45,10 +42,4 @@ pub fn load_train_data(dir: &Path) -> Result<TrainData> {
             })
             .collect(),
     })
-}
-
-/// Train as `cfg` says, on the prepared data of `cfg.data_dir`.
-pub fn pretrain(cfg: &TrainConfig) -> Result<TrainSummary> {
-    cfg.check()?;
-    pretrain_with_data(cfg, load_train_data(&cfg.data_dir)?)
 }

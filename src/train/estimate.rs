@@ -46,7 +46,8 @@
 //!              activations and workspace are freed (so the run needs the larger of
 //!              the two, on top of parameters, gradients and optimizer state):
 //!                one block's forward at a time, nothing kept across blocks:
-//!                e · N · (per-token set of a block above) + f32 · 2 · micro_batch · nh · T
+//!                e · N · (per-token set of a block above, without dropout's copies)
+//!                + f32 · 2 · micro_batch · nh · T
 //!              + e · N · C                        the next block's input
 //!              + e · N · C                        final norm output
 //!              + f32 · rows · V                   one chunk of logits
@@ -77,7 +78,7 @@ use std::path::Path;
 use crate::config::{Config, MlpKind, QkvLayout, Residual, load_config};
 use crate::error::{Error, Result};
 use crate::lora::LoraConfig;
-use crate::strategy::{DataParallel, DeviceSpec};
+use crate::strategy::{DeviceSpec, StrategyKind};
 
 use super::TrainConfig;
 
@@ -194,7 +195,7 @@ pub fn estimate(model: &Config, cfg: &TrainConfig, seq_len: usize) -> MemoryEsti
 
     let params = p * (counts.base + counts.lora);
     let grads = p * counts.trainable;
-    let shards = if cfg.strategy == DataParallel::Zero1 {
+    let shards = if cfg.strategy == StrategyKind::Zero1 {
         world
     } else {
         1
@@ -261,7 +262,8 @@ pub fn estimate(model: &Config, cfg: &TrainConfig, seq_len: usize) -> MemoryEsti
     } else {
         F32 * 3 * mb * nh * t * t
     };
-    let validation = e * n * per_token
+    // No dropout in validation: no masked copies of the adapted inputs.
+    let validation = e * n * (per_token - dropped_inputs)
         + F32 * 2 * mb * nh * t
         + 2 * e * n * c
         + F32 * rows * vocab as u64
@@ -348,7 +350,7 @@ fn assumptions(
     let world = cfg.world_size();
     let ranks = if world == 1 {
         "1 rank".to_string()
-    } else if cfg.strategy == DataParallel::Zero1 {
+    } else if cfg.strategy == StrategyKind::Zero1 {
         format!("{world} ranks, optimizer state sharded (zero1)")
     } else {
         format!("{world} ranks, each with the whole optimizer state (ddp)")

@@ -1,5 +1,28 @@
-//! Training: the optimizer, schedules, batches, one step, and the trainer loop.
+//! Training: from a checked config and training data to a finished run.
+//!
+//! ```text
+//! pretrain.rs        the entry points: pretrain (prepared data), pretrain_with_data
+//! ranks.rs           a run on several ranks: threads on CPU, a process group on GPUs
+//! trainer.rs         the loop: steps, logging, validation, checkpoints, early stopping
+//! setup.rs           before the first step: the checks, the model and optimizer, the
+//!                    run folder
+//! resume.rs          continuing a run from one of its checkpoints
+//! config.rs          the options (TrainConfig) and their check (CheckedConfig)
+//! data_source.rs     prepared data (prepare-data) as training data
+//! batches.rs         training data: weighted datasets, epochs, batches
+//! step.rs            one optimizer step: forward, backward, gradient sync, update
+//! optimizer.rs       AdamW, replicated (ddp) or sharded (zero1) over the ranks
+//! adamw.rs           AdamW itself, and gradient clipping
+//! sharded_adamw.rs   AdamW sharded over the ranks (ZeRO-1)
+//! schedule.rs        learning-rate schedules
+//! checkpoint.rs      checkpoints on disk
+//! evaluate.rs        validation loss of a model
+//! validate.rs        offline validation of every checkpoint of a run
+//! metrics.rs, loggers.rs, tensorboard.rs   metrics.csv and TensorBoard event files
+//! estimate.rs        the memory a run plans for (pretrain --dry-run)
+//! ```
 
+pub mod adamw;
 pub mod batches;
 pub mod checkpoint;
 pub mod config;
@@ -8,16 +31,19 @@ pub mod estimate;
 pub mod evaluate;
 pub mod loggers;
 pub mod metrics;
-pub mod optim;
+pub mod optimizer;
+pub mod pretrain;
 pub mod ranks;
+mod resume;
 pub mod schedule;
+mod setup;
+pub mod sharded_adamw;
 pub mod step;
 pub mod tensorboard;
 pub mod trainer;
 pub mod validate;
-pub mod zero;
 
-pub use config::TrainConfig;
-pub use data_source::{load_train_data, pretrain};
-pub use ranks::pretrain_with_data;
+pub use config::{CheckedConfig, ToChecked, TrainConfig};
+pub use data_source::load_train_data;
+pub use pretrain::{pretrain, pretrain_with_data};
 pub use trainer::{TrainSummary, Trainer};

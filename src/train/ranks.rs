@@ -1,11 +1,6 @@
-//! Starting a run on its ranks: one [`Trainer`] per rank, each with its own
-//! [`Strategy`], all joined by one [`Collective`].
-//!
-//! ```text
-//! --devices 1                one Trainer in this thread
-//! --device cpu --devices N   N threads of this process, a ThreadGroup between them
-//! --device cuda, N > 1       this process is one rank of a SLURM/torchrun group (NCCL)
-//! ```
+//! A run on several ranks: one [`Trainer`] per rank, each with its own [`Strategy`],
+//! all joined by one [`Collective`] (threads of this process on CPU, a process group on
+//! GPUs; [`pretrain_with_data`](super::pretrain::pretrain_with_data) picks which).
 //!
 //! A rank that fails (an error or a panic) aborts the collective, so every other rank
 //! stops at its next collective call with `rank R failed: reason` instead of waiting.
@@ -20,41 +15,21 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::TrainConfig;
 use super::batches::TrainData;
+use super::config::{CheckedConfig, ToChecked};
 use super::trainer::{TrainSummary, Trainer};
 use crate::error::{Error, Result};
-use crate::strategy::threads::ThreadGroup;
 use crate::strategy::{Collective, DeviceSpec, Strategy};
-
-/// Train as `cfg` says on `data`, to the end, on every rank `cfg` asks for (devices ×
-/// nodes); returns rank 0's summary.
-pub fn pretrain_with_data(cfg: &TrainConfig, data: TrainData) -> Result<TrainSummary> {
-    cfg.check()?;
-    let world = cfg.world_size();
-    if world == 1 {
-        return Trainer::new(cfg, data)?.run(None);
-    }
-    match cfg.device {
-        DeviceSpec::Cpu if cfg.num_nodes > 1 => Err(Error::Usage(format!(
-            "--device cpu --num-nodes {}: CPU ranks are threads of one process, on one node; use --devices N (or GPUs with NCCL across nodes)",
-            cfg.num_nodes
-        ))),
-        DeviceSpec::Cpu => {
-            let group = ThreadGroup::new(world, Duration::from_secs(cfg.collective_timeout));
-            train_threads(cfg, data, group.handles())
-        }
-        DeviceSpec::Cuda(_) => train_process_group(cfg, data),
-    }
-}
 
 /// One thread per handle of `ranks` (rank `r` on `ranks[r]`), all training `cfg` on
 /// `data`; returns rank 0's summary, or the error of the first rank that failed.
 pub fn train_threads(
-    cfg: &TrainConfig,
+    cfg: &impl ToChecked,
     data: TrainData,
     ranks: Vec<Arc<dyn Collective>>,
 ) -> Result<TrainSummary> {
+    let cfg = cfg.to_checked()?;
+    let cfg = cfg.as_ref();
     let base = Strategy::new(cfg.device, cfg.precision)?;
     let first_failure: Mutex<Option<(usize, String)>> = Mutex::new(None);
     let results: Vec<Result<TrainSummary>> = std::thread::scope(|s| {
@@ -129,7 +104,7 @@ fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
 /// This rank's whole run. On failure, `on_failure` hears it first, then the other
 /// ranks are told (through the collective) so that they stop too.
 pub fn train_rank(
-    cfg: &TrainConfig,
+    cfg: &CheckedConfig,
     data: TrainData,
     strategy: Strategy,
     on_failure: impl Fn(&str),
@@ -153,7 +128,7 @@ pub fn train_rank(
 /// `--num-nodes`; the ranks meet over TCP and open an NCCL communicator
 /// ([`crate::strategy::nccl_collective`]). Every rank returns its own summary (rank 0's
 /// names the final checkpoint).
-fn train_process_group(cfg: &TrainConfig, data: TrainData) -> Result<TrainSummary> {
+pub(super) fn train_process_group(cfg: &CheckedConfig, data: TrainData) -> Result<TrainSummary> {
     let env = crate::strategy::env::process_env();
     let pg = crate::strategy::env::process_group(&env)?.ok_or_else(|| {
         Error::Usage(format!(

@@ -152,8 +152,8 @@ mod tests {
         assert!(Schedule::new(ScheduleKind::Cosine, f64::NAN, 0.0, 0, 10, 1).is_err());
     }
 
-    /// Issue 9: `--lr-schedule constant --learning-rate 1e-5` was refused because the
-    /// default `--min-lr` (3e-5) is larger, though a constant schedule never uses it.
+    /// `--lr-schedule constant --learning-rate 1e-5` is accepted although the default
+    /// `--min-lr` (3e-5) is larger: a constant schedule never uses it.
     #[test]
     fn constant_schedule_ignores_min_lr() {
         let c = Schedule::new(ScheduleKind::Constant, 1e-5, 3e-5, 0, 10, 1).unwrap();

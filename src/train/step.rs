@@ -10,7 +10,7 @@
 use candle_core::{Tensor, Var};
 
 use super::batches::Batch;
-use super::zero::Optimizer;
+use super::optimizer::Optimizer;
 use crate::error::{Error, Result};
 use crate::model::engine::profile::timed;
 use crate::model::engine::{Grads, PassInput, train_pass};

@@ -12,21 +12,16 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use super::batches::{Batch, DataPosition, TrainData, sample_with_starts};
 use super::checkpoint::{self, TrainingState};
-use super::config::{IntervalUnit, TrainConfig};
+use super::config::{CheckedConfig, IntervalUnit, ToChecked};
 use super::evaluate::evaluate;
 use super::loggers::Loggers;
-use super::metrics::{METRICS_FILE, MetricsRow};
-use super::optim::AdamWConfig;
+use super::metrics::MetricsRow;
 use super::schedule::Schedule;
-use super::step::{LossScaler, StepRunner, StepStats};
-use super::zero::Optimizer;
-use crate::config::{Config, load_config};
+use super::setup::{Plan, build_runner, open_outputs, unsharded_note};
+use super::step::{StepRunner, StepStats};
 use crate::error::{Error, IoContext, Result};
 use crate::lora::LoraConfig;
-use crate::model::weights::Weights;
-use crate::model::{Dropout, build_model};
 use crate::strategy::Strategy;
-use crate::tokenizer::Tokenizer;
 
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,7 +37,7 @@ pub struct TrainSummary {
 
 /// A run in progress.
 pub struct Trainer {
-    cfg: TrainConfig,
+    cfg: CheckedConfig,
     data: TrainData,
     runner: StepRunner,
     lora: Option<LoraConfig>,
@@ -55,378 +50,58 @@ pub struct Trainer {
     order_epoch: Option<usize>,
 }
 
-/// Whether `dir` already holds a run.
-fn holds_run(dir: &Path) -> bool {
-    dir.join("hyperparameters.toml").exists()
-        || dir.join(METRICS_FILE).exists()
-        || checkpoint::list(dir)
-            .map(|l| !l.is_empty())
-            .unwrap_or(false)
-}
-
-/// What [`Trainer::new`] settles before any weights load: every check a user can fail
-/// (a 7B model costs minutes and gigabytes to load), and what follows from the config
-/// and the data alone.
-struct Plan {
-    strategy: Strategy,
-    model_cfg: Config,
-    /// The checkpoint to resume from, with its state.
-    resume: Option<(PathBuf, TrainingState)>,
-    lora: Option<LoraConfig>,
-    schedule: Schedule,
-    /// `--cross-document-attention` as this run uses it (a resume keeps its checkpoint's).
-    cross_document: bool,
-    /// Lines for the log once it is open (a damaged checkpoint passed over, ...).
-    warnings: Vec<String>,
-}
-
-impl Plan {
-    fn new(cfg: &TrainConfig, data: &TrainData, strategy: Strategy) -> Result<Plan> {
-        cfg.check()?;
-        let (resume, mut warnings) = resume_from(cfg)?;
-        let mut cross_document = cfg.cross_document();
-        if let Some((dir, state)) = &resume {
-            check_resume(cfg, dir, state)?;
-            let (value, note) = resumed_cross_document(cfg, dir, state)?;
-            cross_document = value;
-            warnings.extend(note);
-            // metrics.csv must still hold the rows logged before the checkpoint.
-            if let (Some(expected), true) = (state.metrics_rows, strategy.is_global_zero()) {
-                warnings.extend(super::metrics::check_rows(
-                    &cfg.out_dir,
-                    state.step,
-                    expected,
-                )?);
-            }
-        }
-        let model_cfg = load_config(&cfg.checkpoint_dir)?;
-        check_data_fits(cfg, data, &model_cfg)?;
-        // A GPU that cannot hold the run refuses it now, not minutes into loading.
-        super::estimate::check_device_memory(
-            &model_cfg,
-            cfg,
-            data.block_size - 1,
-            &strategy.device,
-        )?;
-        let total_steps = total_steps(cfg, data, strategy.world_size)?;
-        let schedule = Schedule::new(
-            cfg.lr_schedule,
-            cfg.learning_rate,
-            cfg.min_lr,
-            cfg.warmup_steps,
-            total_steps,
-            cfg.restarts,
-        )?;
-        Ok(Plan {
-            strategy,
-            model_cfg,
-            resume,
-            lora: cfg.lora(),
-            schedule,
-            cross_document,
-            warnings,
-        })
-    }
-}
-
-/// The checkpoint `--resume` names, checked whole, with its state (`auto`: the run's
-/// newest complete one, passing over damaged ones with a warning each), refusing to
-/// start a second run in a folder that holds one.
-fn resume_from(cfg: &TrainConfig) -> Result<(Option<checkpoint::Found>, Vec<String>)> {
-    let out = &cfg.out_dir;
-    match cfg.resume.as_deref() {
-        None if holds_run(out) => Err(Error::Usage(format!(
-            "{} holds another run; continue it with --resume auto or choose another --out-dir",
-            out.display()
-        ))),
-        None => Ok((None, Vec::new())),
-        Some("auto") => checkpoint::newest_complete(out),
-        Some(p) => {
-            let dir = PathBuf::from(p);
-            let state = checkpoint::check(&dir)?;
-            Ok((Some((dir, state)), Vec::new()))
-        }
-    }
-}
-
-/// A checkpoint continues only a run of its own kind and model: full fine-tuning or
-/// LoRA with the same rank, alpha and targets (another alpha or rank would rescale
-/// what the adapter computes), from a base model of the same configuration.
-fn check_resume(cfg: &TrainConfig, dir: &Path, state: &TrainingState) -> Result<()> {
-    let was = &state.hyperparameters;
-    let lora_then = was.lora_r > 0;
-    if (cfg.lora_r > 0) != lora_then {
-        return Err(Error::Usage(format!(
-            "{} is a checkpoint of {}; resume it with --lora-r {} (or its run's recipe)",
-            dir.display(),
-            if lora_then {
-                "a LoRA run"
-            } else {
-                "full fine-tuning"
-            },
-            was.lora_r
-        )));
-    }
-    if lora_then {
-        let mut diffs = Vec::new();
-        if cfg.lora_r != was.lora_r {
-            diffs.push(format!(
-                "--lora-r {} (checkpoint: {})",
-                cfg.lora_r, was.lora_r
-            ));
-        }
-        if cfg.lora_alpha != was.lora_alpha {
-            diffs.push(format!(
-                "--lora-alpha {} (checkpoint: {})",
-                cfg.lora_alpha, was.lora_alpha
-            ));
-        }
-        if cfg.lora_targets() != was.lora_targets() {
-            diffs.push(format!(
-                "LoRA targets {:?} (checkpoint: {:?})",
-                cfg.lora_targets(),
-                was.lora_targets()
-            ));
-        }
-        if !diffs.is_empty() {
-            return Err(Error::Usage(format!(
-                "{} was trained with other LoRA settings: {}; resume with the checkpoint's values",
-                dir.display(),
-                diffs.join(", ")
-            )));
-        }
-    }
-    if dir.join("config.json").exists() && load_config(dir)? != load_config(&cfg.checkpoint_dir)? {
-        return Err(Error::Usage(format!(
-            "{} was trained from another base model than --checkpoint-dir {} (their config.json differ)",
-            dir.display(),
-            cfg.checkpoint_dir.display()
-        )));
-    }
-    Ok(())
-}
-
-/// `--cross-document-attention` of a resumed run: the checkpoint's, which a flag may
-/// repeat but not contradict (the loss would change meaning mid-run). A checkpoint from
-/// before the flag existed trained with cross-document attention and keeps it unless
-/// the flag says otherwise; the returned line says so.
-fn resumed_cross_document(
-    cfg: &TrainConfig,
-    dir: &Path,
-    state: &TrainingState,
-) -> Result<(bool, Option<String>)> {
-    match (
-        cfg.cross_document_attention,
-        state.hyperparameters.cross_document_attention,
-    ) {
-        (Some(now), Some(then)) if now != then => Err(Error::Usage(format!(
-            "{} was trained with --cross-document-attention {then}; resume it with --cross-document-attention {then} (or leave the flag out), or start a new run to change it",
-            dir.display()
-        ))),
-        (now, Some(then)) => Ok((now.unwrap_or(then), None)),
-        (Some(now), None) => Ok((now, None)),
-        (None, None) => Ok((
-            true,
-            Some(format!(
-                "{} predates --cross-document-attention: its run let packed documents attend to each other, and so does this one; pass --cross-document-attention false to switch",
-                dir.display()
-            )),
-        )),
-    }
-}
-
-/// The data must come from the base model's tokenizer, fit its context, and weigh
-/// its datasets sanely.
-fn check_data_fits(cfg: &TrainConfig, data: &TrainData, model_cfg: &Config) -> Result<()> {
-    let tokenizer = Tokenizer::from_dir(&cfg.checkpoint_dir)?;
-    data.check_tokenizer(&tokenizer)?;
-    data.check_context(model_cfg.block_size)?;
-    data.check_weights()
-}
-
-/// Optimizer steps of the run: the smallest of --max-steps, --num-epochs and
-/// --max-tokens, one epoch when none is given.
-fn total_steps(cfg: &TrainConfig, data: &TrainData, world: usize) -> Result<usize> {
-    let epoch_len = data.epoch_len(world);
-    if epoch_len < cfg.batch_size {
-        let sizes: Vec<String> = data
-            .datasets
-            .iter()
-            .map(|d| {
-                format!(
-                    "{} ({} samples, weight {})",
-                    d.name,
-                    d.train.len(),
-                    d.weight
-                )
-            })
-            .collect();
-        return Err(Error::Data(format!(
-            "the training data gives {epoch_len} samples per device per epoch, fewer than one batch of {}: {}; lower --batch-size or add data",
-            cfg.batch_size,
-            sizes.join(", ")
-        )));
-    }
-    let steps_per_epoch = epoch_len / cfg.batch_size;
-    let tokens_per_step = (cfg.batch_size * world * (data.block_size - 1)) as u64;
-    Ok([
-        cfg.max_steps,
-        cfg.num_epochs.map(|e| e * steps_per_epoch),
-        cfg.max_tokens.map(|t| t.div_ceil(tokens_per_step) as usize),
-    ]
-    .into_iter()
-    .flatten()
-    .min()
-    .unwrap_or(steps_per_epoch))
-}
-
-/// The model (the base, frozen under a new or resumed adapter for LoRA; the
-/// checkpoint's own weights when resuming full training), its optimizer, and the state
-/// the run starts from.
-fn build_runner(cfg: &TrainConfig, plan: Plan) -> Result<(StepRunner, TrainingState)> {
-    let Plan {
-        strategy,
-        model_cfg,
-        resume,
-        lora,
-        ..
-    } = plan;
-    let resume_dir = resume.as_ref().map(|(d, _)| d.as_path());
-    let weights_dir = match (resume_dir, &lora) {
-        (Some(dir), None) => dir,
-        _ => cfg.checkpoint_dir.as_path(),
-    };
-    let tm = build_model(
-        &model_cfg,
-        &Weights::open(weights_dir)?,
-        &strategy.build_options(lora.is_none()),
-    )?;
-    let mut model = tm.model;
-    let vars = match &lora {
-        None => tm.vars,
-        Some(l) => {
-            let vars = crate::lora::attach_new(&mut model, l, cfg.seed)?;
-            if let Some(dir) = resume_dir {
-                restore_adapter(dir, &vars, &strategy)?;
-            }
-            vars
-        }
-    };
-    let adam = AdamWConfig {
-        beta1: cfg.beta1,
-        beta2: cfg.beta2,
-        eps: cfg.eps,
-        weight_decay: cfg.weight_decay,
-    };
-    let mut opt = Optimizer::new(vars, adam, &strategy)?;
-    let state = match resume {
-        Some((dir, s)) => {
-            let moments = checkpoint::load_optimizer(&dir, &strategy.device)?;
-            opt.load_state(&moments, s.step as u64)?;
-            s
-        }
-        None => fresh_state(cfg, &strategy, lora.as_ref()),
-    };
-    let trained: Vec<candle_core::Var> = opt.vars().iter().map(|(_, v)| v.clone()).collect();
-    strategy.broadcast_vars(&trained)?;
-    let mut runner = StepRunner::new(model, opt, strategy);
-    runner.grad_clip = (cfg.grad_clip > 0.0).then_some(cfg.grad_clip);
-    runner.scaler = state.loss_scaler;
-    runner.dropout = lora
-        .as_ref()
-        .filter(|l| l.dropout > 0.0)
-        .map(|_| Dropout::new(state.dropout_seed.unwrap_or(state.hyperparameters.seed)));
-    runner.activation_checkpointing = cfg.activation_checkpointing;
-    Ok((runner, state))
-}
-
 /// The device, and the ranks when there are several: `cpu`, `cpu × 2 ranks (ddp)`.
 fn ranks_label(s: &Strategy) -> String {
     match s.world_size {
         1 => s.spec.to_string(),
-        w => format!("{} × {w} ranks ({})", s.spec, s.parallel),
+        w => format!("{} × {w} ranks ({})", s.spec, s.kind),
     }
-}
-
-/// The state of a run at step 0.
-fn fresh_state(cfg: &TrainConfig, strategy: &Strategy, lora: Option<&LoraConfig>) -> TrainingState {
-    let needs_dropout = lora.is_some_and(|l| l.dropout > 0.0);
-    TrainingState {
-        step: 0,
-        position: DataPosition::default(),
-        tokens: 0,
-        elapsed_s: 0.0,
-        train_loss: None,
-        val_loss: None,
-        best_val_loss: None,
-        evals_without_improvement: 0,
-        metrics_rows: Some(0),
-        loss_scaler: strategy.precision.uses_loss_scaling().then(LossScaler::new),
-        dropout_seed: needs_dropout.then_some(cfg.seed),
-        base_checkpoint_dir: cfg.checkpoint_dir.clone(),
-        hyperparameters: cfg.clone(),
-        lit_claire_version: env!("CARGO_PKG_VERSION").into(),
-    }
-}
-
-/// Rank 0's files in the run folder: the hyper-parameters, the loggers' files
-/// (continued after `resume = (step, tokens)` when resuming) and `train.log`.
-fn open_outputs(
-    cfg: &TrainConfig,
-    data: &TrainData,
-    resume: Option<(usize, u64)>,
-) -> Result<(Loggers, std::fs::File)> {
-    let out = &cfg.out_dir;
-    std::fs::create_dir_all(out).at(out)?;
-    checkpoint::clean_partial(out)?;
-    cfg.save(out)?;
-    let names: Vec<String> = data.datasets.iter().map(|d| d.name.clone()).collect();
-    let metrics = Loggers::open(out, &names, &cfg.logger, resume)?;
-    let log_path = out.join("train.log");
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .at(&log_path)?;
-    Ok((metrics, log))
 }
 
 impl Trainer {
-    /// Check everything, then set up model, optimizer and data (from scratch or from
-    /// the checkpoint `cfg.resume` names), on one device. Every user error surfaces
-    /// before any weights load. Runs on several devices start one trainer per rank
-    /// with [`Trainer::on_rank`] ([`pretrain_with_data`](super::pretrain_with_data)
-    /// does).
-    pub fn new(cfg: &TrainConfig, data: TrainData) -> Result<Self> {
+    /// Check everything (`cfg` too, unless it is a [`CheckedConfig`] already), then
+    /// set up model, optimizer and data (from scratch or from the checkpoint
+    /// `cfg.resume` names), on one device. Every user error surfaces before any
+    /// weights load. Runs on several devices start one trainer per rank with
+    /// [`Trainer::on_rank`] ([`pretrain_with_data`](super::pretrain_with_data) does).
+    pub fn new(cfg: &impl ToChecked, data: TrainData) -> Result<Self> {
+        let cfg = cfg.to_checked()?;
         if cfg.world_size() > 1 {
             return Err(Error::Usage(format!(
                 "--devices {} --num-nodes {}: a Trainer is one rank; train with pretrain_with_data, which starts every rank",
                 cfg.devices, cfg.num_nodes
             )));
         }
-        Self::on_rank(cfg, data, Strategy::new(cfg.device, cfg.precision)?)
+        Self::on_rank(
+            cfg.as_ref(),
+            data,
+            Strategy::new(cfg.device, cfg.precision)?,
+        )
     }
 
-    /// [`Trainer::new`] for the rank of `strategy`. Rank 0 settles the run folder
-    /// first (which checkpoint to resume, metrics, hyper-parameters); the others start
-    /// once it has, so none reads a folder being changed.
-    pub fn on_rank(cfg: &TrainConfig, data: TrainData, strategy: Strategy) -> Result<Self> {
-        cfg.check()?;
+    /// [`Trainer::new`] for the rank of `strategy` (`cfg` checked the same way).
+    /// Rank 0 settles the run folder first (which checkpoint to resume, metrics,
+    /// hyper-parameters); the others start once it has, so none reads a folder being
+    /// changed.
+    pub fn on_rank(cfg: &impl ToChecked, data: TrainData, strategy: Strategy) -> Result<Self> {
+        let cfg = cfg.to_checked()?;
         let zero = strategy.is_global_zero();
         let group = strategy.clone();
         if !zero {
             group.barrier()?;
         }
-        let plan = Plan::new(cfg, &data, strategy)?;
+        let plan = Plan::new(&cfg, &data, strategy)?;
         if zero {
             group.barrier()?;
         }
-        let resumed_from = plan.resume.as_ref().map(|(d, s)| (d.clone(), s.step));
+        let resumed_from = plan.resume.from.as_ref().map(|(d, s)| (d.clone(), s.step));
         let (lora, schedule) = (plan.lora.clone(), plan.schedule.clone());
-        let warnings = plan.warnings.clone();
+        let mut warnings = plan.resume.warnings.clone();
+        warnings.extend(unsharded_note(&cfg, &plan.strategy));
         // The setting as used goes into hyperparameters.toml and every checkpoint.
-        let mut cfg = cfg.clone();
-        cfg.cross_document_attention = Some(plan.cross_document);
+        let cfg = cfg
+            .into_owned()
+            .with_cross_document_attention(plan.resume.cross_document);
         let cfg = &cfg;
         let (runner, mut state) = build_runner(cfg, plan)?;
         state.hyperparameters.cross_document_attention = cfg.cross_document_attention;
@@ -585,7 +260,7 @@ impl Trainer {
     ) -> Result<PathBuf> {
         // Never a checkpoint of broken weights (the last update can overflow them).
         for (var_name, var) in self.runner.opt.vars() {
-            if !super::optim::all_finite(var.as_tensor())? {
+            if !super::adamw::all_finite(var.as_tensor())? {
                 return Err(Error::Msg(format!(
                     "step {}: {var_name} holds NaN or infinite values after the update; {name} was not saved. Lower --learning-rate (or set --grad-clip), then --resume auto continues from the last checkpoint",
                     self.state.step
@@ -834,35 +509,6 @@ impl Trainer {
             final_checkpoint,
         }
     }
-}
-
-/// Set fresh adapter variables to the values saved in checkpoint `dir`.
-fn restore_adapter(
-    dir: &Path,
-    vars: &[(String, candle_core::Var)],
-    strategy: &Strategy,
-) -> Result<()> {
-    let adapter = crate::hf::peft::load_adapter(dir, &strategy.device)?;
-    for (name, var) in vars {
-        let (module, which) = name
-            .rsplit_once(".lora_")
-            .ok_or_else(|| Error::Msg(format!("unexpected adapter variable {name}")))?;
-        let (a, b) = adapter.tensors.get(module).ok_or_else(|| {
-            Error::bad_file(
-                dir,
-                format!("the adapter has no {module}; was it written by another run?"),
-            )
-        })?;
-        let t = if which.starts_with('A') { a } else { b };
-        if t.dims() != var.dims() {
-            return Err(Error::bad_file(
-                dir,
-                format!("{name} has shape {:?}, expected {:?}", t.dims(), var.dims()),
-            ));
-        }
-        var.set(&t.to_dtype(var.dtype())?)?;
-    }
-    Ok(())
 }
 
 /// Wall time of a run (continuing a resumed run's), and when logging, validation and

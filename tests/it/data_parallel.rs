@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use candle_core::{Device, Tensor};
 use lit_claire::error::{Error, Result};
 use lit_claire::strategy::threads::ThreadGroup;
-use lit_claire::strategy::{Collective, DataParallel, ReduceOp};
+use lit_claire::strategy::{Collective, ReduceOp, StrategyKind};
 use lit_claire::tokenizer::Tokenizer;
 use lit_claire::train::batches::{TrainData, TrainDataset};
 use lit_claire::train::ranks::train_threads;
@@ -162,21 +162,21 @@ fn two_ranks_are_one_rank(lora_dropout: Option<f64>) -> tempfile::TempDir {
         .map(|(_, w)| w.iter().fold(0f32, |m, x| m.max(x.abs())))
         .fold(0f32, f32::max);
     assert!(moved > 1e-3, "{kind}: {moved}");
-    for parallel in [DataParallel::Ddp, DataParallel::Zero1] {
+    for strategy in [StrategyKind::Ddp, StrategyKind::Zero1] {
         let two = temp_dir();
         let mut cfg = tweak(config(two.path(), 2, 2));
-        cfg.strategy = parallel;
+        cfg.strategy = strategy;
         let s = pretrain_with_data(&cfg, data()).unwrap();
         assert_eq!(s.final_checkpoint, Some(two.path().join("final")));
         assert_same(
-            &format!("{kind}, 2 ranks {parallel} vs 1 rank"),
+            &format!("{kind}, 2 ranks {strategy} vs 1 rank"),
             one.path(),
             two.path(),
         );
         // Rank 0 alone wrote the run folder; every checkpoint is complete.
         let log = std::fs::read_to_string(two.path().join("train.log")).unwrap();
         assert!(
-            log.contains(&format!("cpu × 2 ranks ({parallel})")),
+            log.contains(&format!("cpu × 2 ranks ({strategy})")),
             "{log}"
         );
         assert_eq!(log.matches("starting").count(), 1, "{log}");
@@ -254,7 +254,7 @@ fn a_checkpoint_of_two_ranks_resumes_on_one_and_on_four() {
     // Written by 2 ranks with sharded optimizer state...
     let two = temp_dir();
     let mut cfg = config(two.path(), 2, 2);
-    cfg.strategy = DataParallel::Zero1;
+    cfg.strategy = StrategyKind::Zero1;
     pretrain_with_data(&cfg, data()).unwrap();
     // ...it resumes on 1 rank (batch 4) and on 4 ranks (batch 1, ddp): the same
     // global batch, the same continuation.

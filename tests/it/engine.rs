@@ -8,8 +8,8 @@ use lit_claire::lora::{LoraConfig, LoraTargets, attach_new};
 use lit_claire::model::engine::{Grads, PassInput, train_pass};
 use lit_claire::model::{Dropout, TrainableModel};
 use lit_claire::strategy::Strategy;
+use lit_claire::train::adamw::{AdamW, AdamWConfig};
 use lit_claire::train::batches::Batch;
-use lit_claire::train::optim::{AdamW, AdamWConfig};
 use lit_claire::train::step::StepRunner;
 
 use crate::checks::{load, values};

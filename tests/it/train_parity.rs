@@ -7,8 +7,8 @@ use candle_core::Device;
 use lit_claire::hf;
 use lit_claire::model::{BuildOptions, build_model};
 use lit_claire::strategy::Strategy;
+use lit_claire::train::adamw::{AdamW, AdamWConfig};
 use lit_claire::train::batches::Batch;
-use lit_claire::train::optim::{AdamW, AdamWConfig};
 use lit_claire::train::step::StepRunner;
 use serde_json::Value;
 

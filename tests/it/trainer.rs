@@ -5,6 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::DType;
+use lit_claire::strategy::StrategyKind;
 use lit_claire::tokenizer::Tokenizer;
 use lit_claire::train::batches::{TrainData, TrainDataset};
 use lit_claire::train::{TrainConfig, Trainer, pretrain_with_data};
@@ -251,6 +252,29 @@ fn early_stopping_stops_a_diverging_run() {
     cfg.max_steps = Some(40);
     let s = pretrain_with_data(&cfg, data(33)).unwrap();
     assert!(s.stopped_early && s.steps < 40, "{s:?}");
+}
+
+/// `--strategy zero1` asks to shard the optimizer state over the ranks; on one rank
+/// there is nothing to shard, and the run says so in its output and its log.
+#[test]
+fn zero1_on_one_rank_is_said() {
+    let dir = temp_dir();
+    let mut cfg = config(dir.path());
+    cfg.strategy = StrategyKind::Zero1;
+    cfg.max_steps = Some(1);
+    pretrain_with_data(&cfg, data(33)).unwrap();
+    let note = "--strategy zero1 on one rank: nothing to shard, the optimizer state stays whole";
+    let log = std::fs::read_to_string(dir.path().join("train.log")).unwrap();
+    let lines: Vec<&str> = log.lines().collect();
+    assert!(lines[0].starts_with("starting"), "{log}");
+    assert_eq!(lines[1], note, "{log}");
+    // ddp, the default, says nothing of it.
+    let dir = temp_dir();
+    let mut cfg = config(dir.path());
+    cfg.max_steps = Some(1);
+    pretrain_with_data(&cfg, data(33)).unwrap();
+    let log = std::fs::read_to_string(dir.path().join("train.log")).unwrap();
+    assert!(!log.contains("zero1"), "{log}");
 }
 
 #[test]

@@ -89,7 +89,7 @@ fn zero1_divides_the_optimizer_state() {
     let mut ddp = run(2);
     ddp.devices = 4;
     let mut zero = ddp.clone();
-    zero.strategy = DataParallel::Zero1;
+    zero.strategy = StrategyKind::Zero1;
     let (ddp, zero) = (estimate(&model, &ddp, 8), estimate(&model, &zero, 8));
     assert_eq!(zero.optimizer * 4, ddp.optimizer);
     assert_eq!((zero.params, zero.grads), (ddp.params, ddp.grads));

@@ -163,7 +163,8 @@ pub struct StepConstants {
 /// One AdamW update of the parameter `p` with gradient `g` (same dtype) and moments
 /// `m`, `v` (updated). An f32 CPU parameter is updated in place by one fused,
 /// parallel pass (None is returned); otherwise the new parameter is returned.
-/// The ZeRO-1 optimizer calls it on its shard of the flat parameters.
+/// [`ShardedAdamW`](super::sharded_adamw::ShardedAdamW) calls it on its shard of the
+/// flat parameters.
 pub fn update(
     p: &Tensor,
     g: &Tensor,
@@ -268,18 +269,12 @@ pub fn all_finite(t: &Tensor) -> Result<bool> {
     Ok(zeros.sum_all()?.to_scalar::<f32>()? == 0.0)
 }
 
-/// Scale `grads` so their global norm is at most `max_norm` (PyTorch's
-/// `clip_grad_norm_`: factor `max_norm / (norm + 1e-6)` when below 1). Returns the norm
-/// before clipping.
-pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
-    let norm = global_norm(grads)?;
-    let coef = max_norm / (norm + 1e-6);
-    if coef < 1.0 {
-        for g in grads.iter_mut() {
-            *g = (&*g * coef)?;
-        }
-    }
-    Ok(norm)
+/// The factor that brings gradients of global norm `norm` down to `max_norm`, when
+/// they are above it (PyTorch's `clip_grad_norm_`: `max_norm / (norm + 1e-6)` when
+/// that is below 1); None without clipping (`max_norm` None) or when none is needed.
+/// Both optimizers fold it into the update instead of scaling the gradients first.
+pub fn clip_coefficient(norm: f64, max_norm: Option<f64>) -> Option<f64> {
+    max_norm.map(|max| max / (norm + 1e-6)).filter(|&c| c < 1.0)
 }
 
 /// The saved moment `key` of `var` (from [`AdamW::state_tensors`]), checked against the

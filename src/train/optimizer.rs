@@ -1,38 +1,30 @@
-//! The optimizer of a run, replicated on every rank or sharded over them (ZeRO-1).
-//!
-//! Sharded, the trainable parameters are laid end to end in one f32 buffer, padded to
-//! a multiple of the world size `W`; rank `r` owns the `r`-th of `W` equal shards:
+//! The optimizer of a run: AdamW over the trainable variables, its state kept whole
+//! on every rank (`--strategy ddp`, and every one-rank run) or sharded over the ranks
+//! (`--strategy zero1`, [`ShardedAdamW`]). Both make the same update; the trainer
+//! sees one [`Optimizer`] either way.
 //!
 //! ```text
-//! flat:   [ var 0 | var 1 | … | var n−1 | 0 0 ]      length P = W · S
-//! shards: [ rank 0: S ][ rank 1: S ] … [ rank W−1: S ]
-//!
-//! step:   local gradients ─flatten─ reduce-scatter (Σ over ranks) ─► gradient shard
-//!         ‖shard‖² ─all-reduce─► global norm, clip
-//!         AdamW on (parameter shard, gradient shard, m shard, v shard)
-//!         parameter shards ─all-gather─► flat ─split─► the variables
+//! sync_grads   gradients summed over ranks, their global norm, the clipping factor
+//! update       one AdamW step with them
+//! state_tensors / load_state   the moments by variable name, for checkpoints
 //! ```
-//!
-//! AdamW is element-wise, so the update of each element is the one the replicated
-//! optimizer makes; only the memory for `m` and `v` is divided by `W`. A checkpoint
-//! gathers the shards and holds the moments by variable name, as the replicated
-//! optimizer writes them, so it reloads on any world size, sharded or not.
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Tensor, Var};
+use candle_core::{Tensor, Var};
 
-use super::optim::{AdamW, AdamWConfig, global_norm, update};
-use crate::error::{Error, Result};
-use crate::strategy::{DataParallel, Strategy, flatten, unflatten};
+use super::adamw::{AdamW, AdamWConfig, clip_coefficient, global_norm};
+use super::sharded_adamw::{ShardedAdamW, no_gradients};
+use crate::error::Result;
+use crate::strategy::{Strategy, StrategyKind};
 
 /// AdamW over the trainable variables, as the Strategy shares it between ranks.
 pub enum Optimizer {
     /// The whole state on every rank (one rank, or `ddp`).
     Replicated {
         adam: AdamW,
-        /// Gradients summed over ranks by [`Optimizer::sync_grads`], for the next update.
-        /// Gradients of the last sync and their clipping factor.
+        /// The gradients of the last [`Optimizer::sync_grads`], summed over ranks, with
+        /// their clipping factor, for the next update.
         pending: Option<(Vec<Tensor>, f64)>,
     },
     /// This rank's shard of the state (`zero1`).
@@ -49,18 +41,18 @@ impl From<AdamW> for Optimizer {
 }
 
 impl Optimizer {
-    /// AdamW over `vars`, shared between ranks as `strategy.parallel` says.
+    /// AdamW over `vars`, shared between ranks as `strategy.kind` says.
     pub fn new(vars: Vec<(String, Var)>, cfg: AdamWConfig, strategy: &Strategy) -> Result<Self> {
-        Ok(match strategy.parallel {
-            DataParallel::Ddp => AdamW::new(vars, cfg)?.into(),
-            DataParallel::Zero1 => Optimizer::Sharded(ShardedAdamW::new(vars, cfg, strategy)?),
+        Ok(match strategy.kind {
+            StrategyKind::Ddp => AdamW::new(vars, cfg)?.into(),
+            StrategyKind::Zero1 => Optimizer::Sharded(ShardedAdamW::new(vars, cfg, strategy)?),
         })
     }
 
     pub fn vars(&self) -> &[(String, Var)] {
         match self {
             Optimizer::Replicated { adam, .. } => adam.vars(),
-            Optimizer::Sharded(z) => &z.vars,
+            Optimizer::Sharded(z) => z.vars(),
         }
     }
 
@@ -116,136 +108,6 @@ impl Optimizer {
     }
 }
 
-fn no_gradients() -> Error {
-    Error::Msg("optimizer update without gradients (sync_grads first)".into())
-}
-
-/// PyTorch's `clip_grad_norm_` factor `max / (norm + 1e-6)`, when it is below 1.
-fn clip_coefficient(norm: f64, clip: Option<f64>) -> Option<f64> {
-    clip.map(|max| max / (norm + 1e-6)).filter(|&c| c < 1.0)
-}
-
-/// AdamW whose state covers this rank's shard of the flat parameters.
-pub struct ShardedAdamW {
-    cfg: AdamWConfig,
-    vars: Vec<(String, Var)>,
-    /// Length of the padded flat buffer.
-    padded: usize,
-    /// This rank's part of it.
-    shard: std::ops::Range<usize>,
-    /// Moments of the shard, f32.
-    m: Tensor,
-    v: Tensor,
-    /// The gradient shard summed over ranks, for the next update.
-    pending: Option<Tensor>,
-    /// Steps taken.
-    t: u64,
-}
-
-impl ShardedAdamW {
-    pub fn new(vars: Vec<(String, Var)>, cfg: AdamWConfig, strategy: &Strategy) -> Result<Self> {
-        let n: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
-        let (padded, shard) = strategy.shard_of(n);
-        // Two buffers: the update writes both in place.
-        let zeros = || Tensor::zeros(shard.len(), DType::F32, &strategy.device);
-        Ok(ShardedAdamW {
-            cfg,
-            vars,
-            padded,
-            m: zeros()?,
-            v: zeros()?,
-            shard,
-            pending: None,
-            t: 0,
-        })
-    }
-
-    fn tensors(&self) -> Vec<Tensor> {
-        self.vars
-            .iter()
-            .map(|(_, v)| v.as_tensor().clone())
-            .collect()
-    }
-
-    fn sync_grads(
-        &mut self,
-        grads: &[Tensor],
-        strategy: &Strategy,
-        clip: Option<f64>,
-    ) -> Result<f64> {
-        if grads.len() != self.vars.len() {
-            return Err(Error::Msg(format!(
-                "optimizer got {} gradients for {} variables",
-                grads.len(),
-                self.vars.len()
-            )));
-        }
-        let flat = flatten(grads.iter(), self.padded)?;
-        let mut shard = strategy.reduce_scatter_sum(&flat)?;
-        let sq = shard.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
-        let norm = strategy.all_reduce_sum(&[sq])?[0].sqrt();
-        if let Some(c) = clip_coefficient(norm, clip) {
-            shard = (shard * c)?;
-        }
-        self.pending = Some(shard);
-        Ok(norm)
-    }
-
-    fn update(&mut self, lr: f64, strategy: &Strategy) -> Result<()> {
-        let g = self.pending.take().ok_or_else(no_gradients)?;
-        self.t += 1;
-        let h = self.cfg.at_step(self.t, lr);
-        let params = self.tensors();
-        // A copy of this rank's shard of the parameters, updated in place or replaced.
-        let mut p = flatten(params.iter(), self.padded)?
-            .narrow(0, self.shard.start, self.shard.len())?
-            .copy()?;
-        if let Some(new) = update(&p, &g, &mut self.m, &mut self.v, &h)? {
-            p = new;
-        }
-        let full = strategy.all_gather(&p)?;
-        for ((_, var), value) in self.vars.iter().zip(unflatten(&full, &params)?) {
-            var.set(&value)?;
-        }
-        Ok(())
-    }
-
-    /// Gather the moment shards and split them by variable (in the variables' dtype,
-    /// as the replicated optimizer keeps them).
-    fn state_tensors(&self, strategy: &Strategy) -> Result<Vec<(String, Tensor)>> {
-        let params = self.tensors();
-        let m = unflatten(&strategy.all_gather(&self.m)?, &params)?;
-        let v = unflatten(&strategy.all_gather(&self.v)?, &params)?;
-        let mut out = Vec::with_capacity(2 * self.vars.len());
-        for (((name, _), m), v) in self.vars.iter().zip(m).zip(v) {
-            out.push((format!("exp_avg.{name}"), m));
-            out.push((format!("exp_avg_sq.{name}"), v));
-        }
-        Ok(out)
-    }
-
-    /// Moments by variable name: flattened like the parameters, this rank's shard kept.
-    fn load_state(&mut self, tensors: &HashMap<String, Tensor>, t: u64) -> Result<()> {
-        let mut ms = Vec::with_capacity(self.vars.len());
-        let mut vs = Vec::with_capacity(self.vars.len());
-        for (name, var) in &self.vars {
-            for (prefix, out) in [("exp_avg", &mut ms), ("exp_avg_sq", &mut vs)] {
-                let k = format!("{prefix}.{name}");
-                out.push(super::optim::saved_moment(tensors, &k, var)?);
-            }
-        }
-        let shard = |parts: &[Tensor]| -> Result<Tensor> {
-            Ok(flatten(parts.iter(), self.padded)?
-                .narrow(0, self.shard.start, self.shard.len())?
-                .copy()?)
-        };
-        self.m = shard(&ms)?;
-        self.v = shard(&vs)?;
-        self.t = t;
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -293,7 +155,7 @@ mod tests {
                 .handles()
                 .into_iter()
                 .map(|c| {
-                    let st = Strategy::cpu().with_collective(c, DataParallel::Zero1);
+                    let st = Strategy::cpu().with_collective(c, StrategyKind::Zero1);
                     s.spawn(move || f(st))
                 })
                 .collect();

@@ -1,0 +1,208 @@
+//! Continuing a run from a checkpoint: which checkpoint (`--resume auto` or a
+//! folder), whether it may continue this run (same kind of training, LoRA settings,
+//! base model and document masking), and restoring what the base weights do not hold
+//! (the adapter, the optimizer's moments).
+//!
+//! Everything here that a user can fail runs before any weights load.
+
+use std::path::{Path, PathBuf};
+
+use super::checkpoint::{self, TrainingState};
+use super::config::TrainConfig;
+use super::metrics::METRICS_FILE;
+use super::optimizer::Optimizer;
+use crate::config::load_config;
+use crate::error::{Error, Result};
+use crate::strategy::Strategy;
+
+/// What a run continues from, settled before any weights load.
+pub(super) struct Resume {
+    /// The checkpoint to resume from, with its state (None: a new run).
+    pub from: Option<(PathBuf, TrainingState)>,
+    /// `--cross-document-attention` as this run uses it (a resume keeps its checkpoint's).
+    pub cross_document: bool,
+    /// Lines for the log once it is open (a damaged checkpoint passed over, ...).
+    pub warnings: Vec<String>,
+}
+
+/// The checkpoint `cfg.resume` names (none for a new run), checked against `cfg`.
+/// `global_zero`: this rank owns the run folder and checks that its `metrics.csv`
+/// still holds the rows logged before the checkpoint.
+pub(super) fn plan_resume(cfg: &TrainConfig, global_zero: bool) -> Result<Resume> {
+    let (from, mut warnings) = resume_from(cfg)?;
+    let mut cross_document = cfg.cross_document();
+    if let Some((dir, state)) = &from {
+        check_resume(cfg, dir, state)?;
+        let (value, note) = resumed_cross_document(cfg, dir, state)?;
+        cross_document = value;
+        warnings.extend(note);
+        if let (Some(expected), true) = (state.metrics_rows, global_zero) {
+            warnings.extend(super::metrics::check_rows(
+                &cfg.out_dir,
+                state.step,
+                expected,
+            )?);
+        }
+    }
+    Ok(Resume {
+        from,
+        cross_document,
+        warnings,
+    })
+}
+
+/// Whether `dir` already holds a run.
+fn holds_run(dir: &Path) -> bool {
+    dir.join("hyperparameters.toml").exists()
+        || dir.join(METRICS_FILE).exists()
+        || checkpoint::list(dir)
+            .map(|l| !l.is_empty())
+            .unwrap_or(false)
+}
+
+/// The checkpoint `--resume` names, checked whole, with its state (`auto`: the run's
+/// newest complete one, passing over damaged ones with a warning each), refusing to
+/// start a second run in a folder that holds one.
+fn resume_from(cfg: &TrainConfig) -> Result<(Option<checkpoint::Found>, Vec<String>)> {
+    let out = &cfg.out_dir;
+    match cfg.resume.as_deref() {
+        None if holds_run(out) => Err(Error::Usage(format!(
+            "{} holds another run; continue it with --resume auto or choose another --out-dir",
+            out.display()
+        ))),
+        None => Ok((None, Vec::new())),
+        Some("auto") => checkpoint::newest_complete(out),
+        Some(p) => {
+            let dir = PathBuf::from(p);
+            let state = checkpoint::check(&dir)?;
+            Ok((Some((dir, state)), Vec::new()))
+        }
+    }
+}
+
+/// A checkpoint continues only a run of its own kind and model: full fine-tuning or
+/// LoRA with the same rank, alpha and targets (another alpha or rank would rescale
+/// what the adapter computes), from a base model of the same configuration.
+fn check_resume(cfg: &TrainConfig, dir: &Path, state: &TrainingState) -> Result<()> {
+    let was = &state.hyperparameters;
+    let lora_then = was.lora_r > 0;
+    if (cfg.lora_r > 0) != lora_then {
+        return Err(Error::Usage(format!(
+            "{} is a checkpoint of {}; resume it with --lora-r {} (or its run's recipe)",
+            dir.display(),
+            if lora_then {
+                "a LoRA run"
+            } else {
+                "full fine-tuning"
+            },
+            was.lora_r
+        )));
+    }
+    if lora_then {
+        let mut diffs = Vec::new();
+        if cfg.lora_r != was.lora_r {
+            diffs.push(format!(
+                "--lora-r {} (checkpoint: {})",
+                cfg.lora_r, was.lora_r
+            ));
+        }
+        if cfg.lora_alpha != was.lora_alpha {
+            diffs.push(format!(
+                "--lora-alpha {} (checkpoint: {})",
+                cfg.lora_alpha, was.lora_alpha
+            ));
+        }
+        if cfg.lora_targets() != was.lora_targets() {
+            diffs.push(format!(
+                "LoRA targets {:?} (checkpoint: {:?})",
+                cfg.lora_targets(),
+                was.lora_targets()
+            ));
+        }
+        if !diffs.is_empty() {
+            return Err(Error::Usage(format!(
+                "{} was trained with other LoRA settings: {}; resume with the checkpoint's values",
+                dir.display(),
+                diffs.join(", ")
+            )));
+        }
+    }
+    if dir.join("config.json").exists() && load_config(dir)? != load_config(&cfg.checkpoint_dir)? {
+        return Err(Error::Usage(format!(
+            "{} was trained from another base model than --checkpoint-dir {} (their config.json differ)",
+            dir.display(),
+            cfg.checkpoint_dir.display()
+        )));
+    }
+    Ok(())
+}
+
+/// `--cross-document-attention` of a resumed run: the checkpoint's, which a flag may
+/// repeat but not contradict (the loss would change meaning mid-run). A checkpoint from
+/// before the flag existed trained with cross-document attention and keeps it unless
+/// the flag says otherwise; the returned line says so.
+fn resumed_cross_document(
+    cfg: &TrainConfig,
+    dir: &Path,
+    state: &TrainingState,
+) -> Result<(bool, Option<String>)> {
+    match (
+        cfg.cross_document_attention,
+        state.hyperparameters.cross_document_attention,
+    ) {
+        (Some(now), Some(then)) if now != then => Err(Error::Usage(format!(
+            "{} was trained with --cross-document-attention {then}; resume it with --cross-document-attention {then} (or leave the flag out), or start a new run to change it",
+            dir.display()
+        ))),
+        (now, Some(then)) => Ok((now.unwrap_or(then), None)),
+        (Some(now), None) => Ok((now, None)),
+        (None, None) => Ok((
+            true,
+            Some(format!(
+                "{} predates --cross-document-attention: its run let packed documents attend to each other, and so does this one; pass --cross-document-attention false to switch",
+                dir.display()
+            )),
+        )),
+    }
+}
+
+/// Set fresh adapter variables to the values saved in checkpoint `dir`.
+pub(super) fn restore_adapter(
+    dir: &Path,
+    vars: &[(String, candle_core::Var)],
+    strategy: &Strategy,
+) -> Result<()> {
+    let adapter = crate::hf::peft::load_adapter(dir, &strategy.device)?;
+    for (name, var) in vars {
+        let (module, which) = name
+            .rsplit_once(".lora_")
+            .ok_or_else(|| Error::Msg(format!("unexpected adapter variable {name}")))?;
+        let (a, b) = adapter.tensors.get(module).ok_or_else(|| {
+            Error::bad_file(
+                dir,
+                format!("the adapter has no {module}; was it written by another run?"),
+            )
+        })?;
+        let t = if which.starts_with('A') { a } else { b };
+        if t.dims() != var.dims() {
+            return Err(Error::bad_file(
+                dir,
+                format!("{name} has shape {:?}, expected {:?}", t.dims(), var.dims()),
+            ));
+        }
+        var.set(&t.to_dtype(var.dtype())?)?;
+    }
+    Ok(())
+}
+
+/// Load the optimizer's moments saved in checkpoint `dir` (by any world size) into
+/// `opt`, with the step count of `state`.
+pub(super) fn restore_optimizer(
+    dir: &Path,
+    state: &TrainingState,
+    opt: &mut Optimizer,
+    strategy: &Strategy,
+) -> Result<()> {
+    let moments = checkpoint::load_optimizer(dir, &strategy.device)?;
+    opt.load_state(&moments, state.step as u64)
+}

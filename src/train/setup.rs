@@ -1,0 +1,228 @@
+//! Setting up a run, before its first step: every check a user can fail, before any
+//! weights load ([`Plan`]: a 7B model costs minutes and gigabytes to load); then the
+//! model, its optimizer and the state the run starts from ([`build_runner`]); then
+//! rank 0's files in the run folder ([`open_outputs`]).
+
+use super::adamw::AdamWConfig;
+use super::batches::{DataPosition, TrainData};
+use super::checkpoint::{self, TrainingState};
+use super::config::{CheckedConfig, TrainConfig};
+use super::loggers::Loggers;
+use super::optimizer::Optimizer;
+use super::resume::{Resume, plan_resume, restore_adapter, restore_optimizer};
+use super::schedule::Schedule;
+use super::step::{LossScaler, StepRunner};
+use crate::config::{Config, load_config};
+use crate::error::{Error, IoContext, Result};
+use crate::lora::LoraConfig;
+use crate::model::weights::Weights;
+use crate::model::{Dropout, build_model};
+use crate::strategy::{Strategy, StrategyKind};
+use crate::tokenizer::Tokenizer;
+
+/// What a new [`Trainer`](super::trainer::Trainer) settles before any weights load:
+/// every check a user can fail, and what follows from the config and the data alone.
+pub(super) struct Plan {
+    /// This rank's device, precision and collective.
+    pub strategy: Strategy,
+    /// The base model's configuration.
+    pub model_cfg: Config,
+    /// The checkpoint the run continues, if any, and what follows from it.
+    pub resume: Resume,
+    pub lora: Option<LoraConfig>,
+    pub schedule: Schedule,
+}
+
+impl Plan {
+    /// Settle the run `cfg` on `data` for the rank of `strategy`: the checkpoint it
+    /// resumes, whether the data and the device fit the model, and its schedule.
+    pub fn new(cfg: &CheckedConfig, data: &TrainData, strategy: Strategy) -> Result<Plan> {
+        let resume = plan_resume(cfg, strategy.is_global_zero())?;
+        let model_cfg = load_config(&cfg.checkpoint_dir)?;
+        check_data_fits(cfg, data, &model_cfg)?;
+        // A GPU that cannot hold the run refuses it now, not minutes into loading.
+        super::estimate::check_device_memory(
+            &model_cfg,
+            cfg,
+            data.block_size - 1,
+            &strategy.device,
+        )?;
+        let total_steps = total_steps(cfg, data, strategy.world_size)?;
+        let schedule = Schedule::new(
+            cfg.lr_schedule,
+            cfg.learning_rate,
+            cfg.min_lr,
+            cfg.warmup_steps,
+            total_steps,
+            cfg.restarts,
+        )?;
+        Ok(Plan {
+            strategy,
+            model_cfg,
+            resume,
+            lora: cfg.lora(),
+            schedule,
+        })
+    }
+}
+
+/// The data must come from the base model's tokenizer, fit its context, and weigh
+/// its datasets sanely.
+fn check_data_fits(cfg: &TrainConfig, data: &TrainData, model_cfg: &Config) -> Result<()> {
+    let tokenizer = Tokenizer::from_dir(&cfg.checkpoint_dir)?;
+    data.check_tokenizer(&tokenizer)?;
+    data.check_context(model_cfg.block_size)?;
+    data.check_weights()
+}
+
+/// Optimizer steps of the run: the smallest of --max-steps, --num-epochs and
+/// --max-tokens, one epoch when none is given.
+fn total_steps(cfg: &TrainConfig, data: &TrainData, world: usize) -> Result<usize> {
+    let epoch_len = data.epoch_len(world);
+    if epoch_len < cfg.batch_size {
+        let sizes: Vec<String> = data
+            .datasets
+            .iter()
+            .map(|d| {
+                format!(
+                    "{} ({} samples, weight {})",
+                    d.name,
+                    d.train.len(),
+                    d.weight
+                )
+            })
+            .collect();
+        return Err(Error::Data(format!(
+            "the training data gives {epoch_len} samples per device per epoch, fewer than one batch of {}: {}; lower --batch-size or add data",
+            cfg.batch_size,
+            sizes.join(", ")
+        )));
+    }
+    let steps_per_epoch = epoch_len / cfg.batch_size;
+    let tokens_per_step = (cfg.batch_size * world * (data.block_size - 1)) as u64;
+    Ok([
+        cfg.max_steps,
+        cfg.num_epochs.map(|e| e * steps_per_epoch),
+        cfg.max_tokens.map(|t| t.div_ceil(tokens_per_step) as usize),
+    ]
+    .into_iter()
+    .flatten()
+    .min()
+    .unwrap_or(steps_per_epoch))
+}
+
+/// The model (the base, frozen under a new or resumed adapter for LoRA; the
+/// checkpoint's own weights when resuming full training), its optimizer, and the state
+/// the run starts from.
+pub(super) fn build_runner(cfg: &CheckedConfig, plan: Plan) -> Result<(StepRunner, TrainingState)> {
+    let Plan {
+        strategy,
+        model_cfg,
+        resume,
+        lora,
+        ..
+    } = plan;
+    let resume = resume.from;
+    let resume_dir = resume.as_ref().map(|(d, _)| d.as_path());
+    let weights_dir = match (resume_dir, &lora) {
+        (Some(dir), None) => dir,
+        _ => cfg.checkpoint_dir.as_path(),
+    };
+    let tm = build_model(
+        &model_cfg,
+        &Weights::open(weights_dir)?,
+        &strategy.build_options(lora.is_none()),
+    )?;
+    let mut model = tm.model;
+    let vars = match &lora {
+        None => tm.vars,
+        Some(l) => {
+            let vars = crate::lora::attach_new(&mut model, l, cfg.seed)?;
+            if let Some(dir) = resume_dir {
+                restore_adapter(dir, &vars, &strategy)?;
+            }
+            vars
+        }
+    };
+    let adam = AdamWConfig {
+        beta1: cfg.beta1,
+        beta2: cfg.beta2,
+        eps: cfg.eps,
+        weight_decay: cfg.weight_decay,
+    };
+    let mut opt = Optimizer::new(vars, adam, &strategy)?;
+    let state = match resume {
+        Some((dir, s)) => {
+            restore_optimizer(&dir, &s, &mut opt, &strategy)?;
+            s
+        }
+        None => fresh_state(cfg, &strategy, lora.as_ref()),
+    };
+    let trained: Vec<candle_core::Var> = opt.vars().iter().map(|(_, v)| v.clone()).collect();
+    strategy.broadcast_vars(&trained)?;
+    let mut runner = StepRunner::new(model, opt, strategy);
+    runner.grad_clip = (cfg.grad_clip > 0.0).then_some(cfg.grad_clip);
+    runner.scaler = state.loss_scaler;
+    runner.dropout = lora
+        .as_ref()
+        .filter(|l| l.dropout > 0.0)
+        .map(|_| Dropout::new(state.dropout_seed.unwrap_or(state.hyperparameters.seed)));
+    runner.activation_checkpointing = cfg.activation_checkpointing;
+    Ok((runner, state))
+}
+
+/// `--strategy zero1` on one rank: nothing to shard (the one-rank [`Strategy`] keeps
+/// the optimizer whole), said rather than silently ignored.
+pub(super) fn unsharded_note(cfg: &TrainConfig, strategy: &Strategy) -> Option<String> {
+    (cfg.strategy == StrategyKind::Zero1 && strategy.world_size == 1).then(|| {
+        "--strategy zero1 on one rank: nothing to shard, the optimizer state stays whole"
+            .to_string()
+    })
+}
+
+/// The state of a run at step 0.
+fn fresh_state(
+    cfg: &CheckedConfig,
+    strategy: &Strategy,
+    lora: Option<&LoraConfig>,
+) -> TrainingState {
+    let needs_dropout = lora.is_some_and(|l| l.dropout > 0.0);
+    TrainingState {
+        step: 0,
+        position: DataPosition::default(),
+        tokens: 0,
+        elapsed_s: 0.0,
+        train_loss: None,
+        val_loss: None,
+        best_val_loss: None,
+        evals_without_improvement: 0,
+        metrics_rows: Some(0),
+        loss_scaler: strategy.precision.uses_loss_scaling().then(LossScaler::new),
+        dropout_seed: needs_dropout.then_some(cfg.seed),
+        base_checkpoint_dir: cfg.checkpoint_dir.clone(),
+        hyperparameters: cfg.config().clone(),
+        lit_claire_version: env!("CARGO_PKG_VERSION").into(),
+    }
+}
+
+/// Rank 0's files in the run folder: the hyper-parameters, the loggers' files
+/// (continued after `resume = (step, tokens)` when resuming) and `train.log`.
+pub(super) fn open_outputs(
+    cfg: &CheckedConfig,
+    data: &TrainData,
+    resume: Option<(usize, u64)>,
+) -> Result<(Loggers, std::fs::File)> {
+    let out = &cfg.out_dir;
+    std::fs::create_dir_all(out).at(out)?;
+    checkpoint::clean_partial(out)?;
+    cfg.save(out)?;
+    let names: Vec<String> = data.datasets.iter().map(|d| d.name.clone()).collect();
+    let metrics = Loggers::open(out, &names, &cfg.logger, resume)?;
+    let log_path = out.join("train.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .at(&log_path)?;
+    Ok((metrics, log))
+}
