@@ -7,7 +7,7 @@ use clap::Args;
 use super::{Format, RuntimeArgs};
 use crate::error::{Error, Result};
 use crate::eval::output::{json_lines, samples_jsonl, table};
-use crate::eval::run::{RunEvaluation, evaluate_run};
+use crate::train::downstream::{RunEvaluation, evaluate_run};
 use crate::eval::{EvalOptions, evaluate, load_tasks};
 use crate::hf::load_model;
 use crate::tokenizer::Tokenizer;

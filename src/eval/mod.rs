@@ -16,14 +16,14 @@
 //! - [`score`]: running them through the model's one forward pass.
 //! - [`metrics`]: per-document values, aggregates and standard errors; [`pyrandom`]:
 //!   Python's generator, for the harness's bootstrap.
-//! - [`output`]: what is printed and written; [`run`]: every checkpoint of a run.
+//! - [`output`]: what is printed and written. Every checkpoint of a run is scored by
+//!   `train::downstream`, and a run's own validations by [`TaskSet`].
 
 pub mod jsonl;
 pub mod metrics;
 pub mod output;
 pub mod pyrandom;
 pub mod requests;
-pub mod run;
 pub mod score;
 pub mod task;
 pub mod template;
@@ -92,6 +92,47 @@ pub struct TaskResult {
     pub fingerprint: String,
     pub metrics: Vec<MetricValue>,
     pub samples: Vec<Sample>,
+}
+
+/// Tasks scored during training, at each validation (`pretrain --eval-tasks`), with
+/// the base model's tokenizer: each metric of each task is a column `task/metric` of
+/// `metrics.csv` and a TensorBoard scalar.
+#[derive(Debug, Clone)]
+pub struct TaskSet {
+    pub tasks: Vec<Task>,
+    tokenizer: Tokenizer,
+}
+
+impl TaskSet {
+    /// Read the tasks of `paths` (bad ones fail now, before training) and the
+    /// tokenizer of the model folder `model_dir`.
+    pub fn load(paths: &[PathBuf], model_dir: &Path) -> Result<Self> {
+        Ok(TaskSet {
+            tasks: load_tasks(paths)?,
+            tokenizer: Tokenizer::from_dir(model_dir)?,
+        })
+    }
+
+    /// `task/metric` for every metric of every task, in order.
+    pub fn columns(&self) -> Vec<String> {
+        self.tasks
+            .iter()
+            .flat_map(|t| t.metrics.iter().map(move |m| format!("{}/{}", t.name, m.name())))
+            .collect()
+    }
+
+    /// The value of each column for `model`.
+    pub fn score(&self, model: &Gpt, batch_size: usize) -> Result<Vec<f64>> {
+        let opts = EvalOptions {
+            batch_size,
+            ..EvalOptions::default()
+        };
+        let results = evaluate(model, &self.tokenizer, &self.tasks, &opts)?;
+        Ok(results
+            .iter()
+            .flat_map(|r| r.metrics.iter().map(|m| m.value))
+            .collect())
+    }
 }
 
 /// Read the tasks of files and folders: `.jsonl` files of ours and harness `.yaml` /

@@ -356,3 +356,72 @@ fn real_model_scores_as_lm_evaluation_harness_does() {
     let results = run_tasks(&dir, max_len, 16);
     assert_parity("smollm2-135m", &results, &exp);
 }
+
+/// `pretrain --eval-tasks`: the tasks are scored at each validation into
+/// `task/<task>/<metric>` columns of metrics.csv (empty on other rows) and train.log;
+/// `evaluate --out-dir` then adds eval_results.csv, and `plot` draws both in its
+/// second panel.
+#[test]
+fn tasks_scored_during_training_go_to_metrics_csv_and_the_plot() {
+    use lit_claire::train::batches::{TrainData, TrainDataset};
+    use lit_claire::train::{TrainConfig, pretrain_with_data};
+    let tmp = temp_dir();
+    let run = tmp.path().join("run");
+    let tok = Tokenizer::from_dir(&reference_dir("llama")).unwrap();
+    let data = TrainData {
+        block_size: 33,
+        tokenizer_hash: Some(tok.hash),
+        origin: None,
+        datasets: vec![TrainDataset {
+            name: "fortunes".into(),
+            weight: 1.0,
+            train: Arc::new(crate::trainer::corpus_samples(33, 8, 0)),
+            validation: Arc::new(crate::trainer::corpus_samples(33, 2, 400)),
+        }],
+    };
+    let tasks = tasks_dir().join("mixed.jsonl");
+    let cfg = TrainConfig {
+        data_dir: "in-memory".into(),
+        checkpoint_dir: reference_dir("llama"),
+        out_dir: run.clone(),
+        micro_batch_size: 2,
+        batch_size: 2,
+        max_steps: Some(4),
+        log_interval: 1,
+        eval_interval: 2,
+        save_interval: 2,
+        eval_tasks: Some(tasks.clone()),
+        ..Default::default()
+    };
+    pretrain_with_data(&cfg, data).unwrap();
+    let csv = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
+    let mut lines = csv.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let col = header.iter().position(|c| *c == "task/pt_roll/word_perplexity").unwrap_or_else(|| panic!("{header:?}"));
+    assert!(header.contains(&"task/pt_mc/acc_norm") && header.contains(&"task/pt_gen/exact_match"));
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    assert_eq!(rows.len(), 4);
+    for r in &rows {
+        assert_eq!(r.len(), header.len());
+        let evaluated = !r[header.iter().position(|c| *c == "val_loss").unwrap()].is_empty();
+        assert_eq!(!r[col].is_empty(), evaluated, "{r:?}");
+    }
+    let log = std::fs::read_to_string(run.join("train.log")).unwrap();
+    assert!(log.contains("tasks (") && log.contains("pt_mc/acc"), "{log}");
+
+    let out = Command::new(bin())
+        .args(["evaluate", "--limit", "2", "--out-dir"])
+        .arg(&run)
+        .arg("--tasks")
+        .arg(&tasks)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let png = tmp.path().join("curves.png");
+    let s = lit_claire::plot::plot_runs(&[run], &lit_claire::plot::PlotOptions::new(&png)).unwrap();
+    assert!(png.is_file());
+    assert_eq!(
+        s.runs[0].tasks,
+        vec!["pt_gen exact_match", "pt_ll acc", "pt_mc acc", "pt_roll bits_per_byte"]
+    );
+}

@@ -1,4 +1,5 @@
-//! Every checkpoint of a run, and the base model it started from, on the tasks:
+//! Every checkpoint of a run, and the base model it started from, on downstream tasks
+//! ([`crate::eval`]):
 //! `evaluate --out-dir RUN`, appending to `RUN/eval_results.csv`.
 //!
 //! The base model is scored as checkpoint `base` at step 0, so that each task's curve
@@ -8,15 +9,15 @@
 
 use std::path::{Path, PathBuf};
 
-use super::output::{EVAL_FILE, append_csv, done_keys};
-use super::task::Task;
-use super::{EvalOptions, TaskResult, evaluate};
+use super::checkpoint;
+use super::validate::model_of;
 use crate::error::{Error, Result};
+use crate::eval::output::{EVAL_FILE, append_csv, done_keys};
+use crate::eval::task::Task;
+use crate::eval::{EvalOptions, TaskResult, evaluate};
 use crate::hf::load_model;
 use crate::strategy::Strategy;
 use crate::tokenizer::Tokenizer;
-use crate::train::checkpoint;
-use crate::train::validate::model_of;
 
 /// What to score.
 pub struct RunEvaluation<'a> {
