@@ -14,6 +14,7 @@
 //! - [`lora`]: targeting, attaching and merging adapters.
 //! - [`strategy`]: device, precision and ranks.
 //! - [`plot`]: loss curves of runs and their best checkpoints.
+//! - [`eval`]: downstream tasks scored as lm-evaluation-harness scores them.
 //! - [`tokenizer`], [`perplexity`], [`generate`], [`chat`].
 //! - [`vocab`]: `adapt-vocab` (a new vocabulary on a pretrained model) and `init-model`.
 //! - [`hub`]: uploading to and downloading from the Hugging Face Hub.
@@ -27,6 +28,7 @@ pub mod config;
 pub mod data;
 pub mod demo;
 pub mod error;
+pub mod eval;
 pub mod generate;
 pub mod gguf;
 pub mod hf;

@@ -23,6 +23,11 @@ pub struct Tokenizer {
     pub pad_id: Option<u32>,
     /// Whether the tokenizer itself puts BOS in front of an encoded text.
     pub adds_bos: bool,
+    /// The BOS and EOS that `tokenizer_config.json` names by string: what transformers'
+    /// tokenizer calls `bos_token_id` and `eos_token_id`, which may differ from the
+    /// model config's (lm-evaluation-harness conditions on these).
+    pub named_bos: Option<u32>,
+    pub named_eos: Option<u32>,
     /// SHA-256 of `tokenizer.json`, to tell data prepared with another tokenizer.
     pub hash: String,
     path: PathBuf,
@@ -74,6 +79,15 @@ impl Tokenizer {
         let cfg = read_json("config.json")?;
         let tok_cfg = read_json("tokenizer_config.json")?;
 
+        // tokenizer_config.json names tokens by string (or {"content": ...}).
+        let named = |key: &str| -> Option<u32> {
+            let name = match tok_cfg.as_ref().and_then(|t| t.get(key)) {
+                Some(Value::String(s)) => Some(s.as_str()),
+                Some(Value::Object(o)) => o.get("content").and_then(Value::as_str),
+                _ => None,
+            };
+            name.and_then(|s| inner.token_to_id(s))
+        };
         let ids_of = |key: &str| -> Vec<u32> {
             for v in [&gen_cfg, &cfg].into_iter().flatten() {
                 match v.get(key) {
@@ -90,23 +104,13 @@ impl Tokenizer {
                     _ => {}
                 }
             }
-            // tokenizer_config.json names tokens by string (or {"content": ...}).
-            let name = tok_cfg
-                .as_ref()
-                .and_then(|t| t.get(key.trim_end_matches("_id")));
-            let name = match name {
-                Some(Value::String(s)) => Some(s.as_str()),
-                Some(Value::Object(o)) => o.get("content").and_then(Value::as_str),
-                _ => None,
-            };
-            name.and_then(|s| inner.token_to_id(s))
-                .into_iter()
-                .collect()
+            named(key.trim_end_matches("_id")).into_iter().collect()
         };
         let bos_id = ids_of("bos_token_id").first().copied();
         let eos_ids = ids_of("eos_token_id");
         let pad_id = ids_of("pad_token_id").first().copied();
 
+        let (named_bos, named_eos) = (named("bos_token"), named("eos_token"));
         let probe = inner.encode("a", true)?;
         let adds_bos = match (bos_id, probe.get_ids().first()) {
             (Some(b), Some(&first)) => b == first,
@@ -118,6 +122,8 @@ impl Tokenizer {
             eos_ids,
             pad_id,
             adds_bos,
+            named_bos,
+            named_eos,
             hash,
             path,
         })

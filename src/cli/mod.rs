@@ -6,6 +6,7 @@ mod corpus_cmds;
 mod data_cmds;
 mod demo_cmds;
 mod dist_cmds;
+mod eval_cmds;
 mod model_cmds;
 mod plot_cmds;
 mod publish_cmds;
@@ -47,6 +48,9 @@ pub enum Command {
     Pretrain(Box<train_cmds::PretrainArgs>),
     /// Validate every checkpoint of a run on every dataset, appending to a CSV.
     Validate(train_cmds::ValidateArgs),
+    /// Downstream tasks scored as lm-evaluation-harness scores them (multiple choice,
+    /// log-likelihoods, perplexities, generation), for one model or every checkpoint of a run.
+    Evaluate(eval_cmds::EvaluateArgs),
     /// Loss curves of one or several runs (PNG or SVG), and their best checkpoints.
     Plot(plot_cmds::PlotArgs),
     /// Merge a LoRA adapter into its base model: a complete Hugging Face folder.
@@ -91,6 +95,7 @@ pub fn run() -> Result<()> {
         Command::Chat(a) => model_cmds::chat(a),
         Command::Pretrain(a) => train_cmds::pretrain(*a),
         Command::Validate(a) => train_cmds::validate(a),
+        Command::Evaluate(a) => eval_cmds::evaluate_cmd(a),
         Command::Bench(a) => bench_cmds::bench(a),
         Command::DistCheck(a) => dist_cmds::dist_check_cmd(a),
         Command::ReferenceCheck(a) => model_cmds::reference_check(a),

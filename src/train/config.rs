@@ -177,6 +177,9 @@ train_options! {
     early_stopping: usize;
     /// Validation micro-batches per dataset (default: the whole split).
     eval_max_batches: usize;
+    /// Downstream tasks scored at each validation (a task file or folder, as `evaluate
+    /// --tasks` reads them): their metrics go to metrics.csv and TensorBoard.
+    eval_tasks: PathBuf;
     /// `auto` (the run's newest checkpoint) or a checkpoint folder.
     resume: String;
     /// Let the documents packed in one sample (`prepare-data --padding false`) attend to

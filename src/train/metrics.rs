@@ -1,9 +1,10 @@
 //! `RUN/metrics.csv`: one row per logged optimizer step.
 //!
 //! Columns: `step, epoch, tokens, loss, learning_rate, grad_norm, tokens_per_s,
-//! elapsed_s, val_loss, val_ppl`, then `val_loss/<dataset>` for each dataset. `step`
-//! counts optimizer steps from 1; validation columns are empty except on rows where an
-//! evaluation ran. On resume, rows after the checkpoint's step are dropped first, so a
+//! elapsed_s, val_loss, val_ppl`, then `val_loss/<dataset>` for each dataset, then
+//! `task/<task>/<metric>` for each metric of the downstream tasks (`--eval-tasks`).
+//! `step` counts optimizer steps from 1; validation and task columns are empty except
+//! on rows where an evaluation ran. On resume, rows after the checkpoint's step are dropped first, so a
 //! resumed run's file reads like that of a run that never stopped.
 //!
 //! [`super::loggers::Loggers`] sends each row here and to the other loggers of
@@ -31,6 +32,8 @@ pub struct MetricsRow {
     pub val_loss: Option<f64>,
     /// Validation loss per dataset, in the header's order.
     pub val_per_dataset: Vec<Option<f64>>,
+    /// Downstream task metrics, in the header's order (empty: none this row).
+    pub tasks: Vec<Option<f64>>,
 }
 
 /// Appends rows to `metrics.csv`.
@@ -53,9 +56,10 @@ pub const COLUMNS: [&str; 10] = [
     "val_ppl",
 ];
 
-fn header(datasets: &[String]) -> String {
+fn header(datasets: &[String], tasks: &[String]) -> String {
     let mut cols: Vec<String> = COLUMNS.iter().map(|s| s.to_string()).collect();
     cols.extend(datasets.iter().map(|d| format!("val_loss/{d}")));
+    cols.extend(tasks.iter().map(|t| format!("task/{t}")));
     cols.join(",")
 }
 
@@ -106,10 +110,16 @@ pub fn check_rows(run: &Path, step: usize, expected: usize) -> Result<Option<Str
 
 impl MetricsWriter {
     /// Open `run/metrics.csv`: a new file with a header, or, when resuming at step
-    /// `resume_step`, the existing file without its rows after that step.
-    pub fn open(run: &Path, datasets: &[String], resume_step: Option<usize>) -> Result<Self> {
+    /// `resume_step`, the existing file without its rows after that step. `tasks`:
+    /// the `task/metric` columns of the downstream tasks.
+    pub fn open(
+        run: &Path,
+        datasets: &[String],
+        tasks: &[String],
+        resume_step: Option<usize>,
+    ) -> Result<Self> {
         let path = run.join(METRICS_FILE);
-        let head = header(datasets);
+        let head = header(datasets, tasks);
         let mut kept = vec![head.clone()];
         if let (Some(step), true) = (resume_step, path.exists()) {
             let text = std::fs::read_to_string(&path).at(&path)?;
@@ -141,6 +151,7 @@ impl MetricsWriter {
             opt(r.val_loss.map(f64::exp)),
         ];
         cols.extend(r.val_per_dataset.iter().map(|v| opt(*v)));
+        cols.extend(r.tasks.iter().map(|v| opt(*v)));
         writeln!(self.file, "{}", cols.join(",")).at(&self.path)?;
         self.file.flush().at(&self.path)
     }

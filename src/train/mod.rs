@@ -19,6 +19,7 @@
 //! lock.rs            one run at a time in a run folder (RUN/.lock)
 //! evaluate.rs        validation loss of a model
 //! validate.rs        offline validation of every checkpoint of a run
+//! downstream.rs      every checkpoint of a run on downstream tasks (evaluate --out-dir)
 //! metrics.rs, loggers.rs, tensorboard.rs   metrics.csv and TensorBoard event files
 //! estimate.rs        the memory a run plans for (pretrain --dry-run)
 //! ```
@@ -28,6 +29,7 @@ pub mod batches;
 pub mod checkpoint;
 pub mod config;
 pub mod data_source;
+pub mod downstream;
 pub mod estimate;
 pub mod evaluate;
 pub mod lock;

@@ -14,6 +14,7 @@ use super::schedule::Schedule;
 use super::step::{LossScaler, StepRunner};
 use crate::config::{Config, load_config};
 use crate::error::{Error, IoContext, Result};
+use crate::eval::TaskSet;
 use crate::lora::LoraConfig;
 use crate::model::weights::Weights;
 use crate::model::{Dropout, build_model};
@@ -31,6 +32,9 @@ pub(super) struct Plan {
     pub resume: Resume,
     pub lora: Option<LoraConfig>,
     pub schedule: Schedule,
+    /// The downstream tasks of `--eval-tasks`, read now so that a bad one stops the
+    /// run before it starts.
+    pub eval_tasks: Option<TaskSet>,
 }
 
 impl Plan {
@@ -59,12 +63,17 @@ impl Plan {
         if let Some((dir, state)) = &resume.from {
             super::resume::check_state(cfg, data, strategy.world_size, dir, state, total_steps)?;
         }
+        let eval_tasks = match &cfg.eval_tasks {
+            Some(p) => Some(TaskSet::load(std::slice::from_ref(p), &cfg.checkpoint_dir)?),
+            None => None,
+        };
         Ok(Plan {
             strategy,
             model_cfg,
             resume,
             lora: cfg.lora(),
             schedule,
+            eval_tasks,
         })
     }
 }
@@ -234,6 +243,7 @@ fn fresh_state(
 pub(super) fn open_outputs(
     cfg: &CheckedConfig,
     data: &TrainData,
+    tasks: &[String],
     resume: Option<(usize, u64)>,
 ) -> Result<(Loggers, std::fs::File, Vec<std::path::PathBuf>)> {
     let out = &cfg.out_dir;
@@ -241,7 +251,7 @@ pub(super) fn open_outputs(
     let swept = checkpoint::clean_partial(out)?;
     cfg.save(out)?;
     let names: Vec<String> = data.datasets.iter().map(|d| d.name.clone()).collect();
-    let metrics = Loggers::open(out, &names, &cfg.logger, resume)?;
+    let metrics = Loggers::open(out, &names, tasks, &cfg.logger, resume)?;
     let log_path = out.join("train.log");
     let log = std::fs::OpenOptions::new()
         .create(true)

@@ -20,6 +20,7 @@ use super::schedule::Schedule;
 use super::setup::{Plan, build_runner, open_outputs, unsharded_note};
 use super::step::{StepRunner, StepStats};
 use crate::error::{Error, IoContext, Result};
+use crate::eval::TaskSet;
 use crate::lora::LoraConfig;
 use crate::strategy::Strategy;
 
@@ -50,6 +51,10 @@ pub struct Trainer {
     order_epoch: Option<usize>,
     /// Rank 0's lock on the run folder, held until the trainer is dropped.
     lock: Option<super::lock::RunLock>,
+    /// Downstream tasks scored at each validation (`--eval-tasks`), and their
+    /// `task/metric` columns.
+    eval_tasks: Option<TaskSet>,
+    task_columns: Vec<String>,
 }
 
 /// The device, and the ranks when there are several: `cpu`, `cpu × 2 ranks (ddp)`.
@@ -104,6 +109,8 @@ impl Trainer {
         }
         let resumed_from = plan.resume.from.as_ref().map(|(d, s)| (d.clone(), s.step));
         let (lora, schedule) = (plan.lora.clone(), plan.schedule.clone());
+        let eval_tasks = plan.eval_tasks.clone();
+        let task_columns = eval_tasks.as_ref().map(TaskSet::columns).unwrap_or_default();
         let mut warnings = plan.resume.warnings.clone();
         warnings.extend(unsharded_note(&cfg, &plan.strategy));
         // The setting as used goes into hyperparameters.toml and every checkpoint.
@@ -116,7 +123,7 @@ impl Trainer {
         state.data_fingerprint = data.origin.as_ref().map(|o| o.fingerprint.clone());
         let (metrics, log, swept) = if zero {
             let resume = resumed_from.as_ref().map(|_| (state.step, state.tokens));
-            let (m, l, swept) = open_outputs(cfg, &data, resume)?;
+            let (m, l, swept) = open_outputs(cfg, &data, &task_columns, resume)?;
             (Some(m), Some(l), swept)
         } else {
             (None, None, Vec::new())
@@ -139,6 +146,8 @@ impl Trainer {
             order: Vec::new(),
             order_epoch: None,
             lock,
+            eval_tasks,
+            task_columns,
         };
         let line = t.start_line(resumed_from.as_ref().map(|(d, _)| d.as_path()));
         t.note(&line)?;
@@ -222,9 +231,10 @@ impl Trainer {
             .collect()
     }
 
-    /// Validation loss per dataset and overall (token-weighted), computed by rank 0;
-    /// the other ranks get the overall loss (they need it to stop early together).
-    fn evaluate_validation(&mut self) -> Result<(Option<f64>, Vec<Option<f64>>)> {
+    /// Validation loss per dataset and overall (token-weighted), and the downstream
+    /// tasks' metrics, computed by rank 0; the other ranks wait, and get the overall
+    /// loss (they need it to stop early together).
+    fn evaluate_validation(&mut self) -> Result<Validation> {
         let mut per = Vec::new();
         let (mut sum, mut tokens) = (0f64, 0usize);
         if self.runner.strategy.is_global_zero() {
@@ -245,13 +255,35 @@ impl Trainer {
                 per.push(r.map(|r| r.loss));
             }
         }
+        let mut tasks = Vec::new();
+        if let (Some(ts), true) = (&self.eval_tasks, self.runner.strategy.is_global_zero()) {
+            let start = Instant::now();
+            let values = ts.score(&self.runner.model, self.cfg.micro_batch_size)?;
+            let line = self
+                .task_columns
+                .iter()
+                .zip(&values)
+                .map(|(c, v)| format!("{c} {v:.4}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            self.note(&format!(
+                "step {}: tasks ({:.1}s) {line}",
+                self.state.step,
+                start.elapsed().as_secs_f64()
+            ))?;
+            tasks = values.into_iter().map(Some).collect();
+        }
         let overall = (tokens > 0).then(|| sum / tokens as f64);
         // [has a value, value], from rank 0.
         let got = self
             .runner
             .strategy
             .broadcast_f64(&[overall.is_some() as u8 as f64, overall.unwrap_or(0.0)])?;
-        Ok(((got[0] > 0.0).then_some(got[1]), per))
+        Ok(Validation {
+            loss: (got[0] > 0.0).then_some(got[1]),
+            per_dataset: per,
+            tasks,
+        })
     }
 
     /// Write checkpoint `name`: every rank calls it (a sharded optimizer state is
@@ -351,12 +383,13 @@ impl Trainer {
                 now,
             ) && !last_step;
 
-            let (val, per) = if eval_due {
+            let validation = if eval_due {
                 clock.last_eval = now;
                 self.evaluate_validation()?
             } else {
-                (None, Vec::new())
+                Validation::default()
             };
+            let val = validation.loss;
             if let Some(v) = val {
                 self.record_validation(v);
             }
@@ -368,7 +401,7 @@ impl Trainer {
             ));
             if log_due {
                 clock.last_log = now;
-                self.log_metrics(&stats, lr, tps, val, per, bar.is_hidden())?;
+                self.log_metrics(&stats, lr, tps, validation, bar.is_hidden())?;
                 clock.restart_interval(now);
             }
             if let Some(v) = val {
@@ -476,10 +509,14 @@ impl Trainer {
         stats: &StepStats,
         lr: f64,
         tps: f64,
-        val: Option<f64>,
-        per: Vec<Option<f64>>,
+        validation: Validation,
         no_bar: bool,
     ) -> Result<()> {
+        let Validation {
+            loss: val,
+            per_dataset: per,
+            tasks,
+        } = validation;
         let row = MetricsRow {
             step: self.state.step,
             epoch: self.state.position.epoch,
@@ -494,6 +531,11 @@ impl Trainer {
                 per
             } else {
                 vec![None; self.data.datasets.len()]
+            },
+            tasks: if tasks.is_empty() {
+                vec![None; self.task_columns.len()]
+            } else {
+                tasks
             },
         };
         if let Some(m) = self.metrics.as_mut() {
@@ -533,6 +575,16 @@ impl Trainer {
             final_checkpoint,
         }
     }
+}
+
+/// What a validation gave (on rank 0; the other ranks know only the loss).
+#[derive(Debug, Default)]
+struct Validation {
+    /// Token-weighted over the datasets.
+    loss: Option<f64>,
+    per_dataset: Vec<Option<f64>>,
+    /// The downstream tasks' metrics, in the order of the `task/metric` columns.
+    tasks: Vec<Option<f64>>,
 }
 
 /// Wall time of a run (continuing a resumed run's), and when logging, validation and

@@ -147,7 +147,7 @@ fn check_tokenizer(dir: &Path, state: &TrainingState, data: &TrainData) -> Resul
 }
 
 /// The model of a checkpoint: its own weights, or `base` + its adapter.
-fn model_of(
+pub fn model_of(
     dir: &Path,
     state: &TrainingState,
     base: &mut Option<(PathBuf, Gpt)>,

@@ -11,6 +11,7 @@ mod data_parallel;
 mod data_prepare;
 mod demo;
 mod engine;
+mod evaluate;
 mod estimate;
 mod hostile;
 mod hostile_cli;
