@@ -24,12 +24,14 @@ use serde::Serialize;
 use super::augment::Augmenter;
 use super::chunk::{Chunker, DEFAULT_TURN_PATTERN};
 use super::documents::ReadOptions;
+use super::files::resolve;
 use super::groups::Groups;
 use super::megatron::TokenDtype;
 use super::metadata::{
     DATASET_FILE, DatasetMeta, DatasetRecord, FORMAT, METADATA_FILE, Metadata, Settings,
     SourceFile, VERSION,
 };
+use super::pieces::{PIECE_BYTES, Pieces};
 use super::pipeline::{Ctx, tokenize_dataset};
 use super::sources::{DatasetSource, discover};
 use super::writer::SplitStats;
@@ -68,6 +70,9 @@ pub struct PrepareOptions {
     pub multiple_of: usize,
     /// Target tokens per shard (more shards when a split is larger).
     pub shard_tokens: u64,
+    /// Documents longer than this many bytes are encoded in pieces cut between words
+    /// (see [`super::pieces`]); the same ids, in bounded memory.
+    pub piece_bytes: usize,
     pub overwrite: bool,
     /// Draw a progress bar on stderr.
     pub progress: bool,
@@ -91,6 +96,7 @@ impl PrepareOptions {
             groups: None,
             multiple_of: 8,
             shard_tokens: 100_000_000,
+            piece_bytes: PIECE_BYTES,
             overwrite: false,
             progress: false,
         }
@@ -120,8 +126,7 @@ impl PrepareOptions {
             problems.push(e.to_string());
         }
         // An output inside the source would be read as a dataset by the next run.
-        let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
-        let (src, dest) = (abs(&self.source), abs(&self.destination));
+        let (src, dest) = (resolve(&self.source), resolve(&self.destination));
         if dest.starts_with(&src) && !self.source.is_file() {
             problems.push(format!(
                 "--destination-path {} lies inside --source-path {}; a re-run would read the output as a dataset: write it elsewhere",
@@ -205,6 +210,18 @@ pub fn prepare_data(opts: &PrepareOptions) -> Result<PrepareReport> {
         );
     }
     let dtype = TokenDtype::for_vocab(tok.vocab_size());
+    let pieces = Pieces::probe(
+        opts.piece_bytes,
+        |t| Ok(inner.encode_fast(t, false)?.get_ids().to_vec()),
+        |ids| Ok(inner.decode(ids, false)?),
+    )?;
+    if pieces.mode.is_none() {
+        eprintln!(
+            "note: {} cannot be cut between words without changing its ids, so each document is encoded whole: memory grows with the longest document (at most --max-document-bytes {})",
+            tok.path().display(),
+            opts.read.max_document_bytes
+        );
+    }
     let ctx = Ctx {
         tokenizer: inner,
         block_size,
@@ -214,6 +231,7 @@ pub fn prepare_data(opts: &PrepareOptions) -> Result<PrepareReport> {
         padding: opts.padding,
         chunker,
         augmenter,
+        pieces,
         read: opts.read.clone(),
         val_fraction: opts.val_fraction,
         seed: opts.seed,
@@ -377,25 +395,38 @@ pub fn prepare_data(opts: &PrepareOptions) -> Result<PrepareReport> {
     })
 }
 
-/// Removes a folder on drop if it is empty, unless disarmed.
-struct RemoveIfEmpty(Option<PathBuf>);
+/// Removes a folder, and the parents created with it, on drop if they are empty,
+/// unless disarmed.
+struct RemoveIfEmpty(Vec<PathBuf>);
 
 impl RemoveIfEmpty {
-    /// Armed only when `dir` does not exist yet.
+    /// Armed for `dir` and its missing parents (innermost first), those that do not
+    /// exist yet.
     fn new(dir: &Path) -> Self {
-        RemoveIfEmpty((!dir.exists()).then(|| dir.to_path_buf()))
+        let mut missing = Vec::new();
+        let mut d = Some(dir);
+        while let Some(p) = d {
+            if p.as_os_str().is_empty() || std::fs::symlink_metadata(p).is_ok() {
+                break;
+            }
+            missing.push(p.to_path_buf());
+            d = p.parent();
+        }
+        RemoveIfEmpty(missing)
     }
 
     fn disarm(&mut self) {
-        self.0 = None;
+        self.0.clear();
     }
 }
 
 impl Drop for RemoveIfEmpty {
     fn drop(&mut self) {
-        if let Some(dir) = &self.0 {
+        for dir in &self.0 {
             // Fails, as it should, when the folder holds anything.
-            let _ = std::fs::remove_dir(dir);
+            if std::fs::remove_dir(dir).is_err() {
+                break;
+            }
         }
     }
 }
@@ -444,7 +475,7 @@ fn prepare_destination(dest: &Path) -> Result<()> {
 fn source_files(root: &Path, src: &DatasetSource) -> Result<Vec<SourceFile>> {
     src.files()
         .map(|(p, val)| {
-            let bytes = std::fs::metadata(p).at(p)?.len();
+            let bytes = super::files::regular_len(p)?;
             let rel = p.strip_prefix(root).unwrap_or(p);
             let rel = if rel.as_os_str().is_empty() {
                 p.file_name().map(Path::new).unwrap_or(p)

@@ -13,6 +13,7 @@ mod demo;
 mod engine;
 mod estimate;
 mod hostile;
+mod hostile_data;
 mod layout;
 mod lora_fused;
 mod lora_grads;
