@@ -8,7 +8,80 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::error::{Error, IoContext, Result};
+use crate::data::files::read_regular;
+use crate::error::{Error, Result};
+
+/// Largest `tokenizer.json` read (the largest published ones are about 35 MB).
+const MAX_TOKENIZER_BYTES: u64 = 1 << 30;
+/// Largest `config.json`, `generation_config.json` or `tokenizer_config.json` read.
+const MAX_CONFIG_BYTES: u64 = 64 << 20;
+
+/// `tokenizer.json` (`bytes`, read from `path`) as a tokenizer, or a one-line error
+/// naming the file. The text is checked to be JSON first: the tokenizers crate panics
+/// on some damaged files (one cut off inside its "decoder" section fails an `expect`),
+/// and a panic it still raises on valid JSON is caught and reported the same way.
+pub(crate) fn parse_tokenizer(path: &Path, bytes: &[u8]) -> Result<tokenizers::Tokenizer> {
+    if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
+        let why = if e.is_eof() { "cut off" } else { "damaged" };
+        return Err(Error::bad_file(
+            path,
+            format!(
+                "not a tokenizer, the file is {why} (JSON error: {e}); copy or download tokenizer.json again"
+            ),
+        ));
+    }
+    match quiet_catch_unwind(|| tokenizers::Tokenizer::from_bytes(bytes)) {
+        Ok(Ok(t)) => Ok(t),
+        Ok(Err(e)) => Err(Error::bad_file(
+            path,
+            format!("not a tokenizer: {}", one_line(&e.to_string())),
+        )),
+        Err(panic) => Err(Error::bad_file(
+            path,
+            format!(
+                "not a tokenizer the tokenizers library can load (it failed with: {}); copy or download tokenizer.json again",
+                one_line(&panic_text(&*panic))
+            ),
+        )),
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic".into()
+    }
+}
+
+thread_local! {
+    /// Set while this thread runs [`quiet_catch_unwind`]: its panics are not printed.
+    static QUIET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Run `f`, turning a panic into `Err` without the panic message and backtrace the
+/// default hook prints (other threads' panics are printed as before).
+fn quiet_catch_unwind<T>(f: impl FnOnce() -> T) -> std::thread::Result<T> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET.with(|q| q.get()) {
+                previous(info);
+            }
+        }));
+    });
+    let was = QUIET.with(|q| q.replace(true));
+    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    QUIET.with(|q| q.set(was));
+    out
+}
 
 /// A Hugging Face tokenizer plus what the model folder says about its special tokens.
 #[derive(Clone)]
@@ -54,9 +127,8 @@ impl Tokenizer {
                 "the model folder needs the Hugging Face fast tokenizer file tokenizer.json",
             ));
         }
-        let bytes = std::fs::read(&path).at(&path)?;
-        let mut inner = tokenizers::Tokenizer::from_bytes(&bytes)
-            .map_err(|e| Error::bad_file(&path, format!("not a tokenizer: {e}")))?;
+        let bytes = read_regular(&path, MAX_TOKENIZER_BYTES, "a tokenizer")?;
+        let mut inner = parse_tokenizer(&path, &bytes)?;
         // Truncation or padding saved in tokenizer.json would silently cut or pad every
         // text; we chunk and pad ourselves.
         inner
@@ -70,8 +142,8 @@ impl Tokenizer {
             if !p.exists() {
                 return Ok(None);
             }
-            let text = std::fs::read_to_string(&p).at(&p)?;
-            serde_json::from_str(&text)
+            let bytes = read_regular(&p, MAX_CONFIG_BYTES, "a model configuration")?;
+            serde_json::from_slice(&bytes)
                 .map(Some)
                 .map_err(|e| Error::bad_file(&p, format!("not JSON: {e}")))
         };

@@ -128,6 +128,10 @@ pub struct InputFormatArgs {
     /// stopping at the first.
     #[arg(long)]
     pub skip_bad_lines: bool,
+    /// Longest line, and longest document, read (bytes): a longer one stops the command
+    /// naming its file and line, so one huge line cannot take all the memory.
+    #[arg(long, default_value_t = crate::data::documents::DEFAULT_MAX_DOCUMENT_BYTES)]
+    pub max_document_bytes: usize,
 }
 
 impl InputFormatArgs {
@@ -136,6 +140,7 @@ impl InputFormatArgs {
             layout: crate::data::documents::TextLayout::from_separator(self.doc_separator),
             json_key: self.json_key,
             skip_bad_lines: self.skip_bad_lines,
+            max_document_bytes: self.max_document_bytes,
         }
     }
 }

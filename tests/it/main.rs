@@ -15,6 +15,7 @@ mod evaluate;
 mod estimate;
 mod hostile;
 mod hostile_cli;
+mod hostile_data;
 mod hostile_hub;
 mod hostile_train;
 mod layout;
