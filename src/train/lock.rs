@@ -116,27 +116,67 @@ impl RunLock {
         }
         let mut lock = RunLock { path, created };
         // Twice at most: once more after taking over a dead process's lock.
+        // The lock appears with its holder already written: a temp file is written,
+        // then hard-linked to `.lock` (which fails if it exists), so a second run
+        // never reads a lock that is still empty.
+        let staged =
+            lock.path
+                .with_file_name(format!("{LOCK_FILE}.{}.{}", std::process::id(), host()));
+        {
+            let mut f = std::fs::File::create(&staged).at(&staged)?;
+            writeln!(f, "{} {}", std::process::id(), host()).at(&staged)?;
+        }
+        for _ in 0..2 {
+            match std::fs::hard_link(&staged, &lock.path) {
+                Ok(()) => {
+                    let _ = std::fs::remove_file(&staged);
+                    count(&lock.path, 1);
+                    return Ok(lock);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    if let Err(e) = lock.take_over_or_refuse(run) {
+                        let _ = std::fs::remove_file(&staged);
+                        return Err(e);
+                    }
+                }
+                Err(_) => {
+                    // A file system without hard links: create it in place.
+                    let _ = std::fs::remove_file(&staged);
+                    return lock.create_in_place(run);
+                }
+            }
+        }
+        let _ = std::fs::remove_file(&staged);
+        let path = std::mem::take(&mut lock.path);
+        Err(Error::Usage(format!(
+            "{} is being locked by another run at the same time; choose another --out-dir or try again",
+            path.display()
+        )))
+    }
+
+    /// Take the lock by creating `.lock` and then writing its holder.
+    fn create_in_place(mut self, run: &Path) -> Result<RunLock> {
         for _ in 0..2 {
             match std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
-                .open(&lock.path)
+                .open(&self.path)
             {
                 Ok(mut f) => {
-                    count(&lock.path, 1);
-                    writeln!(f, "{} {}", std::process::id(), host()).at(&lock.path)?;
-                    return Ok(lock);
+                    count(&self.path, 1);
+                    writeln!(f, "{} {}", std::process::id(), host()).at(&self.path)?;
+                    return Ok(self);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    lock.take_over_or_refuse(run)?;
+                    self.take_over_or_refuse(run)?;
                 }
                 Err(e) => {
-                    let path = std::mem::take(&mut lock.path);
+                    let path = std::mem::take(&mut self.path);
                     return Err(Error::io(&path, e));
                 }
             }
         }
-        let path = std::mem::take(&mut lock.path);
+        let path = std::mem::take(&mut self.path);
         Err(Error::Usage(format!(
             "{} is being locked by another run at the same time; choose another --out-dir or try again",
             path.display()
@@ -203,5 +243,32 @@ impl Drop for RunLock {
             // something keeps it.
             let _ = std::fs::remove_dir(dir);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lock_appears_whole_and_leaves_no_staged_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = tmp.path().join("run");
+        let lock = RunLock::acquire(&run).unwrap();
+        let text = std::fs::read_to_string(run.join(LOCK_FILE)).unwrap();
+        assert_eq!(
+            text.split_whitespace().next(),
+            Some(std::process::id().to_string().as_str())
+        );
+        let names: Vec<_> = std::fs::read_dir(&run)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, [std::ffi::OsString::from(LOCK_FILE)]);
+        drop(lock);
+        assert!(
+            !run.exists(),
+            "an unused run folder is removed with its lock"
+        );
     }
 }
