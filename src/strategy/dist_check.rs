@@ -103,6 +103,7 @@ pub fn dist_check(
             .unwrap_or(DEFAULT_PORT),
         launcher: env::Launcher::Torchrun,
         sources: env::Sources::default(),
+        secret: env::JobSecret::none(),
     });
     if let Some(launched) = &launched {
         env::check_given_topology(launched, opts.devices, opts.num_nodes)?;

@@ -55,6 +55,136 @@ pub struct ProcessGroup {
     pub launcher: Launcher,
     /// Where the counts came from, for messages.
     pub sources: Sources,
+    /// What every process of this job knows and a stranger does not: the rendezvous
+    /// admits only a hello that carries it.
+    pub secret: JobSecret,
+}
+
+/// Where a [`JobSecret`] came from, in order of preference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecretSource {
+    /// No launcher variable: any process that speaks the protocol is admitted.
+    None,
+    /// `LIT_CLAIRE_JOB_SECRET`, set by the job script (`slurm/` sets a random one).
+    Explicit,
+    /// `SLURM_JOB_ID`: every task of the job has it.
+    SlurmJobId,
+    /// `TORCHELASTIC_RUN_ID`: torchrun's `--rdzv-id` (a fresh id under `--standalone`).
+    TorchrunRunId,
+}
+
+impl SecretSource {
+    /// The variable, as messages name it.
+    pub fn variable(self) -> &'static str {
+        match self {
+            SecretSource::None => "no job variable",
+            SecretSource::Explicit => "LIT_CLAIRE_JOB_SECRET",
+            SecretSource::SlurmJobId => "SLURM_JOB_ID",
+            SecretSource::TorchrunRunId => "TORCHELASTIC_RUN_ID",
+        }
+    }
+
+    /// Its byte in the rendezvous hello.
+    pub fn code(self) -> u8 {
+        match self {
+            SecretSource::None => 0,
+            SecretSource::Explicit => 1,
+            SecretSource::SlurmJobId => 2,
+            SecretSource::TorchrunRunId => 3,
+        }
+    }
+
+    pub fn from_code(b: u8) -> Option<Self> {
+        [
+            SecretSource::None,
+            SecretSource::Explicit,
+            SecretSource::SlurmJobId,
+            SecretSource::TorchrunRunId,
+        ]
+        .into_iter()
+        .find(|s| s.code() == b)
+    }
+}
+
+/// The job's secret as the rendezvous greeting carries it: a SHA-256 digest of the
+/// variable's name and value (the value itself never travels), compared in constant
+/// time. Its `Debug` shows only where it came from.
+#[derive(Clone)]
+pub struct JobSecret {
+    pub source: SecretSource,
+    digest: [u8; 32],
+}
+
+impl JobSecret {
+    /// The secret `value` of `source`.
+    pub fn new(source: SecretSource, value: &str) -> Self {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        h.update(b"lit-claire rendezvous job secret\0");
+        h.update(source.variable().as_bytes());
+        h.update(b"\0");
+        h.update(value.as_bytes());
+        JobSecret {
+            source,
+            digest: h.finalize().into(),
+        }
+    }
+
+    /// No secret: what a process started without a launcher has.
+    pub fn none() -> Self {
+        Self::new(SecretSource::None, "")
+    }
+
+    /// `LIT_CLAIRE_JOB_SECRET` if set (and not empty), else the launcher's own job id
+    /// (`TORCHELASTIC_RUN_ID` under torchrun, `SLURM_JOB_ID` under SLURM), else the
+    /// other one, else none.
+    pub fn from_env(env: &HashMap<String, String>, launcher: Launcher) -> Self {
+        let job_ids = match launcher {
+            Launcher::Torchrun => [SecretSource::TorchrunRunId, SecretSource::SlurmJobId],
+            Launcher::Slurm => [SecretSource::SlurmJobId, SecretSource::TorchrunRunId],
+        };
+        std::iter::once(SecretSource::Explicit)
+            .chain(job_ids)
+            .find_map(|s| {
+                env.get(s.variable())
+                    .filter(|v| !v.trim().is_empty())
+                    .map(|v| Self::new(s, v.trim()))
+            })
+            .unwrap_or_else(Self::none)
+    }
+
+    /// The 32 bytes a hello carries.
+    pub fn digest(&self) -> &[u8; 32] {
+        &self.digest
+    }
+
+    /// Whether `digest` is this secret's, in time that does not depend on where they
+    /// differ (a stranger learns nothing from how fast it is refused).
+    pub fn matches(&self, digest: &[u8]) -> bool {
+        if digest.len() != self.digest.len() {
+            return false;
+        }
+        let diff = self
+            .digest
+            .iter()
+            .zip(digest)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        std::hint::black_box(diff) == 0
+    }
+}
+
+impl PartialEq for JobSecret {
+    fn eq(&self, other: &Self) -> bool {
+        self.source == other.source && self.matches(&other.digest)
+    }
+}
+
+impl Eq for JobSecret {}
+
+impl std::fmt::Debug for JobSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "JobSecret(from {})", self.source.variable())
+    }
 }
 
 /// The variable each count of a [`ProcessGroup`] came from, or how it was derived
@@ -145,6 +275,7 @@ fn torchrun_group(env: &HashMap<String, String>) -> Result<ProcessGroup> {
         master_port,
         launcher: Launcher::Torchrun,
         sources,
+        secret: JobSecret::from_env(env, Launcher::Torchrun),
     })
 }
 
@@ -222,6 +353,7 @@ fn slurm_group(env: &HashMap<String, String>) -> Result<ProcessGroup> {
         master_port,
         launcher: Launcher::Slurm,
         sources,
+        secret: JobSecret::from_env(env, Launcher::Slurm),
     })
 }
 
@@ -573,6 +705,7 @@ mod tests {
                     local_world_size: "SLURM_NTASKS_PER_NODE".into(),
                     num_nodes: "SLURM_NNODES".into(),
                 },
+                secret: JobSecret::new(SecretSource::SlurmJobId, "123456"),
             }
         );
         check_topology(&pg, 8, 2).unwrap();
@@ -615,6 +748,47 @@ mod tests {
             err.contains("--nproc-per-node 4") && err.contains("--nnodes 2"),
             "{err}"
         );
+    }
+
+    /// Issue 26: the rendezvous secret comes from the job script's variable first, then
+    /// the launcher's own job id; it never shows in `Debug`, and equal values from
+    /// different variables are different secrets.
+    #[test]
+    fn the_job_secret_comes_from_the_script_or_the_launcher() {
+        let mut e = slurm_task();
+        let pg = process_group(&e).unwrap().unwrap();
+        assert_eq!(pg.secret.source, SecretSource::SlurmJobId);
+        e.insert("LIT_CLAIRE_JOB_SECRET".into(), "s3cr3t-value".into());
+        let pg = process_group(&e).unwrap().unwrap();
+        assert_eq!(
+            pg.secret,
+            JobSecret::new(SecretSource::Explicit, "s3cr3t-value")
+        );
+        assert!(!format!("{pg:?}").contains("s3cr3t"), "{pg:?}");
+        // torchrun in a SLURM job: torchrun's run id before the job id.
+        let t = env(&[
+            ("RANK", "0"),
+            ("WORLD_SIZE", "2"),
+            ("TORCHELASTIC_RUN_ID", "abc"),
+            ("SLURM_JOB_ID", "7"),
+        ]);
+        let s = process_group(&t).unwrap().unwrap().secret;
+        assert_eq!(s, JobSecret::new(SecretSource::TorchrunRunId, "abc"));
+        let s = JobSecret::from_env(&env(&[("SLURM_JOB_ID", "7")]), Launcher::Torchrun);
+        assert_eq!(s.source, SecretSource::SlurmJobId);
+        assert_eq!(
+            JobSecret::from_env(&env(&[]), Launcher::Slurm),
+            JobSecret::none()
+        );
+        let (a, b) = (
+            JobSecret::new(SecretSource::SlurmJobId, "7"),
+            JobSecret::new(SecretSource::TorchrunRunId, "7"),
+        );
+        assert!(!a.matches(b.digest()) && a.matches(a.digest()) && !a.matches(&[0; 31]));
+        for c in 0..4 {
+            assert_eq!(SecretSource::from_code(c).unwrap().code(), c);
+        }
+        assert_eq!(SecretSource::from_code(9), None);
     }
 
     #[test]

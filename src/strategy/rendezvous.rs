@@ -5,9 +5,10 @@
 //! rank 0                                   rank r ≠ 0
 //! listen on MASTER_PORT (all interfaces)   connect to MASTER_ADDR:MASTER_PORT (retried:
 //!                                          rank 0 may start later)
-//!            ◀──── hello: "LCRV", version, r, world size
-//! check: rank in range, not seen before,
-//! same world size as rank 0
+//!            ◀──── hello: "LCRV", version, r, world size, the job secret's digest
+//! check: the job's secret (else refused,
+//! logged, and still waiting), rank in
+//! range, not seen before, same world size
 //! once all world−1 ranks said hello:
 //!            ────▶ ok: payload             (or error: why, to every rank waiting)
 //! ```
@@ -19,6 +20,13 @@
 //! port scanner, an idle client) is dropped without delaying the ranks behind it. No
 //! shared files, no other service.
 //!
+//! A client that speaks the protocol is a rank only if its hello carries the job's
+//! secret ([`JobSecret`]: from `LIT_CLAIRE_JOB_SECRET`, else the launcher's job id,
+//! `SLURM_JOB_ID` or `TORCHELASTIC_RUN_ID`), compared in constant time. One that does
+//! not (a process of another job that picked the same port, a stranger) is refused
+//! with the reason, one line on rank 0's stderr says so, and the rendezvous goes on
+//! waiting for the real rank.
+//!
 //! [`Rendezvous::share_and_keep`] leaves the connections open (rank 0's to every other
 //! rank, theirs to rank 0): the [`watchdog`](super::watchdog) talks over them for the
 //! rest of the run, so that a rank that dies later does not leave the others waiting.
@@ -28,14 +36,20 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
-use super::env::ProcessGroup;
+use super::env::{JobSecret, ProcessGroup, SecretSource};
 use crate::error::{Error, Result};
 
 const MAGIC: &[u8; 4] = b"LCRV";
-/// 2: the connections stay open after the answer, for the watchdog.
-const VERSION: u8 = 2;
+/// 2: the connections stay open after the answer, for the watchdog. 3: the hello
+/// carries the job secret's digest.
+const VERSION: u8 = 3;
 const OK: u8 = 0;
 const REFUSED: u8 = 1;
+/// The hello's job secret is not this job's: refused, and the rendezvous goes on.
+const NOT_THIS_JOB: u8 = 6;
+/// Refusals of strangers logged on rank 0's stderr, at most (then one line saying
+/// that the rest are not).
+const MAX_LOGGED_REFUSALS: usize = 8;
 /// Largest payload or message accepted (an NCCL id is 128 bytes).
 const MAX_FRAME: usize = 1 << 20;
 
@@ -53,6 +67,8 @@ pub struct Rendezvous {
     pub world_size: usize,
     /// How long to wait for the others (rank 0) or for rank 0 (the others).
     pub timeout: Duration,
+    /// What a hello must carry to be admitted.
+    pub secret: JobSecret,
 }
 
 impl Rendezvous {
@@ -64,6 +80,7 @@ impl Rendezvous {
             rank: pg.rank,
             world_size: pg.world_size,
             timeout,
+            secret: pg.secret.clone(),
         }
     }
 
@@ -110,7 +127,7 @@ impl Rendezvous {
     /// Rank 0: wait for every other rank's hello, check it, answer all at once.
     ///
     /// Connections are greeted concurrently: every accepted connection waits in a list,
-    /// non-blocking, until its 13-byte hello is whole, and one that sends none within
+    /// non-blocking, until its hello is whole, and one that sends none within
     /// [`GREETING_TIMEOUT`] (a port scanner, a health check, a stray client) is dropped
     /// without holding up anyone else.
     fn serve(&self, payload: &[u8]) -> Result<Vec<Link>> {
@@ -132,6 +149,7 @@ impl Rendezvous {
             })?;
         let mut arrived: BTreeMap<usize, (TcpStream, SocketAddr)> = BTreeMap::new();
         let mut greeting: Vec<Greeting> = Vec::new();
+        let mut refusals = 0usize;
         while arrived.len() + 1 < self.world_size {
             let mut progress = false;
             // Every connection waiting to be accepted.
@@ -189,10 +207,45 @@ impl Rendezvous {
             } in complete
             {
                 // A hello that is not ours is a stranger: dropped, like a silent one.
-                let Ok((rank, world)) = parse_hello(&hello) else {
+                let Ok(Hello {
+                    rank,
+                    world,
+                    source,
+                    digest,
+                }) = parse_hello(&hello)
+                else {
                     continue;
                 };
                 if stream.set_nonblocking(false).is_err() || stream.set_nodelay(true).is_err() {
+                    continue;
+                }
+                // Before anything it says is believed: a stranger claiming a taken rank
+                // or another world size must not stop the run.
+                if !self.secret.matches(&digest) {
+                    let theirs = SecretSource::from_code(source)
+                        .map_or("an unknown variable", SecretSource::variable);
+                    let ours = self.secret.source.variable();
+                    let _ = send_frame(
+                        &mut stream,
+                        NOT_THIS_JOB,
+                        format!(
+                            "its job secret (from {theirs}) is not that of rank 0's job (from {ours}): start every rank of a job with the same {ours}, or give another job its own MASTER_PORT"
+                        )
+                        .as_bytes(),
+                        Instant::now() + Duration::from_secs(2),
+                    );
+                    refusals += 1;
+                    if refusals <= MAX_LOGGED_REFUSALS {
+                        eprintln!(
+                            "warning: rendezvous at {}: refused {peer}, which says it is rank {rank} of {world}: its job secret (from {theirs}) is not this job's (from {ours}); still waiting for the real rank{}",
+                            self.endpoint(),
+                            if refusals == MAX_LOGGED_REFUSALS {
+                                " (further refusals are not logged)"
+                            } else {
+                                ""
+                            }
+                        );
+                    }
                     continue;
                 }
                 let problem = if world != self.world_size {
@@ -267,11 +320,13 @@ impl Rendezvous {
         let deadline = super::deadline_after(self.timeout);
         let endpoint = self.endpoint();
         let mut stream = self.connect(deadline)?;
-        let mut hello = Vec::with_capacity(13);
+        let mut hello = Vec::with_capacity(HELLO_LEN);
         hello.extend_from_slice(MAGIC);
         hello.push(VERSION);
         hello.extend_from_slice(&(self.rank as u32).to_le_bytes());
         hello.extend_from_slice(&(self.world_size as u32).to_le_bytes());
+        hello.push(self.secret.source.code());
+        hello.extend_from_slice(self.secret.digest());
         let lost = |e: String| {
             Error::Msg(format!(
                 "rank {}: lost rank 0 at {endpoint}: {e} (see rank 0's log)",
@@ -293,6 +348,11 @@ impl Rendezvous {
         })?;
         match status {
             OK => Ok((body, stream)),
+            NOT_THIS_JOB => Err(Error::Msg(format!(
+                "rank {}: rank 0 at {endpoint} refused this process: {}",
+                self.rank,
+                String::from_utf8_lossy(&body)
+            ))),
             _ => Err(Error::Msg(format!(
                 "rank {}: rank 0 stopped the rendezvous: {}",
                 self.rank,
@@ -358,7 +418,17 @@ fn refuse_all(arrived: BTreeMap<usize, (TcpStream, SocketAddr)>, msg: String) ->
 /// (while the others are greeted as they come).
 pub const GREETING_TIMEOUT: Duration = Duration::from_secs(3);
 
-const HELLO_LEN: usize = 13;
+/// MAGIC, version, rank (u32 LE), world size (u32 LE), the secret's source, its
+/// 32-byte digest.
+const HELLO_LEN: usize = 46;
+
+/// A hello, as read.
+struct Hello {
+    rank: usize,
+    world: usize,
+    source: u8,
+    digest: [u8; 32],
+}
 
 /// An accepted connection whose hello is not whole yet.
 struct Greeting {
@@ -462,13 +532,16 @@ pub(super) fn rank_list(ranks: &[usize]) -> String {
     range_list(&ranges)
 }
 
-fn parse_hello(buf: &[u8]) -> std::result::Result<(usize, usize), String> {
+fn parse_hello(buf: &[u8]) -> std::result::Result<Hello, String> {
     if buf.len() != HELLO_LEN || &buf[..4] != MAGIC || buf[4] != VERSION {
         return Err("not a lit-claire rendezvous hello".into());
     }
-    let rank = u32::from_le_bytes(buf[5..9].try_into().expect("4 bytes")) as usize;
-    let world = u32::from_le_bytes(buf[9..13].try_into().expect("4 bytes")) as usize;
-    Ok((rank, world))
+    Ok(Hello {
+        rank: u32::from_le_bytes(buf[5..9].try_into().expect("4 bytes")) as usize,
+        world: u32::from_le_bytes(buf[9..13].try_into().expect("4 bytes")) as usize,
+        source: buf[13],
+        digest: buf[14..46].try_into().expect("32 bytes"),
+    })
 }
 
 /// MAGIC, status, length (u32 LE), body.

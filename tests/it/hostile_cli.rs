@@ -313,6 +313,7 @@ fn issue23_an_idle_connection_does_not_block_the_rendezvous() {
         rank,
         world_size: 3,
         timeout: Duration::from_secs(6),
+        secret: lit_claire::strategy::env::JobSecret::none(),
     };
     let payload = b"the shared id".to_vec();
     let zero = {

@@ -6,6 +6,7 @@ use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use lit_claire::strategy::env::{JobSecret, SecretSource};
 use lit_claire::strategy::rendezvous::Rendezvous;
 
 use crate::common::bin;
@@ -26,6 +27,7 @@ fn rdv(port: u16, rank: usize, world_size: usize, timeout_ms: u64) -> Rendezvous
         rank,
         world_size,
         timeout: Duration::from_millis(timeout_ms),
+        secret: JobSecret::none(),
     }
 }
 
@@ -125,6 +127,93 @@ fn a_duplicate_rank_is_refused() {
     }
 }
 
+/// Issue 26: a client that speaks the protocol but carries another job's secret is
+/// refused with the reason, even when it claims a rank the real one then takes, and
+/// the real ranks still meet.
+#[test]
+fn a_stranger_with_another_jobs_secret_is_refused_and_the_real_ranks_meet() {
+    let port = free_port();
+    let ours = JobSecret::new(SecretSource::SlurmJobId, "4242");
+    let with = |rank: usize, secret: &JobSecret| Rendezvous {
+        secret: secret.clone(),
+        ..rdv(port, rank, 3, 10_000)
+    };
+    let payload = b"nccl id".to_vec();
+    let zero = {
+        let (r, p) = (with(0, &ours), payload.clone());
+        thread::spawn(move || r.share(Some(&p)).map_err(|e| e.to_string()))
+    };
+    // The stranger comes first and claims rank 1, with another job's id.
+    let other_job = JobSecret::new(SecretSource::SlurmJobId, "4243");
+    let stranger = with(1, &other_job).share(None).unwrap_err().to_string();
+    assert!(
+        stranger.starts_with(&format!("rank 1: rank 0 at 127.0.0.1:{port} refused this process: its job secret (from SLURM_JOB_ID) is not that of rank 0's job")),
+        "{stranger}"
+    );
+    assert!(!stranger.contains('\n'), "{stranger}");
+    // No secret at all is refused too.
+    let none = with(2, &JobSecret::none())
+        .share(None)
+        .unwrap_err()
+        .to_string();
+    assert!(none.contains("(from no job variable)"), "{none}");
+    let real: Vec<_> = [1, 2]
+        .into_iter()
+        .map(|r| {
+            let rdv = with(r, &ours);
+            thread::spawn(move || rdv.share(None).map_err(|e| e.to_string()))
+        })
+        .collect();
+    for r in real {
+        assert_eq!(r.join().unwrap().unwrap(), payload);
+    }
+    assert_eq!(zero.join().unwrap().unwrap(), payload);
+}
+
+/// Issue 26, with real processes: rank 0 logs one line for the stranger (a process
+/// of another job) and the job's two ranks still meet; the stranger exits with the
+/// reason.
+#[test]
+fn a_stranger_process_is_refused_and_logged_on_rank_zeros_stderr() {
+    let port = free_port();
+    let secret = |c: Command, s: &str| -> Command {
+        let mut c = c;
+        c.env("LIT_CLAIRE_JOB_SECRET", s);
+        c
+    };
+    let zero = secret(dist_check_command(port, 0, 2, 20, &[]), "job-a")
+        .spawn()
+        .unwrap();
+    let stranger = secret(dist_check_command(port, 1, 2, 20, &[]), "job-b")
+        .output()
+        .unwrap();
+    assert!(!stranger.status.success());
+    let err = String::from_utf8_lossy(&stranger.stderr);
+    assert!(
+        err.contains("refused this process: its job secret (from LIT_CLAIRE_JOB_SECRET)"),
+        "{err}"
+    );
+    let one = secret(dist_check_command(port, 1, 2, 20, &[]), "job-a")
+        .output()
+        .unwrap();
+    assert!(
+        one.status.success(),
+        "{}",
+        String::from_utf8_lossy(&one.stderr)
+    );
+    let zero = zero.wait_with_output().unwrap();
+    assert!(zero.status.success());
+    let log = String::from_utf8_lossy(&zero.stderr);
+    let lines: Vec<&str> = log.lines().collect();
+    assert_eq!(lines.len(), 1, "{log}");
+    assert!(
+        lines[0].starts_with("warning: rendezvous at ")
+            && lines[0].contains("which says it is rank 1 of 2: its job secret (from LIT_CLAIRE_JOB_SECRET) is not this job's")
+            && lines[0].ends_with("still waiting for the real rank"),
+        "{log}"
+    );
+}
+
 /// `lit-claire dist-check` as torchrun would start `world` of them.
 fn dist_check_process(
     port: u16,
@@ -133,25 +222,40 @@ fn dist_check_process(
     timeout_s: u32,
     extra: &[&str],
 ) -> std::process::Child {
-    Command::new(bin())
-        .args([
-            "dist-check",
-            "--device",
-            "cpu",
-            "--timeout",
-            &timeout_s.to_string(),
-        ])
-        .args(extra)
-        .env("RANK", rank.to_string())
-        .env("WORLD_SIZE", world.to_string())
-        .env("LOCAL_RANK", rank.to_string())
-        .env("LOCAL_WORLD_SIZE", world.to_string())
-        .env("MASTER_ADDR", "127.0.0.1")
-        .env("MASTER_PORT", port.to_string())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+    dist_check_command(port, rank, world, timeout_s, extra)
         .spawn()
         .unwrap()
+}
+
+/// The command of [`dist_check_process`], not started.
+fn dist_check_command(
+    port: u16,
+    rank: usize,
+    world: usize,
+    timeout_s: u32,
+    extra: &[&str],
+) -> Command {
+    let mut c = Command::new(bin());
+    c.args([
+        "dist-check",
+        "--device",
+        "cpu",
+        "--timeout",
+        &timeout_s.to_string(),
+    ])
+    .args(extra)
+    .env("RANK", rank.to_string())
+    .env("WORLD_SIZE", world.to_string())
+    .env("LOCAL_RANK", rank.to_string())
+    .env("LOCAL_WORLD_SIZE", world.to_string())
+    .env("MASTER_ADDR", "127.0.0.1")
+    .env("MASTER_PORT", port.to_string())
+    .env_remove("LIT_CLAIRE_JOB_SECRET")
+    .env_remove("SLURM_JOB_ID")
+    .env_remove("TORCHELASTIC_RUN_ID")
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    c
 }
 
 #[test]
