@@ -206,6 +206,30 @@ pub fn default_slurm_port(job_id: u64) -> u16 {
 /// Port used without a launcher's port (a single process, or `MASTER_PORT` unset).
 pub const DEFAULT_PORT: u16 = 29_500;
 
+/// Why this process must not train on the CPU, if a launcher started it as one of
+/// several: CPU ranks are threads of one process, so each of the launcher's processes
+/// would train alone, all into the same run folder. One line naming the variables and
+/// what to run instead.
+pub fn cpu_launch_problem(pg: &ProcessGroup) -> Option<String> {
+    if pg.world_size <= 1 {
+        return None;
+    }
+    let (rank_var, one_process) = match pg.launcher {
+        Launcher::Torchrun => ("RANK", "one process without torchrun"),
+        Launcher::Slurm => ("SLURM_PROCID", "one task (srun --ntasks=1)"),
+    };
+    Some(format!(
+        "{rank_var}={} {}={} ({}): this process is one of {} that {} started, but on --device cpu the ranks of a run are threads of one process, so each would train alone into the same --out-dir; start {one_process} with --device cpu --devices {}, or train on GPUs with --device cuda (one process per GPU)",
+        pg.rank,
+        pg.sources.world_size,
+        pg.world_size,
+        pg.launcher,
+        pg.world_size,
+        pg.launcher,
+        pg.world_size
+    ))
+}
+
 /// The environment of this process, as a map.
 pub fn process_env() -> HashMap<String, String> {
     std::env::vars().collect()
@@ -789,6 +813,24 @@ mod tests {
             assert_eq!(SecretSource::from_code(c).unwrap().code(), c);
         }
         assert_eq!(SecretSource::from_code(9), None);
+    }
+
+    /// Issue 26: processes a launcher started are refused on the CPU with the
+    /// variables that say so; a launcher's single process is not.
+    #[test]
+    fn cpu_processes_of_a_launcher_are_refused_naming_the_variables() {
+        let pg = process_group(&slurm_task()).unwrap().unwrap();
+        let e = cpu_launch_problem(&pg).unwrap();
+        assert!(
+            e.starts_with("SLURM_PROCID=11 SLURM_NTASKS=16 (SLURM): this process is one of 16")
+                && e.contains("--device cpu --devices 16"),
+            "{e}"
+        );
+        let t = env(&[("RANK", "0"), ("WORLD_SIZE", "1")]);
+        assert_eq!(
+            cpu_launch_problem(&process_group(&t).unwrap().unwrap()),
+            None
+        );
     }
 
     #[test]

@@ -26,6 +26,9 @@ use crate::strategy::threads::ThreadGroup;
 /// checked again.
 pub fn pretrain(cfg: &impl ToChecked) -> Result<TrainSummary> {
     let cfg = cfg.to_checked()?;
+    if cfg.device == DeviceSpec::Cpu {
+        refuse_launched_cpu_processes()?;
+    }
     pretrain_with_data(cfg.as_ref(), load_train_data(&cfg.data_dir)?)
 }
 
@@ -34,6 +37,9 @@ pub fn pretrain(cfg: &impl ToChecked) -> Result<TrainSummary> {
 pub fn pretrain_with_data(cfg: &impl ToChecked, data: TrainData) -> Result<TrainSummary> {
     let cfg = cfg.to_checked()?;
     let cfg = cfg.as_ref();
+    if cfg.device == DeviceSpec::Cpu {
+        refuse_launched_cpu_processes()?;
+    }
     let world = cfg.world_size();
     if world == 1 {
         return Trainer::new(cfg, data)?.run(None);
@@ -48,5 +54,19 @@ pub fn pretrain_with_data(cfg: &impl ToChecked, data: TrainData) -> Result<Train
             train_threads(cfg, data, group.handles())
         }
         DeviceSpec::Cuda(_) => train_process_group(cfg, data),
+    }
+}
+
+/// A CPU run is one process (its ranks are threads): one of several processes a
+/// launcher started (torchrun, srun) is refused before it reads or writes anything,
+/// instead of training alone into the run folder the others write too.
+fn refuse_launched_cpu_processes() -> Result<()> {
+    let env = crate::strategy::env::process_env();
+    match crate::strategy::env::process_group(&env)? {
+        Some(pg) => match crate::strategy::env::cpu_launch_problem(&pg) {
+            Some(problem) => Err(Error::Usage(problem)),
+            None => Ok(()),
+        },
+        None => Ok(()),
     }
 }

@@ -489,3 +489,53 @@ fn the_cli_trains_on_cpu_threads() {
         "{log}"
     );
 }
+
+/// Issue 26: `pretrain --device cpu` started as two processes by a launcher (torchrun's
+/// variables) ignored them, and both trained alone into the same run folder. Each
+/// process now stops with one line naming the variables and the fix, before it
+/// writes anything.
+#[test]
+fn issue26_cpu_processes_started_by_a_launcher_are_refused() {
+    use crate::pipeline::{prepared, s};
+    let root = temp_dir();
+    let data = prepared(root.path());
+    let run = root.path().join("run");
+    let model = reference_dir("llama");
+    let children: Vec<_> = (0..2)
+        .map(|rank| {
+            std::process::Command::new(bin())
+                .args(["pretrain", "--data-dir", s(&data), "--checkpoint-dir"])
+                .args([s(&model), "--out-dir", s(&run), "--device", "cpu"])
+                .args([
+                    "--max-steps",
+                    "1",
+                    "--batch-size",
+                    "2",
+                    "--micro-batch-size",
+                    "1",
+                ])
+                .env("RANK", rank.to_string())
+                .env("WORLD_SIZE", "2")
+                .env("LOCAL_RANK", rank.to_string())
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", "29500")
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for (rank, child) in children.into_iter().enumerate() {
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "rank {rank} trained: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(
+            err.contains(&format!(
+                "RANK={rank} WORLD_SIZE=2 (torchrun): this process is one of 2"
+            )) && err.contains("--device cpu --devices 2"),
+            "{err}"
+        );
+    }
+    assert!(!run.exists(), "a refused process wrote {}", run.display());
+}
