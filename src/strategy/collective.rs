@@ -47,6 +47,15 @@ pub trait Collective: Send + Sync {
     /// an error naming this rank and `reason`, or, between processes, they stop with
     /// it).
     fn abort(&self, reason: &str);
+    /// Step `step` (counted from 1) ended on this rank: the ranks check that they
+    /// issued the same collectives so far ([`desync`](super::desync)), and later
+    /// messages name the step. By default a [`barrier`](Collective::barrier), where
+    /// backends that record their calls compare them; a wrapper that does not forward
+    /// this still makes the same calls as the rank it wraps.
+    fn end_step(&self, step: u64) -> Result<()> {
+        let _ = step;
+        self.barrier()
+    }
     /// This rank made its last call: its process ending from now on is not a failure
     /// (between processes, the [`watchdog`](super::watchdog) hears a goodbye).
     fn finish(&self) {}

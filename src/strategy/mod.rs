@@ -13,6 +13,7 @@
 //! only its shard of it (`zero1`).
 
 pub mod collective;
+pub mod desync;
 pub mod dist_check;
 pub mod env;
 #[cfg(feature = "cuda")]
@@ -304,6 +305,16 @@ impl Strategy {
     /// Wait until every rank gets here.
     pub fn barrier(&self) -> Result<()> {
         self.collective.barrier()
+    }
+
+    /// Step `step` ended on this rank: the ranks compare the collectives they issued
+    /// so far (see [`desync`]), and a desynchronised rank stops the run, named. Nothing
+    /// to do on one rank.
+    pub fn end_step(&self, step: usize) -> Result<()> {
+        if self.world_size == 1 {
+            return Ok(());
+        }
+        self.collective.end_step(step as u64)
     }
 
     /// Tell the other ranks that this one failed, so they stop instead of waiting.

@@ -17,6 +17,11 @@
 //! `rank R failed: reason`. A result that was complete before the abort is still
 //! delivered, so ranks that already agreed on something (a loss that is NaN) stop at
 //! the same point with the same message.
+//!
+//! Each rank records the collectives it issues in its [`Ledger`](super::desync): when
+//! the ranks call different operations, or reach a barrier (every step ends with one)
+//! having issued different sequences, the group fails with one line naming the first
+//! rank and collective that differ (see [`desync`](super::desync)).
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -24,6 +29,7 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Tensor};
 
 use super::collective::{Collective, ReduceOp};
+use super::desync::{self, Call, CallKind, Ledger};
 use crate::error::{Error, Result};
 
 /// Values in flight, in the precision they are reduced in: f64 stays f64, every other
@@ -107,6 +113,9 @@ struct Table {
     unread: Vec<bool>,
     /// The first rank that failed, and why.
     failed: Option<(usize, String)>,
+    /// `failed` is the group's verdict (ranks out of step), said as it is rather than
+    /// as that rank's failure.
+    verdict: bool,
 }
 
 #[derive(Debug)]
@@ -115,6 +124,8 @@ struct Shared {
     timeout: Duration,
     table: Mutex<Table>,
     changed: Condvar,
+    /// What each rank issued (each rank writes its own, outside the table's lock).
+    ledgers: Vec<Mutex<Ledger>>,
 }
 
 impl Shared {
@@ -125,9 +136,35 @@ impl Shared {
     }
 
     fn failure(t: &Table) -> Option<Error> {
-        t.failed
-            .as_ref()
-            .map(|(r, why)| Error::Msg(format!("rank {r} failed: {why}")))
+        t.failed.as_ref().map(|(r, why)| {
+            Error::Msg(if t.verdict {
+                why.clone()
+            } else {
+                format!("rank {r} failed: {why}")
+            })
+        })
+    }
+
+    /// Rank `rank` issues `call`.
+    fn record(&self, rank: usize, call: Call) {
+        self.ledgers[rank]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .record(call);
+    }
+
+    /// The first difference between the records of `ranks` (which must have issued
+    /// the same number of calls by now), as the group's verdict.
+    fn desync(&self, ranks: impl Iterator<Item = usize>) -> Option<(usize, String)> {
+        let all: Vec<desync::Summary> = ranks
+            .map(|r| {
+                self.ledgers[r]
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .summary(r)
+            })
+            .collect();
+        desync::compare(&all)
     }
 
     /// Wait on the table until `done` holds, the group fails, or the deadline passes
@@ -191,19 +228,38 @@ impl Shared {
             Some(other)
                 if other.0 != op || (other.1 != wide && !matches!(op, Op::Broadcast(..))) =>
             {
-                let why = format!(
-                    "ranks out of step at operation {}: rank {rank} called {op:?} (f64: {wide}), another rank {:?} (f64: {})",
-                    t.generation, other.0, other.1
-                );
-                t.failed.get_or_insert((rank, why.clone()));
+                // The ranks in this operation so far, and this one, issued as many
+                // calls: their records say where they parted.
+                let here = (0..self.world).filter(|&r| r == rank || t.slots[r].is_some());
+                let (who, why) = self.desync(here).unwrap_or_else(|| {
+                    (rank, format!(
+                        "ranks out of step at operation {}: rank {rank} called {op:?} (f64: {wide}), another rank {:?} (f64: {})",
+                        t.generation, other.0, other.1
+                    ))
+                });
+                if t.failed.is_none() {
+                    t.failed = Some((who, why.clone()));
+                    t.verdict = true;
+                }
                 self.changed.notify_all();
-                return Err(Error::Msg(why));
+                return Err(Self::failure(&t).unwrap_or(Error::Msg(why)));
             }
             Some(_) => {}
         }
         let generation = t.generation;
         t.slots[rank] = Some(values);
         if t.slots.iter().all(Option::is_some) {
+            // Every rank is in this barrier: their whole records must agree.
+            if op == Op::Barrier {
+                if let Some(verdict) = self.desync(0..self.world) {
+                    if t.failed.is_none() {
+                        t.failed = Some(verdict);
+                        t.verdict = true;
+                    }
+                    self.changed.notify_all();
+                    return Err(Self::failure(&t).expect("just failed"));
+                }
+            }
             let parts: Vec<Values> = t
                 .slots
                 .iter_mut()
@@ -296,6 +352,7 @@ impl ThreadGroup {
                     ..Default::default()
                 }),
                 changed: Condvar::new(),
+                ledgers: (0..world).map(|_| Mutex::new(Ledger::default())).collect(),
             }),
         }
     }
@@ -326,6 +383,12 @@ struct ThreadRank {
 }
 
 impl ThreadRank {
+    /// This rank issues `kind` on `x`.
+    fn record(&self, kind: CallKind, x: &Tensor) {
+        self.shared
+            .record(self.rank, Call::new(kind, x.elem_count(), x.dtype()));
+    }
+
     fn check_len(&self, what: &str, n: usize) -> Result<()> {
         let w = self.shared.world;
         if n % w != 0 {
@@ -349,6 +412,7 @@ impl Collective for ThreadRank {
     fn all_reduce(&self, x: &Tensor, op: ReduceOp) -> Result<Tensor> {
         let v = Values::of(x)?;
         let n = v.len();
+        self.record(CallKind::AllReduce(op), x);
         let r = self.shared.exchange(self.rank, Op::AllReduce(op, n), v)?;
         r.to_tensor(0, n, x.dims(), x)
     }
@@ -357,6 +421,7 @@ impl Collective for ThreadRank {
         let v = Values::of(x)?;
         let n = v.len();
         self.check_len("reduce_scatter", n)?;
+        self.record(CallKind::ReduceScatter(op), x);
         let r = self
             .shared
             .exchange(self.rank, Op::ReduceScatter(op, n), v)?;
@@ -367,6 +432,7 @@ impl Collective for ThreadRank {
     fn all_gather(&self, x: &Tensor) -> Result<Tensor> {
         let v = Values::of(x)?;
         let n = v.len();
+        self.record(CallKind::AllGather, x);
         let r = self.shared.exchange(self.rank, Op::AllGather(n), v)?;
         let total = n * self.shared.world;
         r.to_tensor(0, total, &[total], x)
@@ -386,14 +452,24 @@ impl Collective for ThreadRank {
         } else {
             Values::F32(Vec::new())
         };
+        self.record(CallKind::Broadcast(root), x);
         let r = self.shared.exchange(self.rank, Op::Broadcast(root, n), v)?;
         r.to_tensor(0, n, x.dims(), x)
     }
 
     fn barrier(&self) -> Result<()> {
+        self.shared.record(self.rank, Call::barrier());
         self.shared
             .exchange(self.rank, Op::Barrier, Values::F32(Vec::new()))
             .map(|_| ())
+    }
+
+    fn end_step(&self, step: u64) -> Result<()> {
+        self.shared.ledgers[self.rank]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_step(step);
+        self.barrier()
     }
 
     fn abort(&self, reason: &str) {
@@ -575,6 +651,60 @@ mod tests {
             s
         });
         assert_eq!(out, vec![2.0, 2.0]);
+    }
+
+    /// Issue 26: a planted extra all-reduce on one rank, of the same shape as the
+    /// others' next one (so the operations pair up), is caught at the step's end and
+    /// named with the step; one of another shape is caught at once.
+    #[test]
+    fn a_planted_extra_all_reduce_is_named_with_its_rank_and_step() {
+        let step = |c: &Arc<dyn Collective>, s: u64, extra: bool| -> Result<()> {
+            let g = Tensor::new(&[1f32, 2.], &Device::Cpu)?;
+            c.all_reduce(&g, ReduceOp::Sum)?;
+            if extra {
+                c.all_reduce(&g, ReduceOp::Sum)?;
+            }
+            c.all_reduce(&g, ReduceOp::Sum)?;
+            c.end_step(s)
+        };
+        let (out, g) = on_ranks(3, 5000, |r, c| {
+            (1..=4)
+                .try_for_each(|s| step(&c, s, r == 2 && s == 3))
+                .unwrap_err()
+                .to_string()
+        });
+        let want = "ranks out of step: rank 2 and rank 0 issued different collectives: rank 2's collective #9 (after step 2) was all_reduce (sum) of 2 f32, where rank 0's was barrier";
+        for e in &out {
+            assert!(e.starts_with(want), "{e}");
+        }
+        assert_eq!(g.failure().map(|f| f.0), Some(2));
+        // Another dtype of the same size pairs up (both travel as f32): the barrier
+        // that ends the step names it.
+        let (out, _) = on_ranks(2, 5000, |r, c| {
+            let dtype = if r == 1 { DType::BF16 } else { DType::F32 };
+            let x = Tensor::zeros(4, dtype, &Device::Cpu).unwrap();
+            c.all_reduce(&x, ReduceOp::Mean).unwrap();
+            c.end_step(1).unwrap_err().to_string()
+        });
+        for e in &out {
+            assert!(
+                e.contains("rank 1's collective #1 (before this process's first step ended) was all_reduce (mean) of 4 bf16, where rank 0's was all_reduce (mean) of 4 f32"),
+                "{e}"
+            );
+        }
+        // Another size: the first rank to see it names it, at the call itself.
+        let (out, _) = on_ranks(2, 5000, |r, c| {
+            let x = Tensor::zeros(if r == 1 { 3 } else { 2 }, DType::BF16, &Device::Cpu).unwrap();
+            c.all_reduce(&x, ReduceOp::Sum).unwrap_err().to_string()
+        });
+        for e in &out {
+            assert!(
+                e.contains("collective #1 (before this process's first step ended) was all_reduce (sum) of ")
+                    && e.contains("3 bf16")
+                    && e.contains("2 bf16"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -283,6 +283,9 @@ enum Fault {
     Fails,
     /// The first all-gather of one value (the step's loss) carries a NaN.
     Nan,
+    /// After `n` calls the rank issues one all-reduce of one value that the others
+    /// do not (a collective under `if rank == 1`).
+    Extra,
 }
 
 /// A rank's collective with a fault injected.
@@ -299,6 +302,13 @@ impl Faulty {
     /// given up on it (a thread cannot vanish like a process).
     fn gone(&self) -> Result<()> {
         if self.fault == Fault::Nan || self.calls.fetch_add(1, Ordering::SeqCst) < self.after {
+            return Ok(());
+        }
+        if self.fault == Fault::Extra {
+            if self.calls.load(Ordering::SeqCst) == self.after + 1 {
+                let one = Tensor::new(&[1f64], &Device::Cpu)?;
+                self.inner.all_reduce(&one, ReduceOp::Sum)?;
+            }
             return Ok(());
         }
         if self.fault == Fault::Dies {
@@ -343,6 +353,10 @@ impl Collective for Faulty {
     fn barrier(&self) -> Result<()> {
         self.gone()?;
         self.inner.barrier()
+    }
+    fn end_step(&self, step: u64) -> Result<()> {
+        self.gone()?;
+        self.inner.end_step(step)
     }
     fn abort(&self, reason: &str) {
         // The dead tell no one.
@@ -405,7 +419,8 @@ fn a_killed_rank_stops_the_others_within_the_timeout() {
 #[test]
 fn a_failing_rank_stops_the_others_with_its_reason() {
     let dir = temp_dir();
-    let (e, took) = faulty_run(dir.path(), Fault::Fails, 20, 60);
+    // (Every step ends with a check of the ranks' collectives: 24 calls reach step 6.)
+    let (e, took) = faulty_run(dir.path(), Fault::Fails, 24, 60);
     assert!(e.starts_with("rank 1 failed: step 6: disk full"), "{e}");
     // No waiting for the timeout: the others were told.
     assert!(took < Duration::from_secs(30), "took {took:?}");
@@ -424,6 +439,24 @@ fn a_nan_on_one_rank_stops_every_rank_naming_it() {
     assert_no_partial_files(dir.path());
     // The weights were not updated with it: nothing but complete checkpoints exist.
     assert!(!dir.path().join("final").exists());
+}
+
+/// Issue 26: a planted extra all-reduce on rank 1 stops both ranks with one line
+/// naming the rank, the collective where the two records part, and the step; nothing
+/// half-written is left.
+#[test]
+fn a_planted_extra_all_reduce_stops_the_run_naming_the_rank_and_the_step() {
+    let dir = temp_dir();
+    let (e, took) = faulty_run(dir.path(), Fault::Extra, 20, 60);
+    assert!(
+        e.contains("ranks out of step: rank 1 and rank 0 issued different collectives: rank 1's collective #")
+            && e.contains("was all_reduce (sum) of 1 f64, where rank 0's was"),
+        "{e}"
+    );
+    assert!(e.contains("(after step "), "{e}");
+    assert!(!e.contains('\n'), "{e}");
+    assert!(took < Duration::from_secs(30), "took {took:?}");
+    assert_no_partial_files(dir.path());
 }
 
 #[test]
