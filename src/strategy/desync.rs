@@ -28,6 +28,8 @@ use std::collections::VecDeque;
 use candle_core::DType;
 
 use super::collective::ReduceOp;
+use super::watchdog::Watchdog;
+use crate::error::Result;
 
 /// Calls each rank remembers, to name the first that differs.
 pub const HISTORY: usize = 64;
@@ -387,6 +389,33 @@ fn describe(a: &Summary, b: &Summary) -> String {
     }
 }
 
+/// Between processes: compare this rank's `ledger` with every other rank's through
+/// rank 0, over the watchdog's connections (out of band: never paired with a
+/// collective of the device). A difference stops every process with [`compare`]'s line.
+pub fn check_through(watchdog: &Watchdog, rank: usize, ledger: &Ledger) -> Result<()> {
+    watchdog.check(
+        "desync check",
+        ledger.summary(rank).encode(),
+        compare_encoded,
+    )
+}
+
+/// [`compare`] on records as they travel (rank, [`Summary::encode`]'s bytes).
+pub fn compare_encoded(records: &[(usize, Vec<u8>)]) -> Option<String> {
+    let mut all = Vec::with_capacity(records.len());
+    for (rank, bytes) in records {
+        match Summary::decode(bytes) {
+            Some(s) if s.rank == *rank => all.push(s),
+            _ => {
+                return Some(format!(
+                    "rank {rank} sent a record of its collectives that rank 0 cannot read (is every rank running the same lit-claire?)"
+                ));
+            }
+        }
+    }
+    compare(&all).map(|(_, line)| line)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -477,6 +506,28 @@ mod tests {
         assert!(
             msg.contains("rank 1's collective #338 (after step 84) was all_reduce (sum) of 4096 f32, where rank 0's was all_reduce (sum) of 100 f32, or they parted before the last 64 calls kept"),
             "{msg}"
+        );
+    }
+
+    #[test]
+    fn encoded_records_compare_like_summaries() {
+        let one = Call::new(CallKind::AllReduce(ReduceOp::Sum), 1, DType::F32);
+        let records: Vec<(usize, Vec<u8>)> = [run(4, None), run(4, Some((2, one)))]
+            .iter()
+            .enumerate()
+            .map(|(r, l)| (r, l.summary(r).encode()))
+            .collect();
+        let line = compare_encoded(&records).unwrap();
+        assert!(
+            line.contains("rank 1's collective #6 (after step 1) was all_reduce (sum) of 1 f32"),
+            "{line}"
+        );
+        assert_eq!(compare_encoded(&records[..1]), None);
+        let bad = vec![(0, records[0].1.clone()), (1, vec![1, 2, 3])];
+        assert!(
+            compare_encoded(&bad)
+                .unwrap()
+                .contains("rank 1 sent a record")
         );
     }
 

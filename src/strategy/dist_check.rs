@@ -16,6 +16,7 @@ use rand::RngCore;
 use serde::Serialize;
 
 use super::collective::{Collective, ReduceOp};
+use super::desync::{self, Call, CallKind, Ledger};
 use super::env::{self, DEFAULT_PORT, ProcessGroup};
 use super::rendezvous::Rendezvous;
 use super::watchdog::{Watchdog, WatchdogConfig};
@@ -56,6 +57,10 @@ pub enum Simulate {
     Freeze,
     /// Enter the collective like every other rank: all are in it, none completes.
     Hang,
+    /// Every rank records three steps of the same collectives and compares them with
+    /// the others' at each step's end (as the NCCL backend does); the faulty rank
+    /// issues one all-reduce more in step 2.
+    Desync,
 }
 
 /// What one rank found.
@@ -158,6 +163,9 @@ pub fn dist_check(
             if let Some((what, faulty)) = opts.simulate {
                 simulate(&watchdog, pg.rank, what, faulty)?;
             }
+            // One round of the ranks' comparison of their collectives, through rank 0.
+            desync::check_through(&watchdog, pg.rank, &Ledger::default())?;
+            report.checks.push("desync check".into());
             watchdog.finish();
             report.checks.push("watchdog".into());
         }
@@ -185,6 +193,27 @@ pub fn dist_check(
 /// Rank `faulty` does `what`; every other rank enters a collective that never
 /// completes. Only an error of the faulty rank returns: the watchdog ends the others.
 fn simulate(watchdog: &Watchdog, rank: usize, what: Simulate, faulty: usize) -> Result<()> {
+    if what == Simulate::Desync {
+        let mut ledger = Ledger::default();
+        for step in 1..=3u64 {
+            ledger.record(Call::new(
+                CallKind::AllReduce(ReduceOp::Sum),
+                4096,
+                DType::F32,
+            ));
+            if rank == faulty && step == 2 {
+                // The planted one.
+                ledger.record(Call::new(CallKind::AllReduce(ReduceOp::Sum), 1, DType::F32));
+            }
+            ledger.record(Call::new(CallKind::AllGather, 1, DType::F64));
+            ledger.set_step(step);
+            watchdog.set_step(step);
+            desync::check_through(watchdog, rank, &ledger)?;
+        }
+        return Ok(());
+    }
+    // As in training after its first step: the verdicts name the step.
+    watchdog.set_step(1);
     let endless = |w: &Watchdog| -> ! {
         let _in_flight = w.enter("all_reduce");
         loop {
@@ -213,6 +242,7 @@ fn simulate(watchdog: &Watchdog, rank: usize, what: Simulate, faulty: usize) -> 
             endless(watchdog)
         }
         Simulate::Hang => unreachable!("every rank entered the endless collective"),
+        Simulate::Desync => unreachable!("handled first"),
         Simulate::Stall => loop {
             std::thread::sleep(Duration::from_secs(1));
         },

@@ -12,6 +12,8 @@
 //!   ──▶ failed: "rank r failed: why"            r's own error (a NaN, an I/O error)
 //!   ──▶ stuck: collective #n waited too long     r's collective exceeded the timeout
 //!   ◀── failed: the verdict                     relayed to every rank
+//!   ──▶ check: round k, its record of calls      at a barrier or a step's end
+//!   ◀── checked: round k                         every record agreed with rank 0's
 //!   ──▶ bye / ◀── bye                            done: closing is no longer a failure
 //! ```
 //!
@@ -25,16 +27,22 @@
 //! `ncclCommAbort`) and exits with status 1. A rank that fails on its own
 //! ([`Watchdog::report_failure`]) tells rank 0 and returns its error as usual.
 //!
+//! [`Watchdog::check`] compares the ranks' records of the collectives they issued (see
+//! [`desync`](super::desync)) out of band: every rank sends its record to rank 0,
+//! which compares them all and either lets every rank go on or gives the verdict.
+//! Collectives in flight are named with the step they were issued after
+//! ([`Watchdog::set_step`]).
+//!
 //! Nothing here knows about NCCL: collectives are reported as they start
 //! ([`Watchdog::enter`] for blocking ones, [`Watchdog::track`] with a completion probe
 //! for asynchronous ones), so the tests drive it with real processes over localhost
 //! (`lit-claire dist-check --simulate …`).
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::io::{ErrorKind, Read};
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::rendezvous::{self, Link};
@@ -44,6 +52,11 @@ const HEARTBEAT: u8 = 2;
 const FAILED: u8 = 3;
 const STUCK: u8 = 4;
 const BYE: u8 = 5;
+const CHECK: u8 = 6;
+const CHECKED: u8 = 7;
+
+/// No step has ended yet (in [`Inner::step`]).
+const NO_STEP: u64 = u64::MAX;
 
 /// How long a watchdog waits, and how often it speaks.
 #[derive(Debug, Clone, Copy)]
@@ -78,6 +91,8 @@ impl WatchdogConfig {
 struct Pending {
     seq: u64,
     name: &'static str,
+    /// Steps ended when it was issued ([`NO_STEP`]: none yet).
+    step: u64,
     since: Instant,
     done: Box<dyn FnMut() -> bool + Send>,
 }
@@ -112,6 +127,22 @@ struct Inner {
     /// Rank ≠ 0: when this rank told rank 0 its collective is stuck.
     stuck_reported: Mutex<Option<(Instant, String)>>,
     hooks: Mutex<Vec<Hook>>,
+    /// Steps ended on this rank ([`NO_STEP`]: none yet).
+    step: AtomicU64,
+    /// Rounds of [`Watchdog::check`].
+    checks: Mutex<Checks>,
+    checks_changed: Condvar,
+}
+
+/// Where the rounds of [`Watchdog::check`] stand.
+#[derive(Default)]
+struct Checks {
+    /// Rounds this rank started.
+    round: u64,
+    /// Rank 0: each peer's latest record, with its round.
+    records: BTreeMap<usize, (u64, Vec<u8>)>,
+    /// Other ranks: the last round rank 0 cleared.
+    cleared: u64,
 }
 
 /// This process's watchdog; see the module doc. Call [`Watchdog::finish`] when the
@@ -175,6 +206,9 @@ impl Watchdog {
             stopping: AtomicBool::new(false),
             stuck_reported: Mutex::new(None),
             hooks: Mutex::new(Vec::new()),
+            step: AtomicU64::new(NO_STEP),
+            checks: Mutex::new(Checks::default()),
+            checks_changed: Condvar::new(),
         });
         for (i, stream) in readers {
             let inner = inner.clone();
@@ -212,9 +246,95 @@ impl Watchdog {
         lock(&self.inner.pending).push_back(Pending {
             seq,
             name,
+            step: self.inner.step.load(Ordering::Acquire),
             since: Instant::now(),
             done: Box::new(done),
         });
+    }
+
+    /// Step `step` ended on this rank: collectives issued from now on are named as
+    /// issued after it.
+    pub fn set_step(&self, step: u64) {
+        self.inner.step.store(step, Ordering::Release);
+    }
+
+    /// Compare every rank's `record` (this rank's is `record`) through rank 0, which
+    /// runs `compare` on all of them, in rank order: `None` lets every rank go on,
+    /// `Some(verdict)` stops every process with it. Every rank must call it, as a
+    /// collective named `name` (so a rank that never comes is named after the
+    /// collective timeout, like one that never reaches a collective).
+    pub fn check(
+        &self,
+        name: &'static str,
+        record: Vec<u8>,
+        compare: impl Fn(&[(usize, Vec<u8>)]) -> Option<String>,
+    ) -> Result<()> {
+        let inner = &self.inner;
+        if inner.peers.is_empty() {
+            return Ok(());
+        }
+        let _in_flight = self.enter(name);
+        let round = {
+            let mut c = lock(&inner.checks);
+            c.round += 1;
+            c.round
+        };
+        let gone = || {
+            Error::Msg(format!(
+                "rank {}: the run stopped during {name} (see the watchdog's verdict)",
+                inner.rank
+            ))
+        };
+        if inner.rank != 0 {
+            let mut body = round.to_le_bytes().to_vec();
+            body.extend_from_slice(&record);
+            if !inner.send(&inner.peers[0], CHECK, &body) {
+                return Err(Error::Msg(format!(
+                    "rank {}: could not send its record of collectives to rank 0",
+                    inner.rank
+                )));
+            }
+            let mut c = lock(&inner.checks);
+            while c.cleared < round {
+                if inner.fired.load(Ordering::Acquire) || inner.stopping.load(Ordering::Acquire) {
+                    return Err(gone());
+                }
+                c = inner
+                    .checks_changed
+                    .wait_timeout(c, inner.cfg.heartbeat)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+            return Ok(());
+        }
+        let mut c = lock(&inner.checks);
+        while !inner
+            .peers
+            .iter()
+            .all(|p| c.records.get(&p.rank).is_some_and(|(r, _)| *r == round))
+        {
+            if inner.fired.load(Ordering::Acquire) || inner.stopping.load(Ordering::Acquire) {
+                return Err(gone());
+            }
+            c = inner
+                .checks_changed
+                .wait_timeout(c, inner.cfg.heartbeat)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        let mut all = vec![(0, record)];
+        all.extend(
+            std::mem::take(&mut c.records)
+                .into_iter()
+                .map(|(rank, (_, body))| (rank, body)),
+        );
+        drop(c);
+        if let Some(verdict) = compare(&all) {
+            inner.fire(&verdict);
+            return Err(Error::Msg(verdict));
+        }
+        inner.broadcast(CHECKED, &round.to_le_bytes(), None);
+        Ok(())
     }
 
     /// This rank failed on its own (`reason`): tell the others through rank 0, without
@@ -360,6 +480,19 @@ impl Inner {
                 self.fire(&self.stuck_verdict(seq, &what, peer.rank));
             }
             BYE => peer.said_bye.store(true, Ordering::Release),
+            CHECK if body.len() >= 8 && self.rank == 0 => {
+                let round = u64::from_le_bytes(body[..8].try_into().expect("8 bytes"));
+                lock(&self.checks)
+                    .records
+                    .insert(peer.rank, (round, body[8..].to_vec()));
+                self.checks_changed.notify_all();
+            }
+            CHECKED if body.len() >= 8 => {
+                let round = u64::from_le_bytes(body[..8].try_into().expect("8 bytes"));
+                let mut c = lock(&self.checks);
+                c.cleared = c.cleared.max(round);
+                self.checks_changed.notify_all();
+            }
             _ => {}
         }
     }
@@ -433,7 +566,13 @@ impl Inner {
             pending
                 .front()
                 .filter(|p| now.duration_since(p.since) > self.cfg.collective_timeout)
-                .map(|p| (p.seq, format!("collective #{} ({})", p.seq, p.name)))
+                .map(|p| {
+                    let step = match p.step {
+                        NO_STEP => String::new(),
+                        s => format!(", after step {s}"),
+                    };
+                    (p.seq, format!("collective #{} ({}{step})", p.seq, p.name))
+                })
         };
         let Some((seq, what)) = stuck else {
             return;

@@ -278,6 +278,10 @@ fn processes_meet_through_the_cli() {
         let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
         assert_eq!(report["launcher"], "torchrun");
         assert_eq!(report["world_size"], world);
+        assert!(
+            report["checks"].to_string().contains("desync check"),
+            "{report}"
+        );
         digests.push(report["shared_digest"].as_str().unwrap().to_string());
     }
     assert_eq!(digests[0].len(), 16);
@@ -435,7 +439,9 @@ fn a_rank_that_never_reaches_the_collective_is_named_after_the_timeout() {
         every_other_rank_says(
             &results,
             None,
-            &format!("error: rank {faulty} did not reach collective #1 (all_reduce) within 1 s"),
+            &format!(
+                "error: rank {faulty} did not reach collective #1 (all_reduce, after step 1) within 1 s"
+            ),
         );
     }
 }
@@ -467,10 +473,41 @@ fn a_silent_rank_is_named_after_the_silence_timeout() {
 #[test]
 fn a_collective_every_rank_entered_but_none_completes_is_named() {
     let results = simulated(3, &["--collective-timeout", "1", "--simulate", "hang"]);
-    every_other_rank_says(&results, None, "did not complete within 1 s on rank");
+    every_other_rank_says(
+        &results,
+        None,
+        "error: collective #1 (all_reduce, after step 1) did not complete within 1 s on rank",
+    );
     assert!(
         results[0].1.contains("though all 3 ranks entered it"),
         "{}",
         results[0].1
     );
+}
+
+/// Issue 26: a planted extra all-reduce on one process is caught at the end of its step
+/// by the out-of-band comparison through rank 0: every process stops with one line
+/// naming the rank, the first collective that differs and the step.
+#[test]
+fn a_planted_extra_all_reduce_stops_every_process_naming_rank_collective_and_step() {
+    for faulty in ["1", "2"] {
+        let results = simulated(
+            3,
+            &[
+                "--collective-timeout",
+                "600",
+                "--simulate",
+                "desync",
+                "--faulty-rank",
+                faulty,
+            ],
+        );
+        every_other_rank_says(
+            &results,
+            None,
+            &format!(
+                "error: ranks out of step: rank {faulty} and rank 0 issued different collectives: rank {faulty}'s collective #4 (after step 1) was all_reduce (sum) of 1 f32, where rank 0's was all_gather of 1 f64"
+            ),
+        );
+    }
 }
