@@ -15,20 +15,33 @@
 //! for the [`Watchdog`], and every operation is tracked until a CUDA event recorded
 //! after it completes: one in flight longer than the collective timeout, a peer gone
 //! or silent, or a peer's own failure stops every rank with one line naming the rank
-//! and the cause, after aborting the communicator (`ncclCommAbort`, which is what
-//! dropping cudarc's `Comm` does).
+//! (or the collective, the step and the ranks that did not arrive) and the cause,
+//! after aborting the communicator. The communicator is held here as NCCL's raw handle
+//! ([`RawComm`]), not as cudarc's `Comm`, so that the watchdog's thread can call
+//! `ncclCommAbort` (cudarc's `result::comm_abort`) while this rank's main thread is
+//! blocked inside NCCL holding the lock that serialises the operations.
+//!
+//! Each rank records the operations it issues ([`Ledger`]); at every barrier and at the
+//! end of every step the ranks compare the records through rank 0 over the watchdog's
+//! connections ([`desync::check_through`]), before anything more is queued on the
+//! device: a rank that issued other collectives stops the run, named, instead of
+//! pairing its buffers with the wrong ones.
 
+use std::mem::MaybeUninit;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
 use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
-use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, NcclType, ReduceOp as NcclOp};
+use candle_core::cuda_backend::cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
+use candle_core::cuda_backend::cudarc::nccl::safe::{Id, NcclType};
+use candle_core::cuda_backend::cudarc::nccl::{result as nccl_result, sys as nccl_sys};
 use candle_core::cuda_backend::{CudaDType, CudaStorage};
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 
 use super::collective::{Collective, ReduceOp};
+use super::desync::{self, Call, CallKind, Ledger};
 use super::env::ProcessGroup;
 use super::rendezvous::Rendezvous;
 use super::watchdog::{Watchdog, WatchdogConfig};
@@ -37,15 +50,74 @@ use crate::error::{Error, Result};
 /// NCCL's unique id is 128 bytes.
 const ID_BYTES: usize = 128;
 
-/// An NCCL communicator. NCCL lets any thread use a communicator as long as calls do not
-/// overlap; the mutex in [`Nccl`] serialises them.
-struct CommHandle(Comm);
+/// An NCCL communicator, as NCCL's raw handle. Operations go through [`Nccl::lock`]
+/// (NCCL lets any thread use a communicator as long as calls do not overlap);
+/// [`RawComm::abort`] does not take that lock: `ncclCommAbort` is what ends an
+/// operation that another thread is blocked in.
+struct RawComm {
+    comm: nccl_sys::ncclComm_t,
+    /// candle's stream of this rank's GPU: every operation is queued on it.
+    stream: Arc<CudaStream>,
+    /// Aborted (by the watchdog's verdict, [`Collective::abort`] or the drop): the
+    /// handle is never used again.
+    aborted: AtomicBool,
+}
 
-// SAFETY: `Comm` holds NCCL's communicator handle (a pointer to NCCL-owned state) and an
-// `Arc<CudaStream>` (Send + Sync). NCCL allows a communicator to be used from another
-// thread than the one that created it; every use goes through `Nccl::comm`'s mutex, so
-// calls never overlap.
-unsafe impl Send for CommHandle {}
+// SAFETY: `comm` points to NCCL-owned state that NCCL lets any thread use, provided
+// operations do not overlap (they all go through `Nccl::lock`) and `ncclCommAbort` is
+// called once (guarded by `aborted`); `Arc<CudaStream>` is Send + Sync.
+unsafe impl Send for RawComm {}
+unsafe impl Sync for RawComm {}
+
+impl RawComm {
+    /// `ncclCommInitRank`: waits until every rank of the communicator calls it.
+    fn init(
+        stream: Arc<CudaStream>,
+        rank: usize,
+        world: usize,
+        id: [std::ffi::c_char; ID_BYTES],
+    ) -> std::result::Result<Self, String> {
+        let nranks = i32::try_from(world).map_err(|_| format!("{world} ranks are too many"))?;
+        let rank = i32::try_from(rank).map_err(|_| format!("rank {rank} is too large"))?;
+        let mut comm = MaybeUninit::uninit();
+        // SAFETY: NCCL writes the handle on success; it is read only then.
+        let comm = unsafe {
+            nccl_result::comm_init_rank(
+                comm.as_mut_ptr(),
+                nranks,
+                nccl_sys::ncclUniqueId { internal: id },
+                rank,
+            )
+            .map_err(|e| format!("{e:?}"))?;
+            comm.assume_init()
+        };
+        Ok(RawComm {
+            comm,
+            stream,
+            aborted: AtomicBool::new(false),
+        })
+    }
+
+    /// `ncclCommAbort`, once, from any thread: whatever this process waits on in NCCL
+    /// returns, and the handle is not used again.
+    fn abort(&self) {
+        if !self.aborted.swap(true, Ordering::AcqRel) {
+            // SAFETY: `comm` came from ncclCommInitRank and is aborted only here, once.
+            let _ = unsafe { nccl_result::comm_abort(self.comm) };
+        }
+    }
+
+    fn is_aborted(&self) -> bool {
+        self.aborted.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for RawComm {
+    fn drop(&mut self) {
+        // As cudarc's `Comm` does: an abort (a finalize could wait for peers).
+        self.abort();
+    }
+}
 
 /// The ranks of a run, one GPU each, talking through NCCL.
 pub struct Nccl {
@@ -53,10 +125,15 @@ pub struct Nccl {
     world_size: usize,
     /// This rank's GPU.
     device: Device,
-    /// `None` once aborted (shared with the watchdog's abort hook).
-    comm: Arc<Mutex<Option<CommHandle>>>,
+    /// Shared with the watchdog's abort hook.
+    comm: Arc<RawComm>,
+    /// Held while an operation is queued: NCCL calls on one communicator must not
+    /// overlap.
+    lock: Mutex<()>,
     /// Why this rank aborted.
     aborted: Mutex<Option<String>>,
+    /// What this rank issued, compared with the others' at barriers and step ends.
+    ledger: Mutex<Ledger>,
     watchdog: Watchdog,
 }
 
@@ -104,30 +181,28 @@ pub fn nccl_collective(
     }
     // ncclCommInitRank waits for every rank: a rank that dies now is caught too.
     let init = watchdog.enter("ncclCommInitRank");
-    let comm = Comm::from_rank(dev.cuda_stream(), pg.rank, pg.world_size, Id::uninit(internal))
-        .map_err(|e| {
-            let msg = format!(
-                "rank {}: ncclCommInitRank ({} ranks, rank 0 at {}:{}) failed: {e:?}; NCCL_DEBUG=INFO says why",
-                pg.rank, pg.world_size, pg.master_addr, pg.master_port
-            );
-            watchdog.report_failure(&msg);
-            Error::Msg(msg)
-        })?;
+    let comm = RawComm::init(dev.cuda_stream(), pg.rank, pg.world_size, internal).map_err(|e| {
+        let msg = format!(
+            "rank {}: ncclCommInitRank ({} ranks, rank 0 at {}:{}) failed: {e}; NCCL_DEBUG=INFO says why",
+            pg.rank, pg.world_size, pg.master_addr, pg.master_port
+        );
+        watchdog.report_failure(&msg);
+        Error::Msg(msg)
+    })?;
     drop(init);
-    let comm = Arc::new(Mutex::new(Some(CommHandle(comm))));
+    let comm = Arc::new(comm);
     let hook = comm.clone();
-    watchdog.on_fatal(move || {
-        // ncclCommAbort: whatever this process was waiting on in NCCL returns.
-        if let Ok(mut c) = hook.lock() {
-            c.take();
-        }
-    });
+    // On a verdict: ncclCommAbort, without the operations' lock (the main thread may
+    // hold it, blocked in NCCL); whatever this process waits on in NCCL returns.
+    watchdog.on_fatal(move || hook.abort());
     Ok(Arc::new(Nccl {
         rank: pg.rank,
         world_size: pg.world_size,
         device: device.clone(),
         comm,
+        lock: Mutex::new(()),
         aborted: Mutex::new(None),
+        ledger: Mutex::new(Ledger::default()),
         watchdog,
     }))
 }
@@ -142,14 +217,15 @@ enum Kind {
 }
 
 struct NcclOpOn<'a> {
-    comm: &'a Comm,
+    comm: &'a RawComm,
+    world: usize,
     kind: Kind,
 }
 
-fn nccl_op(op: ReduceOp) -> NcclOp {
+fn nccl_op(op: ReduceOp) -> nccl_sys::ncclRedOp_t {
     match op {
-        ReduceOp::Sum => NcclOp::Sum,
-        ReduceOp::Mean => NcclOp::Avg,
+        ReduceOp::Sum => nccl_sys::ncclRedOp_t::ncclSum,
+        ReduceOp::Mean => nccl_sys::ncclRedOp_t::ncclAvg,
     }
 }
 
@@ -164,7 +240,7 @@ impl NcclOpOn<'_> {
             candle_core::bail!("nccl: the tensor must be contiguous (a bug: call .contiguous())");
         };
         let n = end - start;
-        let world = self.comm.world_size();
+        let world = self.world;
         let src = storage.as_cuda_slice::<T>()?.slice(start..end);
         let dev = storage.device().clone();
         let out_len = match self.kind {
@@ -181,20 +257,40 @@ impl NcclOpOn<'_> {
         };
         // SAFETY: NCCL writes every element of `dst` before anything reads it.
         let mut dst = unsafe { dev.alloc::<T>(out_len)? };
-        let done = match self.kind {
-            Kind::AllReduce(op) => self
-                .comm
-                .all_reduce(&src, &mut dst, &nccl_op(op))
-                .map(|_| ()),
-            Kind::ReduceScatter(op) => self
-                .comm
-                .reduce_scatter(&src, &mut dst, &nccl_op(op))
-                .map(|_| ()),
-            Kind::AllGather => self.comm.all_gather(&src, &mut dst).map(|_| ()),
-            Kind::Broadcast(root) => self
-                .comm
-                .broadcast(Some(&src), &mut dst, root as i32)
-                .map(|_| ()),
+        let stream = &self.comm.stream;
+        let (comm, cu_stream) = (self.comm.comm, stream.cu_stream() as nccl_sys::cudaStream_t);
+        let ty = T::as_nccl_type();
+        let done = {
+            // The guards order the buffers' other uses after NCCL's (cudarc's events).
+            let (src_ptr, _src_sync) = src.device_ptr(stream);
+            let (dst_ptr, _dst_sync) = dst.device_ptr_mut(stream);
+            let (sp, dp) = (
+                src_ptr as *const std::ffi::c_void,
+                dst_ptr as *mut std::ffi::c_void,
+            );
+            // SAFETY: `sp` holds `n` elements of `T` and `dp` `out_len`, on this
+            // communicator's GPU, alive until the guards drop; NCCL reads and writes
+            // them in the order of `stream`, as cudarc's safe `Comm` methods do.
+            unsafe {
+                match self.kind {
+                    Kind::AllReduce(op) => {
+                        nccl_result::all_reduce(sp, dp, n, ty, nccl_op(op), comm, cu_stream)
+                    }
+                    Kind::ReduceScatter(op) => nccl_result::reduce_scatter(
+                        sp,
+                        dp,
+                        out_len,
+                        ty,
+                        nccl_op(op),
+                        comm,
+                        cu_stream,
+                    ),
+                    Kind::AllGather => nccl_result::all_gather(sp, dp, n, ty, comm, cu_stream),
+                    Kind::Broadcast(root) => {
+                        nccl_result::broadcast(sp, dp, n, ty, root as i32, comm, cu_stream)
+                    }
+                }
+            }
         };
         done.map_err(|e| candle_core::Error::Msg(format!("nccl {}: {e:?}", self.name())))?;
         let shape = match self.kind {
@@ -206,6 +302,16 @@ impl NcclOpOn<'_> {
 }
 
 impl Kind {
+    /// What the ranks' records compare.
+    fn call(self) -> CallKind {
+        match self {
+            Kind::AllReduce(op) => CallKind::AllReduce(op),
+            Kind::ReduceScatter(op) => CallKind::ReduceScatter(op),
+            Kind::AllGather => CallKind::AllGather,
+            Kind::Broadcast(root) => CallKind::Broadcast(root),
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Kind::AllReduce(_) => "all_reduce",
@@ -259,17 +365,23 @@ impl Nccl {
             Kind::AllReduce(_) | Kind::Broadcast(_) => x.contiguous()?,
             _ => x.flatten_all()?.contiguous()?,
         };
-        let guard = self.comm.lock().map_err(poisoned)?;
-        let comm = &guard
-            .as_ref()
-            .ok_or_else(|| {
-                Error::Msg(format!(
-                    "rank {}: the NCCL communicator was aborted",
-                    self.rank
-                ))
-            })?
-            .0;
-        let out = x.apply_op1_no_bwd(&NcclOpOn { comm, kind })?;
+        self.ledger.lock().map_err(poisoned)?.record(Call::new(
+            kind.call(),
+            x.elem_count(),
+            x.dtype(),
+        ));
+        let guard = self.lock.lock().map_err(poisoned)?;
+        if self.comm.is_aborted() {
+            return Err(Error::Msg(format!(
+                "rank {}: the NCCL communicator was aborted",
+                self.rank
+            )));
+        }
+        let out = x.apply_op1_no_bwd(&NcclOpOn {
+            comm: &self.comm,
+            world: self.world_size,
+            kind,
+        })?;
         drop(guard);
         self.track(kind)?;
         Ok(out)
@@ -291,6 +403,16 @@ impl Nccl {
             event.context().bind_to_thread().is_err() || event.try_is_complete() != Ok(false)
         });
         Ok(())
+    }
+}
+
+impl Nccl {
+    /// Compare this rank's record of collectives with every other rank's, through rank
+    /// 0 over the watchdog's connections (never on the device, where a rank out of
+    /// step would pair the check with another collective).
+    fn check(&self) -> Result<()> {
+        let ledger = self.ledger.lock().map_err(poisoned)?.clone();
+        desync::check_through(&self.watchdog, self.rank, &ledger)
     }
 }
 
@@ -324,6 +446,11 @@ impl Collective for Nccl {
         self.apply(x, Kind::Broadcast(root))
     }
     fn barrier(&self) -> Result<()> {
+        self.ledger
+            .lock()
+            .map_err(poisoned)?
+            .record(Call::barrier());
+        self.check()?;
         // A one-element all-reduce, read back on the host: returns once every rank's
         // reduction has completed.
         let one = Tensor::ones(1, DType::F32, &self.device)?;
@@ -336,11 +463,14 @@ impl Collective for Nccl {
         }
         // The other processes learn it through rank 0 and stop.
         self.watchdog.report_failure(reason);
-        // Dropping the communicator calls ncclCommAbort: NCCL stops its operations here,
-        // and the other ranks' pending ones fail instead of waiting for this rank.
-        if let Ok(mut c) = self.comm.lock() {
-            c.take();
-        }
+        // ncclCommAbort: NCCL stops its operations here, and the other ranks' pending
+        // ones fail instead of waiting for this rank.
+        self.comm.abort();
+    }
+    fn end_step(&self, step: u64) -> Result<()> {
+        self.ledger.lock().map_err(poisoned)?.set_step(step);
+        self.watchdog.set_step(step);
+        self.check()
     }
     fn finish(&self) {
         // This rank's last operations complete on its GPU before anything may drop

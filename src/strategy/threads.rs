@@ -269,7 +269,14 @@ impl Shared {
             t.unread = vec![true; self.world];
             self.changed.notify_all();
         }
-        let what = format!("{} #{generation}", op.name());
+        let step = self.ledgers[rank]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .step();
+        let what = match step {
+            Some(_) => format!("{} #{generation} ({})", op.name(), desync::step_label(step)),
+            None => format!("{} #{generation}", op.name()),
+        };
         let mut t = self.wait(
             t,
             &what,
@@ -615,6 +622,27 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    /// Issue 26: a timed-out collective names the step it was issued after, as the
+    /// process watchdog does.
+    #[test]
+    fn a_timed_out_collective_names_its_step() {
+        let (out, _) = on_ranks(2, 300, |r, c| {
+            c.end_step(4).unwrap();
+            if r == 1 {
+                return String::new();
+            }
+            let x = Tensor::new(&[1f32], &Device::Cpu).unwrap();
+            c.all_reduce(&x, ReduceOp::Sum).unwrap_err().to_string()
+        });
+        assert!(
+            out[0].starts_with(
+                "all_reduce #1 (after step 4) timed out after 0.3 s waiting for rank 1"
+            ),
+            "{}",
+            out[0]
+        );
     }
 
     #[test]
