@@ -17,6 +17,10 @@
 #                                                             → attention.jsonl
 #   4. nccl       NCCL init, every collective checked, all-reduce bandwidth (world size 1)
 #                                                             → nccl.json
+#   5. watchdog   an NCCL all-reduce behind a stream held on the GPU never completes: the
+#                 watchdog must abort the communicator and stop the process within
+#                 --collective-timeout, exit status 1, one line naming the collective
+#                 and the step                                → watchdog.log
 # Everything goes to DIR (default $OUT, else out/device-check): one log per step and
 # summary.txt. Each step has a time limit; the exit code is non-zero if any failed.
 # `--device cpu` runs the same steps on the CPU with a small shape (to test the script).
@@ -156,6 +160,34 @@ done
 step nccl nccl.json env -u RANK -u WORLD_SIZE -u SLURM_PROCID -u SLURM_NTASKS \
     MASTER_PORT="${MASTER_PORT:-29517}" "$BIN" dist-check --device "$DEVICE" --timeout 60 --bench-mib 256
 [ -s "$DIR/nccl.json" ] && note "nccl: $(cat "$DIR/nccl.json")"
+
+# 5. The collective watchdog on the NCCL path. `dist-check --simulate hang` queues an
+#    all-reduce behind a stream held on the GPU (cuStreamWaitValue32 on a word that stays
+#    0), then waits for it: only the watchdog can end that, by ncclCommAbort and exit 1
+#    with one line. (On the CPU the same line comes from the watchdog alone.)
+#    NCCL_DEBUG=INFO: NCCL's own log of the abort lands in watchdog.log too.
+t0=$SECONDS
+timeout --kill-after=10 120 env -u RANK -u WORLD_SIZE -u SLURM_PROCID -u SLURM_NTASKS \
+    NCCL_DEBUG=INFO MASTER_PORT="${MASTER_PORT:-29518}" "$BIN" dist-check --device "$DEVICE" \
+    --timeout 60 --collective-timeout 5 --bench-mib 0 --simulate hang --faulty-rank 0 \
+    >"$DIR/watchdog.json" 2>"$DIR/watchdog.log"
+rc=$?
+took=$((SECONDS - t0))
+verdict=$(grep -E '^error: collective #[0-9]+ \(all_reduce, after step 1\) did not complete within 5 s on rank 0' "$DIR/watchdog.log")
+if [ $rc -eq 1 ] && [ "$(printf '%s\n' "$verdict" | grep -c .)" -eq 1 ] && [ $took -lt 100 ]; then
+    note "PASS watchdog ($took s): $verdict"
+    if [ "$DEVICE" != cpu ]; then
+        if grep -qi "abort" "$DIR/watchdog.log"; then
+            note "watchdog: NCCL logged the abort: $(grep -i "abort" "$DIR/watchdog.log" | tail -n 1)"
+        else
+            note "watchdog: NCCL logged no abort line (NCCL_DEBUG=INFO)"
+        fi
+    fi
+else
+    [ $rc -eq 124 ] && echo "timed out after 120 s: the watchdog did not stop the hung collective" >>"$DIR/watchdog.log"
+    note "FAIL watchdog (exit $rc, $took s): $(grep '^error:' "$DIR/watchdog.log" | tail -n 1)"
+    failed=1
+fi
 
 if [ $failed -eq 0 ]; then note "all device checks passed"; else note "some device checks FAILED"; fi
 exit $failed

@@ -20,7 +20,7 @@ use super::desync::{self, Call, CallKind, Ledger};
 use super::env::{self, DEFAULT_PORT, ProcessGroup};
 use super::rendezvous::Rendezvous;
 use super::watchdog::{Watchdog, WatchdogConfig};
-use super::{DeviceSpec, local_device, nccl_collective};
+use super::{DeviceSpec, hold_stream, local_device, nccl_collective};
 use crate::error::{Error, Result};
 
 /// What to check.
@@ -130,9 +130,9 @@ pub fn dist_check(
         seconds: 0.0,
     };
     match opts.simulate {
-        Some(_) if opts.device != DeviceSpec::Cpu => {
+        Some((what, _)) if opts.device != DeviceSpec::Cpu && what != Simulate::Hang => {
             return Err(Error::Usage(
-                "dist-check --simulate runs on --device cpu (the watchdog alone)".into(),
+                "dist-check --simulate runs on --device cpu (the watchdog alone); on cuda, only --simulate hang (a collective that never completes on the GPU)".into(),
             ));
         }
         Some((_, r)) if r >= pg.world_size => {
@@ -183,6 +183,20 @@ pub fn dist_check(
             }
             comm.barrier()?;
             report.checks.push("barrier".into());
+            if let Some((Simulate::Hang, _)) = opts.simulate {
+                // As in training after its first step: an all-reduce queued behind a
+                // stream held on the GPU never completes; the watchdog must stop this
+                // process (ncclCommAbort, one line, exit status 1) within the
+                // collective timeout.
+                comm.end_step(1)?;
+                hold_stream(&device)?;
+                let x = Tensor::ones(4, DType::F32, &device)?;
+                comm.all_reduce(&x, ReduceOp::Sum)?.to_vec1::<f32>()?;
+                return Err(Error::Msg(format!(
+                    "an all-reduce behind a held stream completed, or the watchdog did not stop it within --collective-timeout {} s",
+                    opts.collective_timeout.as_secs_f64()
+                )));
+            }
             comm.finish();
         }
     }

@@ -476,6 +476,22 @@ pub fn nccl_collective(
     )))
 }
 
+/// Hold `device`'s stream so that nothing queued after it completes (see
+/// [`nccl::hold_stream`]): how `dist-check --simulate hang` makes an NCCL collective
+/// that only the watchdog can end.
+#[cfg(feature = "cuda")]
+pub fn hold_stream(device: &Device) -> Result<()> {
+    nccl::hold_stream(device)
+}
+
+/// Holding a CUDA stream needs the `cuda` feature.
+#[cfg(not(feature = "cuda"))]
+pub fn hold_stream(_device: &Device) -> Result<()> {
+    Err(Error::Usage(
+        "holding a CUDA stream needs a lit-claire built with --features cuda".into(),
+    ))
+}
+
 #[cfg(feature = "cuda")]
 fn cuda_device(n: usize) -> Result<Device> {
     Device::new_cuda(n).map_err(|e| Error::Usage(format!("--device cuda:{n}: {e}")))

@@ -479,3 +479,39 @@ impl Collective for Nccl {
         self.watchdog.finish();
     }
 }
+
+/// Hold `device`'s stream on the GPU for good (`cuStreamWaitValue32` on a word that
+/// stays 0): every operation queued after it, an NCCL collective included, never
+/// completes. Only `dist-check --simulate hang` uses it, to see the watchdog end a
+/// collective that cannot finish.
+pub fn hold_stream(device: &Device) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let Device::Cuda(dev) = device else {
+        return Err(Error::Usage(format!("{device:?} is not a CUDA device")));
+    };
+    let word = dev
+        .alloc_zeros::<u32>(1)
+        .map_err(|e| Error::Msg(format!("holding the stream: {e}")))?;
+    let stream = dev.cuda_stream();
+    {
+        let (ptr, _sync) = word.device_ptr(&stream);
+        // SAFETY: `ptr` is a live u32 on this stream's device (leaked below, so it
+        // outlives the wait); the flags are the driver's own constant.
+        unsafe {
+            sys::cuStreamWaitValue32_v2(
+                stream.cu_stream(),
+                ptr,
+                1,
+                sys::CUstreamWaitValue_flags::CU_STREAM_WAIT_VALUE_EQ as u32,
+            )
+        }
+        .result()
+        .map_err(|e| {
+            Error::Msg(format!(
+                "cuStreamWaitValue32 failed: {e:?} (stream memory operations unsupported on this GPU?)"
+            ))
+        })?;
+    }
+    std::mem::forget(word);
+    Ok(())
+}
