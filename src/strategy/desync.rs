@@ -218,6 +218,11 @@ impl Ledger {
         self.step
     }
 
+    /// The running hash after the last call (what the watchdog's heartbeats carry).
+    pub fn hash(&self) -> u64 {
+        self.hash
+    }
+
     /// Calls recorded so far.
     pub fn seq(&self) -> u64 {
         self.seq

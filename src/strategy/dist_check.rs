@@ -61,6 +61,10 @@ pub enum Simulate {
     /// the others' at each step's end (as the NCCL backend does); the faulty rank
     /// issues one all-reduce more in step 2.
     Desync,
+    /// As `desync`, but the ranks never reach the end of step 2: all wait in a
+    /// collective that never completes (as NCCL may when it pairs calls of different
+    /// sizes), and rank 0 finds the cause in the records the heartbeats carry.
+    DesyncHang,
 }
 
 /// What one rank found.
@@ -207,6 +211,37 @@ pub fn dist_check(
 /// Rank `faulty` does `what`; every other rank enters a collective that never
 /// completes. Only an error of the faulty rank returns: the watchdog ends the others.
 fn simulate(watchdog: &Watchdog, rank: usize, what: Simulate, faulty: usize) -> Result<()> {
+    if what == Simulate::DesyncHang {
+        // What the NCCL backend tells the watchdog: each call with its record's hash.
+        let mut ledger = Ledger::default();
+        let issue = |ledger: &mut Ledger, call: Call, name: &'static str| {
+            ledger.record(call);
+            watchdog.track_hashed(name, Some(ledger.hash()), || true);
+        };
+        let grads = Call::new(CallKind::AllReduce(ReduceOp::Sum), 4096, DType::F32);
+        for step in 1..=2u64 {
+            issue(&mut ledger, grads, "all_reduce");
+            if rank == faulty && step == 2 {
+                let one = Call::new(CallKind::AllReduce(ReduceOp::Sum), 1, DType::F32);
+                issue(&mut ledger, one, "all_reduce");
+            }
+            issue(
+                &mut ledger,
+                Call::new(CallKind::AllGather, 1, DType::F64),
+                "all_gather",
+            );
+            if step == 1 {
+                ledger.set_step(step);
+                watchdog.set_step(step);
+                desync::check_through(watchdog, rank, &ledger)?;
+            }
+        }
+        ledger.record(grads);
+        let _in_flight = watchdog.enter_hashed("all_reduce", Some(ledger.hash()));
+        loop {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
     if what == Simulate::Desync {
         let mut ledger = Ledger::default();
         for step in 1..=3u64 {
@@ -256,7 +291,7 @@ fn simulate(watchdog: &Watchdog, rank: usize, what: Simulate, faulty: usize) -> 
             endless(watchdog)
         }
         Simulate::Hang => unreachable!("every rank entered the endless collective"),
-        Simulate::Desync => unreachable!("handled first"),
+        Simulate::Desync | Simulate::DesyncHang => unreachable!("handled first"),
         Simulate::Stall => loop {
             std::thread::sleep(Duration::from_secs(1));
         },

@@ -365,11 +365,11 @@ impl Nccl {
             Kind::AllReduce(_) | Kind::Broadcast(_) => x.contiguous()?,
             _ => x.flatten_all()?.contiguous()?,
         };
-        self.ledger.lock().map_err(poisoned)?.record(Call::new(
-            kind.call(),
-            x.elem_count(),
-            x.dtype(),
-        ));
+        let hash = {
+            let mut ledger = self.ledger.lock().map_err(poisoned)?;
+            ledger.record(Call::new(kind.call(), x.elem_count(), x.dtype()));
+            ledger.hash()
+        };
         let guard = self.lock.lock().map_err(poisoned)?;
         if self.comm.is_aborted() {
             return Err(Error::Msg(format!(
@@ -383,13 +383,13 @@ impl Nccl {
             kind,
         })?;
         drop(guard);
-        self.track(kind)?;
+        self.track(kind, hash)?;
         Ok(out)
     }
 
     /// Hand the operation just queued to the watchdog: in flight until an event
     /// recorded after it on the same stream completes.
-    fn track(&self, kind: Kind) -> Result<()> {
+    fn track(&self, kind: Kind, hash: u64) -> Result<()> {
         let Device::Cuda(dev) = &self.device else {
             return Ok(());
         };
@@ -397,11 +397,12 @@ impl Nccl {
             .cuda_stream()
             .record_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING))
             .map_err(|e| Error::Msg(format!("nccl {}: recording an event: {e:?}", kind.name())))?;
-        self.watchdog.track(kind.name(), move || {
-            // An error is the main thread's to report, at its next read of the device;
-            // only an operation that is still running counts as in flight.
-            event.context().bind_to_thread().is_err() || event.try_is_complete() != Ok(false)
-        });
+        self.watchdog
+            .track_hashed(kind.name(), Some(hash), move || {
+                // An error is the main thread's to report, at its next read of the device;
+                // only an operation that is still running counts as in flight.
+                event.context().bind_to_thread().is_err() || event.try_is_complete() != Ok(false)
+            });
         Ok(())
     }
 }

@@ -8,7 +8,8 @@
 //!
 //! ```text
 //! rank r ≠ 0                                  rank 0 (the hub)
-//!   ──▶ heartbeat: collectives entered so far   every `heartbeat`, both ways
+//!   ──▶ heartbeat: collectives entered so far,  every `heartbeat`, both ways
+//!       with the hashes of the last 16 records
 //!   ──▶ failed: "rank r failed: why"            r's own error (a NaN, an I/O error)
 //!   ──▶ stuck: collective #n waited too long     r's collective exceeded the timeout
 //!   ◀── failed: the verdict                     relayed to every rank
@@ -58,6 +59,22 @@ const CHECKED: u8 = 7;
 /// No step has ended yet (in [`Inner::step`]).
 const NO_STEP: u64 = u64::MAX;
 
+/// Records of collectives (sequence number, running hash) a heartbeat carries.
+const TRAIL_SENT: usize = 16;
+/// Records each rank keeps (rank 0 compares the others' with its own).
+const TRAIL_KEPT: usize = 4096;
+
+/// One collective this rank entered: its number, the running hash of the caller's
+/// record of collectives after it (see [`desync`](super::desync); 0 when the caller
+/// keeps none), its name and the steps ended before it.
+#[derive(Clone, Copy)]
+struct Mark {
+    seq: u64,
+    hash: u64,
+    name: &'static str,
+    step: u64,
+}
+
 /// How long a watchdog waits, and how often it speaks.
 #[derive(Debug, Clone, Copy)]
 pub struct WatchdogConfig {
@@ -105,6 +122,8 @@ struct Peer {
     last_heard: Mutex<Instant>,
     /// Collectives the peer had entered at its last heartbeat.
     entered: AtomicU64,
+    /// Its last records (sequence number, hash), from its last heartbeat.
+    trail: Mutex<Vec<(u64, u64)>>,
     /// The peer said it is done: its connection closing is no failure.
     said_bye: AtomicBool,
 }
@@ -118,6 +137,8 @@ struct Inner {
     peers: Vec<Peer>,
     /// Collectives this rank has entered.
     entered: AtomicU64,
+    /// The last [`TRAIL_KEPT`] of them.
+    trail: Mutex<VecDeque<Mark>>,
     pending: Mutex<VecDeque<Pending>>,
     /// A verdict was reached (or this rank reported its own failure): nothing else
     /// is reported.
@@ -192,6 +213,7 @@ impl Watchdog {
                 writer: Mutex::new(writer),
                 last_heard: Mutex::new(now),
                 entered: AtomicU64::new(0),
+                trail: Mutex::new(Vec::new()),
                 said_bye: AtomicBool::new(false),
             });
         }
@@ -201,6 +223,7 @@ impl Watchdog {
             cfg,
             peers,
             entered: AtomicU64::new(0),
+            trail: Mutex::new(VecDeque::new()),
             pending: Mutex::new(VecDeque::new()),
             fired: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
@@ -233,20 +256,55 @@ impl Watchdog {
 
     /// A blocking collective `name` starts; it is in flight until the guard drops.
     pub fn enter(&self, name: &'static str) -> InFlight {
+        self.enter_hashed(name, None)
+    }
+
+    /// [`Watchdog::enter`], with the hash of the caller's record (see
+    /// [`Watchdog::track_hashed`]).
+    pub fn enter_hashed(&self, name: &'static str, hash: Option<u64>) -> InFlight {
         let done = Arc::new(AtomicBool::new(false));
         let flag = done.clone();
-        self.track(name, move || flag.load(Ordering::Acquire));
+        self.track_hashed(name, hash, move || flag.load(Ordering::Acquire));
         InFlight(done)
     }
 
     /// An asynchronous collective `name` was queued; it is in flight until `done`
     /// returns true (polled by the watchdog thread, in the order they were queued).
     pub fn track(&self, name: &'static str, done: impl FnMut() -> bool + Send + 'static) {
-        let seq = self.inner.entered.fetch_add(1, Ordering::AcqRel) + 1;
+        self.track_hashed(name, None, done)
+    }
+
+    /// [`Watchdog::track`], with the running hash of the caller's record of the
+    /// collectives it issued, this one included ([`desync`](super::desync)): when a
+    /// collective is stuck, rank 0 compares the ranks' last hashes (carried by the
+    /// heartbeats) and names ranks out of step rather than a hang. `None` keeps the
+    /// last hash.
+    pub fn track_hashed(
+        &self,
+        name: &'static str,
+        hash: Option<u64>,
+        done: impl FnMut() -> bool + Send + 'static,
+    ) {
+        let step = self.inner.step.load(Ordering::Acquire);
+        let seq = {
+            let mut trail = lock(&self.inner.trail);
+            let seq = self.inner.entered.fetch_add(1, Ordering::AcqRel) + 1;
+            let hash = hash.or(trail.back().map(|m| m.hash)).unwrap_or(0);
+            if trail.len() == TRAIL_KEPT {
+                trail.pop_front();
+            }
+            trail.push_back(Mark {
+                seq,
+                hash,
+                name,
+                step,
+            });
+            seq
+        };
         lock(&self.inner.pending).push_back(Pending {
             seq,
             name,
-            step: self.inner.step.load(Ordering::Acquire),
+            step,
             since: Instant::now(),
             done: Box::new(done),
         });
@@ -296,7 +354,7 @@ impl Watchdog {
             }
             let mut c = lock(&inner.checks);
             while c.cleared < round {
-                if inner.fired.load(Ordering::Acquire) || inner.stopping.load(Ordering::Acquire) {
+                if inner.ended() {
                     return Err(gone());
                 }
                 c = inner
@@ -313,7 +371,7 @@ impl Watchdog {
             .iter()
             .all(|p| c.records.get(&p.rank).is_some_and(|(r, _)| *r == round))
         {
-            if inner.fired.load(Ordering::Acquire) || inner.stopping.load(Ordering::Acquire) {
+            if inner.ended() {
                 return Err(gone());
             }
             c = inner
@@ -330,7 +388,9 @@ impl Watchdog {
         );
         drop(c);
         if let Some(verdict) = compare(&all) {
+            // Ends the process, unless another verdict is already doing so.
             inner.fire(&verdict);
+            inner.ended();
             return Err(Error::Msg(verdict));
         }
         inner.broadcast(CHECKED, &round.to_le_bytes(), None);
@@ -371,6 +431,21 @@ impl Drop for Watchdog {
 }
 
 impl Inner {
+    /// Whether a wait of [`Watchdog::check`] must give up: this rank is going away, or
+    /// a verdict was reached. A verdict ends the process itself (one line, then exit):
+    /// the wait lasts until then, so that no second line races it, and gives up only
+    /// if the process is still there well after (a verdict's hooks take at most 10 s).
+    fn ended(&self) -> bool {
+        if self.stopping.load(Ordering::Acquire) {
+            return true;
+        }
+        if !self.fired.load(Ordering::Acquire) {
+            return false;
+        }
+        std::thread::sleep(Duration::from_secs(15));
+        true
+    }
+
     fn close_all(&self) {
         for p in &self.peers {
             let _ = lock(&p.writer).shutdown(Shutdown::Both);
@@ -472,6 +547,17 @@ impl Inner {
             HEARTBEAT if body.len() >= 8 => {
                 let n = u64::from_le_bytes(body[..8].try_into().expect("8 bytes"));
                 peer.entered.store(n, Ordering::Release);
+                let pairs = body[8..]
+                    .chunks_exact(16)
+                    .map(|c| {
+                        let (a, b) = c.split_at(8);
+                        (
+                            u64::from_le_bytes(a.try_into().expect("8 bytes")),
+                            u64::from_le_bytes(b.try_into().expect("8 bytes")),
+                        )
+                    })
+                    .collect();
+                *lock(&peer.trail) = pairs;
             }
             FAILED => self.fire(&String::from_utf8_lossy(body)),
             STUCK if body.len() >= 8 && self.rank == 0 => {
@@ -500,6 +586,9 @@ impl Inner {
     /// Rank 0's verdict on collective `seq` (`what`) stuck on rank `on`: the ranks
     /// whose last heartbeat says they never entered it, or the collective itself.
     fn stuck_verdict(&self, seq: u64, what: &str, on: usize) -> String {
+        if let Some(v) = self.out_of_step(what, on) {
+            return v;
+        }
         let mut behind: Vec<usize> = Vec::new();
         if self.entered.load(Ordering::Acquire) < seq {
             behind.push(0);
@@ -524,6 +613,48 @@ impl Inner {
         }
     }
 
+    /// Rank 0, on a stuck collective: the first peer whose last records (from its
+    /// heartbeat) hash differently from rank 0's at the same number, named with the
+    /// first such number. Ranks that issued different collectives pair them wrongly,
+    /// which NCCL may answer by waiting forever: that is the cause, not a hang.
+    fn out_of_step(&self, what: &str, on: usize) -> Option<String> {
+        let own: Vec<Mark> = lock(&self.trail).iter().copied().collect();
+        let at = |seq: u64| own.iter().find(|m| m.seq == seq);
+        for p in &self.peers {
+            let theirs = lock(&p.trail).clone();
+            let mut agreed_before = false;
+            for &(seq, hash) in &theirs {
+                let Some(mine) = at(seq) else {
+                    agreed_before = false;
+                    continue;
+                };
+                if mine.hash == hash {
+                    agreed_before = true;
+                    continue;
+                }
+                let step = match mine.step {
+                    NO_STEP => String::new(),
+                    s => format!(", after step {s}"),
+                };
+                let tail = format!(
+                    "then {what} hung on rank {on} (every rank must issue the same collectives in the same order: a collective under a condition that differs between ranks?)"
+                );
+                return Some(if agreed_before {
+                    format!(
+                        "ranks out of step: rank {}'s collective #{seq} differs from rank 0's ({}{step}) in kind, size or dtype; {tail}",
+                        p.rank, mine.name
+                    )
+                } else {
+                    format!(
+                        "ranks out of step: rank {} and rank 0 had issued different collectives by collective #{seq} (rank 0's: {}{step}; they may have parted earlier); {tail}",
+                        p.rank, mine.name
+                    )
+                });
+            }
+        }
+        None
+    }
+
     fn monitor_loop(&self) {
         let mut next_beat = Instant::now();
         loop {
@@ -532,8 +663,16 @@ impl Inner {
             }
             let now = Instant::now();
             if now >= next_beat {
-                let n = self.entered.load(Ordering::Acquire).to_le_bytes();
-                self.broadcast(HEARTBEAT, &n, None);
+                let beat = {
+                    let trail = lock(&self.trail);
+                    let mut b = self.entered.load(Ordering::Acquire).to_le_bytes().to_vec();
+                    for m in trail.iter().skip(trail.len().saturating_sub(TRAIL_SENT)) {
+                        b.extend_from_slice(&m.seq.to_le_bytes());
+                        b.extend_from_slice(&m.hash.to_le_bytes());
+                    }
+                    b
+                };
+                self.broadcast(HEARTBEAT, &beat, None);
                 next_beat = now + self.cfg.heartbeat;
             }
             for p in &self.peers {

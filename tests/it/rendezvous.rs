@@ -511,3 +511,26 @@ fn a_planted_extra_all_reduce_stops_every_process_naming_rank_collective_and_ste
         );
     }
 }
+
+/// Issue 26: ranks out of step that hang before the step's end (NCCL waiting on calls
+/// of different sizes) are named as out of step, not as a hang: rank 0 compares the
+/// hashes of the ranks' last records that the heartbeats carry.
+#[test]
+fn ranks_out_of_step_that_hang_are_named_as_out_of_step() {
+    let results = simulated(
+        3,
+        &[
+            "--collective-timeout",
+            "1",
+            "--simulate",
+            "desync-hang",
+            "--faulty-rank",
+            "2",
+        ],
+    );
+    every_other_rank_says(
+        &results,
+        None,
+        "error: ranks out of step: rank 2's collective #5 differs from rank 0's (all_gather, after step 1) in kind, size or dtype; then collective #",
+    );
+}
