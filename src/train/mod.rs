@@ -17,6 +17,8 @@
 //! schedule.rs        learning-rate schedules
 //! checkpoint.rs      checkpoints on disk
 //! lock.rs            one run at a time in a run folder (RUN/.lock)
+//! preempt.rs         SIGUSR1/SIGTERM: stop after the step with a checkpoint, exit 75
+//! saver.rs           checkpoints copied to host memory, written by a thread
 //! evaluate.rs        validation loss of a model
 //! validate.rs        offline validation of every checkpoint of a run
 //! downstream.rs      every checkpoint of a run on downstream tasks (evaluate --out-dir)
@@ -36,9 +38,11 @@ pub mod lock;
 pub mod loggers;
 pub mod metrics;
 pub mod optimizer;
+pub mod preempt;
 pub mod pretrain;
 pub mod ranks;
 mod resume;
+pub mod saver;
 pub mod schedule;
 mod setup;
 pub mod sharded_adamw;

@@ -11,11 +11,13 @@ use std::time::Instant;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::batches::{Batch, DataPosition, TrainData, sample_with_starts};
-use super::checkpoint::{self, TrainingState};
+use super::checkpoint::{self, Snapshot, TrainingState};
 use super::config::{CheckedConfig, IntervalUnit, ToChecked};
 use super::evaluate::evaluate;
 use super::loggers::Loggers;
 use super::metrics::MetricsRow;
+use super::preempt::EXIT_PREEMPTED;
+use super::saver::{Saver, Written};
 use super::schedule::Schedule;
 use super::setup::{Plan, build_runner, open_outputs, unsharded_note};
 use super::step::{StepRunner, StepStats};
@@ -34,6 +36,10 @@ pub struct TrainSummary {
     pub stopped_early: bool,
     /// The `final/` checkpoint, when the run finished.
     pub final_checkpoint: Option<PathBuf>,
+    /// The checkpoint written when a signal (or the config's
+    /// [`StopFlag`](super::preempt::StopFlag)) stopped the run before its end; `pretrain`
+    /// then exits with [`EXIT_PREEMPTED`](super::preempt::EXIT_PREEMPTED).
+    pub preempted: Option<PathBuf>,
 }
 
 /// A run in progress.
@@ -55,6 +61,8 @@ pub struct Trainer {
     /// `task/metric` columns.
     eval_tasks: Option<TaskSet>,
     task_columns: Vec<String>,
+    /// Rank 0's checkpoint writer.
+    saver: Option<Saver>,
 }
 
 /// The device, and the ranks when there are several: `cpu`, `cpu × 2 ranks (ddp)`.
@@ -151,6 +159,7 @@ impl Trainer {
             lock,
             eval_tasks,
             task_columns,
+            saver: zero.then(|| Saver::new(&cfg.out_dir, cfg.max_checkpoints, cfg.background_save)),
         };
         let line = t.start_line(resumed_from.as_ref().map(|(d, _)| d.as_path()));
         t.note(&line)?;
@@ -290,12 +299,14 @@ impl Trainer {
     }
 
     /// Write checkpoint `name`: every rank calls it (a sharded optimizer state is
-    /// gathered first), rank 0 writes it, and no rank goes on until it is in place.
-    /// Returns its folder on rank 0.
+    /// gathered first) and rank 0 writes it, in the background unless
+    /// `--background-save false`; no rank goes on until rank 0 has its copy of the
+    /// state (or, inline, the checkpoint is in place). Returns its folder on rank 0.
     fn save(&mut self, name: &str) -> Result<Option<PathBuf>> {
+        let start = Instant::now();
         let optimizer = self.runner.opt.state_tensors(&self.runner.strategy)?;
         let dir = if self.runner.strategy.is_global_zero() {
-            Some(self.write_checkpoint(name, &optimizer)?)
+            Some(self.write_checkpoint(name, &optimizer, start)?)
         } else {
             None
         };
@@ -303,11 +314,12 @@ impl Trainer {
         Ok(dir)
     }
 
-    /// Rank 0's part of [`Trainer::save`].
+    /// Rank 0's part of [`Trainer::save`]; `start` is when the save began.
     fn write_checkpoint(
         &mut self,
         name: &str,
         optimizer: &[(String, candle_core::Tensor)],
+        start: Instant,
     ) -> Result<PathBuf> {
         // Never a checkpoint of broken weights (the last update can overflow them).
         for (var_name, var) in self.runner.opt.vars() {
@@ -319,30 +331,104 @@ impl Trainer {
             }
         }
         self.state.loss_scaler = self.runner.scaler;
-        let dir = checkpoint::save(
-            &self.cfg.out_dir,
-            name,
+        let Some(mut saver) = self.saver.take() else {
+            return Err(Error::Msg("only rank 0 writes checkpoints".into()));
+        };
+        let r = self.write_with(&mut saver, name, optimizer, start);
+        self.saver = Some(saver);
+        r
+    }
+
+    fn write_with(
+        &mut self,
+        saver: &mut Saver,
+        name: &str,
+        optimizer: &[(String, candle_core::Tensor)],
+        start: Instant,
+    ) -> Result<PathBuf> {
+        let background = saver.background();
+        // The previous write first: at most one copy of the state in flight.
+        let earlier = saver.wait()?;
+        self.noted(earlier)?;
+        let snapshot = Snapshot::take(
             &self.runner.model,
             self.lora.as_ref(),
             optimizer,
             &self.state,
+            background,
         )?;
-        if let Some(keep) = self.cfg.max_checkpoints {
-            for removed in checkpoint::rotate(&self.cfg.out_dir, keep)? {
-                self.note(&format!("removed old checkpoint {}", removed.display()))?;
-            }
+        let bytes = snapshot.bytes();
+        let written = saver.save(snapshot, name)?;
+        let dir = self.cfg.out_dir.join(name);
+        let waited = start.elapsed().as_secs_f64();
+        if background {
+            self.note(&format!(
+                "step {}: writing {} in the background (training waited {waited:.3} s to copy {:.1} MB)",
+                self.state.step,
+                dir.display(),
+                bytes as f64 / 1e6
+            ))?;
         }
-        self.note(&format!("saved {}", dir.display()))?;
+        for w in written {
+            self.noted(Some(w))?;
+        }
+        if !background {
+            self.note(&format!(
+                "step {}: training waited {waited:.3} s for the checkpoint ({:.1} MB)",
+                self.state.step,
+                bytes as f64 / 1e6
+            ))?;
+        }
         Ok(dir)
+    }
+
+    /// Log a finished write: the checkpoint, and what its rotation removed.
+    fn noted(&mut self, written: Option<Written>) -> Result<()> {
+        let Some(w) = written else { return Ok(()) };
+        for removed in &w.removed {
+            self.note(&format!("removed old checkpoint {}", removed.display()))?;
+        }
+        self.note(&format!(
+            "saved {} (written in {:.3} s)",
+            w.dir.display(),
+            w.write_s
+        ))
+    }
+
+    /// Rank 0: wait for the checkpoint being written, if any, and log it.
+    fn finish_writes(&mut self) -> Result<()> {
+        let done = match self.saver.as_mut() {
+            Some(s) => s.wait()?,
+            None => None,
+        };
+        self.noted(done)
+    }
+
+    /// At a step boundary, on every rank: a background write that finished is logged
+    /// (one that failed stops the run), and the ranks agree whether to stop here,
+    /// which they do if any of them was signalled.
+    fn stop_here(&mut self) -> Result<bool> {
+        let done = match self.saver.as_mut() {
+            Some(s) => s.poll()?,
+            None => None,
+        };
+        self.noted(done)?;
+        let mine = self.cfg.stop().requested();
+        let any = self.runner.strategy.all_reduce_sum(&[mine as u8 as f64])?;
+        Ok(any[0] > 0.0)
     }
 
     /// Train until the schedule ends (or early stopping, or `stop_after` steps, for
     /// tests of interrupted runs).
     pub fn run(&mut self, stop_after: Option<usize>) -> Result<TrainSummary> {
         let r = self.run_locked(stop_after);
-        // The run folder is free again once the run ends (the trainer may live on).
+        // A checkpoint being written is finished, even when the run failed, before
+        // the run folder is free again (the trainer may live on).
+        let written = self.finish_writes();
         self.lock = None;
-        r
+        let s = r?;
+        written?;
+        Ok(s)
     }
 
     /// [`Trainer::run`], holding the run folder's lock.
@@ -423,6 +509,24 @@ impl Trainer {
                     break;
                 }
             }
+            // Every step, so that all ranks stop after the same one.
+            let stop = self.stop_here()? && !last_step;
+            if stop {
+                let name = checkpoint::step_dir_name(self.state.step);
+                let dir = self.cfg.out_dir.join(&name);
+                self.note(&format!(
+                    "step {}: {} received: saving {} and stopping; --resume auto continues from it (exit code {EXIT_PREEMPTED})",
+                    self.state.step,
+                    self.cfg.stop().reason(),
+                    dir.display()
+                ))?;
+                self.save(&name)?;
+                self.finish_writes()?;
+                bar.abandon();
+                let mut s = self.summary(false, None);
+                s.preempted = Some(dir);
+                return Ok(s);
+            }
             if save_due {
                 clock.last_save = now;
                 self.save(&checkpoint::step_dir_name(self.state.step))?;
@@ -430,6 +534,7 @@ impl Trainer {
         }
         bar.finish();
         let final_dir = self.save("final")?;
+        self.finish_writes()?;
         let s = self.summary(stopped_early, final_dir);
         self.note(&format!(
             "done: {} steps, {} tokens, train loss {}, validation loss {}",
@@ -576,6 +681,7 @@ impl Trainer {
             val_loss: self.state.val_loss,
             stopped_early,
             final_checkpoint,
+            preempted: None,
         }
     }
 }
