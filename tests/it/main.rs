@@ -26,6 +26,7 @@ mod packing;
 mod parity;
 mod pipeline;
 mod plot;
+mod preempt;
 mod publish_convert;
 mod publish_gguf;
 mod publish_hub;
