@@ -404,6 +404,14 @@ impl Trainer {
         self.noted(done)
     }
 
+    /// The last checkpoint of a run, on every rank: rank 0 waits for its write, and no
+    /// rank returns before it is in place (a launcher may kill the other ranks as the
+    /// first exits).
+    fn finish_checkpoint(&mut self) -> Result<()> {
+        self.finish_writes()?;
+        self.runner.strategy.barrier()
+    }
+
     /// At a step boundary, on every rank: a background write that finished is logged
     /// (one that failed stops the run), and the ranks agree whether to stop here,
     /// which they do if any of them was signalled.
@@ -521,7 +529,7 @@ impl Trainer {
                     dir.display()
                 ))?;
                 self.save(&name)?;
-                self.finish_writes()?;
+                self.finish_checkpoint()?;
                 bar.abandon();
                 let mut s = self.summary(false, None);
                 s.preempted = Some(dir);
@@ -534,7 +542,7 @@ impl Trainer {
         }
         bar.finish();
         let final_dir = self.save("final")?;
-        self.finish_writes()?;
+        self.finish_checkpoint()?;
         let s = self.summary(stopped_early, final_dir);
         self.note(&format!(
             "done: {} steps, {} tokens, train loss {}, validation loss {}",

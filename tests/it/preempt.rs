@@ -680,3 +680,139 @@ fn issue26_a_full_tmpfs_during_a_save_keeps_the_previous_checkpoint() {
     run_to_end(&resume, Launch::Torchrun);
     same_run(&straight, &run, "after a full disk");
 }
+
+// ------------------------------------------------------------------ the SLURM scripts
+
+/// A folder of stand-ins for SLURM's commands: `scontrol` appends its arguments to
+/// `scontrol.log` (and says the job is in state `$FAKE_STATE`), `srun` writes its pid
+/// to `srun.pid` and runs its command in its place, as a task.
+fn fake_slurm(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let bin = dir.join("fake-slurm");
+    std::fs::create_dir_all(&bin).unwrap();
+    let scripts = [
+        (
+            "scontrol",
+            format!(
+                "#!/bin/sh\necho \"$*\" >> {}\nif [ \"$1\" = show ]; then echo \"JobId=$3 JobState=$FAKE_STATE\"; fi\n",
+                dir.join("scontrol.log").display()
+            ),
+        ),
+        (
+            "srun",
+            format!(
+                "#!/bin/sh\necho $$ > {}\nexec \"$@\"\n",
+                dir.join("srun.pid").display()
+            ),
+        ),
+    ];
+    for (name, text) in scripts {
+        let p = bin.join(name);
+        std::fs::write(&p, text).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    bin
+}
+
+/// `run_requeueing CMD...` of slurm/requeue.sh in bash, as a job script runs it.
+fn requeueing(dir: &Path, cmd: &str, state: &str) -> Command {
+    let path = format!(
+        "{}:{}",
+        fake_slurm(dir).display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut c = Command::new("bash");
+    c.current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args([
+            "-c",
+            &format!("set -euo pipefail; source slurm/requeue.sh; run_requeueing {cmd}"),
+        ])
+        .env("PATH", path)
+        .env("SLURM_JOB_ID", "4242")
+        .env("FAKE_STATE", state)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    c
+}
+
+#[test]
+fn issue26_the_slurm_scripts_are_bash_and_requeue_on_status_75_only() {
+    for e in std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("slurm")).unwrap() {
+        let p = e.unwrap().path();
+        let st = Command::new("bash").arg("-n").arg(&p).status().unwrap();
+        assert!(st.success(), "bash -n {}", p.display());
+    }
+    // (status of the command, job state) → (status of the script, requeued)
+    for (status, state, want_status, want_requeue) in [
+        (75, "RUNNING", 0, true),
+        (0, "RUNNING", 0, false),
+        (1, "RUNNING", 1, false),
+        (75, "CANCELLED", 0, false),
+    ] {
+        let dir = temp_dir();
+        let out = requeueing(dir.path(), &format!("sh -c 'exit {status}'"), state)
+            .output()
+            .unwrap();
+        let log = std::fs::read_to_string(dir.path().join("scontrol.log")).unwrap_or_default();
+        assert_eq!(
+            out.status.code(),
+            Some(want_status),
+            "{status} {state}: {log}"
+        );
+        assert_eq!(
+            log.contains("requeue 4242"),
+            want_requeue,
+            "{status} {state}: {log}"
+        );
+    }
+}
+
+#[test]
+fn issue26_a_signalled_task_gets_its_job_requeued() {
+    let root = temp_dir();
+    let data = prepared(root.path());
+    let run = root.path().join("run");
+    let args = pretrain_args(&data, &run, &["--devices", "1", "--batch-size", "4"]);
+    let quoted: Vec<String> = std::iter::once(s(&bin()).to_string())
+        .chain(args)
+        .map(|a| format!("'{a}'"))
+        .collect();
+    let mut child = requeueing(
+        root.path(),
+        &format!("srun {}", quoted.join(" ")),
+        "RUNNING",
+    )
+    .spawn()
+    .unwrap();
+    let start = Instant::now();
+    while rows_so_far(&run) < 2 {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "ended before the signal"
+        );
+        assert!(start.elapsed() < Duration::from_secs(120), "no progress");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    // As SLURM's --signal does: to the task, not to the batch shell.
+    let pid: libc::pid_t = std::fs::read_to_string(root.path().join("srun.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // SAFETY: kill(2) on the task this test's script started; it has not been reaped
+    // (its parent, the script, is still waiting for it).
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGUSR1) }, 0);
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("requeueing job 4242"), "{stdout}");
+    let log = std::fs::read_to_string(root.path().join("scontrol.log")).unwrap();
+    assert!(log.contains("requeue 4242"), "{log}");
+    only_whole_checkpoints(&run);
+    assert!(!step_checkpoints(&run).is_empty() && !run.join("final").exists());
+}
