@@ -4,6 +4,7 @@
 //! pretrain.rs        the entry points: pretrain (prepared data), pretrain_with_data
 //! ranks.rs           a run on several ranks: threads on CPU, a process group on GPUs
 //! trainer.rs         the loop: steps, logging, validation, checkpoints, early stopping
+//!                    (trainer/checkpoints.rs: its saves, and the stop on a signal)
 //! setup.rs           before the first step: the checks, the model and optimizer, the
 //!                    run folder
 //! resume.rs          continuing a run from one of its checkpoints

@@ -150,7 +150,8 @@ mod tests {
         a.request();
         assert!(a.requested() && !b.requested());
         assert_eq!(a.reason(), "a stop request");
-        assert!(a != b && a == a.clone());
+        let copy = a;
+        assert!(a != b && a == copy);
         assert!(StopFlag::default() == StopFlag::signals());
     }
 }
