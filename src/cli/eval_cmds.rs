@@ -7,10 +7,10 @@ use clap::Args;
 use super::{Format, RuntimeArgs};
 use crate::error::{Error, Result};
 use crate::eval::output::{json_lines, samples_jsonl, table};
-use crate::train::downstream::{RunEvaluation, evaluate_run};
 use crate::eval::{EvalOptions, evaluate, load_tasks};
 use crate::hf::load_model;
 use crate::tokenizer::Tokenizer;
+use crate::train::downstream::{RunEvaluation, evaluate_run};
 
 #[derive(Debug, Args)]
 pub struct EvaluateArgs {
@@ -76,14 +76,22 @@ pub fn evaluate_cmd(a: EvaluateArgs) -> Result<()> {
     };
     let start = std::time::Instant::now();
     if let Some(run) = &a.out_dir {
-        let r = RunEvaluation { run, tasks: &tasks, opts: &opts, csv: a.csv.clone() };
+        let r = RunEvaluation {
+            run,
+            tasks: &tasks,
+            opts: &opts,
+            csv: a.csv.clone(),
+        };
         let scored = evaluate_run(&r, &strategy, |c| {
             print(Some(&c.checkpoint), &c.results);
             samples.push_str(&samples_jsonl(&c.results, Some(&c.checkpoint)));
             Ok(())
         })?;
         if scored.is_empty() {
-            eprintln!("every checkpoint of {} is already scored on these tasks", run.display());
+            eprintln!(
+                "every checkpoint of {} is already scored on these tasks",
+                run.display()
+            );
         }
     } else {
         let dir = a.checkpoint_dir.as_ref().expect("clap requires it");
@@ -93,7 +101,10 @@ pub fn evaluate_cmd(a: EvaluateArgs) -> Result<()> {
         print(None, &results);
         samples = samples_jsonl(&results, None);
         if let Some(csv) = &a.csv {
-            let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+            let name = dir
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default();
             crate::eval::output::append_csv(csv, &name, 0, &results)?;
         }
     }

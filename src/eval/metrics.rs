@@ -228,7 +228,10 @@ pub enum DocValues {
     Perplexity(Vec<f64>),
     /// `(ll, count)` pairs for the weighted metrics; `bits`: bits per byte rather than
     /// a perplexity.
-    Weighted { items: Vec<(f64, usize)>, bits: bool },
+    Weighted {
+        items: Vec<(f64, usize)>,
+        bits: bool,
+    },
 }
 
 impl DocValues {
@@ -236,7 +239,9 @@ impl DocValues {
     pub fn aggregate(&self, bootstrap_iters: usize) -> (f64, Option<f64>) {
         match self {
             DocValues::Mean(xs) => (mean(xs), mean_stderr(xs)),
-            DocValues::Perplexity(lls) => (perplexity(lls), perplexity_stderr(lls, bootstrap_iters)),
+            DocValues::Perplexity(lls) => {
+                (perplexity(lls), perplexity_stderr(lls, bootstrap_iters))
+            }
             DocValues::Weighted { items, bits: false } => ((-weighted_mean(items)).exp(), None),
             DocValues::Weighted { items, bits: true } => {
                 (-weighted_mean(items) / std::f64::consts::LN_2, None)

@@ -117,7 +117,11 @@ impl TaskSet {
     pub fn columns(&self) -> Vec<String> {
         self.tasks
             .iter()
-            .flat_map(|t| t.metrics.iter().map(move |m| format!("{}/{}", t.name, m.name())))
+            .flat_map(|t| {
+                t.metrics
+                    .iter()
+                    .map(move |m| format!("{}/{}", t.name, m.name()))
+            })
             .collect()
     }
 
@@ -148,13 +152,16 @@ pub fn load_tasks(paths: &[PathBuf]) -> Result<Vec<Task>> {
         } else if p.is_file() {
             files.push(p.clone());
         } else {
-            return Err(Error::missing(p, "--tasks takes task files (.jsonl, .yaml) and folders of them"));
+            return Err(Error::missing(
+                p,
+                "--tasks takes task files (.jsonl, .yaml) and folders of them",
+            ));
         }
     }
     // YAMLs first: the data files they name are not task files of ours.
-    let (yamls, others): (Vec<PathBuf>, Vec<PathBuf>) = files.into_iter().partition(|f| {
-        matches!(f.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
-    });
+    let (yamls, others): (Vec<PathBuf>, Vec<PathBuf>) = files
+        .into_iter()
+        .partition(|f| matches!(f.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")));
     let mut tasks = Vec::new();
     let mut data: Vec<PathBuf> = Vec::new();
     for y in &yamls {
@@ -174,7 +181,10 @@ pub fn load_tasks(paths: &[PathBuf]) -> Result<Vec<Task>> {
         } else if yaml::looks_like(&text) {
             tasks.push(yaml::read(&f)?);
         } else if paths.contains(&f) || is_jsonl {
-            let line = text.lines().position(|l| !l.trim().is_empty()).map_or(1, |i| i + 1);
+            let line = text
+                .lines()
+                .position(|l| !l.trim().is_empty())
+                .map_or(1, |i| i + 1);
             return Err(task::at_line(
                 &f,
                 line,
@@ -208,7 +218,10 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
         let p = e.at(dir)?.path();
         if p.is_dir() {
             walk(&p, out)?;
-        } else if matches!(p.extension().and_then(|e| e.to_str()), Some("jsonl" | "yaml" | "yml")) {
+        } else if matches!(
+            p.extension().and_then(|e| e.to_str()),
+            Some("jsonl" | "yaml" | "yml")
+        ) {
             out.push(p);
         }
     }
@@ -225,7 +238,12 @@ struct Origin {
 }
 
 /// Evaluate `model` (with its tokenizer `tok`) on `tasks`.
-pub fn evaluate(model: &Gpt, tok: &Tokenizer, tasks: &[Task], opts: &EvalOptions) -> Result<Vec<TaskResult>> {
+pub fn evaluate(
+    model: &Gpt,
+    tok: &Tokenizer,
+    tasks: &[Task],
+    opts: &EvalOptions,
+) -> Result<Vec<TaskResult>> {
     let max_len = opts.max_length.unwrap_or(model.cfg.block_size);
     if max_len == 0 || max_len > model.cfg.block_size {
         return Err(Error::Usage(format!(
@@ -243,11 +261,18 @@ pub fn evaluate(model: &Gpt, tok: &Tokenizer, tasks: &[Task], opts: &EvalOptions
         let mut warned = false;
         for d in &t.docs[..limit(t)] {
             let pairs: Vec<TokenRequest> = match &d.request {
-                Request::Choice { context, continuations, .. } => continuations
+                Request::Choice {
+                    context,
+                    continuations,
+                    ..
+                } => continuations
                     .iter()
                     .map(|c| enc.pair(context, c))
                     .collect::<Result<_>>()?,
-                Request::Loglikelihood { context, continuation } => vec![enc.pair(context, continuation)?],
+                Request::Loglikelihood {
+                    context,
+                    continuation,
+                } => vec![enc.pair(context, continuation)?],
                 Request::Rolling { text } => enc.rolling(text)?,
                 Request::Generate { .. } => continue,
             };
@@ -272,10 +297,22 @@ pub fn evaluate(model: &Gpt, tok: &Tokenizer, tasks: &[Task], opts: &EvalOptions
                     );
                     warned = true;
                 }
-                check_ids(&model.cfg, &r.context, &format!("{}:{}", d.file.display(), d.line))?;
-                check_ids(&model.cfg, &r.continuation, &format!("{}:{}", d.file.display(), d.line))?;
+                check_ids(
+                    &model.cfg,
+                    &r.context,
+                    &format!("{}:{}", d.file.display(), d.line),
+                )?;
+                check_ids(
+                    &model.cfg,
+                    &r.continuation,
+                    &format!("{}:{}", d.file.display(), d.line),
+                )?;
                 reqs.push(r);
-                origins.push(Origin { task: ti, doc: d.id, part });
+                origins.push(Origin {
+                    task: ti,
+                    doc: d.id,
+                    part,
+                });
             }
         }
     }
@@ -304,29 +341,37 @@ pub fn evaluate(model: &Gpt, tok: &Tokenizer, tasks: &[Task], opts: &EvalOptions
             .iter()
             .map(|m| match m {
                 Metric::Perplexity => DocValues::Perplexity(Vec::new()),
-                Metric::WordPerplexity | Metric::BytePerplexity => {
-                    DocValues::Weighted { items: Vec::new(), bits: false }
-                }
-                Metric::BitsPerByte => DocValues::Weighted { items: Vec::new(), bits: true },
+                Metric::WordPerplexity | Metric::BytePerplexity => DocValues::Weighted {
+                    items: Vec::new(),
+                    bits: false,
+                },
+                Metric::BitsPerByte => DocValues::Weighted {
+                    items: Vec::new(),
+                    bits: true,
+                },
                 _ => DocValues::Mean(Vec::new()),
             })
             .collect();
         let mut done_gen = 0;
         for d in docs {
             let parts = by_doc.get(&(ti, d.id)).map(Vec::as_slice).unwrap_or(&[]);
-            let sample = |index: usize, s: Option<&score::Scored>, response: Option<String>| Sample {
-                task: t.name.clone(),
-                doc_id: d.id,
-                index,
-                loglikelihood: s.map(|s| s.loglikelihood),
-                is_greedy: s.map(|s| s.is_greedy),
-                response,
-            };
+            let sample =
+                |index: usize, s: Option<&score::Scored>, response: Option<String>| Sample {
+                    task: t.name.clone(),
+                    doc_id: d.id,
+                    index,
+                    loglikelihood: s.map(|s| s.loglikelihood),
+                    is_greedy: s.map(|s| s.is_greedy),
+                    response,
+                };
             match &d.request {
                 Request::Choice { choices, gold, .. } => {
                     let lls: Vec<f64> = parts.iter().map(|s| s.loglikelihood).collect();
                     let norm = |len: &dyn Fn(&String) -> usize| -> Vec<f64> {
-                        lls.iter().zip(choices).map(|(l, c)| l / len(c) as f64).collect()
+                        lls.iter()
+                            .zip(choices)
+                            .map(|(l, c)| l / len(c) as f64)
+                            .collect()
                     };
                     let pred = argmax(&lls);
                     let pred_norm = argmax(&norm(&|c| c.chars().count()));
@@ -371,16 +416,33 @@ pub fn evaluate(model: &Gpt, tok: &Tokenizer, tasks: &[Task], opts: &EvalOptions
                     }
                     samples.push(Sample {
                         is_greedy: None,
-                        ..sample(0, Some(&score::Scored { loglikelihood: ll, is_greedy: false }), None)
+                        ..sample(
+                            0,
+                            Some(&score::Scored {
+                                loglikelihood: ll,
+                                is_greedy: false,
+                            }),
+                            None,
+                        )
                     });
                 }
-                Request::Generate { context, until, max_gen_toks, targets } => {
+                Request::Generate {
+                    context,
+                    until,
+                    max_gen_toks,
+                    targets,
+                } => {
                     let ctx = enc.encode(context)?;
-                    check_ids(&model.cfg, &ctx, &format!("{}:{}", d.file.display(), d.line))?;
+                    check_ids(
+                        &model.cfg,
+                        &ctx,
+                        &format!("{}:{}", d.file.display(), d.line),
+                    )?;
                     if ctx.is_empty() {
                         return Err(d.error(format!("{}: the context encodes to no token", t.name)));
                     }
-                    let text = score::generate_until(model, tok, &ctx, until, *max_gen_toks, max_len)?;
+                    let text =
+                        score::generate_until(model, tok, &ctx, until, *max_gen_toks, max_len)?;
                     for (m, v) in t.metrics.iter().zip(&mut values) {
                         if let (Metric::ExactMatch(em), DocValues::Mean(xs)) = (m, v) {
                             let hit = targets.iter().any(|g| em.matches(&text, g));
@@ -419,4 +481,3 @@ pub fn evaluate(model: &Gpt, tok: &Tokenizer, tasks: &[Task], opts: &EvalOptions
     }
     Ok(results)
 }
-

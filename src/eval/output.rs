@@ -44,7 +44,11 @@ pub fn json_lines(results: &[TaskResult], checkpoint: Option<&str>) -> Vec<Strin
 
 /// JSON has no NaN or infinity: those are null.
 fn finite(x: f64) -> serde_json::Value {
-    if x.is_finite() { json!(x) } else { serde_json::Value::Null }
+    if x.is_finite() {
+        json!(x)
+    } else {
+        serde_json::Value::Null
+    }
 }
 
 /// A table for people.
@@ -53,8 +57,16 @@ pub fn table(results: &[TaskResult], checkpoint: Option<&str>) -> String {
     if let Some(c) = checkpoint {
         s.push_str(&format!("{c}\n"));
     }
-    let w = results.iter().map(|r| r.task.len()).max().unwrap_or(4).max(4);
-    s.push_str(&format!("{:<w$}  {:<16} {:>12}   {:>10}  {:>7}\n", "task", "metric", "value", "stderr", "samples"));
+    let w = results
+        .iter()
+        .map(|r| r.task.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    s.push_str(&format!(
+        "{:<w$}  {:<16} {:>12}   {:>10}  {:>7}\n",
+        "task", "metric", "value", "stderr", "samples"
+    ));
     for m in results.iter().flat_map(|r| &r.metrics) {
         let se = m.stderr.map_or("N/A".to_string(), |e| format!("{e:.4}"));
         s.push_str(&format!(
@@ -99,7 +111,11 @@ pub fn done_keys(csv: &Path) -> Result<HashSet<(String, String, String)>> {
     Ok(lines
         .filter_map(|l| {
             let c: Vec<&str> = l.split(',').collect();
-            Some((c.first()?.to_string(), c.get(2)?.to_string(), c.get(7)?.to_string()))
+            Some((
+                c.first()?.to_string(),
+                c.get(2)?.to_string(),
+                c.get(7)?.to_string(),
+            ))
         })
         .collect())
 }
@@ -126,6 +142,10 @@ pub fn append_csv(csv: &Path, checkpoint: &str, step: usize, results: &[TaskResu
             ));
         }
     }
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(csv).at(csv)?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(csv)
+        .at(csv)?;
     f.write_all(text.as_bytes()).at(csv)
 }

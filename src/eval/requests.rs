@@ -204,7 +204,10 @@ mod tests {
                 req(&[5, 6, 7], &[8, 9]),
             ]
         );
-        assert_eq!(rolling_windows(&toks[..3], 99, 4), vec![req(&[99], &[0, 1, 2])]);
+        assert_eq!(
+            rolling_windows(&toks[..3], 99, 4),
+            vec![req(&[99], &[0, 1, 2])]
+        );
         assert!(rolling_windows(&[], 99, 4).is_empty());
     }
 

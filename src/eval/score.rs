@@ -74,7 +74,8 @@ pub fn score_requests(
         }
     }
     // Longest first, then by tail length, so that batches hold like lengths.
-    let tail_len = |g: &(usize, Vec<usize>)| g.1.iter().map(|&i| split[i].1.len()).max().unwrap_or(0);
+    let tail_len =
+        |g: &(usize, Vec<usize>)| g.1.iter().map(|&i| split[i].1.len()).max().unwrap_or(0);
     groups.sort_by(|a, b| b.0.cmp(&a.0).then(tail_len(b).cmp(&tail_len(a))));
 
     let mut out: Vec<Option<Scored>> = vec![None; reqs.len()];
@@ -109,7 +110,11 @@ pub fn score_requests(
             .flat_map(|(gi, (_, m))| m.iter().map(move |&i| (gi as u32, i)))
             .collect();
         for chunk in members.chunks(rows) {
-            let t = chunk.iter().map(|&(_, i)| split[i].1.len()).max().unwrap_or(0);
+            let t = chunk
+                .iter()
+                .map(|&(_, i)| split[i].1.len())
+                .max()
+                .unwrap_or(0);
             let mut ids = Vec::with_capacity(chunk.len() * t);
             let mut targets = Vec::with_capacity(chunk.len() * t);
             for &(_, i) in chunk {
@@ -145,7 +150,10 @@ pub fn score_requests(
         }
         g = end;
     }
-    Ok(out.into_iter().map(|s| s.expect("every request scored")).collect())
+    Ok(out
+        .into_iter()
+        .map(|s| s.expect("every request scored"))
+        .collect())
 }
 
 /// Greedy generation as the harness's Hugging Face backend does it: at most

@@ -84,7 +84,10 @@ pub enum Request {
         /// Indices of the right choices (one, or several for multiple targets).
         gold: Vec<usize>,
     },
-    Loglikelihood { context: String, continuation: String },
+    Loglikelihood {
+        context: String,
+        continuation: String,
+    },
     /// The text scored whole; its words and bytes are counted for the perplexities.
     Rolling { text: String },
     Generate {

@@ -109,7 +109,11 @@ impl Templates {
             if let Some(m) = missing.first() {
                 return format!(
                     "the template {template:?} names the field {m:?}, which the data lack (fields: {})",
-                    fields.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                    fields
+                        .iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 );
             }
             return format!("the template {template:?} reads an undefined value: {e}");
@@ -134,7 +138,10 @@ fn regex_replace(
     count: Option<usize>,
 ) -> Result<String, minijinja::Error> {
     let re = regex::Regex::new(&pattern).map_err(|e| {
-        minijinja::Error::new(ErrorKind::InvalidOperation, format!("regex {pattern:?}: {e}"))
+        minijinja::Error::new(
+            ErrorKind::InvalidOperation,
+            format!("regex {pattern:?}: {e}"),
+        )
     })?;
     // Python's group references \1 and \g<1> are $1 in Rust's syntax.
     let py_group = regex::Regex::new(r"\\g<(\w+)>|\\(\d+)").expect("valid");
@@ -245,14 +252,26 @@ mod tests {
     #[test]
     fn renders_as_the_harness_does() {
         let t = Templates::new();
-        let r = row(serde_json::json!({"question": "Onde?", "choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": "B"}));
-        assert_eq!(t.render("Question: {{question}}\nAnswer:", &r).unwrap(), "Question: Onde?\nAnswer:");
+        let r = row(
+            serde_json::json!({"question": "Onde?", "choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": "B"}),
+        );
+        assert_eq!(
+            t.render("Question: {{question}}\nAnswer:", &r).unwrap(),
+            "Question: Onde?\nAnswer:"
+        );
         assert_eq!(t.render("{{question}}\n", &r).unwrap(), "Onde?\n");
-        assert_eq!(t.render("{{choices.label.index(answerKey)}}", &r).unwrap(), "1");
-        assert_eq!(t.value("{{choices.text}}", &r).unwrap(), serde_json::json!(["a", "b"]));
+        assert_eq!(
+            t.render("{{choices.label.index(answerKey)}}", &r).unwrap(),
+            "1"
+        );
+        assert_eq!(
+            t.value("{{choices.text}}", &r).unwrap(),
+            serde_json::json!(["a", "b"])
+        );
         assert_eq!(t.render("{{question.upper()}}", &r).unwrap(), "ONDE?");
         assert_eq!(
-            t.render("{{question | regex_replace('(O)nde', 'L\\\\1')}}", &r).unwrap(),
+            t.render("{{question | regex_replace('(O)nde', 'L\\\\1')}}", &r)
+                .unwrap(),
             "LO?"
         );
         let e = t.render("{{pergunta}}", &r).unwrap_err();

@@ -31,7 +31,8 @@ use crate::tokenizer::hex;
 
 /// Whether `text` reads as a harness task (a mapping with `task`).
 pub fn looks_like(text: &str) -> bool {
-    text.lines().any(|l| l.starts_with("task:") || l.starts_with("include:"))
+    text.lines()
+        .any(|l| l.starts_with("task:") || l.starts_with("include:"))
 }
 
 /// The 1-based line where top-level `key:` is set in `text` (1 if it is not found).
@@ -168,7 +169,10 @@ pub fn read(path: &Path) -> Result<Task> {
         "fewshot_config",
     ] {
         if cfg.get(key).is_some_and(|v| !v.is_null()) {
-            return Err(err(key, "is not supported by lit-claire's reader of task YAMLs".into()));
+            return Err(err(
+                key,
+                "is not supported by lit-claire's reader of task YAMLs".into(),
+            ));
         }
     }
     if let Some(n) = cfg.get("num_fewshot").and_then(Value::as_u64)
@@ -187,10 +191,13 @@ pub fn read(path: &Path) -> Result<Task> {
     if let Some(f) = cfg.get("filter_list") {
         let only_take_first = f.as_array().is_some_and(|fs| {
             fs.iter().all(|x| {
-                x.get("filter").and_then(Value::as_array).is_some_and(|fns| {
-                    fns.iter()
-                        .all(|g| g.get("function").and_then(Value::as_str) == Some("take_first"))
-                })
+                x.get("filter")
+                    .and_then(Value::as_array)
+                    .is_some_and(|fns| {
+                        fns.iter().all(|g| {
+                            g.get("function").and_then(Value::as_str) == Some("take_first")
+                        })
+                    })
             })
         });
         if !only_take_first {
@@ -233,7 +240,11 @@ pub fn read(path: &Path) -> Result<Task> {
     let rows = files;
 
     // Fields.
-    let features: HashSet<&str> = rows.iter().flat_map(|r| r.row.keys()).map(String::as_str).collect();
+    let features: HashSet<&str> = rows
+        .iter()
+        .flat_map(|r| r.row.keys())
+        .map(String::as_str)
+        .collect();
     let spec = |key: &str| cfg.get(key).filter(|v| !v.is_null());
     let tpl = Templates::new();
     let delim = cfg
@@ -247,7 +258,8 @@ pub fn read(path: &Path) -> Result<Task> {
         .unwrap_or("\n\n")
         .to_string();
     let has_choice = spec("doc_to_choice").is_some();
-    let (until, max_gen_toks) = generation(cfg, &fewshot_delim).map_err(|e| err("generation_kwargs", e))?;
+    let (until, max_gen_toks) =
+        generation(cfg, &fewshot_delim).map_err(|e| err("generation_kwargs", e))?;
 
     let mut docs = Vec::with_capacity(rows.len());
     for (id, r) in rows.iter().enumerate() {
@@ -298,7 +310,8 @@ pub fn read(path: &Path) -> Result<Task> {
                 }
                 let target = match spec("doc_to_target") {
                     None => return Err(at("doc_to_target", "is missing".into())),
-                    Some(v) => resolve(&tpl, v, row, &features, true).map_err(|e| at("doc_to_target", e))?,
+                    Some(v) => resolve(&tpl, v, row, &features, true)
+                        .map_err(|e| at("doc_to_target", e))?,
                 };
                 let gold = gold(&target, &choices).map_err(|e| at("doc_to_target", e))?;
                 Request::Choice {
@@ -312,7 +325,8 @@ pub fn read(path: &Path) -> Result<Task> {
                 let context = description.clone() + &text_of("doc_to_text")?;
                 let target = match spec("doc_to_target") {
                     None => return Err(at("doc_to_target", "is missing".into())),
-                    Some(v) => resolve(&tpl, v, row, &features, has_choice).map_err(|e| at("doc_to_target", e))?,
+                    Some(v) => resolve(&tpl, v, row, &features, has_choice)
+                        .map_err(|e| at("doc_to_target", e))?,
                 };
                 let targets = if has_choice {
                     let choices = choices(&tpl, spec("doc_to_choice"), row, &features)
@@ -341,7 +355,10 @@ pub fn read(path: &Path) -> Result<Task> {
         });
     }
     if docs.is_empty() {
-        return Err(err("dataset_kwargs", "the data files hold no document".into()));
+        return Err(err(
+            "dataset_kwargs",
+            "the data files hold no document".into(),
+        ));
     }
     Ok(Task {
         name,
@@ -364,7 +381,9 @@ fn resolve(
     has_choice: bool,
 ) -> std::result::Result<Value, String> {
     match spec {
-        Value::String(s) if features.contains(s.as_str()) => Ok(row.get(s).cloned().unwrap_or(Value::Null)),
+        Value::String(s) if features.contains(s.as_str()) => {
+            Ok(row.get(s).cloned().unwrap_or(Value::Null))
+        }
         Value::String(s) => {
             let v = tpl.value(s, row)?;
             Ok(match v {
@@ -428,7 +447,9 @@ fn gold(target: &Value, choices: &[String]) -> std::result::Result<Vec<usize>, S
     let one = |v: &Value| -> std::result::Result<usize, String> {
         match v {
             Value::Number(n) => {
-                let i = n.as_i64().ok_or_else(|| format!("gold {n} is not an index"))?;
+                let i = n
+                    .as_i64()
+                    .ok_or_else(|| format!("gold {n} is not an index"))?;
                 if i < 0 || i as usize >= choices.len() {
                     Err(format!(
                         "gold index {i} is out of range: there are {} choices (0..{})",
@@ -476,7 +497,11 @@ fn metric(m: &Value, kind: Kind) -> std::result::Result<Metric, String> {
         "bits_per_byte" => Metric::BitsPerByte,
         "exact_match" => Metric::ExactMatch(ExactMatch {
             regexes_to_ignore: match m.get("regexes_to_ignore") {
-                Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).map(str::to_string).collect(),
+                Some(Value::Array(a)) => a
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_string)
+                    .collect(),
                 _ => Vec::new(),
             },
             ignore_case: flag("ignore_case"),
@@ -517,17 +542,24 @@ fn generation(
         Some(Value::Array(a)) => a.iter().map(to_text).collect(),
         Some(other) => return Err(format!("until {other} must be a string or a list")),
     };
-    let max = ["max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens"]
-        .iter()
-        .find_map(|k| g.get(*k).and_then(Value::as_u64))
-        .map_or(MAX_GEN_TOKS, |n| n as usize);
+    let max = [
+        "max_gen_toks",
+        "max_new_tokens",
+        "max_tokens",
+        "max_completion_tokens",
+    ]
+    .iter()
+    .find_map(|k| g.get(*k).and_then(Value::as_u64))
+    .map_or(MAX_GEN_TOKS, |n| n as usize);
     let temperature = g.get("temperature").and_then(Value::as_f64).unwrap_or(0.0);
     let sample = match g.get("do_sample").and_then(Value::as_bool) {
         Some(s) => s,
         None => temperature > 0.0,
     };
     if sample {
-        return Err("sampling (do_sample, temperature > 0) is not supported: generation is greedy".into());
+        return Err(
+            "sampling (do_sample, temperature > 0) is not supported: generation is greedy".into(),
+        );
     }
     Ok((until, max))
 }
@@ -546,7 +578,10 @@ fn data_files(
     yaml: &Path,
     err: &dyn Fn(&str, String) -> crate::Error,
 ) -> Result<(Vec<DataRow>, Vec<Vec<u8>>)> {
-    let dataset = cfg.get("dataset_path").and_then(Value::as_str).unwrap_or("");
+    let dataset = cfg
+        .get("dataset_path")
+        .and_then(Value::as_str)
+        .unwrap_or("");
     match dataset {
         "json" | "csv" => {}
         "parquet" => {
@@ -555,11 +590,18 @@ fn data_files(
                 "Parquet files are not read: convert them to JSON Lines (pandas: read_parquet(p).to_json(out, orient='records', lines=True, force_ascii=False)) and use dataset_path: json".into(),
             ));
         }
-        "" => return Err(err("dataset_path", "is missing: use json or csv with dataset_kwargs.data_files".into())),
+        "" => {
+            return Err(err(
+                "dataset_path",
+                "is missing: use json or csv with dataset_kwargs.data_files".into(),
+            ));
+        }
         other => {
             return Err(err(
                 "dataset_path",
-                format!("{other} is not local data: download the files and use dataset_path: json (or csv) with dataset_kwargs.data_files"),
+                format!(
+                    "{other} is not local data: download the files and use dataset_path: json (or csv) with dataset_kwargs.data_files"
+                ),
             ));
         }
     }
@@ -571,7 +613,12 @@ fn data_files(
         .get("test_split")
         .or(cfg.get("validation_split"))
         .and_then(Value::as_str)
-        .ok_or_else(|| err("test_split", "neither test_split nor validation_split is set".into()))?;
+        .ok_or_else(|| {
+            err(
+                "test_split",
+                "neither test_split nor validation_split is set".into(),
+            )
+        })?;
     let paths = match files {
         Value::String(_) | Value::Array(_) if split == "train" => files.clone(),
         Value::String(_) | Value::Array(_) => {
@@ -583,30 +630,57 @@ fn data_files(
         Value::Object(m) => m.get(split).cloned().ok_or_else(|| {
             err(
                 "dataset_kwargs",
-                format!("data_files has no split {split:?} (it has {})", m.keys().cloned().collect::<Vec<_>>().join(", ")),
+                format!(
+                    "data_files has no split {split:?} (it has {})",
+                    m.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
             )
         })?,
-        _ => return Err(err("dataset_kwargs", "data_files must be a path, a list or a mapping".into())),
+        _ => {
+            return Err(err(
+                "dataset_kwargs",
+                "data_files must be a path, a list or a mapping".into(),
+            ));
+        }
     };
     let paths: Vec<String> = match paths {
         Value::String(s) => vec![s],
         Value::Array(a) => a.iter().map(to_text).collect(),
-        other => return Err(err("dataset_kwargs", format!("data file {other} is not a path"))),
+        other => {
+            return Err(err(
+                "dataset_kwargs",
+                format!("data file {other} is not a path"),
+            ));
+        }
     };
     let dir = yaml.parent().unwrap_or(Path::new("."));
     let mut rows = Vec::new();
     let mut raw = Vec::new();
     for p in paths {
         if p.contains('*') || p.contains("://") {
-            return Err(err("dataset_kwargs", format!("data file {p}: only plain local paths are read")));
+            return Err(err(
+                "dataset_kwargs",
+                format!("data file {p}: only plain local paths are read"),
+            ));
         }
         let rel = dir.join(&p);
-        let file = if Path::new(&p).is_absolute() || !rel.exists() { PathBuf::from(&p) } else { rel };
+        let file = if Path::new(&p).is_absolute() || !rel.exists() {
+            PathBuf::from(&p)
+        } else {
+            rel
+        };
         if !file.is_file() {
-            return Err(err("dataset_kwargs", format!("data file {p} not found (looked in {} and the working directory)", dir.display())));
+            return Err(err(
+                "dataset_kwargs",
+                format!(
+                    "data file {p} not found (looked in {} and the working directory)",
+                    dir.display()
+                ),
+            ));
         }
         let bytes = std::fs::read(&file).at(&file)?;
-        let text = String::from_utf8(bytes.clone()).map_err(|_| at_line(&file, 1, "not UTF-8 text"))?;
+        let text =
+            String::from_utf8(bytes.clone()).map_err(|_| at_line(&file, 1, "not UTF-8 text"))?;
         if dataset == "csv" {
             rows.extend(csv_rows(&file, &text)?);
         } else {
@@ -627,12 +701,17 @@ fn data_files(
 fn json_rows(file: &Path, text: &str) -> Result<Vec<DataRow>> {
     let mut out = Vec::new();
     if text.trim_start().starts_with('[') {
-        let v: Value = serde_json::from_str(text).map_err(|e| at_line(file, e.line(), format!("not JSON: {e}")))?;
+        let v: Value = serde_json::from_str(text)
+            .map_err(|e| at_line(file, e.line(), format!("not JSON: {e}")))?;
         for x in v.as_array().into_iter().flatten() {
             let Value::Object(row) = x else {
                 return Err(at_line(file, 1, "the array must hold objects"));
             };
-            out.push(DataRow { row: row.clone(), file: file.to_path_buf(), line: 1 });
+            out.push(DataRow {
+                row: row.clone(),
+                file: file.to_path_buf(),
+                line: 1,
+            });
         }
         return Ok(out);
     }
@@ -641,7 +720,11 @@ fn json_rows(file: &Path, text: &str) -> Result<Vec<DataRow>> {
             continue;
         }
         match serde_json::from_str::<Value>(line) {
-            Ok(Value::Object(row)) => out.push(DataRow { row, file: file.to_path_buf(), line: i + 1 }),
+            Ok(Value::Object(row)) => out.push(DataRow {
+                row,
+                file: file.to_path_buf(),
+                line: i + 1,
+            }),
             Ok(_) => return Err(at_line(file, i + 1, "each line must be a JSON object")),
             Err(e) => return Err(at_line(file, i + 1, format!("not JSON: {e}"))),
         }
@@ -652,7 +735,9 @@ fn json_rows(file: &Path, text: &str) -> Result<Vec<DataRow>> {
 /// A CSV with a header, each column typed as pandas would: integers, floats, booleans
 /// when every cell of the column is one, else strings; empty cells are null.
 fn csv_rows(file: &Path, text: &str) -> Result<Vec<DataRow>> {
-    let mut rdr = csv::ReaderBuilder::new().has_headers(true).from_reader(text.as_bytes());
+    let mut rdr = csv::ReaderBuilder::new()
+        .has_headers(true)
+        .from_reader(text.as_bytes());
     let headers: Vec<String> = rdr
         .headers()
         .map_err(|e| at_line(file, 1, format!("not CSV: {e}")))?
@@ -669,7 +754,10 @@ fn csv_rows(file: &Path, text: &str) -> Result<Vec<DataRow>> {
         cells.push((line, rec.iter().map(str::to_string).collect()));
     }
     let typed = |col: usize| -> u8 {
-        let vals = cells.iter().filter_map(|(_, r)| r.get(col)).filter(|s| !s.is_empty());
+        let vals = cells
+            .iter()
+            .filter_map(|(_, r)| r.get(col))
+            .filter(|s| !s.is_empty());
         let vals: Vec<&String> = vals.collect();
         if !vals.is_empty() && vals.iter().all(|s| s.parse::<i64>().is_ok()) {
             0
@@ -703,7 +791,11 @@ fn csv_rows(file: &Path, text: &str) -> Result<Vec<DataRow>> {
                     (h.clone(), v)
                 })
                 .collect();
-            DataRow { row, file: file.to_path_buf(), line }
+            DataRow {
+                row,
+                file: file.to_path_buf(),
+                line,
+            }
         })
         .collect())
 }

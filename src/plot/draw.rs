@@ -155,7 +155,9 @@ pub fn render<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, scene: &Scene) 
 /// `plot::tasks`), marked per task and named at its last point.
 fn task_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, scene: &Scene) -> DrawResult<DB> {
     let all = || scene.runs.iter().flat_map(|r| r.tasks.values().flatten());
-    let (lo, hi) = all().fold((f64::MAX, f64::MIN), |(lo, hi), p| (lo.min(p.1), hi.max(p.1)));
+    let (lo, hi) = all().fold((f64::MAX, f64::MIN), |(lo, hi), p| {
+        (lo.min(p.1), hi.max(p.1))
+    });
     let pad = ((hi - lo) * 0.08).max(1e-3 * hi.abs().max(1.0));
     let (y0, y1) = (lo - pad, hi + pad);
     let (x0, x1) = scene.x_range;
@@ -188,10 +190,14 @@ fn task_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, scene: &Scene) 
         .axis_style(RGBColor(120, 120, 120).stroke_width(1))
         .set_all_tick_mark_size(5)
         .draw()?;
-    let mut names: Vec<&(String, String)> = scene.runs.iter().flat_map(|r| r.tasks.keys()).collect();
+    let mut names: Vec<&(String, String)> =
+        scene.runs.iter().flat_map(|r| r.tasks.keys()).collect();
     names.sort();
     names.dedup();
-    let clip = Clip { x: scene.x_range, y: (y0, y1) };
+    let clip = Clip {
+        x: scene.x_range,
+        y: (y0, y1),
+    };
     for (i, run) in scene.runs.iter().enumerate() {
         let colour = PALETTE[i % PALETTE.len()];
         for (key, pts) in &run.tasks {
@@ -201,7 +207,11 @@ fn task_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, scene: &Scene) 
                 chart.draw_series(LineSeries::new(piece, colour.stroke_width(2)))?;
             }
             let inside: Vec<Point> = pts.iter().copied().filter(|p| clip.contains(*p)).collect();
-            chart.draw_series(inside.iter().map(|&p| Marker::new(p, shape, 5, colour.stroke_width(2))))?;
+            chart.draw_series(
+                inside
+                    .iter()
+                    .map(|&p| Marker::new(p, shape, 5, colour.stroke_width(2))),
+            )?;
             if let Some(&last) = inside.last() {
                 let label = format!("{} {}", key.0, key.1);
                 chart.draw_series(std::iter::once(Text::new(

@@ -297,7 +297,12 @@ fn load_run(dir: &Path, name: String, x: XAxis) -> Result<RunSeries> {
         Vec::new()
     };
     let mut s = series::build(name, &metrics, &offline, &checkpoints, x);
-    s.tasks = series::task_points(tasks::task_values(&metrics, &evals), &metrics, &checkpoints, x);
+    s.tasks = series::task_points(
+        tasks::task_values(&metrics, &evals),
+        &metrics,
+        &checkpoints,
+        x,
+    );
     Ok(s)
 }
 

@@ -137,7 +137,10 @@ pub fn task_points(
     values
         .into_iter()
         .map(|(k, by_step)| {
-            let pts = by_step.into_iter().filter_map(|(s, v)| Some((x(s)?, v))).collect();
+            let pts = by_step
+                .into_iter()
+                .filter_map(|(s, v)| Some((x(s)?, v)))
+                .collect();
             (k, pts)
         })
         .collect()

@@ -53,7 +53,12 @@ pub fn read_eval_results(path: &Path) -> Result<Vec<EvalRow>> {
     let mut rows = Vec::new();
     for (i, l) in lines.enumerate() {
         let c: Vec<&str> = l.split(',').collect();
-        let bad = || Error::bad_file(path, format!("line {}: {l:?} is not a row of 8 fields", i + 2));
+        let bad = || {
+            Error::bad_file(
+                path,
+                format!("line {}: {l:?} is not a row of 8 fields", i + 2),
+            )
+        };
         if c.len() < 5 {
             return Err(bad());
         }
@@ -70,24 +75,37 @@ pub fn read_eval_results(path: &Path) -> Result<Vec<EvalRow>> {
 
 /// `(task, metric) → (step → value)` of a run: `metrics.csv`'s task columns and the
 /// rows of `eval_results.csv` (the newest row of a step wins), headline metrics only.
-pub fn task_values(metrics: &[MetricsRow], evals: &[EvalRow]) -> BTreeMap<(String, String), BTreeMap<u64, f64>> {
+pub fn task_values(
+    metrics: &[MetricsRow],
+    evals: &[EvalRow],
+) -> BTreeMap<(String, String), BTreeMap<u64, f64>> {
     let mut all: BTreeMap<(String, String), BTreeMap<u64, f64>> = BTreeMap::new();
     for r in metrics {
         for (col, v) in &r.extra {
-            let Some((task, metric)) = col.strip_prefix("task/").and_then(|c| c.rsplit_once('/')) else {
+            let Some((task, metric)) = col.strip_prefix("task/").and_then(|c| c.rsplit_once('/'))
+            else {
                 continue;
             };
             if let Ok(v) = v.parse::<f64>()
                 && v.is_finite()
             {
-                all.entry((task.to_string(), metric.to_string())).or_default().insert(r.step, v);
+                all.entry((task.to_string(), metric.to_string()))
+                    .or_default()
+                    .insert(r.step, v);
             }
         }
     }
     for e in evals.iter().filter(|e| e.value.is_finite()) {
-        all.entry((e.task.clone(), e.metric.clone())).or_default().insert(e.step, e.value);
+        all.entry((e.task.clone(), e.metric.clone()))
+            .or_default()
+            .insert(e.step, e.value);
     }
-    let rank = |m: &str| HEADLINE.iter().position(|h| *h == m).unwrap_or(HEADLINE.len());
+    let rank = |m: &str| {
+        HEADLINE
+            .iter()
+            .position(|h| *h == m)
+            .unwrap_or(HEADLINE.len())
+    };
     let mut best: BTreeMap<String, String> = BTreeMap::new();
     for (task, metric) in all.keys() {
         let e = best.entry(task.clone()).or_insert_with(|| metric.clone());
@@ -115,16 +133,40 @@ mod tests {
             ..Default::default()
         }];
         let evals = vec![
-            EvalRow { checkpoint: "base".into(), step: 0, task: "pt_text".into(), metric: "bits_per_byte".into(), value: 5.0 },
-            EvalRow { checkpoint: "base".into(), step: 0, task: "en_mc".into(), metric: "acc_norm".into(), value: 0.5 },
-            EvalRow { checkpoint: "base".into(), step: 0, task: "en_mc".into(), metric: "acc".into(), value: 0.4 },
+            EvalRow {
+                checkpoint: "base".into(),
+                step: 0,
+                task: "pt_text".into(),
+                metric: "bits_per_byte".into(),
+                value: 5.0,
+            },
+            EvalRow {
+                checkpoint: "base".into(),
+                step: 0,
+                task: "en_mc".into(),
+                metric: "acc_norm".into(),
+                value: 0.5,
+            },
+            EvalRow {
+                checkpoint: "base".into(),
+                step: 0,
+                task: "en_mc".into(),
+                metric: "acc".into(),
+                value: 0.4,
+            },
         ];
         let v = task_values(&metrics, &evals);
         let keys: Vec<_> = v.keys().cloned().collect();
         assert_eq!(
             keys,
-            vec![("en_mc".to_string(), "acc".to_string()), ("pt_text".to_string(), "bits_per_byte".to_string())]
+            vec![
+                ("en_mc".to_string(), "acc".to_string()),
+                ("pt_text".to_string(), "bits_per_byte".to_string())
+            ]
         );
-        assert_eq!(v[&("pt_text".to_string(), "bits_per_byte".to_string())].len(), 2);
+        assert_eq!(
+            v[&("pt_text".to_string(), "bits_per_byte".to_string())].len(),
+            2
+        );
     }
 }

@@ -43,7 +43,10 @@ pub fn evaluate_run(
     mut each: impl FnMut(&CheckpointResults) -> Result<()>,
 ) -> Result<Vec<CheckpointResults>> {
     if !r.run.is_dir() {
-        return Err(Error::missing(r.run, "--out-dir must be a training run folder"));
+        return Err(Error::missing(
+            r.run,
+            "--out-dir must be a training run folder",
+        ));
     }
     let csv = r.csv.clone().unwrap_or_else(|| r.run.join(EVAL_FILE));
     let done = done_keys(&csv)?;
@@ -58,7 +61,10 @@ pub fn evaluate_run(
     let mut entries: Vec<(String, usize, Option<(PathBuf, checkpoint::TrainingState)>)> =
         vec![("base".to_string(), 0, None)];
     for (dir, state) in checkpoints {
-        let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
         entries.push((name, state.step, Some((dir, state))));
     }
     let mut base = None;
@@ -76,7 +82,10 @@ pub fn evaluate_run(
         let (model, tok_dir) = match &ck {
             None => (
                 load_model(&base_dir, &strategy.build_options(false), None).map_err(|e| {
-                    Error::Msg(format!("the run's base model {} could not be loaded: {e}", base_dir.display()))
+                    Error::Msg(format!(
+                        "the run's base model {} could not be loaded: {e}",
+                        base_dir.display()
+                    ))
                 })?,
                 base_dir.clone(),
             ),
@@ -93,7 +102,11 @@ pub fn evaluate_run(
         let tok = Tokenizer::from_dir(&tok_dir)?;
         let results = evaluate(&model, &tok, &todo, r.opts)?;
         append_csv(&csv, &name, step, &results)?;
-        let c = CheckpointResults { checkpoint: name, step, results };
+        let c = CheckpointResults {
+            checkpoint: name,
+            step,
+            results,
+        };
         each(&c)?;
         out.push(c);
     }

@@ -102,7 +102,10 @@ impl Trainer {
         let resumed_from = plan.resume.from.as_ref().map(|(d, s)| (d.clone(), s.step));
         let (lora, schedule) = (plan.lora.clone(), plan.schedule.clone());
         let eval_tasks = plan.eval_tasks.clone();
-        let task_columns = eval_tasks.as_ref().map(TaskSet::columns).unwrap_or_default();
+        let task_columns = eval_tasks
+            .as_ref()
+            .map(TaskSet::columns)
+            .unwrap_or_default();
         let mut warnings = plan.resume.warnings.clone();
         warnings.extend(unsharded_note(&cfg, &plan.strategy));
         // The setting as used goes into hyperparameters.toml and every checkpoint.

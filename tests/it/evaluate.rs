@@ -60,7 +60,10 @@ fn assert_parity(name: &str, results: &[TaskResult], exp: &Value) {
             s["doc_id"].as_u64().unwrap() as usize,
             s["index"].as_u64().unwrap() as usize,
         );
-        let r = results.iter().find(|r| r.task == task).unwrap_or_else(|| panic!("{name}: no task {task}"));
+        let r = results
+            .iter()
+            .find(|r| r.task == task)
+            .unwrap_or_else(|| panic!("{name}: no task {task}"));
         let ours = r
             .samples
             .iter()
@@ -68,23 +71,43 @@ fn assert_parity(name: &str, results: &[TaskResult], exp: &Value) {
             .unwrap_or_else(|| panic!("{name}: no sample {task}/{doc}/{index}"));
         if let Some(ll) = s["loglikelihood"].as_f64() {
             let d = (ours.loglikelihood.unwrap() - ll).abs();
-            assert!(d < 1e-4, "{name} {task} doc {doc} choice {index}: ours {:?} harness {ll}", ours.loglikelihood);
+            assert!(
+                d < 1e-4,
+                "{name} {task} doc {doc} choice {index}: ours {:?} harness {ll}",
+                ours.loglikelihood
+            );
             worst = worst.max(d);
         }
         if let Some(g) = s["is_greedy"].as_bool() {
-            assert_eq!(ours.is_greedy, Some(g), "{name} {task} doc {doc} choice {index}: is_greedy");
+            assert_eq!(
+                ours.is_greedy,
+                Some(g),
+                "{name} {task} doc {doc} choice {index}: is_greedy"
+            );
         }
         if let Some(t) = s["response"].as_str() {
-            assert_eq!(ours.response.as_deref(), Some(t), "{name} {task} doc {doc}: generated text");
+            assert_eq!(
+                ours.response.as_deref(),
+                Some(t),
+                "{name} {task} doc {doc}: generated text"
+            );
         }
         n += 1;
     }
     for m in exp["metrics"].as_array().unwrap() {
         let (task, metric) = (m["task"].as_str().unwrap(), m["metric"].as_str().unwrap());
         let r = results.iter().find(|r| r.task == task).unwrap();
-        let ours = r.metrics.iter().find(|x| x.metric == metric).unwrap_or_else(|| panic!("{name}: no {task} {metric}"));
+        let ours = r
+            .metrics
+            .iter()
+            .find(|x| x.metric == metric)
+            .unwrap_or_else(|| panic!("{name}: no {task} {metric}"));
         let want = m["value"].as_f64().unwrap();
-        let tol = if metric.contains("perplexity") || metric == "bits_per_byte" { 1e-5 } else { 1e-12 };
+        let tol = if metric.contains("perplexity") || metric == "bits_per_byte" {
+            1e-5
+        } else {
+            1e-12
+        };
         assert!(
             (ours.value - want).abs() <= tol * want.abs().max(1.0),
             "{name} {task} {metric}: ours {} harness {want}",
@@ -92,10 +115,18 @@ fn assert_parity(name: &str, results: &[TaskResult], exp: &Value) {
         );
         match m["stderr"].as_f64() {
             Some(se) => {
-                let got = ours.stderr.unwrap_or_else(|| panic!("{name} {task} {metric}: no stderr"));
-                assert!((got - se).abs() <= tol * se.abs().max(1.0), "{name} {task} {metric} stderr: ours {got} harness {se}");
+                let got = ours
+                    .stderr
+                    .unwrap_or_else(|| panic!("{name} {task} {metric}: no stderr"));
+                assert!(
+                    (got - se).abs() <= tol * se.abs().max(1.0),
+                    "{name} {task} {metric} stderr: ours {got} harness {se}"
+                );
             }
-            None => assert_eq!(ours.stderr, None, "{name} {task} {metric}: the harness reports no stderr"),
+            None => assert_eq!(
+                ours.stderr, None,
+                "{name} {task} {metric}: the harness reports no stderr"
+            ),
         }
     }
     eprintln!("{name}: {n} requests, max |Δ loglikelihood| {worst:.2e}");
@@ -105,7 +136,10 @@ fn assert_parity(name: &str, results: &[TaskResult], exp: &Value) {
 fn scores_as_lm_evaluation_harness_does_on_every_family() {
     for family in FAMILIES {
         let exp = expected_of(family);
-        let max_len = exp["max_length"].as_u64().map(|n| n as usize).filter(|&n| n > 0);
+        let max_len = exp["max_length"]
+            .as_u64()
+            .map(|n| n as usize)
+            .filter(|&n| n > 0);
         // Two batch sizes: batching must not change a number.
         let results = run_tasks(&reference_dir(family), max_len, 3);
         assert_parity(family, &results, &exp);
@@ -123,11 +157,21 @@ fn shared_prefix_scores_as_full_rows_on_every_family() {
     for family in FAMILIES {
         let model = load_model(&reference_dir(family), &BuildOptions::cpu_f32(), None).unwrap();
         let prefix: Vec<u32> = (0..13).map(|i| (i * 37 + 5) % 500).collect();
-        let tails: [Vec<u32>; 3] = [vec![7, 8, 9, 10], vec![100, 200, 300, 400], vec![42, 43, 44, 45]];
-        let targets: Vec<u32> = tails.iter().flat_map(|t| t.iter().map(|x| (x + 1) % 500)).collect();
+        let tails: [Vec<u32>; 3] = [
+            vec![7, 8, 9, 10],
+            vec![100, 200, 300, 400],
+            vec![42, 43, 44, 45],
+        ];
+        let targets: Vec<u32> = tails
+            .iter()
+            .flat_map(|t| t.iter().map(|x| (x + 1) % 500))
+            .collect();
         let dev = model.device().clone();
         // Full rows.
-        let full: Vec<u32> = tails.iter().flat_map(|t| prefix.iter().chain(t).copied()).collect();
+        let full: Vec<u32> = tails
+            .iter()
+            .flat_map(|t| prefix.iter().chain(t).copied())
+            .collect();
         let full_t: Vec<u32> = tails
             .iter()
             .flat_map(|t| {
@@ -137,18 +181,42 @@ fn shared_prefix_scores_as_full_rows_on_every_family() {
             })
             .collect();
         let n = prefix.len() + 4;
-        let whole = engine::score(&model, &Tensor::from_vec(full, (3, n), &dev).unwrap(), None, &full_t).unwrap();
+        let whole = engine::score(
+            &model,
+            &Tensor::from_vec(full, (3, n), &dev).unwrap(),
+            None,
+            &full_t,
+        )
+        .unwrap();
         // Prefix once, then the three tails.
         let mut cache = KvCache::new(model.cfg.n_layer);
-        engine::prefill(&model, &Tensor::from_vec(prefix.clone(), (1, prefix.len()), &dev).unwrap(), &mut cache).unwrap();
+        engine::prefill(
+            &model,
+            &Tensor::from_vec(prefix.clone(), (1, prefix.len()), &dev).unwrap(),
+            &mut cache,
+        )
+        .unwrap();
         let mut rows = cache.select_rows(&[0, 0, 0]).unwrap();
         let ids: Vec<u32> = tails.iter().flatten().copied().collect();
-        let after = engine::score_after(&model, &Tensor::from_vec(ids, (3, 4), &dev).unwrap(), &mut rows, &targets).unwrap();
+        let after = engine::score_after(
+            &model,
+            &Tensor::from_vec(ids, (3, 4), &dev).unwrap(),
+            &mut rows,
+            &targets,
+        )
+        .unwrap();
         for r in 0..3 {
             for i in 0..4 {
                 let (a, b) = (whole.nll[r * n + prefix.len() + i], after.nll[r * 4 + i]);
-                assert!((a - b).abs() < 1e-4, "{family} row {r} token {i}: {a} vs {b}");
-                assert_eq!(whole.greedy[r * n + prefix.len() + i], after.greedy[r * 4 + i], "{family}");
+                assert!(
+                    (a - b).abs() < 1e-4,
+                    "{family} row {r} token {i}: {a} vs {b}"
+                );
+                assert_eq!(
+                    whole.greedy[r * n + prefix.len() + i],
+                    after.greedy[r * 4 + i],
+                    "{family}"
+                );
             }
         }
     }
@@ -195,8 +263,14 @@ fn an_empty_choice_list_is_refused_at_its_line() {
     );
     refused(
         &[
-            ("t.yaml", "task: t\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: d.jsonl\ntest_split: test\noutput_type: multiple_choice\ndoc_to_text: q\ndoc_to_target: 0\ndoc_to_choice: c\n"),
-            ("d.jsonl", "{\"q\": \"a\", \"c\": [\"x\"]}\n{\"q\": \"b\", \"c\": []}\n"),
+            (
+                "t.yaml",
+                "task: t\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: d.jsonl\ntest_split: test\noutput_type: multiple_choice\ndoc_to_text: q\ndoc_to_target: 0\ndoc_to_choice: c\n",
+            ),
+            (
+                "d.jsonl",
+                "{\"q\": \"a\", \"c\": [\"x\"]}\n{\"q\": \"b\", \"c\": []}\n",
+            ),
         ],
         &["d.jsonl:2:", "choice list is empty", "t.yaml:10"],
     );
@@ -213,10 +287,20 @@ fn a_gold_index_out_of_range_is_refused_at_its_line() {
     );
     refused(
         &[
-            ("t.yaml", "task: t\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: d.jsonl\ntest_split: test\noutput_type: multiple_choice\ndoc_to_text: \"{{q}}\"\ndoc_to_target: \"{{g}}\"\ndoc_to_choice: \"{{c}}\"\n"),
-            ("d.jsonl", "{\"q\": \"a\", \"c\": [\"x\", \"y\"], \"g\": 1}\n{\"q\": \"a\", \"c\": [\"x\", \"y\"], \"g\": 5}\n"),
+            (
+                "t.yaml",
+                "task: t\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: d.jsonl\ntest_split: test\noutput_type: multiple_choice\ndoc_to_text: \"{{q}}\"\ndoc_to_target: \"{{g}}\"\ndoc_to_choice: \"{{c}}\"\n",
+            ),
+            (
+                "d.jsonl",
+                "{\"q\": \"a\", \"c\": [\"x\", \"y\"], \"g\": 1}\n{\"q\": \"a\", \"c\": [\"x\", \"y\"], \"g\": 5}\n",
+            ),
         ],
-        &["d.jsonl:2:", "gold index 5 is out of range", "doc_to_target"],
+        &[
+            "d.jsonl:2:",
+            "gold index 5 is out of range",
+            "doc_to_target",
+        ],
     );
 }
 
@@ -224,28 +308,48 @@ fn a_gold_index_out_of_range_is_refused_at_its_line() {
 fn a_template_naming_a_missing_field_is_refused_at_its_line() {
     refused(
         &[
-            ("t.yaml", "task: t\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: d.jsonl\ntest_split: test\noutput_type: loglikelihood\ndoc_to_text: \"Pergunta: {{pergunta}}\"\ndoc_to_target: \"{{resposta}}\"\n"),
+            (
+                "t.yaml",
+                "task: t\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: d.jsonl\ntest_split: test\noutput_type: loglikelihood\ndoc_to_text: \"Pergunta: {{pergunta}}\"\ndoc_to_target: \"{{resposta}}\"\n",
+            ),
             ("d.jsonl", "{\"question\": \"a\", \"resposta\": \" b\"}\n"),
         ],
-        &["d.jsonl:1:", "\"pergunta\"", "which the data lack", "t.yaml:8"],
+        &[
+            "d.jsonl:1:",
+            "\"pergunta\"",
+            "which the data lack",
+            "t.yaml:8",
+        ],
     );
 }
 
 #[test]
 fn a_file_in_neither_format_is_refused() {
     refused(&[("t.txt", "\nsome text\n")], &["t.txt:2:", "neither"]);
-    refused(&[("t.jsonl", "{\"text\": \"a\"}\n")], &["t.jsonl:1:", "neither"]);
-    refused(&[("t.yaml", "name: x\nvalue: 3\n")], &["t.yaml:1:", "neither"]);
+    refused(
+        &[("t.jsonl", "{\"text\": \"a\"}\n")],
+        &["t.jsonl:1:", "neither"],
+    );
+    refused(
+        &[("t.yaml", "name: x\nvalue: 3\n")],
+        &["t.yaml:1:", "neither"],
+    );
 }
 
 #[test]
 fn python_functions_and_parquet_are_refused_naming_the_key() {
     refused(
-        &[("t.yaml", "task: t\ndataset_path: json\nprocess_docs: !function utils.process_docs\n")],
+        &[(
+            "t.yaml",
+            "task: t\ndataset_path: json\nprocess_docs: !function utils.process_docs\n",
+        )],
         &["t.yaml:3:", "`process_docs`", "!function"],
     );
     refused(
-        &[("t.yaml", "task: t\ndataset_path: parquet\ndataset_kwargs:\n  data_files:\n    test: d.parquet\ntest_split: test\n")],
+        &[(
+            "t.yaml",
+            "task: t\ndataset_path: parquet\ndataset_kwargs:\n  data_files:\n    test: d.parquet\ntest_split: test\n",
+        )],
         &["t.yaml:2:", "Parquet"],
     );
 }
@@ -263,7 +367,14 @@ fn a_request_longer_than_the_window_is_truncated_and_said_once() {
     std::fs::write(&f, lines).unwrap();
     let csv = tmp.path().join("eval.csv");
     let out = Command::new(bin())
-        .args(["evaluate", "--max-length", "16", "--format", "json", "--checkpoint-dir"])
+        .args([
+            "evaluate",
+            "--max-length",
+            "16",
+            "--format",
+            "json",
+            "--checkpoint-dir",
+        ])
         .arg(reference_dir("gpt2"))
         .arg("--tasks")
         .arg(&f)
@@ -271,9 +382,17 @@ fn a_request_longer_than_the_window_is_truncated_and_said_once() {
         .arg(&csv)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(err.matches("longer than the context window").count(), 1, "{err}");
+    assert_eq!(
+        err.matches("longer than the context window").count(),
+        1,
+        "{err}"
+    );
     assert!(err.contains("t.jsonl:1:"), "{err}");
     let csv = std::fs::read_to_string(&csv).unwrap();
     assert_eq!(csv.lines().count(), 3, "{csv}");
@@ -330,17 +449,30 @@ fn a_run_is_scored_checkpoint_by_checkpoint_without_duplicates() {
             .unwrap()
     };
     let out = call();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let csv = std::fs::read_to_string(run.join("eval_results.csv")).unwrap();
     let rows: Vec<&str> = csv.lines().collect();
     assert_eq!(rows[0], lit_claire::eval::output::HEADER);
-    let checkpoints: std::collections::BTreeSet<&str> = rows[1..].iter().map(|r| r.split(',').next().unwrap()).collect();
-    assert!(checkpoints.contains("base") && checkpoints.contains("final"), "{checkpoints:?}");
+    let checkpoints: std::collections::BTreeSet<&str> = rows[1..]
+        .iter()
+        .map(|r| r.split(',').next().unwrap())
+        .collect();
+    assert!(
+        checkpoints.contains("base") && checkpoints.contains("final"),
+        "{checkpoints:?}"
+    );
     let per = rows[1..].iter().filter(|r| r.starts_with("base,")).count();
     assert_eq!(per, 8, "{csv}"); // pt_mc 2, pt_ll 2, pt_roll 3, pt_gen 1
     let again = call();
     assert!(again.status.success());
-    assert_eq!(std::fs::read_to_string(run.join("eval_results.csv")).unwrap(), csv);
+    assert_eq!(
+        std::fs::read_to_string(run.join("eval_results.csv")).unwrap(),
+        csv
+    );
 }
 
 /// SmolLM2-135M (git-ignored; see tests/it/real_model.rs) against the harness at its
@@ -350,9 +482,16 @@ fn a_run_is_scored_checkpoint_by_checkpoint_without_duplicates() {
 #[ignore = "needs tests/fixtures/real/smollm2-135m (python3 utils/make_real_model.py)"]
 fn real_model_scores_as_lm_evaluation_harness_does() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/real/smollm2-135m");
-    assert!(dir.join("model.safetensors").is_file(), "{} is missing: run python3 utils/make_real_model.py", dir.display());
+    assert!(
+        dir.join("model.safetensors").is_file(),
+        "{} is missing: run python3 utils/make_real_model.py",
+        dir.display()
+    );
     let exp = expected_of("smollm2-135m");
-    let max_len = exp["max_length"].as_u64().map(|n| n as usize).filter(|&n| n > 0);
+    let max_len = exp["max_length"]
+        .as_u64()
+        .map(|n| n as usize)
+        .filter(|&n| n > 0);
     let results = run_tasks(&dir, max_len, 16);
     assert_parity("smollm2-135m", &results, &exp);
 }
@@ -397,7 +536,10 @@ fn tasks_scored_during_training_go_to_metrics_csv_and_the_plot() {
     let csv = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
     let mut lines = csv.lines();
     let header: Vec<&str> = lines.next().unwrap().split(',').collect();
-    let col = header.iter().position(|c| *c == "task/pt_roll/word_perplexity").unwrap_or_else(|| panic!("{header:?}"));
+    let col = header
+        .iter()
+        .position(|c| *c == "task/pt_roll/word_perplexity")
+        .unwrap_or_else(|| panic!("{header:?}"));
     assert!(header.contains(&"task/pt_mc/acc_norm") && header.contains(&"task/pt_gen/exact_match"));
     let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
     assert_eq!(rows.len(), 4);
@@ -407,7 +549,10 @@ fn tasks_scored_during_training_go_to_metrics_csv_and_the_plot() {
         assert_eq!(!r[col].is_empty(), evaluated, "{r:?}");
     }
     let log = std::fs::read_to_string(run.join("train.log")).unwrap();
-    assert!(log.contains("tasks (") && log.contains("pt_mc/acc"), "{log}");
+    assert!(
+        log.contains("tasks (") && log.contains("pt_mc/acc"),
+        "{log}"
+    );
 
     let out = Command::new(bin())
         .args(["evaluate", "--limit", "2", "--out-dir"])
@@ -416,12 +561,21 @@ fn tasks_scored_during_training_go_to_metrics_csv_and_the_plot() {
         .arg(&tasks)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let png = tmp.path().join("curves.png");
     let s = lit_claire::plot::plot_runs(&[run], &lit_claire::plot::PlotOptions::new(&png)).unwrap();
     assert!(png.is_file());
     assert_eq!(
         s.runs[0].tasks,
-        vec!["pt_gen exact_match", "pt_ll acc", "pt_mc acc", "pt_roll bits_per_byte"]
+        vec![
+            "pt_gen exact_match",
+            "pt_ll acc",
+            "pt_mc acc",
+            "pt_roll bits_per_byte"
+        ]
     );
 }
