@@ -58,8 +58,9 @@ pub fn evaluate_run(
         )));
     };
     let base_dir = first.base_checkpoint_dir.clone();
-    let mut entries: Vec<(String, usize, Option<(PathBuf, checkpoint::TrainingState)>)> =
-        vec![("base".to_string(), 0, None)];
+    // (name, step, folder and state; none for the base model)
+    type Entry = (String, usize, Option<(PathBuf, checkpoint::TrainingState)>);
+    let mut entries: Vec<Entry> = vec![("base".to_string(), 0, None)];
     for (dir, state) in checkpoints {
         let name = dir
             .file_name()

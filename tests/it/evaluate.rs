@@ -230,7 +230,9 @@ fn refused(files: &[(&str, &str)], wants: &[&str]) {
         std::fs::write(tmp.path().join(name), text).unwrap();
     }
     let target = tmp.path().join(files[0].0);
-    let e = load_tasks(&[target.clone()]).unwrap_err().to_string();
+    let e = load_tasks(std::slice::from_ref(&target))
+        .unwrap_err()
+        .to_string();
     assert!(!e.contains('\n'), "not one line: {e}");
     for w in wants {
         assert!(e.contains(w), "{e:?} lacks {w:?}");
