@@ -160,27 +160,37 @@ impl Tokenizer {
             };
             name.and_then(|s| inner.token_to_id(s))
         };
-        let ids_of = |key: &str| -> Vec<u32> {
-            for v in [&gen_cfg, &cfg].into_iter().flatten() {
+        let ids_of = |key: &str| -> Result<Vec<u32>> {
+            let sources = [("generation_config.json", &gen_cfg), ("config.json", &cfg)];
+            for (file, v) in sources {
+                let Some(v) = v else { continue };
+                // An id past u32 was cut to its low bits: another token, in silence.
+                let id = |n: u64| {
+                    u32::try_from(n).map_err(|_| {
+                        Error::bad_file(
+                            dir.join(file),
+                            format!("{key} {n} is not a token id (at most {})", u32::MAX),
+                        )
+                    })
+                };
                 match v.get(key) {
                     Some(Value::Number(n)) => {
-                        return n.as_u64().map(|n| vec![n as u32]).unwrap_or_default();
+                        return n
+                            .as_u64()
+                            .map(|n| id(n).map(|i| vec![i]))
+                            .unwrap_or(Ok(vec![]));
                     }
                     Some(Value::Array(a)) if !a.is_empty() => {
-                        return a
-                            .iter()
-                            .filter_map(Value::as_u64)
-                            .map(|n| n as u32)
-                            .collect();
+                        return a.iter().filter_map(Value::as_u64).map(id).collect();
                     }
                     _ => {}
                 }
             }
-            named(key.trim_end_matches("_id")).into_iter().collect()
+            Ok(named(key.trim_end_matches("_id")).into_iter().collect())
         };
-        let bos_id = ids_of("bos_token_id").first().copied();
-        let eos_ids = ids_of("eos_token_id");
-        let pad_id = ids_of("pad_token_id").first().copied();
+        let bos_id = ids_of("bos_token_id")?.first().copied();
+        let eos_ids = ids_of("eos_token_id")?;
+        let pad_id = ids_of("pad_token_id")?.first().copied();
 
         let (named_bos, named_eos) = (named("bos_token"), named("eos_token"));
         let probe = inner.encode("a", true)?;
