@@ -115,10 +115,16 @@ fn load(dir: &Path, adapter: Option<&PathBuf>, runtime: &RuntimeArgs) -> Result<
 }
 
 pub fn perplexity(a: PerplexityArgs) -> Result<()> {
-    let text = std::fs::read_to_string(&a.input).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => Error::missing(&a.input, "--input must be a text file"),
-        _ => Error::io(&a.input, e),
-    })?;
+    // A regular file only: /dev/zero or a FIFO would be read forever.
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut crate::io::open_regular(&a.input)?, &mut text).map_err(
+        |e| match e.kind() {
+            std::io::ErrorKind::InvalidData => {
+                Error::bad_file(&a.input, "not UTF-8 text; --input must be a text file")
+            }
+            _ => Error::io(&a.input, e),
+        },
+    )?;
     let (model, tokenizer) = load(&a.checkpoint_dir, a.adapter.as_ref(), &a.runtime)?;
     let ids = tokenizer.encode(&text)?;
     let context = a.context.unwrap_or(model.cfg.block_size);

@@ -690,3 +690,38 @@ fn issue23_neighbour_special_ids_past_the_vocabulary_are_refused_not_cut() {
     );
     assert!(!dest.exists());
 }
+
+/// `perplexity --input` used to read `/dev/zero` until memory ran out, and to block
+/// on a FIFO.
+#[test]
+fn perplexity_input_that_is_a_device_or_fifo_is_refused() {
+    let tmp = temp_dir();
+    let fifo = tmp.path().join("fifo.txt");
+    mkfifo(&fifo);
+    for (input, kind) in [
+        (Path::new("/dev/zero"), "character device"),
+        (fifo.as_path(), "FIFO"),
+    ] {
+        let err = fails(&refs(&argv(&[
+            &"perplexity",
+            &"--checkpoint-dir",
+            &model_dir(),
+            &"--input",
+            &input,
+        ])));
+        assert!(
+            err.contains(&*input.to_string_lossy()) && err.contains(kind),
+            "{err}"
+        );
+    }
+    let binary = tmp.path().join("binary.txt");
+    std::fs::write(&binary, [0xff, 0xfe, 0x00, 0x80]).unwrap();
+    let err = fails(&refs(&argv(&[
+        &"perplexity",
+        &"--checkpoint-dir",
+        &model_dir(),
+        &"--input",
+        &binary,
+    ])));
+    assert!(err.contains("binary.txt") && err.contains("UTF-8"), "{err}");
+}
