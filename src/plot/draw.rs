@@ -68,9 +68,9 @@ pub fn render<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, scene: &Scene) 
     let x_fmt = |v: &f64| format_x(scene.x_axis, *v, x_step);
     let y_fmt = |v: &f64| scene.y.label(*v);
     let y_desc = if scene.y.log {
-        "loss (nats/token, log scale)"
+        format!("{}, log scale", scene.y_label)
     } else {
-        "loss (nats/token)"
+        scene.y_label.to_string()
     };
     chart
         .configure_mesh()

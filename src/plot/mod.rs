@@ -9,6 +9,10 @@
 //! logarithmic when the shown range spans more than 3× (loss falling from 10 to 2 early
 //! in training would otherwise flatten everything after it).
 //!
+//! With [`YAxis::Bpb`] (`plot --y bpb`) the y axis is validation bits per byte
+//! (`val_bpb` of `metrics.csv`, `bits_per_byte` of `validation_results.csv`) instead of
+//! the loss per token: runs whose tokenizers differ share that axis.
+//!
 //! Everything is read and checked before anything is written, and the image is written
 //! to a temporary file renamed into place: a failed plot leaves no file behind.
 //!
@@ -76,19 +80,49 @@ impl ImageFormat {
     }
 }
 
+/// What the y axis shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum YAxis {
+    /// Training and validation loss, nats per token.
+    #[default]
+    Loss,
+    /// Validation bits per byte (training has none).
+    Bpb,
+}
+
+impl YAxis {
+    /// Axis title, with its unit.
+    fn label(self) -> &'static str {
+        match self {
+            YAxis::Loss => "loss (nats/token)",
+            YAxis::Bpb => "validation bits per byte",
+        }
+    }
+
+    fn title(self) -> &'static str {
+        match self {
+            YAxis::Loss => "Training and validation loss",
+            YAxis::Bpb => "Validation bits per byte",
+        }
+    }
+}
+
 /// What to plot and how.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PlotOptions {
     /// Image to write; `.png` or `.svg`.
     pub output: PathBuf,
     pub x: XAxis,
+    /// Loss per token, or bits per byte.
+    pub y: YAxis,
     /// Lower end of the loss axis (default: from the data).
     pub min_loss: Option<f64>,
     /// Upper end of the loss axis (default: from the data).
     pub max_loss: Option<f64>,
     /// Image size in pixels.
     pub size: (u32, u32),
-    /// Chart title (default: "Training and validation loss").
+    /// Chart title (default: "Training and validation loss", or "Validation bits per
+    /// byte").
     pub title: Option<String>,
 }
 
@@ -98,6 +132,7 @@ impl PlotOptions {
         PlotOptions {
             output: output.into(),
             x: XAxis::Step,
+            y: YAxis::Loss,
             min_loss: None,
             max_loss: None,
             size: (1200, 700),
@@ -183,7 +218,7 @@ pub fn plot_runs(runs: &[PathBuf], opts: &PlotOptions) -> Result<PlotSummary> {
     let mut summaries = Vec::with_capacity(runs.len());
     let mut warnings = Vec::new();
     for (dir, name) in runs.iter().zip(names) {
-        let s = load_run(dir, name, opts.x)?;
+        let s = load_run(dir, name, opts.x, opts.y)?;
         if s.train_raw.is_empty() && s.online_val.is_empty() && s.offline.is_empty() {
             warnings.push(format!("{}: no losses logged yet", dir.display()));
         }
@@ -211,8 +246,14 @@ pub fn plot_runs(runs: &[PathBuf], opts: &PlotOptions) -> Result<PlotSummary> {
         }
     }
     if xlo > xhi || ylo > yhi {
+        let what = match opts.y {
+            YAxis::Loss => "no loss values yet (metrics.csv rows without `loss` or `val_loss`)",
+            YAxis::Bpb => {
+                "no bits per byte yet (no `val_bpb` in metrics.csv, no `bits_per_byte` in validation_results.csv: runs of older versions have none; `lit-claire validate` scores their checkpoints again with --csv NEW.csv)"
+            }
+        };
         return Err(Error::Data(format!(
-            "nothing to plot: {} no loss values yet (metrics.csv rows without `loss` or `val_loss`)",
+            "nothing to plot: {} {what}",
             if runs.len() == 1 {
                 "the run has"
             } else {
@@ -223,10 +264,8 @@ pub fn plot_runs(runs: &[PathBuf], opts: &PlotOptions) -> Result<PlotSummary> {
     let y = YScale::new(ylo, yhi, opts.min_loss, opts.max_loss);
     let x_range = axis::x_range(xlo, xhi);
     let scene = scene::Scene {
-        title: opts
-            .title
-            .clone()
-            .unwrap_or_else(|| "Training and validation loss".into()),
+        title: opts.title.clone().unwrap_or_else(|| opts.y.title().into()),
+        y_label: opts.y.label(),
         runs: &series,
         x_axis: opts.x,
         x_range,
@@ -246,7 +285,7 @@ pub fn plot_runs(runs: &[PathBuf], opts: &PlotOptions) -> Result<PlotSummary> {
 }
 
 /// Read one run directory into the series to draw.
-fn load_run(dir: &Path, name: String, x: XAxis) -> Result<RunSeries> {
+fn load_run(dir: &Path, name: String, x: XAxis, y: YAxis) -> Result<RunSeries> {
     if !dir.is_dir() {
         return Err(Error::missing(
             dir,
@@ -283,7 +322,37 @@ fn load_run(dir: &Path, name: String, x: XAxis) -> Result<RunSeries> {
         Vec::new()
     };
     let checkpoints = list_checkpoints(dir)?;
+    let (metrics, offline) = match y {
+        YAxis::Loss => (metrics, offline),
+        YAxis::Bpb => bits_per_byte_only(metrics, offline),
+    };
     Ok(series::build(name, &metrics, &offline, &checkpoints, x))
+}
+
+/// The rows with bits per byte in place of the losses: validation rows keep theirs,
+/// the rest (training, older rows) are left without.
+fn bits_per_byte_only(
+    metrics: Vec<MetricsRow>,
+    offline: Vec<ValidationRow>,
+) -> (Vec<MetricsRow>, Vec<ValidationRow>) {
+    let metrics = metrics
+        .into_iter()
+        .map(|r| MetricsRow {
+            loss: None,
+            val_loss: r.val_bpb,
+            ..r
+        })
+        .collect();
+    let offline = offline
+        .into_iter()
+        .filter_map(|r| {
+            Some(ValidationRow {
+                loss: r.bits_per_byte?,
+                ..r
+            })
+        })
+        .collect();
+    (metrics, offline)
 }
 
 /// Legend name of each run: its directory's name, or the path as given where two runs

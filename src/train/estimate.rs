@@ -11,8 +11,11 @@
 //! activation (its compute dtype), f32 = 4; W ranks (devices × nodes).
 //!
 //! ```text
-//! params       p · (every base parameter, a tied head once, + LoRA A and B)
-//! grads        p · trainable parameters (LoRA: A and B only; full: all), one flat buffer
+//! params       p · (every base parameter, a tied head once, + LoRA A and B
+//!                   + the trained rows of new tokens, held apart: n · C, twice untied)
+//! grads        p · trainable parameters (LoRA: A and B, and the embeddings and head
+//!              --train-embeddings trains: n · C per matrix for `new`, V · C for `all`;
+//!              full: all), one flat buffer
 //! optimizer    p · 2 · trainable (AdamW's two moments), ÷ W with --strategy zero1
 //! activations  what one block saves for its backward:
 //!                e · N · ( C             x, the block input
@@ -119,6 +122,10 @@ pub struct ParamCounts {
     pub base: u64,
     /// LoRA A and B matrices (0 without LoRA).
     pub lora: u64,
+    /// Embedding and head parameters a LoRA run trains (`--train-embeddings`).
+    pub embeddings: u64,
+    /// Trained rows held apart from the matrices (`--train-embeddings new`).
+    pub rows: u64,
     /// Parameters that get a gradient and optimizer state.
     pub trainable: u64,
 }
@@ -130,7 +137,20 @@ impl ParamCounts {
         ParamCounts {
             base,
             lora: lora_n,
+            embeddings: 0,
+            rows: 0,
             trainable: if lora.is_some() { lora_n } else { base },
+        }
+    }
+
+    /// With `(trained, rows)` embedding parameters as
+    /// [`super::embeddings::trained_params`] counts them (LoRA only).
+    pub fn with_embeddings(self, (trained, rows): (u64, u64)) -> Self {
+        ParamCounts {
+            embeddings: trained,
+            rows,
+            trainable: self.trainable + trained,
+            ..self
         }
     }
 }
@@ -188,12 +208,18 @@ pub fn lora_params(model: &Config, lora: &LoraConfig) -> u64 {
 /// The memory `cfg` plans for on `model` with `seq_len` tokens per sample.
 pub fn estimate(model: &Config, cfg: &TrainConfig, seq_len: usize) -> MemoryEstimate {
     let lora = cfg.lora();
-    let counts = ParamCounts::of(model, lora.as_ref());
+    let embeddings = super::embeddings::trained_params(
+        cfg,
+        model.vocab_size,
+        model.hidden_size,
+        model.tie_embeddings,
+    );
+    let counts = ParamCounts::of(model, lora.as_ref()).with_embeddings(embeddings);
     let p = cfg.precision.param_dtype().size_in_bytes() as u64;
     let e = cfg.precision.compute_dtype().size_in_bytes() as u64;
     let world = cfg.world_size().max(1) as u64;
 
-    let params = p * (counts.base + counts.lora);
+    let params = p * (counts.base + counts.lora + counts.rows);
     let grads = p * counts.trainable;
     let shards = if cfg.strategy == StrategyKind::Zero1 {
         world
@@ -328,9 +354,14 @@ fn assumptions(
     seq_len: usize,
     rows: u64,
 ) -> String {
+    let embeddings = match (counts.embeddings, counts.rows) {
+        (0, _) => String::new(),
+        (n, 0) => format!(" and {} of the embeddings and head", grouped(n)),
+        (n, _) => format!(" and {} in the rows of new tokens", grouped(n)),
+    };
     let what = match lora {
         Some(l) => format!(
-            "LoRA r{} ({} base + {} adapter parameters, only the adapter trained; {})",
+            "LoRA r{} ({} base + {} adapter parameters, only the adapter{embeddings} trained; {})",
             l.r,
             grouped(counts.base),
             grouped(counts.lora),
@@ -486,12 +517,14 @@ fn model_config(dir: &Path) -> Result<Config> {
 
 /// What `pretrain --dry-run` prints: the plan of `cfg` (and, when it does not
 /// checkpoint activations, the same with `--activation-checkpointing 1`), from
-/// `config.json` and, if any, the prepared data's `metadata.json`; nothing else is
-/// read or written. On a CUDA device of a CUDA build, also whether it fits the free
-/// memory now.
+/// `config.json` and, if any, the prepared data's `metadata.json` and the model's
+/// `vocab_adaptation.json`; nothing else is read or written. On a CUDA device of a
+/// CUDA build, also whether it fits the free memory now.
 pub fn dry_run(cfg: &TrainConfig) -> Result<String> {
     let model = model_config(&cfg.checkpoint_dir)?;
     let (seq_len, from) = planned_seq_len(cfg, &model)?;
+    // A --train-embeddings the model cannot have is refused here as in the run.
+    super::embeddings::plan(cfg, None)?;
     let given = estimate(&model, cfg, seq_len);
     let mut out = format!(
         "memory plan of {} ({} on {}), {seq_len} tokens per sample from {from}\n",

@@ -13,7 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use super::batches::{Batch, DataPosition, TrainData, sample_with_starts};
 use super::checkpoint::{self, TrainingState};
 use super::config::{CheckedConfig, IntervalUnit, ToChecked};
-use super::evaluate::evaluate;
+use super::evaluate::{Scoring, evaluate_split};
 use super::loggers::Loggers;
 use super::metrics::MetricsRow;
 use super::schedule::Schedule;
@@ -48,6 +48,19 @@ pub struct Trainer {
     /// Order of the current epoch (for this rank).
     order: Vec<(u32, u32)>,
     order_epoch: Option<usize>,
+    /// The bytes of each token id (validation's bits per byte).
+    token_bytes: crate::tokenizer::TokenBytes,
+}
+
+/// What one validation gives.
+#[derive(Debug, Clone, Default)]
+struct Validation {
+    /// Token-weighted loss over the datasets (every rank has it).
+    loss: Option<f64>,
+    /// Bits per byte over the datasets (rank 0).
+    bpb: Option<f64>,
+    /// Loss per dataset (rank 0).
+    per: Vec<Option<f64>>,
 }
 
 /// The device, and the ranks when there are several: `cpu`, `cpu × 2 ranks (ddp)`.
@@ -96,15 +109,18 @@ impl Trainer {
         }
         let resumed_from = plan.resume.from.as_ref().map(|(d, s)| (d.clone(), s.step));
         let (lora, schedule) = (plan.lora.clone(), plan.schedule.clone());
+        let token_bytes = plan.token_bytes.clone();
         let mut warnings = plan.resume.warnings.clone();
         warnings.extend(unsharded_note(&cfg, &plan.strategy));
         // The setting as used goes into hyperparameters.toml and every checkpoint.
         let cfg = cfg
             .into_owned()
-            .with_cross_document_attention(plan.resume.cross_document);
+            .with_cross_document_attention(plan.resume.cross_document)
+            .with_train_embeddings(plan.embeddings.as_ref().map(|e| e.mode));
         let cfg = &cfg;
         let (runner, mut state) = build_runner(cfg, plan)?;
         state.hyperparameters.cross_document_attention = cfg.cross_document_attention;
+        state.hyperparameters.train_embeddings = cfg.train_embeddings;
         let (metrics, log) = if zero {
             let resume = resumed_from.as_ref().map(|_| (state.step, state.tokens));
             let (m, l) = open_outputs(cfg, &data, resume)?;
@@ -123,6 +139,7 @@ impl Trainer {
             log,
             order: Vec::new(),
             order_epoch: None,
+            token_bytes,
         };
         let line = t.start_line(resumed_from.as_ref().map(|(d, _)| d.as_path()));
         t.note(&line)?;
@@ -206,25 +223,31 @@ impl Trainer {
             .collect()
     }
 
-    /// Validation loss per dataset and overall (token-weighted), computed by rank 0;
-    /// the other ranks get the overall loss (they need it to stop early together).
-    fn evaluate_validation(&mut self) -> Result<(Option<f64>, Vec<Option<f64>>)> {
+    /// Validation loss per dataset and overall (token-weighted) and bits per byte,
+    /// computed by rank 0; the other ranks get the overall loss (they need it to stop
+    /// early together).
+    fn evaluate_validation(&mut self) -> Result<Validation> {
         let mut per = Vec::new();
-        let (mut sum, mut tokens) = (0f64, 0usize);
+        let (mut sum, mut tokens, mut bytes) = (0f64, 0usize, 0u64);
         if self.runner.strategy.is_global_zero() {
+            let how = Scoring {
+                block_size: self.data.block_size,
+                micro_batch_size: self.cfg.micro_batch_size,
+                max_batches: self.cfg.eval_max_batches,
+                cross_document: self.cfg.cross_document(),
+                token_bytes: Some(&self.token_bytes),
+            };
             for ds in &self.data.datasets {
-                let r = evaluate(
+                let r = evaluate_split(
                     &self.runner.model,
                     ds.validation.as_ref(),
-                    self.data.block_size,
-                    self.cfg.micro_batch_size,
-                    self.cfg.eval_max_batches,
-                    self.cfg.cross_document(),
+                    &how,
                     &self.runner.strategy.device,
                 )?;
                 if let Some(r) = r {
                     sum += r.loss * r.tokens as f64;
                     tokens += r.tokens;
+                    bytes += r.bytes.unwrap_or(0);
                 }
                 per.push(r.map(|r| r.loss));
             }
@@ -235,7 +258,11 @@ impl Trainer {
             .runner
             .strategy
             .broadcast_f64(&[overall.is_some() as u8 as f64, overall.unwrap_or(0.0)])?;
-        Ok(((got[0] > 0.0).then_some(got[1]), per))
+        Ok(Validation {
+            loss: (got[0] > 0.0).then_some(got[1]),
+            bpb: crate::tokenizer::bits_per_byte(sum, bytes),
+            per,
+        })
     }
 
     /// Write checkpoint `name`: every rank calls it (a sharded optimizer state is
@@ -327,12 +354,13 @@ impl Trainer {
                 now,
             ) && !last_step;
 
-            let (val, per) = if eval_due {
+            let validation = if eval_due {
                 clock.last_eval = now;
                 self.evaluate_validation()?
             } else {
-                (None, Vec::new())
+                Validation::default()
             };
+            let val = validation.loss;
             if let Some(v) = val {
                 self.record_validation(v);
             }
@@ -344,12 +372,16 @@ impl Trainer {
             ));
             if log_due {
                 clock.last_log = now;
-                self.log_metrics(&stats, lr, tps, val, per, bar.is_hidden())?;
+                self.log_metrics(&stats, lr, tps, &validation, bar.is_hidden())?;
                 clock.restart_interval(now);
             }
             if let Some(v) = val {
+                let bpb = validation
+                    .bpb
+                    .map(|b| format!(", {b:.4} bits per byte"))
+                    .unwrap_or_default();
                 self.note(&format!(
-                    "step {}: validation loss {v:.4} (perplexity {:.2})",
+                    "step {}: validation loss {v:.4} (perplexity {:.2}{bpb})",
                     self.state.step,
                     v.exp()
                 ))?;
@@ -452,10 +484,10 @@ impl Trainer {
         stats: &StepStats,
         lr: f64,
         tps: f64,
-        val: Option<f64>,
-        per: Vec<Option<f64>>,
+        validation: &Validation,
         no_bar: bool,
     ) -> Result<()> {
+        let val = validation.loss;
         let row = MetricsRow {
             step: self.state.step,
             epoch: self.state.position.epoch,
@@ -466,8 +498,9 @@ impl Trainer {
             tokens_per_s: tps,
             elapsed_s: self.state.elapsed_s,
             val_loss: val,
+            val_bpb: validation.bpb.filter(|_| val.is_some()),
             val_per_dataset: if val.is_some() {
-                per
+                validation.per.clone()
             } else {
                 vec![None; self.data.datasets.len()]
             },
