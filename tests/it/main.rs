@@ -32,3 +32,4 @@ mod tensorboard;
 mod train_parity;
 mod trainer;
 mod unseen;
+mod vocab_training;
