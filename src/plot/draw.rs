@@ -68,9 +68,9 @@ pub fn render<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, scene: &Scene) 
     let x_fmt = |v: &f64| format_x(scene.x_axis, *v, x_step);
     let y_fmt = |v: &f64| scene.y.label(*v);
     let y_desc = if scene.y.log {
-        format!("{}, log scale", scene.y_label)
+        scene.y_labels.1
     } else {
-        scene.y_label.to_string()
+        scene.y_labels.0
     };
     chart
         .configure_mesh()

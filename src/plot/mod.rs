@@ -91,11 +91,14 @@ pub enum YAxis {
 }
 
 impl YAxis {
-    /// Axis title, with its unit.
-    fn label(self) -> &'static str {
+    /// Axis title, with its unit, on a linear and on a log scale.
+    fn labels(self) -> (&'static str, &'static str) {
         match self {
-            YAxis::Loss => "loss (nats/token)",
-            YAxis::Bpb => "validation bits per byte",
+            YAxis::Loss => ("loss (nats/token)", "loss (nats/token, log scale)"),
+            YAxis::Bpb => (
+                "validation bits per byte",
+                "validation bits per byte (log scale)",
+            ),
         }
     }
 
@@ -265,7 +268,7 @@ pub fn plot_runs(runs: &[PathBuf], opts: &PlotOptions) -> Result<PlotSummary> {
     let x_range = axis::x_range(xlo, xhi);
     let scene = scene::Scene {
         title: opts.title.clone().unwrap_or_else(|| opts.y.title().into()),
-        y_label: opts.y.label(),
+        y_labels: opts.y.labels(),
         runs: &series,
         x_axis: opts.x,
         x_range,

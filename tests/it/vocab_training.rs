@@ -497,13 +497,31 @@ fn full_training_and_new_rows_train_the_new_tokens() {
             indices.values().all(|v| crate::common::ids(v) == NEW),
             "{config}"
         );
-        // The saved adapter scores as the model that trained it.
+        // The saved adapter scores as the model that trained it, and so does the
+        // folder convert-to-hf makes of it, with the new tokenizer.
         let ids = with_new_ids(&corpus_samples(33, 1, 700)[0]);
+        let trained = loss_of(model, &ids);
         let back = load_model(&base, &cpu(), Some(&fin)).unwrap();
+        assert!((loss_of(&back, &ids) - trained).abs() < 1e-5, "{family}");
+        let hf = tmp.path().join("hf");
+        lit_claire::hf::export::convert_to_hf(&lit_claire::hf::export::ConvertOptions {
+            input: fin.clone(),
+            output_dir: hf.clone(),
+            base: None,
+            dtype: None,
+            max_shard_size: lit_claire::hf::export::DEFAULT_MAX_SHARD_SIZE,
+            overwrite: false,
+            license: None,
+            repo_id: None,
+        })
+        .unwrap();
+        let converted = load_model(&hf, &cpu(), None).unwrap();
         assert!(
-            (loss_of(&back, &ids) - loss_of(model, &ids)).abs() < 1e-5,
-            "{family}"
+            (loss_of(&converted, &ids) - trained).abs() < 1e-4,
+            "{family} convert-to-hf"
         );
+        let tok = Tokenizer::from_dir(&hf).unwrap();
+        assert_eq!(tok.inner().id_to_token(512).as_deref(), Some("ção"));
     }
 }
 
