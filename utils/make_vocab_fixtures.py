@@ -9,21 +9,22 @@ added tokens, and `vocab_adaptation.json` lists the new ids. Only what differs f
 the reference is committed; the Rust tests (tests/it/vocab_training.rs) build the
 same folder from it, and so does this script:
 
-    tests/fixtures/vocab/tokenizer.json        the reference tokenizer + 8 added tokens
-    tests/fixtures/vocab/<family>/new_rows.safetensors
-                                               "embed" [8, 64] (and "head" [8, 64], untied)
-    tests/fixtures/vocab/<family>/peft/        PEFT's own adapter: LoRA r4 + trainable
-                                               tokens (random values), as PEFT saves it
-    tests/fixtures/vocab/<family>/ours/        an adapter lit-claire trained (3 steps,
-                                               --train-embeddings new), as it saved it
-    tests/fixtures/vocab/<family>/expected.json
-        input_ids        24 ids, new ones among them
-        loss             the adapted base's loss on them (transformers)
-        peft_loss        with PEFT's adapter (PEFT), and after PEFT's merge_and_unload
-        peft_merged_loss
-        ours_loss        with our adapter, loaded by PEFT, and after merging it, saving
-        ours_merged_loss the merged model with the tokenizer, and loading both again
-                         with AutoModelForCausalLM / AutoTokenizer (transformers)
+    tests/fixtures/vocab_training/
+        tokenizer.json            the reference tokenizer + 8 added tokens
+        <family>/new_rows.safetensors
+                                  "embed" [8, 64] (and "head" [8, 64], untied)
+        <family>/peft/            PEFT's own adapter: LoRA r4 + trainable tokens
+                                  (random values), as PEFT saves it
+        <family>/ours/            an adapter lit-claire trained (3 steps,
+                                  --train-embeddings new), as it saved it
+        <family>/expected.json
+            input_ids         24 ids, new ones among them
+            loss              the adapted base's loss on them (transformers)
+            peft_loss         with PEFT's adapter (PEFT), and after PEFT's
+            peft_merged_loss  merge_and_unload
+            ours_loss         with our adapter, loaded by PEFT, and after merging it,
+            ours_merged_loss  saving the merged model with the tokenizer and loading
+                              both again with AutoModelForCausalLM / AutoTokenizer
 
 Run in three steps (CI has no Python: the outputs are committed):
 
@@ -52,7 +53,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT / "tests/fixtures/reference"
-OUT = ROOT / "tests/fixtures/vocab"
+OUT = ROOT / "tests/fixtures/vocab_training"
 FAMILIES = ["llama", "gpt2", "gpt_neox"]
 BASE_VOCAB, NEW, VOCAB = 512, 8, 576
 NEW_IDS = list(range(BASE_VOCAB, BASE_VOCAB + NEW))

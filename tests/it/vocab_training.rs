@@ -2,7 +2,7 @@
 //!
 //! An adapted base is a reference checkpoint grown from 512 to 576 rows (8 new tokens,
 //! 512..519, then padding) with `vocab_adaptation.json`, built here from
-//! `tests/fixtures/vocab/` as `utils/make_vocab_fixtures.py` builds it for PyTorch:
+//! `tests/fixtures/vocab_training/` as `utils/make_vocab_fixtures.py` builds it for PyTorch:
 //! - PEFT's own adapter with trainable tokens gives PEFT's loss, and merged,
 //!   transformers' (llama untied, gpt2 tied, gpt_neox untied with `lm_head`);
 //! - an adapter we trained loads in PEFT with our loss, and merged in transformers;
@@ -40,7 +40,7 @@ const FAMILIES: [&str; 3] = ["llama", "gpt2", "gpt_neox"];
 
 fn vocab_dir(family: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/vocab")
+        .join("tests/fixtures/vocab_training")
         .join(family)
 }
 
@@ -243,7 +243,7 @@ fn adapter_files(ck: &Path, family: &str) -> (serde_json::Value, HashMap<String,
     (config, tensors(&ck.join("adapter_model.safetensors")))
 }
 
-/// Writes `tests/fixtures/vocab/<family>/ours/`: the second step of
+/// Writes `tests/fixtures/vocab_training/<family>/ours/`: the second step of
 /// `utils/make_vocab_fixtures.py`.
 #[test]
 #[ignore]
