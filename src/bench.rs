@@ -23,7 +23,7 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::config::families::parse_config;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::lora::{LoraConfig, LoraTargets};
 use crate::model::build_model;
 use crate::model::weights::TensorSource;
@@ -82,6 +82,78 @@ impl BenchShape {
     /// The default MLP width of a `width`-wide bench model (as `utils/bench_torch.py`).
     pub fn default_intermediate(width: usize) -> usize {
         width * 8 / 3 / 64 * 64
+    }
+
+    /// Every problem with the shape's flags, in one message naming them, before any
+    /// allocation: each count at least 1, heads that split the width into even head
+    /// sizes (rotary turns pairs) and share key/value heads evenly, token ids that fit
+    /// a u32, and a model of at most [`crate::config::families::MAX_PARAMS`] parameters.
+    pub fn check(&self) -> Result<()> {
+        let mut problems = Vec::new();
+        let counts = [
+            ("--layers", self.layers),
+            ("--width", self.width),
+            ("--heads", self.heads),
+            ("--kv-heads", self.kv_heads),
+            ("--vocab", self.vocab),
+            ("--seq", self.seq),
+            ("--batch", self.batch),
+        ];
+        // --kv-heads defaults to --heads: a zero there is --heads' alone.
+        let zero: Vec<&str> = counts
+            .iter()
+            .filter(|c| c.1 == 0 && !(c.0 == "--kv-heads" && self.heads == 0))
+            .map(|c| c.0)
+            .collect();
+        if !zero.is_empty() {
+            problems.push(format!("{} must be at least 1", zero.join(", ")));
+        }
+        if self.intermediate == 0 {
+            problems.push(format!(
+                "--intermediate must be at least 1 (its default, --width · 8/3 rounded down to a multiple of 64, is 0 for --width {})",
+                self.width
+            ));
+        }
+        if self.heads > 0 && self.width % self.heads != 0 {
+            problems.push(format!(
+                "--width {} is not a multiple of --heads {}",
+                self.width, self.heads
+            ));
+        } else if self.heads > 0 && (self.width / self.heads) % 2 != 0 {
+            problems.push(format!(
+                "--width {} / --heads {} is a head size of {}: it must be even (rotary embeddings turn pairs of dimensions)",
+                self.width,
+                self.heads,
+                self.width / self.heads
+            ));
+        }
+        if self.kv_heads > 0 && self.heads % self.kv_heads != 0 {
+            problems.push(format!(
+                "--kv-heads {} must divide --heads {}",
+                self.kv_heads, self.heads
+            ));
+        }
+        let max_layers = crate::config::families::MAX_LAYERS;
+        if self.layers as u64 > max_layers {
+            problems.push(format!(
+                "--layers {} is more than any model has (at most {max_layers})",
+                self.layers
+            ));
+        }
+        if self.vocab as u64 > u64::from(u32::MAX) {
+            problems.push(format!(
+                "--vocab {} is more than token ids (u32) can number",
+                self.vocab
+            ));
+        }
+        if !problems.is_empty() {
+            return Err(Error::Usage(problems.join("; ")));
+        }
+        self.config().map(|_| ()).map_err(|e| {
+            Error::Usage(format!(
+                "the bench model (--width, --intermediate, --vocab, --layers): {e}"
+            ))
+        })
     }
 
     pub fn config(&self) -> Result<Config> {
@@ -160,14 +232,14 @@ pub fn bench_lora(r: usize, targets: &str) -> Result<LoraConfig> {
             "o" => t.projection = true,
             "mlp" => t.mlp = true,
             _ => {
-                return Err(crate::error::Error::Usage(format!(
+                return Err(Error::Usage(format!(
                     "--lora-targets: unknown target {name:?}; use a comma-separated list of q, k, v, o, mlp"
                 )));
             }
         }
     }
     if r == 0 || !t.any() {
-        return Err(crate::error::Error::Usage(
+        return Err(Error::Usage(
             "--lora-r must be positive and --lora-targets name at least one of q, k, v, o, mlp"
                 .into(),
         ));
@@ -235,11 +307,48 @@ pub fn bench_estimate(
         cfg.lora_mlp = l.targets.mlp;
         cfg.lora_head = l.targets.head;
     }
-    Ok(crate::train::estimate::estimate(
-        &shape.config()?,
-        &cfg,
-        shape.seq,
-    ))
+    crate::train::estimate::estimate(&shape.config()?, &cfg, shape.seq).map_err(|_| {
+        Error::Usage(format!(
+            "the bench run's memory plan is past 2^64 bytes, more than any machine holds: --batch {} × --seq {} on a model --width {} wide with {} --layers and --vocab {}{}",
+            shape.batch,
+            shape.seq,
+            shape.width,
+            shape.layers,
+            shape.vocab,
+            lora.map_or(String::new(), |l| format!(", --lora-r {}", l.r))
+        ))
+    })
+}
+
+/// Memory the bench may use on `device`: the machine's (`MemTotal`) on the CPU, the
+/// free memory now on CUDA; None where it cannot be read. With its name, for messages.
+pub fn machine_memory(device: &Device) -> Result<Option<(u64, &'static str)>> {
+    if device.is_cpu() {
+        let total = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find_map(|l| l.strip_prefix("MemTotal:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            })
+            .map(|kib| kib.saturating_mul(1024));
+        return Ok(total.map(|t| (t, "this machine has")));
+    }
+    Ok(crate::train::estimate::free_memory(device)?.map(|f| (f, "the device has free")))
+}
+
+/// Refuse a bench whose planned memory (`need` bytes) the device cannot hold.
+pub fn check_fits(need: u64, what: &str, device: &Device, lower: &str) -> Result<()> {
+    if let Some((have, how)) = machine_memory(device)?
+        && need > have
+    {
+        return Err(Error::Usage(format!(
+            "{what} needs about {} but {how} {}: lower {lower}",
+            crate::train::estimate::human(need),
+            crate::train::estimate::human(have)
+        )));
+    }
+    Ok(())
 }
 
 /// A batch of random token rows for the synthetic model.
@@ -252,6 +361,30 @@ pub fn random_batch(shape: &BenchShape, rng: &mut ChaCha8Rng, device: &Device) -
         })
         .collect();
     Batch::from_rows(&rows, None, device)
+}
+
+impl BenchRun {
+    /// Every problem with the run's flags, in one message naming them.
+    pub fn check(&self) -> Result<()> {
+        let mut problems = Vec::new();
+        if self.steps == 0 {
+            problems.push(
+                "--steps must be at least 1 (the timed steps: 0 would report 0 tokens/s)"
+                    .to_string(),
+            );
+        }
+        if !(self.peak_gflops.is_finite() && self.peak_gflops > 0.0) {
+            problems.push(format!(
+                "--peak-gflops {} must be a positive number (MFU divides by it)",
+                self.peak_gflops
+            ));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Usage(problems.join("; ")))
+        }
+    }
 }
 
 /// How a training benchmark runs.
@@ -267,6 +400,29 @@ pub struct BenchRun {
     pub profile: bool,
 }
 
+/// The checks of a training benchmark before anything is allocated: its flags, then
+/// its planned memory (`pretrain --dry-run`'s plan) against what the device holds.
+pub fn bench_plan(
+    shape: &BenchShape,
+    strategy: &Strategy,
+    lora: Option<&LoraConfig>,
+    run: &BenchRun,
+) -> Result<crate::train::estimate::MemoryEstimate> {
+    shape.check()?;
+    run.check()?;
+    let estimate = bench_estimate(shape, strategy, lora, run.checkpoint_every)?;
+    check_fits(
+        estimate.total,
+        &format!(
+            "the bench run ({}, `pretrain --dry-run`'s plan)",
+            if lora.is_some() { "LoRA" } else { "full" }
+        ),
+        &strategy.device,
+        "--batch, --seq, --width, --layers or --vocab",
+    )?;
+    Ok(estimate)
+}
+
 /// Time `steps` training steps (after `warmup`) of the synthetic model.
 pub fn bench_train(
     shape: &BenchShape,
@@ -280,6 +436,7 @@ pub fn bench_train(
         peak_gflops,
         ..
     } = *run;
+    let estimate = bench_plan(shape, strategy, lora, run)?;
     let cfg = shape.config()?;
     let mut runner = bench_runner(shape, strategy, lora)?;
     runner.activation_checkpointing = run.checkpoint_every;
@@ -336,7 +493,6 @@ pub fn bench_train(
         seconds: secs,
         profile,
         parts,
-        estimate_mb: bench_estimate(shape, strategy, lora, run.checkpoint_every)?.total as f64
-            / (1u64 << 20) as f64,
+        estimate_mb: estimate.total as f64 / (1u64 << 20) as f64,
     })
 }

@@ -1,8 +1,7 @@
 //! The Hugging Face Hub: `upload` a model folder in one commit, `download` a model
 //! snapshot (weights, config and tokenizer only) into `checkpoints/ORG/NAME`.
 //!
-//! Settings come from the environment, read here once and handed to the `hf-hub`
-//! client explicitly:
+//! Settings come from the environment, read here once:
 //!
 //! | variable | meaning |
 //! |---|---|
@@ -10,32 +9,51 @@
 //! | `HF_TOKEN` | access token; else the file `HF_TOKEN_PATH`, else `$HF_HOME/token` (`HF_HOME` defaults to `~/.cache/huggingface`) |
 //! | `HF_HUB_OFFLINE` | `1`/`true`: no network; `download` only accepts a copy already on disk |
 //!
+//! and the timeout from `--timeout` ([`http::DEFAULT_TIMEOUT`] by default).
+//!
 //! Nothing is left half-done. An upload is a single commit: the Hub applies all of it
 //! or none. A download goes into a temporary folder beside the destination, renamed
-//! into place once every file has arrived.
+//! into place once every file has arrived whole (its listed size, and sha256 where
+//! listed).
 //!
-//! Calls made (all under `HF_ENDPOINT`):
+//! Every request goes through [`http::Http`]: bounded in time (`--timeout`) and in the
+//! size of what it reads, and every URL shown passes through [`redact_url`]. A failure
+//! is one line naming the step (below), the server, and what was left behind.
+//!
+//! Calls made (all under `HF_ENDPOINT` except LFS storage, which the Hub names):
 //!
 //! ```text
-//! upload:   GET  /api/models/ORG/NAME                       does it exist?
-//!           POST /api/repos/create                           if not
-//!           GET  /api/models/ORG/NAME/revision/BRANCH        (--revision) does the branch exist?
-//!           POST /api/models/ORG/NAME/branch/BRANCH          if not
-//!           POST /api/models/ORG/NAME/preupload/BRANCH       regular or LFS per file
-//!           POST /api/models/ORG/NAME/commit/BRANCH          the commit (NDJSON)
-//! download: GET  /api/models/ORG/NAME/revision/REV           commit sha + file list
-//!           HEAD + GET /ORG/NAME/resolve/SHA/FILE            each file wanted
+//! upload:   GET  /api/models/ORG/NAME                       repository check
+//!           POST /api/repos/create                           repository creation
+//!           GET  /api/models/ORG/NAME/revision/BRANCH        branch check (--revision)
+//!           POST /api/models/ORG/NAME/branch/BRANCH          branch creation
+//!           POST /api/models/ORG/NAME/preupload/BRANCH       preupload: regular or LFS per file
+//!           POST /ORG/NAME.git/info/lfs/objects/batch        LFS batch (LFS files only)
+//!           PUT  <storage address>, POST <verify address>    LFS upload / parts / completion / verify
+//!           POST /api/models/ORG/NAME/commit/BRANCH          commit (NDJSON, streamed)
+//! download: GET  /api/models/ORG/NAME/revision/REV?blobs=true  listing: commit sha, files, sizes
+//!           GET  /ORG/NAME/resolve/SHA/FILE                  download of FILE (may redirect)
 //! ```
+
+mod commit;
+pub mod http;
+
+pub use http::redact_url;
 
 use std::path::{Path, PathBuf};
 
-use hf_hub::repository::CommitOperation;
-use hf_hub::{HFClient, HFClientSync, HFError};
+use std::time::Duration;
+
+use serde::Deserialize;
 
 use crate::error::{Error, IoContext, Result};
+use http::{Call, Failure, Http, Kind};
 
 /// The default Hub.
 pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
+
+/// A token file longer than this is not a token file.
+const MAX_TOKEN_FILE: u64 = 4096;
 
 /// Where and as whom to talk to the Hub.
 #[derive(Clone, PartialEq)]
@@ -47,15 +65,20 @@ pub struct HubConfig {
     pub offline: bool,
     /// Retries of a failed request (connection errors, 5xx, 429), with backoff.
     pub retries: usize,
+    /// The longest wait on the server: to connect, for an answer, for a transfer to
+    /// move (`--timeout`).
+    pub timeout: Duration,
 }
 
 impl std::fmt::Debug for HubConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HubConfig")
-            .field("endpoint", &self.endpoint)
+            .field("endpoint", &redact_url(&self.endpoint))
             .field("token", &self.token.as_ref().map(|_| "<set>"))
             .field("token_source", &self.token_source)
             .field("offline", &self.offline)
+            .field("retries", &self.retries)
+            .field("timeout", &self.timeout)
             .finish()
     }
 }
@@ -78,11 +101,21 @@ impl HubConfig {
             });
             base.join("huggingface")
         });
+        // A token file is read only if it is a regular file, and only its first
+        // [`MAX_TOKEN_FILE`] bytes: a FIFO there would block, /dev/zero never end.
         let read = |p: &Path| {
-            std::fs::read_to_string(p)
-                .ok()
-                .map(|t| t.trim().to_string())
-                .filter(|t| !t.is_empty())
+            use std::io::Read;
+            if !std::fs::metadata(p).is_ok_and(|m| m.is_file()) {
+                return None;
+            }
+            let mut text = String::new();
+            std::fs::File::open(p)
+                .ok()?
+                .take(MAX_TOKEN_FILE)
+                .read_to_string(&mut text)
+                .ok()?;
+            let t = text.trim().to_string();
+            (!t.is_empty() && (text.len() as u64) < MAX_TOKEN_FILE).then_some(t)
         };
         let token_file = set("HF_TOKEN_PATH")
             .map(PathBuf::from)
@@ -105,20 +138,39 @@ impl HubConfig {
             token_source,
             offline,
             retries: 3,
+            timeout: http::DEFAULT_TIMEOUT,
         }
     }
 
-    fn client(&self) -> Result<HFClientSync> {
-        let mut b = HFClient::builder()
-            .endpoint(self.endpoint.clone())
-            .retry_max_attempts(self.retries)
-            .cache_enabled(false)
-            .user_agent(format!("lit-claire/{}", env!("CARGO_PKG_VERSION")));
-        if let Some(t) = &self.token {
-            b = b.token(t.clone());
-        }
-        b.build_sync()
-            .map_err(|e| Error::Usage(format!("HF_ENDPOINT {:?}: {}", self.endpoint, one_line(&e))))
+    /// These settings with the timeout of `--timeout SECONDS`.
+    pub fn with_timeout_secs(mut self, secs: f64) -> Result<Self> {
+        self.timeout = timeout_from_secs(secs)?;
+        Ok(self)
+    }
+
+    fn http(&self) -> Result<Http> {
+        Http::new(
+            &self.endpoint,
+            self.token.clone(),
+            self.timeout,
+            self.retries,
+        )
+        .map_err(|m| {
+            // The token's source, not the token, names the fix.
+            let m = m.replace("HF_TOKEN", &self.token_source);
+            Error::Usage(m)
+        })
+    }
+}
+
+/// `--timeout SECONDS` as a duration: above 0, at most a day.
+pub fn timeout_from_secs(secs: f64) -> Result<Duration> {
+    if secs.is_finite() && secs > 0.0 && secs <= 86_400.0 {
+        Ok(Duration::from_secs_f64(secs))
+    } else {
+        Err(Error::Usage(format!(
+            "--timeout {secs} must be a number of seconds above 0 and at most 86400 (a day)"
+        )))
     }
 }
 
@@ -156,54 +208,69 @@ impl std::fmt::Display for RepoId {
     }
 }
 
-/// An error's message and its causes on one line.
-fn one_line(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        src = c.source();
-    }
-    s.replace(['\n', '\r'], " ")
-}
-
-/// A Hub failure as one line saying what happened and what it left behind.
-fn hub_error(e: HFError, hub: &HubConfig, repo: &RepoId, aftermath: &str) -> Error {
-    let msg = match &e {
-        HFError::AuthRequired { .. } => format!(
-            "{} refused the credentials for {repo} (401 Unauthorized); check the token ({})",
-            hub.endpoint,
+/// A failed step as one line: what happened, at which step, and what it left behind.
+fn hub_error(f: Failure, hub: &HubConfig, repo: &RepoId, aftermath: &str) -> Error {
+    let to = &f.to;
+    let step = &f.step;
+    let msg = match &f.kind {
+        Kind::Status {
+            status: 401,
+            message,
+            ..
+        } => format!(
+            "{to} refused the credentials for {repo} (401 Unauthorized) at the {step} step{}; \
+             check the token ({})",
+            said(message),
             if hub.token.is_some() {
                 hub.token_source.as_str()
             } else {
                 "none set: HF_TOKEN"
             }
         ),
-        HFError::Forbidden { .. } => format!(
-            "{} forbids this on {repo} (403); the token ({}) may lack write access or the repository belong to someone else",
-            hub.endpoint, hub.token_source
+        Kind::Status {
+            status: 403,
+            message,
+            ..
+        } => format!(
+            "{to} forbids the {step} step on {repo} (403){}; the token ({}) may lack write \
+             access or the repository belong to someone else",
+            said(message),
+            hub.token_source
         ),
-        HFError::RepoNotFound { .. } => format!(
-            "{repo} not found on {} (404); check the name (private repositories need a token with access)",
-            hub.endpoint
-        ),
-        HFError::RevisionNotFound { revision, .. } => {
-            format!(
-                "revision {revision} not found in {repo} on {} (404)",
-                hub.endpoint
-            )
-        }
-        HFError::EntryNotFound { path, .. } => {
-            format!("{path} not found in {repo} on {} (404)", hub.endpoint)
-        }
-        HFError::Request { .. } => format!("could not talk to {}: {}", hub.endpoint, one_line(&e)),
-        _ => format!("{} ({repo}): {}", hub.endpoint, one_line(&e)),
+        Kind::Status {
+            status: 404,
+            code,
+            message,
+        } => match code.as_deref() {
+            Some("RevisionNotFound") => {
+                format!(
+                    "revision not found in {repo} on {to} (404) at the {step} step{}",
+                    said(message)
+                )
+            }
+            Some("EntryNotFound") => {
+                format!(
+                    "file not found in {repo} on {to} (404) at the {step} step{}",
+                    said(message)
+                )
+            }
+            _ => format!(
+                "{repo} not found on {to} (404) at the {step} step{}; check the name (private \
+                 repositories need a token with access)",
+                said(message)
+            ),
+        },
+        _ => f.describe(),
     };
     Error::Msg(format!("{msg}; {aftermath}"))
+}
+
+/// The server's own words, if any, for a message.
+fn said(message: &Option<String>) -> String {
+    message
+        .as_ref()
+        .map(|m| format!(" (the Hub says: {m})"))
+        .unwrap_or_default()
 }
 
 /// Options of `upload`.
@@ -287,22 +354,33 @@ pub fn upload(
             hub.token_source
         )));
     }
-    let client = hub.client()?;
-    let handle = client.model(repo.owner.clone(), repo.name.clone());
+    let http = hub.http()?;
+    let api = format!("{}/api/models/{repo}", http.endpoint());
     let nothing = "nothing was uploaded";
-    let exists = handle
-        .exists()
-        .send()
-        .map_err(|e| hub_error(e, hub, repo, nothing))?;
+    let fail = |f: Failure, left: &str| hub_error(f, hub, repo, left);
+    let check = Call::get("repository check", api.clone());
+    let r = http.send(&check).map_err(|e| fail(e, nothing))?;
+    let exists = match r.status {
+        s if (200..300).contains(&s) => true,
+        404 => false,
+        _ => return Err(fail(http.status_failure(&check, &r), nothing)),
+    };
     if !exists {
-        client
-            .create_repository()
-            .repo_id(&repo.to_string())
-            .repo_type(hf_hub::repository::RepoTypeModel)
-            .private(opts.private)
-            .exist_ok(true)
-            .send()
-            .map_err(|e| hub_error(e, hub, repo, nothing))?;
+        let create = Call::post_json(
+            "repository creation",
+            format!("{}/api/repos/create", http.endpoint()),
+            &serde_json::json!({
+                "name": repo.name,
+                "organization": repo.owner,
+                "private": opts.private,
+                "type": "model",
+            }),
+        );
+        let r = http.send(&create).map_err(|e| fail(e, nothing))?;
+        // 409: someone created it in between; it is there, which is what matters.
+        if !r.ok() && r.status != 409 {
+            return Err(fail(http.status_failure(&create, &r), nothing));
+        }
         eprintln!(
             "created {}repository {repo}",
             if opts.private { "private " } else { "" }
@@ -315,17 +393,24 @@ pub fn upload(
     };
     let branch = opts.revision.clone().unwrap_or_else(|| "main".into());
     if branch != "main" {
-        let has = handle
-            .revision_exists()
-            .revision(&branch)
-            .send()
-            .map_err(|e| hub_error(e, hub, repo, &after_create))?;
+        let rev = http::encode_segment(&branch);
+        let check = Call::get("branch check", format!("{api}/revision/{rev}"));
+        let r = http.send(&check).map_err(|e| fail(e, &after_create))?;
+        let has = match r.status {
+            s if (200..300).contains(&s) => true,
+            404 => false,
+            _ => return Err(fail(http.status_failure(&check, &r), &after_create)),
+        };
         if !has {
-            handle
-                .create_branch()
-                .branch(&branch)
-                .send()
-                .map_err(|e| hub_error(e, hub, repo, &after_create))?;
+            let create = Call::post_json(
+                "branch creation",
+                format!("{api}/branch/{rev}"),
+                &serde_json::json!({}),
+            );
+            let r = http.send(&create).map_err(|e| fail(e, &after_create))?;
+            if !r.ok() && r.status != 409 {
+                return Err(fail(http.status_failure(&create, &r), &after_create));
+            }
             eprintln!("created branch {branch} of {repo}");
         }
     }
@@ -335,10 +420,6 @@ pub fn upload(
         files.len(),
         bytes as f64 / 1e6
     );
-    let ops = files
-        .iter()
-        .map(|(rel, path, _)| CommitOperation::add_file(rel.clone(), path.clone()))
-        .collect();
     let message = opts.message.clone().unwrap_or_else(|| {
         format!(
             "Upload {} with lit-claire",
@@ -347,18 +428,32 @@ pub fn upload(
                 .unwrap_or_default()
         )
     });
-    let commit = handle
-        .create_commit()
-        .operations(ops)
-        .commit_message(message)
-        .revision(branch)
-        .send()
-        .map_err(|e| hub_error(e, hub, repo, &after_create))?;
+    let uploads: Vec<commit::Upload> = files
+        .iter()
+        .map(|(rel, path, size)| commit::Upload {
+            path: rel.clone(),
+            local: path.clone(),
+            size: *size,
+        })
+        .collect();
+    let done = commit::commit(&http, &repo.to_string(), &branch, &uploads, &message)
+        .map_err(|e| fail(e, &after_create))?;
+    if !done.ignored.is_empty() {
+        eprintln!(
+            "left out {} file(s) the repository ignores (.gitignore): {}",
+            done.ignored.len(),
+            done.ignored.join(", ")
+        );
+    }
     Ok(UploadReport {
-        files: files.into_iter().map(|f| f.0).collect(),
-        bytes,
+        bytes: files
+            .iter()
+            .filter(|f| done.files.contains(&f.0))
+            .map(|f| f.2)
+            .sum(),
+        files: done.files,
         created_repo: !exists,
-        commit_url: commit.commit_url,
+        commit_url: done.commit_url,
     })
 }
 
@@ -417,33 +512,39 @@ pub fn download(
             dest.display()
         )));
     }
-    let client = hub.client()?;
-    let handle = client.model(repo.owner.clone(), repo.name.clone());
+    let http = hub.http()?;
+    let api = format!("{}/api/models/{repo}", http.endpoint());
     let rev = revision.unwrap_or("main").to_string();
     let nothing = "nothing was downloaded";
-    let info = match handle.info().revision(rev.clone()).send() {
-        Ok(i) => i,
+    let fail = |f: Failure| hub_error(f, hub, repo, nothing);
+    let listing = Call::get(
+        "listing",
+        format!("{api}/revision/{}?blobs=true", http::encode_segment(&rev)),
+    );
+    let r = http.send(&listing).map_err(fail)?;
+    if r.status == 404 && r.header("x-error-code").as_deref() != Some("RepoNotFound") {
         // The Hub answers 404 alike for a missing repository and a missing revision.
-        Err(e @ HFError::RevisionNotFound { .. }) => {
-            let e = match handle.exists().send() {
-                Ok(false) => HFError::RepoNotFound {
-                    repo_id: repo.to_string(),
-                    context: None,
-                },
-                _ => e,
-            };
-            return Err(hub_error(e, hub, repo, nothing));
+        let check = Call::get("repository check", api.clone());
+        let c = http.send(&check).map_err(fail)?;
+        if c.ok() {
+            return Err(Error::Msg(format!(
+                "revision {rev} not found in {repo} on {} (404); {nothing}",
+                http.shown()
+            )));
         }
-        Err(e) => return Err(hub_error(e, hub, repo, nothing)),
-    };
-    let all: Vec<String> = info
+    }
+    if !r.ok() {
+        return Err(fail(http.status_failure(&listing, &r)));
+    }
+    let info: Listing = http.parse(&listing, &r).map_err(fail)?;
+    let all: Vec<String> = info.siblings.iter().map(|s| s.rfilename.clone()).collect();
+    let mut seen = std::collections::BTreeSet::new();
+    let files: Vec<&Sibling> = info
         .siblings
-        .unwrap_or_default()
-        .into_iter()
-        .map(|s| s.rfilename)
+        .iter()
+        .filter(|f| wanted_file(&f.rfilename) && seen.insert(f.rfilename.as_str()))
         .collect();
-    let files: Vec<String> = all.iter().filter(|f| wanted_file(f)).cloned().collect();
-    if !files.iter().any(|f| f.ends_with(".safetensors")) {
+    if !files.iter().any(|f| f.rfilename.ends_with(".safetensors")) {
         let why = if all.iter().any(|f| f.ends_with(".bin")) {
             "only PyTorch .bin weights; lit-claire reads safetensors"
         } else {
@@ -451,7 +552,16 @@ pub fn download(
         };
         return Err(Error::Msg(format!("{repo}@{rev} has {why}; {nothing}")));
     }
+    if let Some(sha) = &info.sha
+        && (sha.is_empty() || sha.len() > 64 || !sha.bytes().all(|b| b.is_ascii_alphanumeric()))
+    {
+        return Err(fail(http.bad(
+            &listing,
+            format!("{:?} is not a commit id", http.server_text(sha)),
+        )));
+    }
     let at = info.sha.clone().unwrap_or(rev.clone());
+    let at_seg = http::encode_segment(&at);
     let parent = dest.parent().expect("dest has a parent").to_path_buf();
     std::fs::create_dir_all(&parent).at(&parent)?;
     let tmp = tempfile::Builder::new()
@@ -461,23 +571,57 @@ pub fn download(
     let bar = crate::hf::shards::progress_bar(files.len() as u64, "downloading");
     let mut bytes = 0;
     for f in &files {
-        bar.set_message("downloading");
-        let path = handle
-            .download_file()
-            .filename(f.clone())
-            .local_dir(tmp.path().to_path_buf())
-            .revision(at.clone())
-            .send()
-            .map_err(|e| hub_error(e, hub, repo, nothing))?;
-        bytes += std::fs::metadata(&path).at(&path)?.len();
+        let name = &f.rfilename;
+        bar.set_message(format!("downloading {name}"));
+        let path = tmp.path().join(name);
+        let mut out = std::fs::File::create(&path).at(&path)?;
+        let call = Call::get(
+            format!("download of {name}"),
+            format!(
+                "{}/{repo}/resolve/{at_seg}/{}",
+                http.endpoint(),
+                http::encode_segment(name)
+            ),
+        );
+        let listed = f.lfs.as_ref().map(|l| l.size).or(f.size);
+        let sha = f.lfs.as_ref().and_then(|l| l.sha256.as_deref());
+        bytes += http
+            .download(&call, &mut out, &path, listed, sha, &|_| {})
+            .map_err(fail)?;
+        out.sync_all().at(&path)?;
         bar.inc(1);
     }
     bar.finish_and_clear();
     crate::hf::export::publish_dir(tmp, &dest)?;
     Ok(DownloadReport {
         dir: dest,
-        files,
+        files: files.iter().map(|f| f.rfilename.clone()).collect(),
         bytes,
         sha: info.sha,
     })
+}
+
+/// The listing of a revision (`?blobs=true`).
+#[derive(Deserialize)]
+struct Listing {
+    #[serde(default)]
+    sha: Option<String>,
+    #[serde(default)]
+    siblings: Vec<Sibling>,
+}
+
+#[derive(Deserialize)]
+struct Sibling {
+    rfilename: String,
+    #[serde(default)]
+    size: Option<u64>,
+    #[serde(default)]
+    lfs: Option<LfsInfo>,
+}
+
+#[derive(Deserialize)]
+struct LfsInfo {
+    size: u64,
+    #[serde(default)]
+    sha256: Option<String>,
 }

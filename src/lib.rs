@@ -14,7 +14,9 @@
 //! - [`lora`]: targeting, attaching and merging adapters.
 //! - [`strategy`]: device, precision and ranks.
 //! - [`plot`]: loss curves of runs and their best checkpoints.
+//! - [`eval`]: downstream tasks scored as lm-evaluation-harness scores them.
 //! - [`tokenizer`], [`perplexity`], [`generate`], [`chat`].
+//! - [`vocab`]: `adapt-vocab` (a new vocabulary on a pretrained model) and `init-model`.
 //! - [`hub`]: uploading to and downloading from the Hugging Face Hub.
 //! - [`cli`]: the command-line front end.
 
@@ -26,6 +28,7 @@ pub mod config;
 pub mod data;
 pub mod demo;
 pub mod error;
+pub mod eval;
 pub mod generate;
 pub mod gguf;
 pub mod hf;
@@ -38,5 +41,6 @@ pub mod plot;
 pub mod strategy;
 pub mod tokenizer;
 pub mod train;
+pub mod vocab;
 
 pub use error::{Error, Result};

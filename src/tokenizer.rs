@@ -8,7 +8,80 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::error::{Error, IoContext, Result};
+use crate::data::files::read_regular;
+use crate::error::{Error, Result};
+
+/// Largest `tokenizer.json` read (the largest published ones are about 35 MB).
+const MAX_TOKENIZER_BYTES: u64 = 1 << 30;
+/// Largest `config.json`, `generation_config.json` or `tokenizer_config.json` read.
+const MAX_CONFIG_BYTES: u64 = 64 << 20;
+
+/// `tokenizer.json` (`bytes`, read from `path`) as a tokenizer, or a one-line error
+/// naming the file. The text is checked to be JSON first: the tokenizers crate panics
+/// on some damaged files (one cut off inside its "decoder" section fails an `expect`),
+/// and a panic it still raises on valid JSON is caught and reported the same way.
+pub(crate) fn parse_tokenizer(path: &Path, bytes: &[u8]) -> Result<tokenizers::Tokenizer> {
+    if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
+        let why = if e.is_eof() { "cut off" } else { "damaged" };
+        return Err(Error::bad_file(
+            path,
+            format!(
+                "not a tokenizer, the file is {why} (JSON error: {e}); copy or download tokenizer.json again"
+            ),
+        ));
+    }
+    match quiet_catch_unwind(|| tokenizers::Tokenizer::from_bytes(bytes)) {
+        Ok(Ok(t)) => Ok(t),
+        Ok(Err(e)) => Err(Error::bad_file(
+            path,
+            format!("not a tokenizer: {}", one_line(&e.to_string())),
+        )),
+        Err(panic) => Err(Error::bad_file(
+            path,
+            format!(
+                "not a tokenizer the tokenizers library can load (it failed with: {}); copy or download tokenizer.json again",
+                one_line(&panic_text(&*panic))
+            ),
+        )),
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic".into()
+    }
+}
+
+thread_local! {
+    /// Set while this thread runs [`quiet_catch_unwind`]: its panics are not printed.
+    static QUIET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Run `f`, turning a panic into `Err` without the panic message and backtrace the
+/// default hook prints (other threads' panics are printed as before).
+fn quiet_catch_unwind<T>(f: impl FnOnce() -> T) -> std::thread::Result<T> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET.with(|q| q.get()) {
+                previous(info);
+            }
+        }));
+    });
+    let was = QUIET.with(|q| q.replace(true));
+    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    QUIET.with(|q| q.set(was));
+    out
+}
 
 /// A Hugging Face tokenizer plus what the model folder says about its special tokens.
 #[derive(Clone)]
@@ -23,6 +96,11 @@ pub struct Tokenizer {
     pub pad_id: Option<u32>,
     /// Whether the tokenizer itself puts BOS in front of an encoded text.
     pub adds_bos: bool,
+    /// The BOS and EOS that `tokenizer_config.json` names by string: what transformers'
+    /// tokenizer calls `bos_token_id` and `eos_token_id`, which may differ from the
+    /// model config's (lm-evaluation-harness conditions on these).
+    pub named_bos: Option<u32>,
+    pub named_eos: Option<u32>,
     /// SHA-256 of `tokenizer.json`, to tell data prepared with another tokenizer.
     pub hash: String,
     path: PathBuf,
@@ -49,9 +127,8 @@ impl Tokenizer {
                 "the model folder needs the Hugging Face fast tokenizer file tokenizer.json",
             ));
         }
-        let bytes = std::fs::read(&path).at(&path)?;
-        let mut inner = tokenizers::Tokenizer::from_bytes(&bytes)
-            .map_err(|e| Error::bad_file(&path, format!("not a tokenizer: {e}")))?;
+        let bytes = read_regular(&path, MAX_TOKENIZER_BYTES, "a tokenizer")?;
+        let mut inner = parse_tokenizer(&path, &bytes)?;
         // Truncation or padding saved in tokenizer.json would silently cut or pad every
         // text; we chunk and pad ourselves.
         inner
@@ -65,8 +142,8 @@ impl Tokenizer {
             if !p.exists() {
                 return Ok(None);
             }
-            let text = std::fs::read_to_string(&p).at(&p)?;
-            serde_json::from_str(&text)
+            let bytes = read_regular(&p, MAX_CONFIG_BYTES, "a model configuration")?;
+            serde_json::from_slice(&bytes)
                 .map(Some)
                 .map_err(|e| Error::bad_file(&p, format!("not JSON: {e}")))
         };
@@ -74,6 +151,15 @@ impl Tokenizer {
         let cfg = read_json("config.json")?;
         let tok_cfg = read_json("tokenizer_config.json")?;
 
+        // tokenizer_config.json names tokens by string (or {"content": ...}).
+        let named = |key: &str| -> Option<u32> {
+            let name = match tok_cfg.as_ref().and_then(|t| t.get(key)) {
+                Some(Value::String(s)) => Some(s.as_str()),
+                Some(Value::Object(o)) => o.get("content").and_then(Value::as_str),
+                _ => None,
+            };
+            name.and_then(|s| inner.token_to_id(s))
+        };
         let ids_of = |key: &str| -> Vec<u32> {
             for v in [&gen_cfg, &cfg].into_iter().flatten() {
                 match v.get(key) {
@@ -90,23 +176,13 @@ impl Tokenizer {
                     _ => {}
                 }
             }
-            // tokenizer_config.json names tokens by string (or {"content": ...}).
-            let name = tok_cfg
-                .as_ref()
-                .and_then(|t| t.get(key.trim_end_matches("_id")));
-            let name = match name {
-                Some(Value::String(s)) => Some(s.as_str()),
-                Some(Value::Object(o)) => o.get("content").and_then(Value::as_str),
-                _ => None,
-            };
-            name.and_then(|s| inner.token_to_id(s))
-                .into_iter()
-                .collect()
+            named(key.trim_end_matches("_id")).into_iter().collect()
         };
         let bos_id = ids_of("bos_token_id").first().copied();
         let eos_ids = ids_of("eos_token_id");
         let pad_id = ids_of("pad_token_id").first().copied();
 
+        let (named_bos, named_eos) = (named("bos_token"), named("eos_token"));
         let probe = inner.encode("a", true)?;
         let adds_bos = match (bos_id, probe.get_ids().first()) {
             (Some(b), Some(&first)) => b == first,
@@ -118,6 +194,8 @@ impl Tokenizer {
             eos_ids,
             pad_id,
             adds_bos,
+            named_bos,
+            named_eos,
             hash,
             path,
         })

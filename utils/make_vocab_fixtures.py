@@ -96,7 +96,11 @@ def adapted_dir(family, dest):
         pad = torch.zeros(VOCAB - BASE_VOCAB - NEW, w.shape[1], dtype=w.dtype)
         tensors[name] = torch.cat([w, rows[key], pad]).contiguous()
     save_file(tensors, dest / "model.safetensors", metadata={"format": "pt"})
-    record = {"base_vocab_size": BASE_VOCAB, "vocab_size": VOCAB, "new_token_ids": NEW_IDS}
+    record = {
+        "mode": "extend", "init": "mean", "base_model": family, "base_vocab_size": BASE_VOCAB,
+        "base_tokenizer_size": BASE_VOCAB, "vocab_size": VOCAB, "tokenizer_size": BASE_VOCAB + NEW,
+        "new_token_ids": NEW_IDS, "new_merges": 0, "copied_rows": 0, "tokens_per_byte": None,
+    }
     (dest / "vocab_adaptation.json").write_text(json.dumps(record, indent=2))
     return dest
 

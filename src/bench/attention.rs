@@ -22,6 +22,61 @@ pub struct AttentionShape {
     pub head_size: usize,
 }
 
+impl AttentionShape {
+    /// Every problem with the shape's flags, in one message naming them: each count at
+    /// least 1, key/value heads that divide the heads.
+    pub fn check(&self) -> Result<()> {
+        let mut problems = Vec::new();
+        let counts = [
+            ("--batch", self.batch),
+            ("--heads", self.heads),
+            ("--kv-heads", self.kv_heads),
+            ("--seq", self.seq),
+            ("--head-size", self.head_size),
+        ];
+        // --kv-heads defaults to --heads: a zero there is --heads' alone.
+        let zero: Vec<&str> = counts
+            .iter()
+            .filter(|c| c.1 == 0 && !(c.0 == "--kv-heads" && self.heads == 0))
+            .map(|c| c.0)
+            .collect();
+        if !zero.is_empty() {
+            problems.push(format!("{} must be at least 1", zero.join(", ")));
+        }
+        if self.kv_heads > 0 && self.heads % self.kv_heads != 0 {
+            problems.push(format!(
+                "--kv-heads {} must divide --heads {}",
+                self.kv_heads, self.heads
+            ));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Usage(problems.join("; ")))
+        }
+    }
+
+    /// Bytes the plain attention's forward and backward hold at this shape in `dtype`:
+    /// 14 f32 per score of `(batch, heads, seq, seq)` (as `pretrain --dry-run` counts
+    /// it), plus q, k, v, the output, the probe and their gradients. None past 2^64.
+    pub fn planned_bytes(&self, dtype: DType) -> Option<u64> {
+        let n = |x: usize| x as u128;
+        let scores = n(self.batch)
+            .checked_mul(n(self.heads))?
+            .checked_mul(n(self.seq))?
+            .checked_mul(n(self.seq))?
+            .checked_mul(56)?;
+        let heads = n(self.heads).checked_add(n(self.kv_heads))?;
+        let tensors = n(self.batch)
+            .checked_mul(heads)?
+            .checked_mul(n(self.seq))?
+            .checked_mul(n(self.head_size))?
+            .checked_mul(n(dtype.size_in_bytes()))?
+            .checked_mul(4)?;
+        u64::try_from(scores.checked_add(tensors)?).ok()
+    }
+}
+
 /// One small problem: the largest difference from the plain attention, relative to the
 /// largest value of each of output, dq, dk, dv.
 #[derive(Debug, Clone, Serialize)]
@@ -133,12 +188,19 @@ pub fn attention_check(
     shape: AttentionShape,
     steps: usize,
 ) -> Result<AttentionReport> {
-    if shape.kv_heads == 0 || shape.heads % shape.kv_heads != 0 {
-        return Err(Error::Usage(format!(
-            "--kv-heads {} must divide --heads {}",
-            shape.kv_heads, shape.heads
-        )));
+    shape.check()?;
+    if steps == 0 {
+        return Err(Error::Usage(
+            "--steps must be at least 1 (the timed passes of each kernel)".into(),
+        ));
     }
+    let lower = "--batch, --heads, --seq or --head-size";
+    let need = shape.planned_bytes(dtype).ok_or_else(|| {
+        Error::Usage(format!(
+            "the long shape's attention needs more than 2^64 bytes: lower {lower}"
+        ))
+    })?;
+    super::check_fits(need, "the plain attention at the long shape", dev, lower)?;
     let tol = tolerance(dtype);
     // (name, B, nh, nkv, T, S, hs, window, q_start, docs)
     type Small = (

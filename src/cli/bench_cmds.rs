@@ -4,7 +4,8 @@ use clap::{Args, ValueEnum};
 
 use super::RuntimeArgs;
 use crate::bench::{
-    AttentionShape, BenchRun, BenchShape, attention_check, bench_lora, bench_train, matmul_gflops,
+    AttentionShape, BenchRun, BenchShape, attention_check, bench_lora, bench_plan, bench_train,
+    matmul_gflops,
 };
 use crate::error::{Error, Result};
 
@@ -67,10 +68,6 @@ pub struct BenchArgs {
 pub fn bench(a: BenchArgs) -> Result<()> {
     let lora = bench_lora(a.lora_r, &a.lora_targets)?;
     let strategy = a.runtime.strategy()?;
-    let peak = match a.peak_gflops {
-        Some(p) => p,
-        None => matmul_gflops(2048, strategy.precision.compute_dtype(), &strategy.device)?,
-    };
     let shape = BenchShape {
         layers: a.layers,
         width: a.width,
@@ -83,20 +80,30 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         seq: a.seq,
         batch: a.batch,
     };
-    let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "unset".into());
-    eprintln!("peak {peak:.1} GFLOP/s (matmul), RAYON_NUM_THREADS={threads}");
     let modes = match a.mode {
         BenchMode::Full => vec![None],
         BenchMode::Lora => vec![Some(&lora)],
         BenchMode::Both => vec![None, Some(&lora)],
     };
-    let run = BenchRun {
+    let mut run = BenchRun {
         warmup: a.warmup,
         steps: a.steps,
-        peak_gflops: peak,
+        // Checked now when given; measured below once every check passed.
+        peak_gflops: a.peak_gflops.unwrap_or(1.0),
         checkpoint_every: a.activation_checkpointing,
         profile: a.profile,
     };
+    // Every flag and every mode's memory before the first allocation.
+    for lora in &modes {
+        bench_plan(&shape, &strategy, *lora, &run)?;
+    }
+    run.peak_gflops = match a.peak_gflops {
+        Some(p) => p,
+        None => matmul_gflops(2048, strategy.precision.compute_dtype(), &strategy.device)?,
+    };
+    let peak = run.peak_gflops;
+    let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "unset".into());
+    eprintln!("peak {peak:.1} GFLOP/s (matmul), RAYON_NUM_THREADS={threads}");
     for lora in modes {
         let r = bench_train(&shape, &strategy, lora, &run)?;
         if a.json {
@@ -188,7 +195,7 @@ pub fn attention_check_cmd(a: AttentionCheckArgs) -> Result<()> {
         seq: a.seq,
         head_size: a.head_size,
     };
-    let r = attention_check(&strategy.device, dtype, shape, a.steps.max(1))?;
+    let r = attention_check(&strategy.device, dtype, shape, a.steps)?;
     if a.json {
         println!("{}", serde_json::to_string(&r).expect("plain data"));
     } else {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::strategy::DeviceSpec;
 use crate::strategy::dist_check::{DistCheckOptions, Simulate, dist_check};
 
@@ -45,18 +45,48 @@ pub struct DistCheckArgs {
     pub faulty_rank: usize,
 }
 
+/// Largest timed all-reduce (`--bench-mib`): 1 TiB, more than any GPU holds.
+const MAX_BENCH_MIB: usize = 1 << 20;
+
+/// A `--FLAG SECONDS` value as a duration: a positive number a `Duration` holds, or one
+/// line naming the flag (never a panic on `inf` or `1e300`).
+fn seconds(flag: &str, v: f64) -> Result<Duration> {
+    Duration::try_from_secs_f64(v)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| {
+            // 1e300 as 1e300, not in 301 digits.
+            let shown = if v.is_finite() && v.abs() >= 1e9 {
+                format!("{v:e}")
+            } else {
+                v.to_string()
+            };
+            Error::Usage(format!(
+                "{flag} {shown}: expected a positive number of seconds"
+            ))
+        })
+}
+
 pub fn dist_check_cmd(a: DistCheckArgs) -> Result<()> {
+    if a.bench_mib > MAX_BENCH_MIB {
+        return Err(Error::Usage(format!(
+            "--bench-mib {} is more than a GPU holds (at most {MAX_BENCH_MIB} MiB; 0 for none)",
+            a.bench_mib
+        )));
+    }
     let opts = DistCheckOptions {
         device: a.device,
         devices: a.devices,
         num_nodes: a.num_nodes,
-        timeout: Duration::from_secs_f64(a.timeout.max(0.0)),
-        collective_timeout: Duration::from_secs_f64(
-            a.collective_timeout.unwrap_or(a.timeout).max(0.001),
-        ),
+        timeout: seconds("--timeout", a.timeout)?,
+        collective_timeout: match a.collective_timeout {
+            Some(s) => seconds("--collective-timeout", s)?,
+            None => seconds("--timeout", a.timeout)?,
+        },
         silence_timeout: a
             .silence_timeout
-            .map(|s| Duration::from_secs_f64(s.max(0.001))),
+            .map(|s| seconds("--silence-timeout", s))
+            .transpose()?,
         bench_mib: a.bench_mib,
         simulate: a.simulate.map(|s| (s, a.faulty_rank)),
     };

@@ -6,10 +6,12 @@ mod corpus_cmds;
 mod data_cmds;
 mod demo_cmds;
 mod dist_cmds;
+mod eval_cmds;
 mod model_cmds;
 mod plot_cmds;
 mod publish_cmds;
 mod train_cmds;
+mod vocab_cmds;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -37,10 +39,18 @@ pub enum Command {
     TrainTokenizer(corpus_cmds::TrainTokenizerArgs),
     /// Remove exact and near-duplicate documents (MinHash LSH) from a raw corpus.
     Dedup(corpus_cmds::DedupArgs),
+    /// A base model with a new vocabulary: tokens learned on a corpus, or another
+    /// tokenizer; embeddings and head resized, a complete Hugging Face folder.
+    AdaptVocab(vocab_cmds::AdaptVocabArgs),
+    /// A model from scratch for a tokenizer, initialised as its family's transformers code does.
+    InitModel(vocab_cmds::InitModelArgs),
     /// Continual pretraining: full fine-tuning or LoRA on prepared data.
     Pretrain(Box<train_cmds::PretrainArgs>),
     /// Validate every checkpoint of a run on every dataset, appending to a CSV.
     Validate(train_cmds::ValidateArgs),
+    /// Downstream tasks scored as lm-evaluation-harness scores them (multiple choice,
+    /// log-likelihoods, perplexities, generation), for one model or every checkpoint of a run.
+    Evaluate(eval_cmds::EvaluateArgs),
     /// Loss curves of one or several runs (PNG or SVG), and their best checkpoints.
     Plot(plot_cmds::PlotArgs),
     /// Merge a LoRA adapter into its base model: a complete Hugging Face folder.
@@ -85,6 +95,7 @@ pub fn run() -> Result<()> {
         Command::Chat(a) => model_cmds::chat(a),
         Command::Pretrain(a) => train_cmds::pretrain(*a),
         Command::Validate(a) => train_cmds::validate(a),
+        Command::Evaluate(a) => eval_cmds::evaluate_cmd(a),
         Command::Bench(a) => bench_cmds::bench(a),
         Command::DistCheck(a) => dist_cmds::dist_check_cmd(a),
         Command::ReferenceCheck(a) => model_cmds::reference_check(a),
@@ -98,6 +109,8 @@ pub fn run() -> Result<()> {
         Command::PrepareData(a) => data_cmds::prepare_data(a),
         Command::TrainTokenizer(a) => corpus_cmds::train_tokenizer(a),
         Command::Dedup(a) => corpus_cmds::dedup(a),
+        Command::AdaptVocab(a) => vocab_cmds::adapt_vocab(a),
+        Command::InitModel(a) => vocab_cmds::init_model(a),
     }
 }
 
@@ -115,6 +128,10 @@ pub struct InputFormatArgs {
     /// stopping at the first.
     #[arg(long)]
     pub skip_bad_lines: bool,
+    /// Longest line, and longest document, read (bytes): a longer one stops the command
+    /// naming its file and line, so one huge line cannot take all the memory.
+    #[arg(long, default_value_t = crate::data::documents::DEFAULT_MAX_DOCUMENT_BYTES)]
+    pub max_document_bytes: usize,
 }
 
 impl InputFormatArgs {
@@ -123,6 +140,7 @@ impl InputFormatArgs {
             layout: crate::data::documents::TextLayout::from_separator(self.doc_separator),
             json_key: self.json_key,
             skip_bad_lines: self.skip_bad_lines,
+            max_document_bytes: self.max_document_bytes,
         }
     }
 }

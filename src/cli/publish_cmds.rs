@@ -37,7 +37,7 @@ pub enum OutDtype {
 }
 
 impl OutDtype {
-    fn dtype(self) -> DType {
+    pub(super) fn dtype(self) -> DType {
         match self {
             OutDtype::Bf16 => DType::BF16,
             OutDtype::F16 => DType::F16,
@@ -75,6 +75,10 @@ pub struct ConvertArgs {
     /// Make the repository private when --repo-id creates it.
     #[arg(long)]
     pub private: bool,
+    /// Seconds to wait on the Hub: to connect, for each answer, and for an upload or
+    /// download to move again when it stalls (a large file only has to keep moving).
+    #[arg(long, value_name = "SECONDS", default_value_t = 60.0)]
+    pub timeout: f64,
 }
 
 #[derive(Debug, Args)]
@@ -93,6 +97,10 @@ pub struct UploadArgs {
     /// Branch to commit to (created from main if missing).
     #[arg(long)]
     pub revision: Option<String>,
+    /// Seconds to wait on the Hub: to connect, for each answer, and for an upload or
+    /// download to move again when it stalls (a large file only has to keep moving).
+    #[arg(long, value_name = "SECONDS", default_value_t = 60.0)]
+    pub timeout: f64,
 }
 
 #[derive(Debug, Args)]
@@ -106,6 +114,10 @@ pub struct DownloadArgs {
     /// Branch, tag or commit.
     #[arg(long)]
     pub revision: Option<String>,
+    /// Seconds to wait on the Hub: to connect, for each answer, and for an upload or
+    /// download to move again when it stalls (a large file only has to keep moving).
+    #[arg(long, value_name = "SECONDS", default_value_t = 60.0)]
+    pub timeout: f64,
 }
 
 #[derive(Debug, Args)]
@@ -155,7 +167,7 @@ pub fn merge(a: MergeLoraArgs) -> Result<()> {
 pub fn convert(a: ConvertArgs) -> Result<()> {
     let max_shard_size = parse_size(&a.max_shard_size)?;
     let repo: Option<RepoId> = a.repo_id.as_deref().map(str::parse).transpose()?;
-    let hub = HubConfig::from_env();
+    let hub = HubConfig::from_env().with_timeout_secs(a.timeout)?;
     if repo.is_some() && hub.token.is_none() {
         // Fail before the conversion, not after it.
         return Err(crate::Error::Usage(format!(
@@ -193,7 +205,8 @@ pub fn upload(a: UploadArgs) -> Result<()> {
         private: a.private,
         revision: a.revision,
     };
-    let r = crate::hub::upload(&HubConfig::from_env(), &repo, &a.input_dir, &opts)?;
+    let hub = HubConfig::from_env().with_timeout_secs(a.timeout)?;
+    let r = crate::hub::upload(&hub, &repo, &a.input_dir, &opts)?;
     eprintln!(
         "uploaded {} files ({:.1} MB) to {repo}{}",
         r.files.len(),
@@ -213,7 +226,7 @@ pub fn upload(a: UploadArgs) -> Result<()> {
 pub fn download(a: DownloadArgs) -> Result<()> {
     let repo: RepoId = a.repo_id.parse()?;
     let r = crate::hub::download(
-        &HubConfig::from_env(),
+        &HubConfig::from_env().with_timeout_secs(a.timeout)?,
         &repo,
         &a.checkpoint_dir,
         a.revision.as_deref(),

@@ -76,8 +76,9 @@ pub struct ValidateArgs {
     /// CSV to append to (default RUN/validation_results.csv).
     #[arg(long)]
     pub csv: Option<PathBuf>,
-    /// Keep watching for new checkpoints every SECONDS until the run's final one is scored.
-    #[arg(long)]
+    /// Keep watching for new checkpoints every SECONDS (at least 1) until the run's
+    /// final one is scored.
+    #[arg(long, value_name = "SECONDS")]
     pub watch: Option<u64>,
     /// Let the documents packed in a sample attend to each other and run on positions
     /// across them. Default: as each checkpoint's run trained (false when it does not say).
@@ -88,6 +89,9 @@ pub struct ValidateArgs {
 }
 
 pub fn validate(a: ValidateArgs) -> Result<()> {
+    let watch = a.watch.map(std::time::Duration::from_secs);
+    // Before the data loads: a bad flag is refused at once.
+    crate::train::validate::check_watch(watch)?;
     let strategy = a.runtime.strategy()?;
     let data = crate::train::load_train_data(&a.data_dir)?;
     let opts = crate::train::validate::ValidateOptions {
@@ -95,7 +99,7 @@ pub fn validate(a: ValidateArgs) -> Result<()> {
         max_batches: a.max,
         batch_size: a.batch_size,
         csv: a.csv,
-        watch: a.watch.map(std::time::Duration::from_secs),
+        watch,
         cross_document_attention: a.cross_document_attention,
     };
     let rows = crate::train::validate::validate_run(&opts, &data, &strategy)?;

@@ -48,6 +48,11 @@ pub fn load_config(dir: &Path) -> Result<Config> {
 /// would otherwise ask for a per-layer list of that length before any weight is read.
 pub const MAX_LAYERS: u64 = 4096;
 
+/// More parameters than any machine holds (2^48, about 2.8e14: a petabyte in f32):
+/// a larger shape is a mistyped `config.json`, and its sizes would overflow the
+/// arithmetic of the memory plan and of the tensors themselves.
+pub const MAX_PARAMS: u128 = 1 << 48;
+
 /// Turn a parsed `config.json` into a [`Config`].
 pub fn parse_config(value: &Value) -> Result<Config> {
     let model_type = value
@@ -79,8 +84,53 @@ pub fn parse_config(value: &Value) -> Result<Config> {
             )));
         }
     };
+    check_size(&cfg, value)?;
     check_config(&cfg)?;
     Ok(cfg)
+}
+
+/// Refuse a shape of more than [`MAX_PARAMS`] parameters (counted without
+/// overflow), naming the fields of `raw` that size it.
+fn check_size(cfg: &Config, raw: &Value) -> Result<()> {
+    let count = cfg.param_count();
+    if count.is_some_and(|n| n <= MAX_PARAMS) {
+        return Ok(());
+    }
+    // The sizes as config.json spells them (the first of each family's names present).
+    let named = |keys: &[&str], value: usize| {
+        let key = keys
+            .iter()
+            .find(|k| raw.get(**k).is_some())
+            .unwrap_or(&keys[0]);
+        format!("{key} {value}")
+    };
+    let mut fields = vec![
+        named(&["hidden_size", "n_embd", "d_model"], cfg.hidden_size),
+        named(
+            &["intermediate_size", "n_inner", "ffn_hidden_size"],
+            cfg.intermediate_size,
+        ),
+        named(&["vocab_size"], cfg.vocab_size),
+        named(&["num_hidden_layers", "n_layer", "num_layers"], cfg.n_layer),
+    ];
+    if cfg.position == PositionKind::Learned {
+        fields.push(named(
+            &["max_position_embeddings", "n_positions"],
+            cfg.block_size,
+        ));
+    }
+    if raw.get("head_dim").is_some() {
+        fields.push(format!("head_dim {}", cfg.head_dim));
+    }
+    let how_many = match count {
+        Some(n) => format!("{:.3e} parameters", n as f64),
+        None => "more parameters than 128 bits can count".into(),
+    };
+    Err(Error::Config(format!(
+        "{} make {how_many}, more than any machine holds (at most 2^48 = {:.2e}); is one of them mistyped?",
+        fields.join(", "),
+        MAX_PARAMS as f64
+    )))
 }
 
 fn from_value<T: for<'de> Deserialize<'de>>(value: &Value) -> Result<T> {
@@ -495,7 +545,9 @@ impl FalconHf {
             },
             shared_attention_norm: shared_norm,
             mlp: MlpKind::Plain,
-            intermediate_size: self.ffn_hidden_size.unwrap_or(4 * self.hidden_size),
+            intermediate_size: self
+                .ffn_hidden_size
+                .unwrap_or(self.hidden_size.saturating_mul(4)),
             activation: activation(&self.activation)?,
             mlp_bias: self.bias,
             tie_embeddings: self.tie_word_embeddings,
@@ -573,7 +625,7 @@ impl Gpt2Hf {
             residual: Residual::Sequential,
             shared_attention_norm: false,
             mlp: MlpKind::Plain,
-            intermediate_size: self.n_inner.unwrap_or(4 * self.n_embd),
+            intermediate_size: self.n_inner.unwrap_or(self.n_embd.saturating_mul(4)),
             activation: activation(&self.activation_function)?,
             mlp_bias: true,
             tie_embeddings: self.tie_word_embeddings,
@@ -749,7 +801,9 @@ impl GptNeoHf {
             residual: Residual::Sequential,
             shared_attention_norm: false,
             mlp: MlpKind::Plain,
-            intermediate_size: self.intermediate_size.unwrap_or(4 * self.hidden_size),
+            intermediate_size: self
+                .intermediate_size
+                .unwrap_or(self.hidden_size.saturating_mul(4)),
             activation: activation(&self.activation_function)?,
             mlp_bias: true,
             tie_embeddings: self.tie_word_embeddings,
@@ -924,6 +978,38 @@ mod tests {
                 assert!(parse_config(&v).is_err(), "{t}: {generic} {value} accepted");
             }
         }
+    }
+
+    /// Issue 23, case 17: a width of 1e9 or 2^62 made the memory plan wrap around
+    /// ("parameters 0.0 MiB"); such a shape is refused, naming its fields.
+    #[test]
+    fn shapes_no_machine_holds_are_errors_naming_the_field() {
+        for t in TYPES {
+            for width in [1_000_000_000u64, 1 << 62, u64::MAX - 63] {
+                let mut v = base_of(t);
+                let k = key(t, "width");
+                v[k] = json!(width);
+                let e = parse_config(&v).unwrap_err().to_string();
+                assert!(
+                    e.contains(&format!("{k} {width}")) && e.contains("more than any machine"),
+                    "{t} {width}: {e}"
+                );
+            }
+            for vocab in [1u64 << 50, u64::MAX] {
+                let mut v = base_of(t);
+                v["vocab_size"] = json!(vocab);
+                let e = parse_config(&v).unwrap_err().to_string();
+                assert!(e.contains(&format!("vocab_size {vocab}")), "{t}: {e}");
+            }
+        }
+        // The count itself never wraps.
+        let mut cfg = parse_config(&base_of("llama")).unwrap();
+        cfg.hidden_size = 1 << 62;
+        assert_eq!(cfg.num_params(), usize::MAX);
+        cfg.hidden_size = usize::MAX;
+        cfg.head_dim = usize::MAX;
+        assert_eq!(cfg.param_count(), None);
+        assert_eq!(cfg.num_params(), usize::MAX);
     }
 
     #[test]

@@ -217,40 +217,69 @@ impl Config {
         s
     }
 
-    /// Number of parameters (counting tied matrices once).
+    /// Number of parameters (counting tied matrices once). Saturates at `usize::MAX`
+    /// rather than wrapping; [`families::parse_config`] refuses a shape of more than
+    /// [`families::MAX_PARAMS`], so a loaded config never gets near it.
     pub fn num_params(&self) -> usize {
-        let h = self.hidden_size;
+        self.param_count()
+            .and_then(|n| usize::try_from(n).ok())
+            .unwrap_or(usize::MAX)
+    }
+
+    /// Number of parameters (counting tied matrices once) in checked arithmetic: `None`
+    /// when even a `u128` cannot hold it.
+    pub fn param_count(&self) -> Option<u128> {
+        let u = |x: usize| x as u128;
+        let h = u(self.hidden_size);
         let norm = if self.norm == NormKind::LayerNorm {
-            2 * h
+            h.checked_mul(2)?
         } else {
             h
         };
-        let qkv = h * self.qkv_width() + if self.qkv_bias { self.qkv_width() } else { 0 };
-        let out = h * self.n_head * self.head_dim + if self.attn_out_bias { h } else { 0 };
-        let mlp_mats = match self.mlp {
+        let qkv_width = u(self.n_kv_head)
+            .checked_mul(2)?
+            .checked_add(u(self.n_head))?
+            .checked_mul(u(self.head_dim))?;
+        let qkv =
+            h.checked_mul(qkv_width)?
+                .checked_add(if self.qkv_bias { qkv_width } else { 0 })?;
+        let out = h
+            .checked_mul(u(self.n_head))?
+            .checked_mul(u(self.head_dim))?
+            .checked_add(if self.attn_out_bias { h } else { 0 })?;
+        let mlp_mats: u128 = match self.mlp {
             MlpKind::Plain => 2,
             MlpKind::Gated => 3,
         };
-        let mlp = mlp_mats * h * self.intermediate_size
-            + if self.mlp_bias {
-                (mlp_mats - 1) * self.intermediate_size + h
+        let i = u(self.intermediate_size);
+        let mlp = h
+            .checked_mul(i)?
+            .checked_mul(mlp_mats)?
+            .checked_add(if self.mlp_bias {
+                i.checked_mul(mlp_mats - 1)?.checked_add(h)?
             } else {
                 0
-            };
-        let norms = if self.residual == Residual::Parallel && self.shared_attention_norm {
+            })?;
+        let norms: u128 = if self.residual == Residual::Parallel && self.shared_attention_norm {
             1
         } else {
             2
         };
-        let layer = qkv + out + mlp + norms * norm;
-        let emb = self.vocab_size * h;
+        let layer = qkv
+            .checked_add(out)?
+            .checked_add(mlp)?
+            .checked_add(norms.checked_mul(norm)?)?;
+        let emb = u(self.vocab_size).checked_mul(h)?;
         let pos = if self.position == PositionKind::Learned {
-            self.block_size * h
+            u(self.block_size).checked_mul(h)?
         } else {
             0
         };
         let head = if self.tie_embeddings { 0 } else { emb };
-        emb + pos + self.n_layer * layer + norm + head
+        emb.checked_add(pos)?
+            .checked_add(u(self.n_layer).checked_mul(layer)?)?
+            .checked_add(norm)?
+            .checked_add(head)
     }
 
     /// Floating point operations of one forward pass, per token of a `seq_len`-long
@@ -258,22 +287,24 @@ impl Config {
     /// `4 × layers × seq_len × (heads × head_dim)` for scores and mixing (causality not
     /// discounted). A training step costs three times this.
     pub fn flops_per_token(&self, seq_len: usize) -> f64 {
-        let h = self.hidden_size;
+        // In f64: a count never wraps (a bench may ask for any sequence length).
+        let h = self.hidden_size as f64;
         let pos_lookup = if self.position == PositionKind::Learned {
-            self.block_size * h
+            self.block_size as f64 * h
         } else {
-            0
+            0.0
         };
         // Tied: the one matrix is both lookup and head, a matmul. Untied: the input
         // embedding is only a lookup.
         let tok_lookup = if self.tie_embeddings {
-            0
+            0.0
         } else {
-            self.vocab_size * h
+            self.vocab_size as f64 * h
         };
-        let matmul_params = self.num_params() - pos_lookup - tok_lookup;
-        2.0 * matmul_params as f64
-            + 4.0 * (self.n_layer * seq_len * self.n_head * self.head_dim) as f64
+        let params = self.param_count().map_or(f64::INFINITY, |n| n as f64);
+        let matmul_params = params - pos_lookup - tok_lookup;
+        2.0 * matmul_params
+            + 4.0 * self.n_layer as f64 * seq_len as f64 * self.n_head as f64 * self.head_dim as f64
     }
 }
 

@@ -39,7 +39,8 @@ use serde::Serialize;
 use serde_json::json;
 use twox_hash::XxHash3_128;
 
-use super::documents::{DocFormat, ReadOptions, Record, is_document_file, records};
+use super::documents::{DocFormat, ReadOptions, Record};
+use super::files;
 use super::minhash::{Clusters, Lsh, MinHasher, estimated_jaccard, optimal_bands};
 use crate::error::{Error, IoContext, Result};
 
@@ -141,57 +142,35 @@ pub struct InputFile {
 }
 
 /// The document files under `root` (or `root` itself when it is a file), sorted by
-/// relative path, and the other files found (not read). Hidden entries are skipped.
+/// relative path, and the other files found (not read). Hidden entries are skipped;
+/// links are followed, and loops and non-regular document files refused (see
+/// [`super::files`]).
 pub fn list_inputs(root: &Path) -> Result<(Vec<InputFile>, Vec<PathBuf>)> {
-    let meta = std::fs::metadata(root).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => Error::missing(
+    if std::fs::symlink_metadata(root).is_err() {
+        return Err(Error::missing(
             root,
             "--input must be a folder of .txt/.jsonl(.gz) files or one such file",
-        ),
-        _ => Error::io(root, e),
-    })?;
-    let mut files = Vec::new();
-    let mut ignored = Vec::new();
-    if meta.is_file() {
-        let rel = PathBuf::from(root.file_name().unwrap_or(root.as_os_str()));
-        if is_document_file(root) {
-            files.push(input_file(root.to_path_buf(), rel));
-        } else {
-            ignored.push(rel);
-        }
-    } else {
-        walk(root, root, &mut files, &mut ignored)?;
+        ));
     }
+    let listing = files::list(root)?;
+    let rel = |p: &Path| -> PathBuf {
+        match p.strip_prefix(root) {
+            Ok(r) if !r.as_os_str().is_empty() => r.to_path_buf(),
+            _ => PathBuf::from(p.file_name().unwrap_or(p.as_os_str())),
+        }
+    };
+    let mut files: Vec<InputFile> = listing
+        .documents
+        .into_iter()
+        .map(|p: PathBuf| {
+            let r = rel(&p);
+            input_file(p, r)
+        })
+        .collect();
+    let mut ignored: Vec<PathBuf> = listing.ignored.iter().map(|p| rel(p)).collect();
     files.sort_by(|a, b| a.rel.cmp(&b.rel));
     ignored.sort();
     Ok((files, ignored))
-}
-
-fn walk(
-    root: &Path,
-    dir: &Path,
-    files: &mut Vec<InputFile>,
-    ignored: &mut Vec<PathBuf>,
-) -> Result<()> {
-    for entry in std::fs::read_dir(dir).at(dir)? {
-        let path = entry.at(dir)?.path();
-        if path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_none_or(|n| n.starts_with('.'))
-        {
-            continue;
-        }
-        let rel = path.strip_prefix(root).unwrap_or(&path).to_path_buf();
-        if path.is_dir() {
-            walk(root, &path, files, ignored)?;
-        } else if is_document_file(&path) {
-            files.push(input_file(path, rel));
-        } else {
-            ignored.push(rel);
-        }
-    }
-    Ok(())
 }
 
 fn input_file(path: PathBuf, rel: PathBuf) -> InputFile {
@@ -295,6 +274,19 @@ pub fn dedup(opts: &DedupOptions) -> Result<DedupReport> {
     let hasher = MinHasher::new(opts.num_perm, opts.ngram, opts.seed);
 
     let scan = scan(opts, &files, &hasher)?;
+    if scan.group.is_empty() {
+        let skipped: u64 = scan.files.iter().map(|f| f.skipped).sum();
+        return Err(Error::Data(format!(
+            "dedup: no documents in the {} file(s) under {}{}; check --doc-separator / --json-key",
+            files.len(),
+            opts.input.display(),
+            if skipped > 0 {
+                format!(" ({skipped} lines skipped by --skip-bad-lines)")
+            } else {
+                String::new()
+            }
+        )));
+    }
     let lsh_bar = bar(opts.progress, bands as u64, "LSH bands");
     let lsh = Lsh {
         num_perm: opts.num_perm,
@@ -479,9 +471,7 @@ fn tally(
 
 /// The output must not exist (unless overwriting) and must not lie inside the input.
 fn check_output(opts: &DedupOptions) -> Result<()> {
-    let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
-    let (input, output) = (abs(&opts.input), abs(&opts.output));
-    if output.starts_with(&input) || input.starts_with(&output) {
+    if files::overlap(&opts.input, &opts.output) {
         return Err(Error::Usage(format!(
             "dedup: --output {} and --input {} overlap; write the clean corpus elsewhere",
             opts.output.display(),
@@ -684,10 +674,10 @@ fn copy_kept(
         DocFormat::Jsonl { .. } => None,
     };
     let mut n = 0u64;
-    for r in records(&f.path, fmt, opts.read.skip_bad_lines)? {
+    for r in opts.read.records(&f.path)? {
         let r = r?;
         if n < sf.docs && keep((sf.start + n) as usize) {
-            w.write_all(r.raw.as_bytes()).at(target)?;
+            w.write_all(r.raw().as_bytes()).at(target)?;
             w.write_all(b"\n").at(target)?;
             if let Some(sep) = &sep {
                 w.write_all(sep.as_bytes()).at(target)?;

@@ -16,26 +16,39 @@ use crate::io::write_json_atomic;
 /// Prefix of the folders a dataset is built in.
 const TEMP_PREFIX: &str = ".tmp-prepare-";
 
-/// Removes a folder on drop if it is empty, unless disarmed.
-pub(super) struct RemoveIfEmpty(Option<PathBuf>);
+/// Removes a folder, and the parents created with it, on drop if they are empty,
+/// unless disarmed.
+pub(super) struct RemoveIfEmpty(Vec<PathBuf>);
 
 impl RemoveIfEmpty {
-    /// Armed only when `dir` does not exist yet.
+    /// Armed for `dir` and its missing parents (innermost first), those that do not
+    /// exist yet.
     pub(super) fn new(dir: &Path) -> Self {
-        RemoveIfEmpty((!dir.exists()).then(|| dir.to_path_buf()))
+        let mut missing = Vec::new();
+        let mut d = Some(dir);
+        while let Some(p) = d {
+            if p.as_os_str().is_empty() || std::fs::symlink_metadata(p).is_ok() {
+                break;
+            }
+            missing.push(p.to_path_buf());
+            d = p.parent();
+        }
+        RemoveIfEmpty(missing)
     }
 
     /// Keep the folder whatever happens next (the run completed).
     pub(super) fn disarm(&mut self) {
-        self.0 = None;
+        self.0.clear();
     }
 }
 
 impl Drop for RemoveIfEmpty {
     fn drop(&mut self) {
-        if let Some(dir) = &self.0 {
+        for dir in &self.0 {
             // Fails, as it should, when the folder holds anything.
-            let _ = std::fs::remove_dir(dir);
+            if std::fs::remove_dir(dir).is_err() {
+                break;
+            }
         }
     }
 }

@@ -5,7 +5,11 @@
 //! - `.jsonl`: one JSON object per line, the text under a key (`text` by default);
 //!   other fields are kept in the record's raw line.
 //!
-//! Records stream: a file larger than memory is read line by line.
+//! Records stream: a file larger than memory is read line by line, and no line or
+//! document may exceed [`ReadOptions::max_document_bytes`] (a file without newlines
+//! would otherwise be read whole into memory). Files must be UTF-8 (a UTF-8 byte-order
+//! mark at the start is dropped); they are found and opened by [`super::files`], which
+//! refuses FIFOs, devices and sockets.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
@@ -13,7 +17,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::error::{Error, IoContext, Result};
+use super::files::{bytes_text, open_regular};
+use crate::error::{Error, Result};
+
+/// Default of [`ReadOptions::max_document_bytes`]: 64 MiB.
+pub const DEFAULT_MAX_DOCUMENT_BYTES: usize = 64 << 20;
 
 /// How documents are laid out in a text file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,8 +54,12 @@ pub struct ReadOptions {
     pub layout: TextLayout,
     /// Field of `.jsonl` records holding the text.
     pub json_key: String,
-    /// Count and skip `.jsonl` lines that are not JSON or lack the key, instead of failing.
+    /// Count and skip `.jsonl` lines that are not JSON (or not UTF-8) or lack the key,
+    /// instead of failing.
     pub skip_bad_lines: bool,
+    /// Longest line, and longest document, read (in bytes of text): a longer one is an
+    /// error naming its file and line (`--max-document-bytes`).
+    pub max_document_bytes: usize,
 }
 
 impl Default for ReadOptions {
@@ -57,6 +69,7 @@ impl Default for ReadOptions {
             layout: TextLayout::LinePerDocument,
             json_key: "text".into(),
             skip_bad_lines: false,
+            max_document_bytes: DEFAULT_MAX_DOCUMENT_BYTES,
         }
     }
 }
@@ -64,19 +77,24 @@ impl Default for ReadOptions {
 impl ReadOptions {
     /// What is wrong with these options, for a usage error.
     pub fn problem(&self) -> Option<&'static str> {
-        self.json_key
-            .is_empty()
-            .then_some("--json-key must not be empty")
+        if self.json_key.is_empty() {
+            return Some("--json-key must not be empty");
+        }
+        (self.max_document_bytes == 0).then_some("--max-document-bytes must be at least 1")
     }
 
     /// The records of `path`, in the format its extension says.
     pub fn records(&self, path: &Path) -> Result<Records> {
-        records(path, self.format_of(path), self.skip_bad_lines)
+        let mut r = records(path, self.format_of(path), self.skip_bad_lines)?;
+        r.max_bytes = self.max_document_bytes;
+        Ok(r)
     }
 
     /// Like [`ReadOptions::records`], counting bytes read into `counter`.
     pub fn records_counted(&self, path: &Path, counter: Arc<AtomicU64>) -> Result<Records> {
-        records_counted(path, self.format_of(path), self.skip_bad_lines, counter)
+        let mut r = records_counted(path, self.format_of(path), self.skip_bad_lines, counter)?;
+        r.max_bytes = self.max_document_bytes;
+        Ok(r)
     }
 
     /// The format of `path` from its extension.
@@ -97,11 +115,18 @@ pub enum DocFormat {
 pub struct Record {
     /// The document's text.
     pub text: String,
-    /// The record exactly as stored: the JSON line (without its newline) for jsonl,
-    /// the document's lines for text.
-    pub raw: String,
+    /// The record exactly as stored, when it differs from `text`: the JSON line
+    /// (without its newline) for jsonl; `None` for text, whose lines are `text`.
+    pub raw: Option<String>,
     /// 1-based line where the record starts.
     pub line: usize,
+}
+
+impl Record {
+    /// The record exactly as stored (see [`Record::raw`]).
+    pub fn raw(&self) -> &str {
+        self.raw.as_deref().unwrap_or(&self.text)
+    }
 }
 
 /// Whether a path names a file we read (`.txt`, `.jsonl`, `.json` lines, and `.gz` of them).
@@ -144,10 +169,7 @@ impl<R: Read> Read for Counting<R> {
 }
 
 fn open_counted(path: &Path, counter: Option<Arc<AtomicU64>>) -> Result<Box<dyn BufRead + Send>> {
-    let file = File::open(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => Error::missing(path, "no such input file"),
-        _ => Error::io(path, e),
-    })?;
+    let file: File = open_regular(path)?;
     let file: Box<dyn Read + Send> = match counter {
         Some(counter) => Box::new(Counting {
             inner: file,
@@ -173,6 +195,10 @@ pub struct Records {
     /// Lines skipped because they were not JSON or lacked the key.
     pub skipped: usize,
     done: bool,
+    /// Longest line or document, in bytes.
+    max_bytes: usize,
+    /// Whether the file is gzip-compressed (for messages).
+    gz: bool,
 }
 
 /// Open `path` for reading records. With `skip_bad_lines`, jsonl lines that are not
@@ -212,55 +238,152 @@ fn records_from(
         skip_bad_lines,
         skipped: 0,
         done: false,
+        max_bytes: DEFAULT_MAX_DOCUMENT_BYTES,
+        gz: path.extension().is_some_and(|e| e == "gz"),
     })
 }
 
+/// Why a line could not be read.
+enum LineError {
+    /// Not UTF-8: the byte offset in the line of the first bad byte, and whether the
+    /// line starts like UTF-16.
+    NotUtf8 {
+        at: usize,
+        utf16: bool,
+    },
+    Other(Error),
+}
+
 impl Records {
+    /// The next line, without its line ending, in `buf`; false at the end of the file.
+    /// A line longer than the limit is an error (nothing past the limit is read).
     fn read_line(&mut self, buf: &mut String) -> Result<bool> {
-        buf.clear();
-        let n = self.reader.read_line(buf).at(&self.path)?;
+        match self.read_line_checked(buf) {
+            Ok(more) => Ok(more),
+            Err(LineError::Other(e)) => Err(e),
+            Err(LineError::NotUtf8 { at, utf16 }) => Err(self.not_utf8(at, utf16)),
+        }
+    }
+
+    fn not_utf8(&self, at: usize, utf16: bool) -> Error {
+        let hint = if utf16 {
+            "it looks like UTF-16: convert it with iconv -f UTF-16 -t UTF-8"
+        } else {
+            "convert the file to UTF-8 (e.g. iconv -f LATIN1 -t UTF-8)"
+        };
+        Error::Data(format!(
+            "{}:{}: not UTF-8 (bad byte at column {}); {hint}",
+            self.path.display(),
+            self.line_no,
+            at + 1
+        ))
+    }
+
+    fn read_line_checked(&mut self, buf: &mut String) -> std::result::Result<bool, LineError> {
+        use std::io::Read;
+        let mut bytes = std::mem::take(buf).into_bytes();
+        bytes.clear();
+        // Room for the longest line allowed and its "\r\n".
+        let limit = self.max_bytes as u64 + 2;
+        let n = (&mut self.reader)
+            .take(limit)
+            .read_until(b'\n', &mut bytes)
+            .map_err(|e| LineError::Other(self.io_error(e)))?;
         if n == 0 {
             return Ok(false);
         }
         self.line_no += 1;
-        if buf.ends_with('\n') {
-            buf.pop();
-            if buf.ends_with('\r') {
-                buf.pop();
+        let complete = bytes.ends_with(b"\n");
+        if complete {
+            bytes.pop();
+            if bytes.ends_with(b"\r") {
+                bytes.pop();
             }
         }
-        Ok(true)
+        if bytes.len() > self.max_bytes || (!complete && n as u64 == limit) {
+            return Err(LineError::Other(self.too_long("a line", self.line_no)));
+        }
+        if self.line_no == 1 && bytes.starts_with(b"\xef\xbb\xbf") {
+            bytes.drain(..3);
+        }
+        match String::from_utf8(bytes) {
+            Ok(s) => {
+                *buf = s;
+                Ok(true)
+            }
+            Err(e) => {
+                let b = e.as_bytes();
+                let utf16 = b.starts_with(b"\xff\xfe") || b.starts_with(b"\xfe\xff");
+                Err(LineError::NotUtf8 {
+                    at: e.utf8_error().valid_up_to(),
+                    utf16: utf16 || (b.len() > 1 && b.iter().skip(1).step_by(2).all(|&x| x == 0)),
+                })
+            }
+        }
+    }
+
+    fn too_long(&self, what: &str, line: usize) -> Error {
+        Error::Data(format!(
+            "{}:{line}: {what} longer than {} (--max-document-bytes); split it into smaller documents or raise --max-document-bytes",
+            self.path.display(),
+            bytes_text(self.max_bytes as u64)
+        ))
+    }
+
+    fn io_error(&self, e: std::io::Error) -> Error {
+        if self.gz
+            && matches!(
+                e.kind(),
+                std::io::ErrorKind::InvalidData
+                    | std::io::ErrorKind::InvalidInput
+                    | std::io::ErrorKind::UnexpectedEof
+            )
+        {
+            return Error::Data(format!(
+                "{}: cannot decompress ({e}); the .gz file is damaged, cut off or not gzip: recompress it or drop the .gz extension",
+                self.path.display()
+            ));
+        }
+        Error::io(&self.path, e)
     }
 
     fn next_record(&mut self) -> Result<Option<Record>> {
         let mut line = String::new();
         match self.format.clone() {
             DocFormat::Jsonl { key } => loop {
-                if !self.read_line(&mut line)? {
-                    return Ok(None);
+                match self.read_line_checked(&mut line) {
+                    Ok(true) => {}
+                    Ok(false) => return Ok(None),
+                    Err(LineError::NotUtf8 { .. }) if self.skip_bad_lines => {
+                        self.skipped += 1;
+                        continue;
+                    }
+                    Err(LineError::NotUtf8 { at, utf16 }) => {
+                        return Err(self.not_utf8(at, utf16));
+                    }
+                    Err(LineError::Other(e)) => return Err(e),
                 }
                 if line.trim().is_empty() {
                     continue;
                 }
-                let parsed: std::result::Result<serde_json::Value, _> = serde_json::from_str(&line);
-                let text = match &parsed {
-                    Ok(v) => v.get(&key).and_then(|t| t.as_str()).map(String::from),
-                    Err(_) => None,
+                let text = match serde_json::from_str::<serde_json::Value>(&line) {
+                    Ok(serde_json::Value::Object(mut o)) => match o.remove(&key) {
+                        Some(serde_json::Value::String(t)) => Ok(t),
+                        _ => Err(format!("no string field \"{key}\"")),
+                    },
+                    Ok(_) => Err(format!("no string field \"{key}\"")),
+                    Err(e) => Err(format!("not JSON ({e})")),
                 };
                 match text {
-                    Some(text) => {
+                    Ok(text) => {
                         return Ok(Some(Record {
                             text,
-                            raw: line,
+                            raw: Some(line),
                             line: self.line_no,
                         }));
                     }
-                    None if self.skip_bad_lines => self.skipped += 1,
-                    None => {
-                        let why = match parsed {
-                            Err(e) => format!("not JSON ({e})"),
-                            Ok(_) => format!("no string field \"{key}\""),
-                        };
+                    Err(_) if self.skip_bad_lines => self.skipped += 1,
+                    Err(why) => {
                         return Err(Error::Data(format!(
                             "{}:{}: {why}; fix the line, pick the field with --json-key, or pass --skip-bad-lines",
                             self.path.display(),
@@ -275,8 +398,8 @@ impl Records {
                 }
                 if !line.trim().is_empty() {
                     return Ok(Some(Record {
-                        text: line.clone(),
-                        raw: line,
+                        text: std::mem::take(&mut line),
+                        raw: None,
                         line: self.line_no,
                     }));
                 }
@@ -284,6 +407,8 @@ impl Records {
             DocFormat::Text(TextLayout::Separator(sep)) => {
                 let mut doc: Vec<String> = Vec::new();
                 let mut start = 0;
+                // Bytes of the document so far, its newlines included.
+                let mut size = 0usize;
                 loop {
                     let more = self.read_line(&mut line)?;
                     let at_sep =
@@ -292,7 +417,7 @@ impl Records {
                         let text = doc.join("\n");
                         if !text.trim().is_empty() {
                             return Ok(Some(Record {
-                                raw: text.clone(),
+                                raw: None,
                                 text,
                                 line: start,
                             }));
@@ -301,10 +426,15 @@ impl Records {
                             return Ok(None);
                         }
                         doc.clear();
+                        size = 0;
                         continue;
                     }
                     if doc.is_empty() {
                         start = self.line_no;
+                    }
+                    size += line.len() + !doc.is_empty() as usize;
+                    if size > self.max_bytes {
+                        return Err(self.too_long("a document", start));
                     }
                     doc.push(line.clone());
                 }
@@ -387,7 +517,7 @@ mod tests {
         let mut r = records(&p, fmt.clone(), false).unwrap();
         let first = r.next().unwrap().unwrap();
         assert_eq!(first.text, "hi");
-        assert_eq!(first.raw, "{\"text\": \"hi\", \"id\": 3}");
+        assert_eq!(first.raw(), "{\"text\": \"hi\", \"id\": 3}");
         let err = r.next().unwrap().unwrap_err().to_string();
         assert!(
             err.contains("f.jsonl:2") && err.contains("--skip-bad-lines"),

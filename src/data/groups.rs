@@ -50,11 +50,11 @@ pub struct Groups {
 impl Groups {
     /// Read and check a groups file.
     pub fn load(path: &Path) -> Result<Groups> {
-        let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => Error::missing(path, "the --groups file"),
-            _ => Error::io(path, e),
-        })?;
-        let groups: Groups = serde_json::from_str(&text).map_err(|e| {
+        if std::fs::symlink_metadata(path).is_err() {
+            return Err(Error::missing(path, "the --groups file"));
+        }
+        let bytes = super::files::read_regular(path, 64 << 20, "a groups file")?;
+        let groups: Groups = serde_json::from_slice(&bytes).map_err(|e| {
             Error::bad_file(
                 path,
                 format!(

@@ -1,7 +1,8 @@
 //! Data: raw documents in, memory-mapped training shards out, and the corpus tools
 //! around it.
 //!
-//! - [`documents`]: streaming `.txt` / `.jsonl` (`.gz`) records.
+//! - [`documents`]: streaming `.txt` / `.jsonl` (`.gz`) records, from files found and
+//!   opened by [`files`] (one walk for every command: loops and non-regular files refused).
 //! - [`prepare`]: `prepare-data`, built from [`sources`] (datasets of a folder), a
 //!   streaming tokenizer pipeline, [`chunk`] (turn-aware cutting), [`augment`]
 //!   (speaker-tag rewriting), [`groups`] (sampling weights), [`writer`] (split streams
@@ -17,10 +18,12 @@ pub mod dedup;
 mod destination;
 pub mod doc_starts;
 pub mod documents;
+pub mod files;
 pub mod groups;
 pub mod megatron;
 pub mod metadata;
 pub mod minhash;
+pub mod pieces;
 mod pipeline;
 pub mod prepare;
 pub mod reader;

@@ -24,6 +24,7 @@ use super::augment::Augmenter;
 use super::chunk::Chunker;
 use super::documents::ReadOptions;
 use super::megatron::TokenDtype;
+use super::pieces::Pieces;
 use super::sources::DatasetSource;
 use super::writer::{SplitStats, SplitWriter};
 use crate::error::{Error, Result};
@@ -43,6 +44,8 @@ pub(super) struct Ctx {
     pub padding: bool,
     pub chunker: Chunker,
     pub augmenter: Option<Augmenter>,
+    /// Where long documents are cut for encoding (memory stays bounded).
+    pub pieces: Pieces,
     /// How the files hold documents.
     pub read: ReadOptions,
     /// Share of documents drawn for validation when a dataset has no validation file.
@@ -99,15 +102,20 @@ fn doc_key(seed: u64, dataset: u64, index: u64, salt: u64) -> u64 {
 
 impl Ctx {
     fn encode(&self, text: &str) -> Result<Unit> {
-        let enc = if self.padding {
-            self.tokenizer.encode(text, false)?
-        } else {
-            self.tokenizer.encode_fast(text, false)?
-        };
-        let plain = enc.get_ids();
+        // Offsets only for the chunker (padding); encode_fast skips them.
+        let (plain, offsets) = self.pieces.encode(text, |t| {
+            if self.padding {
+                let e = self.tokenizer.encode(t, false)?;
+                Ok((e.get_ids().to_vec(), e.get_offsets().to_vec()))
+            } else {
+                let e = self.tokenizer.encode_fast(t, false)?;
+                Ok((e.get_ids().to_vec(), Vec::new()))
+            }
+        })?;
         let mut ids = Vec::with_capacity(plain.len() + 2);
         ids.extend(self.bos);
-        ids.extend_from_slice(plain);
+        ids.extend_from_slice(&plain);
+        drop(plain);
         ids.extend(self.eos);
         if let Some(&bad) = ids.iter().find(|&&i| i > self.dtype.max_id()) {
             return Err(Error::Data(format!(
@@ -117,8 +125,7 @@ impl Ctx {
         }
         let chunks = if self.padding {
             let lead = self.bos.is_some() as usize;
-            self.chunker
-                .chunks(text, enc.get_offsets(), lead, ids.len())
+            self.chunker.chunks(text, &offsets, lead, ids.len())
         } else {
             Vec::new()
         };

@@ -27,11 +27,13 @@ use super::destination::{
     RemoveIfEmpty, build_dataset, damage, existing_record, prepare_destination,
 };
 use super::documents::ReadOptions;
+use super::files::resolve;
 use super::groups::Groups;
 use super::megatron::TokenDtype;
 use super::metadata::{
     DatasetMeta, DatasetRecord, FORMAT, METADATA_FILE, Metadata, Settings, SourceFile, VERSION,
 };
+use super::pieces::{PIECE_BYTES, Pieces};
 use super::pipeline::Ctx;
 use super::sources::{DatasetSource, discover};
 use super::writer::SplitStats;
@@ -67,6 +69,9 @@ pub struct PrepareOptions {
     pub multiple_of: usize,
     /// Target tokens per shard (more shards when a split is larger).
     pub shard_tokens: u64,
+    /// Documents longer than this many bytes are encoded in pieces cut between words
+    /// (see [`super::pieces`]); the same ids, in bounded memory.
+    pub piece_bytes: usize,
     pub overwrite: bool,
     /// Draw a progress bar on stderr.
     pub progress: bool,
@@ -90,6 +95,7 @@ impl PrepareOptions {
             groups: None,
             multiple_of: 8,
             shard_tokens: 100_000_000,
+            piece_bytes: PIECE_BYTES,
             overwrite: false,
             progress: false,
         }
@@ -119,8 +125,7 @@ impl PrepareOptions {
             problems.push(e.to_string());
         }
         // An output inside the source would be read as a dataset by the next run.
-        let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
-        let (src, dest) = (abs(&self.source), abs(&self.destination));
+        let (src, dest) = (resolve(&self.source), resolve(&self.destination));
         if dest.starts_with(&src) && !self.source.is_file() {
             problems.push(format!(
                 "--destination-path {} lies inside --source-path {}; a re-run would read the output as a dataset: write it elsewhere",
@@ -161,6 +166,24 @@ pub struct PrepareReport {
     pub seconds: f64,
 }
 
+/// The longest context `--max-length` defaults to: beyond it, a model's
+/// `max_position_embeddings` is no length a sample can be trained at (the longest
+/// real contexts are about 10M tokens).
+pub const MAX_DEFAULT_LENGTH: usize = 1 << 24;
+
+/// `--max-length` by default: the model's context, unless no machine could train on
+/// samples that long.
+fn default_max_length(model_dir: &Path) -> Result<usize> {
+    let context = crate::config::load_config(model_dir)?.block_size;
+    if context > MAX_DEFAULT_LENGTH {
+        return Err(Error::Usage(format!(
+            "{}: the model's context (max_position_embeddings) is {context} tokens, too long for samples (at most {MAX_DEFAULT_LENGTH} by default); pass --max-length with the length to train at",
+            model_dir.join("config.json").display()
+        )));
+    }
+    Ok(context)
+}
+
 /// Turn raw datasets into shards under `opts.destination`.
 pub fn prepare_data(opts: &PrepareOptions) -> Result<PrepareReport> {
     let started = Instant::now();
@@ -168,7 +191,7 @@ pub fn prepare_data(opts: &PrepareOptions) -> Result<PrepareReport> {
     let tok = Tokenizer::from_dir(&opts.checkpoint_dir)?;
     let max_length = match opts.max_length {
         Some(n) => n,
-        None => crate::config::load_config(&opts.checkpoint_dir)?.block_size,
+        None => default_max_length(&opts.checkpoint_dir)?,
     };
     let block_size = max_length + 1;
     let (chunker, augmenter) = chunking(opts, block_size)?;
@@ -272,6 +295,18 @@ fn pipeline_context(
             opts.checkpoint_dir.display()
         );
     }
+    let pieces = Pieces::probe(
+        opts.piece_bytes,
+        |t| Ok(inner.encode_fast(t, false)?.get_ids().to_vec()),
+        |ids| Ok(inner.decode(ids, false)?),
+    )?;
+    if pieces.mode.is_none() {
+        eprintln!(
+            "note: {} cannot be cut between words without changing its ids, so each document is encoded whole: memory grows with the longest document (at most --max-document-bytes {})",
+            tok.path().display(),
+            opts.read.max_document_bytes
+        );
+    }
     Ok(Ctx {
         tokenizer: inner,
         block_size,
@@ -281,6 +316,7 @@ fn pipeline_context(
         padding: opts.padding,
         chunker,
         augmenter,
+        pieces,
         read: opts.read.clone(),
         val_fraction: opts.val_fraction,
         seed: opts.seed,
@@ -453,7 +489,7 @@ fn build_datasets(
 fn source_files(root: &Path, src: &DatasetSource) -> Result<Vec<SourceFile>> {
     src.files()
         .map(|(p, val)| {
-            let bytes = std::fs::metadata(p).at(p)?.len();
+            let bytes = super::files::regular_len(p)?;
             let rel = p.strip_prefix(root).unwrap_or(p);
             let rel = if rel.as_os_str().is_empty() {
                 p.file_name().map(Path::new).unwrap_or(p)

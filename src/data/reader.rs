@@ -24,7 +24,7 @@ use super::doc_starts::DocStarts;
 use super::megatron::IndexedShard;
 use super::metadata::{DATASET_FILE, FORMAT, METADATA_FILE, Metadata, VERSION};
 use super::writer::SplitStats;
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 
 /// A prepared output folder.
 #[derive(Debug)]
@@ -82,12 +82,12 @@ impl PreparedData {
                 dir.display()
             )));
         }
-        let text = std::fs::read_to_string(&meta_path).at(&meta_path)?;
+        let text = super::files::read_regular(&meta_path, 1 << 30, "prepare-data metadata")?;
         let fingerprint = {
             use sha2::Digest;
-            crate::tokenizer::hex(&sha2::Sha256::digest(text.as_bytes()))[..16].to_string()
+            crate::tokenizer::hex(&sha2::Sha256::digest(&text))[..16].to_string()
         };
-        let metadata: Metadata = serde_json::from_str(&text)
+        let metadata: Metadata = serde_json::from_slice(&text)
             .map_err(|e| Error::bad_file(&meta_path, format!("not prepare-data metadata: {e}")))?;
         if metadata.format != FORMAT || metadata.version != VERSION {
             return Err(Error::bad_file(

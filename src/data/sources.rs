@@ -5,12 +5,14 @@
 //! folder or the file without its extensions. Hidden entries and other files (licences,
 //! READMEs) are ignored. Inside a folder, files named `test`, `dev`, `valid` or
 //! `validation` (optionally followed by `-`, `_` or `.` and more) form the validation
-//! split. The source may also be a single document file: one dataset.
+//! split. The source may also be a single document file: one dataset. Folders are
+//! walked as [`super::files`] says: links followed, loops and non-regular document
+//! files refused.
 
 use std::path::{Path, PathBuf};
 
-use super::documents::is_document_file;
-use crate::error::{Error, IoContext, Result};
+use super::files::{self, EntryKind, Listing, Walker};
+use crate::error::{Error, Result};
 
 /// One dataset's raw files.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,35 +54,9 @@ pub fn is_validation_file(path: &Path) -> bool {
     })
 }
 
-fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .at(dir)?
-        .map(|e| e.map(|e| e.path()))
-        .collect::<std::io::Result<_>>()
-        .at(dir)?;
-    v.retain(|p| {
-        !p.file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with('.'))
-    });
-    v.sort();
-    Ok(v)
-}
-
-fn document_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-    for p in sorted_entries(dir)? {
-        if p.is_dir() {
-            document_files(&p, out)?;
-        } else if is_document_file(&p) {
-            out.push(p);
-        }
-    }
-    Ok(())
-}
-
 /// The datasets under `source`, sorted by name.
 pub fn discover(source: &Path) -> Result<Vec<DatasetSource>> {
-    if !source.exists() {
+    if std::fs::symlink_metadata(source).is_err() {
         return Err(Error::missing(
             source,
             "--source-path must be a folder of datasets or a .txt/.jsonl(.gz) file",
@@ -97,8 +73,10 @@ pub fn discover(source: &Path) -> Result<Vec<DatasetSource>> {
         train_files: vec![p.to_path_buf()],
         val_files: vec![],
     };
-    if source.is_file() {
-        if !is_document_file(source) {
+    let mut walker = Walker::new();
+    let root_kind = files::classify(source)?;
+    if root_kind != EntryKind::Folder {
+        if root_kind != EntryKind::Document {
             return Err(Error::Usage(format!(
                 "--source-path {}: not a .txt or .jsonl file (optionally .gz)",
                 source.display()
@@ -107,10 +85,12 @@ pub fn discover(source: &Path) -> Result<Vec<DatasetSource>> {
         return Ok(vec![single(source)]);
     }
     let mut out: Vec<DatasetSource> = Vec::new();
-    for p in sorted_entries(source)? {
-        let ds = if p.is_dir() {
-            let mut files = Vec::new();
-            document_files(&p, &mut files)?;
+    walker.enter_root(source)?;
+    for (p, kind) in walker.entries(source)? {
+        let ds = if kind == EntryKind::Folder {
+            let mut listing = Listing::default();
+            walker.walk(&p, &mut listing)?;
+            let files = listing.documents;
             if files.is_empty() {
                 return Err(Error::Data(format!(
                     "dataset {}: no .txt or .jsonl files (optionally .gz) in it; add some or move the folder out of --source-path",
@@ -131,7 +111,7 @@ pub fn discover(source: &Path) -> Result<Vec<DatasetSource>> {
                 train_files,
                 val_files,
             }
-        } else if is_document_file(&p) {
+        } else if kind == EntryKind::Document {
             single(&p)
         } else {
             continue;

@@ -18,7 +18,12 @@
 //!   `tokenizer_class: PreTrainedTokenizerFast`.
 //!
 //! Training streams the documents (files are read once, in order) and keeps only the
-//! word counts in memory. The result does not depend on the thread count.
+//! word counts in memory. The result does not depend on the thread count. A document
+//! longer than [`TrainTokenizerOptions::piece_bytes`] is fed in pieces cut before a
+//! space or newline (see [`super::pieces`]): the words, and so the counts, are those of
+//! the whole document, but the trainer holds one piece at a time (one 50 MB line took
+//! 4.2 GB whole). A stretch without any such cut is cut anywhere, which splits one word
+//! there.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -35,6 +40,7 @@ use tokenizers::{
 
 use super::dedup::{InputFile, list_inputs};
 use super::documents::{ReadOptions, Records};
+use super::pieces::{PIECE_BYTES, Pieces};
 use crate::error::{Error, IoContext, Result};
 
 /// What to train on and what to produce.
@@ -62,6 +68,8 @@ pub struct TrainTokenizerOptions {
     /// Replace an existing `tokenizer.json` in `output`.
     pub overwrite: bool,
     pub progress: bool,
+    /// Longest text handed to the trainer at once (longer documents go in pieces).
+    pub piece_bytes: usize,
 }
 
 impl TrainTokenizerOptions {
@@ -81,6 +89,7 @@ impl TrainTokenizerOptions {
             read: ReadOptions::default(),
             overwrite: false,
             progress: false,
+            piece_bytes: PIECE_BYTES,
         }
     }
 
@@ -121,6 +130,9 @@ impl TrainTokenizerOptions {
         }
         if self.model_max_length == 0 {
             bad.push("--model-max-length must be positive".into());
+        }
+        if let Some(p) = self.read.problem() {
+            bad.push(p.into());
         }
         if bad.is_empty() {
             Ok(())
@@ -212,6 +224,8 @@ pub fn train_tokenizer(opts: &TrainTokenizerOptions) -> Result<TrainedTokenizer>
     let texts = Texts {
         files: files.iter(),
         current: None,
+        long: None,
+        pieces: Pieces::byte_level(opts.piece_bytes),
         opts,
         stats: &stats,
         done: false,
@@ -222,9 +236,21 @@ pub fn train_tokenizer(opts: &TrainTokenizerOptions) -> Result<TrainedTokenizer>
     }
     let documents = stats.documents.load(Ordering::Relaxed);
     if documents == 0 {
+        let skipped = stats.skipped.load(Ordering::Relaxed);
+        let inputs: Vec<String> = opts
+            .inputs
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
         return Err(Error::Data(format!(
-            "train-tokenizer: no documents in {}",
-            files[0].path.display()
+            "train-tokenizer: no documents in the {} file(s) under {}{}; check --doc-separator / --json-key",
+            files.len(),
+            inputs.join(", "),
+            if skipped > 0 {
+                format!(" ({skipped} lines skipped by --skip-bad-lines)")
+            } else {
+                String::new()
+            }
         )));
     }
 
@@ -335,6 +361,9 @@ struct Stats {
 struct Texts<'a> {
     files: std::slice::Iter<'a, InputFile>,
     current: Option<Records>,
+    /// A long document being handed over in pieces: its text and the pieces left.
+    long: Option<(String, std::vec::IntoIter<std::ops::Range<usize>>)>,
+    pieces: Pieces,
     opts: &'a TrainTokenizerOptions,
     stats: &'a Stats,
     done: bool,
@@ -353,6 +382,12 @@ impl Iterator for Texts<'_> {
 
     fn next(&mut self) -> Option<String> {
         while !self.done {
+            if let Some((text, ranges)) = &mut self.long {
+                match ranges.next() {
+                    Some(r) => return Some(text[r].to_string()),
+                    None => self.long = None,
+                }
+            }
             if let Some(recs) = &mut self.current {
                 match recs.next() {
                     Some(Ok(r)) => {
@@ -360,7 +395,12 @@ impl Iterator for Texts<'_> {
                         self.stats
                             .bytes
                             .fetch_add(r.text.len() as u64, Ordering::Relaxed);
-                        return Some(r.text);
+                        if !self.pieces.cuts(&r.text) {
+                            return Some(r.text);
+                        }
+                        let ranges = self.pieces.ranges(&r.text).into_iter();
+                        self.long = Some((r.text, ranges));
+                        continue;
                     }
                     Some(Err(e)) => return self.fail(e),
                     None => {

@@ -60,6 +60,7 @@ pub fn quantize(
     ty: QuantType,
     overwrite: bool,
 ) -> Result<QuantizeReport> {
+    check_not_an_input(dir, output)?;
     if output.exists() && !overwrite {
         return Err(Error::Usage(format!(
             "--output {} exists; pass --overwrite to replace it",
@@ -90,6 +91,40 @@ pub fn quantize(
         tensors: tensors.len(),
         fallbacks,
     })
+}
+
+/// Refuse an `output` that is one of the checkpoint's own files (even with
+/// `--overwrite`, as `merge-lora` and `convert-to-hf` refuse their input): the weights,
+/// config and tokenizer quantize reads, compared by canonical path, so a symlink to
+/// one, or a symlink in the folder pointing at the output, is caught too. Other files
+/// of the folder (an earlier `.gguf`) may be replaced; a new file may be written there.
+fn check_not_an_input(dir: &Path, output: &Path) -> Result<()> {
+    let Ok(out) = output.canonicalize() else {
+        // Nothing there yet (or a dangling link): nothing it could replace.
+        return Ok(());
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(()); // `hf::open` names the folder's problem.
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let is_gguf = path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+        if is_gguf {
+            continue;
+        }
+        if path.canonicalize().is_ok_and(|p| p == out) {
+            return Err(Error::Usage(format!(
+                "--output {} is {}, a file of --checkpoint-dir {} that quantize reads; write the GGUF file elsewhere (e.g. {}), --overwrite does not replace an input",
+                output.display(),
+                path.display(),
+                dir.display(),
+                dir.join("model.gguf").display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The llama.cpp architecture for `cfg`, or why llama.cpp cannot run it.

@@ -68,6 +68,8 @@ pub struct ResolvedCheckpoint {
     /// The base model folder: given, or from `training_state.json` (may not exist
     /// for a full checkpoint, which does not need it).
     pub base: Option<PathBuf>,
+    /// `base` comes from `training_state.json` (not given).
+    pub base_from_state: bool,
 }
 
 /// Find the checkpoint at `input`: a checkpoint folder, a plain HF folder, a PEFT
@@ -110,6 +112,7 @@ pub fn resolve_checkpoint(input: &Path, base: Option<&Path>) -> Result<ResolvedC
     } else {
         None
     };
+    let base_from_state = base.is_none();
     let base = match base {
         Some(b) => Some(b.to_path_buf()),
         None => training_state
@@ -123,6 +126,7 @@ pub fn resolve_checkpoint(input: &Path, base: Option<&Path>) -> Result<ResolvedC
         kind,
         training_state,
         base,
+        base_from_state,
     })
 }
 
@@ -141,7 +145,43 @@ fn require_base(ck: &ResolvedCheckpoint) -> Result<PathBuf> {
             "the adapter's base model folder; pass the right one with --checkpoint-dir",
         ));
     }
+    check_base_weights(ck, &base)?;
     Ok(base)
+}
+
+/// The base weights an adapter is merged into must be those it was trained on: the
+/// fingerprint in `training_state.json` (written since it records one) is checked.
+/// A mismatch is refused when the base comes from the state, said when it was given
+/// (a copy in another precision is the user's call). A relative base path (states of
+/// older versions kept it as typed) is said, since it is read from the current folder.
+fn check_base_weights(ck: &ResolvedCheckpoint, base: &Path) -> Result<()> {
+    if ck.base_from_state && base.is_relative() {
+        eprintln!(
+            "warning: {}'s {TRAINING_STATE} names its base model relative to where training ran ({}); read from the current folder; pass --checkpoint-dir to be sure",
+            ck.dir.display(),
+            base.display()
+        );
+    }
+    let expected = ck
+        .training_state
+        .as_ref()
+        .and_then(|s| s.get("base_fingerprint"))
+        .and_then(Value::as_str);
+    let Some(expected) = expected else {
+        return Ok(());
+    };
+    match super::merge::check_base_fingerprint(
+        &ck.dir,
+        base,
+        expected,
+        "pass the base model it was trained on with --checkpoint-dir",
+    ) {
+        Err(e) if !ck.base_from_state => {
+            eprintln!("warning: {e}");
+            Ok(())
+        }
+        other => other,
+    }
 }
 
 /// What an export wrote.

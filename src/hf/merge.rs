@@ -24,6 +24,10 @@
 //!
 //! Nothing is loaded up front: each tensor is a [`LazyTensor`] read from the
 //! memory-mapped base when it is written.
+//!
+//! An adapter trained by lit-claire records a fingerprint of its base weights
+//! ([`base_fingerprint`]); merging it into other weights is refused
+//! ([`check_base_fingerprint`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -500,4 +504,66 @@ fn merged_tensors(
         ));
     }
     tensors
+}
+
+/// Bytes read at each of [`FINGERPRINT_SAMPLES`] places of a weight file.
+const FINGERPRINT_CHUNK: u64 = 4096;
+const FINGERPRINT_SAMPLES: u64 = 16;
+
+/// A cheap fingerprint of the weights in the model folder `dir`: per weight file, its
+/// name, size, safetensors header and 16 chunks of 4 KiB spread over its data, hashed.
+/// Another model of the same shapes (another fine-tune, other precision) differs.
+pub fn base_fingerprint(dir: &Path) -> Result<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut bytes = Vec::new();
+    for f in crate::model::weights::weight_files(dir)? {
+        let mut file = std::fs::File::open(&f).at(&f)?;
+        let size = file.metadata().at(&f)?.len();
+        let name = f.file_name().map(|n| n.to_string_lossy().into_owned());
+        bytes.extend(name.unwrap_or_default().as_bytes());
+        bytes.extend(size.to_le_bytes());
+        let mut len = [0u8; 8];
+        file.read_exact(&mut len).at(&f)?;
+        let header = u64::from_le_bytes(len);
+        if header > 100_000_000 || 8 + header > size {
+            return Err(Error::bad_file(
+                &f,
+                "not a safetensors file (bad header length)",
+            ));
+        }
+        let mut buf = vec![0u8; header as usize];
+        file.read_exact(&mut buf).at(&f)?;
+        bytes.extend(&buf);
+        let data = 8 + header;
+        let span = size - data;
+        for i in 0..FINGERPRINT_SAMPLES {
+            let at = data + span * i / FINGERPRINT_SAMPLES;
+            file.seek(SeekFrom::Start(at)).at(&f)?;
+            let mut chunk = Vec::new();
+            (&mut file)
+                .take(FINGERPRINT_CHUNK.min(size - at))
+                .read_to_end(&mut chunk)
+                .at(&f)?;
+            bytes.extend(&chunk);
+        }
+    }
+    Ok(format!(
+        "xxh3-128:{:032x}",
+        twox_hash::XxHash3_128::oneshot(&bytes)
+    ))
+}
+
+/// Fail unless the weights in `base` are those a checkpoint was trained on
+/// (`expected`: its `training_state.json`'s `base_fingerprint`). `what`: the checkpoint, and `fix`,
+/// for the message.
+pub fn check_base_fingerprint(what: &Path, base: &Path, expected: &str, fix: &str) -> Result<()> {
+    let found = base_fingerprint(base)?;
+    if found != expected {
+        return Err(Error::Usage(format!(
+            "{} was trained on other base weights than those in {} (fingerprint {found}, its training_state.json says {expected}); {fix}",
+            what.display(),
+            base.display()
+        )));
+    }
+    Ok(())
 }

@@ -82,7 +82,8 @@ impl YScale {
             }
         }
         let log = lo > 0.0 && hi / lo > LOG_RATIO;
-        let pad = 0.04 * (to_axis(hi, log) - to_axis(lo, log));
+        // Each end scaled before the difference: 1e308 − (−1e308) would be infinite.
+        let pad = 0.04 * to_axis(hi, log) - 0.04 * to_axis(lo, log);
         if min.is_none() {
             lo = from_axis(to_axis(lo, log) - pad, log);
             if !log && data_lo >= 0.0 {
@@ -92,6 +93,14 @@ impl YScale {
         if max.is_none() {
             hi = from_axis(to_axis(hi, log) + pad, log);
         }
+        // Padding near the ends of f64 (a loss of 1e300 on a log axis) must not reach
+        // infinity or zero: every tick and pixel below is computed from these.
+        lo = if log {
+            lo.max(f64::MIN_POSITIVE)
+        } else {
+            lo.max(-f64::MAX)
+        };
+        hi = hi.min(f64::MAX);
         let ticks = if log {
             log_ticks(lo, hi)
         } else {
@@ -122,10 +131,17 @@ impl YScale {
             // Log ticks are round values of different magnitudes: each with its own digits.
             format_short(round_sig(v, 6))
         } else {
-            format_decimal(
-                v,
-                tick_step(&self.ticks).unwrap_or((self.hi - self.lo) / 5.0),
-            )
+            let step = tick_step(&self.ticks).unwrap_or(self.hi / 5.0 - self.lo / 5.0);
+            let largest = self.lo.abs().max(self.hi.abs());
+            if largest >= 1e7 {
+                // 1e20 is not written out in 21 digits: a mantissa with the digits the
+                // spacing needs, and the power of ten the whole axis shares.
+                let exp = largest.log10().floor() as i32;
+                let unit = 10f64.powi(exp);
+                format!("{}e{exp}", format_decimal(v / unit, step / unit))
+            } else {
+                format_decimal(v, step)
+            }
         }
     }
 }
@@ -159,14 +175,16 @@ pub fn linear_ticks(lo: f64, hi: f64, target: usize) -> Vec<f64> {
     if hi <= lo || !lo.is_finite() || !hi.is_finite() {
         return vec![lo];
     }
-    let raw = (hi - lo) / target.max(1) as f64;
+    let t = target.max(1) as f64;
+    // Each end divided first: the span of −1e308..1e308 is not a finite number.
+    let raw = hi / t - lo / t;
     ticks_every(lo, hi, raw)
 }
 
 /// The ticks of the x axis: as [`linear_ticks`], whole numbers for steps and tokens.
 pub fn x_ticks(axis: XAxis, lo: f64, hi: f64) -> Vec<f64> {
     let min_step = if axis == XAxis::Hours { 0.0 } else { 1.0 };
-    let raw = ((hi - lo) / 10.0).max(min_step);
+    let raw = (hi / 10.0 - lo / 10.0).max(min_step);
     if hi <= lo || !lo.is_finite() || !hi.is_finite() {
         return vec![lo];
     }
@@ -176,6 +194,9 @@ pub fn x_ticks(axis: XAxis, lo: f64, hi: f64) -> Vec<f64> {
 /// Multiples in `[lo, hi]` of the roundest spacing (1, 2, 2.5 or 5 times a power of ten)
 /// of at least `raw`.
 fn ticks_every(lo: f64, hi: f64, raw: f64) -> Vec<f64> {
+    if !(raw.is_finite() && raw > 0.0) {
+        return vec![lo];
+    }
     let mag = 10f64.powf(raw.log10().floor());
     let step = [1.0, 2.0, 2.5, 5.0, 10.0]
         .iter()
@@ -184,10 +205,17 @@ fn ticks_every(lo: f64, hi: f64, raw: f64) -> Vec<f64> {
         .unwrap_or(10.0 * mag);
     let first = (lo / step).ceil() as i64;
     let last = (hi / step).floor() as i64;
+    // `step` is at least the span over the number of ticks wanted, so this is about
+    // that many; the bound only guards against float surprises.
     (first..=last)
+        .take(MAX_LINEAR_TICKS)
         .map(|k| round_sig(k as f64 * step, 12))
+        .filter(|v| v.is_finite())
         .collect()
 }
+
+/// Most ticks a linear axis computes.
+const MAX_LINEAR_TICKS: usize = 100;
 
 /// Ticks of a log axis on `[lo, hi]` (`lo > 0`): the sparsest of a few sets of round
 /// mantissas per decade that gives at least 5 ticks and leaves neither end of the axis
@@ -203,12 +231,26 @@ pub fn log_ticks(lo: f64, hi: f64) -> Vec<f64> {
             1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 6.0, 7.0, 8.0, 9.0,
         ],
     ];
+    if !(lo > 0.0 && hi >= lo && hi.is_finite()) {
+        return vec![lo];
+    }
     let covers = |t: &[f64]| t.len() >= 5 && t[0] / lo <= 1.25 && hi / t[t.len() - 1] <= 1.25;
+    // More decades than labels (a loss of 1e300 beside one of 2): powers of ten every
+    // few decades, never one label per decade of hundreds.
+    let (first, last) = (lo.log10().floor() as i32, hi.log10().floor() as i32);
+    let decades = (last - first + 1) as usize;
+    if decades > MAX_LOG_TICKS {
+        let stride = decades.div_ceil(MAX_LOG_TICKS) as i32;
+        return (first.div_euclid(stride)..=last.div_euclid(stride) + 1)
+            .map(|k| round_sig(10f64.powi(k * stride), 6))
+            .filter(|v| *v >= lo && *v <= hi)
+            .collect();
+    }
     let mut best: Vec<f64> = Vec::new();
     for set in SETS {
         let mut ticks = Vec::new();
-        let mut decade = 10f64.powf(lo.log10().floor());
-        while decade <= hi {
+        let mut decade = 10f64.powi(first);
+        while decade <= hi && decade.is_finite() {
             for m in set {
                 // Round away float noise such as 0.30000000000000004.
                 let v = round_sig(m * decade, 6);
@@ -238,11 +280,25 @@ fn round_sig(v: f64, digits: i32) -> f64 {
         return 0.0;
     }
     let scale = 10f64.powi(digits - 1 - v.abs().log10().floor() as i32);
-    (v * scale).round() / scale
+    let rounded = (v * scale).round() / scale;
+    // Near the ends of f64 the scale itself overflows or underflows: keep `v`.
+    if rounded.is_finite() && rounded != 0.0 {
+        rounded
+    } else {
+        v
+    }
 }
 
-/// The shortest decimal form of `v` (`2`, `1.5`, `0.25`).
+/// The shortest decimal form of `v` (`2`, `1.5`, `0.25`); `1e300`, `2e-12` beyond a
+/// million or below 1e-4.
 fn format_short(v: f64) -> String {
+    if v != 0.0 && !(1e-4..1e6).contains(&v.abs()) {
+        // Six significant digits at most, trailing zeros dropped: `1e300`, `2.5e-12`.
+        let s = format!("{v:.5e}");
+        let (mantissa, exp) = s.split_once('e').unwrap_or((&s, "0"));
+        let mantissa = mantissa.trim_end_matches('0').trim_end_matches('.');
+        return format!("{mantissa}e{exp}");
+    }
     let s = format!("{v:.6}");
     let s = s.trim_end_matches('0').trim_end_matches('.');
     s.to_string()
@@ -356,6 +412,54 @@ mod tests {
         );
         let t = log_ticks(1.55, 19.0);
         assert!(t.len() <= MAX_LOG_TICKS && t.contains(&2.0), "{t:?}");
+    }
+
+    /// Issue 23, case 10: a loss of 1e300 padded the log axis to infinity and the
+    /// tick loop never ended. Ends stay finite, ticks few, labels short, at every
+    /// extreme.
+    #[test]
+    fn extreme_ranges_give_a_few_finite_ticks() {
+        for (lo, hi, min, max) in [
+            (2.0, 1e300, None, None),
+            (2.0, f64::MAX, None, None),
+            (f64::MIN_POSITIVE, f64::MAX, None, None),
+            (1e-300, 3.0, None, None),
+            (2.0, 1e100, None, None),
+            (-f64::MAX, f64::MAX, Some(-f64::MAX), None),
+            (1e300, 1.1e300, None, None),
+            (0.5, 0.5, None, None),
+        ] {
+            let start = std::time::Instant::now();
+            let y = YScale::new(lo, hi, min, max);
+            assert!(y.lo.is_finite() && y.hi.is_finite() && y.lo < y.hi, "{y:?}");
+            assert!(!y.log || y.lo > 0.0, "{y:?}");
+            assert!(
+                !y.ticks.is_empty() && y.ticks.len() <= 100,
+                "{lo} {hi}: {y:?}"
+            );
+            assert!(y.ticks.iter().all(|t| t.is_finite()), "{y:?}");
+            for t in &y.ticks {
+                let label = y.label(y.to_axis(*t));
+                assert!(label.len() <= 12, "{lo} {hi}: {label}");
+            }
+            assert!(
+                start.elapsed().as_secs() < 2,
+                "{lo} {hi}: {:?}",
+                start.elapsed()
+            );
+        }
+        let y = YScale::new(2.0, 1e300, None, None);
+        assert!(y.log && y.ticks.len() <= MAX_LOG_TICKS, "{:?}", y.ticks);
+        assert_eq!(y.label(1e300f64.ln()), "1e300");
+        let y = YScale::new(1e20, 2e20, None, None);
+        assert!(!y.log);
+        assert!(y.label(1.5e20).ends_with("e20"), "{}", y.label(1.5e20));
+        let t = linear_ticks(-f64::MAX, f64::MAX, 8);
+        assert!(
+            (3..=12).contains(&t.len()) && t.iter().all(|v| v.is_finite()),
+            "{t:?}"
+        );
+        assert_eq!(log_ticks(1.0, f64::INFINITY), vec![1.0]);
     }
 
     #[test]

@@ -22,7 +22,7 @@ use plotters::coord::cartesian::Cartesian2d;
 use plotters::coord::ranged1d::{DefaultFormatting, KeyPointHint, Ranged};
 use plotters::prelude::*;
 
-use super::axis::{YScale, format_x};
+use super::axis::{YScale, format_x, linear_ticks};
 use super::legend::Legend;
 use super::marker::{Marker, Shape};
 use super::scene::{DrawResult, FAMILY, INK, PALETTE, Scene, dataset_shapes, register_fonts};
@@ -45,6 +45,15 @@ pub fn render<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, scene: &Scene) 
     let legend = Legend::new(scene);
     let legend_width = legend.width(root)?.min(width / 3);
     let (plot_area, legend_area) = body.split_horizontally(width - legend_width);
+    // Task metrics, when there are any, get the lower part.
+    let has_tasks = scene.runs.iter().any(|r| !r.tasks.is_empty());
+    let (plot_area, task_area) = if has_tasks {
+        let (_, h) = plot_area.dim_in_pixel();
+        let (a, b) = plot_area.split_vertically(h * 62 / 100);
+        (a, Some(b))
+    } else {
+        (plot_area, None)
+    };
 
     let (x0, x1) = scene.x_range;
     let (y0, y1) = scene.y.axis_range();
@@ -136,6 +145,83 @@ pub fn render<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, scene: &Scene) 
     }
 
     legend.draw(&legend_area, top)?;
+    if let Some(area) = task_area {
+        task_panel(&area, scene)?;
+    }
+    Ok(())
+}
+
+/// The downstream task panel: one line per run and task (its headline metric, see
+/// `plot::tasks`), marked per task and named at its last point.
+fn task_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, scene: &Scene) -> DrawResult<DB> {
+    let all = || scene.runs.iter().flat_map(|r| r.tasks.values().flatten());
+    let (lo, hi) = all().fold((f64::MAX, f64::MIN), |(lo, hi), p| {
+        (lo.min(p.1), hi.max(p.1))
+    });
+    let pad = ((hi - lo) * 0.08).max(1e-3 * hi.abs().max(1.0));
+    let (y0, y1) = (lo - pad, hi + pad);
+    let (x0, x1) = scene.x_range;
+    let mut chart = ChartBuilder::on(area)
+        .margin_top(6)
+        .margin_left(10)
+        .margin_right(18)
+        .margin_bottom(8)
+        .x_label_area_size(40)
+        .y_label_area_size(78)
+        .build_cartesian_2d(
+            TickAxis::new(x0, x1, scene.x_ticks.clone()),
+            TickAxis::new(y0, y1, linear_ticks(y0, y1, 4)),
+        )?;
+    let x_step = match scene.x_ticks.as_slice() {
+        [a, b, ..] => b - a,
+        _ => (x1 - x0) / 5.0,
+    };
+    let x_fmt = |v: &f64| format_x(scene.x_axis, *v, x_step);
+    let y_fmt = |v: &f64| format!("{v:.3}");
+    chart
+        .configure_mesh()
+        .y_desc("task metric")
+        .x_label_formatter(&x_fmt)
+        .y_label_formatter(&y_fmt)
+        .label_style((FAMILY, 14).into_font().color(&INK))
+        .axis_desc_style((FAMILY, 16).into_font().color(&INK))
+        .bold_line_style(GRID.stroke_width(1))
+        .light_line_style(WHITE.mix(0.0))
+        .axis_style(RGBColor(120, 120, 120).stroke_width(1))
+        .set_all_tick_mark_size(5)
+        .draw()?;
+    let mut names: Vec<&(String, String)> =
+        scene.runs.iter().flat_map(|r| r.tasks.keys()).collect();
+    names.sort();
+    names.dedup();
+    let clip = Clip {
+        x: scene.x_range,
+        y: (y0, y1),
+    };
+    for (i, run) in scene.runs.iter().enumerate() {
+        let colour = PALETTE[i % PALETTE.len()];
+        for (key, pts) in &run.tasks {
+            let k = names.iter().position(|n| *n == key).unwrap_or(0);
+            let shape = Shape::FOR_DATASETS[k % Shape::FOR_DATASETS.len()];
+            for piece in clip.polyline(pts) {
+                chart.draw_series(LineSeries::new(piece, colour.stroke_width(2)))?;
+            }
+            let inside: Vec<Point> = pts.iter().copied().filter(|p| clip.contains(*p)).collect();
+            chart.draw_series(
+                inside
+                    .iter()
+                    .map(|&p| Marker::new(p, shape, 5, colour.stroke_width(2))),
+            )?;
+            if let Some(&last) = inside.last() {
+                let label = format!("{} {}", key.0, key.1);
+                chart.draw_series(std::iter::once(Text::new(
+                    label,
+                    last,
+                    (FAMILY, 13).into_font().color(&colour),
+                )))?;
+            }
+        }
+    }
     Ok(())
 }
 
@@ -217,7 +303,8 @@ impl Ranged for TickAxis {
         if self.hi == self.lo {
             return (limit.0 + limit.1) / 2;
         }
-        let t = (v - self.lo) / (self.hi - self.lo);
+        // Halves: the span of an axis near the ends of f64 is not a finite number.
+        let t = (v / 2.0 - self.lo / 2.0) / (self.hi / 2.0 - self.lo / 2.0);
         let px = limit.0 as f64 + t * (limit.1 - limit.0) as f64;
         px.round().clamp(-1e6, 1e6) as i32
     }

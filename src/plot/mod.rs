@@ -7,7 +7,9 @@
 //! them on one chart: one colour per run, one line/marker style per kind of series,
 //! against optimizer step, training tokens or wall-clock hours. The loss axis is
 //! logarithmic when the shown range spans more than 3× (loss falling from 10 to 2 early
-//! in training would otherwise flatten everything after it).
+//! in training would otherwise flatten everything after it). Downstream task metrics
+//! (`eval_results.csv` of `lit-claire evaluate`, and `pretrain --eval-tasks` columns of
+//! `metrics.csv`) get a second panel under the losses, on the same x axis.
 //!
 //! With [`YAxis::Bpb`] (`plot --y bpb`) the y axis is validation bits per byte
 //! (`val_bpb` of `metrics.csv`, `bits_per_byte` of `validation_results.csv`) instead of
@@ -32,6 +34,7 @@ mod marker;
 mod runs;
 mod scene;
 mod series;
+mod tasks;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -45,6 +48,7 @@ pub use runs::{
     read_validation_results,
 };
 pub use series::RunSeries;
+pub use tasks::{EVAL_FILE, EvalRow, read_eval_results};
 
 use crate::error::{Error, IoContext, Result};
 
@@ -203,6 +207,8 @@ pub struct RunSummary {
     pub offline_points: usize,
     /// Offline validation datasets, by name.
     pub datasets: Vec<String>,
+    /// Downstream tasks in the second panel, as `task metric`.
+    pub tasks: Vec<String>,
 }
 
 /// Draw the loss curves of `runs` into `opts.output` (PNG or SVG by its extension).
@@ -232,6 +238,7 @@ pub fn plot_runs(runs: &[PathBuf], opts: &PlotOptions) -> Result<PlotSummary> {
             online_val_points: s.online_val.len(),
             offline_points: s.offline_points(),
             datasets: s.offline.keys().cloned().collect(),
+            tasks: s.tasks.keys().map(|(t, m)| format!("{t} {m}")).collect(),
         });
         series.push(s);
     }
@@ -325,11 +332,20 @@ fn load_run(dir: &Path, name: String, x: XAxis, y: YAxis) -> Result<RunSeries> {
         Vec::new()
     };
     let checkpoints = list_checkpoints(dir)?;
+    let eval_path = dir.join(EVAL_FILE);
+    let evals = if eval_path.is_file() {
+        read_eval_results(&eval_path)?
+    } else {
+        Vec::new()
+    };
+    let task_values = tasks::task_values(&metrics, &evals);
     let (metrics, offline) = match y {
         YAxis::Loss => (metrics, offline),
         YAxis::Bpb => bits_per_byte_only(metrics, offline),
     };
-    Ok(series::build(name, &metrics, &offline, &checkpoints, x))
+    let mut s = series::build(name, &metrics, &offline, &checkpoints, x);
+    s.tasks = series::task_points(task_values, &metrics, &checkpoints, x);
+    Ok(s)
 }
 
 /// The rows with bits per byte in place of the losses: validation rows keep theirs,

@@ -25,6 +25,8 @@ pub struct RunSeries {
     pub offline: BTreeMap<String, Vec<Point>>,
     /// Mean of `offline` per checkpoint scored on every dataset.
     pub offline_mean: Vec<Point>,
+    /// Downstream task metrics (the second panel), by `(task, metric)`.
+    pub tasks: BTreeMap<(String, String), Vec<Point>>,
 }
 
 impl RunSeries {
@@ -109,7 +111,39 @@ pub fn build(
         online_val,
         offline: offline_sets,
         offline_mean: means.into_values().collect(),
+        tasks: BTreeMap::new(),
     }
+}
+
+/// The task metrics of a run ([`super::tasks::task_values`]) on the x axis: a
+/// checkpoint's own token count where it has one, else interpolated by step.
+pub fn task_points(
+    values: BTreeMap<(String, String), BTreeMap<u64, f64>>,
+    metrics: &[MetricsRow],
+    checkpoints: &[CheckpointInfo],
+    axis: XAxis,
+) -> BTreeMap<(String, String), Vec<Point>> {
+    let map = StepMap::new(metrics, axis);
+    let tokens_at: BTreeMap<u64, u64> = checkpoints
+        .iter()
+        .filter_map(|c| Some((c.step?, c.tokens?)))
+        .collect();
+    let x = |step: u64| match (axis, tokens_at.get(&step)) {
+        (XAxis::Tokens, Some(&t)) => Some(t as f64),
+        (XAxis::Tokens, None) if step == 0 => Some(0.0),
+        _ if step == 0 && axis == XAxis::Hours => Some(0.0),
+        _ => map.at(step),
+    };
+    values
+        .into_iter()
+        .map(|(k, by_step)| {
+            let pts = by_step
+                .into_iter()
+                .filter_map(|(s, v)| Some((x(s)?, v)))
+                .collect();
+            (k, pts)
+        })
+        .collect()
 }
 
 /// Interpolates a `metrics.csv` column (tokens or elapsed hours) at any step, from the

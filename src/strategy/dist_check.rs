@@ -102,13 +102,10 @@ pub fn dist_check(
             .and_then(|p| p.parse().ok())
             .unwrap_or(DEFAULT_PORT),
         launcher: env::Launcher::Torchrun,
+        sources: env::Sources::default(),
     });
     if let Some(launched) = &launched {
-        env::check_topology(
-            launched,
-            opts.devices.unwrap_or(launched.local_world_size),
-            opts.num_nodes.unwrap_or(launched.num_nodes),
-        )?;
+        env::check_given_topology(launched, opts.devices, opts.num_nodes)?;
     }
     let mut report = DistCheckReport {
         launcher: launched

@@ -13,6 +13,7 @@
 
 use std::collections::HashMap;
 
+use super::MAX_WORLD_SIZE;
 use crate::error::{Error, Result};
 
 /// Who started the processes.
@@ -52,6 +53,18 @@ pub struct ProcessGroup {
     pub master_addr: String,
     pub master_port: u16,
     pub launcher: Launcher,
+    /// Where the counts came from, for messages.
+    pub sources: Sources,
+}
+
+/// The variable each count of a [`ProcessGroup`] came from, or how it was derived
+/// (`SLURM_NTASKS / SLURM_NNODES`), so that a message names what the user can change
+/// rather than a flag they never passed.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Sources {
+    pub world_size: String,
+    pub local_world_size: String,
+    pub num_nodes: String,
 }
 
 /// `MASTER_PORT` when SLURM runs without one: derived from the job id, so every task of a
@@ -94,14 +107,21 @@ fn torchrun_group(env: &HashMap<String, String>) -> Result<ProcessGroup> {
     let rank = number(env, "RANK")?;
     let world_size = number(env, "WORLD_SIZE")?;
     let local_rank = optional_number(env, "LOCAL_RANK")?.unwrap_or(rank);
-    let local_world_size = optional_number(env, "LOCAL_WORLD_SIZE")?.unwrap_or(world_size);
+    let (local_world_size, local_source) = match optional_number(env, "LOCAL_WORLD_SIZE")? {
+        Some(n) => (n, "LOCAL_WORLD_SIZE"),
+        None => (world_size, "WORLD_SIZE (LOCAL_WORLD_SIZE is not set)"),
+    };
+    let sources = Sources {
+        world_size: "WORLD_SIZE".into(),
+        local_world_size: local_source.into(),
+        num_nodes: "WORLD_SIZE / LOCAL_WORLD_SIZE".into(),
+    };
     check_counts(
-        rank,
+        (rank, "RANK"),
         world_size,
-        local_rank,
+        (local_rank, "LOCAL_RANK"),
         local_world_size,
-        "RANK",
-        "LOCAL_RANK",
+        &sources,
     )?;
     let node = optional_number(env, "GROUP_RANK")?.unwrap_or(rank / local_world_size);
     let num_nodes = world_size.div_ceil(local_world_size);
@@ -124,28 +144,47 @@ fn torchrun_group(env: &HashMap<String, String>) -> Result<ProcessGroup> {
         master_addr,
         master_port,
         launcher: Launcher::Torchrun,
+        sources,
     })
 }
 
 fn slurm_group(env: &HashMap<String, String>) -> Result<ProcessGroup> {
     let rank = number(env, "SLURM_PROCID")?;
     let world_size = number(env, "SLURM_NTASKS")?;
-    let num_nodes = match optional_number(env, "SLURM_NNODES")? {
-        Some(n) => n,
-        None => optional_number(env, "SLURM_JOB_NUM_NODES")?.unwrap_or(1),
+    let (num_nodes, nodes_var) = match optional_number(env, "SLURM_NNODES")? {
+        Some(n) => (n, "SLURM_NNODES"),
+        None => match optional_number(env, "SLURM_JOB_NUM_NODES")? {
+            Some(n) => (n, "SLURM_JOB_NUM_NODES"),
+            None => (1, "1 node (SLURM_NNODES is not set)"),
+        },
     };
-    let local_world_size = match optional_number(env, "SLURM_NTASKS_PER_NODE")? {
-        Some(n) => n,
-        None => world_size.div_ceil(num_nodes.max(1)),
+    if num_nodes == 0 {
+        return Err(Error::Usage(format!(
+            "{nodes_var}=0: a job runs on at least one node (set by SLURM; unset it if you set it yourself)"
+        )));
+    }
+    let (local_world_size, local_source) = match optional_number(env, "SLURM_NTASKS_PER_NODE")? {
+        Some(n) => (n, "SLURM_NTASKS_PER_NODE".to_string()),
+        None => (
+            world_size.div_ceil(num_nodes),
+            format!(
+                "SLURM_NTASKS / {}, rounded up",
+                nodes_var.split(' ').next().unwrap_or(nodes_var)
+            ),
+        ),
     };
     let local_rank = optional_number(env, "SLURM_LOCALID")?.unwrap_or(0);
+    let sources = Sources {
+        world_size: "SLURM_NTASKS".into(),
+        local_world_size: local_source,
+        num_nodes: nodes_var.into(),
+    };
     check_counts(
-        rank,
+        (rank, "SLURM_PROCID"),
         world_size,
-        local_rank,
+        (local_rank, "SLURM_LOCALID"),
         local_world_size,
-        "SLURM_PROCID",
-        "SLURM_LOCALID",
+        &sources,
     )?;
     let node = optional_number(env, "SLURM_NODEID")?.unwrap_or(rank / local_world_size);
     let gpus_on_node = match env.get("SLURM_GPUS_ON_NODE") {
@@ -182,6 +221,7 @@ fn slurm_group(env: &HashMap<String, String>) -> Result<ProcessGroup> {
         master_addr,
         master_port,
         launcher: Launcher::Slurm,
+        sources,
     })
 }
 
@@ -210,18 +250,29 @@ fn port(v: &str, var: &str) -> Result<u16> {
         .ok_or_else(|| Error::Usage(format!("{var}={v}: expected a port number, 1 to 65535")))
 }
 
+/// Ranks within their counts, counts from 1 to [`MAX_WORLD_SIZE`], each named by the
+/// variable it came from.
 fn check_counts(
-    rank: usize,
+    (rank, rank_var): (usize, &str),
     world: usize,
-    local_rank: usize,
+    (local_rank, local_var): (usize, &str),
     local_world: usize,
-    rank_var: &str,
-    local_var: &str,
+    sources: &Sources,
 ) -> Result<()> {
-    if world == 0 || local_world == 0 {
-        return Err(Error::Usage(format!(
-            "the launcher says {world} processes in all and {local_world} on this node: both must be positive"
-        )));
+    for (n, source) in [
+        (world, &sources.world_size),
+        (local_world, &sources.local_world_size),
+    ] {
+        if n == 0 {
+            return Err(Error::Usage(format!(
+                "{source} is 0: a run has at least one process (set by the launcher; unset it if you set it yourself)"
+            )));
+        }
+        if n > MAX_WORLD_SIZE {
+            return Err(Error::Usage(format!(
+                "{source} is {n}: more processes than a run can have (at most {MAX_WORLD_SIZE}: rank 0 keeps a connection to every other rank)"
+            )));
+        }
     }
     if rank >= world {
         return Err(Error::Usage(format!(
@@ -339,50 +390,82 @@ fn expand_one(
 /// `--devices` (per node) and `--num-nodes` against what the launcher started: a mismatch
 /// names the `#SBATCH` line or torchrun flag that disagrees. Every problem in one line.
 pub fn check_topology(pg: &ProcessGroup, devices: usize, num_nodes: usize) -> Result<()> {
+    check_given_topology(pg, Some(devices), Some(num_nodes))
+}
+
+/// [`check_topology`] where the flags may not have been given (`dist-check`): a count
+/// not given is the launcher's, and a message names the variable it came from, never a
+/// flag the user did not pass.
+pub fn check_given_topology(
+    pg: &ProcessGroup,
+    devices: Option<usize>,
+    num_nodes: Option<usize>,
+) -> Result<()> {
     let mut problems = Vec::new();
+    for (flag, v) in [("--devices", devices), ("--num-nodes", num_nodes)] {
+        if v == Some(0) {
+            problems.push(format!("{flag} must be positive"));
+        }
+    }
+    let d = devices.unwrap_or(pg.local_world_size);
+    let n = num_nodes.unwrap_or(pg.num_nodes);
     match pg.launcher {
         Launcher::Slurm => {
-            if pg.local_world_size != devices {
+            if pg.local_world_size != d {
                 problems.push(format!(
-                    "SLURM starts {} tasks on this node (#SBATCH --ntasks-per-node={}) but --devices is {devices}",
+                    "SLURM starts {} tasks on this node (#SBATCH --ntasks-per-node={}) but --devices is {d}",
                     pg.local_world_size, pg.local_world_size
                 ));
             }
             if let Some(gpus) = pg.gpus_on_node
-                && gpus != devices
+                && gpus != d
             {
+                let ours = match devices {
+                    Some(d) => format!("--devices is {d}"),
+                    None => format!(
+                        "it starts {d} tasks on this node ({})",
+                        pg.sources.local_world_size
+                    ),
+                };
                 problems.push(format!(
-                    "SLURM gives this node {gpus} GPUs (#SBATCH --gres=gpu:{gpus}) but --devices is {devices}"
+                    "SLURM gives this node {gpus} GPUs (#SBATCH --gres=gpu:{gpus}) but {ours}"
                 ));
             }
-            if pg.num_nodes != num_nodes {
+            if pg.num_nodes != n {
                 problems.push(format!(
-                    "SLURM allocated {} nodes (#SBATCH --nodes={}) but --num-nodes is {num_nodes}",
+                    "SLURM allocated {} nodes (#SBATCH --nodes={}) but --num-nodes is {n}",
                     pg.num_nodes, pg.num_nodes
                 ));
             }
         }
         Launcher::Torchrun => {
-            if pg.local_world_size != devices {
+            if pg.local_world_size != d {
                 problems.push(format!(
-                    "torchrun starts {} processes per node (--nproc-per-node {}) but --devices is {devices}",
+                    "torchrun starts {} processes per node (--nproc-per-node {}) but --devices is {d}",
                     pg.local_world_size, pg.local_world_size
                 ));
             }
-            if pg.num_nodes != num_nodes {
+            if pg.num_nodes != n {
                 problems.push(format!(
-                    "torchrun runs on {} nodes (--nnodes {}) but --num-nodes is {num_nodes}",
+                    "torchrun runs on {} nodes (--nnodes {}) but --num-nodes is {n}",
                     pg.num_nodes, pg.num_nodes
                 ));
             }
         }
     }
-    if problems.is_empty() && pg.world_size != devices * num_nodes {
+    let product = d as u128 * n as u128;
+    if problems.is_empty() && pg.world_size as u128 != product {
+        let per_node = match devices {
+            Some(d) => format!("--devices {d}"),
+            None => format!("{d} per node ({})", pg.sources.local_world_size),
+        };
+        let nodes = match num_nodes {
+            Some(n) => format!("--num-nodes {n}"),
+            None => format!("{n} nodes ({})", pg.sources.num_nodes),
+        };
         problems.push(format!(
-            "{} starts {} processes in all but --devices {devices} × --num-nodes {num_nodes} is {}",
-            pg.launcher,
-            pg.world_size,
-            devices * num_nodes
+            "{} starts {} processes in all ({}) but {per_node} × {nodes} is {product}",
+            pg.launcher, pg.world_size, pg.sources.world_size
         ));
     }
     if problems.is_empty() {
@@ -485,6 +568,11 @@ mod tests {
                 master_addr: "jz1001".into(),
                 master_port: default_slurm_port(123456),
                 launcher: Launcher::Slurm,
+                sources: Sources {
+                    world_size: "SLURM_NTASKS".into(),
+                    local_world_size: "SLURM_NTASKS_PER_NODE".into(),
+                    num_nodes: "SLURM_NNODES".into(),
+                },
             }
         );
         check_topology(&pg, 8, 2).unwrap();
@@ -571,6 +659,80 @@ mod tests {
             assert!(err.contains(want), "{err}");
             assert!(!err.contains('\n'), "{err}");
         }
+    }
+
+    /// Issue 23, case 23: `SLURM_NNODES=0` was blamed on `--num-nodes 0`, a flag never
+    /// passed. Every count from the environment is named by its variable, and without
+    /// the flags a mismatch names the variables it comes from.
+    #[test]
+    fn counts_from_the_environment_name_their_variable() {
+        for (var, value, want) in [
+            ("SLURM_NNODES", "0", "SLURM_NNODES=0"),
+            ("SLURM_NTASKS_PER_NODE", "0", "SLURM_NTASKS_PER_NODE is 0"),
+            ("SLURM_NTASKS", "0", "SLURM_NTASKS is 0"),
+            ("SLURM_NTASKS", "1000000000", "SLURM_NTASKS is 1000000000"),
+        ] {
+            let mut e = slurm_task();
+            e.insert(var.into(), value.into());
+            if var == "SLURM_NTASKS" {
+                e.insert("SLURM_PROCID".into(), "0".into());
+            }
+            let err = process_group(&e).unwrap_err().to_string();
+            assert!(
+                err.contains(want) && !err.contains("--num-nodes") && !err.contains('\n'),
+                "{var}={value}: {err}"
+            );
+        }
+        let mut e = slurm_task();
+        e.remove("SLURM_NNODES");
+        e.insert("SLURM_JOB_NUM_NODES".into(), "0".into());
+        let err = process_group(&e).unwrap_err().to_string();
+        assert!(err.contains("SLURM_JOB_NUM_NODES=0"), "{err}");
+        for (pairs, want) in [
+            (vec![("RANK", "0"), ("WORLD_SIZE", "0")], "WORLD_SIZE is 0"),
+            (
+                vec![("RANK", "0"), ("WORLD_SIZE", "1000000000")],
+                "WORLD_SIZE is 1000000000: more processes than a run can have (at most 65536",
+            ),
+            (
+                vec![
+                    ("RANK", "0"),
+                    ("WORLD_SIZE", "2"),
+                    ("LOCAL_WORLD_SIZE", "0"),
+                ],
+                "LOCAL_WORLD_SIZE is 0",
+            ),
+        ] {
+            let err = process_group(&env(&pairs)).unwrap_err().to_string();
+            assert!(err.contains(want), "{err}");
+        }
+        // 16 tasks on 3 nodes without --ntasks-per-node: 6 per node, 18 ≠ 16. Without
+        // the flags, the message names the variables, not --devices or --num-nodes.
+        let mut e = slurm_task();
+        e.remove("SLURM_NTASKS_PER_NODE");
+        e.remove("SLURM_GPUS_ON_NODE");
+        e.insert("SLURM_NNODES".into(), "3".into());
+        let pg = process_group(&e).unwrap().unwrap();
+        let err = check_given_topology(&pg, None, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("(SLURM_NTASKS)")
+                && err.contains("6 per node (SLURM_NTASKS / SLURM_NNODES, rounded up)")
+                && err.contains("3 nodes (SLURM_NNODES)")
+                && !err.contains("--devices 6")
+                && !err.contains("--num-nodes 3"),
+            "{err}"
+        );
+        // Given flags are named as flags.
+        let err = check_given_topology(&pg, Some(6), Some(3))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--devices 6 × --num-nodes 3"), "{err}");
+        let err = check_given_topology(&pg, Some(0), None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--devices must be positive"), "{err}");
     }
 
     #[test]

@@ -73,6 +73,52 @@ impl std::fmt::Display for StrategyKind {
 /// flat copy of a bucket stays small whatever the model.
 pub const BUCKET_BYTES: usize = 4 << 20;
 
+/// Most processes one run may have: rank 0 of the rendezvous keeps a connection (and
+/// the watchdog a slot) for every other rank, and a larger count is a typo.
+pub const MAX_WORLD_SIZE: usize = 1 << 16;
+
+/// Most thread ranks of a CPU run (`--device cpu --devices N`): 4 per core, and at
+/// least 8. Each thread rank holds its own copy of the model, its gradients and
+/// optimizer state in this one process, and they take turns on the cores: more ranks
+/// only add memory (2000 of them took 9 GB in 4 s).
+pub fn max_cpu_ranks() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (4 * cores).max(8)
+}
+
+/// What is wrong with `--devices` and `--num-nodes` on `device`, in one line each:
+/// counts below 1, more CPU thread ranks than [`max_cpu_ranks`], a world larger than
+/// [`MAX_WORLD_SIZE`].
+pub fn rank_count_problems(device: DeviceSpec, devices: usize, num_nodes: usize) -> Vec<String> {
+    let mut problems = Vec::new();
+    if devices == 0 || num_nodes == 0 {
+        problems.push("--devices and --num-nodes must be positive".into());
+        return problems;
+    }
+    let world = devices.checked_mul(num_nodes);
+    if device == DeviceSpec::Cpu && devices > max_cpu_ranks() {
+        problems.push(format!(
+            "--device cpu --devices {devices}: CPU ranks are threads of this one process, each with its own copy of the model and optimizer state, sharing {} cores; at most {} (4 per core) make sense",
+            std::thread::available_parallelism().map_or(1, |n| n.get()),
+            max_cpu_ranks()
+        ));
+    } else if world.is_none_or(|w| w > MAX_WORLD_SIZE) {
+        problems.push(format!(
+            "--devices {devices} × --num-nodes {num_nodes} is more ranks than a run can have (at most {MAX_WORLD_SIZE})"
+        ));
+    }
+    problems
+}
+
+/// `now + wait`, or a century from now when `wait` is past what an `Instant` holds
+/// (`--timeout 1e19`): never the overflow panic of `Instant + Duration`.
+pub(crate) fn deadline_after(wait: Duration) -> std::time::Instant {
+    let now = std::time::Instant::now();
+    now.checked_add(wait)
+        .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 24 * 3600)))
+        .unwrap_or(now)
+}
+
 /// Where computation runs, as the user writes it: `cpu`, `cuda`, `cuda:N`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceSpec {
@@ -453,6 +499,44 @@ mod tests {
                 .collect();
             hs.into_iter().map(|h| h.join().unwrap()).collect()
         })
+    }
+
+    /// Issue 23, neighbours of cases 5 and 25: rank counts are bounded before anything
+    /// is made per rank, and a timeout past what an `Instant` holds is a far deadline,
+    /// not an overflow panic.
+    #[test]
+    fn rank_counts_and_far_deadlines_are_bounded() {
+        assert!(rank_count_problems(DeviceSpec::Cpu, 2, 1).is_empty());
+        assert!(rank_count_problems(DeviceSpec::Cpu, max_cpu_ranks(), 1).is_empty());
+        let p = rank_count_problems(DeviceSpec::Cpu, max_cpu_ranks() + 1, 1);
+        assert!(p.len() == 1 && p[0].contains("4 per core"), "{p:?}");
+        let p = rank_count_problems(DeviceSpec::Cuda(0), 0, 1);
+        assert!(p[0].contains("must be positive"), "{p:?}");
+        assert!(rank_count_problems(DeviceSpec::Cuda(0), 8, MAX_WORLD_SIZE / 8).is_empty());
+        for (d, n) in [(8, MAX_WORLD_SIZE), (usize::MAX, 2)] {
+            let p = rank_count_problems(DeviceSpec::Cuda(0), d, n);
+            assert!(p[0].contains("more ranks than a run can have"), "{p:?}");
+        }
+        let far = deadline_after(Duration::MAX);
+        assert!(far > std::time::Instant::now() + Duration::from_secs(3600 * 24 * 365));
+        // A thread group with such a timeout still reduces (no `Instant + Duration`
+        // overflow in its deadline).
+        let group = threads::ThreadGroup::new(2, Duration::from_secs(u64::MAX / 2));
+        let sums: Vec<f32> = std::thread::scope(|s| {
+            let hs: Vec<_> = group
+                .handles()
+                .into_iter()
+                .map(|c| {
+                    s.spawn(move || {
+                        let x = Tensor::new(&[1f32], &Device::Cpu).unwrap();
+                        let y = c.all_reduce(&x, ReduceOp::Sum).unwrap();
+                        y.to_vec1::<f32>().unwrap()[0]
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(sums, [2.0, 2.0]);
     }
 
     #[test]

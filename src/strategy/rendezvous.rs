@@ -12,8 +12,12 @@
 //!            ────▶ ok: payload             (or error: why, to every rank waiting)
 //! ```
 //!
-//! Every wait is bounded by the timeout: rank 0 names the ranks that did not arrive,
-//! the others say rank 0 was not reachable. No shared files, no other service.
+//! Every wait is bounded by the timeout: rank 0 names the ranks that did not arrive
+//! (as ranges, `ranks 3, 5-7`, never a list as long as the world), the others say
+//! rank 0 was not reachable. Rank 0 greets connections concurrently: each waits,
+//! non-blocking, for its hello, and one that sends none within [`GREETING_TIMEOUT`] (a
+//! port scanner, an idle client) is dropped without delaying the ranks behind it. No
+//! shared files, no other service.
 //!
 //! [`Rendezvous::share_and_keep`] leaves the connections open (rank 0's to every other
 //! rank, theirs to rank 0): the [`watchdog`](super::watchdog) talks over them for the
@@ -104,8 +108,13 @@ impl Rendezvous {
     }
 
     /// Rank 0: wait for every other rank's hello, check it, answer all at once.
+    ///
+    /// Connections are greeted concurrently: every accepted connection waits in a list,
+    /// non-blocking, until its 13-byte hello is whole, and one that sends none within
+    /// [`GREETING_TIMEOUT`] (a port scanner, a health check, a stray client) is dropped
+    /// without holding up anyone else.
     fn serve(&self, payload: &[u8]) -> Result<Vec<Link>> {
-        let deadline = Instant::now() + self.timeout;
+        let deadline = super::deadline_after(self.timeout);
         // All interfaces: MASTER_ADDR is how the others reach this node, which may not
         // be the address its own host name resolves to here (e.g. 127.0.1.1).
         let any = if self.addr.contains(':') {
@@ -122,74 +131,115 @@ impl Rendezvous {
                 ))
             })?;
         let mut arrived: BTreeMap<usize, (TcpStream, SocketAddr)> = BTreeMap::new();
+        let mut greeting: Vec<Greeting> = Vec::new();
         while arrived.len() + 1 < self.world_size {
-            let (mut stream, peer) = match listener.accept() {
-                Ok(conn) => conn,
-                Err(e)
-                    if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted =>
-                {
-                    if Instant::now() >= deadline {
-                        let missing: Vec<usize> = (1..self.world_size)
-                            .filter(|r| !arrived.contains_key(r))
-                            .collect();
-                        let msg = format!(
-                            "rendezvous at {}: after {:.0} s, {} of {} did not arrive (were all {} processes started, e.g. one srun task per GPU?)",
-                            self.endpoint(),
-                            self.timeout.as_secs_f64(),
-                            rank_list(&missing),
-                            self.world_size,
-                            self.world_size
-                        );
-                        return Err(refuse_all(arrived, msg));
+            let mut progress = false;
+            // Every connection waiting to be accepted.
+            loop {
+                match listener.accept() {
+                    Ok((stream, peer)) => {
+                        progress = true;
+                        // Non-blocking (as accepted from a non-blocking listener on
+                        // some systems, not on others): set it either way.
+                        if stream.set_nonblocking(true).is_ok() {
+                            greeting.push(Greeting {
+                                stream,
+                                peer,
+                                hello: Vec::with_capacity(HELLO_LEN),
+                                until: (Instant::now() + GREETING_TIMEOUT).min(deadline),
+                            });
+                        }
                     }
-                    std::thread::sleep(Duration::from_millis(10));
+                    Err(e)
+                        if e.kind() == ErrorKind::WouldBlock
+                            || e.kind() == ErrorKind::Interrupted =>
+                    {
+                        break;
+                    }
+                    Err(e) => {
+                        return Err(refuse_all(
+                            arrived,
+                            format!("rendezvous at {}: accept failed: {e}", self.endpoint()),
+                        ));
+                    }
+                }
+            }
+            // Whatever each waiting connection sent since; whole hellos are checked.
+            let now = Instant::now();
+            let mut complete = Vec::new();
+            let mut i = 0;
+            while i < greeting.len() {
+                match greeting[i].poll() {
+                    Poll::Pending if now < greeting[i].until => i += 1,
+                    Poll::Hello => {
+                        progress = true;
+                        complete.push(greeting.swap_remove(i));
+                    }
+                    Poll::Pending | Poll::Gone => {
+                        progress = true;
+                        greeting.swap_remove(i);
+                    }
+                }
+            }
+            for Greeting {
+                mut stream,
+                peer,
+                hello,
+                ..
+            } in complete
+            {
+                // A hello that is not ours is a stranger: dropped, like a silent one.
+                let Ok((rank, world)) = parse_hello(&hello) else {
+                    continue;
+                };
+                if stream.set_nonblocking(false).is_err() || stream.set_nodelay(true).is_err() {
                     continue;
                 }
-                Err(e) => {
-                    return Err(refuse_all(
-                        arrived,
-                        format!("rendezvous at {}: accept failed: {e}", self.endpoint()),
-                    ));
+                let problem = if world != self.world_size {
+                    Some(format!(
+                        "rank {rank} (from {peer}) has world size {world}, rank 0 has {}: start every process with the same counts",
+                        self.world_size
+                    ))
+                } else if rank == 0 || rank >= world {
+                    Some(format!(
+                        "a process from {peer} says it is rank {rank}, but rank 0 is {} and ranks run from 1 to {}",
+                        self.endpoint(),
+                        world - 1
+                    ))
+                } else if let Some((_, first)) = arrived.get(&rank) {
+                    Some(format!(
+                        "two processes say they are rank {rank} (from {first} and {peer}): each process needs its own rank"
+                    ))
+                } else {
+                    None
+                };
+                if let Some(msg) = problem {
+                    let _ = send_frame(&mut stream, REFUSED, msg.as_bytes(), deadline);
+                    return Err(refuse_all(arrived, msg));
                 }
-            };
-            // A hello is 13 bytes; whoever sends no hello in time is not one of ours.
-            let hello = stream
-                .set_nonblocking(false)
-                .and_then(|()| stream.set_nodelay(true))
-                .map_err(|e| e.to_string())
-                .and_then(|()| {
-                    let wait = deadline.saturating_duration_since(Instant::now());
-                    read_hello(
-                        &mut stream,
-                        Instant::now() + wait.min(Duration::from_secs(10)),
-                    )
-                });
-            let Ok((rank, world)) = hello else {
-                continue;
-            };
-            let problem = if world != self.world_size {
-                Some(format!(
-                    "rank {rank} (from {peer}) has world size {world}, rank 0 has {}: start every process with the same counts",
-                    self.world_size
-                ))
-            } else if rank == 0 || rank >= world {
-                Some(format!(
-                    "a process from {peer} says it is rank {rank}, but rank 0 is {} and ranks run from 1 to {}",
+                arrived.insert(rank, (stream, peer));
+                if arrived.len() + 1 >= self.world_size {
+                    break;
+                }
+            }
+            if arrived.len() + 1 >= self.world_size {
+                break;
+            }
+            if Instant::now() >= deadline {
+                let missing = missing_ranks(arrived.keys().copied(), self.world_size);
+                let msg = format!(
+                    "rendezvous at {}: after {:.0} s, {} of {} did not arrive (were all {} processes started, e.g. one srun task per GPU?)",
                     self.endpoint(),
-                    world - 1
-                ))
-            } else if let Some((_, first)) = arrived.get(&rank) {
-                Some(format!(
-                    "two processes say they are rank {rank} (from {first} and {peer}): each process needs its own rank"
-                ))
-            } else {
-                None
-            };
-            if let Some(msg) = problem {
-                let _ = send_frame(&mut stream, REFUSED, msg.as_bytes(), deadline);
+                    self.timeout.as_secs_f64(),
+                    range_list(&missing),
+                    self.world_size,
+                    self.world_size
+                );
                 return Err(refuse_all(arrived, msg));
             }
-            arrived.insert(rank, (stream, peer));
+            if !progress {
+                std::thread::sleep(Duration::from_millis(5));
+            }
         }
         let mut failed = Vec::new();
         let mut links = Vec::new();
@@ -214,8 +264,7 @@ impl Rendezvous {
     /// Rank r ≠ 0: connect to rank 0 (retrying until the deadline), say hello, wait for
     /// the answer.
     fn join(&self) -> Result<(Vec<u8>, TcpStream)> {
-        let start = Instant::now();
-        let deadline = start + self.timeout;
+        let deadline = super::deadline_after(self.timeout);
         let endpoint = self.endpoint();
         let mut stream = self.connect(deadline)?;
         let mut hello = Vec::with_capacity(13);
@@ -229,10 +278,13 @@ impl Rendezvous {
                 self.rank
             ))
         };
-        write_by(&mut stream, &hello, deadline + Duration::from_secs(10)).map_err(lost)?;
+        let write_by_time = deadline
+            .checked_add(Duration::from_secs(10))
+            .unwrap_or(deadline);
+        write_by(&mut stream, &hello, write_by_time).map_err(lost)?;
         // Rank 0 answers once everyone has arrived, or when it gives up after its own
         // timeout, which may have started later than ours: wait for that too.
-        let answer_by = Instant::now() + self.timeout + Duration::from_secs(10);
+        let answer_by = super::deadline_after(self.timeout.saturating_add(Duration::from_secs(10)));
         let (status, body) = read_frame(&mut stream, answer_by).map_err(|e| {
             Error::Msg(format!(
                 "rank {}: connected to rank 0 at {endpoint} but got no answer: {e} (see rank 0's log)",
@@ -301,33 +353,117 @@ fn refuse_all(arrived: BTreeMap<usize, (TcpStream, SocketAddr)>, msg: String) ->
     Error::Msg(msg)
 }
 
-/// `ranks 3, 5-7` / `rank 2`.
-pub(super) fn rank_list(ranks: &[usize]) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    let mut i = 0;
-    while i < ranks.len() {
-        let mut j = i;
-        while j + 1 < ranks.len() && ranks[j + 1] == ranks[j] + 1 {
-            j += 1;
+/// How long an accepted connection may take to send its hello. A rank sends it as
+/// soon as it connects; whoever sends none in time is not one of ours, and is dropped
+/// (while the others are greeted as they come).
+pub const GREETING_TIMEOUT: Duration = Duration::from_secs(3);
+
+const HELLO_LEN: usize = 13;
+
+/// An accepted connection whose hello is not whole yet.
+struct Greeting {
+    stream: TcpStream,
+    peer: SocketAddr,
+    hello: Vec<u8>,
+    /// Dropped if the hello is not whole by then.
+    until: Instant,
+}
+
+enum Poll {
+    Pending,
+    Hello,
+    /// Closed, failed, or sent more than a hello before the answer.
+    Gone,
+}
+
+impl Greeting {
+    /// Read what arrived, without waiting.
+    fn poll(&mut self) -> Poll {
+        let mut buf = [0u8; HELLO_LEN];
+        loop {
+            let want = HELLO_LEN - self.hello.len();
+            match self.stream.read(&mut buf[..want]) {
+                Ok(0) => return Poll::Gone,
+                Ok(n) => {
+                    self.hello.extend_from_slice(&buf[..n]);
+                    if self.hello.len() == HELLO_LEN {
+                        return Poll::Hello;
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Poll::Pending,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => return Poll::Gone,
+            }
         }
-        parts.push(if j > i {
-            format!("{}-{}", ranks[i], ranks[j])
-        } else {
-            ranks[i].to_string()
-        });
-        i = j + 1;
     }
-    let word = if ranks.len() == 1 { "rank" } else { "ranks" };
+}
+
+/// The ranks of `1..world` not in `arrived` (ascending), as inclusive ranges: never a
+/// list as long as the world, whatever its size.
+pub(super) fn missing_ranks(
+    arrived: impl Iterator<Item = usize>,
+    world: usize,
+) -> Vec<(usize, usize)> {
+    let mut ranges = Vec::new();
+    let mut next = 1;
+    for r in arrived {
+        if r > next {
+            ranges.push((next, r - 1));
+        }
+        next = next.max(r + 1);
+    }
+    if next < world {
+        ranges.push((next, world - 1));
+    }
+    ranges
+}
+
+/// Most ranges a message lists before it only counts the rest.
+const MAX_LISTED_RANGES: usize = 8;
+
+/// `ranks 3, 5-7` / `rank 2`, from inclusive ranges; past [`MAX_LISTED_RANGES`] the
+/// rest are counted (`ranks 1, 3, …, and 4998 more ranks in 2498 ranges`).
+pub(super) fn range_list(ranges: &[(usize, usize)]) -> String {
+    let count: usize = ranges.iter().map(|(a, b)| b - a + 1).sum();
+    let mut parts: Vec<String> = ranges
+        .iter()
+        .take(MAX_LISTED_RANGES)
+        .map(|&(a, b)| {
+            if b > a {
+                format!("{a}-{b}")
+            } else {
+                a.to_string()
+            }
+        })
+        .collect();
+    if ranges.len() > MAX_LISTED_RANGES {
+        let rest = &ranges[MAX_LISTED_RANGES..];
+        let more: usize = rest.iter().map(|(a, b)| b - a + 1).sum();
+        parts.push(format!(
+            "and {more} more rank{} in {} range{}",
+            if more == 1 { "" } else { "s" },
+            rest.len(),
+            if rest.len() == 1 { "" } else { "s" }
+        ));
+    }
+    let word = if count == 1 { "rank" } else { "ranks" };
     format!("{word} {}", parts.join(", "))
 }
 
-fn read_hello(
-    stream: &mut TcpStream,
-    deadline: Instant,
-) -> std::result::Result<(usize, usize), String> {
-    let mut buf = [0u8; 13];
-    read_by(stream, &mut buf, deadline)?;
-    if &buf[..4] != MAGIC || buf[4] != VERSION {
+/// `ranks 3, 5-7` / `rank 2`, from ranks in ascending order (see [`range_list`]).
+pub(super) fn rank_list(ranks: &[usize]) -> String {
+    let mut ranges: Vec<(usize, usize)> = Vec::new();
+    for &r in ranks {
+        match ranges.last_mut() {
+            Some((_, end)) if *end + 1 == r => *end = r,
+            _ => ranges.push((r, r)),
+        }
+    }
+    range_list(&ranges)
+}
+
+fn parse_hello(buf: &[u8]) -> std::result::Result<(usize, usize), String> {
+    if buf.len() != HELLO_LEN || &buf[..4] != MAGIC || buf[4] != VERSION {
         return Err("not a lit-claire rendezvous hello".into());
     }
     let rank = u32::from_le_bytes(buf[5..9].try_into().expect("4 bytes")) as usize;
@@ -438,7 +574,7 @@ fn write_by(
 
 #[cfg(test)]
 mod tests {
-    use super::{parse_frame, rank_list};
+    use super::{missing_ranks, parse_frame, range_list, rank_list};
 
     #[test]
     fn frames_are_parsed_only_when_whole() {
@@ -452,5 +588,35 @@ mod tests {
     fn missing_ranks_are_listed_as_ranges() {
         assert_eq!(rank_list(&[2]), "rank 2");
         assert_eq!(rank_list(&[1, 3, 5, 6, 7]), "ranks 1, 3, 5-7");
+        assert_eq!(
+            missing_ranks([2, 3, 6].into_iter(), 8),
+            [(1, 1), (4, 5), (7, 7)]
+        );
+        assert_eq!(missing_ranks(std::iter::empty(), 2), [(1, 1)]);
+        assert_eq!(missing_ranks([1].into_iter(), 2), []);
+    }
+
+    /// Issue 23, case 5: a world of a billion ranks, none arrived, is one range, and a
+    /// scattered list is cut after a few ranges, with the rest counted.
+    #[test]
+    fn missing_ranks_of_a_huge_world_stay_small() {
+        let m = missing_ranks(std::iter::empty(), 1_000_000_000);
+        assert_eq!(m, [(1, 999_999_999)]);
+        assert_eq!(range_list(&m), "ranks 1-999999999");
+        let arrived = (2..10_000).step_by(2);
+        let m = missing_ranks(arrived, 10_000);
+        assert_eq!(m.len(), 5_000);
+        let text = range_list(&m);
+        assert!(
+            text.starts_with("ranks 1, 3, 5,")
+                && text.ends_with("and 4992 more ranks in 4992 ranges"),
+            "{text}"
+        );
+        let scattered: Vec<usize> = (0..1000).map(|r| 2 * r + 1).collect();
+        assert!(
+            rank_list(&scattered).len() < 120,
+            "{}",
+            rank_list(&scattered)
+        );
     }
 }

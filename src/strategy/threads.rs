@@ -166,7 +166,7 @@ impl Shared {
 
     /// Contribute `values` to operation `op` and return the combined result.
     fn exchange(&self, rank: usize, op: Op, values: Values) -> Result<Arc<Values>> {
-        let deadline = Instant::now() + self.timeout;
+        let deadline = super::deadline_after(self.timeout);
         let t = self.lock();
         // After a failure no operation starts (one already complete is still read).
         if let Some(e) = Self::failure(&t) {

@@ -177,6 +177,87 @@ impl TrainData {
         Ok(())
     }
 
+    /// Fail unless a micro-batch of `micro_batch` samples (`flag` sets it) fits this
+    /// machine's memory, before any sample is read: the padded inputs, and on the CPU
+    /// the logits and one hidden state of model `model` (a lower bound of what a step
+    /// holds). Data prepared for an absurd context (`max_position_embeddings: 1e12`)
+    /// is refused here rather than aborting on an allocation.
+    pub fn check_sample_memory(
+        &self,
+        micro_batch: usize,
+        model: &crate::config::Config,
+        on_cpu: bool,
+        flag: &str,
+    ) -> Result<()> {
+        let Some(ram) = memory_bytes() else {
+            return Ok(());
+        };
+        let (mb, block) = (micro_batch as f64, self.block_size as f64);
+        // Inputs, targets and mask, 4 bytes a token each.
+        let mut need = mb * block * 12.0;
+        if on_cpu {
+            need += mb * (block - 1.0) * (model.vocab_size + model.hidden_size) as f64 * 4.0;
+        }
+        if need > ram as f64 {
+            const GIB: f64 = (1u64 << 30) as f64;
+            return Err(Error::Data(format!(
+                "{} holds samples of {} tokens (prepare-data's default --max-length is the model's context, config.json's max_position_embeddings: {}); a micro-batch of {micro_batch} of them needs at least {:.3e} GiB, more than this machine's {:.1} GiB; prepare the data again with a smaller --max-length (or lower {flag})",
+                self.label(),
+                self.block_size,
+                model.block_size,
+                need / GIB,
+                ram as f64 / GIB
+            )));
+        }
+        Ok(())
+    }
+
+    /// Fail unless every token id of the data is a row of the model's embeddings
+    /// (`model_vocab` rows, model folder `model_dir`). The data's ids are scanned (in
+    /// parallel) unless it is prepared data whose tokenizer is known to be `tokenizer`
+    /// and produces no id beyond the model's rows.
+    pub fn check_vocab(
+        &self,
+        tokenizer: &crate::tokenizer::Tokenizer,
+        model_vocab: usize,
+        model_dir: &std::path::Path,
+    ) -> Result<()> {
+        let known = self.origin.is_some() && self.tokenizer_hash.is_some();
+        if known && tokenizer.vocab_size() <= model_vocab {
+            return Ok(());
+        }
+        self.check_ids_below(model_vocab, model_dir, true)
+    }
+
+    /// Fail if a sample holds a token id >= `model_vocab`: of every validation split,
+    /// and of every training split when `train`.
+    pub fn check_ids_below(
+        &self,
+        model_vocab: usize,
+        model_dir: &std::path::Path,
+        train: bool,
+    ) -> Result<()> {
+        use rayon::prelude::*;
+        for d in &self.datasets {
+            let splits = [("train", &d.train), ("validation", &d.validation)];
+            for (split, set) in splits.into_iter().filter(|(n, _)| train || *n != "train") {
+                let worst = (0..set.len())
+                    .into_par_iter()
+                    .map(|i| -> Result<Option<u32>> { Ok(set.sample(i)?.into_iter().max()) })
+                    .try_reduce(|| None, |a: Option<u32>, b| Ok(a.max(b)))?;
+                if let Some(id) = worst.filter(|&id| id as usize >= model_vocab) {
+                    return Err(Error::Data(format!(
+                        "{}: dataset {:?} ({split}) holds token id {id}, but the model in {} has {model_vocab} token embeddings (config.json's vocab_size); was the data tokenized with another tokenizer? Prepare it with the model's tokenizer, or train a model whose vocabulary covers it",
+                        self.label(),
+                        d.name,
+                        model_dir.display()
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Fail unless every dataset's sampling weight is a number >= 0 and an epoch draws
     /// a number of samples that fits in memory.
     pub fn check_weights(&self) -> Result<()> {
@@ -246,6 +327,18 @@ impl TrainData {
             .sum();
         total / rank_count.max(1)
     }
+}
+
+/// This machine's memory in bytes (Linux: `MemTotal` plus `SwapTotal`; None elsewhere).
+fn memory_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib = |key: &str| {
+        text.lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    Some((kib("MemTotal:")? + kib("SwapTotal:").unwrap_or(0)) * 1024)
 }
 
 /// A micro-batch ready for the model.

@@ -58,7 +58,18 @@ pub struct TrainingState {
     /// needs saving. Checkpoints of older versions held a generator's state instead.
     #[serde(default)]
     pub dropout_seed: Option<u64>,
+    /// The base model's folder, absolute (checkpoints of older versions may hold it as
+    /// typed, relative to where that run started).
     pub base_checkpoint_dir: PathBuf,
+    /// [`base_fingerprint`](crate::hf::merge::base_fingerprint) of the base model's weights (None in checkpoints of older
+    /// versions): merging an adapter into other weights found at that path is refused.
+    #[serde(default)]
+    pub base_fingerprint: Option<String>,
+    /// Fingerprint of the prepared data the run trains on (None for data made in
+    /// memory, and in checkpoints of older versions): a resume in the middle of an
+    /// epoch on other data would go on in another order.
+    #[serde(default)]
+    pub data_fingerprint: Option<String>,
     pub hyperparameters: TrainConfig,
     pub lit_claire_version: String,
 }
@@ -109,10 +120,17 @@ pub fn save(
     crate::io::save_safetensors_atomic(&tmp.join(OPTIMIZER_FILE), optimizer, None)?;
     let json = serde_json::to_value(state).expect("state serialises");
     crate::io::write_json_atomic(&tmp.join(STATE_FILE), &json)?;
-    if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir).at(&final_dir)?;
+    // A checkpoint being replaced (`final/` of a resumed run) goes aside first, so a
+    // signal leaves either it or the new one in place, and at worst a trash folder
+    // that the next start sweeps.
+    let old = final_dir.exists().then(|| trash_name(run, name));
+    if let Some(trash) = &old {
+        move_to_trash(&final_dir, trash)?;
     }
     std::fs::rename(&tmp, &final_dir).at(&final_dir)?;
+    if let Some(trash) = old {
+        std::fs::remove_dir_all(&trash).at(&trash)?;
+    }
     Ok(final_dir)
 }
 
@@ -241,30 +259,57 @@ pub fn rotate(run: &Path, keep: usize) -> Result<Vec<PathBuf>> {
         if i + keep >= n || Some(&p) == best.as_ref() {
             continue;
         }
-        std::fs::remove_dir_all(&p).at(&p)?;
+        // Renamed first, then deleted: an interrupted deletion leaves a `.trash-*`
+        // folder, never a half-deleted `step-*` one; the next start sweeps it.
+        let name = p.file_name().map(|n| n.to_string_lossy().into_owned());
+        let trash = trash_name(run, &name.unwrap_or_default());
+        move_to_trash(&p, &trash)?;
+        std::fs::remove_dir_all(&trash).at(&trash)?;
         removed.push(p);
     }
     Ok(removed)
 }
 
-/// Remove leftovers of checkpoints whose writing was interrupted.
-pub fn clean_partial(run: &Path) -> Result<()> {
+/// Prefix of checkpoint folders on their way out.
+const TRASH_PREFIX: &str = ".trash-";
+
+fn trash_name(run: &Path, name: &str) -> PathBuf {
+    run.join(format!("{TRASH_PREFIX}{name}"))
+}
+
+/// Rename `dir` to `trash` (removing an older trash of that name first).
+fn move_to_trash(dir: &Path, trash: &Path) -> Result<()> {
+    if trash.exists() {
+        std::fs::remove_dir_all(trash).at(trash)?;
+    }
+    std::fs::rename(dir, trash).at(dir)
+}
+
+/// Remove leftovers of checkpoints whose writing or deletion was interrupted:
+/// `.tmp-*` (being written), `.trash-*` (being deleted), and `step-*` folders without
+/// `training_state.json` (half deleted by versions that deleted in place; a
+/// checkpoint is renamed into place whole, so such a folder is never one being
+/// written). Returns what was removed.
+pub fn clean_partial(run: &Path) -> Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
     if !run.is_dir() {
-        return Ok(());
+        return Ok(removed);
     }
     for entry in std::fs::read_dir(run).at(run)? {
         let path = entry.at(run)?.path();
-        if path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with(".tmp-"))
-        {
-            if path.is_dir() {
-                std::fs::remove_dir_all(&path).at(&path)?;
-            } else {
-                std::fs::remove_file(&path).at(&path)?;
-            }
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let leftover = name.starts_with(".tmp-")
+            || name.starts_with(TRASH_PREFIX)
+            || (name.starts_with("step-") && path.is_dir() && !path.join(STATE_FILE).exists());
+        if !leftover {
+            continue;
         }
+        if path.is_dir() {
+            std::fs::remove_dir_all(&path).at(&path)?;
+        } else {
+            std::fs::remove_file(&path).at(&path)?;
+        }
+        removed.push(path);
     }
-    Ok(())
+    Ok(removed)
 }

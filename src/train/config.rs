@@ -183,6 +183,9 @@ train_options! {
     early_stopping: usize;
     /// Validation micro-batches per dataset (default: the whole split).
     eval_max_batches: usize;
+    /// Downstream tasks scored at each validation (a task file or folder, as `evaluate
+    /// --tasks` reads them): their metrics go to metrics.csv and TensorBoard.
+    eval_tasks: PathBuf;
     /// `auto` (the run's newest checkpoint) or a checkpoint folder.
     resume: String;
     /// Let the documents packed in one sample (`prepare-data --padding false`) attend to
@@ -323,9 +326,11 @@ impl TrainConfig {
         if self.lora_r > 0 && !self.lora_targets().any() {
             problems.push("LoRA needs a target: --lora-query, --lora-key, --lora-value, --lora-projection, --lora-mlp or --lora-head".into());
         }
-        if self.devices == 0 || self.num_nodes == 0 {
-            problems.push("--devices and --num-nodes must be positive".into());
-        }
+        problems.extend(crate::strategy::rank_count_problems(
+            self.device,
+            self.devices,
+            self.num_nodes,
+        ));
         if self.collective_timeout == 0 {
             problems.push("--collective-timeout must be positive (seconds)".into());
         }

@@ -2,45 +2,22 @@
 //! before any weights load.
 //!
 //! A model folder made by `adapt-vocab` records which token ids are new in
-//! `vocab_adaptation.json` (`new_token_ids`; other fields are not read here). Their
-//! rows start as initialised guesses, so a LoRA run on such a folder trains them by
+//! `vocab_adaptation.json` ([`VocabRecord::new_token_ids`]). Their rows start as
+//! initialised guesses, so a LoRA run on such a folder trains them by
 //! default (`new`); on any other folder it trains neither matrix (`none`). Full
 //! fine-tuning trains every row of both anyway.
 
 use std::path::Path;
 
-use serde::Deserialize;
-
 use super::config::TrainConfig;
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 use crate::lora::TrainEmbeddings;
-
-/// The record `adapt-vocab` writes into the folder it makes.
-pub const RECORD_FILE: &str = "vocab_adaptation.json";
-
-/// The part of the record training reads.
-#[derive(Debug, Deserialize)]
-struct Record {
-    /// Ids whose rows were initialised rather than copied from the base.
-    #[serde(default)]
-    new_token_ids: Vec<u32>,
-}
+use crate::vocab::{RECORD_FILE, VocabRecord};
 
 /// The new token ids that `vocab_adaptation.json` in the model folder `dir` lists
 /// (None: no record).
 pub fn new_token_ids(dir: &Path) -> Result<Option<Vec<u32>>> {
-    let path = dir.join(RECORD_FILE);
-    if !path.is_file() {
-        return Ok(None);
-    }
-    let text = std::fs::read_to_string(&path).at(&path)?;
-    let r: Record = serde_json::from_str(&text).map_err(|e| {
-        Error::bad_file(
-            &path,
-            format!("not a vocabulary record ({{\"new_token_ids\": [...]}}): {e}"),
-        )
-    })?;
-    Ok(Some(r.new_token_ids))
+    Ok(VocabRecord::read(dir)?.map(|r| r.new_token_ids))
 }
 
 /// What a LoRA run trains of its embeddings and head.

@@ -93,7 +93,7 @@ const F32: u64 = 4;
 const GIB: f64 = (1u64 << 30) as f64;
 const MIB: f64 = (1u64 << 20) as f64;
 
-/// Bytes the training engine plans for, by part.
+/// Bytes the training engine plans for, by part: each part is one rank's.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MemoryEstimate {
     /// Base weights and LoRA matrices.
@@ -108,11 +108,58 @@ pub struct MemoryEstimate {
     pub workspace: u64,
     /// The validation pass's transients (held when activations and workspace are not).
     pub validation: u64,
+    /// Ranks that hold these parts in the same memory: the thread ranks of a CPU run
+    /// (`--device cpu --devices N`: one process, each rank with its own copy of every
+    /// part), 1 on GPUs (each rank its own device).
+    pub ranks: u64,
     /// Parameters, gradients and optimizer state plus the larger of training's
-    /// activations and workspace and validation's transients.
+    /// activations and workspace and validation's transients, times `ranks`.
     pub total: u64,
     /// What the numbers assume, in one line.
     pub assumed: String,
+}
+
+/// A byte count in checked arithmetic: `None` once it would overflow (a shape no
+/// machine holds), carried through every sum and product of the plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Bytes(Option<u128>);
+
+impl Bytes {
+    fn of(n: usize) -> Self {
+        Bytes(Some(n as u128))
+    }
+
+    fn max(self, other: Bytes) -> Bytes {
+        match (self.0, other.0) {
+            (Some(a), Some(b)) => Bytes(Some(a.max(b))),
+            _ => Bytes(None),
+        }
+    }
+
+    /// The count as `u64`, or `None` past it.
+    fn get(self) -> Option<u64> {
+        self.0.and_then(|n| u64::try_from(n).ok())
+    }
+}
+
+impl std::ops::Add for Bytes {
+    type Output = Bytes;
+    fn add(self, o: Bytes) -> Bytes {
+        Bytes(self.0.zip(o.0).and_then(|(a, b)| a.checked_add(b)))
+    }
+}
+
+impl std::ops::Mul for Bytes {
+    type Output = Bytes;
+    fn mul(self, o: Bytes) -> Bytes {
+        Bytes(self.0.zip(o.0).and_then(|(a, b)| a.checked_mul(b)))
+    }
+}
+
+impl std::iter::Sum for Bytes {
+    fn sum<I: Iterator<Item = Bytes>>(iter: I) -> Bytes {
+        iter.fold(Bytes::of(0), |a, b| a + b)
+    }
 }
 
 /// Parameter counts of a run.
@@ -131,9 +178,11 @@ pub struct ParamCounts {
 }
 
 impl ParamCounts {
+    /// The counts, saturating at `u64::MAX` ([`ParamCounts::checked`] says when).
     pub fn of(model: &Config, lora: Option<&LoraConfig>) -> Self {
-        let base = model.num_params() as u64;
-        let lora_n = lora.map_or(0, |l| lora_params(model, l));
+        let sat = |b: Bytes| b.get().unwrap_or(u64::MAX);
+        let (base, lora_n) = Self::counts(model, lora);
+        let (base, lora_n) = (sat(base), sat(lora_n));
         ParamCounts {
             base,
             lora: lora_n,
@@ -149,9 +198,28 @@ impl ParamCounts {
         ParamCounts {
             embeddings: trained,
             rows,
-            trainable: self.trainable + trained,
+            trainable: self.trainable.saturating_add(trained),
             ..self
         }
+    }
+
+    /// The counts, or `None` when one does not fit a `u64`.
+    pub fn checked(model: &Config, lora: Option<&LoraConfig>) -> Option<Self> {
+        let (base, lora_n) = Self::counts(model, lora);
+        let (base, lora_n) = (base.get()?, lora_n.get()?);
+        Some(ParamCounts {
+            base,
+            lora: lora_n,
+            embeddings: 0,
+            rows: 0,
+            trainable: if lora.is_some() { lora_n } else { base },
+        })
+    }
+
+    fn counts(model: &Config, lora: Option<&LoraConfig>) -> (Bytes, Bytes) {
+        let base = Bytes(model.param_count());
+        let lora_n = lora.map_or(Bytes::of(0), |l| lora_count(model, l));
+        (base, lora_n)
     }
 }
 
@@ -190,130 +258,183 @@ fn adapted_block_linears(model: &Config, lora: &LoraConfig) -> Vec<(usize, usize
     v
 }
 
-/// LoRA parameters: `r · (in + out)` per adapted linear, the head's included.
+/// LoRA parameters: `r · (in + out)` per adapted linear, the head's included
+/// (saturating at `u64::MAX`).
 pub fn lora_params(model: &Config, lora: &LoraConfig) -> u64 {
-    let per = |(n_in, n_out): (usize, usize)| (lora.r * (n_in + n_out)) as u64;
-    let block: u64 = adapted_block_linears(model, lora)
+    lora_count(model, lora).get().unwrap_or(u64::MAX)
+}
+
+fn lora_count(model: &Config, lora: &LoraConfig) -> Bytes {
+    let r = Bytes::of(lora.r);
+    let per = |(n_in, n_out): (usize, usize)| r * (Bytes::of(n_in) + Bytes::of(n_out));
+    let block: Bytes = adapted_block_linears(model, lora)
         .into_iter()
         .map(per)
         .sum();
     let head = if lora.targets.head {
         per((model.hidden_size, model.vocab_size))
     } else {
-        0
+        Bytes::of(0)
     };
-    model.n_layer as u64 * block + head
+    Bytes::of(model.n_layer) * block + head
 }
 
-/// The memory `cfg` plans for on `model` with `seq_len` tokens per sample.
-pub fn estimate(model: &Config, cfg: &TrainConfig, seq_len: usize) -> MemoryEstimate {
+/// Ranks whose parts share one memory: the thread ranks of a CPU run, one process
+/// for all of them; 1 on GPUs, where each rank has its own device.
+pub fn ranks_sharing_memory(cfg: &TrainConfig) -> u64 {
+    match cfg.device {
+        DeviceSpec::Cpu => cfg.devices.saturating_mul(cfg.num_nodes).max(1) as u64,
+        DeviceSpec::Cuda(_) => 1,
+    }
+}
+
+/// The memory `cfg` plans for on `model` with `seq_len` tokens per sample. Fails,
+/// naming the sizes, on a plan past 2^64 bytes (counted without overflow): no machine
+/// holds it.
+pub fn estimate(model: &Config, cfg: &TrainConfig, seq_len: usize) -> Result<MemoryEstimate> {
     let lora = cfg.lora();
+    let b = Bytes::of;
+    let zero = b(0);
+    let (base, lora_n) = ParamCounts::counts(model, lora.as_ref());
     let embeddings = super::embeddings::trained_params(
         cfg,
         model.vocab_size,
         model.hidden_size,
         model.tie_embeddings,
     );
-    let counts = ParamCounts::of(model, lora.as_ref()).with_embeddings(embeddings);
-    let p = cfg.precision.param_dtype().size_in_bytes() as u64;
-    let e = cfg.precision.compute_dtype().size_in_bytes() as u64;
-    let world = cfg.world_size().max(1) as u64;
-
-    let params = p * (counts.base + counts.lora + counts.rows);
-    let grads = p * counts.trainable;
-    let shards = if cfg.strategy == StrategyKind::Zero1 {
-        world
-    } else {
-        1
-    };
-    let optimizer = (p * 2 * counts.trainable).div_ceil(shards);
-
-    let (mb, t) = (cfg.micro_batch_size as u64, seq_len as u64);
-    let n = mb * t;
-    let (c, i) = (model.hidden_size as u64, model.intermediate_size as u64);
-    let (nh, nkv, hs) = (
-        model.n_head as u64,
-        model.n_kv_head as u64,
-        model.head_dim as u64,
+    let (trained_embeddings, rows_apart) = (
+        Bytes(Some(u128::from(embeddings.0))),
+        Bytes(Some(u128::from(embeddings.1))),
     );
-    let qkv = (nh + 2 * nkv) * hs;
+    let trainable = if lora.is_some() {
+        lora_n + trained_embeddings
+    } else {
+        base
+    };
+    let p = b(cfg.precision.param_dtype().size_in_bytes());
+    let e = b(cfg.precision.compute_dtype().size_in_bytes());
+    let f32 = b(F32 as usize);
+    let world = b(cfg.devices.saturating_mul(cfg.num_nodes).max(1));
+
+    let params = p * (base + lora_n + rows_apart);
+    let grads = p * trainable;
+    let optimizer = match (p * b(2) * trainable, cfg.strategy) {
+        (Bytes(Some(all)), StrategyKind::Zero1) => Bytes(world.0.map(|w| all.div_ceil(w.max(1)))),
+        (all, _) => all,
+    };
+
+    let (mb, t) = (b(cfg.micro_batch_size), b(seq_len));
+    let n = mb * t;
+    let (c, i) = (b(model.hidden_size), b(model.intermediate_size));
+    let (nh, nkv, hs) = (b(model.n_head), b(model.n_kv_head), b(model.head_dim));
+    let qkv = (nh + b(2) * nkv) * hs;
     let sequential = model.residual == Residual::Sequential;
     let second_norm = !(model.residual == Residual::Parallel && model.shared_attention_norm);
     let mlp = match model.mlp {
-        MlpKind::Gated => 2 * i,
+        MlpKind::Gated => b(2) * i,
         MlpKind::Plain => i,
     };
     let adapted = lora
         .as_ref()
         .map_or(Vec::new(), |l| adapted_block_linears(model, l));
-    let lora_linears = adapted.len() as u64;
-    let r = lora.as_ref().map_or(0, |l| l.r) as u64;
+    let lora_linears = b(adapted.len());
+    let r = b(lora.as_ref().map_or(0, |l| l.r));
     let dropout = lora.as_ref().is_some_and(|l| l.dropout > 0.0);
-    let dropped_inputs: u64 = if dropout {
-        adapted.iter().map(|&(n_in, _)| n_in as u64).sum()
+    let dropped_inputs: Bytes = if dropout {
+        adapted.iter().map(|&(n_in, _)| b(n_in)).sum()
     } else {
-        0
+        zero
     };
-    let per_token = c
-        + c
-        + qkv
-        + nh * hs
-        + if sequential { c } else { 0 }
-        + if second_norm { c } else { 0 }
-        + mlp
-        + r * lora_linears
-        + dropped_inputs;
-    let full_block = e * n * per_token + F32 * 2 * mb * nh * t;
-    let input_only = e * n * (c + nh * hs) + F32 * 2 * mb * nh * t;
-    let layers = model.n_layer as u64;
-    let k = cfg.activation_checkpointing as u64;
+    let when = |yes: bool, x: Bytes| if yes { x } else { zero };
+    let per_token_eval =
+        c + c + qkv + nh * hs + when(sequential, c) + when(second_norm, c) + mlp + r * lora_linears;
+    let per_token = per_token_eval + dropped_inputs;
+    let stats = f32 * b(2) * mb * nh * t;
+    let full_block = e * n * per_token + stats;
+    let input_only = e * n * (c + nh * hs) + stats;
+    let layers = model.n_layer;
+    let k = cfg.activation_checkpointing;
     let activations = if k == 0 {
-        layers * full_block
+        b(layers) * full_block
     } else {
-        let checkpointed = (0..layers).filter(|b| b % k == 0).count() as u64;
-        checkpointed * input_only + (layers - checkpointed) * full_block + full_block
+        // Blocks 0, k, 2k, ... below `layers`.
+        let checkpointed = layers.div_ceil(k);
+        b(checkpointed) * input_only + b(layers - checkpointed) * full_block + full_block
     };
 
-    let vocab = model.vocab_size;
-    let rows = head_chunk_rows(vocab, n as usize) as u64;
+    let vocab = b(model.vocab_size);
+    // The engine's chunk of rows (at most the tokens, at most 2^25 / V rows or 64).
+    let rows = b(match n.get().and_then(|n| usize::try_from(n).ok()) {
+        Some(n) => head_chunk_rows(model.vocab_size, n),
+        None => head_chunk_rows(model.vocab_size, usize::MAX),
+    });
     let head_dropped = lora.as_ref().is_some_and(|l| l.targets.head && dropout);
-    let workspace = e * n * (2 * c + 2 * i + qkv)
+    let plain = !uses_flash_kernel(cfg, model);
+    let scores = mb * nh * t * t;
+    let workspace = e * n * (b(2) * c + b(2) * i + qkv)
         + e * n * c
-        + F32 * 2 * rows * vocab as u64
+        + f32 * b(2) * rows * vocab
         + e * n * c
-        + if head_dropped { e * n * c } else { 0 }
-        + plain_attention_bytes(cfg, model, seq_len);
-    let plain_scores = if uses_flash_kernel(cfg, model) {
-        0
-    } else {
-        F32 * 3 * mb * nh * t * t
-    };
+        + when(head_dropped, e * n * c)
+        + when(plain, f32 * b(14) * scores);
     // No dropout in validation: no masked copies of the adapted inputs.
-    let validation = e * n * (per_token - dropped_inputs)
-        + F32 * 2 * mb * nh * t
-        + 2 * e * n * c
-        + F32 * rows * vocab as u64
-        + plain_scores;
+    let validation = e * n * per_token_eval
+        + stats
+        + b(2) * e * n * c
+        + f32 * rows * vocab
+        + when(plain, f32 * b(3) * scores);
 
-    let total = params + grads + optimizer + (activations + workspace).max(validation);
-    MemoryEstimate {
-        params,
-        grads,
-        optimizer,
-        activations,
-        workspace,
-        validation,
-        total,
-        assumed: assumptions(cfg, model, &counts, lora.as_ref(), seq_len, rows),
+    let ranks = ranks_sharing_memory(cfg);
+    let per_rank = params + grads + optimizer + (activations + workspace).max(validation);
+    let total = Bytes(Some(u128::from(ranks))) * per_rank;
+    let parts = [
+        ("parameters", params),
+        ("gradients", grads),
+        ("optimizer state", optimizer),
+        ("activations", activations),
+        ("workspace", workspace),
+        ("validation", validation),
+        ("total", total),
+    ];
+    if let Some((part, _)) = parts.iter().find(|(_, x)| x.get().is_none()) {
+        return Err(Error::Usage(format!(
+            "the memory plan's {part} alone is past 2^64 bytes (16 EiB), more than any machine holds: micro-batch {} × {seq_len} tokens per sample (--micro-batch-size, and the data's max_length or the model's max_position_embeddings), hidden size {}, {} layers, vocabulary {}{}{}",
+            cfg.micro_batch_size,
+            model.hidden_size,
+            model.n_layer,
+            model.vocab_size,
+            lora.as_ref()
+                .map_or(String::new(), |l| format!(", --lora-r {}", l.r)),
+            if ranks > 1 {
+                format!(", {ranks} CPU ranks (--devices)")
+            } else {
+                String::new()
+            }
+        )));
     }
+    let get = |x: Bytes| x.get().unwrap_or(u64::MAX);
+    let counts = ParamCounts::of(model, lora.as_ref()).with_embeddings(embeddings);
+    Ok(MemoryEstimate {
+        params: get(params),
+        grads: get(grads),
+        optimizer: get(optimizer),
+        activations: get(activations),
+        workspace: get(workspace),
+        validation: get(validation),
+        ranks,
+        total: get(total),
+        assumed: assumptions(cfg, model, &counts, lora.as_ref(), seq_len, get(rows)),
+    })
 }
 
 /// Bytes of generation's KV cache after `tokens` tokens of `batch` rows went through
 /// a model computing in a dtype of `elem` bytes: per layer, keys and values of
 /// `nkv · hs` per token, all of them for a global layer, the last `w − 1` for a layer
 /// with a sliding window of `w` (what a later query can still see).
+/// Saturates at `u64::MAX` rather than wrapping.
 pub fn kv_cache_bytes(model: &Config, elem: usize, batch: usize, tokens: usize) -> u64 {
-    let per_token = (2 * batch * model.n_kv_head * model.head_dim * elem) as u64;
+    let b = Bytes::of;
+    let per_token = b(2) * b(batch) * b(model.n_kv_head) * b(model.head_dim) * b(elem);
     model
         .windows
         .iter()
@@ -321,8 +442,10 @@ pub fn kv_cache_bytes(model: &Config, elem: usize, batch: usize, tokens: usize) 
             crate::config::AttentionWindow::Global => tokens,
             crate::config::AttentionWindow::Sliding(w) => tokens.min(w.saturating_sub(1)),
         })
-        .map(|kept| kept as u64 * per_token)
-        .sum()
+        .map(|kept| b(kept) * per_token)
+        .sum::<Bytes>()
+        .get()
+        .unwrap_or(u64::MAX)
 }
 
 /// Whether attention runs on a flash kernel, which never holds the `(T, T)` scores: on
@@ -342,8 +465,10 @@ fn plain_attention_bytes(cfg: &TrainConfig, model: &Config, seq_len: usize) -> u
     if uses_flash_kernel(cfg, model) {
         return 0;
     }
-    let t = seq_len as u64;
-    F32 * 14 * cfg.micro_batch_size as u64 * model.n_head as u64 * t * t
+    let (b, t) = (Bytes::of, Bytes::of(seq_len));
+    (b(F32 as usize) * b(14) * b(cfg.micro_batch_size) * b(model.n_head) * t * t)
+        .get()
+        .unwrap_or(u64::MAX)
 }
 
 fn assumptions(
@@ -378,14 +503,20 @@ fn assumptions(
         1 => "activation checkpointing of every block".to_string(),
         k => format!("activation checkpointing of every {k}-th block"),
     };
-    let world = cfg.world_size();
-    let ranks = if world == 1 {
+    let world = cfg.devices.saturating_mul(cfg.num_nodes);
+    let mut ranks = if world == 1 {
         "1 rank".to_string()
     } else if cfg.strategy == StrategyKind::Zero1 {
         format!("{world} ranks, optimizer state sharded (zero1)")
     } else {
         format!("{world} ranks, each with the whole optimizer state (ddp)")
     };
+    let sharing = ranks_sharing_memory(cfg);
+    if sharing > 1 {
+        ranks.push_str(&format!(
+            "; on CPU the {sharing} ranks are threads of one process, each with its own copy of every part: the parts are one rank's, the total is {sharing} times their sum"
+        ));
+    }
     let runtime = match cfg.device {
         DeviceSpec::Cpu => "on CPU nothing is added for the process and its allocator",
         DeviceSpec::Cuda(_) => {
@@ -445,20 +576,24 @@ pub fn table(columns: &[(&str, &MemoryEstimate)]) -> String {
         }
         out.push('\n');
     }
-    type Part = fn(&MemoryEstimate) -> u64;
-    let parts: [(&str, Part); 7] = [
-        ("parameters", |m| m.params),
-        ("gradients", |m| m.grads),
-        ("optimizer state", |m| m.optimizer),
-        ("activations", |m| m.activations),
-        ("workspace", |m| m.workspace),
-        ("validation", |m| m.validation),
-        ("total", |m| m.total),
+    type Part = fn(&MemoryEstimate) -> String;
+    let mut parts: Vec<(&str, Part)> = vec![
+        ("parameters", |m| human(m.params)),
+        ("gradients", |m| human(m.grads)),
+        ("optimizer state", |m| human(m.optimizer)),
+        ("activations", |m| human(m.activations)),
+        ("workspace", |m| human(m.workspace)),
+        ("validation", |m| human(m.validation)),
     ];
+    // CPU thread ranks: the parts above are one rank's, the total counts every rank.
+    if columns.iter().any(|(_, m)| m.ranks > 1) {
+        parts.push(("ranks (threads)", |m| format!("× {}", m.ranks)));
+    }
+    parts.push(("total", |m| human(m.total)));
     for (label, part) in parts {
         out.push_str(&format!("{label:LABEL$}"));
         for ((_, m), width) in columns.iter().zip(&widths) {
-            out.push_str(&format!("  {:>width$}", human(part(m))));
+            out.push_str(&format!("  {:>width$}", part(m)));
         }
         out.push('\n');
     }
@@ -525,7 +660,16 @@ pub fn dry_run(cfg: &TrainConfig) -> Result<String> {
     let (seq_len, from) = planned_seq_len(cfg, &model)?;
     // A --train-embeddings the model cannot have is refused here as in the run.
     super::embeddings::plan(cfg, None)?;
-    let given = estimate(&model, cfg, seq_len);
+    let planned = |c: &TrainConfig| {
+        estimate(&model, c, seq_len).map_err(|e| match e {
+            Error::Usage(m) => Error::Usage(format!(
+                "{}: {m}; the {seq_len} tokens per sample come from {from}",
+                cfg.checkpoint_dir.join("config.json").display()
+            )),
+            other => other,
+        })
+    };
+    let given = planned(cfg)?;
     let mut out = format!(
         "memory plan of {} ({} on {}), {seq_len} tokens per sample from {from}\n",
         cfg.checkpoint_dir.display(),
@@ -535,7 +679,7 @@ pub fn dry_run(cfg: &TrainConfig) -> Result<String> {
     if cfg.activation_checkpointing == 0 {
         let mut ckpt = cfg.clone();
         ckpt.activation_checkpointing = 1;
-        let with = estimate(&model, &ckpt, seq_len);
+        let with = planned(&ckpt)?;
         out.push_str(&table(&[
             ("as given", &given),
             ("--activation-checkpointing 1", &with),
@@ -546,7 +690,7 @@ pub fn dry_run(cfg: &TrainConfig) -> Result<String> {
     if let DeviceSpec::Cuda(_) = cfg.device {
         out.push('\n');
         out.push_str(&match device_free(cfg)? {
-            Some(free) => does_not_fit(&model, cfg, seq_len, free)
+            Some(free) => does_not_fit(&model, cfg, seq_len, free)?
                 .unwrap_or_else(|| format!("{}: fits, {} free now", cfg.device, human(free))),
             None => format!(
                 "{}: free memory not checked, this lit-claire was built without CUDA",
@@ -594,38 +738,53 @@ pub fn free_memory(_device: &candle_core::Device) -> Result<Option<u64>> {
 
 /// None when `cfg` fits in `free` bytes; otherwise one line saying so, with the
 /// micro-batch size (a divisor of the batch size) and/or `--activation-checkpointing
-/// 1` that would fit.
+/// 1` that would fit. Fails as [`estimate`] does.
 pub fn does_not_fit(
     model: &Config,
     cfg: &TrainConfig,
     seq_len: usize,
     free: u64,
-) -> Option<String> {
-    let need = estimate(model, cfg, seq_len);
+) -> Result<Option<String>> {
+    let need = estimate(model, cfg, seq_len)?;
     if need.total <= free {
-        return None;
+        return Ok(None);
     }
     let with = |micro: usize, ckpt: usize| {
         let mut c = cfg.clone();
         c.micro_batch_size = micro;
         c.activation_checkpointing = ckpt;
-        estimate(model, &c, seq_len).total
+        estimate(model, &c, seq_len).map_or(u64::MAX, |m| m.total)
     };
-    // Micro-batch sizes the batch size allows, largest first.
-    let smaller: Vec<usize> = (1..cfg.micro_batch_size)
-        .rev()
-        .filter(|m| cfg.batch_size % m == 0)
-        .collect();
     let ckpt = cfg.activation_checkpointing;
+    let fits = |m: usize, k: usize| with(m, k) <= free;
+    // The largest smaller micro-batch that divides the batch size and fits: the plan
+    // grows with the micro-batch, so a bisection finds the largest that fits, then a
+    // bounded walk down finds a divisor (1 always is one). Nothing per candidate is
+    // kept, whatever the sizes.
+    let smaller = |k: usize| -> Option<usize> {
+        let (mut lo, mut hi) = (1usize, cfg.micro_batch_size.saturating_sub(1));
+        if hi == 0 || !fits(1, k) {
+            return None;
+        }
+        while lo < hi {
+            let mid = lo + (hi - lo).div_ceil(2);
+            if fits(mid, k) { lo = mid } else { hi = mid - 1 }
+        }
+        (1..=lo)
+            .rev()
+            .take(1 << 16)
+            .find(|m| cfg.batch_size % m == 0)
+            .or(Some(1))
+    };
     let mut fixes = Vec::new();
-    if let Some(&m) = smaller.iter().find(|&&m| with(m, ckpt) <= free) {
+    if let Some(m) = smaller(ckpt) {
         fixes.push(format!("--micro-batch-size {m} ({})", human(with(m, ckpt))));
     }
     if ckpt != 1 {
         let full = with(cfg.micro_batch_size, 1);
         if full <= free {
             fixes.push(format!("--activation-checkpointing 1 ({})", human(full)));
-        } else if let Some(&m) = smaller.iter().find(|&&m| with(m, 1) <= free) {
+        } else if let Some(m) = smaller(1) {
             fixes.push(format!(
                 "--micro-batch-size {m} --activation-checkpointing 1 ({})",
                 human(with(m, 1))
@@ -648,24 +807,26 @@ pub fn does_not_fit(
     } else {
         format!("{} would fit", fixes.join(" or "))
     };
-    Some(format!(
+    Ok(Some(format!(
         "{}: the run needs about {} ({parts}) but {} is free; {advice} (`pretrain --dry-run` prints the plan)",
         cfg.device,
         human(need.total),
         human(free)
-    ))
+    )))
 }
 
-/// Refuse a run that will not fit its device, before any weights load: on a CUDA
-/// device, the estimate against the free memory now. Nothing on CPU.
+/// Refuse a run that will not fit its device, before any weights load: a plan past
+/// 2^64 bytes anywhere ([`estimate`]); on a CUDA device, the estimate against the free
+/// memory now.
 pub fn check_device_memory(
     model: &Config,
     cfg: &TrainConfig,
     seq_len: usize,
     device: &candle_core::Device,
 ) -> Result<()> {
+    estimate(model, cfg, seq_len)?;
     match free_memory(device)? {
-        Some(free) => match does_not_fit(model, cfg, seq_len, free) {
+        Some(free) => match does_not_fit(model, cfg, seq_len, free)? {
             Some(why) => Err(Error::Usage(why)),
             None => Ok(()),
         },

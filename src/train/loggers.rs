@@ -29,16 +29,18 @@ pub struct Loggers {
 impl Loggers {
     /// Open the loggers of `run`. When resuming at the checkpoint of step `step` after
     /// `tokens` tokens (`resume`), every logger's file drops what came after it, so the
-    /// resumed run appends without duplicate steps.
+    /// resumed run appends without duplicate steps. `tasks`: the `task/metric` names
+    /// of the downstream tasks scored at each validation.
     pub fn open(
         run: &Path,
         datasets: &[String],
+        tasks: &[String],
         loggers: &[Logger],
         resume: Option<(usize, u64)>,
     ) -> Result<Self> {
-        let csv = MetricsWriter::open(run, datasets, resume.map(|(s, _)| s))?;
+        let csv = MetricsWriter::open(run, datasets, tasks, resume.map(|(s, _)| s))?;
         let tensorboard = if loggers.contains(&Logger::Tensorboard) {
-            Some(TensorBoardWriter::open(run, datasets, resume)?)
+            Some(TensorBoardWriter::open(run, datasets, resume)?.with_tasks(tasks))
         } else {
             // Older event files (of a segment logged with tensorboard) still lose the
             // steps this run will compute again.

@@ -1,11 +1,12 @@
 //! `RUN/metrics.csv`: one row per logged optimizer step.
 //!
 //! Columns: `step, epoch, tokens, loss, learning_rate, grad_norm, tokens_per_s,
-//! elapsed_s, val_loss, val_ppl, val_bpb`, then `val_loss/<dataset>` for each dataset.
-//! `step` counts optimizer steps from 1; validation columns are empty except on rows
-//! where an evaluation ran (`val_bpb`: bits per byte, the summed validation loss / ln 2
-//! / the UTF-8 bytes of the text scored). On resume, rows after the checkpoint's step
-//! are dropped first, so a resumed run's file reads like that of a run that never
+//! elapsed_s, val_loss, val_ppl, val_bpb`, then `val_loss/<dataset>` for each dataset,
+//! then `task/<task>/<metric>` for each metric of the downstream tasks (`--eval-tasks`).
+//! `step` counts optimizer steps from 1; validation and task columns are empty except
+//! on rows where an evaluation ran (`val_bpb`: bits per byte, the summed validation loss
+//! / ln 2 / the UTF-8 bytes of the text scored). On resume, rows after the checkpoint's
+//! step are dropped first, so a resumed run's file reads like that of a run that never
 //! stopped; rows of a file written with other columns (before `val_bpb`) are moved
 //! under the header's by name.
 //!
@@ -36,6 +37,8 @@ pub struct MetricsRow {
     pub val_bpb: Option<f64>,
     /// Validation loss per dataset, in the header's order.
     pub val_per_dataset: Vec<Option<f64>>,
+    /// Downstream task metrics, in the header's order (empty: none this row).
+    pub tasks: Vec<Option<f64>>,
 }
 
 /// Appends rows to `metrics.csv`.
@@ -59,9 +62,10 @@ pub const COLUMNS: [&str; 11] = [
     "val_bpb",
 ];
 
-fn header(datasets: &[String]) -> String {
+fn header(datasets: &[String], tasks: &[String]) -> String {
     let mut cols: Vec<String> = COLUMNS.iter().map(|s| s.to_string()).collect();
     cols.extend(datasets.iter().map(|d| format!("val_loss/{d}")));
+    cols.extend(tasks.iter().map(|t| format!("task/{t}")));
     cols.join(",")
 }
 
@@ -134,10 +138,16 @@ fn realign(line: &str, old: &str, new: &str) -> String {
 
 impl MetricsWriter {
     /// Open `run/metrics.csv`: a new file with a header, or, when resuming at step
-    /// `resume_step`, the existing file without its rows after that step.
-    pub fn open(run: &Path, datasets: &[String], resume_step: Option<usize>) -> Result<Self> {
+    /// `resume_step`, the existing file without its rows after that step. `tasks`:
+    /// the `task/metric` columns of the downstream tasks.
+    pub fn open(
+        run: &Path,
+        datasets: &[String],
+        tasks: &[String],
+        resume_step: Option<usize>,
+    ) -> Result<Self> {
         let path = run.join(METRICS_FILE);
-        let head = header(datasets);
+        let head = header(datasets, tasks);
         let mut kept = vec![head.clone()];
         if let (Some(step), true) = (resume_step, path.exists()) {
             let text = std::fs::read_to_string(&path).at(&path)?;
@@ -171,6 +181,7 @@ impl MetricsWriter {
             opt(r.val_bpb),
         ];
         cols.extend(r.val_per_dataset.iter().map(|v| opt(*v)));
+        cols.extend(r.tasks.iter().map(|v| opt(*v)));
         writeln!(self.file, "{}", cols.join(",")).at(&self.path)?;
         self.file.flush().at(&self.path)
     }
@@ -190,7 +201,7 @@ mod tests {
                    2,0,20,2.5,0.1,1.0,5.0,2.0,2.4,11.0,2.4\n\
                    3,0,30,2.0,0.1,1.0,5.0,3.0,,,\n";
         std::fs::write(dir.path().join(METRICS_FILE), old).unwrap();
-        drop(MetricsWriter::open(dir.path(), &["a".into()], Some(2)).unwrap());
+        drop(MetricsWriter::open(dir.path(), &["a".into()], &[], Some(2)).unwrap());
         let text = std::fs::read_to_string(dir.path().join(METRICS_FILE)).unwrap();
         assert_eq!(
             text,

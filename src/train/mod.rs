@@ -17,8 +17,10 @@
 //! sharded_adamw.rs   AdamW sharded over the ranks (ZeRO-1)
 //! schedule.rs        learning-rate schedules
 //! checkpoint.rs      checkpoints on disk
+//! lock.rs            one run at a time in a run folder (RUN/.lock)
 //! evaluate.rs        validation loss of a model
 //! validate.rs        offline validation of every checkpoint of a run
+//! downstream.rs      every checkpoint of a run on downstream tasks (evaluate --out-dir)
 //! metrics.rs, loggers.rs, tensorboard.rs   metrics.csv and TensorBoard event files
 //! estimate.rs        the memory a run plans for (pretrain --dry-run)
 //! ```
@@ -28,9 +30,11 @@ pub mod batches;
 pub mod checkpoint;
 pub mod config;
 pub mod data_source;
+pub mod downstream;
 pub mod embeddings;
 pub mod estimate;
 pub mod evaluate;
+pub mod lock;
 pub mod loggers;
 pub mod metrics;
 pub mod optimizer;

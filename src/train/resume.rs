@@ -7,6 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
+use super::batches::TrainData;
 use super::checkpoint::{self, TrainingState};
 use super::config::TrainConfig;
 use super::metrics::METRICS_FILE;
@@ -140,6 +141,118 @@ fn check_resume(cfg: &TrainConfig, dir: &Path, state: &TrainingState) -> Result<
             dir.display(),
             cfg.checkpoint_dir.display()
         )));
+    }
+    // A LoRA checkpoint holds no base weights: the base must be the one it trained on.
+    if let (true, Some(expected)) = (lora_then, &state.base_fingerprint) {
+        crate::hf::merge::check_base_fingerprint(
+            dir,
+            &cfg.checkpoint_dir,
+            expected,
+            "resume it with --checkpoint-dir naming the base model it was trained on",
+        )?;
+    }
+    Ok(())
+}
+
+/// Fail unless the state of checkpoint `dir` can be where this run (`total_steps`
+/// steps on `data` over `world` ranks) stands: every field of its
+/// `training_state.json` that a run could not have written is named, with the fix.
+pub(super) fn check_state(
+    cfg: &TrainConfig,
+    data: &TrainData,
+    world: usize,
+    dir: &Path,
+    state: &TrainingState,
+    total_steps: usize,
+) -> Result<()> {
+    let file = dir.join(checkpoint::STATE_FILE);
+    let bad = |msg: String| Err(Error::bad_file(&file, msg));
+    if state.step > total_steps {
+        return bad(format!(
+            "step {} is past the end of this run ({total_steps} steps from --max-steps, --num-epochs, --max-tokens and the data); raise them to continue it, or start a new run",
+            state.step
+        ));
+    }
+    let epoch_len = data.epoch_len(1);
+    let pos = state.position;
+    if pos.offset > epoch_len {
+        return bad(format!(
+            "data position {} of epoch {} is past the end of an epoch of {} ({epoch_len} samples); was it trained on other data than --data-dir {}?",
+            pos.offset,
+            pos.epoch,
+            data.origin
+                .as_ref()
+                .map_or("the training data".into(), |o| o.dir.display().to_string()),
+            cfg.data_dir.display()
+        ));
+    }
+    // In the middle of an epoch, its order must be the one the checkpoint followed.
+    if pos.offset > 0 {
+        let now = data.origin.as_ref().map(|o| &o.fingerprint);
+        if let (Some(then), Some(now)) = (&state.data_fingerprint, now) {
+            if then != now {
+                return Err(Error::Usage(format!(
+                    "{} stopped at sample {} of epoch {} of other data than --data-dir {} (fingerprint {now}, the checkpoint's {then}); resume on the data it trained on, or start a new run",
+                    dir.display(),
+                    pos.offset,
+                    pos.epoch,
+                    cfg.data_dir.display()
+                )));
+            }
+        }
+        if cfg.seed != state.hyperparameters.seed {
+            return Err(Error::Usage(format!(
+                "{} stopped in the middle of epoch {}, drawn in the order of --seed {}; resume with --seed {} (another seed would draw the rest of the epoch in another order)",
+                dir.display(),
+                pos.epoch,
+                state.hyperparameters.seed,
+                state.hyperparameters.seed
+            )));
+        }
+    }
+    // Every step consumes one global batch; an epoch takes a step at least.
+    let was = &state.hyperparameters;
+    let most_per_step = (was.batch_size * was.world_size()).max(cfg.batch_size * world);
+    if pos.epoch > state.step || pos.offset > state.step.saturating_mul(most_per_step) {
+        return bad(format!(
+            "data position epoch {} offset {} cannot be reached in {} steps of at most {most_per_step} samples",
+            pos.epoch, pos.offset, state.step
+        ));
+    }
+    if state.evals_without_improvement > state.step {
+        return bad(format!(
+            "evals_without_improvement {} is more than the {} steps done",
+            state.evals_without_improvement, state.step
+        ));
+    }
+    if state.step == 0 && state.tokens > 0 {
+        return bad(format!("{} tokens counted in 0 steps", state.tokens));
+    }
+    if !(state.elapsed_s.is_finite() && state.elapsed_s >= 0.0) {
+        return bad(format!(
+            "elapsed_s {} is not a number of seconds >= 0",
+            state.elapsed_s
+        ));
+    }
+    for (name, v) in [
+        ("train_loss", state.train_loss),
+        ("val_loss", state.val_loss),
+        ("best_val_loss", state.best_val_loss),
+    ] {
+        if v.is_some_and(|v| !v.is_finite()) {
+            return bad(format!(
+                "{name} {} is not a finite number",
+                v.unwrap_or_default()
+            ));
+        }
+    }
+    if let Some(s) = &state.loss_scaler {
+        if !(s.scale.is_finite() && s.scale > 0.0) {
+            return bad(format!(
+                "loss_scaler.scale {} is not a finite number > 0",
+                s.scale
+            ));
+        }
     }
     Ok(())
 }

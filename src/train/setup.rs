@@ -15,6 +15,7 @@ use super::schedule::Schedule;
 use super::step::{LossScaler, StepRunner};
 use crate::config::{Config, load_config};
 use crate::error::{Error, IoContext, Result};
+use crate::eval::TaskSet;
 use crate::lora::LoraConfig;
 use crate::model::weights::Weights;
 use crate::model::{Dropout, build_model};
@@ -32,6 +33,9 @@ pub(super) struct Plan {
     pub resume: Resume,
     pub lora: Option<LoraConfig>,
     pub schedule: Schedule,
+    /// The downstream tasks of `--eval-tasks`, read now so that a bad one stops the
+    /// run before it starts.
+    pub eval_tasks: Option<TaskSet>,
     /// The bytes each token id of the base's tokenizer stands for (validation's bits
     /// per byte).
     pub token_bytes: TokenBytes,
@@ -63,12 +67,20 @@ impl Plan {
             total_steps,
             cfg.restarts,
         )?;
+        if let Some((dir, state)) = &resume.from {
+            super::resume::check_state(cfg, data, strategy.world_size, dir, state, total_steps)?;
+        }
+        let eval_tasks = match &cfg.eval_tasks {
+            Some(p) => Some(TaskSet::load(std::slice::from_ref(p), &cfg.checkpoint_dir)?),
+            None => None,
+        };
         Ok(Plan {
             strategy,
             model_cfg,
             resume,
             lora: cfg.lora(),
             schedule,
+            eval_tasks,
             token_bytes: tokenizer.token_bytes(),
             embeddings,
         })
@@ -81,6 +93,13 @@ fn check_data_fits(cfg: &TrainConfig, data: &TrainData, model_cfg: &Config) -> R
     let tokenizer = Tokenizer::from_dir(&cfg.checkpoint_dir)?;
     data.check_tokenizer(&tokenizer)?;
     data.check_context(model_cfg.block_size)?;
+    data.check_sample_memory(
+        cfg.micro_batch_size,
+        model_cfg,
+        cfg.device == crate::strategy::DeviceSpec::Cpu,
+        "--micro-batch-size",
+    )?;
+    data.check_vocab(&tokenizer, model_cfg.vocab_size, &cfg.checkpoint_dir)?;
     data.check_weights()?;
     Ok(tokenizer)
 }
@@ -168,11 +187,14 @@ pub(super) fn build_runner(cfg: &CheckedConfig, plan: Plan) -> Result<(StepRunne
     };
     let mut opt = Optimizer::new(vars, adam, &strategy)?;
     let state = match resume {
-        Some((dir, s)) => {
+        Some((dir, mut s)) => {
             restore_optimizer(&dir, &s, &mut opt, &strategy)?;
+            // Checked against the base in plan_resume: from now on, this one.
+            s.base_checkpoint_dir = absolute(&cfg.checkpoint_dir);
+            s.base_fingerprint = Some(crate::hf::merge::base_fingerprint(&cfg.checkpoint_dir)?);
             s
         }
-        None => fresh_state(cfg, &strategy, lora.as_ref()),
+        None => fresh_state(cfg, &strategy, lora.as_ref())?,
     };
     let trained: Vec<candle_core::Var> = opt.vars().iter().map(|(_, v)| v.clone()).collect();
     strategy.broadcast_vars(&trained)?;
@@ -198,14 +220,22 @@ pub(super) fn unsharded_note(cfg: &TrainConfig, strategy: &Strategy) -> Option<S
     })
 }
 
+/// `path` made absolute (symbolic links resolved where it exists), so that a state
+/// read from another folder still finds it.
+pub(super) fn absolute(path: &std::path::Path) -> std::path::PathBuf {
+    std::fs::canonicalize(path)
+        .or_else(|_| std::path::absolute(path))
+        .unwrap_or_else(|_| path.to_path_buf())
+}
+
 /// The state of a run at step 0.
 fn fresh_state(
     cfg: &CheckedConfig,
     strategy: &Strategy,
     lora: Option<&LoraConfig>,
-) -> TrainingState {
+) -> Result<TrainingState> {
     let needs_dropout = lora.is_some_and(|l| l.dropout > 0.0);
-    TrainingState {
+    Ok(TrainingState {
         step: 0,
         position: DataPosition::default(),
         tokens: 0,
@@ -217,30 +247,34 @@ fn fresh_state(
         metrics_rows: Some(0),
         loss_scaler: strategy.precision.uses_loss_scaling().then(LossScaler::new),
         dropout_seed: needs_dropout.then_some(cfg.seed),
-        base_checkpoint_dir: cfg.checkpoint_dir.clone(),
+        base_checkpoint_dir: absolute(&cfg.checkpoint_dir),
+        base_fingerprint: Some(crate::hf::merge::base_fingerprint(&cfg.checkpoint_dir)?),
+        data_fingerprint: None,
         hyperparameters: cfg.config().clone(),
         lit_claire_version: env!("CARGO_PKG_VERSION").into(),
-    }
+    })
 }
 
 /// Rank 0's files in the run folder: the hyper-parameters, the loggers' files
-/// (continued after `resume = (step, tokens)` when resuming) and `train.log`.
+/// (continued after `resume = (step, tokens)` when resuming) and `train.log`; and the
+/// leftovers of interrupted checkpoint writes and deletions swept (returned).
 pub(super) fn open_outputs(
     cfg: &CheckedConfig,
     data: &TrainData,
+    tasks: &[String],
     resume: Option<(usize, u64)>,
-) -> Result<(Loggers, std::fs::File)> {
+) -> Result<(Loggers, std::fs::File, Vec<std::path::PathBuf>)> {
     let out = &cfg.out_dir;
     std::fs::create_dir_all(out).at(out)?;
-    checkpoint::clean_partial(out)?;
+    let swept = checkpoint::clean_partial(out)?;
     cfg.save(out)?;
     let names: Vec<String> = data.datasets.iter().map(|d| d.name.clone()).collect();
-    let metrics = Loggers::open(out, &names, &cfg.logger, resume)?;
+    let metrics = Loggers::open(out, &names, tasks, &cfg.logger, resume)?;
     let log_path = out.join("train.log");
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&log_path)
         .at(&log_path)?;
-    Ok((metrics, log))
+    Ok((metrics, log, swept))
 }

@@ -177,6 +177,8 @@ pub struct TensorBoardWriter {
     file: File,
     /// `val/loss/<dataset>` suffixes, in the order of [`MetricsRow::val_per_dataset`].
     datasets: Vec<String>,
+    /// `task/<task>/<metric>` suffixes, in the order of [`MetricsRow::tasks`].
+    tasks: Vec<String>,
 }
 
 impl TensorBoardWriter {
@@ -210,7 +212,14 @@ impl TensorBoardWriter {
             path,
             file,
             datasets: datasets.to_vec(),
+            tasks: Vec::new(),
         })
+    }
+
+    /// Also write the downstream task metrics, tagged `task/<task>/<metric>`.
+    pub fn with_tasks(mut self, tasks: &[String]) -> Self {
+        self.tasks = tasks.to_vec();
+        self
     }
 
     /// When resuming at `resume = (step, tokens)`: rewrite the event files of `run`
@@ -245,6 +254,11 @@ impl TensorBoardWriter {
         for (name, v) in self.datasets.iter().zip(&row.val_per_dataset) {
             if let Some(v) = v {
                 scalars.push(("val", format!("loss/{name}"), *v));
+            }
+        }
+        for (name, v) in self.tasks.iter().zip(&row.tasks) {
+            if let Some(v) = v {
+                scalars.push(("task", name.clone(), *v));
             }
         }
         let wall_time = wall_time();

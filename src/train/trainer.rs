@@ -20,6 +20,7 @@ use super::schedule::Schedule;
 use super::setup::{Plan, build_runner, open_outputs, unsharded_note};
 use super::step::{StepRunner, StepStats};
 use crate::error::{Error, IoContext, Result};
+use crate::eval::TaskSet;
 use crate::lora::LoraConfig;
 use crate::strategy::Strategy;
 
@@ -48,19 +49,14 @@ pub struct Trainer {
     /// Order of the current epoch (for this rank).
     order: Vec<(u32, u32)>,
     order_epoch: Option<usize>,
+    /// Rank 0's lock on the run folder, held until the trainer is dropped.
+    lock: Option<super::lock::RunLock>,
+    /// Downstream tasks scored at each validation (`--eval-tasks`), and their
+    /// `task/metric` columns.
+    eval_tasks: Option<TaskSet>,
+    task_columns: Vec<String>,
     /// The bytes of each token id (validation's bits per byte).
     token_bytes: crate::tokenizer::TokenBytes,
-}
-
-/// What one validation gives.
-#[derive(Debug, Clone, Default)]
-struct Validation {
-    /// Token-weighted loss over the datasets (every rank has it).
-    loss: Option<f64>,
-    /// Bits per byte over the datasets (rank 0).
-    bpb: Option<f64>,
-    /// Loss per dataset (rank 0).
-    per: Vec<Option<f64>>,
 }
 
 /// The device, and the ranks when there are several: `cpu`, `cpu × 2 ranks (ddp)`.
@@ -103,13 +99,24 @@ impl Trainer {
         if !zero {
             group.barrier()?;
         }
+        // Before reading the run folder: a second run there is refused at once.
+        let lock = if zero {
+            Some(super::lock::RunLock::acquire(&cfg.out_dir)?)
+        } else {
+            None
+        };
         let plan = Plan::new(&cfg, &data, strategy)?;
         if zero {
             group.barrier()?;
         }
         let resumed_from = plan.resume.from.as_ref().map(|(d, s)| (d.clone(), s.step));
         let (lora, schedule) = (plan.lora.clone(), plan.schedule.clone());
+        let eval_tasks = plan.eval_tasks.clone();
         let token_bytes = plan.token_bytes.clone();
+        let task_columns = eval_tasks
+            .as_ref()
+            .map(TaskSet::columns)
+            .unwrap_or_default();
         let mut warnings = plan.resume.warnings.clone();
         warnings.extend(unsharded_note(&cfg, &plan.strategy));
         // The setting as used goes into hyperparameters.toml and every checkpoint.
@@ -121,13 +128,20 @@ impl Trainer {
         let (runner, mut state) = build_runner(cfg, plan)?;
         state.hyperparameters.cross_document_attention = cfg.cross_document_attention;
         state.hyperparameters.train_embeddings = cfg.train_embeddings;
-        let (metrics, log) = if zero {
+        state.data_fingerprint = data.origin.as_ref().map(|o| o.fingerprint.clone());
+        let (metrics, log, swept) = if zero {
             let resume = resumed_from.as_ref().map(|_| (state.step, state.tokens));
-            let (m, l) = open_outputs(cfg, &data, resume)?;
-            (Some(m), Some(l))
+            let (m, l, swept) = open_outputs(cfg, &data, &task_columns, resume)?;
+            (Some(m), Some(l), swept)
         } else {
-            (None, None)
+            (None, None, Vec::new())
         };
+        warnings.extend(swept.iter().map(|p| {
+            format!(
+                "removed {}, left by an interrupted checkpoint write or deletion",
+                p.display()
+            )
+        }));
         let mut t = Trainer {
             cfg: cfg.clone(),
             data,
@@ -139,6 +153,9 @@ impl Trainer {
             log,
             order: Vec::new(),
             order_epoch: None,
+            lock,
+            eval_tasks,
+            task_columns,
             token_bytes,
         };
         let line = t.start_line(resumed_from.as_ref().map(|(d, _)| d.as_path()));
@@ -223,9 +240,9 @@ impl Trainer {
             .collect()
     }
 
-    /// Validation loss per dataset and overall (token-weighted) and bits per byte,
-    /// computed by rank 0; the other ranks get the overall loss (they need it to stop
-    /// early together).
+    /// Validation loss per dataset and overall (token-weighted) and bits per byte, and
+    /// the downstream tasks' metrics, computed by rank 0; the other ranks wait, and get
+    /// the overall loss (they need it to stop early together).
     fn evaluate_validation(&mut self) -> Result<Validation> {
         let mut per = Vec::new();
         let (mut sum, mut tokens, mut bytes) = (0f64, 0usize, 0u64);
@@ -252,6 +269,24 @@ impl Trainer {
                 per.push(r.map(|r| r.loss));
             }
         }
+        let mut tasks = Vec::new();
+        if let (Some(ts), true) = (&self.eval_tasks, self.runner.strategy.is_global_zero()) {
+            let start = Instant::now();
+            let values = ts.score(&self.runner.model, self.cfg.micro_batch_size)?;
+            let line = self
+                .task_columns
+                .iter()
+                .zip(&values)
+                .map(|(c, v)| format!("{c} {v:.4}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            self.note(&format!(
+                "step {}: tasks ({:.1}s) {line}",
+                self.state.step,
+                start.elapsed().as_secs_f64()
+            ))?;
+            tasks = values.into_iter().map(Some).collect();
+        }
         let overall = (tokens > 0).then(|| sum / tokens as f64);
         // [has a value, value], from rank 0.
         let got = self
@@ -261,7 +296,8 @@ impl Trainer {
         Ok(Validation {
             loss: (got[0] > 0.0).then_some(got[1]),
             bpb: crate::tokenizer::bits_per_byte(sum, bytes),
-            per,
+            per_dataset: per,
+            tasks,
         })
     }
 
@@ -315,6 +351,14 @@ impl Trainer {
     /// Train until the schedule ends (or early stopping, or `stop_after` steps, for
     /// tests of interrupted runs).
     pub fn run(&mut self, stop_after: Option<usize>) -> Result<TrainSummary> {
+        let r = self.run_locked(stop_after);
+        // The run folder is free again once the run ends (the trainer may live on).
+        self.lock = None;
+        r
+    }
+
+    /// [`Trainer::run`], holding the run folder's lock.
+    fn run_locked(&mut self, stop_after: Option<usize>) -> Result<TrainSummary> {
         let total = self.schedule.total_steps;
         let bar = self.progress_bar();
         let mut clock = Clock::new(self.state.elapsed_s);
@@ -360,7 +404,7 @@ impl Trainer {
             } else {
                 Validation::default()
             };
-            let val = validation.loss;
+            let (val, bpb) = (validation.loss, validation.bpb);
             if let Some(v) = val {
                 self.record_validation(v);
             }
@@ -372,12 +416,11 @@ impl Trainer {
             ));
             if log_due {
                 clock.last_log = now;
-                self.log_metrics(&stats, lr, tps, &validation, bar.is_hidden())?;
+                self.log_metrics(&stats, lr, tps, validation, bar.is_hidden())?;
                 clock.restart_interval(now);
             }
             if let Some(v) = val {
-                let bpb = validation
-                    .bpb
+                let bpb = bpb
                     .map(|b| format!(", {b:.4} bits per byte"))
                     .unwrap_or_default();
                 self.note(&format!(
@@ -484,10 +527,15 @@ impl Trainer {
         stats: &StepStats,
         lr: f64,
         tps: f64,
-        validation: &Validation,
+        validation: Validation,
         no_bar: bool,
     ) -> Result<()> {
-        let val = validation.loss;
+        let Validation {
+            loss: val,
+            bpb,
+            per_dataset: per,
+            tasks,
+        } = validation;
         let row = MetricsRow {
             step: self.state.step,
             epoch: self.state.position.epoch,
@@ -498,11 +546,16 @@ impl Trainer {
             tokens_per_s: tps,
             elapsed_s: self.state.elapsed_s,
             val_loss: val,
-            val_bpb: validation.bpb.filter(|_| val.is_some()),
+            val_bpb: bpb.filter(|_| val.is_some()),
             val_per_dataset: if val.is_some() {
-                validation.per.clone()
+                per
             } else {
                 vec![None; self.data.datasets.len()]
+            },
+            tasks: if tasks.is_empty() {
+                vec![None; self.task_columns.len()]
+            } else {
+                tasks
             },
         };
         if let Some(m) = self.metrics.as_mut() {
@@ -542,6 +595,18 @@ impl Trainer {
             final_checkpoint,
         }
     }
+}
+
+/// What a validation gave (on rank 0; the other ranks know only the loss).
+#[derive(Debug, Default)]
+struct Validation {
+    /// Token-weighted over the datasets.
+    loss: Option<f64>,
+    /// Bits per byte over the datasets.
+    bpb: Option<f64>,
+    per_dataset: Vec<Option<f64>>,
+    /// The downstream tasks' metrics, in the order of the `task/metric` columns.
+    tasks: Vec<Option<f64>>,
 }
 
 /// Wall time of a run (continuing a resumed run's), and when logging, validation and

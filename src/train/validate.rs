@@ -42,6 +42,22 @@ const OLD_HEADERS: [(&str, &str); 2] = [
     ),
 ];
 
+/// The shortest `--watch` interval: each look lists the run's checkpoints, so a
+/// shorter one (0) only spins a core.
+pub const MIN_WATCH: Duration = Duration::from_secs(1);
+
+/// Refuse a `--watch` interval below [`MIN_WATCH`], naming the flag.
+pub fn check_watch(watch: Option<Duration>) -> Result<()> {
+    match watch {
+        Some(every) if every < MIN_WATCH => Err(Error::Usage(format!(
+            "--watch {}: the interval between looks for new checkpoints must be at least {} s",
+            every.as_secs_f64(),
+            MIN_WATCH.as_secs()
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// What to validate and how.
 #[derive(Debug, Clone)]
 pub struct ValidateOptions {
@@ -51,7 +67,8 @@ pub struct ValidateOptions {
     pub batch_size: usize,
     /// Default: `RUN/validation_results.csv`.
     pub csv: Option<PathBuf>,
-    /// Poll for new checkpoints every this often until `final/` is scored.
+    /// Poll for new checkpoints every this often until `final/` is scored; at least
+    /// [`MIN_WATCH`] (0 would poll in a busy loop).
     pub watch: Option<Duration>,
     /// Let packed documents attend to each other (`--cross-document-attention`). None:
     /// as each checkpoint's run trained (false for runs that do not say).
@@ -157,7 +174,7 @@ fn checked_tokenizer(
 }
 
 /// The model of a checkpoint: its own weights, or `base` + its adapter.
-fn model_of(
+pub fn model_of(
     dir: &Path,
     state: &TrainingState,
     base: &mut Option<(PathBuf, Gpt)>,
@@ -166,6 +183,14 @@ fn model_of(
     if crate::hf::peft::is_adapter_dir(dir) {
         let base_dir = &state.base_checkpoint_dir;
         if base.as_ref().is_none_or(|(p, _)| p != base_dir) {
+            if let Some(expected) = &state.base_fingerprint {
+                crate::hf::merge::check_base_fingerprint(
+                    dir,
+                    base_dir,
+                    expected,
+                    "put the base model it was trained on back in that folder",
+                )?;
+            }
             let m = load_model(base_dir, &strategy.build_options(false), None).map_err(|e| {
                 Error::Msg(format!(
                     "{}: the base model of this LoRA checkpoint could not be loaded from {}: {e}",
@@ -198,6 +223,12 @@ pub fn validate_run(
     if opts.batch_size == 0 {
         return Err(Error::Usage("--batch-size must be positive".into()));
     }
+    if opts.max_batches == Some(0) {
+        return Err(Error::Usage(
+            "--max 0 would score no batch; give at least 1, or leave --max out to score the whole split".into(),
+        ));
+    }
+    check_watch(opts.watch)?;
     let csv = opts
         .csv
         .clone()
@@ -216,6 +247,8 @@ pub fn validate_run(
         |ckpt: &str, ds: &str, cross: bool| (ckpt.to_string(), ds.to_string(), data_label(cross));
     let mut rows = Vec::new();
     let mut base = None;
+    // The model vocabulary the validation splits' ids were checked against.
+    let mut vocab_checked = None;
     loop {
         let checkpoints = checkpoint::list(&opts.run)?;
         if checkpoints.is_empty() && opts.watch.is_none() {
@@ -244,8 +277,24 @@ pub fn validate_run(
                 continue;
             }
             let token_bytes = checked_tokenizer(dir, state, data)?;
+            let cfg_dir = if dir.join("config.json").exists() {
+                dir.as_path()
+            } else {
+                state.base_checkpoint_dir.as_path()
+            };
+            let model_cfg = crate::config::load_config(cfg_dir)?;
+            data.check_context(model_cfg.block_size)?;
+            data.check_sample_memory(
+                opts.batch_size,
+                &model_cfg,
+                strategy.device.is_cpu(),
+                "--batch-size",
+            )?;
             let model = model_of(dir, state, &mut base, strategy)?;
-            data.check_context(model.cfg.block_size)?;
+            if vocab_checked != Some(model.cfg.vocab_size) {
+                data.check_ids_below(model.cfg.vocab_size, dir, false)?;
+                vocab_checked = Some(model.cfg.vocab_size);
+            }
             let how = Scoring {
                 block_size: data.block_size,
                 micro_batch_size: opts.batch_size,

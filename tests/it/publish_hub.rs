@@ -18,6 +18,7 @@ fn config(hub: &FakeHub, token: Option<&str>) -> HubConfig {
         token_source: "HF_TOKEN".into(),
         offline: false,
         retries: 1,
+        timeout: std::time::Duration::from_secs(30),
     }
 }
 
@@ -282,10 +283,13 @@ fn download_fetches_weights_config_and_tokenizer_only() {
     assert!(leftovers(&ck.path().join("org")).is_empty());
     // Files were fetched at the commit the revision resolved to.
     let reqs = server.requests();
-    assert_eq!(reqs[0], "GET /api/models/org/model/revision/main");
+    assert_eq!(
+        reqs[0],
+        "GET /api/models/org/model/revision/main?blobs=true"
+    );
     assert!(
         reqs.iter()
-            .any(|r| r.starts_with("HEAD /org/model/resolve/") && !r.contains("/main/"))
+            .any(|r| r.starts_with("GET /org/model/resolve/") && !r.contains("/main/"))
     );
 }
 

@@ -1,14 +1,34 @@
 //! A small stand-in for the Hugging Face Hub on 127.0.0.1, answering exactly the
 //! calls `lit-claire upload` and `download` make (see `src/hub.rs`), one request per
-//! connection. It records every request and every commit, checks the bearer token,
-//! and can drop the connection of requests whose path contains a given string.
+//! connection, LFS storage included (basic or multipart uploads). It records every
+//! request and every commit, checks the bearer token, and misbehaves on request:
+//! it can drop the connection of requests whose path contains a given string, answer
+//! them with an injected status or a canned answer, never answer them, never read
+//! their body, or answer them with JSON that never ends.
+//!
+//! Bounded: it listens on 127.0.0.1 only, serves at most [`MAX_CONNECTIONS`]
+//! connections and stops accepting after [`LIFETIME`]; a connection is read with a
+//! timeout, held unanswered at most [`HOLD`], and an endless answer stops after
+//! [`ENDLESS_MAX`] bytes or when the client goes away.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+
+/// Connections served, at most.
+pub const MAX_CONNECTIONS: usize = 400;
+/// How long the server accepts connections.
+pub const LIFETIME: Duration = Duration::from_secs(300);
+/// How long a request is held unanswered, at most.
+pub const HOLD: Duration = Duration::from_secs(30);
+/// The most bytes of an endless answer.
+pub const ENDLESS_MAX: u64 = 4 << 30;
+/// The largest request body read.
+const MAX_BODY: usize = 512 << 20;
 
 /// A repository: files at the head of each branch.
 #[derive(Debug, Clone, Default)]
@@ -38,6 +58,44 @@ pub struct State {
     pub drop_paths: Vec<String>,
     /// Requests whose path contains the string get this status.
     pub fail_paths: Vec<(String, u16)>,
+    /// Requests whose path contains the string get this answer: status, headers, body.
+    pub canned: Vec<Canned>,
+    /// Requests whose path contains one of these are read whole and never answered.
+    pub hang_paths: Vec<String>,
+    /// Requests whose path contains one of these have their head read, never their
+    /// body, and are never answered.
+    pub stall_paths: Vec<String>,
+    /// Requests whose path contains the string are answered with this status and
+    /// JSON that never ends.
+    pub endless_paths: Vec<(String, u16)>,
+    /// Requests whose path contains one of these are answered 200 with a JSON body
+    /// that trickles, a byte at a time, and never ends.
+    pub trickle_paths: Vec<String>,
+    /// Bytes written in endless answers.
+    pub endless_sent: u64,
+    /// Files whose path ends with one of these go to LFS storage at preupload.
+    pub lfs_suffixes: Vec<String>,
+    /// Multipart LFS uploads in chunks of this many bytes (else one PUT).
+    pub multipart_chunk: Option<u64>,
+    /// LFS objects stored, by sha256.
+    pub lfs: BTreeMap<String, Vec<u8>>,
+    /// Multipart parts received, by sha256 and part number.
+    pub parts: BTreeMap<(String, u64), Vec<u8>>,
+    /// `"METHOD /path"` and the `Authorization` header of every request.
+    pub auth_seen: Vec<(String, Option<String>)>,
+    /// This server's address, for the LFS addresses it hands out.
+    pub base: String,
+    /// Where LFS uploads are sent instead of this server (another server's address).
+    pub lfs_base: Option<String>,
+}
+
+/// A canned answer: to requests whose path contains `path`.
+#[derive(Debug, Clone)]
+pub struct Canned {
+    pub path: String,
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
 }
 
 pub struct FakeHub {
@@ -52,18 +110,10 @@ impl FakeHub {
         let url = format!("http://{}", listener.local_addr().unwrap());
         let state = Arc::new(Mutex::new(State {
             token: token.into(),
+            base: url.clone(),
             ..Default::default()
         }));
-        let st = state.clone();
-        std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(conn) = conn else { continue };
-                let st = st.clone();
-                std::thread::spawn(move || {
-                    let _ = serve(conn, &st);
-                });
-            }
-        });
+        accept_loop(listener, state.clone(), "");
         FakeHub { url, state }
     }
 
@@ -102,6 +152,113 @@ impl FakeHub {
             .fail_paths
             .push((path_part.into(), status));
     }
+
+    /// Answer requests whose path contains `path_part` with exactly this.
+    pub fn answer_requests_to(
+        &self,
+        path_part: &str,
+        status: u16,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) {
+        self.state.lock().unwrap().canned.push(Canned {
+            path: path_part.into(),
+            status,
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            body: body.to_vec(),
+        });
+    }
+
+    /// Read requests whose path contains `path_part` whole, and never answer.
+    pub fn hang_requests_to(&self, path_part: &str) {
+        self.state.lock().unwrap().hang_paths.push(path_part.into());
+    }
+
+    /// Read the head of requests whose path contains `path_part`, never their body,
+    /// and never answer.
+    pub fn stall_requests_to(&self, path_part: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .stall_paths
+            .push(path_part.into());
+    }
+
+    /// Answer requests whose path contains `path_part` with `status` and JSON that
+    /// never ends.
+    pub fn endless_answers_to(&self, path_part: &str, status: u16) {
+        self.state
+            .lock()
+            .unwrap()
+            .endless_paths
+            .push((path_part.into(), status));
+    }
+
+    /// Answer requests whose path contains `path_part` with 200 and a body that
+    /// trickles and never ends.
+    pub fn trickle_answers_to(&self, path_part: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .trickle_paths
+            .push(path_part.into());
+    }
+
+    /// Bytes sent so far in endless answers.
+    pub fn endless_sent(&self) -> u64 {
+        self.state.lock().unwrap().endless_sent
+    }
+
+    /// Send files ending with one of `suffixes` to LFS storage, in parts of `chunk`
+    /// bytes if given.
+    pub fn use_lfs(&self, suffixes: &[&str], chunk: Option<u64>) {
+        let mut st = self.state.lock().unwrap();
+        st.lfs_suffixes = suffixes.iter().map(|s| s.to_string()).collect();
+        st.multipart_chunk = chunk;
+    }
+
+    /// Serve LFS storage from a second address (another port: another origin, which
+    /// must never see the token) sharing this server's state; its requests are
+    /// recorded as `"storage METHOD /path"`. Returns its URL.
+    pub fn add_storage_server(&self) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        self.state.lock().unwrap().lfs_base = Some(url.clone());
+        accept_loop(listener, self.state.clone(), "storage ");
+        url
+    }
+
+    /// Every `Authorization` header received, with its request.
+    pub fn auth_seen(&self) -> Vec<(String, Option<String>)> {
+        self.state.lock().unwrap().auth_seen.clone()
+    }
+}
+
+/// Serve connections to `listener` on threads, within [`MAX_CONNECTIONS`] and
+/// [`LIFETIME`]; `tag` prefixes the requests recorded.
+fn accept_loop(listener: TcpListener, state: Arc<Mutex<State>>, tag: &'static str) {
+    listener
+        .set_nonblocking(true)
+        .expect("non-blocking listener");
+    std::thread::spawn(move || {
+        let started = Instant::now();
+        let mut served = 0;
+        while served < MAX_CONNECTIONS && started.elapsed() < LIFETIME {
+            match listener.accept() {
+                Ok((conn, _)) => {
+                    served += 1;
+                    let st = state.clone();
+                    std::thread::spawn(move || {
+                        let _ = serve(conn, &st, tag);
+                    });
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    });
 }
 
 struct Request {
@@ -111,14 +268,14 @@ struct Request {
     body: Vec<u8>,
 }
 
-fn read_request(stream: &mut BufReader<TcpStream>) -> std::io::Result<Request> {
+fn read_request(stream: &mut BufReader<TcpStream>, with_body: bool) -> std::io::Result<Request> {
     let mut line = String::new();
     stream.read_line(&mut line)?;
     let mut parts = line.split_whitespace();
     let method = parts.next().unwrap_or("").to_string();
     let path = parts.next().unwrap_or("").to_string();
     let mut headers = BTreeMap::new();
-    loop {
+    for _ in 0..=200 {
         let mut h = String::new();
         stream.read_line(&mut h)?;
         let h = h.trim_end();
@@ -130,8 +287,13 @@ fn read_request(stream: &mut BufReader<TcpStream>) -> std::io::Result<Request> {
         }
     }
     let mut body = Vec::new();
-    if let Some(n) = headers.get("content-length") {
-        body = vec![0; n.parse().unwrap_or(0)];
+    if !with_body {
+    } else if let Some(n) = headers.get("content-length") {
+        let n: usize = n.parse().unwrap_or(0);
+        if n > MAX_BODY {
+            return Err(std::io::Error::other("request body too large"));
+        }
+        body = vec![0; n];
         stream.read_exact(&mut body)?;
     } else if headers
         .get("transfer-encoding")
@@ -142,6 +304,9 @@ fn read_request(stream: &mut BufReader<TcpStream>) -> std::io::Result<Request> {
             let mut size = String::new();
             stream.read_line(&mut size)?;
             let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+            if body.len() + n > MAX_BODY {
+                return Err(std::io::Error::other("request body too large"));
+            }
             let mut chunk = vec![0; n + 2];
             stream.read_exact(&mut chunk)?;
             if n == 0 {
@@ -172,14 +337,124 @@ fn json_response(status: u16, v: Value) -> Response {
     }
 }
 
-fn serve(conn: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
+/// Keep `conn` open unanswered until the client goes away or [`HOLD`] passes;
+/// `read` whether to read (and throw away) what the client still sends.
+fn hold(conn: &TcpStream, read: bool) {
+    let started = Instant::now();
+    let mut buf = [0u8; 4096];
+    let _ = conn.set_read_timeout(Some(Duration::from_millis(200)));
+    while started.elapsed() < HOLD {
+        if !read {
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        }
+        match (&*conn).read(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// Answer 200 with `{"files": [` and entries that never end, until the client goes
+/// away or [`ENDLESS_MAX`] bytes.
+fn endless(mut conn: TcpStream, status: u16, state: &Mutex<State>) -> std::io::Result<()> {
+    conn.write_all(
+        format!(
+            "HTTP/1.1 {status} Whatever\r\nConnection: close\r\n\
+             Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        .as_bytes(),
+    )?;
+    let item = br#"{"path":"x","uploadMode":"regular","shouldIgnore":false},"#;
+    let mut chunk = Vec::new();
+    while chunk.len() < (1 << 20) {
+        chunk.extend_from_slice(item);
+    }
+    let head = b"{\"files\": [";
+    conn.write_all(format!("{:x}\r\n", head.len()).as_bytes())?;
+    conn.write_all(head)?;
+    conn.write_all(b"\r\n")?;
+    let mut sent = head.len() as u64;
+    while sent < ENDLESS_MAX {
+        conn.write_all(format!("{:x}\r\n", chunk.len()).as_bytes())?;
+        conn.write_all(&chunk)?;
+        conn.write_all(b"\r\n")?;
+        sent += chunk.len() as u64;
+        state.lock().unwrap().endless_sent = sent;
+    }
+    Ok(())
+}
+
+/// Answer 200 with a chunked JSON body sent a byte every 100 ms, for at most [`HOLD`].
+fn trickle(mut conn: TcpStream) -> std::io::Result<()> {
+    conn.write_all(
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Type: application/json\r\n\
+          Transfer-Encoding: chunked\r\n\r\n1\r\n{\r\n",
+    )?;
+    let started = Instant::now();
+    while started.elapsed() < HOLD {
+        std::thread::sleep(Duration::from_millis(100));
+        conn.write_all(b"1\r\n \r\n")?;
+    }
+    Ok(())
+}
+
+fn serve(conn: TcpStream, state: &Mutex<State>, tag: &str) -> std::io::Result<()> {
+    conn.set_nonblocking(false)?;
+    conn.set_read_timeout(Some(Duration::from_secs(30)))?;
+    conn.set_write_timeout(Some(Duration::from_secs(30)))?;
     let mut reader = BufReader::new(conn.try_clone()?);
-    let req = read_request(&mut reader)?;
-    let drop_it = {
-        let mut st = state.lock().unwrap();
-        st.requests.push(format!("{} {}", req.method, req.path));
-        st.drop_paths.iter().any(|p| req.path.contains(p.as_str()))
+    // The head first: a stalled request's body is never read.
+    let stall = {
+        let mut line = String::new();
+        reader.fill_buf()?;
+        let peek = String::from_utf8_lossy(reader.buffer()).into_owned();
+        line.push_str(peek.lines().next().unwrap_or(""));
+        let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+        let st = state.lock().unwrap();
+        st.stall_paths.iter().any(|p| path.contains(p.as_str()))
     };
+    let req = read_request(&mut reader, !stall)?;
+    let (drop_it, hang, endless_it, trickle_it) = {
+        let mut st = state.lock().unwrap();
+        st.requests
+            .push(format!("{tag}{} {}", req.method, req.path));
+        let auth = req.headers.get("authorization").cloned();
+        st.auth_seen
+            .push((format!("{tag}{} {}", req.method, req.path), auth));
+        let has = |v: &Vec<String>| v.iter().any(|p| req.path.contains(p.as_str()));
+        let endless_status = st
+            .endless_paths
+            .iter()
+            .find(|(p, _)| req.path.contains(p.as_str()))
+            .map(|e| e.1);
+        (
+            has(&st.drop_paths),
+            has(&st.hang_paths),
+            endless_status,
+            has(&st.trickle_paths),
+        )
+    };
+    if stall {
+        hold(&conn, false);
+        return Ok(());
+    }
+    if hang {
+        hold(&conn, true);
+        return Ok(());
+    }
+    if let Some(status) = endless_it {
+        return endless(conn, status, state);
+    }
+    if trickle_it {
+        return trickle(conn);
+    }
     if drop_it {
         // Close without a word: the client sees the connection reset mid-request.
         drop(reader);
@@ -189,6 +464,7 @@ fn serve(conn: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
     let resp = answer(&req, state);
     let reason = match resp.status {
         200 => "OK",
+        400 => "Bad Request",
         401 => "Unauthorized",
         404 => "Not Found",
         409 => "Conflict",
@@ -218,14 +494,86 @@ fn sha_of(files: &BTreeMap<String, Vec<u8>>) -> String {
     d.iter().take(20).map(|b| format!("{b:02x}")).collect()
 }
 
+fn sha256_hex(b: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(b)
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect()
+}
+
 fn answer(req: &Request, state: &Mutex<State>) -> Response {
     let mut st = state.lock().unwrap();
+    if let Some(c) = st
+        .canned
+        .iter()
+        .find(|c| req.path.contains(c.path.as_str()))
+    {
+        return Response {
+            status: c.status,
+            headers: c.headers.clone(),
+            body: c.body.clone(),
+        };
+    }
     if let Some((_, status)) = st
         .fail_paths
         .iter()
         .find(|(p, _)| req.path.contains(p.as_str()))
     {
         return json_response(*status, json!({"error": "injected failure"}));
+    }
+    let path = req.path.split('?').next().unwrap_or("").to_string();
+    let seg: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match (req.method.as_str(), seg.as_slice()) {
+        ("PUT", ["lfs-store", oid]) => {
+            if sha256_hex(&req.body) != *oid {
+                return json_response(400, json!({"error": "sha256 mismatch"}));
+            }
+            st.lfs.insert(oid.to_string(), req.body.clone());
+            return json_response(200, json!({}));
+        }
+        ("PUT", ["lfs-part", oid, n]) => {
+            let n: u64 = n.parse().unwrap_or(0);
+            st.parts.insert((oid.to_string(), n), req.body.clone());
+            return Response {
+                status: 200,
+                headers: vec![("ETag".into(), format!("\"etag-{n}\""))],
+                body: vec![],
+            };
+        }
+        ("POST", ["lfs-complete", oid]) => {
+            let body: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
+            let mut whole = Vec::new();
+            for (i, p) in body["parts"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .enumerate()
+            {
+                let n = p["partNumber"].as_u64().unwrap_or(0);
+                if n != i as u64 + 1 || p["etag"].as_str() != Some(&format!("\"etag-{n}\"")) {
+                    return json_response(400, json!({"error": "bad part list"}));
+                }
+                match st.parts.get(&(oid.to_string(), n)) {
+                    Some(b) => whole.extend_from_slice(b),
+                    None => return json_response(400, json!({"error": "missing part"})),
+                }
+            }
+            if sha256_hex(&whole) != *oid {
+                return json_response(400, json!({"error": "sha256 mismatch"}));
+            }
+            st.lfs.insert(oid.to_string(), whole);
+            return json_response(200, json!({}));
+        }
+        ("POST", ["lfs-verify", oid]) => {
+            return if st.lfs.contains_key(*oid) {
+                json_response(200, json!({}))
+            } else {
+                json_response(404, json!({"error": "object not found"}))
+            };
+        }
+        _ => {}
     }
     let auth = req.headers.get("authorization").cloned();
     let token_ok = auth.as_deref() == Some(format!("Bearer {}", st.token).as_str());
@@ -236,9 +584,57 @@ fn answer(req: &Request, state: &Mutex<State>) -> Response {
         );
     }
     let not_found = || json_response(404, json!({"error": "Repository not found"}));
-    let path = req.path.split('?').next().unwrap_or("").to_string();
-    let seg: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     match (req.method.as_str(), seg.as_slice()) {
+        ("POST", [o, n, "info", "lfs", "objects", "batch"]) if n.ends_with(".git") => {
+            if !token_ok {
+                return json_response(401, json!({"error": "Unauthorized"}));
+            }
+            let body: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
+            let id = format!("{o}/{}", n.trim_end_matches(".git"));
+            if !st.repos.contains_key(&id) {
+                return not_found();
+            }
+            let base = st.lfs_base.clone().unwrap_or(st.base.clone());
+            let mut objects = Vec::new();
+            for obj in body["objects"].as_array().cloned().unwrap_or_default() {
+                let oid = obj["oid"].as_str().unwrap_or("").to_string();
+                let size = obj["size"].as_u64().unwrap_or(0);
+                if st.lfs.contains_key(&oid) {
+                    objects.push(json!({"oid": oid, "size": size}));
+                    continue;
+                }
+                let upload = match st.multipart_chunk {
+                    None => {
+                        json!({"href": format!("{base}/lfs-store/{oid}"), "header": {"X-Lfs-Test": "1"}})
+                    }
+                    Some(c) => {
+                        let mut header = serde_json::Map::new();
+                        header.insert("chunk_size".into(), json!(c.to_string()));
+                        for i in 1..=size.div_ceil(c) {
+                            header.insert(
+                                format!("{i:05}"),
+                                json!(format!("{base}/lfs-part/{oid}/{i}")),
+                            );
+                        }
+                        json!({"href": format!("{base}/lfs-complete/{oid}"), "header": header})
+                    }
+                };
+                objects.push(json!({
+                    "oid": oid,
+                    "size": size,
+                    "actions": {
+                        "upload": upload,
+                        "verify": {"href": format!("{base}/lfs-verify/{oid}"), "header": {}},
+                    },
+                }));
+            }
+            let transfer = if st.multipart_chunk.is_some() {
+                "multipart"
+            } else {
+                "basic"
+            };
+            json_response(200, json!({"transfer": transfer, "objects": objects}))
+        }
         ("POST", ["api", "repos", "create"]) => {
             if !token_ok {
                 return json_response(401, json!({"error": "Unauthorized"}));
@@ -281,7 +677,17 @@ fn answer(req: &Request, state: &Mutex<State>) -> Response {
             let Some(files) = files else {
                 return json_response(404, json!({"error": "Invalid rev id"}));
             };
-            let siblings: Vec<Value> = files.keys().map(|f| json!({"rfilename": f})).collect();
+            let siblings: Vec<Value> = files
+                .iter()
+                .map(|(f, b)| {
+                    if f.ends_with(".safetensors") {
+                        json!({"rfilename": f, "size": b.len(),
+                               "lfs": {"sha256": sha256_hex(b), "size": b.len()}})
+                    } else {
+                        json!({"rfilename": f, "size": b.len()})
+                    }
+                })
+                .collect();
             json_response(
                 200,
                 json!({"id": id, "sha": sha_of(files), "private": repo.private, "siblings": siblings}),
@@ -292,6 +698,7 @@ fn answer(req: &Request, state: &Mutex<State>) -> Response {
             if !token_ok {
                 return json_response(401, json!({"error": "Unauthorized"}));
             }
+            let lfs_store = st.lfs.clone();
             let Some(repo) = st.repos.get_mut(&id) else {
                 return not_found();
             };
@@ -308,7 +715,12 @@ fn answer(req: &Request, state: &Mutex<State>) -> Response {
                         .cloned()
                         .unwrap_or_default()
                         .iter()
-                        .map(|f| json!({"path": f["path"], "uploadMode": "regular", "shouldIgnore": false}))
+                        .map(|f| {
+                            let p = f["path"].as_str().unwrap_or("");
+                            let lfs = st.lfs_suffixes.iter().any(|s| p.ends_with(s.as_str()));
+                            let mode = if lfs { "lfs" } else { "regular" };
+                            json!({"path": p, "uploadMode": mode, "shouldIgnore": false})
+                        })
                         .collect();
                     json_response(200, json!({"files": files}))
                 }
@@ -328,6 +740,18 @@ fn answer(req: &Request, state: &Mutex<State>) -> Response {
                             Some("file") => {
                                 let p = v["value"]["path"].as_str().unwrap().to_string();
                                 let bytes = base64_decode(v["value"]["content"].as_str().unwrap());
+                                added.insert(p.clone(), bytes.clone());
+                                files.insert(p, bytes);
+                            }
+                            Some("lfsFile") => {
+                                let p = v["value"]["path"].as_str().unwrap().to_string();
+                                let oid = v["value"]["oid"].as_str().unwrap_or("");
+                                let Some(bytes) = lfs_store.get(oid).cloned() else {
+                                    return json_response(
+                                        422,
+                                        json!({"error": format!("LFS object {oid} missing")}),
+                                    );
+                                };
                                 added.insert(p.clone(), bytes.clone());
                                 files.insert(p, bytes);
                             }

@@ -9,7 +9,8 @@
 //!   we still write adapters of that form;
 //! - the rows' gradients are the full matrices' rows; full fine-tuning trains them,
 //!   `new` only them, `all` both matrices; defaults and refusals; resume, zero1 on two
-//!   thread ranks and the memory plan know the rows; GGUF holds the new tokens;
+//!   thread ranks and the memory plan know the rows; GGUF holds the new tokens; a run
+//!   on a folder `adapt-vocab` made trains its new tokens by default;
 //! - bits per byte by hand, in perplexity, metrics.csv, validation_results.csv (older
 //!   files upgraded) and `plot --y bpb`.
 
@@ -86,8 +87,11 @@ fn adapted(family: &str, dest: &Path) -> PathBuf {
         tensors.insert(name.to_string(), grown);
     }
     candle_core::safetensors::save(&tensors, dest.join("model.safetensors")).unwrap();
-    let record =
-        serde_json::json!({"base_vocab_size": 512, "vocab_size": VOCAB, "new_token_ids": NEW});
+    let record = serde_json::json!({
+        "mode": "extend", "init": "mean", "base_model": family, "base_vocab_size": 512,
+        "base_tokenizer_size": 512, "vocab_size": VOCAB, "tokenizer_size": 520,
+        "new_token_ids": NEW, "new_merges": 0, "copied_rows": 0, "tokens_per_byte": null,
+    });
     std::fs::write(dest.join("vocab_adaptation.json"), record.to_string()).unwrap();
     dest.to_path_buf()
 }
@@ -713,10 +717,10 @@ fn memory_plan_counts_the_trained_rows() {
         let none = {
             let mut c = cfg.clone();
             c.train_embeddings = Some(TrainEmbeddings::None);
-            estimate(&model, &c, 16)
+            estimate(&model, &c, 16).unwrap()
         };
         let lora = ParamCounts::of(&model, cfg.lora().as_ref()).lora;
-        let new = estimate(&model, &cfg, 16);
+        let new = estimate(&model, &cfg, 16).unwrap();
         let rows = 8 * 64 * matrices;
         assert_eq!(new.grads, 4 * (lora + rows), "{family}");
         assert_eq!(new.optimizer, 4 * 2 * (lora + rows), "{family}");
@@ -727,7 +731,7 @@ fn memory_plan_counts_the_trained_rows() {
             new.assumed
         );
         cfg.train_embeddings = Some(TrainEmbeddings::All);
-        let all = estimate(&model, &cfg, 16);
+        let all = estimate(&model, &cfg, 16).unwrap();
         let whole = VOCAB as u64 * 64 * matrices;
         assert_eq!(all.grads, 4 * (lora + whole), "{family}");
         assert_eq!(all.params, none.params, "{family}");
@@ -939,4 +943,65 @@ fn bits_per_byte_in_metrics_validation_and_plot() {
     .unwrap();
     let e = plot_runs(&[old_run], &opts).unwrap_err().to_string();
     assert!(e.contains("no bits per byte"), "{e}");
+}
+
+/// End to end on a folder `adapt-vocab` makes: a LoRA run trains the new tokens' rows by
+/// default (as many as the record lists), the text it trains on uses them, and the
+/// merged model scores as base + adapter.
+#[test]
+fn a_lora_run_on_an_adapt_vocab_folder_trains_its_new_tokens() {
+    use lit_claire::vocab::{AdaptOptions, VocabSource, adapt_vocab};
+    let tmp = temp_dir();
+    let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/sample/fortunes-br.txt");
+    let base = tmp.path().join("base");
+    let record = adapt_vocab(&AdaptOptions::new(
+        reference_dir("gpt2"),
+        &base,
+        VocabSource::Extend {
+            corpus: corpus.clone(),
+            new_tokens: 32,
+            min_frequency: 2,
+        },
+    ))
+    .unwrap();
+    assert_eq!(record.new_token_ids.len(), 32);
+    let tok = Tokenizer::from_dir(&base).unwrap();
+    let text = std::fs::read_to_string(&corpus).unwrap();
+    let mut stream = Vec::new();
+    for doc in text.split("\n%\n").take(200) {
+        stream.extend(tok.encode_document(doc).unwrap());
+    }
+    assert!(stream.iter().any(|&i| i >= 512), "the new tokens are used");
+    let samples: Vec<Vec<u32>> = stream.chunks(17).map(|c| c.to_vec()).collect();
+    let d = TrainData {
+        block_size: 17,
+        tokenizer_hash: Some(tok.hash.clone()),
+        origin: None,
+        datasets: vec![TrainDataset {
+            name: "fortunes".into(),
+            weight: 1.0,
+            train: Arc::new(samples[..40].to_vec()),
+            validation: Arc::new(samples[40..48].to_vec()),
+        }],
+    };
+    let run = tmp.path().join("run");
+    let mut cfg = lora_config(&base, &run);
+    cfg.max_steps = Some(2);
+    let fin = pretrain_with_data(&cfg, d)
+        .unwrap()
+        .final_checkpoint
+        .unwrap();
+    let config = read_json(&fin.join("adapter_config.json"));
+    assert_eq!(
+        crate::common::ids(&config["trainable_token_indices"]["wte"]),
+        record.new_token_ids
+    );
+    let metrics = lit_claire::plot::read_metrics(run.join("metrics.csv")).unwrap();
+    assert!(metrics.last().unwrap().val_bpb.unwrap() > 0.0);
+    let ids: Vec<u32> = samples[48..50].concat();
+    let with = load_model(&base, &cpu(), Some(&fin)).unwrap();
+    let merged = tmp.path().join("merged");
+    merge_lora(&base, &fin, &merged, false).unwrap();
+    let m = load_model(&merged, &cpu(), None).unwrap();
+    assert!((loss_of(&m, &ids) - loss_of(&with, &ids)).abs() < 1e-4);
 }

@@ -83,4 +83,34 @@ impl KvCache {
     pub fn bytes(&self) -> usize {
         self.layers.iter().map(LayerCache::bytes).sum()
     }
+
+    /// A cache whose row `i` is row `rows[i]` of this one: one context's keys and
+    /// values repeated for each of its continuations (`rows = [0, 0, 0]`), or several
+    /// contexts' for theirs (`[0, 0, 1, 1, 1]`). Rows are copied; `self` is unchanged.
+    pub fn select_rows(&self, rows: &[u32]) -> Result<KvCache> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                let pick = |t: &Option<Tensor>| -> Result<Option<Tensor>> {
+                    match t {
+                        Some(t) => {
+                            let idx = Tensor::new(rows, t.device())?;
+                            Some(t.contiguous()?.index_select(&idx, 0)).transpose()
+                        }
+                        None => Ok(None),
+                    }
+                };
+                Ok(LayerCache {
+                    k: pick(&l.k)?,
+                    v: pick(&l.v)?,
+                    start: l.start,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(KvCache {
+            layers,
+            pos: self.pos,
+        })
+    }
 }

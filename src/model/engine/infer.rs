@@ -13,6 +13,9 @@
 //! during a run), so a pass holds one block's activations at a time, not the model's.
 //! [`score`] runs the head on chunks of rows and never holds the `(tokens × vocab)`
 //! logits; [`logits`] returns them (generation asks for the last position only).
+//! [`prefill`] and [`score_after`] split a pass in two: a shared prefix into a
+//! [`KvCache`] (no head at all), then rows that continue it, scored (task scoring runs
+//! a context once and its choices after it).
 
 use std::sync::Arc;
 
@@ -101,5 +104,23 @@ pub fn score(
     targets: &[u32],
 ) -> Result<Scores> {
     let x = hidden(model, ids, docs, None)?;
+    head_scores(model, &x, targets)
+}
+
+/// Run `ids: (B, T)` into `cache` (after what it holds) without the head: the first
+/// half of a pass whose second half is [`score_after`] or [`logits`] with that cache.
+pub fn prefill(model: &Gpt, ids: &Tensor, cache: &mut KvCache) -> Result<()> {
+    hidden(model, ids, None, Some(cache)).map(drop)
+}
+
+/// [`score`] of `ids: (B, T)` continuing what `cache` holds (its rows, one per row of
+/// `ids`; see [`KvCache::select_rows`]), which takes this call's keys and values.
+pub fn score_after(
+    model: &Gpt,
+    ids: &Tensor,
+    cache: &mut KvCache,
+    targets: &[u32],
+) -> Result<Scores> {
+    let x = hidden(model, ids, None, Some(cache))?;
     head_scores(model, &x, targets)
 }

@@ -277,6 +277,12 @@ fn qkv_params(lins: &[&Linear; 3], dt: DType) -> Result<(Tensor, Option<Tensor>)
     })
 }
 
+/// Rows from which the forward stacks separate q, k, v weights into one gemm
+/// ([`qkv_fwd`]). Stacking copies the three weights on every call: for a few rows
+/// (generation feeds one token at a time) that copy costs more than the gemm it feeds,
+/// so they go through three gemms instead (the same values).
+const QKV_STACK_MIN_ROWS: usize = 64;
+
 /// Separate q, k, v projections of `x: (N, C)` as one, `(N, (nh + 2·nkv)·hs)`: one gemm
 /// by the stacked weights reads `x` once, and the narrow k and v parts (`nkv·hs`
 /// columns) run at a wide gemm's speed. Each adapter is added onto its block of columns.
@@ -477,7 +483,7 @@ pub(super) fn attn_fwd(
     let x2 = x.reshape((b * t, c))?;
     let mut saved_qkv = Vec::new();
     let (q, k, v) = match &at.qkv {
-        QkvProj::Separate { q, k, v } => {
+        QkvProj::Separate { q, k, v } if b * t >= QKV_STACK_MIN_ROWS => {
             let (y, s) = qkv_fwd([q, k, v], &x2, ctx.dropout)?;
             saved_qkv = s;
             // Views; the copy to the heads-first layout below is the only one.

@@ -26,7 +26,7 @@ fn run(micro: usize) -> TrainConfig {
 /// Every number worked out by hand for micro-batch 2 × 8 tokens in f32.
 #[test]
 fn full_fine_tuning_by_hand() {
-    let m = estimate(&tiny(), &run(2), 8);
+    let m = estimate(&tiny(), &run(2), 8).unwrap();
     // params: emb 256·64 + head 256·64 + final norm 64 + 3 × (q 64·64 + k 64·32 +
     // v 64·32 + o 64·64 + 3·64·160 + 2 norms of 64) = 32832 + 3·43136 = 162240
     assert_eq!(ParamCounts::of(&tiny(), None).base, 162_240);
@@ -53,7 +53,7 @@ fn full_fine_tuning_by_hand() {
 fn validation_holds_one_block() {
     let mut model = tiny();
     model.n_layer = 30;
-    let m = estimate(&model, &run(2), 8);
+    let m = estimate(&model, &run(2), 8).unwrap();
     assert!(m.validation * 10 < m.activations, "{m:?}");
     assert_eq!(
         m.total,
@@ -64,17 +64,17 @@ fn validation_holds_one_block() {
 #[test]
 fn checkpointing_keeps_only_block_inputs_and_attention_outputs() {
     let model = tiny();
-    let plain = estimate(&model, &run(2), 8);
+    let plain = estimate(&model, &run(2), 8).unwrap();
     let mut every = run(2);
     every.activation_checkpointing = 1;
-    let every = estimate(&model, &every, 8);
+    let every = estimate(&model, &every, 8).unwrap();
     // 3 × (input and attention output, 16·(64 + 64)·4 B, and the attention
     // statistics), plus one full block live again in the backward.
     let kept = 8_192 + 512;
     assert_eq!(every.activations, 3 * kept + (49_152 + 512));
     let mut second = run(2);
     second.activation_checkpointing = 2;
-    let second = estimate(&model, &second, 8);
+    let second = estimate(&model, &second, 8).unwrap();
     // Blocks 0 and 2 checkpointed, block 1 whole, plus one.
     assert_eq!(second.activations, 2 * kept + 2 * (49_152 + 512));
     assert!(every.activations < second.activations);
@@ -90,7 +90,10 @@ fn zero1_divides_the_optimizer_state() {
     ddp.devices = 4;
     let mut zero = ddp.clone();
     zero.strategy = StrategyKind::Zero1;
-    let (ddp, zero) = (estimate(&model, &ddp, 8), estimate(&model, &zero, 8));
+    let (ddp, zero) = (
+        estimate(&model, &ddp, 8).unwrap(),
+        estimate(&model, &zero, 8).unwrap(),
+    );
     assert_eq!(zero.optimizer * 4, ddp.optimizer);
     assert_eq!((zero.params, zero.grads), (ddp.params, ddp.grads));
 }
@@ -102,7 +105,7 @@ fn lora_trains_only_its_matrices() {
     cfg.lora_r = 4;
     cfg.lora_mlp = true;
     cfg.precision = Precision::Bf16True;
-    let m = estimate(&model, &cfg, 8);
+    let m = estimate(&model, &cfg, 8).unwrap();
     // q: 4·(64+64), v: 4·(64+32), MLP: 2 × 4·(64+160) + 4·(160+64) per block.
     let per_block = 512 + 384 + 3 * 896;
     assert_eq!(
@@ -114,22 +117,22 @@ fn lora_trains_only_its_matrices() {
     assert!(m.grads * 10 < m.params, "{m}");
     // 5 adapted linears: + 5·r per token, in bf16; with dropout (0.05 by default)
     // also each one's masked input: q 64, v 64, gate 64, up 64, down 160.
-    let full = estimate(&model, &run(2), 8);
+    let full = estimate(&model, &run(2), 8).unwrap();
     let f32_per_block = (full.activations / 3 - 512) / 4;
     assert_eq!(
         m.activations,
         3 * (2 * (f32_per_block + 16 * (5 * 4 + 4 * 64 + 160)) + 512)
     );
     cfg.lora_dropout = 0.0;
-    let m = estimate(&model, &cfg, 8);
+    let m = estimate(&model, &cfg, 8).unwrap();
     assert_eq!(m.activations, 3 * (2 * (f32_per_block + 16 * 5 * 4) + 512));
     // The head's masked input, N·C, only with LoRA on the head and dropout.
     let base_workspace = m.workspace;
     cfg.lora_head = true;
-    assert_eq!(estimate(&model, &cfg, 8).workspace, base_workspace);
+    assert_eq!(estimate(&model, &cfg, 8).unwrap().workspace, base_workspace);
     cfg.lora_dropout = 0.1;
     assert_eq!(
-        estimate(&model, &cfg, 8).workspace,
+        estimate(&model, &cfg, 8).unwrap().workspace,
         base_workspace + 2 * 16 * 64
     );
 }
@@ -146,19 +149,19 @@ fn head_chunks() {
 fn a_run_too_large_names_what_fits() {
     let model = tiny();
     let cfg = run(8);
-    let need = estimate(&model, &cfg, 32).total;
-    assert_eq!(does_not_fit(&model, &cfg, 32, need), None);
-    let half = estimate(&model, &run(4), 32).total;
-    let why = does_not_fit(&model, &cfg, 32, half).unwrap();
+    let need = estimate(&model, &cfg, 32).unwrap().total;
+    assert_eq!(does_not_fit(&model, &cfg, 32, need).unwrap(), None);
+    let half = estimate(&model, &run(4), 32).unwrap().total;
+    let why = does_not_fit(&model, &cfg, 32, half).unwrap().unwrap();
     assert!(why.contains("--micro-batch-size 4"), "{why}");
     assert!(!why.contains('\n'), "{why}");
-    let why = does_not_fit(&model, &cfg, 32, 1000).unwrap();
+    let why = does_not_fit(&model, &cfg, 32, 1000).unwrap().unwrap();
     assert!(why.contains("even --micro-batch-size 1"), "{why}");
 }
 
 #[test]
 fn table_is_aligned() {
-    let m = estimate(&tiny(), &run(2), 8);
+    let m = estimate(&tiny(), &run(2), 8).unwrap();
     let text = m.to_string();
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 8, "{text}");
@@ -178,7 +181,7 @@ fn table_is_aligned() {
 /// the workspace. On CUDA with heads up to 128, in every precision, the flash kernel.
 #[test]
 fn plain_attention_is_counted_off_the_flash_kernel() {
-    let flash = estimate(&tiny(), &run(2), 8);
+    let flash = estimate(&tiny(), &run(2), 8).unwrap();
     assert!(uses_flash_kernel(&run(2), &tiny()));
     for precision in [Precision::True32, Precision::Bf16True, Precision::F16Mixed] {
         let cfg = TrainConfig {
@@ -199,7 +202,7 @@ fn plain_attention_is_counted_off_the_flash_kernel() {
             ..run(2)
         };
         assert!(!uses_flash_kernel(&cfg, &tiny()));
-        let m = estimate(&tiny(), &cfg, 8);
+        let m = estimate(&tiny(), &cfg, 8).unwrap();
         let e = precision.compute_dtype().size_in_bytes() as u64;
         // The rest of the workspace scales with the activations' width.
         let rest = flash.workspace - 2 * 16 * 256 * 4;
@@ -230,6 +233,7 @@ fn plain_attention_is_counted_off_the_flash_kernel() {
     assert!(!uses_flash_kernel(&cuda, &wide));
     assert!(
         estimate(&wide, &cuda, 8)
+            .unwrap()
             .assumed
             .contains("without a flash kernel")
     );
@@ -238,4 +242,91 @@ fn plain_attention_is_counted_off_the_flash_kernel() {
         "{}",
         flash.assumed
     );
+}
+
+/// Issue 23, case 17: the largest shapes a config may have are planned without
+/// wrapping (the optimizer state stays twice the parameters), and a plan past 2^64
+/// bytes is an error naming its sizes, not a small number.
+#[test]
+fn huge_plans_are_exact_or_refused() {
+    // 2^20 wide, 16 layers: 4.8e14 bytes of parameters in f32, well inside a u64.
+    let mut big = tiny();
+    big.hidden_size = 1 << 20;
+    big.intermediate_size = 1 << 20;
+    big.n_head = 1 << 10;
+    big.n_kv_head = 1 << 10;
+    big.head_dim = 1 << 10;
+    big.n_layer = 16;
+    big.windows = vec![crate::config::AttentionWindow::Global; 16];
+    assert!(big.param_count().unwrap() < crate::config::families::MAX_PARAMS);
+    let m = estimate(&big, &run(1), 8).unwrap();
+    assert_eq!(m.optimizer, 2 * m.params, "{m}");
+    assert_eq!(m.grads, m.params);
+    assert_eq!(m.params, 4 * big.param_count().unwrap() as u64);
+    assert!(m.to_string().contains("GiB"), "{m}");
+    // A micro-batch and a context no machine holds: the activations pass 2^64 bytes.
+    let mut cfg = run(1 << 30);
+    cfg.batch_size = 1 << 30;
+    let e = estimate(&tiny(), &cfg, 1 << 40).unwrap_err().to_string();
+    assert!(
+        e.contains("past 2^64 bytes")
+            && e.contains("--micro-batch-size")
+            && e.contains(&format!("{} tokens", 1u64 << 40))
+            && !e.contains('\n'),
+        "{e}"
+    );
+    // LoRA of a rank no machine holds.
+    let mut lora = run(1);
+    lora.lora_r = usize::MAX;
+    let e = estimate(&tiny(), &lora, 8).unwrap_err().to_string();
+    assert!(e.contains("--lora-r"), "{e}");
+    // Counts saturate instead of wrapping.
+    assert_eq!(kv_cache_bytes(&tiny(), 4, usize::MAX, usize::MAX), u64::MAX);
+}
+
+/// The advice of a run that does not fit looks for a smaller micro-batch without a
+/// list (or a loop) as long as the micro-batch: 2^40 answers at once.
+#[test]
+fn advice_for_a_huge_micro_batch_is_found_at_once() {
+    let model = tiny();
+    let mut cfg = run(1 << 40);
+    cfg.batch_size = 3 << 40;
+    let one = estimate(&model, &run(1), 32).unwrap().total;
+    let start = std::time::Instant::now();
+    let why = does_not_fit(&model, &cfg, 32, one).unwrap().unwrap();
+    assert!(start.elapsed().as_secs() < 5, "{:?}", start.elapsed());
+    assert!(why.contains("--micro-batch-size 1 ("), "{why}");
+    // A fit that is not a divisor of the batch size walks down to one that is.
+    let mut cfg = run(8);
+    cfg.batch_size = 8;
+    let seven = estimate(&model, &run(7), 32).unwrap().total;
+    let why = does_not_fit(&model, &cfg, 32, seven).unwrap().unwrap();
+    assert!(why.contains("--micro-batch-size 4 ("), "{why}");
+}
+
+/// Issue 23, case 25: CPU ranks are threads of one process, each with its own copy
+/// of every part, so the plan's total counts them; GPU ranks each have a device.
+#[test]
+fn cpu_thread_ranks_multiply_the_total() {
+    let one = estimate(&tiny(), &run(2), 8).unwrap();
+    assert_eq!(one.ranks, 1);
+    let mut cfg = run(2);
+    cfg.devices = 4;
+    let four = estimate(&tiny(), &cfg, 8).unwrap();
+    assert_eq!(four.ranks, 4);
+    assert_eq!(
+        (four.params, four.activations),
+        (one.params, one.activations)
+    );
+    assert_eq!(four.total, 4 * one.total);
+    let text = four.to_string();
+    assert!(
+        text.contains("ranks (threads)") && text.contains("× 4"),
+        "{text}"
+    );
+    assert!(text.contains("threads of one process"), "{text}");
+    assert!(!one.to_string().contains("ranks (threads)"));
+    cfg.device = DeviceSpec::Cuda(0);
+    let gpus = estimate(&tiny(), &cfg, 8).unwrap();
+    assert_eq!((gpus.ranks, gpus.total), (1, one.total));
 }
