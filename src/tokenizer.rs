@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::data::files::read_regular;
 use crate::error::{Error, Result};
+use crate::io::read_regular;
 
 /// Largest `tokenizer.json` read (the largest published ones are about 35 MB).
 const MAX_TOKENIZER_BYTES: u64 = 1 << 30;

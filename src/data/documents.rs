@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+pub use super::files::is_document_file;
 use super::files::{bytes_text, open_regular};
 use crate::error::{Error, Result};
 
@@ -127,13 +128,6 @@ impl Record {
     pub fn raw(&self) -> &str {
         self.raw.as_deref().unwrap_or(&self.text)
     }
-}
-
-/// Whether a path names a file we read (`.txt`, `.jsonl`, `.json` lines, and `.gz` of them).
-pub fn is_document_file(path: &Path) -> bool {
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-    let name = name.strip_suffix(".gz").unwrap_or(name);
-    name.ends_with(".txt") || name.ends_with(".jsonl")
 }
 
 /// The format of `path` from its extension: jsonl files use `json_key`, text files `layout`.

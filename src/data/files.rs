@@ -15,12 +15,14 @@
 //!   [`read_regular`], which refuses non-regular files and bounds the size.
 
 use std::collections::HashMap;
-use std::fs::{File, FileType, Metadata};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::fs::Metadata;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use super::documents::is_document_file;
 use crate::error::{Error, IoContext, Result};
+pub use crate::io::{
+    bytes_text, kind_name, metadata, not_regular, open_regular, read_regular, regular_len,
+};
 
 /// What an entry of a walked folder is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,125 +51,6 @@ pub struct Walker {
     seen: HashMap<(u64, u64), PathBuf>,
     /// The folders being walked, outermost first.
     stack: Vec<(u64, u64)>,
-}
-
-/// A one-word name of a file type, for messages.
-pub fn kind_name(t: FileType) -> &'static str {
-    if t.is_fifo() {
-        "a FIFO (named pipe)"
-    } else if t.is_char_device() {
-        "a character device"
-    } else if t.is_block_device() {
-        "a block device"
-    } else if t.is_socket() {
-        "a socket"
-    } else if t.is_dir() {
-        "a folder"
-    } else if t.is_symlink() {
-        "a symbolic link"
-    } else if t.is_file() {
-        "a regular file"
-    } else {
-        "not a regular file"
-    }
-}
-
-fn not_regular(path: &Path, t: FileType) -> Error {
-    let via = match std::fs::read_link(path) {
-        Ok(target) => format!(" (a link to {})", target.display()),
-        Err(_) => String::new(),
-    };
-    Error::Data(format!(
-        "{}: {}{via}, not a regular file: it could block or never end; corpus files must be regular files, so remove it or replace it with the file it stands for",
-        path.display(),
-        kind_name(t)
-    ))
-}
-
-/// The metadata of `path`, following links; a dangling link is named as such.
-pub fn metadata(path: &Path) -> Result<Metadata> {
-    std::fs::metadata(path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound
-            && let Ok(target) = std::fs::read_link(path)
-        {
-            return Error::Data(format!(
-                "{}: a symbolic link to {}, which does not exist; remove the link or restore its target",
-                path.display(),
-                target.display()
-            ));
-        }
-        if e.kind() == std::io::ErrorKind::NotFound {
-            return Error::missing(path, "no such file or folder");
-        }
-        if e.raw_os_error() == Some(40) {
-            // ELOOP: links that point at each other.
-            return Error::Data(format!(
-                "{}: a loop of symbolic links; remove the link",
-                path.display()
-            ));
-        }
-        Error::io(path, e)
-    })
-}
-
-/// The length of `path`, which must be a regular file (or a link to one).
-pub fn regular_len(path: &Path) -> Result<u64> {
-    let meta = metadata(path)?;
-    if !meta.file_type().is_file() {
-        return Err(not_regular(path, meta.file_type()));
-    }
-    Ok(meta.len())
-}
-
-/// Open `path` for reading if it is a regular file; refuses FIFOs (checked before
-/// opening, which would block), devices and sockets.
-pub fn open_regular(path: &Path) -> Result<File> {
-    regular_len(path)?;
-    let file = File::open(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => Error::missing(path, "no such input file"),
-        _ => Error::io(path, e),
-    })?;
-    // The path may have changed between the check and the open.
-    let t = file.metadata().at(path)?.file_type();
-    if !t.is_file() {
-        return Err(not_regular(path, t));
-    }
-    Ok(file)
-}
-
-/// The bytes of the regular file `path`, refused when longer than `max` bytes
-/// (`what` names the file's role in that message).
-pub fn read_regular(path: &Path, max: u64, what: &str) -> Result<Vec<u8>> {
-    use std::io::Read;
-    let file = open_regular(path)?;
-    let mut bytes = Vec::new();
-    // One byte more than allowed tells a file that is too long without reading it all.
-    file.take(max.saturating_add(1))
-        .read_to_end(&mut bytes)
-        .at(path)?;
-    if bytes.len() as u64 > max {
-        return Err(Error::bad_file(
-            path,
-            format!(
-                "larger than {}, too large for {what}; check that it is the right file",
-                bytes_text(max)
-            ),
-        ));
-    }
-    Ok(bytes)
-}
-
-/// `n` bytes for a person: "64 MiB", "1.5 KiB", "100 bytes".
-pub fn bytes_text(n: u64) -> String {
-    if n >= 1 << 20 && n % (1 << 20) == 0 {
-        format!("{} MiB", n >> 20)
-    } else if n >= 1 << 20 {
-        format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64)
-    } else if n >= 1 << 10 {
-        format!("{:.1} KiB", n as f64 / 1024.0)
-    } else {
-        format!("{n} bytes")
-    }
 }
 
 impl Walker {
@@ -307,6 +190,13 @@ pub fn list(root: &Path) -> Result<Listing> {
         EntryKind::Other => out.ignored.push(root.to_path_buf()),
     }
     Ok(out)
+}
+
+/// Whether a path names a file we read (`.txt`, `.jsonl`, and `.gz` of them).
+pub fn is_document_file(path: &Path) -> bool {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    let name = name.strip_suffix(".gz").unwrap_or(name);
+    name.ends_with(".txt") || name.ends_with(".jsonl")
 }
 
 #[cfg(test)]

@@ -19,6 +19,10 @@ use crate::hf::load_model;
 use crate::strategy::Strategy;
 use crate::tokenizer::Tokenizer;
 
+/// A model to score: its name, its step, and its checkpoint folder and state (None: the
+/// run's base model).
+type Entry = (String, usize, Option<(PathBuf, checkpoint::TrainingState)>);
+
 /// What to score.
 pub struct RunEvaluation<'a> {
     pub run: &'a Path,
@@ -58,8 +62,7 @@ pub fn evaluate_run(
         )));
     };
     let base_dir = first.base_checkpoint_dir.clone();
-    let mut entries: Vec<(String, usize, Option<checkpoint::Found>)> =
-        vec![("base".to_string(), 0, None)];
+    let mut entries: Vec<Entry> = vec![("base".to_string(), 0, None)];
     for (dir, state) in checkpoints {
         let name = dir
             .file_name()

