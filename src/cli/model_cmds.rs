@@ -129,7 +129,13 @@ pub fn perplexity(a: PerplexityArgs) -> Result<()> {
     let ids = tokenizer.encode(&text)?;
     let context = a.context.unwrap_or(model.cfg.block_size);
     let start = std::time::Instant::now();
-    let report = crate::perplexity::perplexity(&model, &ids, context, a.batch_size)?;
+    let report = crate::perplexity::perplexity_with_bytes(
+        &model,
+        &ids,
+        context,
+        a.batch_size,
+        Some(&tokenizer.token_bytes()),
+    )?;
     let secs = start.elapsed().as_secs_f64();
     eprintln!(
         "scored {} tokens in {:.2}s ({:.0} tokens/s)",
@@ -140,8 +146,13 @@ pub fn perplexity(a: PerplexityArgs) -> Result<()> {
     match a.format {
         Format::Json => println!("{}", serde_json::to_string(&report).expect("plain numbers")),
         Format::Text => println!(
-            "loss {:.6}  perplexity {:.4}  tokens {}",
-            report.loss, report.perplexity, report.tokens
+            "loss {:.6}  perplexity {:.4}  bits per byte {}  tokens {}",
+            report.loss,
+            report.perplexity,
+            report
+                .bits_per_byte
+                .map_or("-".into(), |b| format!("{b:.6}")),
+            report.tokens
         ),
     }
     Ok(())

@@ -77,9 +77,9 @@ pub fn render<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, scene: &Scene) 
     let x_fmt = |v: &f64| format_x(scene.x_axis, *v, x_step);
     let y_fmt = |v: &f64| scene.y.label(*v);
     let y_desc = if scene.y.log {
-        "loss (nats/token, log scale)"
+        scene.y_labels.1
     } else {
-        "loss (nats/token)"
+        scene.y_labels.0
     };
     chart
         .configure_mesh()

@@ -109,6 +109,7 @@ pub fn save(
                 l,
                 &state.base_checkpoint_dir.display().to_string(),
                 &tensors,
+                &crate::lora::embeddings_config(model),
             )?;
         }
         None => {

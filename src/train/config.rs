@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::loggers::Logger;
 use super::schedule::{Schedule, ScheduleKind};
 use crate::error::{Error, IoContext, Result};
-use crate::lora::{LoraConfig, LoraTargets};
+use crate::lora::{LoraConfig, LoraTargets, TrainEmbeddings};
 use crate::strategy::{DeviceSpec, Precision, StrategyKind};
 
 /// Unit of the log/eval/save intervals.
@@ -160,6 +160,12 @@ train_options! {
     /// LoRA on the output head [default: false].
     #[arg(num_args = 0..=1, default_missing_value = "true")]
     lora_head: bool = false;
+    /// With LoRA, what trains of the embeddings and head: `new` (only the rows of the
+    /// tokens adapt-vocab added, as PEFT's trainable tokens), `all` (both matrices, as
+    /// PEFT's modules_to_save) or `none`. Default: new on a folder made by adapt-vocab,
+    /// none otherwise (a resumed run keeps its checkpoint's).
+    #[arg(value_enum)]
+    train_embeddings: TrainEmbeddings;
 
     // --- intervals, checkpoints, validation ---
     /// Unit of the intervals: optimizer steps or seconds [default: step].
@@ -433,6 +439,13 @@ impl CheckedConfig {
     /// keeps its checkpoint's); either value passes the checks.
     pub fn with_cross_document_attention(mut self, on: bool) -> Self {
         self.0.cross_document_attention = Some(on);
+        self
+    }
+
+    /// This config with `--train-embeddings` settled to `mode` (the default or a
+    /// resumed run's, as the run trains; None without LoRA).
+    pub fn with_train_embeddings(mut self, mode: Option<TrainEmbeddings>) -> Self {
+        self.0.train_embeddings = mode;
         self
     }
 }

@@ -38,3 +38,4 @@ mod train_parity;
 mod trainer;
 mod unseen;
 mod vocab;
+mod vocab_training;
