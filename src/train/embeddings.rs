@@ -56,7 +56,12 @@ pub fn plan(cfg: &TrainConfig, resumed: Option<TrainEmbeddings>) -> Result<Optio
     }
     if mode != TrainEmbeddings::None && cfg.lora_head {
         return Err(Error::Usage(format!(
-            "--lora-head with --train-embeddings {mode}: the head would train twice; drop --lora-head or use --train-embeddings none"
+            "--lora-head with --train-embeddings {mode}{}: the head would train twice; drop --lora-head (--lora-head false overrides a recipe) or use --train-embeddings none",
+            if given.is_none() {
+                " (the default on a folder adapt-vocab made)"
+            } else {
+                ""
+            }
         )));
     }
     Ok(Some(EmbeddingPlan {

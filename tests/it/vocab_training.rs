@@ -609,7 +609,10 @@ fn train_embeddings_defaults_and_refusals() {
     let mut head = lora_config(&base, &tmp.path().join("b"));
     head.lora_head = true;
     let e = Trainer::new(&head, data(17)).err().unwrap().to_string();
-    assert!(e.contains("--lora-head"), "{e}");
+    assert!(
+        e.contains("--lora-head") && e.contains("the default on a folder adapt-vocab made"),
+        "{e}"
+    );
     let mut full = lora_config(&base, &tmp.path().join("c"));
     full.lora_r = 0;
     full.train_embeddings = Some(TrainEmbeddings::New);
