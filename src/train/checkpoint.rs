@@ -100,8 +100,13 @@ pub struct Snapshot {
     weights: Vec<(String, candle_core::Tensor)>,
     optimizer: Vec<(String, candle_core::Tensor)>,
     state: TrainingState,
-    /// The model's config and the adapter's, for a LoRA checkpoint.
-    adapter: Option<(crate::config::Config, LoraConfig)>,
+    /// The model's config, the adapter's and that of its trained embeddings, for a
+    /// LoRA checkpoint.
+    adapter: Option<(
+        crate::config::Config,
+        LoraConfig,
+        crate::lora::EmbeddingsConfig,
+    )>,
 }
 
 impl Snapshot {
@@ -132,7 +137,13 @@ impl Snapshot {
             weights: own(weights)?,
             optimizer: own(optimizer.to_vec())?,
             state: state.clone(),
-            adapter: lora.map(|l| (model.cfg.clone(), l.clone())),
+            adapter: lora.map(|l| {
+                (
+                    model.cfg.clone(),
+                    l.clone(),
+                    crate::lora::embeddings_config(model),
+                )
+            }),
         })
     }
 
@@ -173,13 +184,14 @@ impl Snapshot {
             }
         }
         match &self.adapter {
-            Some((model_cfg, l)) => {
+            Some((model_cfg, l, embeddings)) => {
                 crate::hf::peft::save_adapter(
                     tmp,
                     model_cfg,
                     l,
                     &state.base_checkpoint_dir.display().to_string(),
                     &self.weights,
+                    embeddings,
                 )?;
             }
             None => {

@@ -14,7 +14,7 @@ use super::loggers::Logger;
 use super::preempt::StopFlag;
 use super::schedule::{Schedule, ScheduleKind};
 use crate::error::{Error, IoContext, Result};
-use crate::lora::{LoraConfig, LoraTargets};
+use crate::lora::{LoraConfig, LoraTargets, TrainEmbeddings};
 use crate::strategy::{DeviceSpec, Precision, StrategyKind};
 
 /// Unit of the log/eval/save intervals.
@@ -161,6 +161,12 @@ train_options! {
     /// LoRA on the output head [default: false].
     #[arg(num_args = 0..=1, default_missing_value = "true")]
     lora_head: bool = false;
+    /// With LoRA, what trains of the embeddings and head: `new` (only the rows of the
+    /// tokens adapt-vocab added, as PEFT's trainable tokens), `all` (both matrices, as
+    /// PEFT's modules_to_save) or `none`. Default: new on a folder made by adapt-vocab,
+    /// none otherwise (a resumed run keeps its checkpoint's).
+    #[arg(value_enum)]
+    train_embeddings: TrainEmbeddings;
 
     // --- intervals, checkpoints, validation ---
     /// Unit of the intervals: optimizer steps or seconds [default: step].
@@ -454,6 +460,13 @@ impl CheckedConfig {
     /// What stops the run early, with a checkpoint.
     pub fn stop(&self) -> StopFlag {
         self.1
+    }
+
+    /// This config with `--train-embeddings` settled to `mode` (the default or a
+    /// resumed run's, as the run trains; None without LoRA).
+    pub fn with_train_embeddings(mut self, mode: Option<TrainEmbeddings>) -> Self {
+        self.0.train_embeddings = mode;
+        self
     }
 }
 

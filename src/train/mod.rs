@@ -8,6 +8,7 @@
 //! setup.rs           before the first step: the checks, the model and optimizer, the
 //!                    run folder
 //! resume.rs          continuing a run from one of its checkpoints
+//! embeddings.rs      what a LoRA run trains of the embeddings and head
 //! config.rs          the options (TrainConfig) and their check (CheckedConfig)
 //! data_source.rs     prepared data (prepare-data) as training data
 //! batches.rs         training data: weighted datasets, epochs, batches
@@ -33,6 +34,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod data_source;
 pub mod downstream;
+pub mod embeddings;
 pub mod estimate;
 pub mod evaluate;
 pub mod lock;

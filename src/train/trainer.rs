@@ -15,7 +15,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use super::batches::{Batch, DataPosition, TrainData, sample_with_starts};
 use super::checkpoint::{self, TrainingState};
 use super::config::{CheckedConfig, IntervalUnit, ToChecked};
-use super::evaluate::evaluate;
+use super::evaluate::{Scoring, evaluate_split};
 use super::loggers::Loggers;
 use super::metrics::MetricsRow;
 use super::preempt::EXIT_PREEMPTED;
@@ -65,6 +65,8 @@ pub struct Trainer {
     task_columns: Vec<String>,
     /// Rank 0's checkpoint writer.
     saver: Option<Saver>,
+    /// The bytes of each token id (validation's bits per byte).
+    token_bytes: crate::tokenizer::TokenBytes,
 }
 
 /// The device, and the ranks when there are several: `cpu`, `cpu × 2 ranks (ddp)`.
@@ -120,6 +122,7 @@ impl Trainer {
         let resumed_from = plan.resume.from.as_ref().map(|(d, s)| (d.clone(), s.step));
         let (lora, schedule) = (plan.lora.clone(), plan.schedule.clone());
         let eval_tasks = plan.eval_tasks.clone();
+        let token_bytes = plan.token_bytes.clone();
         let task_columns = eval_tasks
             .as_ref()
             .map(TaskSet::columns)
@@ -129,10 +132,12 @@ impl Trainer {
         // The setting as used goes into hyperparameters.toml and every checkpoint.
         let cfg = cfg
             .into_owned()
-            .with_cross_document_attention(plan.resume.cross_document);
+            .with_cross_document_attention(plan.resume.cross_document)
+            .with_train_embeddings(plan.embeddings.as_ref().map(|e| e.mode));
         let cfg = &cfg;
         let (runner, mut state) = build_runner(cfg, plan)?;
         state.hyperparameters.cross_document_attention = cfg.cross_document_attention;
+        state.hyperparameters.train_embeddings = cfg.train_embeddings;
         state.data_fingerprint = data.origin.as_ref().map(|o| o.fingerprint.clone());
         let (metrics, log, swept) = if zero {
             let resume = resumed_from.as_ref().map(|_| (state.step, state.tokens));
@@ -162,6 +167,7 @@ impl Trainer {
             eval_tasks,
             task_columns,
             saver: zero.then(|| Saver::new(&cfg.out_dir, cfg.max_checkpoints, cfg.background_save)),
+            token_bytes,
         };
         let line = t.start_line(resumed_from.as_ref().map(|(d, _)| d.as_path()));
         t.note(&line)?;
@@ -245,26 +251,31 @@ impl Trainer {
             .collect()
     }
 
-    /// Validation loss per dataset and overall (token-weighted), and the downstream
-    /// tasks' metrics, computed by rank 0; the other ranks wait, and get the overall
-    /// loss (they need it to stop early together).
+    /// Validation loss per dataset and overall (token-weighted) and bits per byte, and
+    /// the downstream tasks' metrics, computed by rank 0; the other ranks wait, and get
+    /// the overall loss (they need it to stop early together).
     fn evaluate_validation(&mut self) -> Result<Validation> {
         let mut per = Vec::new();
-        let (mut sum, mut tokens) = (0f64, 0usize);
+        let (mut sum, mut tokens, mut bytes) = (0f64, 0usize, 0u64);
         if self.runner.strategy.is_global_zero() {
+            let how = Scoring {
+                block_size: self.data.block_size,
+                micro_batch_size: self.cfg.micro_batch_size,
+                max_batches: self.cfg.eval_max_batches,
+                cross_document: self.cfg.cross_document(),
+                token_bytes: Some(&self.token_bytes),
+            };
             for ds in &self.data.datasets {
-                let r = evaluate(
+                let r = evaluate_split(
                     &self.runner.model,
                     ds.validation.as_ref(),
-                    self.data.block_size,
-                    self.cfg.micro_batch_size,
-                    self.cfg.eval_max_batches,
-                    self.cfg.cross_document(),
+                    &how,
                     &self.runner.strategy.device,
                 )?;
                 if let Some(r) = r {
                     sum += r.loss * r.tokens as f64;
                     tokens += r.tokens;
+                    bytes += r.bytes.unwrap_or(0);
                 }
                 per.push(r.map(|r| r.loss));
             }
@@ -295,6 +306,7 @@ impl Trainer {
             .broadcast_f64(&[overall.is_some() as u8 as f64, overall.unwrap_or(0.0)])?;
         Ok(Validation {
             loss: (got[0] > 0.0).then_some(got[1]),
+            bpb: crate::tokenizer::bits_per_byte(sum, bytes),
             per_dataset: per,
             tasks,
         })
@@ -360,7 +372,7 @@ impl Trainer {
             } else {
                 Validation::default()
             };
-            let val = validation.loss;
+            let (val, bpb) = (validation.loss, validation.bpb);
             if let Some(v) = val {
                 self.record_validation(v);
             }
@@ -376,8 +388,11 @@ impl Trainer {
                 clock.restart_interval(now);
             }
             if let Some(v) = val {
+                let bpb = bpb
+                    .map(|b| format!(", {b:.4} bits per byte"))
+                    .unwrap_or_default();
                 self.note(&format!(
-                    "step {}: validation loss {v:.4} (perplexity {:.2})",
+                    "step {}: validation loss {v:.4} (perplexity {:.2}{bpb})",
                     self.state.step,
                     v.exp()
                 ))?;
@@ -504,6 +519,7 @@ impl Trainer {
     ) -> Result<()> {
         let Validation {
             loss: val,
+            bpb,
             per_dataset: per,
             tasks,
         } = validation;
@@ -517,6 +533,7 @@ impl Trainer {
             tokens_per_s: tps,
             elapsed_s: self.state.elapsed_s,
             val_loss: val,
+            val_bpb: bpb.filter(|_| val.is_some()),
             val_per_dataset: if val.is_some() {
                 per
             } else {
@@ -573,6 +590,8 @@ impl Trainer {
 struct Validation {
     /// Token-weighted over the datasets.
     loss: Option<f64>,
+    /// Bits per byte over the datasets.
+    bpb: Option<f64>,
     per_dataset: Vec<Option<f64>>,
     /// The downstream tasks' metrics, in the order of the `task/metric` columns.
     tasks: Vec<Option<f64>>,

@@ -39,3 +39,4 @@ mod train_parity;
 mod trainer;
 mod unseen;
 mod vocab;
+mod vocab_training;
