@@ -407,3 +407,40 @@ pub fn clean_partial(run: &Path) -> Result<Vec<PathBuf>> {
     }
     Ok(removed)
 }
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Tensor, Var};
+
+    use super::*;
+
+    /// What the background writer gets must not follow the optimizer's in-place
+    /// updates (`Var::set`), whatever the layout of the tensor it was given.
+    #[test]
+    fn a_host_copy_does_not_change_when_the_variable_does() {
+        let v = Var::from_tensor(
+            &Tensor::arange(0f32, 6., &Device::Cpu)
+                .unwrap()
+                .reshape((2, 3))
+                .unwrap(),
+        )
+        .unwrap();
+        let plain = host_copy(v.as_tensor()).unwrap();
+        let transposed = host_copy(&v.as_tensor().t().unwrap()).unwrap();
+        let shared = v.as_tensor().clone();
+        v.set(&Tensor::zeros((2, 3), candle_core::DType::F32, &Device::Cpu).unwrap())
+            .unwrap();
+        // A clone shares the storage: it sees the update (why copies are needed)...
+        assert_eq!(shared.sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        // ...the copies do not.
+        assert_eq!(
+            plain.to_vec2::<f32>().unwrap(),
+            [[0., 1., 2.], [3., 4., 5.]]
+        );
+        assert!(transposed.is_contiguous());
+        assert_eq!(
+            transposed.to_vec2::<f32>().unwrap(),
+            [[0., 3.], [1., 4.], [2., 5.]]
+        );
+    }
+}

@@ -130,3 +130,28 @@ fn not_written(run: &Path, name: &str, e: &Error) -> Error {
         run.join(name).display()
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_write_names_the_checkpoint_and_the_newest_complete_one() {
+        let run = tempfile::tempdir().unwrap();
+        let e = not_written(
+            run.path(),
+            "step-00000006",
+            &Error::Msg("No space left on device (os error 28)".into()),
+        )
+        .to_string();
+        assert!(!e.contains('\n'), "{e}");
+        assert!(
+            e.starts_with(&format!(
+                "checkpoint {} was not written (No space left",
+                run.path().join("step-00000006").display()
+            )),
+            "{e}"
+        );
+        assert!(e.contains("no earlier checkpoint"), "{e}");
+    }
+}

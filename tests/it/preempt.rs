@@ -147,11 +147,30 @@ fn stopped_in_memory(cfg: &TrainConfig, after: usize) -> (TrainSummary, usize, u
 
 #[test]
 fn issue26_a_stop_request_on_two_thread_ranks_resumes_exactly() {
+    // zero1, full fine-tuning: during setup, on a step that saves anyway (4), and
+    // mid-interval.
     let straight = temp_dir();
-    let cfg = thread_config(straight.path());
+    stop_requests_resume_exactly(thread_config(straight.path()), &[0, 3, 6]);
+}
+
+#[test]
+fn issue26_a_stop_request_on_two_thread_ranks_resumes_exactly_lora() {
+    // ddp, LoRA with dropout (its masks follow the step and sample, not the process).
+    let straight = temp_dir();
+    let mut cfg = thread_config(straight.path());
+    cfg.strategy = lit_claire::strategy::StrategyKind::Ddp;
+    cfg.lora_r = 4;
+    cfg.lora_dropout = 0.2;
+    cfg.lora_mlp = true;
+    stop_requests_resume_exactly(cfg, &[5]);
+}
+
+/// `cfg` run straight, then stopped by a request after each of `points` rows and
+/// resumed: each resumed run is the straight one.
+fn stop_requests_resume_exactly(cfg: TrainConfig, points: &[usize]) {
+    let straight = cfg.out_dir.clone();
     pretrain_with_data(&cfg, crate::trainer::data(33)).unwrap();
-    // During setup, on a step that saves anyway (4), and mid-interval.
-    for after in [0, 3, 6] {
+    for &after in points {
         let broken = temp_dir();
         let mut cfg2 = cfg.clone();
         cfg2.out_dir = broken.path().to_path_buf();
@@ -181,11 +200,7 @@ fn issue26_a_stop_request_on_two_thread_ranks_resumes_exactly() {
         cfg2.resume = Some("auto".into());
         let r = pretrain_with_data(&cfg2, crate::trainer::data(33)).unwrap();
         assert!(r.preempted.is_none() && r.final_checkpoint.is_some());
-        same_run(
-            straight.path(),
-            broken.path(),
-            &format!("stopped at {after}"),
-        );
+        same_run(&straight, broken.path(), &format!("stopped at {after}"));
     }
 }
 
