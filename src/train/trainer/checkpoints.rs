@@ -60,8 +60,11 @@ impl Trainer {
     ) -> Result<PathBuf> {
         let background = saver.background();
         // The previous write first: at most one copy of the state in flight.
+        let before = Instant::now();
         let earlier = saver.wait()?;
+        let previous_s = before.elapsed().as_secs_f64();
         self.noted(earlier)?;
+        let before = Instant::now();
         let snapshot = Snapshot::take(
             &self.runner.model,
             self.lora.as_ref(),
@@ -69,13 +72,13 @@ impl Trainer {
             &self.state,
             background,
         )?;
-        let bytes = snapshot.bytes();
+        let (bytes, copy_s) = (snapshot.bytes(), before.elapsed().as_secs_f64());
         let written = saver.save(snapshot, name)?;
         let dir = self.cfg.out_dir.join(name);
         let waited = start.elapsed().as_secs_f64();
         if background {
             self.note(&format!(
-                "step {}: writing {} in the background (training waited {waited:.3} s to copy {:.1} MB)",
+                "step {}: writing {} in the background; training waited {waited:.3} s ({previous_s:.3} s for the previous write, {copy_s:.3} s to copy {:.1} MB)",
                 self.state.step,
                 dir.display(),
                 bytes as f64 / 1e6
@@ -86,7 +89,7 @@ impl Trainer {
         }
         if !background {
             self.note(&format!(
-                "step {}: training waited {waited:.3} s for the checkpoint ({:.1} MB)",
+                "step {}: training waited {waited:.3} s for the checkpoint ({:.1} MB, written in place)",
                 self.state.step,
                 bytes as f64 / 1e6
             ))?;
