@@ -40,7 +40,7 @@ for rep in $(seq "$REPS"); do
         waits=$(grep -o 'training waited [0-9.]* s' "$run/train.log" | awk '{print $3}' | tr '\n' ' ')
         # In the background: of which waiting for the previous write / copying.
         split=$(grep -o '([0-9.]* s for the previous write, [0-9.]* s to copy' "$run/train.log" \
-            | awk '{printf "%s/%s ", substr($1, 2), $7}')
+            | awk '{printf "%s/%s ", substr($1, 2), $7}' || true)
         printf 'background-save %-5s rep %s: waited %s(s per save: steps 2 4 6 8, final), wall %.1f s\n' \
             "$bg" "$rep" "$waits" "$(echo "$end - $start" | bc)"
         if [ -n "$split" ]; then echo "    of which previous write / copy: $split"; fi

@@ -55,9 +55,9 @@ impl Saver {
     }
 
     /// Write `snapshot` as checkpoint `name`: in a thread when writing in the
-    /// background (returns None; [`Saver::wait`] or [`Saver::poll`] gives the
-    /// result), else now. A write still in flight is waited for first; its result is
-    /// returned as the first element.
+    /// background ([`Saver::poll`] or [`Saver::wait`] gives its result), else now. A
+    /// write still in flight is waited for first. Returns the writes this call
+    /// finished: that earlier one, and this one when written now.
     pub fn save(&mut self, snapshot: Snapshot, name: &str) -> Result<Vec<Written>> {
         let mut done: Vec<Written> = self.wait()?.into_iter().collect();
         let (run, keep, owned) = (self.run.clone(), self.keep, name.to_string());
