@@ -813,20 +813,7 @@ fn bits_per_byte_by_hand() {
     let tmp = temp_dir();
     let input = tmp.path().join("t.txt");
     std::fs::write(&input, text).unwrap();
-    let out = std::process::Command::new(bin())
-        .args(["perplexity", "--checkpoint-dir"])
-        .arg(reference_dir("llama"))
-        .arg("--input")
-        .arg(&input)
-        .args(["--format", "json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let json = perplexity_json(&reference_dir("llama"), &input);
     let cli = json["bits_per_byte"].as_f64().unwrap();
     assert!((cli - by_hand).abs() < 1e-5, "{cli} vs {by_hand}");
     let out = std::process::Command::new(bin())
