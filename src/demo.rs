@@ -23,7 +23,7 @@ use crate::plot::{PlotOptions, plot_runs};
 use crate::strategy::Strategy;
 use crate::tokenizer::Tokenizer;
 use crate::train::batches::TrainData;
-use crate::train::evaluate::{EvalResult, evaluate};
+use crate::train::evaluate::{EvalResult, Scoring, evaluate_split};
 use crate::train::validate::{VALIDATION_FILE, ValidateOptions, ValidationRow, validate_run};
 use crate::train::{TrainConfig, TrainSummary, load_train_data, pretrain_with_data};
 
@@ -113,13 +113,18 @@ pub fn run_demo(opts: &DemoOptions) -> Result<DemoReport> {
     let data = load_train_data(&data_dir)?;
     let base = load_model(&model_dir, &strategy.build_options(false), None)?;
     let scored = Instant::now();
-    let base_score = evaluate(
+    let token_bytes = Tokenizer::from_dir(&model_dir)?.token_bytes();
+    let how = Scoring {
+        block_size: data.block_size,
+        micro_batch_size: EVAL_BATCH,
+        max_batches: None,
+        cross_document: false,
+        token_bytes: Some(&token_bytes),
+    };
+    let base_score = evaluate_split(
         &base,
         data.datasets[0].validation.as_ref(),
-        data.block_size,
-        EVAL_BATCH,
-        None,
-        false,
+        &how,
         &strategy.device,
     )?;
     let base_secs = scored.elapsed().as_secs_f64();
@@ -260,6 +265,7 @@ fn record_base(csv: &Path, data: &TrainData, score: &EvalResult, secs: f64) -> R
                 .as_ref()
                 .map(|o| o.fingerprint.clone())
                 .unwrap_or_default(),
+            bits_per_byte: score.bits_per_byte(),
         },
     )
 }

@@ -7,6 +7,11 @@
 //!
 //! Initialisation follows PEFT: `A ~ U(−1/√in, 1/√in)` (Kaiming-uniform with a = √5),
 //! `B = 0`, so a fresh adapter leaves the model unchanged.
+//!
+//! Beside the adapter, the embeddings and head may train ([`TrainEmbeddings`],
+//! [`attach_embeddings`]): the rows of some tokens, as PEFT's trainable tokens (the
+//! rows start as the model's, so nothing changes either), or the whole matrices, as
+//! PEFT's `modules_to_save`.
 
 use std::collections::BTreeMap;
 
@@ -17,7 +22,144 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, QkvLayout};
 use crate::error::{Error, Result};
-use crate::model::{Gpt, Linear, LoraAdapter};
+use crate::model::names::WeightNames;
+use crate::model::token_rows::rows_replaced;
+use crate::model::{Gpt, Linear, LoraAdapter, TokenRows, TrainedEmbeddings};
+
+/// What a LoRA run trains of the embeddings and head (`--train-embeddings`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum TrainEmbeddings {
+    /// The rows of the new tokens, in the embeddings and in the head (PEFT's
+    /// `trainable_token_indices`).
+    New,
+    /// The whole embeddings and head (PEFT's `modules_to_save`).
+    All,
+    /// Neither.
+    None,
+}
+
+impl std::fmt::Display for TrainEmbeddings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TrainEmbeddings::New => "new",
+            TrainEmbeddings::All => "all",
+            TrainEmbeddings::None => "none",
+        })
+    }
+}
+
+/// Suffix PEFT gives the rows of a module's trainable tokens.
+pub const TOKEN_ROWS_SUFFIX: &str = ".token_adapter.trainable_tokens_delta";
+
+/// The head's module path as PEFT names it: transformers' name of today (GPT-NeoX's
+/// `embed_out` is `lm_head` in transformers 5).
+pub fn head_module(names: &WeightNames) -> &'static str {
+    names.lm_head_alias.unwrap_or(names.lm_head)
+}
+
+/// Make the embeddings and head of `model` (frozen, LoRA or not) train as `mode` says,
+/// `new_ids` being the tokens [`TrainEmbeddings::New`] trains. Returns the variables,
+/// named as a PEFT adapter stores them: `<embeddings>.token_adapter.trainable_tokens_delta`
+/// and `<head>.token_adapter.trainable_tokens_delta` (an untied head), or
+/// `<embeddings>.weight` and `<head>.weight` (an untied head) for the whole matrices.
+pub fn attach_embeddings(
+    model: &mut Gpt,
+    mode: TrainEmbeddings,
+    new_ids: &[u32],
+) -> Result<Vec<(String, Var)>> {
+    let names = WeightNames::for_config(&model.cfg);
+    let head = head_module(&names);
+    let tied = model.cfg.tie_embeddings;
+    let embed = model.wte_name.clone();
+    let mut vars = Vec::new();
+    match mode {
+        TrainEmbeddings::None => {}
+        TrainEmbeddings::New => {
+            if new_ids.is_empty() {
+                return Err(Error::Usage(
+                    "--train-embeddings new: the model has no new tokens to train".into(),
+                ));
+            }
+            let mut ids = new_ids.to_vec();
+            ids.sort_unstable();
+            ids.dedup();
+            let vocab = model.cfg.vocab_size;
+            if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab) {
+                return Err(Error::Usage(format!(
+                    "new token id {bad} is outside the model's vocabulary of {vocab}"
+                )));
+            }
+            let idx = Tensor::new(ids.as_slice(), model.device())?;
+            let rows =
+                |w: &Tensor| -> Result<Var> { Ok(Var::from_tensor(&w.index_select(&idx, 0)?)?) };
+            let e = rows(&model.wte)?;
+            vars.push((format!("{embed}{TOKEN_ROWS_SUFFIX}"), e.clone()));
+            let h = if tied {
+                None
+            } else {
+                let h = rows(&model.lm_head.weight)?;
+                vars.push((format!("{head}{TOKEN_ROWS_SUFFIX}"), h.clone()));
+                Some(h.as_tensor().clone())
+            };
+            let tr = TokenRows::new(ids, e.as_tensor().clone(), h, vocab)?;
+            model.trained_embeddings = Some(TrainedEmbeddings::Rows(tr));
+        }
+        TrainEmbeddings::All => {
+            let e = Var::from_tensor(&model.wte)?;
+            model.wte = e.as_tensor().clone();
+            vars.push((format!("{embed}.weight"), e.clone()));
+            if tied {
+                model.lm_head.weight = e.as_tensor().clone();
+            } else {
+                let h = Var::from_tensor(&model.lm_head.weight)?;
+                model.lm_head.weight = h.as_tensor().clone();
+                vars.push((format!("{head}.weight"), h));
+            }
+            model.trained_embeddings = Some(TrainedEmbeddings::Whole);
+        }
+    }
+    Ok(vars)
+}
+
+/// What a saved adapter says of the embeddings and head it trained: the config
+/// entries of [`crate::hf::peft::save_adapter`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EmbeddingsConfig {
+    /// PEFT's `trainable_token_indices`: module name → token ids.
+    pub token_indices: BTreeMap<String, Vec<u32>>,
+    /// PEFT's `modules_to_save`.
+    pub modules_to_save: Vec<String>,
+    /// The head is the embeddings (PEFT's `ensure_weight_tying`).
+    pub tied: bool,
+}
+
+/// The last component of a module path, which PEFT matches module names by.
+fn leaf(path: &str) -> String {
+    path.rsplit('.').next().unwrap_or(path).to_string()
+}
+
+/// What `model` trains of its embeddings and head, as an adapter's config says it.
+pub fn embeddings_config(model: &Gpt) -> EmbeddingsConfig {
+    let names = WeightNames::for_config(&model.cfg);
+    let (embed, head) = (leaf(&model.wte_name), leaf(head_module(&names)));
+    let tied = model.cfg.tie_embeddings;
+    let mut out = EmbeddingsConfig {
+        tied,
+        ..Default::default()
+    };
+    match &model.trained_embeddings {
+        None => {}
+        Some(TrainedEmbeddings::Rows(tr)) => {
+            out.token_indices.insert(embed, tr.ids().to_vec());
+            if tr.head.is_some() {
+                out.token_indices.insert(head, tr.ids().to_vec());
+            }
+        }
+        Some(TrainedEmbeddings::Whole) => out.modules_to_save = vec![embed, head],
+    }
+    out
+}
 
 /// Which parts of the model get adapters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -252,7 +394,9 @@ pub fn attach_tensors(
 }
 
 /// The adapters of `model`, keyed by `<module>.lora_A.weight` / `.lora_B.weight`,
-/// with masked rows of `B` zeroed: what a PEFT adapter file stores.
+/// with masked rows of `B` zeroed, and its trained embeddings (named as
+/// [`attach_embeddings`] names them; a tied head's whole matrix under the head's name
+/// too): what a PEFT adapter file stores.
 pub fn adapter_tensors(model: &Gpt) -> Result<Vec<(String, Tensor)>> {
     let mut out = Vec::new();
     for lin in model.linears() {
@@ -261,5 +405,108 @@ pub fn adapter_tensors(model: &Gpt) -> Result<Vec<(String, Tensor)>> {
             out.push((format!("{}.lora_B.weight", lin.name), l.effective_b()?));
         }
     }
+    let names = WeightNames::for_config(&model.cfg);
+    let head = head_module(&names);
+    match &model.trained_embeddings {
+        None => {}
+        Some(TrainedEmbeddings::Rows(tr)) => {
+            let embed = format!("{}{TOKEN_ROWS_SUFFIX}", model.wte_name);
+            out.push((embed, tr.embed.clone()));
+            if let Some(h) = &tr.head {
+                out.push((format!("{head}{TOKEN_ROWS_SUFFIX}"), h.clone()));
+            }
+        }
+        Some(TrainedEmbeddings::Whole) => {
+            out.push((format!("{}.weight", model.wte_name), model.wte.clone()));
+            out.push((format!("{head}.weight"), model.lm_head.weight.clone()));
+        }
+    }
     Ok(out)
+}
+
+/// Which matrix an adapter's module path names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VocabMatrix {
+    Embeddings,
+    Head,
+}
+
+/// The matrix the adapter module `module` names in a model of `names` (exactly, or
+/// without its first component, as bare GPT-2 checkpoints name them), if any.
+pub fn vocab_matrix(names: &WeightNames, module: &str) -> Option<VocabMatrix> {
+    let module = names.canonical(module);
+    let is =
+        |ours: &str| module == ours || ours.split_once('.').is_some_and(|(_, rest)| rest == module);
+    if is(names.embed) {
+        Some(VocabMatrix::Embeddings)
+    } else if is(names.lm_head) {
+        Some(VocabMatrix::Head)
+    } else {
+        None
+    }
+}
+
+/// Put an adapter's trained embeddings into `model` (frozen; the base's matrices are
+/// copied, not changed, since a base may be shared): `rows` (module path, token ids,
+/// `(n, C)` values) over their rows, `whole` (module path, `(V, C)`) in place of the
+/// matrix. A tied head follows the embeddings unless the adapter gives it values of
+/// its own.
+pub fn apply_embeddings(
+    model: &mut Gpt,
+    rows: &[(String, Vec<u32>, Tensor)],
+    whole: &[(String, Tensor)],
+) -> Result<()> {
+    if rows.is_empty() && whole.is_empty() {
+        return Ok(());
+    }
+    let names = WeightNames::for_config(&model.cfg);
+    let (vocab, c) = model.wte.dims2()?;
+    let (mut embed, mut head) = (model.wte.clone(), None::<Tensor>);
+    let part = |module: &str| {
+        vocab_matrix(&names, module).ok_or_else(|| {
+            Error::Weights(format!(
+                "adapter module {module} is neither the embeddings {} nor the head of this {} model; is the adapter for another base model?",
+                names.embed,
+                model.cfg.family.model_type()
+            ))
+        })
+    };
+    let fit = |module: &str, t: &Tensor, want: (usize, usize)| -> Result<Tensor> {
+        if t.dims() != [want.0, want.1] {
+            return Err(Error::Weights(format!(
+                "adapter tensor of {module} has shape {:?}, expected {want:?}; is the adapter for another base model?",
+                t.dims()
+            )));
+        }
+        Ok(t.to_device(model.device())?.to_dtype(model.wte.dtype())?)
+    };
+    for (module, t) in whole {
+        let t = fit(module, t, (vocab, c))?;
+        match part(module)? {
+            VocabMatrix::Embeddings => embed = t,
+            VocabMatrix::Head => head = Some(t),
+        }
+    }
+    for (module, ids, t) in rows {
+        let t = fit(module, t, (ids.len(), c))?;
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab) {
+            return Err(Error::Weights(format!(
+                "adapter rows of {module}: token id {bad} is outside the model's vocabulary of {vocab}"
+            )));
+        }
+        match part(module)? {
+            VocabMatrix::Embeddings => embed = rows_replaced(&embed, ids, &t)?,
+            VocabMatrix::Head => {
+                let base = head.clone().unwrap_or_else(|| model.lm_head.weight.clone());
+                head = Some(rows_replaced(&base, ids, &t)?);
+            }
+        }
+    }
+    model.wte = embed;
+    match head {
+        Some(h) => model.lm_head.weight = h,
+        None if model.cfg.tie_embeddings => model.lm_head.weight = model.wte.clone(),
+        None => {}
+    }
+    Ok(())
 }

@@ -3,7 +3,7 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     lit_claire::allocator::keep_freed_memory();
     match lit_claire::cli::run() {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE

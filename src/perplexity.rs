@@ -4,6 +4,11 @@
 //! next-token cross-entropy over every token but the first. A text longer than the
 //! context is scored in consecutive context-sized windows that overlap by one token,
 //! so that every token after the first is predicted exactly once.
+//!
+//! Bits per byte, beside the loss, put models of different tokenizers on one scale:
+//! the summed loss in nats over ln 2 over the UTF-8 bytes of the text scored, the
+//! bytes of every predicted token ([`TokenBytes`]: all of the text but its first
+//! token, or all of it after a BOS).
 
 use candle_core::Tensor;
 use serde::Serialize;
@@ -11,6 +16,7 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::model::engine;
 use crate::model::{Gpt, check_ids};
+use crate::tokenizer::{TokenBytes, bits_per_byte};
 
 /// What `lit-claire perplexity` prints.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -21,6 +27,10 @@ pub struct PerplexityReport {
     pub perplexity: f64,
     /// Tokens in the text.
     pub tokens: usize,
+    /// UTF-8 bytes of the predicted tokens (None: not known).
+    pub bytes: Option<u64>,
+    /// Summed loss / ln 2 / `bytes` (None: no bytes known).
+    pub bits_per_byte: Option<f64>,
 }
 
 /// Score `ids` with windows of at most `context` tokens, `batch` windows at a time.
@@ -29,6 +39,17 @@ pub fn perplexity(
     ids: &[u32],
     context: usize,
     batch: usize,
+) -> Result<PerplexityReport> {
+    perplexity_with_bytes(model, ids, context, batch, None)
+}
+
+/// [`perplexity`], with bits per byte when the bytes of each token are known.
+pub fn perplexity_with_bytes(
+    model: &Gpt,
+    ids: &[u32],
+    context: usize,
+    batch: usize,
+    token_bytes: Option<&TokenBytes>,
 ) -> Result<PerplexityReport> {
     if ids.len() < 2 {
         return Err(Error::Usage(format!(
@@ -91,10 +112,13 @@ pub fn perplexity(
             "the loss is {loss}: the model's weights hold NaN or infinite values, or overflow in this precision"
         )));
     }
+    let bytes = token_bytes.map(|b| b.sum(ids[1..].iter().copied()));
     Ok(PerplexityReport {
         loss,
         perplexity: loss.exp(),
         tokens: ids.len(),
+        bytes,
+        bits_per_byte: bytes.and_then(|b| bits_per_byte(total, b)),
     })
 }
 

@@ -160,27 +160,37 @@ impl Tokenizer {
             };
             name.and_then(|s| inner.token_to_id(s))
         };
-        let ids_of = |key: &str| -> Vec<u32> {
-            for v in [&gen_cfg, &cfg].into_iter().flatten() {
+        let ids_of = |key: &str| -> Result<Vec<u32>> {
+            let sources = [("generation_config.json", &gen_cfg), ("config.json", &cfg)];
+            for (file, v) in sources {
+                let Some(v) = v else { continue };
+                // An id past u32 was cut to its low bits: another token, in silence.
+                let id = |n: u64| {
+                    u32::try_from(n).map_err(|_| {
+                        Error::bad_file(
+                            dir.join(file),
+                            format!("{key} {n} is not a token id (at most {})", u32::MAX),
+                        )
+                    })
+                };
                 match v.get(key) {
                     Some(Value::Number(n)) => {
-                        return n.as_u64().map(|n| vec![n as u32]).unwrap_or_default();
+                        return n
+                            .as_u64()
+                            .map(|n| id(n).map(|i| vec![i]))
+                            .unwrap_or(Ok(vec![]));
                     }
                     Some(Value::Array(a)) if !a.is_empty() => {
-                        return a
-                            .iter()
-                            .filter_map(Value::as_u64)
-                            .map(|n| n as u32)
-                            .collect();
+                        return a.iter().filter_map(Value::as_u64).map(id).collect();
                     }
                     _ => {}
                 }
             }
-            named(key.trim_end_matches("_id")).into_iter().collect()
+            Ok(named(key.trim_end_matches("_id")).into_iter().collect())
         };
-        let bos_id = ids_of("bos_token_id").first().copied();
-        let eos_ids = ids_of("eos_token_id");
-        let pad_id = ids_of("pad_token_id").first().copied();
+        let bos_id = ids_of("bos_token_id")?.first().copied();
+        let eos_ids = ids_of("eos_token_id")?;
+        let pad_id = ids_of("pad_token_id")?.first().copied();
 
         let (named_bos, named_eos) = (named("bos_token"), named("eos_token"));
         let probe = inner.encode("a", true)?;
@@ -255,6 +265,103 @@ impl Tokenizer {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// The UTF-8 bytes of text each id stands for ([`TokenBytes`]).
+    pub fn token_bytes(&self) -> TokenBytes {
+        TokenBytes::of_tokenizer(&self.inner)
+    }
+}
+
+/// The UTF-8 bytes of text each token id stands for, read from the vocabulary: what
+/// turns a summed loss into bits per byte ([`bits_per_byte`]) for text that is only
+/// known as token ids (prepared data).
+///
+/// ```text
+/// byte-level BPE (GPT-2, Falcon, LLaMA-3)   one byte per character of the token string
+/// SentencePiece with byte fallback          <0xNN> one byte; ▁ a space, the rest as UTF-8
+/// special tokens (BOS, EOS, <pad>, ...)     0: they are not text
+/// other added tokens                        their content, as UTF-8
+/// ```
+///
+/// The bytes of a text's ids add up to the text's own bytes under byte-level BPE. A
+/// SentencePiece tokenizer that puts a space before the text (`▁` on its first word)
+/// counts that space too: one byte more per document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenBytes(Vec<u32>);
+
+impl TokenBytes {
+    /// From a table: `bytes[id]` (ids past its end count 0).
+    pub fn new(bytes: Vec<u32>) -> Self {
+        TokenBytes(bytes)
+    }
+
+    /// The table of `tok` (see the type's documentation).
+    pub fn of_tokenizer(tok: &tokenizers::Tokenizer) -> Self {
+        let decoder = tok
+            .get_decoder()
+            .and_then(|d| serde_json::to_value(d).ok())
+            .unwrap_or(Value::Null);
+        let kinds = decoder_kinds(&decoder);
+        let byte_level = kinds.iter().any(|k| k == "ByteLevel");
+        let byte_fallback = kinds.iter().any(|k| k == "ByteFallback");
+        let vocab = tok.get_vocab(true);
+        let n = vocab.values().max().map_or(0, |&m| m as usize + 1);
+        let mut bytes = vec![0u32; n];
+        let added = tok.get_added_tokens_decoder();
+        for (token, id) in vocab {
+            let b = match added.get(&id) {
+                Some(a) if a.special => 0,
+                Some(a) => a.content.len(),
+                None if byte_level => token.chars().count(),
+                None if byte_fallback && is_byte_token(&token) => 1,
+                None => token.replace('\u{2581}', " ").len(),
+            };
+            bytes[id as usize] = b as u32;
+        }
+        TokenBytes(bytes)
+    }
+
+    /// The bytes of `id`.
+    pub fn of(&self, id: u32) -> u32 {
+        self.0.get(id as usize).copied().unwrap_or(0)
+    }
+
+    /// The bytes of all of `ids`.
+    pub fn sum(&self, ids: impl IntoIterator<Item = u32>) -> u64 {
+        ids.into_iter().map(|i| u64::from(self.of(i))).sum()
+    }
+}
+
+/// `<0xNN>`: a byte-fallback token.
+fn is_byte_token(t: &str) -> bool {
+    t.len() == 6
+        && t.starts_with("<0x")
+        && t.ends_with('>')
+        && t[3..5].chars().all(|c| c.is_ascii_hexdigit())
+}
+
+/// Every `type` in a serialized decoder (a `Sequence` holds others).
+fn decoder_kinds(v: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    match v {
+        Value::Object(o) => {
+            if let Some(Value::String(t)) = o.get("type") {
+                out.push(t.clone());
+            }
+            for x in o.values() {
+                out.extend(decoder_kinds(x));
+            }
+        }
+        Value::Array(a) => a.iter().for_each(|x| out.extend(decoder_kinds(x))),
+        _ => {}
+    }
+    out
+}
+
+/// Bits per byte of a text: its summed loss in nats, over ln 2, over its UTF-8
+/// bytes. None for no bytes.
+pub fn bits_per_byte(nats: f64, bytes: u64) -> Option<f64> {
+    (bytes > 0).then(|| nats / std::f64::consts::LN_2 / bytes as f64)
 }
 
 /// The end of `context` that generated tokens are decoded with (its last 16 tokens): see

@@ -13,6 +13,8 @@ mod publish_cmds;
 mod train_cmds;
 mod vocab_cmds;
 
+use std::process::ExitCode;
+
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::error::{Error, Result};
@@ -81,19 +83,29 @@ pub enum Command {
     AttentionCheck(bench_cmds::AttentionCheckArgs),
 }
 
-/// Parse the command line and run the command.
-pub fn run() -> Result<()> {
+/// Parse the command line and run the command; its exit status (0, or
+/// [`EXIT_PREEMPTED`](crate::train::preempt::EXIT_PREEMPTED) for a run stopped by a
+/// signal).
+pub fn run() -> Result<ExitCode> {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => e.exit(), // --help, --version
         Err(e) => return Err(Error::Usage(clap_error_line(&e))),
     };
     match cli.command {
+        // The one command with an exit status of its own.
+        Command::Pretrain(a) => train_cmds::pretrain(*a),
+        command => run_command(command).map(|()| ExitCode::SUCCESS),
+    }
+}
+
+fn run_command(command: Command) -> Result<()> {
+    match command {
         Command::Demo(a) => demo_cmds::demo(a),
         Command::Perplexity(a) => model_cmds::perplexity(a),
         Command::Generate(a) => model_cmds::generate(a),
         Command::Chat(a) => model_cmds::chat(a),
-        Command::Pretrain(a) => train_cmds::pretrain(*a),
+        Command::Pretrain(a) => train_cmds::pretrain(*a).map(drop),
         Command::Validate(a) => train_cmds::validate(a),
         Command::Evaluate(a) => eval_cmds::evaluate_cmd(a),
         Command::Bench(a) => bench_cmds::bench(a),

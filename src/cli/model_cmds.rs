@@ -115,15 +115,27 @@ fn load(dir: &Path, adapter: Option<&PathBuf>, runtime: &RuntimeArgs) -> Result<
 }
 
 pub fn perplexity(a: PerplexityArgs) -> Result<()> {
-    let text = std::fs::read_to_string(&a.input).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => Error::missing(&a.input, "--input must be a text file"),
-        _ => Error::io(&a.input, e),
-    })?;
+    // A regular file only: /dev/zero or a FIFO would be read forever.
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut crate::io::open_regular(&a.input)?, &mut text).map_err(
+        |e| match e.kind() {
+            std::io::ErrorKind::InvalidData => {
+                Error::bad_file(&a.input, "not UTF-8 text; --input must be a text file")
+            }
+            _ => Error::io(&a.input, e),
+        },
+    )?;
     let (model, tokenizer) = load(&a.checkpoint_dir, a.adapter.as_ref(), &a.runtime)?;
     let ids = tokenizer.encode(&text)?;
     let context = a.context.unwrap_or(model.cfg.block_size);
     let start = std::time::Instant::now();
-    let report = crate::perplexity::perplexity(&model, &ids, context, a.batch_size)?;
+    let report = crate::perplexity::perplexity_with_bytes(
+        &model,
+        &ids,
+        context,
+        a.batch_size,
+        Some(&tokenizer.token_bytes()),
+    )?;
     let secs = start.elapsed().as_secs_f64();
     eprintln!(
         "scored {} tokens in {:.2}s ({:.0} tokens/s)",
@@ -134,8 +146,13 @@ pub fn perplexity(a: PerplexityArgs) -> Result<()> {
     match a.format {
         Format::Json => println!("{}", serde_json::to_string(&report).expect("plain numbers")),
         Format::Text => println!(
-            "loss {:.6}  perplexity {:.4}  tokens {}",
-            report.loss, report.perplexity, report.tokens
+            "loss {:.6}  perplexity {:.4}  bits per byte {}  tokens {}",
+            report.loss,
+            report.perplexity,
+            report
+                .bits_per_byte
+                .map_or("-".into(), |b| format!("{b:.6}")),
+            report.tokens
         ),
     }
     Ok(())

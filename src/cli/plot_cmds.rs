@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, ValueEnum};
 
 use crate::error::{Error, Result};
-use crate::plot::{PlotOptions, XAxis, best_checkpoint, plot_runs};
+use crate::plot::{PlotOptions, XAxis, YAxis, best_checkpoint, plot_runs};
 
 #[derive(Debug, Args)]
 pub struct PlotArgs {
@@ -18,6 +18,10 @@ pub struct PlotArgs {
     /// What the x axis shows.
     #[arg(long, value_enum, default_value_t = XArg::Step)]
     pub x: XArg,
+    /// What the y axis shows: the loss per token, or validation bits per byte (which
+    /// runs with different tokenizers share).
+    #[arg(long, value_enum, default_value_t = YArg::Loss)]
+    pub y: YArg,
     /// Lower end of the loss axis.
     #[arg(long)]
     pub min_loss: Option<f64>,
@@ -36,6 +40,22 @@ pub enum XArg {
     Step,
     Tokens,
     Hours,
+}
+
+/// `--y`: loss per token or bits per byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum YArg {
+    Loss,
+    Bpb,
+}
+
+impl From<YArg> for YAxis {
+    fn from(y: YArg) -> Self {
+        match y {
+            YArg::Loss => YAxis::Loss,
+            YArg::Bpb => YAxis::Bpb,
+        }
+    }
 }
 
 impl From<XArg> for XAxis {
@@ -57,6 +77,7 @@ pub fn plot(a: PlotArgs) -> Result<()> {
     if let Some(output) = &a.output {
         let opts = PlotOptions {
             x: a.x.into(),
+            y: a.y.into(),
             min_loss: a.min_loss,
             max_loss: a.max_loss,
             ..PlotOptions::new(output)

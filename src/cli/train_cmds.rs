@@ -1,6 +1,7 @@
 //! `pretrain`: flags (and a recipe) resolved into a [`TrainConfig`], then the trainer.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use clap::Args;
 
@@ -45,18 +46,26 @@ impl PretrainArgs {
     }
 }
 
-pub fn pretrain(a: PretrainArgs) -> Result<()> {
+/// A run: prints the final checkpoint and succeeds; stopped by SIGUSR1 or SIGTERM, it
+/// prints nothing and exits with [`EXIT_PREEMPTED`](crate::train::preempt::EXIT_PREEMPTED)
+/// once its checkpoint is written.
+pub fn pretrain(a: PretrainArgs) -> Result<ExitCode> {
+    // First: a signal from here on stops the run after a step, with a checkpoint.
+    crate::train::preempt::install_signal_handlers()?;
     let cfg = a.resolve()?;
     if a.dry_run {
         cfg.check_needing(&["--checkpoint-dir"])?;
         println!("{}", crate::train::estimate::dry_run(&cfg)?);
-        return Ok(());
+        return Ok(ExitCode::SUCCESS);
     }
     let summary = crate::train::pretrain(&cfg.checked()?)?;
     if let Some(dir) = summary.final_checkpoint {
         println!("{}", dir.display());
     }
-    Ok(())
+    if summary.preempted.is_some() {
+        return Ok(ExitCode::from(crate::train::preempt::EXIT_PREEMPTED));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Offline validation of every checkpoint of a run.

@@ -8,11 +8,11 @@
 //!   links to one folder would read its documents twice.
 //! - A document file (`.txt`, `.jsonl`, optionally `.gz`) must be a regular file, or a
 //!   link to one: a FIFO blocks its reader forever, `/dev/zero` never ends, a socket
-//!   cannot be read. They are refused by name before anything is read, and the opened
-//!   file is checked again ([`open_regular`]). Other files are listed as ignored and
-//!   never opened, whatever they are.
-//! - Small side files (tokenizer.json, a groups file) are read whole with
-//!   [`read_regular`], which refuses non-regular files and bounds the size.
+//!   cannot be read. They are refused by name before anything is read, and the
+//!   opened file is checked again ([`crate::io::open_regular`]). Other files are
+//!   listed as ignored and never opened, whatever they are.
+//! - Small side files (a groups file, metadata.json) are read whole with
+//!   [`crate::io::read_regular`], which refuses non-regular files and bounds the size.
 
 use std::collections::HashMap;
 use std::fs::Metadata;

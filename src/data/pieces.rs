@@ -225,13 +225,41 @@ impl Pieces {
     /// offsets moved to `text`. Whole when the text is short or cannot be cut. Pieces
     /// go one after the other: the tokenizer's memory is that of one piece.
     pub fn encode(&self, text: &str, encode: impl Fn(&str) -> Result<Encoded>) -> Result<Encoded> {
-        if !self.cuts(text) {
-            return encode(text);
-        }
         let (mut ids, mut offsets) = (Vec::new(), Vec::new());
+        self.encode_into(text, &mut ids, &mut offsets, encode)?;
+        Ok((ids, offsets))
+    }
+
+    /// [`Pieces::encode`], appending to `ids` and `offsets`; room for all the ids is
+    /// reserved once, from the first piece's tokens per byte.
+    pub fn encode_into(
+        &self,
+        text: &str,
+        ids: &mut Vec<u32>,
+        offsets: &mut Vec<(usize, usize)>,
+        encode: impl Fn(&str) -> Result<Encoded>,
+    ) -> Result<()> {
+        if !self.cuts(text) {
+            let (i, o) = encode(text)?;
+            ids.extend_from_slice(&i);
+            if offsets.is_empty() {
+                *offsets = o;
+            } else {
+                offsets.extend_from_slice(&o);
+            }
+            return Ok(());
+        }
         let mut prev_end = 0;
-        for r in self.ranges(text) {
+        for (n, r) in self.ranges(text).into_iter().enumerate() {
             let (piece_ids, piece_offsets) = encode(&text[r.clone()])?;
+            if n == 0 {
+                let per_byte = piece_ids.len() as f64 / r.len().max(1) as f64;
+                let estimate = (per_byte * text.len() as f64 * 1.05) as usize + 16;
+                ids.reserve(estimate);
+                if !piece_offsets.is_empty() {
+                    offsets.reserve(estimate);
+                }
+            }
             ids.extend_from_slice(&piece_ids);
             // A dropped space belongs to the token the tokenizer put it back into: the
             // piece's first, which is that space alone when the next one starts at 0 too.
@@ -246,7 +274,7 @@ impl Pieces {
             }
             prev_end = r.end;
         }
-        Ok((ids, offsets))
+        Ok(())
     }
 }
 

@@ -103,7 +103,9 @@ fn doc_key(seed: u64, dataset: u64, index: u64, salt: u64) -> u64 {
 impl Ctx {
     fn encode(&self, text: &str) -> Result<Unit> {
         // Offsets only for the chunker (padding); encode_fast skips them.
-        let (plain, offsets) = self.pieces.encode(text, |t| {
+        let mut ids: Vec<u32> = self.bos.into_iter().collect();
+        let mut offsets = Vec::new();
+        self.pieces.encode_into(text, &mut ids, &mut offsets, |t| {
             if self.padding {
                 let e = self.tokenizer.encode(t, false)?;
                 Ok((e.get_ids().to_vec(), e.get_offsets().to_vec()))
@@ -112,10 +114,6 @@ impl Ctx {
                 Ok((e.get_ids().to_vec(), Vec::new()))
             }
         })?;
-        let mut ids = Vec::with_capacity(plain.len() + 2);
-        ids.extend(self.bos);
-        ids.extend_from_slice(&plain);
-        drop(plain);
         ids.extend(self.eos);
         if let Some(&bad) = ids.iter().find(|&&i| i > self.dtype.max_id()) {
             return Err(Error::Data(format!(

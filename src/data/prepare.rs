@@ -189,6 +189,18 @@ pub fn prepare_data(opts: &PrepareOptions) -> Result<PrepareReport> {
     let started = Instant::now();
     opts.check()?;
     let tok = Tokenizer::from_dir(&opts.checkpoint_dir)?;
+    // EOS is written after every document: an id the tokenizer does not have would be
+    // trained on as a token of no text, or fail in the embedding. (BOS is written only
+    // when the tokenizer itself produces it.)
+    if let Some(&eos) = tok.eos_ids.first()
+        && eos as usize >= tok.vocab_size()
+    {
+        return Err(Error::Data(format!(
+            "{}: eos_token_id {eos} is not a token of its tokenizer.json ({} tokens); fix generation_config.json / config.json",
+            opts.checkpoint_dir.display(),
+            tok.vocab_size()
+        )));
+    }
     let max_length = match opts.max_length {
         Some(n) => n,
         None => default_max_length(&opts.checkpoint_dir)?,

@@ -13,6 +13,15 @@
 //! An adapter on a tied head unties it: the merged head is written as a tensor of its
 //! own (`lm_head.weight`) and the embeddings stay as they were.
 //!
+//! Embeddings and head the adapter trained ([`AdapterEmbeddings`]) are written in:
+//!
+//! ```text
+//! E' = whole matrix (modules_to_save), else E;  then E'[ids] = rows (trainable tokens)
+//! ```
+//!
+//! the same for an untied head. A tied head follows its embeddings, and stays tied
+//! unless the adapter gives it values of its own (then it is untied as above).
+//!
 //! Nothing is loaded up front: each tensor is a [`LazyTensor`] read from the
 //! memory-mapped base when it is written.
 //!
@@ -26,11 +35,13 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::peft::PeftAdapter;
+use super::peft::{AdapterEmbeddings, PeftAdapter};
 use super::shards::LazyTensor;
 use crate::config::Config;
 use crate::error::{Error, IoContext, Result};
+use crate::lora::{VocabMatrix, vocab_matrix};
 use crate::model::names::WeightNames;
+use crate::model::token_rows::rows_replaced;
 use crate::model::weights::Weights;
 
 /// Name, shape and dtype of every tensor in safetensors files, read from their
@@ -161,18 +172,57 @@ pub fn plan_merge(
         Some(ad) => adapter_deltas(&base, &embed, ad)?,
         None => (BTreeMap::new(), None),
     };
-    let merged = deltas.len() + head_delta.is_some() as usize;
+    let (embed_edit, mut head_edit) = match adapter {
+        Some(ad) => vocab_edits(&base, &ad.embeddings)?,
+        None => Default::default(),
+    };
+    let head_name = format!("{}.weight", base.names.lm_head);
+    let stored_head = match cfg.tie_embeddings {
+        true => None,
+        false => base.find(base.names.lm_head),
+    };
+    if let Some(h) = &stored_head
+        && deltas.contains_key(h)
+        && !head_edit.is_empty()
+    {
+        return Err(Error::Weights(format!(
+            "the adapter trains the head {h} both with LoRA and as embeddings; it cannot be merged"
+        )));
+    }
+    if cfg.tie_embeddings && head_edit.is_copy_of(&embed_edit)? {
+        head_edit = VocabEdit::default();
+    }
+    let edited = !embed_edit.is_empty() as usize + !head_edit.is_empty() as usize;
+    let merged = deltas.len() + head_delta.is_some() as usize + edited;
     let mut tensors = merged_tensors(&weights, &base.stored, deltas, dtype);
-    let untied_head = head_delta.is_some();
-    if let Some(d) = head_delta {
-        let head = format!("{}.weight", base.names.lm_head);
+    if !embed_edit.is_empty() {
+        let edit = embed_edit.clone();
+        replace_tensor(&mut tensors, &embed, &weights, dtype, move |w| {
+            edit.apply(w)
+        })?;
+    }
+    if let (Some(h), false) = (&stored_head, head_edit.is_empty()) {
+        let edit = head_edit.clone();
+        replace_tensor(&mut tensors, h, &weights, dtype, move |w| edit.apply(w))?;
+    } else if !head_edit.is_empty() && !cfg.tie_embeddings {
+        return Err(Error::Weights(format!(
+            "the adapter trains the head, but {} stores none",
+            dir.display()
+        )));
+    }
+    let untied_head = cfg.tie_embeddings && (head_delta.is_some() || !head_edit.is_empty());
+    if untied_head {
         // A checkpoint may store its tied head too; the merged one replaces it.
-        tensors.retain(|t| t.name != head);
+        tensors.retain(|t| t.name != head_name);
         let (shape, _) = base.stored[&embed].clone();
         let w = weights.clone();
-        tensors.push(LazyTensor::new(head, shape, dtype, move || {
+        tensors.push(LazyTensor::new(head_name, shape, dtype, move || {
             let base = w.raw(&embed, &Device::Cpu)?.to_dtype(DType::F32)?;
-            Ok((base + d.weight()?)?)
+            let head = head_edit.apply(embed_edit.apply(base)?)?;
+            Ok(match &head_delta {
+                Some(d) => (head + d.weight()?)?,
+                None => head,
+            })
         }));
     }
     Ok(MergePlan {
@@ -180,6 +230,122 @@ pub fn plan_merge(
         merged,
         untied_head,
     })
+}
+
+/// What an adapter writes into the embeddings or the head: a whole matrix, then rows.
+#[derive(Debug, Clone, Default)]
+struct VocabEdit {
+    whole: Option<Tensor>,
+    rows: Vec<(Vec<u32>, Tensor)>,
+}
+
+impl VocabEdit {
+    fn is_empty(&self) -> bool {
+        self.whole.is_none() && self.rows.is_empty()
+    }
+
+    /// `w` (as stored) with the edit, in f32.
+    fn apply(&self, w: Tensor) -> Result<Tensor> {
+        let mut w = match &self.whole {
+            Some(t) => t.to_dtype(DType::F32)?,
+            None => w.to_dtype(DType::F32)?,
+        };
+        for (ids, rows) in &self.rows {
+            w = rows_replaced(&w, ids, &rows.to_dtype(DType::F32)?)?;
+        }
+        Ok(w)
+    }
+
+    /// Whether this (a tied head's) edit only repeats `embed`'s: the same whole
+    /// matrix, as `modules_to_save` with `ensure_weight_tying` saves it, and no rows.
+    fn is_copy_of(&self, embed: &VocabEdit) -> Result<bool> {
+        let (Some(h), Some(e), true) = (&self.whole, &embed.whole, self.rows.is_empty()) else {
+            return Ok(false);
+        };
+        if h.dims() != e.dims() {
+            return Ok(false);
+        }
+        let diff = (h.to_dtype(DType::F32)? - e.to_dtype(DType::F32)?)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        Ok(diff == 0.0)
+    }
+}
+
+/// The edits of the embeddings and of the head in `e`, each checked against the
+/// stored matrix: `(V, C)` for a whole one, `(n, C)` rows of ids below V.
+fn vocab_edits(base: &Base, e: &AdapterEmbeddings) -> Result<(VocabEdit, VocabEdit)> {
+    let (mut embed, mut head) = (VocabEdit::default(), VocabEdit::default());
+    let embed_name = base.embeddings()?;
+    let (shape, _) = &base.stored[&embed_name];
+    let (v, c) = match shape.as_slice() {
+        [v, c] => (*v, *c),
+        _ => {
+            return Err(Error::Weights(format!(
+                "{embed_name} has shape {shape:?}, not a matrix"
+            )));
+        }
+    };
+    let part = |module: &str| {
+        vocab_matrix(&base.names, module).ok_or_else(|| {
+            Error::Weights(format!(
+                "adapter module {module} is neither the embeddings nor the head of the {} checkpoint {}; is the adapter for another base model?",
+                base.cfg.family.model_type(),
+                base.dir.display()
+            ))
+        })
+    };
+    let check = |module: &str, t: &Tensor, want: [usize; 2]| {
+        if t.dims() != want {
+            return Err(Error::Weights(format!(
+                "adapter tensor of {module} has shape {:?}, expected {want:?}; is the adapter for another base model?",
+                t.dims()
+            )));
+        }
+        Ok(())
+    };
+    for (module, t) in &e.whole {
+        check(module, t, [v, c])?;
+        let target = match part(module)? {
+            VocabMatrix::Embeddings => &mut embed,
+            VocabMatrix::Head => &mut head,
+        };
+        target.whole = Some(t.clone());
+    }
+    for (module, ids, t) in &e.rows {
+        check(module, t, [ids.len(), c])?;
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= v) {
+            return Err(Error::Weights(format!(
+                "adapter rows of {module}: token id {bad} is outside the vocabulary of {v}"
+            )));
+        }
+        let target = match part(module)? {
+            VocabMatrix::Embeddings => &mut embed,
+            VocabMatrix::Head => &mut head,
+        };
+        target.rows.push((ids.clone(), t.clone()));
+    }
+    Ok((embed, head))
+}
+
+/// Replace the tensor `name` of `tensors` by `f` of its stored value, written as `dtype`.
+fn replace_tensor(
+    tensors: &mut [LazyTensor],
+    name: &str,
+    weights: &Arc<Weights>,
+    dtype: DType,
+    f: impl Fn(Tensor) -> Result<Tensor> + Send + Sync + 'static,
+) -> Result<()> {
+    let t = tensors
+        .iter_mut()
+        .find(|t| t.name == name)
+        .ok_or_else(|| Error::Weights(format!("the checkpoint has no {name}")))?;
+    let (w, n) = (weights.clone(), name.to_string());
+    *t = LazyTensor::new(name.to_string(), t.shape.clone(), dtype, move || {
+        f(w.raw(&n, &Device::Cpu)?)
+    });
+    Ok(())
 }
 
 /// The base checkpoint an adapter is merged into: its tensors as stored (name →

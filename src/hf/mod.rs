@@ -30,7 +30,8 @@ pub fn load_model(dir: &Path, opts: &BuildOptions, adapter: Option<&Path>) -> Re
     Ok(model)
 }
 
-/// Attach the PEFT adapter stored in `dir` (frozen).
+/// Attach the PEFT adapter stored in `dir` (frozen), with the embeddings and head it
+/// trained.
 pub fn attach_adapter_dir(model: &mut Gpt, dir: &Path) -> Result<()> {
     if !dir.is_dir() {
         return Err(Error::missing(
@@ -40,7 +41,8 @@ pub fn attach_adapter_dir(model: &mut Gpt, dir: &Path) -> Result<()> {
     }
     let adapter = peft::load_adapter(dir, model.device())?;
     crate::lora::attach_tensors(model, &adapter.tensors, adapter.scale(), 0.0, false)?;
-    Ok(())
+    let e = &adapter.embeddings;
+    crate::lora::apply_embeddings(model, &e.rows, &e.whole)
 }
 
 /// Load config and weights of `dir` (for commands that build the model themselves).

@@ -3,6 +3,18 @@
 //! Tensor names are `base_model.model.<module>.lora_A.weight` (`(r, in)`) and
 //! `...lora_B.weight` (`(out, r)`), whatever `fan_in_fan_out` says: that flag only
 //! tells PEFT the *base* layer is a Conv1D (GPT-2), which our loader already handles.
+//!
+//! Beside them, the embeddings and head an adapter trains ([`AdapterEmbeddings`]):
+//!
+//! ```text
+//! trainable_token_indices {"embed_tokens": ids, "lm_head": ids}   (or a list: the embeddings)
+//!   base_model.model.<module>.token_adapter.trainable_tokens_delta   (n, C): the rows' values
+//! modules_to_save ["embed_tokens", "lm_head"]
+//!   base_model.model.<module>.weight                                 (V, C): the whole matrix
+//! ```
+//!
+//! A tied head is the embeddings: trainable tokens name only the embeddings (PEFT ties
+//! the head to them), `modules_to_save` both, with `ensure_weight_tying`.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -12,12 +24,15 @@ use serde_json::{Value, json};
 
 use crate::config::{Config, Family};
 use crate::error::{Error, IoContext, Result};
-use crate::lora::LoraConfig;
+use crate::lora::{EmbeddingsConfig, LoraConfig, TOKEN_ROWS_SUFFIX};
 
 /// Prefix PEFT puts before module paths.
 pub const PEFT_PREFIX: &str = "base_model.model.";
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
 pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
+
+/// LoRA matrices by module path: `(A, B)`.
+pub type LoraMatrices = BTreeMap<String, (Tensor, Tensor)>;
 
 /// An adapter read from disk.
 #[derive(Debug)]
@@ -28,7 +43,24 @@ pub struct PeftAdapter {
     pub rslora: bool,
     pub target_modules: Vec<String>,
     /// Module path → `(A, B)`.
-    pub tensors: BTreeMap<String, (Tensor, Tensor)>,
+    pub tensors: LoraMatrices,
+    /// The embeddings and head it trained.
+    pub embeddings: AdapterEmbeddings,
+}
+
+/// The embeddings and head an adapter trained beside its LoRA matrices.
+#[derive(Debug, Clone, Default)]
+pub struct AdapterEmbeddings {
+    /// Trainable tokens: module path, token ids, their rows `(n, C)`.
+    pub rows: Vec<(String, Vec<u32>, Tensor)>,
+    /// `modules_to_save`: module path, its whole weight.
+    pub whole: Vec<(String, Tensor)>,
+}
+
+impl AdapterEmbeddings {
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty() && self.whole.is_empty()
+    }
 }
 
 impl PeftAdapter {
@@ -51,7 +83,7 @@ pub fn is_adapter_dir(dir: &Path) -> bool {
 /// from `adapter_model.safetensors`, both checked against what a plain LoRA adapter is.
 pub fn load_adapter(dir: &Path, device: &Device) -> Result<PeftAdapter> {
     let cfg = read_adapter_config(&dir.join(ADAPTER_CONFIG))?;
-    let tensors = read_lora_matrices(&dir.join(ADAPTER_WEIGHTS), cfg.r, device)?;
+    let (tensors, embeddings) = read_tensors(&dir.join(ADAPTER_WEIGHTS), &cfg, device)?;
     Ok(PeftAdapter {
         r: cfg.r,
         alpha: cfg.alpha,
@@ -59,6 +91,7 @@ pub fn load_adapter(dir: &Path, device: &Device) -> Result<PeftAdapter> {
         rslora: cfg.rslora,
         target_modules: cfg.target_modules,
         tensors,
+        embeddings,
     })
 }
 
@@ -69,6 +102,61 @@ struct AdapterConfig {
     dropout: f32,
     rslora: bool,
     target_modules: Vec<String>,
+    /// `trainable_token_indices`.
+    token_indices: TokenIndices,
+    /// `modules_to_save`.
+    modules_to_save: Vec<String>,
+}
+
+/// PEFT's `trainable_token_indices`.
+#[derive(Debug, Clone, Default)]
+enum TokenIndices {
+    #[default]
+    None,
+    /// Ids of the input embeddings.
+    Embeddings(Vec<u32>),
+    /// Module name → ids.
+    Modules(BTreeMap<String, Vec<u32>>),
+}
+
+impl TokenIndices {
+    /// The ids of the module at `path` (a module name matches a path it ends).
+    fn of(&self, path: &str) -> Option<Vec<u32>> {
+        match self {
+            TokenIndices::None => None,
+            TokenIndices::Embeddings(ids) => Some(ids.clone()),
+            TokenIndices::Modules(m) => m
+                .iter()
+                .find(|(k, _)| path == k.as_str() || path.ends_with(&format!(".{k}")))
+                .map(|(_, v)| v.clone()),
+        }
+    }
+}
+
+/// `trainable_token_indices` of the adapter config `v`: null, a list of ids, or module
+/// names with their lists.
+fn config_token_indices(v: &Value) -> std::result::Result<TokenIndices, String> {
+    let ids = |a: &Value| -> std::result::Result<Vec<u32>, String> {
+        a.as_array()
+            .and_then(|a| {
+                a.iter()
+                    .map(|x| x.as_u64().and_then(|x| u32::try_from(x).ok()))
+                    .collect::<Option<Vec<u32>>>()
+            })
+            .ok_or_else(|| format!("trainable_token_indices holds {a}, not a list of token ids"))
+    };
+    match v.get("trainable_token_indices") {
+        None | Some(Value::Null) => Ok(TokenIndices::None),
+        Some(a @ Value::Array(_)) => Ok(TokenIndices::Embeddings(ids(a)?)),
+        Some(Value::Object(m)) => Ok(TokenIndices::Modules(
+            m.iter()
+                .map(|(k, a)| Ok((k.clone(), ids(a)?)))
+                .collect::<std::result::Result<_, String>>()?,
+        )),
+        Some(other) => Err(format!(
+            "trainable_token_indices is {other}; expected a list of token ids or module names with theirs"
+        )),
+    }
 }
 
 /// Read and check the adapter's `adapter_config.json` at `path`: a LoRA adapter
@@ -101,12 +189,22 @@ fn read_adapter_config(path: &Path) -> Result<AdapterConfig> {
         _ => vec![],
     };
     check_uniform(&v).map_err(|m| bad(&m))?;
+    let token_indices = config_token_indices(&v).map_err(|m| bad(&m))?;
+    let modules_to_save = match v.get("modules_to_save") {
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|s| s.as_str().map(String::from))
+            .collect(),
+        _ => vec![],
+    };
     Ok(AdapterConfig {
         r,
         alpha,
         dropout,
         rslora,
         target_modules,
+        token_indices,
+        modules_to_save,
     })
 }
 
@@ -186,12 +284,13 @@ fn check_uniform(v: &Value) -> std::result::Result<(), String> {
 }
 
 /// The LoRA matrices of `adapter_model.safetensors` at `path`, by module path, each
-/// `(A, B)` of rank `r`; a tensor that is not one of a pair is refused.
-fn read_lora_matrices(
+/// `(A, B)` of rank `cfg.r`, and the embeddings it trained (as `cfg` names them); a
+/// tensor that is not one of a pair, or not what `cfg` says, is refused.
+fn read_tensors(
     path: &Path,
-    r: usize,
+    cfg: &AdapterConfig,
     device: &Device,
-) -> Result<BTreeMap<String, (Tensor, Tensor)>> {
+) -> Result<(LoraMatrices, AdapterEmbeddings)> {
     if !path.exists() {
         return Err(Error::missing(
             path,
@@ -202,8 +301,16 @@ fn read_lora_matrices(
         .map_err(|e| Error::bad_file(path, format!("not a safetensors file: {e}")))?;
     let mut a_map = BTreeMap::new();
     let mut b_map = BTreeMap::new();
+    let mut embeddings = AdapterEmbeddings::default();
     for (name, t) in raw {
-        let (module, is_a) = lora_matrix(&name, &t, r).map_err(|m| Error::bad_file(path, m))?;
+        if let Some(e) = embedding_tensor(&name, &t, cfg).map_err(|m| Error::bad_file(path, m))? {
+            match e {
+                Embedding::Rows(module, ids) => embeddings.rows.push((module, ids, t)),
+                Embedding::Whole(module) => embeddings.whole.push((module, t)),
+            }
+            continue;
+        }
+        let (module, is_a) = lora_matrix(&name, &t, cfg.r).map_err(|m| Error::bad_file(path, m))?;
         if is_a {
             a_map.insert(module, t);
         } else {
@@ -223,7 +330,62 @@ fn read_lora_matrices(
             format!("{m} has lora_B but no lora_A"),
         ));
     }
-    Ok(tensors)
+    Ok((tensors, embeddings))
+}
+
+/// An adapter tensor of the embeddings or head.
+enum Embedding {
+    /// Trainable tokens of the module, with their ids.
+    Rows(String, Vec<u32>),
+    /// The module's whole weight (`modules_to_save`).
+    Whole(String),
+}
+
+/// What the adapter tensor `name` is of the embeddings and head, as `cfg` says (None:
+/// not theirs); why not, when it is not what `cfg` says.
+fn embedding_tensor(
+    name: &str,
+    t: &Tensor,
+    cfg: &AdapterConfig,
+) -> std::result::Result<Option<Embedding>, String> {
+    let inner = name.strip_prefix(PEFT_PREFIX).unwrap_or(name);
+    let inner = inner.replace(".default.", ".");
+    let floating = || {
+        if t.dtype().is_float() && t.rank() == 2 {
+            Ok(())
+        } else {
+            Err(format!(
+                "tensor {name} is a {:?} of shape {:?}; trained embedding rows are a floating point matrix",
+                t.dtype(),
+                t.dims()
+            ))
+        }
+    };
+    if let Some(module) = inner.strip_suffix(TOKEN_ROWS_SUFFIX) {
+        floating()?;
+        let ids = cfg.token_indices.of(module).ok_or_else(|| {
+            format!("tensor {name} holds trainable token rows, but trainable_token_indices of {ADAPTER_CONFIG} names no ids for {module}")
+        })?;
+        if t.dim(0).ok() != Some(ids.len()) {
+            return Err(format!(
+                "tensor {name} has {:?} rows for {} token ids of trainable_token_indices",
+                t.dims(),
+                ids.len()
+            ));
+        }
+        return Ok(Some(Embedding::Rows(module.to_string(), ids)));
+    }
+    if let Some(module) = inner.strip_suffix(".weight") {
+        let saved = cfg
+            .modules_to_save
+            .iter()
+            .any(|m| module == m || module.ends_with(&format!(".{m}")));
+        if saved {
+            floating()?;
+            return Ok(Some(Embedding::Whole(module.to_string())));
+        }
+    }
+    Ok(None)
 }
 
 /// The module path of the adapter tensor `name` (PEFT's prefix and `.default.` taken
@@ -283,13 +445,16 @@ pub fn target_modules(module_paths: &[String]) -> Vec<String> {
 }
 
 /// Write `adapter_config.json` + `adapter_model.safetensors` into `dir` (created),
-/// each file atomically. `tensors` are keyed `<module>.lora_{A,B}.weight`.
+/// each file atomically. `tensors` are keyed `<module>.lora_{A,B}.weight`, and for the
+/// embeddings and head `embeddings` says they trained, as
+/// [`crate::lora::adapter_tensors`] names them.
 pub fn save_adapter(
     dir: &Path,
     model_cfg: &Config,
     lora: &LoraConfig,
     base_model: &str,
     tensors: &[(String, Tensor)],
+    embeddings: &EmbeddingsConfig,
 ) -> Result<()> {
     std::fs::create_dir_all(dir).at(dir)?;
     let modules: Vec<String> = tensors
@@ -310,7 +475,17 @@ pub fn save_adapter(
         "use_dora": false,
         "init_lora_weights": true,
         "inference_mode": true,
-        "modules_to_save": null,
+        "modules_to_save": if embeddings.modules_to_save.is_empty() {
+            Value::Null
+        } else {
+            json!(embeddings.modules_to_save)
+        },
+        "trainable_token_indices": if embeddings.token_indices.is_empty() {
+            Value::Null
+        } else {
+            json!(embeddings.token_indices)
+        },
+        "ensure_weight_tying": embeddings.tied && !embeddings.modules_to_save.is_empty(),
         "layers_to_transform": null,
         "layers_pattern": null,
         "rank_pattern": {},

@@ -229,6 +229,7 @@ pub fn build_model(
         ln_f,
         lm_head,
         compute_dtype: opts.compute_dtype,
+        trained_embeddings: None,
     };
     Ok(TrainableModel {
         model,

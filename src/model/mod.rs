@@ -18,6 +18,7 @@ pub mod mlp;
 pub mod names;
 pub mod norm;
 pub mod rope;
+pub mod token_rows;
 pub mod weights;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
@@ -27,6 +28,7 @@ pub use build::{BuildOptions, build_model};
 pub use linear::{Dropout, Linear, LoraAdapter};
 pub use mlp::Mlp;
 pub use norm::Norm;
+pub use token_rows::{TokenRows, TrainedEmbeddings};
 
 use crate::config::{Config, Residual};
 use crate::error::{Error, Result as LcResult};
@@ -57,11 +59,31 @@ pub struct Gpt {
     pub lm_head: Linear,
     /// Dtype activations are computed in (the Strategy's precision).
     pub compute_dtype: DType,
+    /// What of the embeddings and head trains beside a LoRA adapter (None: nothing,
+    /// or full fine-tuning, where everything does).
+    pub trained_embeddings: Option<TrainedEmbeddings>,
 }
 
 impl Gpt {
     pub fn device(&self) -> &Device {
         self.wte.device()
+    }
+
+    /// The trained rows of the embeddings and head, if only some rows train.
+    pub fn token_rows(&self) -> Option<&TokenRows> {
+        match &self.trained_embeddings {
+            Some(TrainedEmbeddings::Rows(r)) => Some(r),
+            _ => None,
+        }
+    }
+
+    /// Write the trained rows' values into the embeddings and head, which the
+    /// forward reads (after every update of the rows; nothing without trained rows).
+    pub fn write_token_rows(&self) -> Result<()> {
+        match self.token_rows() {
+            Some(r) => r.write_into(&self.wte, &self.lm_head.weight),
+            None => Ok(()),
+        }
     }
 
     /// Every linear layer, in module order.

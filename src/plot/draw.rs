@@ -22,7 +22,7 @@ use plotters::coord::cartesian::Cartesian2d;
 use plotters::coord::ranged1d::{DefaultFormatting, KeyPointHint, Ranged};
 use plotters::prelude::*;
 
-use super::axis::{YScale, format_x, linear_ticks};
+use super::axis::{YScale, format_decimal, format_x, linear_ticks};
 use super::legend::Legend;
 use super::marker::{Marker, Shape};
 use super::scene::{DrawResult, FAMILY, INK, PALETTE, Scene, dataset_shapes, register_fonts};
@@ -77,9 +77,9 @@ pub fn render<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, scene: &Scene) 
     let x_fmt = |v: &f64| format_x(scene.x_axis, *v, x_step);
     let y_fmt = |v: &f64| scene.y.label(*v);
     let y_desc = if scene.y.log {
-        "loss (nats/token, log scale)"
+        scene.y_labels.1
     } else {
-        "loss (nats/token)"
+        scene.y_labels.0
     };
     chart
         .configure_mesh()
@@ -152,15 +152,25 @@ pub fn render<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, scene: &Scene) 
 }
 
 /// The downstream task panel: one line per run and task (its headline metric, see
-/// `plot::tasks`), marked per task and named at its last point.
+/// `plot::tasks`), in the run's colour, marked per task; a key of the tasks' markers
+/// in its top left corner.
 fn task_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, scene: &Scene) -> DrawResult<DB> {
     let all = || scene.runs.iter().flat_map(|r| r.tasks.values().flatten());
     let (lo, hi) = all().fold((f64::MAX, f64::MIN), |(lo, hi), p| {
         (lo.min(p.1), hi.max(p.1))
     });
-    let pad = ((hi - lo) * 0.08).max(1e-3 * hi.abs().max(1.0));
-    let (y0, y1) = (lo - pad, hi + pad);
+    // Room above the lines for the key.
+    let span = (hi - lo).max(1e-3 * hi.abs().max(1.0));
+    let mut names: Vec<&(String, String)> =
+        scene.runs.iter().flat_map(|r| r.tasks.keys()).collect();
+    names.sort();
+    names.dedup();
+    let (y0, y1) = (
+        lo - 0.08 * span,
+        hi + span * (0.12 + 0.1 * names.len() as f64),
+    );
     let (x0, x1) = scene.x_range;
+    let y_ticks = linear_ticks(y0, y1, 4);
     let mut chart = ChartBuilder::on(area)
         .margin_top(6)
         .margin_left(10)
@@ -170,14 +180,18 @@ fn task_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, scene: &Scene) 
         .y_label_area_size(78)
         .build_cartesian_2d(
             TickAxis::new(x0, x1, scene.x_ticks.clone()),
-            TickAxis::new(y0, y1, linear_ticks(y0, y1, 4)),
+            TickAxis::new(y0, y1, y_ticks.clone()),
         )?;
     let x_step = match scene.x_ticks.as_slice() {
         [a, b, ..] => b - a,
         _ => (x1 - x0) / 5.0,
     };
+    let y_step = match y_ticks.as_slice() {
+        [a, b, ..] => b - a,
+        _ => span,
+    };
     let x_fmt = |v: &f64| format_x(scene.x_axis, *v, x_step);
-    let y_fmt = |v: &f64| format!("{v:.3}");
+    let y_fmt = |v: &f64| format_decimal(*v, y_step);
     chart
         .configure_mesh()
         .y_desc("task metric")
@@ -190,10 +204,10 @@ fn task_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, scene: &Scene) 
         .axis_style(RGBColor(120, 120, 120).stroke_width(1))
         .set_all_tick_mark_size(5)
         .draw()?;
-    let mut names: Vec<&(String, String)> =
-        scene.runs.iter().flat_map(|r| r.tasks.keys()).collect();
-    names.sort();
-    names.dedup();
+    let shape_of = |key: &(String, String)| {
+        let k = names.iter().position(|n| *n == key).unwrap_or(0);
+        Shape::FOR_DATASETS[k % Shape::FOR_DATASETS.len()]
+    };
     let clip = Clip {
         x: scene.x_range,
         y: (y0, y1),
@@ -201,26 +215,27 @@ fn task_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, scene: &Scene) 
     for (i, run) in scene.runs.iter().enumerate() {
         let colour = PALETTE[i % PALETTE.len()];
         for (key, pts) in &run.tasks {
-            let k = names.iter().position(|n| *n == key).unwrap_or(0);
-            let shape = Shape::FOR_DATASETS[k % Shape::FOR_DATASETS.len()];
             for piece in clip.polyline(pts) {
                 chart.draw_series(LineSeries::new(piece, colour.stroke_width(2)))?;
             }
-            let inside: Vec<Point> = pts.iter().copied().filter(|p| clip.contains(*p)).collect();
+            let inside = pts.iter().copied().filter(|p| clip.contains(*p));
             chart.draw_series(
-                inside
-                    .iter()
-                    .map(|&p| Marker::new(p, shape, 5, colour.stroke_width(2))),
+                inside.map(|p| Marker::new(p, shape_of(key), 5, colour.stroke_width(2))),
             )?;
-            if let Some(&last) = inside.last() {
-                let label = format!("{} {}", key.0, key.1);
-                chart.draw_series(std::iter::once(Text::new(
-                    label,
-                    last,
-                    (FAMILY, 13).into_font().color(&colour),
-                )))?;
-            }
         }
+    }
+    // The key, in pixels from the plotting area's top left corner (`area` counts from
+    // its own).
+    let (xs, ys) = chart.plotting_area().get_pixel_range();
+    let (bx, by) = area.get_base_pixel();
+    for (i, key) in names.iter().enumerate() {
+        let (x, y) = (xs.start - bx + 16, ys.start - by + 12 + 17 * i as i32);
+        area.draw(&Marker::new((x, y), shape_of(key), 5, INK.stroke_width(2)))?;
+        area.draw(&Text::new(
+            format!("{} ({})", key.0, key.1),
+            (x + 12, y - 7),
+            (FAMILY, 13).into_font().color(&INK),
+        ))?;
     }
     Ok(())
 }

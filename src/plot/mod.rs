@@ -11,6 +11,10 @@
 //! (`eval_results.csv` of `lit-claire evaluate`, and `pretrain --eval-tasks` columns of
 //! `metrics.csv`) get a second panel under the losses, on the same x axis.
 //!
+//! With [`YAxis::Bpb`] (`plot --y bpb`) the y axis is validation bits per byte
+//! (`val_bpb` of `metrics.csv`, `bits_per_byte` of `validation_results.csv`) instead of
+//! the loss per token: runs whose tokenizers differ share that axis.
+//!
 //! Everything is read and checked before anything is written, and the image is written
 //! to a temporary file renamed into place: a failed plot leaves no file behind.
 //!
@@ -80,19 +84,52 @@ impl ImageFormat {
     }
 }
 
+/// What the y axis shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum YAxis {
+    /// Training and validation loss, nats per token.
+    #[default]
+    Loss,
+    /// Validation bits per byte (training has none).
+    Bpb,
+}
+
+impl YAxis {
+    /// Axis title, with its unit, on a linear and on a log scale.
+    fn labels(self) -> (&'static str, &'static str) {
+        match self {
+            YAxis::Loss => ("loss (nats/token)", "loss (nats/token, log scale)"),
+            YAxis::Bpb => (
+                "validation bits per byte",
+                "validation bits per byte (log scale)",
+            ),
+        }
+    }
+
+    fn title(self) -> &'static str {
+        match self {
+            YAxis::Loss => "Training and validation loss",
+            YAxis::Bpb => "Validation bits per byte",
+        }
+    }
+}
+
 /// What to plot and how.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PlotOptions {
     /// Image to write; `.png` or `.svg`.
     pub output: PathBuf,
     pub x: XAxis,
+    /// Loss per token, or bits per byte.
+    pub y: YAxis,
     /// Lower end of the loss axis (default: from the data).
     pub min_loss: Option<f64>,
     /// Upper end of the loss axis (default: from the data).
     pub max_loss: Option<f64>,
     /// Image size in pixels.
     pub size: (u32, u32),
-    /// Chart title (default: "Training and validation loss").
+    /// Chart title (default: "Training and validation loss", or "Validation bits per
+    /// byte").
     pub title: Option<String>,
 }
 
@@ -102,6 +139,7 @@ impl PlotOptions {
         PlotOptions {
             output: output.into(),
             x: XAxis::Step,
+            y: YAxis::Loss,
             min_loss: None,
             max_loss: None,
             size: (1200, 700),
@@ -189,7 +227,7 @@ pub fn plot_runs(runs: &[PathBuf], opts: &PlotOptions) -> Result<PlotSummary> {
     let mut summaries = Vec::with_capacity(runs.len());
     let mut warnings = Vec::new();
     for (dir, name) in runs.iter().zip(names) {
-        let s = load_run(dir, name, opts.x)?;
+        let s = load_run(dir, name, opts.x, opts.y)?;
         if s.train_raw.is_empty() && s.online_val.is_empty() && s.offline.is_empty() {
             warnings.push(format!("{}: no losses logged yet", dir.display()));
         }
@@ -218,8 +256,14 @@ pub fn plot_runs(runs: &[PathBuf], opts: &PlotOptions) -> Result<PlotSummary> {
         }
     }
     if xlo > xhi || ylo > yhi {
+        let what = match opts.y {
+            YAxis::Loss => "no loss values yet (metrics.csv rows without `loss` or `val_loss`)",
+            YAxis::Bpb => {
+                "no bits per byte yet (no `val_bpb` in metrics.csv, no `bits_per_byte` in validation_results.csv: runs of older versions have none; `lit-claire validate` scores their checkpoints again with --csv NEW.csv)"
+            }
+        };
         return Err(Error::Data(format!(
-            "nothing to plot: {} no loss values yet (metrics.csv rows without `loss` or `val_loss`)",
+            "nothing to plot: {} {what}",
             if runs.len() == 1 {
                 "the run has"
             } else {
@@ -230,10 +274,8 @@ pub fn plot_runs(runs: &[PathBuf], opts: &PlotOptions) -> Result<PlotSummary> {
     let y = YScale::new(ylo, yhi, opts.min_loss, opts.max_loss);
     let x_range = axis::x_range(xlo, xhi);
     let scene = scene::Scene {
-        title: opts
-            .title
-            .clone()
-            .unwrap_or_else(|| "Training and validation loss".into()),
+        title: opts.title.clone().unwrap_or_else(|| opts.y.title().into()),
+        y_labels: opts.y.labels(),
         runs: &series,
         x_axis: opts.x,
         x_range,
@@ -253,7 +295,7 @@ pub fn plot_runs(runs: &[PathBuf], opts: &PlotOptions) -> Result<PlotSummary> {
 }
 
 /// Read one run directory into the series to draw.
-fn load_run(dir: &Path, name: String, x: XAxis) -> Result<RunSeries> {
+fn load_run(dir: &Path, name: String, x: XAxis, y: YAxis) -> Result<RunSeries> {
     if !dir.is_dir() {
         return Err(Error::missing(
             dir,
@@ -296,14 +338,40 @@ fn load_run(dir: &Path, name: String, x: XAxis) -> Result<RunSeries> {
     } else {
         Vec::new()
     };
+    let task_values = tasks::task_values(&metrics, &evals);
+    let (metrics, offline) = match y {
+        YAxis::Loss => (metrics, offline),
+        YAxis::Bpb => bits_per_byte_only(metrics, offline),
+    };
     let mut s = series::build(name, &metrics, &offline, &checkpoints, x);
-    s.tasks = series::task_points(
-        tasks::task_values(&metrics, &evals),
-        &metrics,
-        &checkpoints,
-        x,
-    );
+    s.tasks = series::task_points(task_values, &metrics, &checkpoints, x);
     Ok(s)
+}
+
+/// The rows with bits per byte in place of the losses: validation rows keep theirs,
+/// the rest (training, older rows) are left without.
+fn bits_per_byte_only(
+    metrics: Vec<MetricsRow>,
+    offline: Vec<ValidationRow>,
+) -> (Vec<MetricsRow>, Vec<ValidationRow>) {
+    let metrics = metrics
+        .into_iter()
+        .map(|r| MetricsRow {
+            loss: None,
+            val_loss: r.val_bpb,
+            ..r
+        })
+        .collect();
+    let offline = offline
+        .into_iter()
+        .filter_map(|r| {
+            Some(ValidationRow {
+                loss: r.bits_per_byte?,
+                ..r
+            })
+        })
+        .collect();
+    (metrics, offline)
 }
 
 /// Legend name of each run: its directory's name, or the path as given where two runs

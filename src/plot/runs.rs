@@ -7,8 +7,8 @@
 //! the file, line and column.
 //!
 //! ```text
-//! RUN/metrics.csv                 step,epoch,tokens,loss,...,val_loss,val_ppl[,val_loss/<dataset>...]
-//! RUN/validation_results.csv      checkpoint,step,dataset,loss,perplexity,tokens,batch_size,elapsed_s,peak_memory_mb
+//! RUN/metrics.csv                 step,epoch,tokens,loss,...,val_loss,val_ppl,val_bpb[,val_loss/<dataset>...]
+//! RUN/validation_results.csv      checkpoint,step,dataset,loss,perplexity,tokens,batch_size,elapsed_s,peak_memory_mb,data,bits_per_byte
 //! RUN/step-00000100/training_state.json   {"step": 100, "tokens": 409600, "val_loss": 2.31 | null, ...}
 //! RUN/final/training_state.json
 //! ```
@@ -47,6 +47,8 @@ pub struct MetricsRow {
     pub elapsed_s: Option<f64>,
     pub val_loss: Option<f64>,
     pub val_ppl: Option<f64>,
+    /// Validation bits per byte (runs of older versions have none).
+    pub val_bpb: Option<f64>,
     /// Non-empty values of the other columns (`val_loss/<dataset>`, ...), by header.
     pub extra: BTreeMap<String, String>,
 }
@@ -72,6 +74,7 @@ pub fn read_metrics(path: impl AsRef<Path>) -> Result<Vec<MetricsRow>> {
         elapsed,
         val_loss,
         val_ppl,
+        val_bpb,
     ] = known;
     let mut rows = Vec::with_capacity(table.records.len());
     for rec in &table.records {
@@ -93,6 +96,7 @@ pub fn read_metrics(path: impl AsRef<Path>) -> Result<Vec<MetricsRow>> {
             elapsed_s: rec.f64(path, elapsed, "elapsed_s")?,
             val_loss: rec.f64(path, val_loss, "val_loss")?,
             val_ppl: rec.f64(path, val_ppl, "val_ppl")?,
+            val_bpb: rec.f64(path, val_bpb, "val_bpb")?,
             extra,
         });
     }
@@ -118,6 +122,8 @@ pub struct ValidationRow {
     /// Fingerprint of the prepared data the row was scored on (`data` column; empty for
     /// files written before it, or data made in memory).
     pub data: String,
+    /// Bits per byte (`bits_per_byte` column; None for files written before it).
+    pub bits_per_byte: Option<f64>,
 }
 
 /// Read `validation_results.csv` as `lit-claire validate` writes it. The checkpoint
@@ -128,13 +134,14 @@ pub fn read_validation_results(path: impl AsRef<Path>) -> Result<Vec<ValidationR
     let [ckpt, step, dataset, loss] =
         ["checkpoint", "step", "dataset", "loss"].map(|c| table.require(path, c));
     let (ckpt, step, dataset, loss) = (ckpt?, step?, dataset?, loss?);
-    let [ppl, tokens, bs, elapsed, mem, data] = [
+    let [ppl, tokens, bs, elapsed, mem, data, bpb] = [
         "perplexity",
         "tokens",
         "batch_size",
         "elapsed_s",
         "peak_memory_mb",
         "data",
+        "bits_per_byte",
     ]
     .map(|c| table.column(c));
     let mut rows = Vec::with_capacity(table.records.len());
@@ -156,6 +163,7 @@ pub fn read_validation_results(path: impl AsRef<Path>) -> Result<Vec<ValidationR
             elapsed_s: rec.f64(path, elapsed, "elapsed_s")?,
             peak_memory_mb: rec.f64(path, mem, "peak_memory_mb")?,
             data: data.map_or("", |i| rec.field(i)).to_string(),
+            bits_per_byte: rec.f64(path, bpb, "bits_per_byte")?,
         });
     }
     Ok(rows)

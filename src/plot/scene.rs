@@ -40,6 +40,8 @@ pub fn register_fonts() {
 /// What to draw.
 pub struct Scene<'a> {
     pub title: String,
+    /// The y axis's title, with its unit, on a linear and on a log scale.
+    pub y_labels: (&'static str, &'static str),
     pub runs: &'a [RunSeries],
     pub x_axis: XAxis,
     pub x_range: (f64, f64),

@@ -304,6 +304,7 @@ mod tests {
             elapsed_s: None,
             peak_memory_mb: None,
             data: String::new(),
+            bits_per_byte: None,
         }];
         let s = build("r".into(), &metrics, &offline, &[], XAxis::Tokens);
         assert_eq!(s.train_raw, vec![(100.0, 9.0), (200.0, 8.0), (400.0, 6.0)]);

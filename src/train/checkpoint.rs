@@ -79,7 +79,7 @@ pub fn step_dir_name(step: usize) -> String {
     format!("step-{step:08}")
 }
 
-/// Write a checkpoint of `model` (and optimizer state) as `run/name`.
+/// Write a checkpoint of `model` (and optimizer state) as `run/name`, now.
 pub fn save(
     run: &Path,
     name: &str,
@@ -88,49 +88,144 @@ pub fn save(
     optimizer: &[(String, candle_core::Tensor)],
     state: &TrainingState,
 ) -> Result<PathBuf> {
-    let final_dir = run.join(name);
-    let tmp = run.join(format!(".tmp-{name}"));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).at(&tmp)?;
+    Snapshot::take(model, lora, optimizer, state, false)?.write(run, name)
+}
+
+/// Everything a checkpoint holds, taken from the run at one step: the trained
+/// tensors (the model in Hugging Face layout, or the adapter), the optimizer state
+/// and the training state. Taken as copies in host memory ([`Snapshot::take`] with
+/// `copy`), it no longer changes as training goes on, so a thread can write it
+/// ([`super::saver`]).
+pub struct Snapshot {
+    weights: Vec<(String, candle_core::Tensor)>,
+    optimizer: Vec<(String, candle_core::Tensor)>,
+    state: TrainingState,
+    /// The model's config, the adapter's and that of its trained embeddings, for a
+    /// LoRA checkpoint.
+    adapter: Option<(
+        crate::config::Config,
+        LoraConfig,
+        crate::lora::EmbeddingsConfig,
+    )>,
+}
+
+impl Snapshot {
+    /// The checkpoint of `model` at `state`. With `copy`, every tensor is copied into
+    /// fresh host memory (the optimizer updates weights and moments in place);
+    /// without, the tensors are shared with the run, which must not step until
+    /// [`Snapshot::write`] is done.
+    pub fn take(
+        model: &Gpt,
+        lora: Option<&LoraConfig>,
+        optimizer: &[(String, candle_core::Tensor)],
+        state: &TrainingState,
+        copy: bool,
+    ) -> Result<Self> {
+        let weights = match lora {
+            Some(_) => crate::lora::adapter_tensors(model)?,
+            None => crate::hf::state_dict::state_dict(model)?,
+        };
+        let own = |ts: Vec<(String, candle_core::Tensor)>| -> Result<Vec<_>> {
+            if !copy {
+                return Ok(ts);
+            }
+            ts.into_iter()
+                .map(|(n, t)| Ok((n, host_copy(&t)?)))
+                .collect()
+        };
+        Ok(Snapshot {
+            weights: own(weights)?,
+            optimizer: own(optimizer.to_vec())?,
+            state: state.clone(),
+            adapter: lora.map(|l| {
+                (
+                    model.cfg.clone(),
+                    l.clone(),
+                    crate::lora::embeddings_config(model),
+                )
+            }),
+        })
     }
-    std::fs::create_dir_all(&tmp).at(&tmp)?;
-    for f in SIDE_FILES.iter().chain(crate::hf::export::TOKENIZER_FILES) {
-        let src = state.base_checkpoint_dir.join(f);
-        if src.exists() {
-            std::fs::copy(&src, tmp.join(f)).at(&src)?;
+
+    /// Bytes of tensor data it holds.
+    pub fn bytes(&self) -> usize {
+        self.weights
+            .iter()
+            .chain(&self.optimizer)
+            .map(|(_, t)| t.elem_count() * t.dtype().size_in_bytes())
+            .sum()
+    }
+
+    /// Write it as `run/name`: into `run/.tmp-name/`, renamed into place complete. On
+    /// failure (a full disk, say) the temporary folder is removed and every existing
+    /// checkpoint is left as it was.
+    pub fn write(&self, run: &Path, name: &str) -> Result<PathBuf> {
+        let tmp = run.join(format!(".tmp-{name}"));
+        let r = self.write_in(run, name, &tmp);
+        if r.is_err() && tmp.exists() {
+            // Frees the space a full disk needs back; what is left is swept at the
+            // next start anyway.
+            let _ = std::fs::remove_dir_all(&tmp);
         }
+        r
     }
-    match lora {
-        Some(l) => {
-            let tensors = crate::lora::adapter_tensors(model)?;
-            crate::hf::peft::save_adapter(
-                &tmp,
-                &model.cfg,
-                l,
-                &state.base_checkpoint_dir.display().to_string(),
-                &tensors,
-            )?;
+
+    fn write_in(&self, run: &Path, name: &str, tmp: &Path) -> Result<PathBuf> {
+        let final_dir = run.join(name);
+        let state = &self.state;
+        if tmp.exists() {
+            std::fs::remove_dir_all(tmp).at(tmp)?;
         }
-        None => {
-            let sd = crate::hf::state_dict::state_dict(model)?;
-            crate::io::save_safetensors_atomic(&tmp.join("model.safetensors"), &sd, None)?;
+        std::fs::create_dir_all(tmp).at(tmp)?;
+        for f in SIDE_FILES.iter().chain(crate::hf::export::TOKENIZER_FILES) {
+            let src = state.base_checkpoint_dir.join(f);
+            if src.exists() {
+                std::fs::copy(&src, tmp.join(f)).at(tmp.join(f))?;
+            }
         }
+        match &self.adapter {
+            Some((model_cfg, l, embeddings)) => {
+                crate::hf::peft::save_adapter(
+                    tmp,
+                    model_cfg,
+                    l,
+                    &state.base_checkpoint_dir.display().to_string(),
+                    &self.weights,
+                    embeddings,
+                )?;
+            }
+            None => {
+                crate::io::save_safetensors_atomic(
+                    &tmp.join("model.safetensors"),
+                    &self.weights,
+                    None,
+                )?;
+            }
+        }
+        crate::io::save_safetensors_atomic(&tmp.join(OPTIMIZER_FILE), &self.optimizer, None)?;
+        let json = serde_json::to_value(state).expect("state serialises");
+        crate::io::write_json_atomic(&tmp.join(STATE_FILE), &json)?;
+        // A checkpoint being replaced (`final/` of a resumed run) goes aside first, so a
+        // signal leaves either it or the new one in place, and at worst a trash folder
+        // that the next start sweeps.
+        let old = final_dir.exists().then(|| trash_name(run, name));
+        if let Some(trash) = &old {
+            move_to_trash(&final_dir, trash)?;
+        }
+        std::fs::rename(tmp, &final_dir).at(&final_dir)?;
+        if let Some(trash) = old {
+            std::fs::remove_dir_all(&trash).at(&trash)?;
+        }
+        Ok(final_dir)
     }
-    crate::io::save_safetensors_atomic(&tmp.join(OPTIMIZER_FILE), optimizer, None)?;
-    let json = serde_json::to_value(state).expect("state serialises");
-    crate::io::write_json_atomic(&tmp.join(STATE_FILE), &json)?;
-    // A checkpoint being replaced (`final/` of a resumed run) goes aside first, so a
-    // signal leaves either it or the new one in place, and at worst a trash folder
-    // that the next start sweeps.
-    let old = final_dir.exists().then(|| trash_name(run, name));
-    if let Some(trash) = &old {
-        move_to_trash(&final_dir, trash)?;
-    }
-    std::fs::rename(&tmp, &final_dir).at(&final_dir)?;
-    if let Some(trash) = old {
-        std::fs::remove_dir_all(&trash).at(&trash)?;
-    }
-    Ok(final_dir)
+}
+
+/// `t` in fresh, contiguous host memory, whatever its device and layout.
+fn host_copy(t: &candle_core::Tensor) -> Result<candle_core::Tensor> {
+    Ok(match t.device() {
+        Device::Cpu => t.force_contiguous()?,
+        _ => t.contiguous()?.to_device(&Device::Cpu)?,
+    })
 }
 
 /// Read `training_state.json` of a checkpoint folder.
@@ -311,4 +406,41 @@ pub fn clean_partial(run: &Path) -> Result<Vec<PathBuf>> {
         removed.push(path);
     }
     Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Tensor, Var};
+
+    use super::*;
+
+    /// What the background writer gets must not follow the optimizer's in-place
+    /// updates (`Var::set`), whatever the layout of the tensor it was given.
+    #[test]
+    fn a_host_copy_does_not_change_when_the_variable_does() {
+        let v = Var::from_tensor(
+            &Tensor::arange(0f32, 6., &Device::Cpu)
+                .unwrap()
+                .reshape((2, 3))
+                .unwrap(),
+        )
+        .unwrap();
+        let plain = host_copy(v.as_tensor()).unwrap();
+        let transposed = host_copy(&v.as_tensor().t().unwrap()).unwrap();
+        let shared = v.as_tensor().clone();
+        v.set(&Tensor::zeros((2, 3), candle_core::DType::F32, &Device::Cpu).unwrap())
+            .unwrap();
+        // A clone shares the storage: it sees the update (why copies are needed)...
+        assert_eq!(shared.sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        // ...the copies do not.
+        assert_eq!(
+            plain.to_vec2::<f32>().unwrap(),
+            [[0., 1., 2.], [3., 4., 5.]]
+        );
+        assert!(transposed.is_contiguous());
+        assert_eq!(
+            transposed.to_vec2::<f32>().unwrap(),
+            [[0., 3.], [1., 4.], [2., 5.]]
+        );
+    }
 }

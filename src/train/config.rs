@@ -11,9 +11,10 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::loggers::Logger;
+use super::preempt::StopFlag;
 use super::schedule::{Schedule, ScheduleKind};
 use crate::error::{Error, IoContext, Result};
-use crate::lora::{LoraConfig, LoraTargets};
+use crate::lora::{LoraConfig, LoraTargets, TrainEmbeddings};
 use crate::strategy::{DeviceSpec, Precision, StrategyKind};
 
 /// Unit of the log/eval/save intervals.
@@ -160,6 +161,12 @@ train_options! {
     /// LoRA on the output head [default: false].
     #[arg(num_args = 0..=1, default_missing_value = "true")]
     lora_head: bool = false;
+    /// With LoRA, what trains of the embeddings and head: `new` (only the rows of the
+    /// tokens adapt-vocab added, as PEFT's trainable tokens), `all` (both matrices, as
+    /// PEFT's modules_to_save) or `none`. Default: new on a folder made by adapt-vocab,
+    /// none otherwise (a resumed run keeps its checkpoint's).
+    #[arg(value_enum)]
+    train_embeddings: TrainEmbeddings;
 
     // --- intervals, checkpoints, validation ---
     /// Unit of the intervals: optimizer steps or seconds [default: step].
@@ -171,6 +178,11 @@ train_options! {
     eval_interval: u64 = 100;
     /// Checkpoint every N steps (or seconds) [default: 100].
     save_interval: u64 = 100;
+    /// Write checkpoints from a thread while training goes on: a save stops training
+    /// only while the weights and optimizer state are copied to host memory (which
+    /// needs room for that copy); false writes them before the next step [default: true].
+    #[arg(num_args = 0..=1, default_missing_value = "true")]
+    background_save: bool = true;
     /// Keep the newest N step checkpoints (and the best one).
     max_checkpoints: usize;
     /// Stop after N evaluations without improvement.
@@ -252,7 +264,7 @@ impl TrainConfig {
     /// every problem with them, in one message.
     pub fn checked(self) -> Result<CheckedConfig> {
         self.check_needing(&["--data-dir", "--checkpoint-dir", "--out-dir"])?;
-        Ok(CheckedConfig(self))
+        Ok(CheckedConfig(self, StopFlag::signals()))
     }
 
     /// Every problem with the values, in one message, requiring only the folders whose
@@ -412,8 +424,10 @@ impl TrainConfig {
 /// A [`TrainConfig`] whose values passed its checks: what a run is made of. Only
 /// [`TrainConfig::checked`] makes one (the resolvers call it), so a config reaches
 /// the trainer checked, and checked once. It reads as the [`TrainConfig`] it holds.
+/// It also carries what stops the run early with a checkpoint (SIGUSR1 and SIGTERM
+/// unless [`CheckedConfig::with_stop`] says otherwise; see [`super::preempt`]).
 #[derive(Debug, Clone, PartialEq)]
-pub struct CheckedConfig(TrainConfig);
+pub struct CheckedConfig(TrainConfig, StopFlag);
 
 impl std::ops::Deref for CheckedConfig {
     type Target = TrainConfig;
@@ -433,6 +447,25 @@ impl CheckedConfig {
     /// keeps its checkpoint's); either value passes the checks.
     pub fn with_cross_document_attention(mut self, on: bool) -> Self {
         self.0.cross_document_attention = Some(on);
+        self
+    }
+
+    /// This config stopping (after a step, with a checkpoint) when `stop` is raised,
+    /// instead of on the signals.
+    pub fn with_stop(mut self, stop: StopFlag) -> Self {
+        self.1 = stop;
+        self
+    }
+
+    /// What stops the run early, with a checkpoint.
+    pub fn stop(&self) -> StopFlag {
+        self.1
+    }
+
+    /// This config with `--train-embeddings` settled to `mode` (the default or a
+    /// resumed run's, as the run trains; None without LoRA).
+    pub fn with_train_embeddings(mut self, mode: Option<TrainEmbeddings>) -> Self {
+        self.0.train_embeddings = mode;
         self
     }
 }

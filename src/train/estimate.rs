@@ -11,8 +11,11 @@
 //! activation (its compute dtype), f32 = 4; W ranks (devices × nodes).
 //!
 //! ```text
-//! params       p · (every base parameter, a tied head once, + LoRA A and B)
-//! grads        p · trainable parameters (LoRA: A and B only; full: all), one flat buffer
+//! params       p · (every base parameter, a tied head once, + LoRA A and B
+//!                   + the trained rows of new tokens, held apart: n · C, twice untied)
+//! grads        p · trainable parameters (LoRA: A and B, and the embeddings and head
+//!              --train-embeddings trains: n · C per matrix for `new`, V · C for `all`;
+//!              full: all), one flat buffer
 //! optimizer    p · 2 · trainable (AdamW's two moments), ÷ W with --strategy zero1
 //! activations  what one block saves for its backward:
 //!                e · N · ( C             x, the block input
@@ -166,6 +169,10 @@ pub struct ParamCounts {
     pub base: u64,
     /// LoRA A and B matrices (0 without LoRA).
     pub lora: u64,
+    /// Embedding and head parameters a LoRA run trains (`--train-embeddings`).
+    pub embeddings: u64,
+    /// Trained rows held apart from the matrices (`--train-embeddings new`).
+    pub rows: u64,
     /// Parameters that get a gradient and optimizer state.
     pub trainable: u64,
 }
@@ -179,7 +186,20 @@ impl ParamCounts {
         ParamCounts {
             base,
             lora: lora_n,
+            embeddings: 0,
+            rows: 0,
             trainable: if lora.is_some() { lora_n } else { base },
+        }
+    }
+
+    /// With `(trained, rows)` embedding parameters as
+    /// [`super::embeddings::trained_params`] counts them (LoRA only).
+    pub fn with_embeddings(self, (trained, rows): (u64, u64)) -> Self {
+        ParamCounts {
+            embeddings: trained,
+            rows,
+            trainable: self.trainable.saturating_add(trained),
+            ..self
         }
     }
 
@@ -190,6 +210,8 @@ impl ParamCounts {
         Some(ParamCounts {
             base,
             lora: lora_n,
+            embeddings: 0,
+            rows: 0,
             trainable: if lora.is_some() { lora_n } else { base },
         })
     }
@@ -274,13 +296,27 @@ pub fn estimate(model: &Config, cfg: &TrainConfig, seq_len: usize) -> Result<Mem
     let b = Bytes::of;
     let zero = b(0);
     let (base, lora_n) = ParamCounts::counts(model, lora.as_ref());
-    let trainable = if lora.is_some() { lora_n } else { base };
+    let embeddings = super::embeddings::trained_params(
+        cfg,
+        model.vocab_size,
+        model.hidden_size,
+        model.tie_embeddings,
+    );
+    let (trained_embeddings, rows_apart) = (
+        Bytes(Some(u128::from(embeddings.0))),
+        Bytes(Some(u128::from(embeddings.1))),
+    );
+    let trainable = if lora.is_some() {
+        lora_n + trained_embeddings
+    } else {
+        base
+    };
     let p = b(cfg.precision.param_dtype().size_in_bytes());
     let e = b(cfg.precision.compute_dtype().size_in_bytes());
     let f32 = b(F32 as usize);
     let world = b(cfg.devices.saturating_mul(cfg.num_nodes).max(1));
 
-    let params = p * (base + lora_n);
+    let params = p * (base + lora_n + rows_apart);
     let grads = p * trainable;
     let optimizer = match (p * b(2) * trainable, cfg.strategy) {
         (Bytes(Some(all)), StrategyKind::Zero1) => Bytes(world.0.map(|w| all.div_ceil(w.max(1)))),
@@ -377,7 +413,7 @@ pub fn estimate(model: &Config, cfg: &TrainConfig, seq_len: usize) -> Result<Mem
         )));
     }
     let get = |x: Bytes| x.get().unwrap_or(u64::MAX);
-    let counts = ParamCounts::of(model, lora.as_ref());
+    let counts = ParamCounts::of(model, lora.as_ref()).with_embeddings(embeddings);
     Ok(MemoryEstimate {
         params: get(params),
         grads: get(grads),
@@ -443,9 +479,14 @@ fn assumptions(
     seq_len: usize,
     rows: u64,
 ) -> String {
+    let embeddings = match (counts.embeddings, counts.rows) {
+        (0, _) => String::new(),
+        (n, 0) => format!(" and {} of the embeddings and head", grouped(n)),
+        (n, _) => format!(" and {} in the rows of new tokens", grouped(n)),
+    };
     let what = match lora {
         Some(l) => format!(
-            "LoRA r{} ({} base + {} adapter parameters, only the adapter trained; {})",
+            "LoRA r{} ({} base + {} adapter parameters, only the adapter{embeddings} trained; {})",
             l.r,
             grouped(counts.base),
             grouped(counts.lora),
@@ -611,12 +652,14 @@ fn model_config(dir: &Path) -> Result<Config> {
 
 /// What `pretrain --dry-run` prints: the plan of `cfg` (and, when it does not
 /// checkpoint activations, the same with `--activation-checkpointing 1`), from
-/// `config.json` and, if any, the prepared data's `metadata.json`; nothing else is
-/// read or written. On a CUDA device of a CUDA build, also whether it fits the free
-/// memory now.
+/// `config.json` and, if any, the prepared data's `metadata.json` and the model's
+/// `vocab_adaptation.json`; nothing else is read or written. On a CUDA device of a
+/// CUDA build, also whether it fits the free memory now.
 pub fn dry_run(cfg: &TrainConfig) -> Result<String> {
     let model = model_config(&cfg.checkpoint_dir)?;
     let (seq_len, from) = planned_seq_len(cfg, &model)?;
+    // A --train-embeddings the model cannot have is refused here as in the run.
+    super::embeddings::plan(cfg, None)?;
     let planned = |c: &TrainConfig| {
         estimate(&model, c, seq_len).map_err(|e| match e {
             Error::Usage(m) => Error::Usage(format!(

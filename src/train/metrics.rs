@@ -1,11 +1,14 @@
 //! `RUN/metrics.csv`: one row per logged optimizer step.
 //!
 //! Columns: `step, epoch, tokens, loss, learning_rate, grad_norm, tokens_per_s,
-//! elapsed_s, val_loss, val_ppl`, then `val_loss/<dataset>` for each dataset, then
-//! `task/<task>/<metric>` for each metric of the downstream tasks (`--eval-tasks`).
+//! elapsed_s, val_loss, val_ppl, val_bpb`, then `val_loss/<dataset>` for each dataset,
+//! then `task/<task>/<metric>` for each metric of the downstream tasks (`--eval-tasks`).
 //! `step` counts optimizer steps from 1; validation and task columns are empty except
-//! on rows where an evaluation ran. On resume, rows after the checkpoint's step are dropped first, so a
-//! resumed run's file reads like that of a run that never stopped.
+//! on rows where an evaluation ran (`val_bpb`: bits per byte, the summed validation loss
+//! / ln 2 / the UTF-8 bytes of the text scored). On resume, rows after the checkpoint's
+//! step are dropped first, so a resumed run's file reads like that of a run that never
+//! stopped; rows of a file written with other columns (before `val_bpb`) are moved
+//! under the header's by name.
 //!
 //! [`super::loggers::Loggers`] sends each row here and to the other loggers of
 //! `--logger`.
@@ -30,6 +33,8 @@ pub struct MetricsRow {
     pub tokens_per_s: f64,
     pub elapsed_s: f64,
     pub val_loss: Option<f64>,
+    /// Validation bits per byte.
+    pub val_bpb: Option<f64>,
     /// Validation loss per dataset, in the header's order.
     pub val_per_dataset: Vec<Option<f64>>,
     /// Downstream task metrics, in the header's order (empty: none this row).
@@ -43,7 +48,7 @@ pub struct MetricsWriter {
 }
 
 /// The columns of `metrics.csv` before the per-dataset `val_loss/<dataset>` ones.
-pub const COLUMNS: [&str; 10] = [
+pub const COLUMNS: [&str; 11] = [
     "step",
     "epoch",
     "tokens",
@@ -54,6 +59,7 @@ pub const COLUMNS: [&str; 10] = [
     "elapsed_s",
     "val_loss",
     "val_ppl",
+    "val_bpb",
 ];
 
 fn header(datasets: &[String], tasks: &[String]) -> String {
@@ -108,6 +114,28 @@ pub fn check_rows(run: &Path, step: usize, expected: usize) -> Result<Option<Str
     }
 }
 
+/// `line`, a row under the header `old`, as a row under `new`: each value under its
+/// column's name, empty where `old` lacks the column (the same line when the headers
+/// are equal).
+fn realign(line: &str, old: &str, new: &str) -> String {
+    if old == new {
+        return line.to_string();
+    }
+    let names: Vec<&str> = old.split(',').collect();
+    let values: Vec<&str> = line.split(',').collect();
+    new.split(',')
+        .map(|col| {
+            names
+                .iter()
+                .position(|n| *n == col)
+                .and_then(|i| values.get(i))
+                .copied()
+                .unwrap_or("")
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 impl MetricsWriter {
     /// Open `run/metrics.csv`: a new file with a header, or, when resuming at step
     /// `resume_step`, the existing file without its rows after that step. `tasks`:
@@ -123,11 +151,12 @@ impl MetricsWriter {
         let mut kept = vec![head.clone()];
         if let (Some(step), true) = (resume_step, path.exists()) {
             let text = std::fs::read_to_string(&path).at(&path)?;
+            let mut lines = text.lines();
+            let old = lines.next().unwrap_or_default();
             kept.extend(
-                text.lines()
-                    .skip(1)
+                lines
                     .filter(|l| row_step(l).is_some_and(|s| s <= step))
-                    .map(String::from),
+                    .map(|l| realign(l, old, &head)),
             );
         }
         let mut content = kept.join("\n");
@@ -149,10 +178,36 @@ impl MetricsWriter {
             format!("{:.3}", r.elapsed_s),
             opt(r.val_loss),
             opt(r.val_loss.map(f64::exp)),
+            opt(r.val_bpb),
         ];
         cols.extend(r.val_per_dataset.iter().map(|v| opt(*v)));
         cols.extend(r.tasks.iter().map(|v| opt(*v)));
         writeln!(self.file, "{}", cols.join(",")).at(&self.path)?;
         self.file.flush().at(&self.path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A run resumed from a file of the layout before `val_bpb` keeps its rows, each
+    /// value under its column.
+    #[test]
+    fn older_rows_move_under_the_new_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = "step,epoch,tokens,loss,learning_rate,grad_norm,tokens_per_s,elapsed_s,val_loss,val_ppl,val_loss/a\n\
+                   1,0,10,3.0,0.1,1.0,5.0,1.0,,,\n\
+                   2,0,20,2.5,0.1,1.0,5.0,2.0,2.4,11.0,2.4\n\
+                   3,0,30,2.0,0.1,1.0,5.0,3.0,,,\n";
+        std::fs::write(dir.path().join(METRICS_FILE), old).unwrap();
+        drop(MetricsWriter::open(dir.path(), &["a".into()], &[], Some(2)).unwrap());
+        let text = std::fs::read_to_string(dir.path().join(METRICS_FILE)).unwrap();
+        assert_eq!(
+            text,
+            "step,epoch,tokens,loss,learning_rate,grad_norm,tokens_per_s,elapsed_s,val_loss,val_ppl,val_bpb,val_loss/a\n\
+             1,0,10,3.0,0.1,1.0,5.0,1.0,,,,\n\
+             2,0,20,2.5,0.1,1.0,5.0,2.0,2.4,11.0,,2.4\n"
+        );
     }
 }

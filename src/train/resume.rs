@@ -14,6 +14,7 @@ use super::metrics::METRICS_FILE;
 use super::optimizer::Optimizer;
 use crate::config::load_config;
 use crate::error::{Error, Result};
+use crate::lora::{TOKEN_ROWS_SUFFIX, TrainEmbeddings};
 use crate::strategy::Strategy;
 
 /// What a run continues from, settled before any weights load.
@@ -22,6 +23,9 @@ pub(super) struct Resume {
     pub from: Option<(PathBuf, TrainingState)>,
     /// `--cross-document-attention` as this run uses it (a resume keeps its checkpoint's).
     pub cross_document: bool,
+    /// What the resumed LoRA checkpoint trained of the embeddings (None: a new run, or
+    /// full fine-tuning).
+    pub train_embeddings: Option<TrainEmbeddings>,
     /// Lines for the log once it is open (a damaged checkpoint passed over, ...).
     pub warnings: Vec<String>,
 }
@@ -32,7 +36,9 @@ pub(super) struct Resume {
 pub(super) fn plan_resume(cfg: &TrainConfig, global_zero: bool) -> Result<Resume> {
     let (from, mut warnings) = resume_from(cfg)?;
     let mut cross_document = cfg.cross_document();
+    let mut train_embeddings = None;
     if let Some((dir, state)) = &from {
+        train_embeddings = resumed_train_embeddings(cfg, dir, state)?;
         check_resume(cfg, dir, state)?;
         let (value, note) = resumed_cross_document(cfg, dir, state)?;
         cross_document = value;
@@ -48,6 +54,7 @@ pub(super) fn plan_resume(cfg: &TrainConfig, global_zero: bool) -> Result<Resume
     Ok(Resume {
         from,
         cross_document,
+        train_embeddings,
         warnings,
     })
 }
@@ -279,14 +286,57 @@ fn resumed_cross_document(
     }
 }
 
-/// Set fresh adapter variables to the values saved in checkpoint `dir`.
+/// What a LoRA checkpoint trained of the embeddings (an older one without the
+/// setting trained none), which a flag may repeat but not contradict. None for full
+/// fine-tuning.
+fn resumed_train_embeddings(
+    cfg: &TrainConfig,
+    dir: &Path,
+    state: &TrainingState,
+) -> Result<Option<TrainEmbeddings>> {
+    if state.hyperparameters.lora_r == 0 {
+        return Ok(None);
+    }
+    let then = state
+        .hyperparameters
+        .train_embeddings
+        .unwrap_or(TrainEmbeddings::None);
+    match cfg.train_embeddings {
+        Some(now) if now != then => Err(Error::Usage(format!(
+            "{} was trained with --train-embeddings {then}; resume it with --train-embeddings {then} (or leave the flag out)",
+            dir.display()
+        ))),
+        _ => Ok(Some(then)),
+    }
+}
+
+/// Set fresh adapter variables (LoRA matrices, trained embeddings) to the values
+/// saved in checkpoint `dir`.
 pub(super) fn restore_adapter(
     dir: &Path,
     vars: &[(String, candle_core::Var)],
     strategy: &Strategy,
 ) -> Result<()> {
     let adapter = crate::hf::peft::load_adapter(dir, &strategy.device)?;
+    let e = &adapter.embeddings;
+    let saved_rows = e
+        .rows
+        .iter()
+        .map(|(m, _, t)| (format!("{m}{TOKEN_ROWS_SUFFIX}"), t));
+    let saved_whole = e.whole.iter().map(|(m, t)| (format!("{m}.weight"), t));
+    let embeddings: std::collections::HashMap<String, &candle_core::Tensor> =
+        saved_rows.chain(saved_whole).collect();
     for (name, var) in vars {
+        if let Some(t) = embeddings.get(name) {
+            set_saved(dir, name, var, t)?;
+            continue;
+        }
+        if name.ends_with(TOKEN_ROWS_SUFFIX) || !name.contains(".lora_") {
+            return Err(Error::bad_file(
+                dir,
+                format!("the adapter has no {name}; was it written by another run?"),
+            ));
+        }
         let (module, which) = name
             .rsplit_once(".lora_")
             .ok_or_else(|| Error::Msg(format!("unexpected adapter variable {name}")))?;
@@ -297,14 +347,25 @@ pub(super) fn restore_adapter(
             )
         })?;
         let t = if which.starts_with('A') { a } else { b };
-        if t.dims() != var.dims() {
-            return Err(Error::bad_file(
-                dir,
-                format!("{name} has shape {:?}, expected {:?}", t.dims(), var.dims()),
-            ));
-        }
-        var.set(&t.to_dtype(var.dtype())?)?;
+        set_saved(dir, name, var, t)?;
     }
+    Ok(())
+}
+
+/// `var` (named `name`) set to `t` saved in checkpoint `dir`, of the same shape.
+fn set_saved(
+    dir: &Path,
+    name: &str,
+    var: &candle_core::Var,
+    t: &candle_core::Tensor,
+) -> Result<()> {
+    if t.dims() != var.dims() {
+        return Err(Error::bad_file(
+            dir,
+            format!("{name} has shape {:?}, expected {:?}", t.dims(), var.dims()),
+        ));
+    }
+    var.set(&t.to_dtype(var.dtype())?)?;
     Ok(())
 }
 

@@ -7,6 +7,7 @@ use super::adamw::AdamWConfig;
 use super::batches::{DataPosition, TrainData};
 use super::checkpoint::{self, TrainingState};
 use super::config::{CheckedConfig, TrainConfig};
+use super::embeddings::EmbeddingPlan;
 use super::loggers::Loggers;
 use super::optimizer::Optimizer;
 use super::resume::{Resume, plan_resume, restore_adapter, restore_optimizer};
@@ -19,7 +20,7 @@ use crate::lora::LoraConfig;
 use crate::model::weights::Weights;
 use crate::model::{Dropout, build_model};
 use crate::strategy::{Strategy, StrategyKind};
-use crate::tokenizer::Tokenizer;
+use crate::tokenizer::{TokenBytes, Tokenizer};
 
 /// What a new [`Trainer`](super::trainer::Trainer) settles before any weights load:
 /// every check a user can fail, and what follows from the config and the data alone.
@@ -35,6 +36,11 @@ pub(super) struct Plan {
     /// The downstream tasks of `--eval-tasks`, read now so that a bad one stops the
     /// run before it starts.
     pub eval_tasks: Option<TaskSet>,
+    /// The bytes each token id of the base's tokenizer stands for (validation's bits
+    /// per byte).
+    pub token_bytes: TokenBytes,
+    /// What a LoRA run trains of the embeddings and head (None: full fine-tuning).
+    pub embeddings: Option<EmbeddingPlan>,
 }
 
 impl Plan {
@@ -42,8 +48,9 @@ impl Plan {
     /// resumes, whether the data and the device fit the model, and its schedule.
     pub fn new(cfg: &CheckedConfig, data: &TrainData, strategy: Strategy) -> Result<Plan> {
         let resume = plan_resume(cfg, strategy.is_global_zero())?;
+        let embeddings = super::embeddings::plan(cfg, resume.train_embeddings)?;
         let model_cfg = load_config(&cfg.checkpoint_dir)?;
-        check_data_fits(cfg, data, &model_cfg)?;
+        let tokenizer = check_data_fits(cfg, data, &model_cfg)?;
         // A GPU that cannot hold the run refuses it now, not minutes into loading.
         super::estimate::check_device_memory(
             &model_cfg,
@@ -74,13 +81,15 @@ impl Plan {
             lora: cfg.lora(),
             schedule,
             eval_tasks,
+            token_bytes: tokenizer.token_bytes(),
+            embeddings,
         })
     }
 }
 
-/// The data must come from the base model's tokenizer, fit its context, and weigh
-/// its datasets sanely.
-fn check_data_fits(cfg: &TrainConfig, data: &TrainData, model_cfg: &Config) -> Result<()> {
+/// The data must come from the base model's tokenizer (returned), fit its context,
+/// and weigh its datasets sanely.
+fn check_data_fits(cfg: &TrainConfig, data: &TrainData, model_cfg: &Config) -> Result<Tokenizer> {
     let tokenizer = Tokenizer::from_dir(&cfg.checkpoint_dir)?;
     data.check_tokenizer(&tokenizer)?;
     data.check_context(model_cfg.block_size)?;
@@ -91,7 +100,8 @@ fn check_data_fits(cfg: &TrainConfig, data: &TrainData, model_cfg: &Config) -> R
         "--micro-batch-size",
     )?;
     data.check_vocab(&tokenizer, model_cfg.vocab_size, &cfg.checkpoint_dir)?;
-    data.check_weights()
+    data.check_weights()?;
+    Ok(tokenizer)
 }
 
 /// Optimizer steps of the run: the smallest of --max-steps, --num-epochs and
@@ -139,6 +149,7 @@ pub(super) fn build_runner(cfg: &CheckedConfig, plan: Plan) -> Result<(StepRunne
         model_cfg,
         resume,
         lora,
+        embeddings,
         ..
     } = plan;
     let resume = resume.from;
@@ -156,7 +167,12 @@ pub(super) fn build_runner(cfg: &CheckedConfig, plan: Plan) -> Result<(StepRunne
     let vars = match &lora {
         None => tm.vars,
         Some(l) => {
-            let vars = crate::lora::attach_new(&mut model, l, cfg.seed)?;
+            let mut vars = crate::lora::attach_new(&mut model, l, cfg.seed)?;
+            if let Some(e) = &embeddings {
+                vars.extend(crate::lora::attach_embeddings(
+                    &mut model, e.mode, &e.new_ids,
+                )?);
+            }
             if let Some(dir) = resume_dir {
                 restore_adapter(dir, &vars, &strategy)?;
             }
@@ -182,6 +198,8 @@ pub(super) fn build_runner(cfg: &CheckedConfig, plan: Plan) -> Result<(StepRunne
     };
     let trained: Vec<candle_core::Var> = opt.vars().iter().map(|(_, v)| v.clone()).collect();
     strategy.broadcast_vars(&trained)?;
+    // Trained rows (fresh, restored or broadcast) into the matrices the forward reads.
+    model.write_token_rows()?;
     let mut runner = StepRunner::new(model, opt, strategy);
     runner.grad_clip = (cfg.grad_clip > 0.0).then_some(cfg.grad_clip);
     runner.scaler = state.loss_scaler;

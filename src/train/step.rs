@@ -338,6 +338,8 @@ impl StepRunner {
         }
         if !skipped {
             timed("optimizer", 0.0, || self.opt.update(lr, &self.strategy))?;
+            // Updated rows into the matrices the next forward reads.
+            self.model.write_token_rows()?;
         }
         Ok(StepStats {
             loss,

@@ -11,7 +11,8 @@
 //! each row of `metrics.csv` gives two scalar events:
 //!
 //! - step = optimizer step: `train/loss`, `train/learning_rate`, `train/grad_norm`,
-//!   `train/tokens_per_s`, and on evaluation rows `val/loss`, `val/loss/<dataset>`;
+//!   `train/tokens_per_s`, and on evaluation rows `val/loss`, `val/bpb` (bits per
+//!   byte), `val/loss/<dataset>`;
 //! - step = training tokens seen: the same values tagged `train_by_tokens/…` and
 //!   `val_by_tokens/…` (TensorBoard's x axis is always the step, so the token axis is a
 //!   second set of tags).
@@ -246,6 +247,9 @@ impl TensorBoardWriter {
         ];
         if let Some(v) = row.val_loss {
             scalars.push(("val", "loss".into(), v));
+        }
+        if let Some(v) = row.val_bpb {
+            scalars.push(("val", "bpb".into(), v));
         }
         for (name, v) in self.datasets.iter().zip(&row.val_per_dataset) {
             if let Some(v) = v {

@@ -4,6 +4,8 @@
 //! Everything device-, precision- or rank-related goes through the [`Strategy`];
 //! everything that makes a step goes through the [`StepRunner`].
 
+mod checkpoints;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -13,9 +15,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 use super::batches::{Batch, DataPosition, TrainData, sample_with_starts};
 use super::checkpoint::{self, TrainingState};
 use super::config::{CheckedConfig, IntervalUnit, ToChecked};
-use super::evaluate::evaluate;
+use super::evaluate::{Scoring, evaluate_split};
 use super::loggers::Loggers;
 use super::metrics::MetricsRow;
+use super::preempt::EXIT_PREEMPTED;
+use super::saver::Saver;
 use super::schedule::Schedule;
 use super::setup::{Plan, build_runner, open_outputs, unsharded_note};
 use super::step::{StepRunner, StepStats};
@@ -34,6 +38,10 @@ pub struct TrainSummary {
     pub stopped_early: bool,
     /// The `final/` checkpoint, when the run finished.
     pub final_checkpoint: Option<PathBuf>,
+    /// The checkpoint written when a signal (or the config's
+    /// [`StopFlag`](super::preempt::StopFlag)) stopped the run before its end; `pretrain`
+    /// then exits with [`EXIT_PREEMPTED`](super::preempt::EXIT_PREEMPTED).
+    pub preempted: Option<PathBuf>,
 }
 
 /// A run in progress.
@@ -55,6 +63,10 @@ pub struct Trainer {
     /// `task/metric` columns.
     eval_tasks: Option<TaskSet>,
     task_columns: Vec<String>,
+    /// Rank 0's checkpoint writer.
+    saver: Option<Saver>,
+    /// The bytes of each token id (validation's bits per byte).
+    token_bytes: crate::tokenizer::TokenBytes,
 }
 
 /// The device, and the ranks when there are several: `cpu`, `cpu × 2 ranks (ddp)`.
@@ -110,6 +122,7 @@ impl Trainer {
         let resumed_from = plan.resume.from.as_ref().map(|(d, s)| (d.clone(), s.step));
         let (lora, schedule) = (plan.lora.clone(), plan.schedule.clone());
         let eval_tasks = plan.eval_tasks.clone();
+        let token_bytes = plan.token_bytes.clone();
         let task_columns = eval_tasks
             .as_ref()
             .map(TaskSet::columns)
@@ -119,10 +132,12 @@ impl Trainer {
         // The setting as used goes into hyperparameters.toml and every checkpoint.
         let cfg = cfg
             .into_owned()
-            .with_cross_document_attention(plan.resume.cross_document);
+            .with_cross_document_attention(plan.resume.cross_document)
+            .with_train_embeddings(plan.embeddings.as_ref().map(|e| e.mode));
         let cfg = &cfg;
         let (runner, mut state) = build_runner(cfg, plan)?;
         state.hyperparameters.cross_document_attention = cfg.cross_document_attention;
+        state.hyperparameters.train_embeddings = cfg.train_embeddings;
         state.data_fingerprint = data.origin.as_ref().map(|o| o.fingerprint.clone());
         let (metrics, log, swept) = if zero {
             let resume = resumed_from.as_ref().map(|_| (state.step, state.tokens));
@@ -151,6 +166,8 @@ impl Trainer {
             lock,
             eval_tasks,
             task_columns,
+            saver: zero.then(|| Saver::new(&cfg.out_dir, cfg.max_checkpoints, cfg.background_save)),
+            token_bytes,
         };
         let line = t.start_line(resumed_from.as_ref().map(|(d, _)| d.as_path()));
         t.note(&line)?;
@@ -234,26 +251,31 @@ impl Trainer {
             .collect()
     }
 
-    /// Validation loss per dataset and overall (token-weighted), and the downstream
-    /// tasks' metrics, computed by rank 0; the other ranks wait, and get the overall
-    /// loss (they need it to stop early together).
+    /// Validation loss per dataset and overall (token-weighted) and bits per byte, and
+    /// the downstream tasks' metrics, computed by rank 0; the other ranks wait, and get
+    /// the overall loss (they need it to stop early together).
     fn evaluate_validation(&mut self) -> Result<Validation> {
         let mut per = Vec::new();
-        let (mut sum, mut tokens) = (0f64, 0usize);
+        let (mut sum, mut tokens, mut bytes) = (0f64, 0usize, 0u64);
         if self.runner.strategy.is_global_zero() {
+            let how = Scoring {
+                block_size: self.data.block_size,
+                micro_batch_size: self.cfg.micro_batch_size,
+                max_batches: self.cfg.eval_max_batches,
+                cross_document: self.cfg.cross_document(),
+                token_bytes: Some(&self.token_bytes),
+            };
             for ds in &self.data.datasets {
-                let r = evaluate(
+                let r = evaluate_split(
                     &self.runner.model,
                     ds.validation.as_ref(),
-                    self.data.block_size,
-                    self.cfg.micro_batch_size,
-                    self.cfg.eval_max_batches,
-                    self.cfg.cross_document(),
+                    &how,
                     &self.runner.strategy.device,
                 )?;
                 if let Some(r) = r {
                     sum += r.loss * r.tokens as f64;
                     tokens += r.tokens;
+                    bytes += r.bytes.unwrap_or(0);
                 }
                 per.push(r.map(|r| r.loss));
             }
@@ -284,65 +306,23 @@ impl Trainer {
             .broadcast_f64(&[overall.is_some() as u8 as f64, overall.unwrap_or(0.0)])?;
         Ok(Validation {
             loss: (got[0] > 0.0).then_some(got[1]),
+            bpb: crate::tokenizer::bits_per_byte(sum, bytes),
             per_dataset: per,
             tasks,
         })
-    }
-
-    /// Write checkpoint `name`: every rank calls it (a sharded optimizer state is
-    /// gathered first), rank 0 writes it, and no rank goes on until it is in place.
-    /// Returns its folder on rank 0.
-    fn save(&mut self, name: &str) -> Result<Option<PathBuf>> {
-        let optimizer = self.runner.opt.state_tensors(&self.runner.strategy)?;
-        let dir = if self.runner.strategy.is_global_zero() {
-            Some(self.write_checkpoint(name, &optimizer)?)
-        } else {
-            None
-        };
-        self.runner.strategy.barrier()?;
-        Ok(dir)
-    }
-
-    /// Rank 0's part of [`Trainer::save`].
-    fn write_checkpoint(
-        &mut self,
-        name: &str,
-        optimizer: &[(String, candle_core::Tensor)],
-    ) -> Result<PathBuf> {
-        // Never a checkpoint of broken weights (the last update can overflow them).
-        for (var_name, var) in self.runner.opt.vars() {
-            if !super::adamw::all_finite(var.as_tensor())? {
-                return Err(Error::Msg(format!(
-                    "step {}: {var_name} holds NaN or infinite values after the update; {name} was not saved. Lower --learning-rate (or set --grad-clip), then --resume auto continues from the last checkpoint",
-                    self.state.step
-                )));
-            }
-        }
-        self.state.loss_scaler = self.runner.scaler;
-        let dir = checkpoint::save(
-            &self.cfg.out_dir,
-            name,
-            &self.runner.model,
-            self.lora.as_ref(),
-            optimizer,
-            &self.state,
-        )?;
-        if let Some(keep) = self.cfg.max_checkpoints {
-            for removed in checkpoint::rotate(&self.cfg.out_dir, keep)? {
-                self.note(&format!("removed old checkpoint {}", removed.display()))?;
-            }
-        }
-        self.note(&format!("saved {}", dir.display()))?;
-        Ok(dir)
     }
 
     /// Train until the schedule ends (or early stopping, or `stop_after` steps, for
     /// tests of interrupted runs).
     pub fn run(&mut self, stop_after: Option<usize>) -> Result<TrainSummary> {
         let r = self.run_locked(stop_after);
-        // The run folder is free again once the run ends (the trainer may live on).
+        // A checkpoint being written is finished, even when the run failed, before
+        // the run folder is free again (the trainer may live on).
+        let written = self.finish_writes();
         self.lock = None;
-        r
+        let s = r?;
+        written?;
+        Ok(s)
     }
 
     /// [`Trainer::run`], holding the run folder's lock.
@@ -392,7 +372,7 @@ impl Trainer {
             } else {
                 Validation::default()
             };
-            let val = validation.loss;
+            let (val, bpb) = (validation.loss, validation.bpb);
             if let Some(v) = val {
                 self.record_validation(v);
             }
@@ -408,8 +388,11 @@ impl Trainer {
                 clock.restart_interval(now);
             }
             if let Some(v) = val {
+                let bpb = bpb
+                    .map(|b| format!(", {b:.4} bits per byte"))
+                    .unwrap_or_default();
                 self.note(&format!(
-                    "step {}: validation loss {v:.4} (perplexity {:.2})",
+                    "step {}: validation loss {v:.4} (perplexity {:.2}{bpb})",
                     self.state.step,
                     v.exp()
                 ))?;
@@ -423,6 +406,24 @@ impl Trainer {
                     break;
                 }
             }
+            // Every step, so that all ranks stop after the same one.
+            let stop = self.stop_here()? && !last_step;
+            if stop {
+                let name = checkpoint::step_dir_name(self.state.step);
+                let dir = self.cfg.out_dir.join(&name);
+                self.note(&format!(
+                    "step {}: {} received: saving {} and stopping; --resume auto continues from it (exit code {EXIT_PREEMPTED})",
+                    self.state.step,
+                    self.cfg.stop().reason(),
+                    dir.display()
+                ))?;
+                self.save(&name)?;
+                self.finish_checkpoint()?;
+                bar.abandon();
+                let mut s = self.summary(false, None);
+                s.preempted = Some(dir);
+                return Ok(s);
+            }
             if save_due {
                 clock.last_save = now;
                 self.save(&checkpoint::step_dir_name(self.state.step))?;
@@ -430,6 +431,7 @@ impl Trainer {
         }
         bar.finish();
         let final_dir = self.save("final")?;
+        self.finish_checkpoint()?;
         let s = self.summary(stopped_early, final_dir);
         self.note(&format!(
             "done: {} steps, {} tokens, train loss {}, validation loss {}",
@@ -520,6 +522,7 @@ impl Trainer {
     ) -> Result<()> {
         let Validation {
             loss: val,
+            bpb,
             per_dataset: per,
             tasks,
         } = validation;
@@ -533,6 +536,7 @@ impl Trainer {
             tokens_per_s: tps,
             elapsed_s: self.state.elapsed_s,
             val_loss: val,
+            val_bpb: bpb.filter(|_| val.is_some()),
             val_per_dataset: if val.is_some() {
                 per
             } else {
@@ -579,6 +583,7 @@ impl Trainer {
             val_loss: self.state.val_loss,
             stopped_early,
             final_checkpoint,
+            preempted: None,
         }
     }
 }
@@ -588,6 +593,8 @@ impl Trainer {
 struct Validation {
     /// Token-weighted over the datasets.
     loss: Option<f64>,
+    /// Bits per byte over the datasets.
+    bpb: Option<f64>,
     per_dataset: Vec<Option<f64>>,
     /// The downstream tasks' metrics, in the order of the `task/metric` columns.
     tasks: Vec<Option<f64>>,

@@ -2,9 +2,13 @@
 //! appended to a CSV.
 //!
 //! Rows: `checkpoint, step, dataset, loss, perplexity, tokens, batch_size, elapsed_s,
-//! peak_memory_mb, data` (`data`: the prepared folder's fingerprint, so the same dataset
-//! names in other data are scored again; followed by `+cross-document` when packed
-//! documents attended to each other, so the two ways of scoring are kept apart). Triples already in the CSV are skipped, so
+//! peak_memory_mb, data, bits_per_byte` (`data`: the prepared folder's fingerprint, so
+//! the same dataset names in other data are scored again; followed by
+//! `+cross-document` when packed documents attended to each other, so the two ways of
+//! scoring are kept apart; `bits_per_byte`: the summed loss / ln 2 / the UTF-8 bytes of
+//! the text scored, by the checkpoint's tokenizer). A file of an older layout (without
+//! `data`, or without `bits_per_byte`) gets the missing columns, empty, before rows are
+//! appended. Triples already in the CSV are skipped, so
 //! the command can run again and again while training goes on (`watch` keeps looking for new checkpoints until
 //! the run's `final/` one is scored). LoRA checkpoints are scored as base + adapter,
 //! without writing a merged copy; the base is loaded once.
@@ -16,18 +20,27 @@ use std::time::{Duration, Instant};
 
 use super::batches::TrainData;
 use super::checkpoint::{self, TrainingState};
-use super::evaluate::evaluate;
+use super::evaluate::{Scoring, evaluate_split};
 use crate::error::{Error, IoContext, Result};
 use crate::hf::{attach_adapter_dir, load_model};
 use crate::model::Gpt;
 use crate::strategy::Strategy;
+use crate::tokenizer::TokenBytes;
 
 pub const VALIDATION_FILE: &str = "validation_results.csv";
-const HEADER: &str =
-    "checkpoint,step,dataset,loss,perplexity,tokens,batch_size,elapsed_s,peak_memory_mb,data";
-/// The header of files written before the `data` column.
-const OLD_HEADER: &str =
-    "checkpoint,step,dataset,loss,perplexity,tokens,batch_size,elapsed_s,peak_memory_mb";
+const HEADER: &str = "checkpoint,step,dataset,loss,perplexity,tokens,batch_size,elapsed_s,peak_memory_mb,data,bits_per_byte";
+/// The headers of files written before, each with the columns it lacks: before the
+/// `data` column, and before `bits_per_byte`.
+const OLD_HEADERS: [(&str, &str); 2] = [
+    (
+        "checkpoint,step,dataset,loss,perplexity,tokens,batch_size,elapsed_s,peak_memory_mb",
+        ",,",
+    ),
+    (
+        "checkpoint,step,dataset,loss,perplexity,tokens,batch_size,elapsed_s,peak_memory_mb,data",
+        ",",
+    ),
+];
 
 /// The shortest `--watch` interval: each look lists the run's checkpoints, so a
 /// shorter one (0) only spins a core.
@@ -76,6 +89,8 @@ pub struct ValidationRow {
     pub peak_memory_mb: f64,
     /// Fingerprint of the prepared data (empty for data made in memory).
     pub data: String,
+    /// Summed loss / ln 2 / UTF-8 bytes of the text scored.
+    pub bits_per_byte: Option<f64>,
 }
 
 /// Peak resident memory of this process in MB (Linux; 0 elsewhere).
@@ -91,9 +106,9 @@ pub fn peak_memory_mb() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-/// `(checkpoint, dataset, data)` triples already in `csv`. A file of the older layout
-/// (no `data` column) is rewritten with an empty one: its rows stay, and are not
-/// mistaken for scores of the data at hand.
+/// `(checkpoint, dataset, data)` triples already in `csv`. A file of an older layout
+/// (no `data` or no `bits_per_byte` column) is rewritten with empty ones: its rows
+/// stay, and are not mistaken for scores of the data at hand.
 fn done_triples(csv: &Path) -> Result<HashSet<(String, String, String)>> {
     if !csv.exists() {
         return Ok(HashSet::new());
@@ -102,11 +117,16 @@ fn done_triples(csv: &Path) -> Result<HashSet<(String, String, String)>> {
     let mut lines = text.lines();
     match lines.next() {
         Some(h) if h.trim() == HEADER => {}
-        Some(h) if h.trim() == OLD_HEADER => {
+        Some(h) if OLD_HEADERS.iter().any(|(old, _)| h.trim() == *old) => {
+            let (_, missing) = OLD_HEADERS
+                .iter()
+                .find(|(old, _)| h.trim() == *old)
+                .expect("matched above");
             let mut new = format!("{HEADER}\n");
             for l in lines.clone() {
                 new.push_str(l);
-                new.push_str(",\n");
+                new.push_str(missing);
+                new.push('\n');
             }
             crate::io::write_atomic(csv, new.as_bytes())?;
         }
@@ -131,19 +151,26 @@ fn done_triples(csv: &Path) -> Result<HashSet<(String, String, String)>> {
         .collect())
 }
 
-/// Fail unless the checkpoint in `dir` reads `data` with the tokenizer it was
-/// prepared with: its own tokenizer files, else those of its base model.
-fn check_tokenizer(dir: &Path, state: &TrainingState, data: &TrainData) -> Result<()> {
-    if data.tokenizer_hash.is_none() {
-        return Ok(());
-    }
+/// The bytes each token id of the checkpoint in `dir` stands for, after checking that
+/// it reads `data` with the tokenizer it was prepared with: its own tokenizer files,
+/// else those of its base model (None when neither has one and the data does not say
+/// which it was prepared with).
+fn checked_tokenizer(
+    dir: &Path,
+    state: &TrainingState,
+    data: &TrainData,
+) -> Result<Option<TokenBytes>> {
     let tok_dir = if dir.join("tokenizer.json").exists() {
         dir
     } else {
         state.base_checkpoint_dir.as_path()
     };
+    if data.tokenizer_hash.is_none() && !tok_dir.join("tokenizer.json").exists() {
+        return Ok(None);
+    }
     let tokenizer = crate::tokenizer::Tokenizer::from_dir(tok_dir)?;
-    data.check_tokenizer(&tokenizer)
+    data.check_tokenizer(&tokenizer)?;
+    Ok(Some(tokenizer.token_bytes()))
 }
 
 /// The model of a checkpoint: its own weights, or `base` + its adapter.
@@ -249,7 +276,7 @@ pub fn validate_run(
             if todo.is_empty() {
                 continue;
             }
-            check_tokenizer(dir, state, data)?;
+            let token_bytes = checked_tokenizer(dir, state, data)?;
             let cfg_dir = if dir.join("config.json").exists() {
                 dir.as_path()
             } else {
@@ -268,17 +295,16 @@ pub fn validate_run(
                 data.check_ids_below(model.cfg.vocab_size, dir, false)?;
                 vocab_checked = Some(model.cfg.vocab_size);
             }
+            let how = Scoring {
+                block_size: data.block_size,
+                micro_batch_size: opts.batch_size,
+                max_batches: opts.max_batches,
+                cross_document: cross,
+                token_bytes: token_bytes.as_ref(),
+            };
             for ds in todo {
                 let start = Instant::now();
-                let r = evaluate(
-                    &model,
-                    ds.validation.as_ref(),
-                    data.block_size,
-                    opts.batch_size,
-                    opts.max_batches,
-                    cross,
-                    &strategy.device,
-                )?;
+                let r = evaluate_split(&model, ds.validation.as_ref(), &how, &strategy.device)?;
                 let Some(r) = r else {
                     eprintln!(
                         "{name}: dataset {} has no validation samples, skipped",
@@ -298,11 +324,15 @@ pub fn validate_run(
                     elapsed_s: start.elapsed().as_secs_f64(),
                     peak_memory_mb: peak_memory_mb(),
                     data: data_label(cross),
+                    bits_per_byte: r.bits_per_byte(),
                 };
                 append(&csv, &row)?;
                 eprintln!(
-                    "{name} {}: loss {:.4} perplexity {:.2}",
-                    ds.name, row.loss, row.perplexity
+                    "{name} {}: loss {:.4} perplexity {:.2} bits per byte {}",
+                    ds.name,
+                    row.loss,
+                    row.perplexity,
+                    row.bits_per_byte.map_or("-".into(), |b| format!("{b:.4}"))
                 );
                 done.insert(key(&name, &ds.name, cross));
                 rows.push(row);
@@ -328,7 +358,7 @@ pub fn append(csv: &Path, r: &ValidationRow) -> Result<()> {
     }
     writeln!(
         f,
-        "{},{},{},{},{},{},{},{:.3},{:.1},{}",
+        "{},{},{},{},{},{},{},{:.3},{:.1},{},{}",
         r.checkpoint,
         r.step,
         r.dataset,
@@ -338,7 +368,8 @@ pub fn append(csv: &Path, r: &ValidationRow) -> Result<()> {
         r.batch_size,
         r.elapsed_s,
         r.peak_memory_mb,
-        r.data
+        r.data,
+        r.bits_per_byte.map(|b| b.to_string()).unwrap_or_default()
     )
     .at(csv)
 }

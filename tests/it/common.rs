@@ -62,3 +62,21 @@ pub fn temp_dir() -> tempfile::TempDir {
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_lit-claire"))
 }
+
+/// `lit-claire perplexity --format json` of `input` under model `dir`, which must succeed.
+pub fn perplexity_json(dir: &Path, input: &Path) -> Value {
+    let out = std::process::Command::new(bin())
+        .args(["perplexity", "--checkpoint-dir"])
+        .arg(dir)
+        .arg("--input")
+        .arg(input)
+        .args(["--format", "json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "perplexity failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}

@@ -52,6 +52,13 @@ fn run_tasks(dir: &Path, max_length: Option<usize>, batch_size: usize) -> Vec<Ta
 /// float32 sums: ours agree to 1e-5 relative (word perplexity of a 4-word text moves
 /// by 2.5e-5 relative per 1e-4 of log-likelihood), and so do their bootstrap errors.
 fn assert_parity(name: &str, results: &[TaskResult], exp: &Value) {
+    assert_parity_within(name, results, exp, 1e-4, 1e-5)
+}
+
+/// [`assert_parity`] with log-likelihoods within `tol` and perplexities within `ppl_tol`
+/// relative.
+fn assert_parity_within(name: &str, results: &[TaskResult], exp: &Value, tol: f64, ppl_tol: f64) {
+    let mut over = Vec::new();
     let mut worst = 0f64;
     let mut n = 0;
     for s in exp["samples"].as_array().unwrap() {
@@ -71,8 +78,11 @@ fn assert_parity(name: &str, results: &[TaskResult], exp: &Value) {
             .unwrap_or_else(|| panic!("{name}: no sample {task}/{doc}/{index}"));
         if let Some(ll) = s["loglikelihood"].as_f64() {
             let d = (ours.loglikelihood.unwrap() - ll).abs();
+            if d >= 1e-4 {
+                over.push(format!("{task}/{doc}/{index}: {d:.1e}"));
+            }
             assert!(
-                d < 1e-4,
+                d < tol,
                 "{name} {task} doc {doc} choice {index}: ours {:?} harness {ll}",
                 ours.loglikelihood
             );
@@ -94,6 +104,10 @@ fn assert_parity(name: &str, results: &[TaskResult], exp: &Value) {
         }
         n += 1;
     }
+    eprintln!(
+        "{name}: {n} requests, max |Δ loglikelihood| {worst:.2e}; {} over 1e-4: {over:?}",
+        over.len()
+    );
     for m in exp["metrics"].as_array().unwrap() {
         let (task, metric) = (m["task"].as_str().unwrap(), m["metric"].as_str().unwrap());
         let r = results.iter().find(|r| r.task == task).unwrap();
@@ -104,7 +118,7 @@ fn assert_parity(name: &str, results: &[TaskResult], exp: &Value) {
             .unwrap_or_else(|| panic!("{name}: no {task} {metric}"));
         let want = m["value"].as_f64().unwrap();
         let tol = if metric.contains("perplexity") || metric == "bits_per_byte" {
-            1e-5
+            ppl_tol
         } else {
             1e-12
         };
@@ -129,7 +143,6 @@ fn assert_parity(name: &str, results: &[TaskResult], exp: &Value) {
             ),
         }
     }
-    eprintln!("{name}: {n} requests, max |Δ loglikelihood| {worst:.2e}");
 }
 
 #[test]
@@ -479,7 +492,12 @@ fn a_run_is_scored_checkpoint_by_checkpoint_without_duplicates() {
 
 /// SmolLM2-135M (git-ignored; see tests/it/real_model.rs) against the harness at its
 /// full context of 8192: `utils/check_lm_eval.py --models tests/fixtures/real/smollm2-135m
-/// --max-length 0` wrote the expected numbers.
+/// --max-length 0` wrote the expected numbers. Choices, continuations, `is_greedy`,
+/// accuracies and generated texts are the harness's; 38 of the 40 log-likelihoods are
+/// within 1e-4 and the two documents scored whole (29 and 70 tokens) within 7e-4: about
+/// 1e-5 a token, the float32 difference of two 30-layer forwards whose residual stream
+/// reaches 2.2e4 (its mean loss agrees to 1e-4, tests/it/real_model.rs). Perplexities,
+/// `exp` of those sums, then agree to 1e-4 relative.
 #[test]
 #[ignore = "needs tests/fixtures/real/smollm2-135m (python3 utils/make_real_model.py)"]
 fn real_model_scores_as_lm_evaluation_harness_does() {
@@ -495,7 +513,7 @@ fn real_model_scores_as_lm_evaluation_harness_does() {
         .map(|n| n as usize)
         .filter(|&n| n > 0);
     let results = run_tasks(&dir, max_len, 16);
-    assert_parity("smollm2-135m", &results, &exp);
+    assert_parity_within("smollm2-135m", &results, &exp, 1e-3, 1e-4);
 }
 
 /// `pretrain --eval-tasks`: the tasks are scored at each validation into

@@ -660,3 +660,68 @@ fn issue23_neighbour_a_gz_file_that_is_not_gzip_is_named() {
     std::fs::write(src.join("ds/b.txt.gz"), &bytes[..bytes.len() / 2]).unwrap();
     every_command_refuses(&src, &out, &["ds/b.txt.gz", "cannot decompress"]);
 }
+
+#[test]
+fn issue23_neighbour_special_ids_past_the_vocabulary_are_refused_not_cut() {
+    let tmp = temp_dir();
+    let src = small_corpus(tmp.path());
+    // 2^32 + 2 used to become token 2 (`as u32`).
+    let model = model_copy(&tmp.path().join("wide"));
+    let gen_cfg = model.join("generation_config.json");
+    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&gen_cfg).unwrap()).unwrap();
+    v["eos_token_id"] = serde_json::json!(4294967298u64);
+    std::fs::write(&gen_cfg, v.to_string()).unwrap();
+    let e = Tokenizer::from_dir(&model).unwrap_err().to_string();
+    assert!(
+        e.contains("generation_config.json") && e.contains("eos_token_id 4294967298"),
+        "{e}"
+    );
+    // An EOS the tokenizer does not have would be written after every document.
+    v["eos_token_id"] = serde_json::json!([600, 2]);
+    std::fs::write(&gen_cfg, v.to_string()).unwrap();
+    let dest = tmp.path().join("prepared");
+    let mut o = options(&src, &dest);
+    o.checkpoint_dir = model.clone();
+    o.read.layout = TextLayout::LinePerDocument;
+    let e = prepare_data(&o).unwrap_err().to_string();
+    assert!(
+        e.contains("eos_token_id 600") && e.contains("512 tokens"),
+        "{e}"
+    );
+    assert!(!dest.exists());
+}
+
+/// `perplexity --input` used to read `/dev/zero` until memory ran out, and to block
+/// on a FIFO.
+#[test]
+fn perplexity_input_that_is_a_device_or_fifo_is_refused() {
+    let tmp = temp_dir();
+    let fifo = tmp.path().join("fifo.txt");
+    mkfifo(&fifo);
+    for (input, kind) in [
+        (Path::new("/dev/zero"), "character device"),
+        (fifo.as_path(), "FIFO"),
+    ] {
+        let err = fails(&refs(&argv(&[
+            &"perplexity",
+            &"--checkpoint-dir",
+            &model_dir(),
+            &"--input",
+            &input,
+        ])));
+        assert!(
+            err.contains(&*input.to_string_lossy()) && err.contains(kind),
+            "{err}"
+        );
+    }
+    let binary = tmp.path().join("binary.txt");
+    std::fs::write(&binary, [0xff, 0xfe, 0x00, 0x80]).unwrap();
+    let err = fails(&refs(&argv(&[
+        &"perplexity",
+        &"--checkpoint-dir",
+        &model_dir(),
+        &"--input",
+        &binary,
+    ])));
+    assert!(err.contains("binary.txt") && err.contains("UTF-8"), "{err}");
+}

@@ -16,7 +16,7 @@ use crate::common::{reference_dir, temp_dir};
 // ---- a GGUF reader, from the spec ----
 
 #[derive(Debug, Clone, PartialEq)]
-enum Val {
+pub(crate) enum Val {
     Int(i128),
     Float(f64),
     Bool(bool),
@@ -52,7 +52,7 @@ struct Info {
     offset: u64,
 }
 
-struct Gguf {
+pub(crate) struct Gguf {
     /// key → (type id, value)
     meta: BTreeMap<String, (u32, Val)>,
     tensors: BTreeMap<String, Info>,
@@ -110,7 +110,7 @@ impl Cursor<'_> {
     }
 }
 
-fn parse(path: &Path) -> Gguf {
+pub(crate) fn parse(path: &Path) -> Gguf {
     let bytes = std::fs::read(path).unwrap();
     let mut c = Cursor { b: &bytes, at: 0 };
     assert_eq!(c.take(4), b"GGUF", "magic");
@@ -168,7 +168,7 @@ fn block(ty: u32) -> (u64, u64) {
 }
 
 impl Gguf {
-    fn meta(&self, k: &str) -> &Val {
+    pub(crate) fn meta(&self, k: &str) -> &Val {
         &self
             .meta
             .get(k)

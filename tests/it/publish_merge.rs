@@ -190,6 +190,7 @@ fn an_adapter_on_a_tied_head_unties_it() {
             ("lm_head.lora_A.weight".into(), a),
             ("lm_head.lora_B.weight".into(), b),
         ],
+        &Default::default(),
     )
     .unwrap();
     let save = tmp.path().join("merged");

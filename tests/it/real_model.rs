@@ -13,7 +13,6 @@
 //! cross-entropy's float32 sum over the vocabulary).
 
 use std::path::PathBuf;
-use std::process::Command;
 
 use lit_claire::generate::{Sampling, generate};
 
@@ -116,20 +115,7 @@ fn real_model_cli_perplexity_matches_transformers() {
     let tmp = temp_dir();
     let input = tmp.path().join("text.txt");
     std::fs::write(&input, t["text"].as_str().unwrap()).unwrap();
-    let out = Command::new(bin())
-        .args(["perplexity", "--checkpoint-dir"])
-        .arg(&dir)
-        .arg("--input")
-        .arg(&input)
-        .args(["--format", "json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "perplexity failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let got = perplexity_json(&dir, &input);
     assert_eq!(got["tokens"], t["tokens"], "tokens");
     let (l, want) = (got["loss"].as_f64().unwrap(), t["loss"].as_f64().unwrap());
     assert!((l - want).abs() < 1e-4, "perplexity loss {l} vs {want}");

@@ -74,6 +74,7 @@ pub(super) fn head_pass(
     };
     let w = head.weight.detach().to_dtype(dt)?;
     let rows = head_chunk_rows(vocab, n);
+    let trained_rows = trained_head_rows(model, grads, x.device())?;
     let mut loss = 0f64;
     // Each chunk's input gradient is added straight into its rows of one zeroed buffer
     // (the head's LoRA part too), instead of parts concatenated at the end. With LoRA
@@ -123,6 +124,17 @@ pub(super) fn head_pass(
         {
             grads.add(bias, &dl.sum(0)?)?;
         }
+        if let Some((param, ids)) = &trained_rows {
+            // The trained rows' columns of the logits' gradient: (rows, n)ᵀ x.
+            let dl_rows = dl.index_select(ids, 1)?;
+            grads.add_matmul(
+                "matmul: head weight gradient",
+                param,
+                (&dl_rows, true),
+                (&xc, false),
+                1.0,
+            )?;
+        }
         if let (Some(l), Some(u)) = (&head.lora, &lora_u) {
             let beff = layers::lora_b(l, dt)?;
             if grads.wants(&l.b) {
@@ -156,6 +168,29 @@ pub(super) fn head_pass(
         }
     }
     Ok((loss, dxf.reshape((b, t, c))?))
+}
+
+/// The variable the head's trained rows go into (an untied head's rows, else the
+/// embeddings' rows, which a tied head is) and their token ids, when some rows of
+/// the head train.
+fn trained_head_rows(
+    model: &Gpt,
+    grads: &Grads,
+    dev: &candle_core::Device,
+) -> Result<Option<(Tensor, Tensor)>> {
+    let Some(tr) = model.token_rows() else {
+        return Ok(None);
+    };
+    let param = match (&tr.head, model.cfg.tie_embeddings) {
+        (Some(h), _) => h,
+        (None, true) => &tr.embed,
+        (None, false) => return Ok(None),
+    };
+    if !grads.wants(param) {
+        return Ok(None);
+    }
+    let ids = Tensor::new(tr.ids(), dev)?;
+    Ok(Some((param.clone(), ids)))
 }
 
 /// Rows `r0..` of `dst: (N, n)` `+= a b` (`a: (m, k)`, `b: (k, n)`): in place on the

@@ -17,7 +17,8 @@
 //! cross-entropy run on chunks of [`head_chunk_rows`] rows, so the `(tokens × vocab)`
 //! logits are never held at once. Gradients of trained parameters are added in place
 //! into [`Grads`]; frozen weights get no gradient work, and a LoRA layer computes
-//! only what `A` and `B` need.
+//! only what `A` and `B` need. Trained rows of the embeddings and head
+//! ([`super::TokenRows`]) get only their rows' gradients.
 //!
 //! The same block forward serves every pass without a backward ([`infer`]:
 //! validation, perplexity, task scoring, generation with a [`KvCache`]): there each
@@ -272,6 +273,17 @@ pub fn train_pass(model: &Gpt, inp: &PassInput, grads: &mut Grads) -> Result<f64
     let dx = dx.reshape((n, c))?;
     if grads.wants(&model.wte) {
         grads.add_rows(&model.wte, &ids, &dx)?;
+    }
+    if let Some(tr) = model.token_rows()
+        && grads.wants(&tr.embed)
+    {
+        // Only the positions holding a trained id reach the trained rows.
+        let (pos, rows) = tr.select(&ids.to_vec1::<u32>()?);
+        if !pos.is_empty() {
+            let k = pos.len();
+            let g = dx.index_select(&Tensor::from_vec(pos, k, dx.device())?, 0)?;
+            grads.add_rows(&tr.embed, &Tensor::from_vec(rows, k, dx.device())?, &g)?;
+        }
     }
     if let (Some((_, wpe)), Some(p)) = (&model.wpe, &pos_ids)
         && grads.wants(wpe)
