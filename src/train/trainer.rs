@@ -487,7 +487,10 @@ impl Trainer {
         self.state.step += 1;
         // The ranks compare the collectives they issued (a desynchronised rank stops
         // the run here, named, instead of mixing buffers or hanging later).
-        self.runner.strategy.end_step(self.state.step)?;
+        self.runner
+            .strategy
+            .end_step(self.state.step)
+            .map_err(|e| Error::Msg(format!("step {}: {e}", self.state.step)))?;
         self.state.train_loss = Some(stats.loss);
         if stats.skipped {
             self.note(&format!(
