@@ -11,7 +11,8 @@
 //! data_source.rs     prepared data (prepare-data) as training data
 //! batches.rs         training data: weighted datasets, epochs, batches
 //! step.rs            one optimizer step: forward, backward, gradient sync, update
-//! optimizer.rs       AdamW, replicated (ddp) or sharded (zero1) over the ranks
+//! optimizer.rs       AdamW, replicated (ddp) or sharded (zero1, fsdp) over the ranks
+//! fsdp.rs            the model, its gradients and AdamW sharded over the ranks (ZeRO-3)
 //! adamw.rs           AdamW itself, and gradient clipping
 //! sharded_adamw.rs   AdamW sharded over the ranks (ZeRO-1)
 //! schedule.rs        learning-rate schedules
@@ -32,6 +33,7 @@ pub mod data_source;
 pub mod downstream;
 pub mod estimate;
 pub mod evaluate;
+pub mod fsdp;
 pub mod lock;
 pub mod loggers;
 pub mod metrics;

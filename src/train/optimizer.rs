@@ -14,8 +14,10 @@ use std::collections::HashMap;
 use candle_core::{Tensor, Var};
 
 use super::adamw::{AdamW, AdamWConfig, clip_coefficient, global_norm};
+use super::fsdp::Fsdp;
 use super::sharded_adamw::{ShardedAdamW, no_gradients};
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::model::Gpt;
 use crate::strategy::{Strategy, StrategyKind};
 
 /// AdamW over the trainable variables, as the Strategy shares it between ranks.
@@ -29,6 +31,9 @@ pub enum Optimizer {
     },
     /// This rank's shard of the state (`zero1`).
     Sharded(ShardedAdamW),
+    /// This rank's shard of the parameters, gradients and state (`fsdp`): the model
+    /// itself lives here, and its passes run through [`Fsdp::pass`].
+    Fsdp(Box<Fsdp>),
 }
 
 impl From<AdamW> for Optimizer {
@@ -41,18 +46,49 @@ impl From<AdamW> for Optimizer {
 }
 
 impl Optimizer {
-    /// AdamW over `vars`, shared between ranks as `strategy.kind` says.
+    /// AdamW over `vars`, shared between ranks as `strategy.kind` says. `fsdp` shards
+    /// the model too: [`Optimizer::with_model`].
     pub fn new(vars: Vec<(String, Var)>, cfg: AdamWConfig, strategy: &Strategy) -> Result<Self> {
         Ok(match strategy.kind {
             StrategyKind::Ddp => AdamW::new(vars, cfg)?.into(),
             StrategyKind::Zero1 => Optimizer::Sharded(ShardedAdamW::new(vars, cfg, strategy)?),
+            StrategyKind::Fsdp => {
+                return Err(Error::Msg(
+                    "--strategy fsdp shards the model with its optimizer (Optimizer::with_model; a bug)".into(),
+                ));
+            }
         })
     }
 
+    /// AdamW over `vars` of `model`: for `fsdp`, the model sharded with it (the returned
+    /// model is then [`Fsdp::shell`]'s, without weights); else as [`Optimizer::new`].
+    pub fn with_model(
+        model: Gpt,
+        vars: Vec<(String, Var)>,
+        cfg: AdamWConfig,
+        strategy: &Strategy,
+    ) -> Result<(Gpt, Self)> {
+        if strategy.kind != StrategyKind::Fsdp {
+            return Ok((model, Optimizer::new(vars, cfg, strategy)?));
+        }
+        let f = Fsdp::shard(model, vars, cfg, strategy)?;
+        Ok((f.shell().clone(), Optimizer::Fsdp(Box::new(f))))
+    }
+
+    /// The trained variables (none for `fsdp`, whose parameters are shards).
     pub fn vars(&self) -> &[(String, Var)] {
         match self {
             Optimizer::Replicated { adam, .. } => adam.vars(),
             Optimizer::Sharded(z) => z.vars(),
+            Optimizer::Fsdp(_) => &[],
+        }
+    }
+
+    /// Number of trained parameters.
+    pub fn trained_elements(&self) -> usize {
+        match self {
+            Optimizer::Fsdp(f) => f.trained_elements(),
+            _ => self.vars().iter().map(|(_, v)| v.elem_count()).sum(),
         }
     }
 
@@ -74,6 +110,9 @@ impl Optimizer {
                 Ok(norm)
             }
             Optimizer::Sharded(z) => z.sync_grads(&grads, strategy, clip),
+            Optimizer::Fsdp(_) => Err(Error::Msg(
+                "fsdp reduces its gradients during the backward (Fsdp::sync_grads; a bug)".into(),
+            )),
         }
     }
 
@@ -86,6 +125,7 @@ impl Optimizer {
                 adam.step_scaled(&grads, lr, scale)
             }
             Optimizer::Sharded(z) => z.update(lr, strategy),
+            Optimizer::Fsdp(f) => f.update(lr),
         }
     }
 
@@ -95,6 +135,7 @@ impl Optimizer {
         match self {
             Optimizer::Replicated { adam, .. } => Ok(adam.state_tensors()),
             Optimizer::Sharded(z) => z.state_tensors(strategy),
+            Optimizer::Fsdp(f) => f.state_tensors(strategy),
         }
     }
 
@@ -104,6 +145,7 @@ impl Optimizer {
         match self {
             Optimizer::Replicated { adam, .. } => adam.load_state(tensors, t),
             Optimizer::Sharded(z) => z.load_state(tensors, t),
+            Optimizer::Fsdp(f) => f.load_state(tensors, t),
         }
     }
 }

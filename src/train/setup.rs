@@ -169,7 +169,11 @@ pub(super) fn build_runner(cfg: &CheckedConfig, plan: Plan) -> Result<(StepRunne
         eps: cfg.eps,
         weight_decay: cfg.weight_decay,
     };
-    let mut opt = Optimizer::new(vars, adam, &strategy)?;
+    // Every rank starts from rank 0's trained values (before fsdp shards them).
+    let trained: Vec<candle_core::Var> = vars.iter().map(|(_, v)| v.clone()).collect();
+    strategy.broadcast_vars(&trained)?;
+    drop(trained);
+    let (model, mut opt) = Optimizer::with_model(model, vars, adam, &strategy)?;
     let state = match resume {
         Some((dir, mut s)) => {
             restore_optimizer(&dir, &s, &mut opt, &strategy)?;
@@ -180,8 +184,6 @@ pub(super) fn build_runner(cfg: &CheckedConfig, plan: Plan) -> Result<(StepRunne
         }
         None => fresh_state(cfg, &strategy, lora.as_ref())?,
     };
-    let trained: Vec<candle_core::Var> = opt.vars().iter().map(|(_, v)| v.clone()).collect();
-    strategy.broadcast_vars(&trained)?;
     let mut runner = StepRunner::new(model, opt, strategy);
     runner.grad_clip = (cfg.grad_clip > 0.0).then_some(cfg.grad_clip);
     runner.scaler = state.loss_scaler;
@@ -194,12 +196,20 @@ pub(super) fn build_runner(cfg: &CheckedConfig, plan: Plan) -> Result<(StepRunne
 }
 
 /// `--strategy zero1` on one rank: nothing to shard (the one-rank [`Strategy`] keeps
-/// the optimizer whole), said rather than silently ignored.
+/// the optimizer whole), said rather than silently ignored. `fsdp` on one rank runs its
+/// falls back the same way: said too.
 pub(super) fn unsharded_note(cfg: &TrainConfig, strategy: &Strategy) -> Option<String> {
-    (cfg.strategy == StrategyKind::Zero1 && strategy.world_size == 1).then(|| {
-        "--strategy zero1 on one rank: nothing to shard, the optimizer state stays whole"
-            .to_string()
-    })
+    match (cfg.strategy, strategy.world_size) {
+        (StrategyKind::Zero1, 1) => Some(
+            "--strategy zero1 on one rank: nothing to shard, the optimizer state stays whole"
+                .to_string(),
+        ),
+        (StrategyKind::Fsdp, 1) => Some(
+            "--strategy fsdp on one rank: nothing to shard, the model and optimizer state stay whole"
+                .to_string(),
+        ),
+        _ => None,
+    }
 }
 
 /// `path` made absolute (symbolic links resolved where it exists), so that a state

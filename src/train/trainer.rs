@@ -162,13 +162,7 @@ impl Trainer {
 
     /// What the run is about to do, for the log.
     fn start_line(&self, resumed_from: Option<&Path>) -> String {
-        let n_params: usize = self
-            .runner
-            .opt
-            .vars()
-            .iter()
-            .map(|(_, v)| v.elem_count())
-            .sum();
+        let n_params = self.runner.opt.trained_elements();
         format!(
             "{} {} from {} on {} ({}), {} trainable parameters, {} steps of {} samples{}",
             if resumed_from.is_some() {
@@ -240,16 +234,20 @@ impl Trainer {
     fn evaluate_validation(&mut self) -> Result<Validation> {
         let mut per = Vec::new();
         let (mut sum, mut tokens) = (0f64, 0usize);
-        if self.runner.strategy.is_global_zero() {
+        // With fsdp every rank gathers the whole model for rank 0 (see docs/parallel.md).
+        let global_zero = self.runner.strategy.is_global_zero();
+        let device = self.runner.strategy.device.clone();
+        let model = self.runner.full_model()?.into_owned();
+        if global_zero {
             for ds in &self.data.datasets {
                 let r = evaluate(
-                    &self.runner.model,
+                    &model,
                     ds.validation.as_ref(),
                     self.data.block_size,
                     self.cfg.micro_batch_size,
                     self.cfg.eval_max_batches,
                     self.cfg.cross_document(),
-                    &self.runner.strategy.device,
+                    &device,
                 )?;
                 if let Some(r) = r {
                     sum += r.loss * r.tokens as f64;
@@ -259,9 +257,9 @@ impl Trainer {
             }
         }
         let mut tasks = Vec::new();
-        if let (Some(ts), true) = (&self.eval_tasks, self.runner.strategy.is_global_zero()) {
+        if let (Some(ts), true) = (&self.eval_tasks, global_zero) {
             let start = Instant::now();
-            let values = ts.score(&self.runner.model, self.cfg.micro_batch_size)?;
+            let values = ts.score(&model, self.cfg.micro_batch_size)?;
             let line = self
                 .task_columns
                 .iter()
@@ -276,6 +274,7 @@ impl Trainer {
             ))?;
             tasks = values.into_iter().map(Some).collect();
         }
+        drop(model);
         let overall = (tokens > 0).then(|| sum / tokens as f64);
         // [has a value, value], from rank 0.
         let got = self
@@ -294,11 +293,21 @@ impl Trainer {
     /// Returns its folder on rank 0.
     fn save(&mut self, name: &str) -> Result<Option<PathBuf>> {
         let optimizer = self.runner.opt.state_tensors(&self.runner.strategy)?;
+        // Never a checkpoint of broken weights (the last update can overflow them).
+        if let Some(var_name) = self.runner.trained_finite()? {
+            return Err(Error::Msg(format!(
+                "step {}: {var_name} holds NaN or infinite values after the update; {name} was not saved. Lower --learning-rate (or set --grad-clip), then --resume auto continues from the last checkpoint",
+                self.state.step
+            )));
+        }
+        // With fsdp every rank gathers the whole model for rank 0 to write.
+        let model = self.runner.full_model()?.into_owned();
         let dir = if self.runner.strategy.is_global_zero() {
-            Some(self.write_checkpoint(name, &optimizer)?)
+            Some(self.write_checkpoint(name, &model, &optimizer)?)
         } else {
             None
         };
+        drop(model);
         self.runner.strategy.barrier()?;
         Ok(dir)
     }
@@ -307,22 +316,14 @@ impl Trainer {
     fn write_checkpoint(
         &mut self,
         name: &str,
+        model: &crate::model::Gpt,
         optimizer: &[(String, candle_core::Tensor)],
     ) -> Result<PathBuf> {
-        // Never a checkpoint of broken weights (the last update can overflow them).
-        for (var_name, var) in self.runner.opt.vars() {
-            if !super::adamw::all_finite(var.as_tensor())? {
-                return Err(Error::Msg(format!(
-                    "step {}: {var_name} holds NaN or infinite values after the update; {name} was not saved. Lower --learning-rate (or set --grad-clip), then --resume auto continues from the last checkpoint",
-                    self.state.step
-                )));
-            }
-        }
         self.state.loss_scaler = self.runner.scaler;
         let dir = checkpoint::save(
             &self.cfg.out_dir,
             name,
-            &self.runner.model,
+            model,
             self.lora.as_ref(),
             optimizer,
             &self.state,
@@ -561,6 +562,12 @@ impl Trainer {
     /// The model being trained.
     pub fn model(&self) -> &crate::model::Gpt {
         &self.runner.model
+    }
+
+    /// Bytes of parameter values this rank holds between steps (with `fsdp`: its
+    /// shards).
+    pub fn held_parameter_bytes(&mut self) -> usize {
+        self.runner.held_parameter_bytes()
     }
 
     /// Where the run stands.

@@ -13,6 +13,7 @@ mod demo;
 mod engine;
 mod estimate;
 mod evaluate;
+mod fsdp;
 mod hostile;
 mod hostile_cli;
 mod hostile_data;

@@ -37,6 +37,47 @@ impl Grads {
         }
     }
 
+    /// Buffers for trained parameters of these shapes and dtypes, bound to no tensor
+    /// yet: [`Grads::bind`] says which tensor each one is, and may say it again for a
+    /// fresh copy (`--strategy fsdp` gathers a block's parameters anew for each pass).
+    pub fn unbound(slots: Vec<(Vec<usize>, DType)>) -> Self {
+        let n = slots.len();
+        Grads {
+            index: HashMap::new(),
+            shapes: slots,
+            bufs: vec![None; n],
+            live: vec![false; n],
+        }
+    }
+
+    /// From now on `t` is the parameter of buffer `i` (and no other tensor is).
+    pub fn bind(&mut self, i: usize, t: &Tensor) -> Result<()> {
+        let Some((dims, _)) = self.shapes.get(i) else {
+            candle_core::bail!("gradient buffer {i} of {} (a bug)", self.shapes.len());
+        };
+        if t.dims() != dims.as_slice() {
+            candle_core::bail!(
+                "gradient buffer {i} is {dims:?}, its parameter {:?} (a bug)",
+                t.dims()
+            );
+        }
+        self.index.retain(|_, &mut j| j != i);
+        self.index.insert(t.id(), i);
+        Ok(())
+    }
+
+    /// Buffer `i`'s gradient of this step (zeros where none flowed), its memory handed
+    /// over: the next gradient allocates a fresh buffer.
+    pub fn take_freed(&mut self, i: usize, device: &candle_core::Device) -> Result<Tensor> {
+        let (dims, dtype) = &self.shapes[i];
+        let g = match (self.bufs[i].take(), self.live[i]) {
+            (Some(b), true) => b,
+            _ => Tensor::zeros(dims.as_slice(), *dtype, device)?,
+        };
+        self.live[i] = false;
+        Ok(g)
+    }
+
     /// Whether `t` (a parameter of the model) is trained.
     pub fn wants(&self, t: &Tensor) -> bool {
         self.index.contains_key(&t.id())
