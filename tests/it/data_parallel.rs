@@ -105,7 +105,10 @@ pub(crate) fn weights(ck: &Path) -> HashMap<String, Vec<f32>> {
     candle_core::safetensors::load(file, &Device::Cpu)
         .unwrap()
         .into_iter()
-        .map(|(k, t)| (k, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .map(|(k, t)| {
+            let t = t.to_dtype(candle_core::DType::F32).unwrap();
+            (k, t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        })
         .collect()
 }
 
