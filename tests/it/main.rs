@@ -34,6 +34,7 @@ mod publish_hub_server;
 mod publish_merge;
 mod real_model;
 mod rendezvous;
+mod strategy_plan;
 mod tensorboard;
 mod train_parity;
 mod trainer;
