@@ -12,6 +12,7 @@
 //! batches.rs         training data: weighted datasets, epochs, batches
 //! step.rs            one optimizer step: forward, backward, gradient sync, update
 //! optimizer.rs       AdamW, replicated (ddp) or sharded (zero1, fsdp) over the ranks
+//! overlap.rs         ddp: each block's gradients all-reduced as its backward ends
 //! fsdp.rs            the model, its gradients and AdamW sharded over the ranks (ZeRO-3)
 //! adamw.rs           AdamW itself, and gradient clipping
 //! sharded_adamw.rs   AdamW sharded over the ranks (ZeRO-1)
@@ -38,6 +39,7 @@ pub mod lock;
 pub mod loggers;
 pub mod metrics;
 pub mod optimizer;
+mod overlap;
 pub mod pretrain;
 pub mod ranks;
 mod resume;

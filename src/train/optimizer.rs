@@ -116,6 +116,21 @@ impl Optimizer {
         }
     }
 
+    /// Like [`Optimizer::sync_grads`] for gradients already summed over the ranks
+    /// (`ddp` overlapping its all-reduce with the backward).
+    pub fn sync_summed_grads(&mut self, grads: Vec<Tensor>, clip: Option<f64>) -> Result<f64> {
+        match self {
+            Optimizer::Replicated { pending, .. } => {
+                let norm = global_norm(&grads)?;
+                *pending = Some((grads, clip_coefficient(norm, clip).unwrap_or(1.0)));
+                Ok(norm)
+            }
+            _ => Err(Error::Msg(
+                "only ddp sums its gradients during the backward (a bug)".into(),
+            )),
+        }
+    }
+
     /// One AdamW step at learning rate `lr` with the gradients of the last
     /// [`Optimizer::sync_grads`].
     pub fn update(&mut self, lr: f64, strategy: &Strategy) -> Result<()> {

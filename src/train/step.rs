@@ -11,6 +11,7 @@ use candle_core::{Tensor, Var};
 
 use super::batches::Batch;
 use super::optimizer::Optimizer;
+use super::overlap::overlapped_pass;
 use crate::error::{Error, Result};
 use crate::model::engine::profile::timed;
 use crate::model::engine::{Grads, PassInput, train_pass};
@@ -301,20 +302,28 @@ impl StepRunner {
     }
 
     /// Forward and backward of every micro-batch into the runner's gradient buffers:
-    /// `Σ nll`, and this rank's gradients (unscaled, in the variables' order).
+    /// `Σ nll`, this rank's gradients (unscaled, in the variables' order), and whether
+    /// they are already summed over the ranks. With `ddp` on several ranks they are:
+    /// the last micro-batch sums each block's as its backward ends ([`overlap`]), and
+    /// the rest after it.
+    ///
+    /// [`overlap`]: super::overlap
     fn passes(
         &mut self,
         micro_batches: &[Batch],
         scale: f64,
         denom: f64,
-    ) -> Result<(f64, Vec<Tensor>)> {
+    ) -> Result<(f64, Vec<Tensor>, bool)> {
         let mut grads = self
             .grads
             .take()
             .unwrap_or_else(|| Grads::new(self.opt.vars()));
+        let overlap =
+            self.strategy.world_size > 1 && matches!(self.opt, Optimizer::Replicated { .. });
+        let mut reduced = Vec::new();
         let mut passes = || -> Result<f64> {
             let mut total = 0f64;
-            for batch in micro_batches {
+            for (k, batch) in micro_batches.iter().enumerate() {
                 if let Some(d) = &self.dropout {
                     d.next_micro_batch(batch.inputs.dim(0)?);
                 }
@@ -328,7 +337,12 @@ impl StepRunner {
                     grad_scale: scale / denom,
                     checkpoint_every: self.activation_checkpointing,
                 };
-                total += if parts > 1 {
+                total += if overlap && k + 1 == micro_batches.len() {
+                    let (loss, slots) =
+                        overlapped_pass(&self.model, &self.strategy, &input, &mut grads)?;
+                    reduced = slots;
+                    loss
+                } else if parts > 1 {
                     Self::split_pass(
                         &self.model,
                         self.opt.vars(),
@@ -347,12 +361,23 @@ impl StepRunner {
         let grads = self.grads.insert(grads);
         let total = passed?;
         let mut grads = grads.take(self.opt.vars())?;
+        if overlap {
+            // What the blocks' backwards did not sum: the embeddings, final norm, head.
+            let (mut rest, at): (Vec<Tensor>, Vec<usize>) = (0..grads.len())
+                .filter(|i| !reduced.contains(i))
+                .map(|i| (grads[i].clone(), i))
+                .unzip();
+            self.strategy.all_reduce_grads(&mut rest)?;
+            for (g, i) in rest.into_iter().zip(at) {
+                grads[i] = g;
+            }
+        }
         if scale != 1.0 {
             for g in grads.iter_mut() {
                 *g = (&*g / scale)?;
             }
         }
-        Ok((total, grads))
+        Ok((total, grads, overlap))
     }
 
     /// [`StepRunner::step`] on this thread.
@@ -382,8 +407,8 @@ impl StepRunner {
                 (total, None)
             }
             _ => {
-                let (total, grads) = self.passes(micro_batches, scale, denom)?;
-                (total, Some(grads))
+                let (total, grads, summed) = self.passes(micro_batches, scale, denom)?;
+                (total, Some((grads, summed)))
             }
         };
         // Every rank learns every rank's loss, so all stop together on a bad one (under
@@ -403,7 +428,8 @@ impl StepRunner {
         let loss = per_rank.iter().sum::<f64>() / denom;
         let norm = timed("optimizer", 0.0, || match (&mut self.opt, grads) {
             (Optimizer::Fsdp(f), _) => f.sync_grads(scale, &self.strategy, self.grad_clip),
-            (opt, Some(grads)) => opt.sync_grads(grads, &self.strategy, self.grad_clip),
+            (opt, Some((grads, true))) => opt.sync_summed_grads(grads, self.grad_clip),
+            (opt, Some((grads, false))) => opt.sync_grads(grads, &self.strategy, self.grad_clip),
             (_, None) => Err(super::sharded_adamw::no_gradients()),
         })?;
         let overflow = !norm.is_finite() || bad_rank.is_some();

@@ -78,6 +78,37 @@ impl Grads {
         Ok(g)
     }
 
+    /// The buffers of the trained ones among `params` (made live, zeros where no
+    /// gradient flowed yet) handed to `f`, which may replace them (by tensors of the
+    /// same shapes: a sum over ranks, say); returns their indices.
+    pub fn replace_buffers(
+        &mut self,
+        params: &[Tensor],
+        f: impl FnOnce(&mut [Tensor]) -> Result<()>,
+    ) -> Result<Vec<usize>> {
+        let mut slots = Vec::new();
+        let mut bufs = Vec::new();
+        for p in params {
+            if let Some(&i) = self.index.get(&p.id())
+                && !slots.contains(&i)
+                && let Some(b) = self.buffer(p, p)?
+            {
+                slots.push(i);
+                bufs.push(b);
+            }
+        }
+        f(&mut bufs)?;
+        for (&i, b) in slots.iter().zip(bufs) {
+            if b.dims() != self.shapes[i].0.as_slice() {
+                candle_core::bail!(
+                    "gradient buffer {i} replaced by a tensor of another shape (a bug)"
+                );
+            }
+            self.bufs[i] = Some(b);
+        }
+        Ok(slots)
+    }
+
     /// Whether `t` (a parameter of the model) is trained.
     pub fn wants(&self, t: &Tensor) -> bool {
         self.index.contains_key(&t.id())
