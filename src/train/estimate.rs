@@ -863,7 +863,7 @@ pub fn does_not_fit(
     );
     let advice = if fixes.is_empty() {
         format!(
-            "even --micro-batch-size 1 --activation-checkpointing 1 needs {}: train LoRA (--lora-r 16), shard the optimizer state (--strategy zero1 over more --devices) or use a larger device",
+            "even --micro-batch-size 1 --activation-checkpointing 1 needs {}: train LoRA (--lora-r 16), shard the model over more --devices (--strategy fsdp; `--dry-run --devices N --device-memory GIB` names what fits) or use a larger device",
             human(with(1, 1))
         )
     } else {

@@ -559,7 +559,8 @@ impl Trainer {
         Ok(())
     }
 
-    /// The model being trained.
+    /// The model being trained (with `fsdp`, its shell: names and layout, every
+    /// parameter an empty placeholder; the weights are the ranks' shards).
     pub fn model(&self) -> &crate::model::Gpt {
         &self.runner.model
     }
