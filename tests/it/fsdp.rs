@@ -306,3 +306,25 @@ fn fsdp_trains_packed_samples_in_every_precision() {
         );
     }
 }
+
+/// The same with LoRA (dropout 0.25): the adapter and its moments of a 2-rank fsdp
+/// run resume on 1 rank and on 4 fsdp ranks, with the same dropout masks.
+#[test]
+fn a_lora_checkpoint_of_two_fsdp_ranks_resumes_on_one_and_on_four() {
+    let two = temp_dir();
+    let mut cfg = lora(config(two.path(), 2, 2), 0.25);
+    cfg.strategy = StrategyKind::Fsdp;
+    pretrain_with_data(&cfg, data()).unwrap();
+    for (devices, micro, strategy) in [(1, 4, StrategyKind::Ddp), (4, 1, StrategyKind::Fsdp)] {
+        let (_keep, resumed) = stopped_at(two.path(), 4);
+        let mut cfg = lora(config(&resumed, devices, micro), 0.25);
+        cfg.strategy = strategy;
+        cfg.resume = Some("auto".into());
+        assert_eq!(pretrain_with_data(&cfg, data()).unwrap().steps, 10);
+        assert_same(
+            &format!("LoRA, 2 ranks (fsdp) resumed at step 4 on {devices} ({strategy})"),
+            two.path(),
+            &resumed,
+        );
+    }
+}

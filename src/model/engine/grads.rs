@@ -16,6 +16,8 @@ pub struct Grads {
     /// Whether each buffer holds this step's gradient (else it is stale and is
     /// overwritten, not added to).
     live: Vec<bool>,
+    /// The tensor each buffer is bound to by [`Grads::bind`], if any.
+    bound: Vec<Option<TensorId>>,
 }
 
 impl Grads {
@@ -34,6 +36,7 @@ impl Grads {
                 .collect(),
             bufs: vec![None; vars.len()],
             live: vec![false; vars.len()],
+            bound: vec![None; vars.len()],
         }
     }
 
@@ -47,6 +50,7 @@ impl Grads {
             shapes: slots,
             bufs: vec![None; n],
             live: vec![false; n],
+            bound: vec![None; n],
         }
     }
 
@@ -61,7 +65,9 @@ impl Grads {
                 t.dims()
             );
         }
-        self.index.retain(|_, &mut j| j != i);
+        if let Some(old) = self.bound[i].replace(t.id()) {
+            self.index.remove(&old);
+        }
         self.index.insert(t.id(), i);
         Ok(())
     }
