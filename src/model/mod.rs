@@ -23,7 +23,7 @@ pub mod weights;
 use candle_core::{DType, Device, Result, Tensor, Var};
 
 pub use attention::{Attention, QkvProj};
-pub use build::{BuildOptions, build_model};
+pub use build::{BuildOptions, OnBlock, build_model, build_model_by_block};
 pub use linear::{Dropout, Linear, LoraAdapter};
 pub use mlp::Mlp;
 pub use norm::Norm;

@@ -31,6 +31,9 @@
 //! (no second stream yet: a reduce-scatter does not overlap the next block's
 //! backward).
 //!
+//! A model is sharded as it loads ([`FsdpBuilder`]): each block is sharded, and freed,
+//! before the next is read.
+//!
 //! AdamW is element-wise and a unit's flat buffer holds every element once, so the
 //! update is the one the replicated optimizer makes. Checkpoints gather the whole model
 //! and the moments by variable name on every rank (rank 0 writes them), the same files
@@ -284,56 +287,94 @@ impl BlockSource for Blocks<'_> {
     }
 }
 
-impl Fsdp {
-    /// Shard `model` and its trained variables `vars` over the ranks of `strategy`:
-    /// every parameter tensor of the model is replaced by this rank's shard of it.
-    pub fn shard(
+/// An [`Fsdp`] made block by block as a model loads, so that no rank ever holds more
+/// than one block whole besides the parts outside the blocks.
+pub struct FsdpBuilder {
+    strategy: Strategy,
+    units: Vec<Unit>,
+    /// Trained parameters' names and their `(shape, dtype)`, by slot.
+    names: Vec<String>,
+    shapes: Vec<(Vec<usize>, DType)>,
+    /// The slot of each trained tensor registered.
+    slots: HashMap<TensorId, usize>,
+}
+
+impl FsdpBuilder {
+    pub fn new(strategy: &Strategy) -> Self {
+        FsdpBuilder {
+            strategy: strategy.clone(),
+            units: Vec::new(),
+            names: Vec::new(),
+            shapes: Vec::new(),
+            slots: HashMap::new(),
+        }
+    }
+
+    /// `vars` as the next trained slots.
+    fn register(&mut self, vars: Vec<(String, Var)>) {
+        for (name, v) in vars {
+            self.slots.insert(v.as_tensor().id(), self.names.len());
+            self.shapes.push((v.dims().to_vec(), v.dtype()));
+            self.names.push(name);
+        }
+    }
+
+    /// The next block, with its trained variables `vars` (already rank 0's values on
+    /// every rank): this rank keeps its shard; the block returned holds placeholders.
+    pub fn shard_block(&mut self, mut blk: Block, vars: Vec<(String, Var)>) -> Result<Block> {
+        self.register(vars);
+        let unit = Unit::shard(blk.params_mut(), &self.slots, &self.strategy)?;
+        self.units.push(unit);
+        Ok(blk)
+    }
+
+    /// The outer unit of `model` (whose blocks went through [`FsdpBuilder::shard_block`]),
+    /// with the trained variables outside the blocks `vars`: the sharded model and its
+    /// AdamW.
+    pub fn finish(
+        mut self,
         mut model: Gpt,
         vars: Vec<(String, Var)>,
         cfg: AdamWConfig,
-        strategy: &Strategy,
-    ) -> Result<Self> {
-        let slots: HashMap<TensorId, usize> = vars
-            .iter()
-            .enumerate()
-            .map(|(i, (_, v))| (v.as_tensor().id(), i))
-            .collect();
-        let grads = Grads::unbound(
-            vars.iter()
-                .map(|(_, v)| (v.dims().to_vec(), v.dtype()))
-                .collect(),
-        );
-        let names: Vec<String> = vars.into_iter().map(|(n, _)| n).collect();
-        let mut units = Vec::with_capacity(model.blocks.len() + 1);
-        for blk in &mut model.blocks {
-            units.push(Unit::shard(blk.params_mut(), &slots, strategy)?);
+    ) -> Result<Fsdp> {
+        if self.units.len() != model.blocks.len() {
+            return Err(Error::Msg(format!(
+                "fsdp: {} of {} blocks sharded (a bug)",
+                self.units.len(),
+                model.blocks.len()
+            )));
         }
-        units.push(Unit::shard(model.outer_params_mut(), &slots, strategy)?);
+        self.register(vars);
+        let unit = Unit::shard(model.outer_params_mut(), &self.slots, &self.strategy)?;
+        self.units.push(unit);
         if model.cfg.tie_embeddings {
             model.lm_head.weight = model.wte.clone();
         }
-        let found: usize = units
+        let found: usize = self
+            .units
             .iter()
             .map(|u| u.params.iter().filter(|p| p.slot.is_some()).count())
             .sum();
-        if found != names.len() {
+        if found != self.names.len() {
             return Err(Error::Msg(format!(
                 "fsdp: {found} of the {} trained variables are parameters of the model (a bug)",
-                names.len()
+                self.names.len()
             )));
         }
         Ok(Fsdp {
             shell: model,
-            units,
-            grads,
-            names,
+            units: self.units,
+            grads: Grads::unbound(self.shapes),
+            names: self.names,
             cfg,
             t: 0,
             pending: None,
-            strategy: strategy.clone(),
+            strategy: self.strategy,
         })
     }
+}
 
+impl Fsdp {
     /// Number of trained parameters (whole, not this rank's share).
     pub fn trained_elements(&self) -> usize {
         let units = self.units.iter().flat_map(|u| &u.params);

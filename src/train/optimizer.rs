@@ -17,7 +17,6 @@ use super::adamw::{AdamW, AdamWConfig, clip_coefficient, global_norm};
 use super::fsdp::Fsdp;
 use super::sharded_adamw::{ShardedAdamW, no_gradients};
 use crate::error::{Error, Result};
-use crate::model::Gpt;
 use crate::strategy::{Strategy, StrategyKind};
 
 /// AdamW over the trainable variables, as the Strategy shares it between ranks.
@@ -47,32 +46,17 @@ impl From<AdamW> for Optimizer {
 
 impl Optimizer {
     /// AdamW over `vars`, shared between ranks as `strategy.kind` says. `fsdp` shards
-    /// the model too: [`Optimizer::with_model`].
+    /// the model too, as it loads: [`super::fsdp::FsdpBuilder`].
     pub fn new(vars: Vec<(String, Var)>, cfg: AdamWConfig, strategy: &Strategy) -> Result<Self> {
         Ok(match strategy.kind {
             StrategyKind::Ddp => AdamW::new(vars, cfg)?.into(),
             StrategyKind::Zero1 => Optimizer::Sharded(ShardedAdamW::new(vars, cfg, strategy)?),
             StrategyKind::Fsdp => {
                 return Err(Error::Msg(
-                    "--strategy fsdp shards the model with its optimizer (Optimizer::with_model; a bug)".into(),
+                    "--strategy fsdp shards the model with its optimizer as it loads (FsdpBuilder; a bug)".into(),
                 ));
             }
         })
-    }
-
-    /// AdamW over `vars` of `model`: for `fsdp`, the model sharded with it (the returned
-    /// model is then [`Fsdp::shell`]'s, without weights); else as [`Optimizer::new`].
-    pub fn with_model(
-        model: Gpt,
-        vars: Vec<(String, Var)>,
-        cfg: AdamWConfig,
-        strategy: &Strategy,
-    ) -> Result<(Gpt, Self)> {
-        if strategy.kind != StrategyKind::Fsdp {
-            return Ok((model, Optimizer::new(vars, cfg, strategy)?));
-        }
-        let f = Fsdp::shard(model, vars, cfg, strategy)?;
-        Ok((f.shell().clone(), Optimizer::Fsdp(Box::new(f))))
     }
 
     /// The trained variables (none for `fsdp`, whose parameters are shards).
