@@ -105,9 +105,10 @@ pub struct Fsdp {
     strategy: Strategy,
 }
 
-/// The value `t` stands for once sharded: 0 elements, same dtype and device.
+/// The value `t` stands for once sharded: 0 elements of its dtype, on the CPU (never
+/// computed with; no zero-byte device allocation).
 fn placeholder(t: &Tensor) -> Result<Tensor> {
-    Ok(Tensor::zeros(0, t.dtype(), t.device())?)
+    Ok(Tensor::zeros(0, t.dtype(), &candle_core::Device::Cpu)?)
 }
 
 /// `tensors` flattened into one buffer of `dtype`, padded with zeros to the next

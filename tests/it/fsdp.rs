@@ -128,6 +128,9 @@ fn an_fsdp_rank_holds_its_share_of_the_parameters() {
             cfg = tweak(config(dir.path(), devices, 4 / devices));
             cfg.strategy = StrategyKind::Fsdp;
             let held = held_bytes(&cfg, devices);
+            eprintln!(
+                "lora {lora_on}: ddp rank holds {whole} bytes, fsdp ranks of {devices}: {held:?}"
+            );
             // Each unit (a block, or the embeddings with norm and head) pads its
             // frozen and trained buffers to a multiple of the ranks: at most
             // 2 · (devices − 1) values of 4 bytes each.
