@@ -406,8 +406,69 @@ impl Fsdp {
         Ok(model)
     }
 
-    /// The whole model, every unit gathered (every rank must call it): for validation
-    /// and checkpoints.
+    /// What a checkpoint writes of the model, gathered unit by unit (every rank must
+    /// call it): on rank 0, a copy in host memory, with only the trained parameters
+    /// when `trained_only` (a LoRA adapter; the frozen base stays placeholders); None
+    /// on the other ranks, which drop each gathered unit at once. No device holds more
+    /// than one unit whole.
+    pub fn gather_to_host(&mut self, trained_only: bool) -> Result<Option<Gpt>> {
+        let strategy = self.strategy.clone();
+        let zero = strategy.is_global_zero();
+        let host = candle_core::Device::Cpu;
+        let keep = |unit: &Unit, values: Vec<Tensor>| -> Result<Vec<Tensor>> {
+            let mut out = Vec::with_capacity(values.len());
+            for (p, v) in unit.params.iter().zip(values) {
+                out.push(if trained_only && p.slot.is_none() {
+                    placeholder(&v)?
+                } else {
+                    v.to_device(&host)?
+                });
+            }
+            Ok(out)
+        };
+        let mut model = Gpt {
+            blocks: Vec::new(),
+            ..self.shell.clone()
+        };
+        for (i, blk) in self.shell.blocks.iter().enumerate() {
+            let values = self.units[i].gather(&strategy)?;
+            if !zero {
+                continue;
+            }
+            let mut blk = blk.clone();
+            let values = keep(&self.units[i], values)?;
+            for (slot, v) in blk.params_mut().into_iter().zip(values) {
+                *slot = v;
+            }
+            model.blocks.push(blk);
+        }
+        let outer = self.units.last().expect("the outer unit");
+        let values = outer.gather(&strategy)?;
+        if !zero {
+            return Ok(None);
+        }
+        for (slot, v) in model
+            .outer_params_mut()
+            .into_iter()
+            .zip(keep(outer, values)?)
+        {
+            *slot = v;
+        }
+        if model.cfg.tie_embeddings {
+            model.lm_head.weight = model.wte.clone();
+        }
+        for lin in model.linears_mut() {
+            if let Some(l) = &mut lin.lora
+                && let Some(m) = &l.out_mask
+            {
+                l.out_mask = Some(m.to_device(&host)?);
+            }
+        }
+        Ok(Some(model))
+    }
+
+    /// The whole model, every unit gathered on every rank's device (every rank must
+    /// call it): for validation.
     pub fn gather_model(&mut self, strategy: &Strategy) -> Result<Gpt> {
         let mut model = self.gather_outer(strategy)?;
         for (i, blk) in self.shell.blocks.iter().enumerate() {
@@ -541,9 +602,11 @@ impl Fsdp {
     }
 
     /// The moments by variable name (`exp_avg.<name>`, `exp_avg_sq.<name>`), gathered
-    /// and split like the parameters: what the replicated optimizer writes. Every rank
-    /// must call it.
+    /// unit by unit and split like the parameters: what the replicated optimizer
+    /// writes, in rank 0's host memory (the other ranks, which write nothing, get none
+    /// and drop each gathered unit at once). Every rank must call it.
     pub fn state_tensors(&self, strategy: &Strategy) -> Result<Vec<(String, Tensor)>> {
+        let zero = strategy.is_global_zero();
         let mut m_of = vec![None; self.names.len()];
         let mut v_of = vec![None; self.names.len()];
         for u in &self.units {
@@ -553,6 +616,10 @@ impl Fsdp {
             let trained: Vec<&Param> = u.params.iter().filter(|p| p.slot.is_some()).collect();
             for (moment, out) in [(m, &mut m_of), (v, &mut v_of)] {
                 let flat = strategy.all_gather(moment)?;
+                if !zero {
+                    continue;
+                }
+                let flat = flat.to_device(&candle_core::Device::Cpu)?;
                 let mut at = 0;
                 for p in &trained {
                     let n = p.len();
@@ -564,6 +631,9 @@ impl Fsdp {
                     at += n;
                 }
             }
+        }
+        if !zero {
+            return Ok(Vec::new());
         }
         let mut out = Vec::with_capacity(2 * self.names.len());
         for ((name, m), v) in self.names.iter().zip(m_of).zip(v_of) {

@@ -264,6 +264,16 @@ impl StepRunner {
         })
     }
 
+    /// What a checkpoint writes of the model, on rank 0 (None on the others): the model
+    /// itself, or with `fsdp` a copy gathered unit by unit into host memory, its frozen
+    /// base left out for a LoRA adapter (`trained_only`). Every rank must call it.
+    pub fn checkpoint_model(&mut self, trained_only: bool) -> Result<Option<Gpt>> {
+        match &mut self.opt {
+            Optimizer::Fsdp(f) => f.gather_to_host(trained_only),
+            _ => Ok(self.strategy.is_global_zero().then(|| self.model.clone())),
+        }
+    }
+
     /// Whether every trained parameter holds finite values only (with `fsdp`, every
     /// rank must call it).
     pub fn trained_finite(&self) -> Result<Option<String>> {

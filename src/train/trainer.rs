@@ -300,12 +300,11 @@ impl Trainer {
                 self.state.step
             )));
         }
-        // With fsdp every rank gathers the whole model for rank 0 to write.
-        let model = self.runner.full_model()?.into_owned();
-        let dir = if self.runner.strategy.is_global_zero() {
-            Some(self.write_checkpoint(name, &model, &optimizer)?)
-        } else {
-            None
+        // With fsdp every rank takes part in gathering it for rank 0, unit by unit.
+        let model = self.runner.checkpoint_model(self.lora.is_some())?;
+        let dir = match &model {
+            Some(m) => Some(self.write_checkpoint(name, m, &optimizer)?),
+            None => None,
         };
         drop(model);
         self.runner.strategy.barrier()?;
