@@ -1,6 +1,8 @@
 //! Validation loss of a model on token samples.
 
-use candle_core::Device;
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
 
 use super::batches::{Batch, SampleSet, sample_with_starts};
 use crate::error::Result;
@@ -35,6 +37,29 @@ pub fn evaluate(
     cross_document: bool,
     device: &Device,
 ) -> Result<Option<EvalResult>> {
+    let mut scorer = |b: &Batch| loss_sum(model, b);
+    evaluate_with(
+        &mut scorer,
+        split,
+        block_size,
+        micro_batch_size,
+        max_batches,
+        cross_document,
+        device,
+    )
+}
+
+/// [`evaluate`] with each batch's `Σ nll` from `loss_sum` (`--strategy fsdp` scores
+/// with its shards, see [`loss_sum_of`]).
+pub fn evaluate_with(
+    loss_sum: &mut dyn FnMut(&Batch) -> Result<f64>,
+    split: &dyn SampleSet,
+    block_size: usize,
+    micro_batch_size: usize,
+    max_batches: Option<usize>,
+    cross_document: bool,
+    device: &Device,
+) -> Result<Option<EvalResult>> {
     let n = split.len();
     let limit = max_batches.map_or(n, |m| (m * micro_batch_size).min(n));
     if limit == 0 {
@@ -51,7 +76,7 @@ pub fn evaluate(
             .into_iter()
             .unzip();
         let batch = Batch::from_packed(&samples, &starts, block_size, device)?;
-        sum += loss_sum(model, &batch)?;
+        sum += loss_sum(&batch)?;
         tokens += batch.tokens;
         i = end;
     }
@@ -65,9 +90,19 @@ pub fn evaluate(
 /// `Σ nll` of a batch's counted tokens, scored by the engine's forward without a
 /// backward (packed documents apart, as [`Batch::from_packed`] describes).
 pub fn loss_sum(model: &Gpt, batch: &Batch) -> Result<f64> {
+    loss_sum_of(batch, |ids, docs, targets| {
+        Ok(engine::score(model, ids, docs, targets)?)
+    })
+}
+
+/// `Σ nll` of a batch's counted tokens, scored by `score(ids, docs, targets)`.
+pub fn loss_sum_of(
+    batch: &Batch,
+    score: impl FnOnce(&Tensor, Option<&Arc<[u32]>>, &[u32]) -> Result<engine::Scores>,
+) -> Result<f64> {
     let targets = batch.targets.to_vec1::<u32>()?;
     let mask = batch.mask.to_vec1::<f32>()?;
-    let scores = engine::score(model, &batch.inputs, batch.docs.as_ref(), &targets)?;
+    let scores = score(&batch.inputs, batch.docs.as_ref(), &targets)?;
     Ok(scores
         .nll
         .iter()

@@ -46,7 +46,7 @@ use candle_core::{DType, Tensor, TensorId, Var};
 use super::adamw::{AdamWConfig, all_finite, clip_coefficient, update};
 use super::sharded_adamw::no_gradients;
 use crate::error::{Error, Result};
-use crate::model::engine::{BlockSource, Grads, PassInput, train_pass_with};
+use crate::model::engine::{BlockSource, Grads, PassInput, score_with, train_pass_with};
 use crate::model::{Block, Gpt};
 use crate::strategy::Strategy;
 
@@ -483,6 +483,33 @@ impl Fsdp {
             model.blocks.push(blk);
         }
         Ok(model)
+    }
+
+    /// The scores of `ids` against `targets` (the validation's forward), gathering each
+    /// block for its forward only (every rank must call it, with its own or the same
+    /// batch).
+    pub fn score(
+        &mut self,
+        ids: &Tensor,
+        docs: Option<&std::sync::Arc<[u32]>>,
+        targets: &[u32],
+    ) -> Result<crate::model::engine::Scores> {
+        let strategy = self.strategy.clone();
+        let outer = self.gather_outer(&strategy)?;
+        let n = self.units.len();
+        let mut src = Blocks {
+            shell: &self.shell,
+            units: &mut self.units[..n - 1],
+            strategy: &strategy,
+        };
+        Ok(score_with(
+            &outer,
+            &mut src,
+            &mut self.grads,
+            ids,
+            docs,
+            targets,
+        )?)
     }
 
     /// Forward and backward of one micro-batch, gathering each unit when it is

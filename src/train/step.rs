@@ -264,6 +264,15 @@ impl StepRunner {
         })
     }
 
+    /// With `fsdp`, the shards: validation scores with them, every rank gathering one
+    /// block at a time (None for the other strategies).
+    pub fn fsdp_mut(&mut self) -> Option<&mut super::fsdp::Fsdp> {
+        match &mut self.opt {
+            Optimizer::Fsdp(f) => Some(f),
+            _ => None,
+        }
+    }
+
     /// What a checkpoint writes of the model, on rank 0 (None on the others): the model
     /// itself, or with `fsdp` a copy gathered unit by unit into host memory, its frozen
     /// base left out for a LoRA adapter (`trained_only`). Every rank must call it.

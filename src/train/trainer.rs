@@ -234,19 +234,41 @@ impl Trainer {
     fn evaluate_validation(&mut self) -> Result<Validation> {
         let mut per = Vec::new();
         let (mut sum, mut tokens) = (0f64, 0usize);
-        // With fsdp every rank gathers the whole model for rank 0 (see docs/parallel.md).
         let global_zero = self.runner.strategy.is_global_zero();
         let device = self.runner.strategy.device.clone();
-        let model = self.runner.full_model()?.into_owned();
-        if global_zero {
+        let cross = self.cfg.cross_document();
+        if let Some(f) = self.runner.fsdp_mut() {
+            // fsdp: every rank scores the same batches, gathering one block at a time.
             for ds in &self.data.datasets {
-                let r = evaluate(
-                    &model,
+                let mut scorer = |b: &super::batches::Batch| {
+                    super::evaluate::loss_sum_of(b, |ids, docs, targets| {
+                        f.score(ids, docs, targets)
+                    })
+                };
+                let r = super::evaluate::evaluate_with(
+                    &mut scorer,
                     ds.validation.as_ref(),
                     self.data.block_size,
                     self.cfg.micro_batch_size,
                     self.cfg.eval_max_batches,
-                    self.cfg.cross_document(),
+                    cross,
+                    &device,
+                )?;
+                if let Some(r) = r {
+                    sum += r.loss * r.tokens as f64;
+                    tokens += r.tokens;
+                }
+                per.push(r.map(|r| r.loss));
+            }
+        } else if global_zero {
+            for ds in &self.data.datasets {
+                let r = evaluate(
+                    &self.runner.model,
+                    ds.validation.as_ref(),
+                    self.data.block_size,
+                    self.cfg.micro_batch_size,
+                    self.cfg.eval_max_batches,
+                    cross,
                     &device,
                 )?;
                 if let Some(r) = r {
@@ -256,10 +278,15 @@ impl Trainer {
                 per.push(r.map(|r| r.loss));
             }
         }
+        // Downstream tasks score the whole model (with fsdp, gathered on every rank).
+        let model = match self.eval_tasks {
+            Some(_) => Some(self.runner.full_model()?.into_owned()),
+            None => None,
+        };
         let mut tasks = Vec::new();
-        if let (Some(ts), true) = (&self.eval_tasks, global_zero) {
+        if let (Some(ts), Some(model), true) = (&self.eval_tasks, &model, global_zero) {
             let start = Instant::now();
-            let values = ts.score(&model, self.cfg.micro_batch_size)?;
+            let values = ts.score(model, self.cfg.micro_batch_size)?;
             let line = self
                 .task_columns
                 .iter()

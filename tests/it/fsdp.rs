@@ -225,7 +225,8 @@ fn recorded(cfg: &TrainConfig, devices: usize) -> Vec<Vec<(&'static str, usize)>
 /// Issue 26: each block's parameters are gathered just before its forward and again
 /// for its backward, and its gradients reduce-scattered as soon as its backward ends,
 /// before the previous block's are gathered; the embeddings and head (the outer unit)
-/// are gathered first and reduced last. Two micro-batches a step: twice.
+/// are gathered first and reduced last. Two micro-batches a step: twice. Validation
+/// and checkpoints gather one unit at a time too.
 #[test]
 fn fsdp_gathers_each_block_for_its_forward_and_backward_and_reduces_it_at_once() {
     let dir = temp_dir();
@@ -253,9 +254,19 @@ fn fsdp_gathers_each_block_for_its_forward_and_backward_and_reduces_it_at_once()
         let want: Vec<_> = pass.iter().chain(&pass).copied().collect();
         assert!(gather(0));
         assert_eq!(calls[..16], want[..], "{calls:?}");
-        // Then the update gathers nothing; what follows are the gathers of the final
-        // validation and checkpoint (parameters and moments), and no more gradients.
-        assert!(calls[16..].iter().all(|c| c.0 == "all_gather"), "{calls:?}");
+        // Then the update gathers nothing. The final validation gathers each block for
+        // its forward, one at a time, batch after batch (4 and 2 samples, micro-batch
+        // 1: 6 batches); the checkpoint each unit's moments (m, v), then its
+        // parameters: one unit at a time, never the model at once. No more gradients.
+        let scoring = [g(outer), g(block), g(block)];
+        let validation: Vec<_> = scoring.iter().cycle().take(18).copied().collect();
+        assert_eq!(calls[16..34], validation[..], "{calls:?}");
+        let (moments, params) = (
+            [g(block), g(block), g(block), g(block), g(outer), g(outer)],
+            [g(block), g(block), g(outer)],
+        );
+        assert_eq!(calls[34..40], moments[..], "{calls:?}");
+        assert_eq!(calls[40..], params[..], "{calls:?}");
     }
 }
 
