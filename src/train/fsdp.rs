@@ -32,12 +32,14 @@
 //! backward).
 //!
 //! A model is sharded as it loads ([`FsdpBuilder`]): each block is sharded, and freed,
-//! before the next is read.
+//! before the next is read. Validation gathers one block at a time as the training
+//! forward does ([`Fsdp::score`]); a checkpoint gathers one unit at a time into rank
+//! 0's host memory ([`Fsdp::gather_to_host`], [`Fsdp::state_tensors`]): the same files
+//! `ddp` and `zero1` write (the moments by variable name), so they resume on any world
+//! size and strategy.
 //!
 //! AdamW is element-wise and a unit's flat buffer holds every element once, so the
-//! update is the one the replicated optimizer makes. Checkpoints gather the whole model
-//! and the moments by variable name on every rank (rank 0 writes them), the same files
-//! `ddp` and `zero1` write, so they resume on any world size and strategy.
+//! update is the one the replicated optimizer makes.
 
 use std::collections::HashMap;
 
