@@ -342,3 +342,57 @@ fn a_lora_checkpoint_of_two_fsdp_ranks_resumes_on_one_and_on_four() {
         );
     }
 }
+
+/// `pretrain --strategy fsdp` from the command line, on prepared data, with LoRA: the
+/// run folder names the strategy and its final checkpoint is a PEFT adapter.
+#[test]
+fn the_cli_trains_with_fsdp_on_cpu_threads() {
+    use crate::pipeline::{lit, prepared, s};
+    let root = temp_dir();
+    let data = prepared(root.path());
+    let run = root.path().join("run");
+    let model = reference_dir("llama");
+    let args = |devices: &str, steps: &str, micro: &str| -> Vec<String> {
+        [
+            "pretrain",
+            "--data-dir",
+            s(&data),
+            "--checkpoint-dir",
+            s(&model),
+            "--out-dir",
+            s(&run),
+            "--device",
+            "cpu",
+            "--devices",
+            devices,
+            "--strategy",
+            "fsdp",
+            "--max-steps",
+            steps,
+            "--batch-size",
+            "2",
+            "--micro-batch-size",
+            micro,
+            "--eval-interval",
+            "3",
+            "--eval-max-batches",
+            "1",
+            "--lora-r",
+            "4",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect()
+    };
+    let run_with = |a: Vec<String>| {
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        lit(&a)
+    };
+    let out = run_with(args("2", "3", "1"));
+    assert_eq!(out.trim(), s(&run.join("final")));
+    let hp = std::fs::read_to_string(run.join("hyperparameters.toml")).unwrap();
+    assert!(hp.contains("strategy = \"fsdp\""), "{hp}");
+    let log = std::fs::read_to_string(run.join("train.log")).unwrap();
+    assert!(log.contains("cpu × 2 ranks (fsdp)"), "{log}");
+    assert!(run.join("final/adapter_model.safetensors").exists());
+}
