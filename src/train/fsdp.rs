@@ -120,8 +120,10 @@ fn shard_of(tensors: &[Tensor], dtype: DType, strategy: &Strategy) -> Result<Par
     let n: usize = tensors.iter().map(Tensor::elem_count).sum();
     let (padded, range) = strategy.shard_of(n);
     let mut parts = Vec::with_capacity(tensors.len() + 1);
+    // Detached: ops on a trained variable record it, and the shard would keep the
+    // whole variable (and the buffer cut from it) alive through its graph.
     for t in tensors {
-        parts.push(t.flatten_all()?.to_dtype(dtype)?);
+        parts.push(t.detach().flatten_all()?.to_dtype(dtype)?);
     }
     let device = &strategy.device;
     if padded > n {
@@ -129,7 +131,10 @@ fn shard_of(tensors: &[Tensor], dtype: DType, strategy: &Strategy) -> Result<Par
     }
     let flat = Tensor::cat(&parts, 0)?;
     drop(parts);
-    let shard = flat.narrow(0, range.start, range.len())?.copy()?;
+    // `force_contiguous`, not `copy`: a copy of a view clones its whole storage.
+    let shard = flat
+        .narrow(0, range.start, range.len())?
+        .force_contiguous()?;
     Ok(Part { shard, padded })
 }
 
