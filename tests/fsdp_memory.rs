@@ -70,9 +70,10 @@ static ALLOCATOR: Counting = Counting;
 
 const MB: f64 = 1e6;
 
-/// Peak bytes (beyond what was live before) of loading, and of loading and 2 steps,
-/// on 4 thread ranks of `strategy`.
-fn peaks(model: &Path, strategy: StrategyKind) -> (usize, usize) {
+/// Bytes (beyond what was live before) live once every rank has loaded, their peak
+/// while loading, and the peak over loading and 2 steps, on 4 thread ranks of
+/// `strategy`.
+fn peaks(model: &Path, strategy: StrategyKind) -> (usize, usize, usize) {
     let run = tempfile::tempdir().unwrap();
     let cfg = TrainConfig {
         data_dir: "in-memory".into(),
@@ -105,9 +106,9 @@ fn peaks(model: &Path, strategy: StrategyKind) -> (usize, usize) {
     let before = LIVE.load(Ordering::Relaxed);
     PEAK.store(before, Ordering::Relaxed);
     let group = ThreadGroup::new(4, Duration::from_secs(120));
-    let loaded = AtomicUsize::new(0);
+    let (loaded, live) = (AtomicUsize::new(0), AtomicUsize::new(0));
     std::thread::scope(|s| {
-        let (cfg, data, loaded, group) = (&cfg, &data, &loaded, &group);
+        let (cfg, data, loaded, live, group) = (&cfg, &data, &loaded, &live, &group);
         let hs: Vec<_> = group
             .handles()
             .into_iter()
@@ -118,6 +119,7 @@ fn peaks(model: &Path, strategy: StrategyKind) -> (usize, usize) {
                     // Every rank has loaded: the peak so far is loading's.
                     st.barrier().unwrap();
                     loaded.fetch_max(PEAK.load(Ordering::Relaxed), Ordering::Relaxed);
+                    live.fetch_max(LIVE.load(Ordering::Relaxed), Ordering::Relaxed);
 
                     st.barrier().unwrap();
                     t.run(Some(2)).unwrap();
@@ -129,6 +131,7 @@ fn peaks(model: &Path, strategy: StrategyKind) -> (usize, usize) {
         }
     });
     (
+        live.load(Ordering::Relaxed) - before,
         loaded.load(Ordering::Relaxed) - before,
         PEAK.load(Ordering::Relaxed) - before,
     )
@@ -149,10 +152,12 @@ fn fsdp_ranks_hold_a_quarter_of_what_ddp_ranks_hold() {
     let model = dir.path().join("model");
     let tokenizer = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/reference/llama");
     init_model(&InitOptions::new(&config, &tokenizer, &model)).unwrap();
-    let (ddp_load, ddp) = peaks(&model, StrategyKind::Ddp);
-    let (fsdp_load, fsdp) = peaks(&model, StrategyKind::Fsdp);
+    let (ddp_live, ddp_load, ddp) = peaks(&model, StrategyKind::Ddp);
+    let (fsdp_live, fsdp_load, fsdp) = peaks(&model, StrategyKind::Fsdp);
     eprintln!(
-        "4 thread ranks, 5.5M parameters (f32): peak while loading ddp {:.1} MB, fsdp {:.1} MB; loading and 2 steps ddp {:.1} MB, fsdp {:.1} MB",
+        "4 thread ranks, 5.5M parameters (f32): live after loading ddp {:.1} MB, fsdp {:.1} MB; peak while loading ddp {:.1} MB, fsdp {:.1} MB; loading and 2 steps ddp {:.1} MB, fsdp {:.1} MB",
+        ddp_live as f64 / MB,
+        fsdp_live as f64 / MB,
         ddp_load as f64 / MB,
         fsdp_load as f64 / MB,
         ddp as f64 / MB,
