@@ -24,7 +24,7 @@ use crate::config::{Config, QkvLayout};
 use crate::error::{Error, Result};
 use crate::model::names::WeightNames;
 use crate::model::token_rows::rows_replaced;
-use crate::model::{Gpt, Linear, LoraAdapter, TokenRows, TrainedEmbeddings};
+use crate::model::{Block, Gpt, Linear, LoraAdapter, TokenRows, TrainedEmbeddings};
 
 /// What a LoRA run trains of the embeddings and head (`--train-embeddings`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -213,27 +213,34 @@ enum Role {
     Head,
 }
 
-/// Every linear layer of `model` with its role.
+/// Every linear layer of `model` with its role: the blocks' in order, then the head.
 fn roles(model: &mut Gpt) -> Vec<(Role, QkvLayout, &mut Linear)> {
     let mut out = Vec::new();
     for b in &mut model.blocks {
-        let layout = b.attn.qkv.layout();
-        match &mut b.attn.qkv {
-            crate::model::QkvProj::Separate { q, k, v } => {
-                out.push((Role::Query, layout, q));
-                out.push((Role::Key, layout, k));
-                out.push((Role::Value, layout, v));
-            }
-            crate::model::QkvProj::Blocked(l) | crate::model::QkvProj::Grouped(l) => {
-                out.push((Role::FusedQkv, layout, l));
-            }
-        }
-        out.push((Role::Projection, layout, &mut b.attn.proj));
-        for l in b.mlp.linears_mut() {
-            out.push((Role::Mlp, layout, l));
-        }
+        out.extend(block_roles(b));
     }
     out.push((Role::Head, QkvLayout::Separate, &mut model.lm_head));
+    out
+}
+
+/// Every linear layer of one block with its role, in [`roles`]'s order.
+fn block_roles(b: &mut Block) -> Vec<(Role, QkvLayout, &mut Linear)> {
+    let mut out = Vec::new();
+    let layout = b.attn.qkv.layout();
+    match &mut b.attn.qkv {
+        crate::model::QkvProj::Separate { q, k, v } => {
+            out.push((Role::Query, layout, q));
+            out.push((Role::Key, layout, k));
+            out.push((Role::Value, layout, v));
+        }
+        crate::model::QkvProj::Blocked(l) | crate::model::QkvProj::Grouped(l) => {
+            out.push((Role::FusedQkv, layout, l));
+        }
+    }
+    out.push((Role::Projection, layout, &mut b.attn.proj));
+    for l in b.mlp.linears_mut() {
+        out.push((Role::Mlp, layout, l));
+    }
     out
 }
 
@@ -272,37 +279,83 @@ fn fused_mask(cfg: &Config, layout: QkvLayout, t: &LoraTargets) -> Option<Vec<f3
 /// `model`. Returns the trainable `(name, var)` pairs, named as PEFT names them
 /// without the `base_model.model.` prefix: `<module>.lora_A.weight`, `<module>.lora_B.weight`.
 pub fn attach_new(model: &mut Gpt, cfg: &LoraConfig, seed: u64) -> Result<Vec<(String, Var)>> {
-    if cfg.r == 0 {
-        return Err(Error::Usage(
-            "--lora-r must be positive to train LoRA".into(),
-        ));
-    }
-    if !cfg.targets.any() {
-        return Err(Error::Usage(
-            "LoRA needs at least one target: --lora-query, --lora-key, --lora-value, --lora-projection, --lora-mlp or --lora-head".into(),
-        ));
-    }
-    let mcfg = model.cfg.clone();
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut init = FreshAdapters::new(&model.cfg, cfg, seed)?;
     let mut vars = Vec::new();
-    let t = cfg.targets;
     for (role, layout, lin) in roles(model) {
+        vars.extend(init.attach(role, layout, lin)?);
+    }
+    Ok(vars)
+}
+
+/// [`attach_new`] one block at a time, in order, then the head: the same adapters
+/// (one seeded stream, drawn in the same order), for a model loaded block by block.
+pub struct FreshAdapters {
+    model: Config,
+    cfg: LoraConfig,
+    rng: ChaCha8Rng,
+}
+
+impl FreshAdapters {
+    /// Fails, saying what to set, on a rank of 0 or no target.
+    pub fn new(model: &Config, cfg: &LoraConfig, seed: u64) -> Result<Self> {
+        if cfg.r == 0 {
+            return Err(Error::Usage(
+                "--lora-r must be positive to train LoRA".into(),
+            ));
+        }
+        if !cfg.targets.any() {
+            return Err(Error::Usage(
+                "LoRA needs at least one target: --lora-query, --lora-key, --lora-value, --lora-projection, --lora-mlp or --lora-head".into(),
+            ));
+        }
+        Ok(FreshAdapters {
+            model: model.clone(),
+            cfg: cfg.clone(),
+            rng: ChaCha8Rng::seed_from_u64(seed),
+        })
+    }
+
+    /// Adapters on the targeted layers of the next block.
+    pub fn attach_block(&mut self, b: &mut Block) -> Result<Vec<(String, Var)>> {
+        let mut vars = Vec::new();
+        for (role, layout, lin) in block_roles(b) {
+            vars.extend(self.attach(role, layout, lin)?);
+        }
+        Ok(vars)
+    }
+
+    /// The head's adapter, when targeted (after every block).
+    pub fn attach_head(&mut self, head: &mut Linear) -> Result<Vec<(String, Var)>> {
+        self.attach(Role::Head, QkvLayout::Separate, head)
+    }
+
+    fn attach(
+        &mut self,
+        role: Role,
+        layout: QkvLayout,
+        lin: &mut Linear,
+    ) -> Result<Vec<(String, Var)>> {
+        let (cfg, t) = (&self.cfg, self.cfg.targets);
         let (wanted, mask) = match role {
             Role::Query => (t.query, None),
             Role::Key => (t.key, None),
             Role::Value => (t.value, None),
-            Role::FusedQkv => (t.query || t.key || t.value, fused_mask(&mcfg, layout, &t)),
+            Role::FusedQkv => (
+                t.query || t.key || t.value,
+                fused_mask(&self.model, layout, &t),
+            ),
             Role::Projection => (t.projection, None),
             Role::Mlp => (t.mlp, None),
             Role::Head => (t.head, None),
         };
         if !wanted {
-            continue;
+            return Ok(Vec::new());
         }
         let (n_out, n_in) = (lin.out_features(), lin.in_features());
         let dev = lin.weight.device().clone();
         let dtype = lin.weight.dtype();
         let bound = 1.0 / (n_in as f32).sqrt();
+        let rng = &mut self.rng;
         let a: Vec<f32> = (0..cfg.r * n_in)
             .map(|_| rng.random_range(-bound..bound))
             .collect();
@@ -319,10 +372,11 @@ pub fn attach_new(model: &mut Gpt, cfg: &LoraConfig, seed: u64) -> Result<Vec<(S
             dropout: cfg.dropout,
             out_mask,
         });
-        vars.push((format!("{}.lora_A.weight", lin.name), a));
-        vars.push((format!("{}.lora_B.weight", lin.name), b));
+        Ok(vec![
+            (format!("{}.lora_A.weight", lin.name), a),
+            (format!("{}.lora_B.weight", lin.name), b),
+        ])
     }
-    Ok(vars)
 }
 
 /// Attach adapters from tensors keyed by module path (`A: (r, in)`, `B: (out, r)`).

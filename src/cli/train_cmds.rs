@@ -22,6 +22,10 @@ pub struct PretrainArgs {
     /// the prepared data's metadata.json, if there), writes nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// With --dry-run: memory per device in GiB (80 for an H100 80GB), to name the
+    /// least sharded --strategy that fits (on a CUDA device, its free memory otherwise).
+    #[arg(long, value_name = "GIB", requires = "dry_run")]
+    pub device_memory: Option<f64>,
 }
 
 impl PretrainArgs {
@@ -55,7 +59,18 @@ pub fn pretrain(a: PretrainArgs) -> Result<ExitCode> {
     let cfg = a.resolve()?;
     if a.dry_run {
         cfg.check_needing(&["--checkpoint-dir"])?;
-        println!("{}", crate::train::estimate::dry_run(&cfg)?);
+        let bytes = match a.device_memory {
+            Some(g) if g.is_finite() && g > 0.0 && g < 1e9 => {
+                Some((g * (1u64 << 30) as f64) as u64)
+            }
+            Some(g) => {
+                return Err(Error::Usage(format!(
+                    "--device-memory {g}: expected a positive number of GiB (80 for an 80 GB GPU)"
+                )));
+            }
+            None => None,
+        };
+        println!("{}", crate::train::estimate::dry_run_on(&cfg, bytes)?);
         return Ok(ExitCode::SUCCESS);
     }
     let summary = crate::train::pretrain(&cfg.checked()?)?;

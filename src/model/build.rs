@@ -124,6 +124,22 @@ pub fn build_model(
     src: &dyn TensorSource,
     opts: &BuildOptions,
 ) -> Result<TrainableModel> {
+    build_model_by_block(cfg, src, opts, None)
+}
+
+/// What [`build_model_by_block`] does with each block as soon as it is built: given the
+/// block and its trainable variables, returns what the model keeps of it.
+pub type OnBlock<'a> = &'a mut dyn FnMut(Block, Vec<(String, Var)>) -> Result<Block>;
+
+/// [`build_model`], handing each block to `on_block` as soon as it is built (`--strategy
+/// fsdp` keeps only its shard): the model holds what it returns, and the returned
+/// variables are those outside the blocks.
+pub fn build_model_by_block(
+    cfg: &Config,
+    src: &dyn TensorSource,
+    opts: &BuildOptions,
+    mut on_block: Option<OnBlock>,
+) -> Result<TrainableModel> {
     let names = WeightNames::for_config(cfg);
     let mut ld = Loader {
         src,
@@ -149,6 +165,7 @@ pub fn build_model(
     let kv_width = cfg.n_kv_head * cfg.head_dim;
     let mut blocks = Vec::with_capacity(cfg.n_layer);
     for i in 0..cfg.n_layer {
+        let block_vars_from = ld.vars.len();
         let at = |m: &str| names.in_layer(i, m);
         let norm1 = ld.norm(at(names.attn_norm), cfg)?;
         let shared = cfg.residual == Residual::Parallel && cfg.shared_attention_norm;
@@ -185,7 +202,7 @@ pub fn build_model(
         };
         let up = ld.linear(at(names.mlp_up), c, f, cfg.mlp_bias, conv)?;
         let down = ld.linear(at(names.mlp_down), f, c, cfg.mlp_bias, conv)?;
-        blocks.push(Block {
+        let block = Block {
             norm1,
             norm2,
             attn: Attention::new(cfg, i, qkv, proj),
@@ -196,6 +213,13 @@ pub fn build_model(
                 activation: cfg.activation,
             },
             residual: cfg.residual,
+        };
+        blocks.push(match on_block.as_mut() {
+            Some(f) => {
+                let vars = ld.vars.split_off(block_vars_from);
+                f(block, vars)?
+            }
+            None => block,
         });
     }
     let ln_f = ld.norm(names.final_norm.to_string(), cfg)?;

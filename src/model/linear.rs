@@ -154,6 +154,17 @@ impl Linear {
         }
     }
 
+    /// `weight`, `bias`, `lora_A`, `lora_B` (those it has), in this order.
+    pub fn params_mut(&mut self) -> Vec<&mut Tensor> {
+        let mut v = vec![&mut self.weight];
+        v.extend(self.bias.as_mut());
+        if let Some(l) = &mut self.lora {
+            v.push(&mut l.a);
+            v.push(&mut l.b);
+        }
+        v
+    }
+
     pub fn out_features(&self) -> usize {
         self.weight.dims()[0]
     }

@@ -24,7 +24,7 @@ pub mod weights;
 use candle_core::{DType, Device, Result, Tensor, Var};
 
 pub use attention::{Attention, QkvProj};
-pub use build::{BuildOptions, build_model};
+pub use build::{BuildOptions, OnBlock, build_model, build_model_by_block};
 pub use linear::{Dropout, Linear, LoraAdapter};
 pub use mlp::Mlp;
 pub use norm::Norm;
@@ -42,6 +42,26 @@ pub struct Block {
     pub attn: Attention,
     pub mlp: Mlp,
     pub residual: Residual,
+}
+
+impl Block {
+    /// Every parameter tensor of the block, LoRA matrices included (not their row
+    /// masks, which are constants), in one fixed order: norms, attention, MLP; in
+    /// each linear `weight`, `bias`, `lora_A`, `lora_B`.
+    pub fn params_mut(&mut self) -> Vec<&mut Tensor> {
+        let mut v = self.norm1.params_mut();
+        if let Some(n) = &mut self.norm2 {
+            v.extend(n.params_mut());
+        }
+        for l in self.attn.qkv.linears_mut() {
+            v.extend(l.params_mut());
+        }
+        v.extend(self.attn.proj.params_mut());
+        for l in self.mlp.linears_mut() {
+            v.extend(l.params_mut());
+        }
+        v
+    }
 }
 
 /// The decoder.
@@ -106,6 +126,27 @@ impl Gpt {
             v.extend(b.mlp.linears_mut());
         }
         v.push(&mut self.lm_head);
+        v
+    }
+
+    /// Every parameter tensor outside the blocks, in one fixed order: embeddings,
+    /// learned positions, final norm, head (its weight only when it is not the
+    /// embeddings'; its LoRA matrices).
+    pub fn outer_params_mut(&mut self) -> Vec<&mut Tensor> {
+        let mut v = vec![&mut self.wte];
+        if let Some((_, t)) = &mut self.wpe {
+            v.push(t);
+        }
+        v.extend(self.ln_f.params_mut());
+        let head = &mut self.lm_head;
+        if !self.cfg.tie_embeddings {
+            v.push(&mut head.weight);
+        }
+        v.extend(head.bias.as_mut());
+        if let Some(l) = &mut head.lora {
+            v.push(&mut l.a);
+            v.push(&mut l.b);
+        }
         v
     }
 

@@ -23,6 +23,13 @@ pub struct Norm {
 }
 
 impl Norm {
+    /// `weight`, then `bias` when there is one.
+    pub fn params_mut(&mut self) -> Vec<&mut Tensor> {
+        let mut v = vec![&mut self.weight];
+        v.extend(self.bias.as_mut());
+        v
+    }
+
     pub fn new(
         name: String,
         kind: NormKind,

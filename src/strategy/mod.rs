@@ -10,7 +10,8 @@
 //! ranks once per optimizer step, through a [`Collective`]: [`Single`] for one rank,
 //! [`threads::ThreadGroup`] for ranks as threads of one CPU process, NCCL on GPUs.
 //! [`StrategyKind`] says whether every rank keeps the whole optimizer state (`ddp`) or
-//! only its shard of it (`zero1`).
+//! only its shard of it (`zero1`), or only its shard of the parameters, gradients and
+//! optimizer state (`fsdp`, see [`crate::train::fsdp`]).
 
 pub mod collective;
 pub mod desync;
@@ -59,6 +60,11 @@ pub enum StrategyKind {
     /// of its shard of the parameters and updates it, then the parameters are
     /// all-gathered (DeepSpeed ZeRO-1, Megatron's distributed optimizer).
     Zero1,
+    /// ZeRO stage 3 (PyTorch FSDP, DeepSpeed ZeRO-3): parameters (the frozen base
+    /// too), gradients and AdamW state are sharded; each block's parameters are
+    /// all-gathered just before its forward and again for its backward, and its
+    /// gradients reduce-scattered as soon as its backward ends.
+    Fsdp,
 }
 
 impl std::fmt::Display for StrategyKind {
@@ -66,6 +72,7 @@ impl std::fmt::Display for StrategyKind {
         f.write_str(match self {
             StrategyKind::Ddp => "ddp",
             StrategyKind::Zero1 => "zero1",
+            StrategyKind::Fsdp => "fsdp",
         })
     }
 }

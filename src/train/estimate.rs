@@ -16,7 +16,18 @@
 //! grads        p · trainable parameters (LoRA: A and B, and the embeddings and head
 //!              --train-embeddings trains: n · C per matrix for `new`, V · C for `all`;
 //!              full: all), one flat buffer
-//! optimizer    p · 2 · trainable (AdamW's two moments), ÷ W with --strategy zero1
+//! optimizer    p · 2 · trainable (AdamW's two moments)
+//!
+//! zero1        optimizer: f32 · 2 · trainable ÷ W (the shards' moments are f32)
+//! fsdp         params:    p · (base + LoRA) ÷ W        this rank's shards
+//!                         + p · (outer + one block)    gathered: the embeddings, final
+//!                                                      norm and head through the pass,
+//!                                                      one block at a time
+//!              grads:     f32 · trainable ÷ W          the gradient shards
+//!                         + p · (outer + one block)'s trainable  their gradient buffers
+//!                         + f32 · the larger of the two          the flat copy reduced
+//!              optimizer: f32 · 2 · trainable ÷ W
+//!              (W = 1: as ddp, which one rank runs; no trained rows of new tokens)
 //! activations  what one block saves for its backward:
 //!                e · N · ( C             x, the block input
 //!                        + C             first norm's output
@@ -279,6 +290,95 @@ fn lora_count(model: &Config, lora: &LoraConfig) -> Bytes {
     Bytes::of(model.n_layer) * block + head
 }
 
+/// Parameters of one block, and of everything outside the blocks (embeddings, learned
+/// positions, final norm, an untied head), base and LoRA: `(block base, block LoRA,
+/// outer base, outer LoRA)`.
+fn unit_counts(model: &Config, lora: Option<&LoraConfig>) -> (Bytes, Bytes, Bytes, Bytes) {
+    let b = Bytes::of;
+    let total = Bytes(model.param_count());
+    let mut bare = model.clone();
+    bare.n_layer = 0;
+    let outer = Bytes(bare.param_count());
+    let block = match (total.0, outer.0) {
+        (Some(t), Some(o)) if model.n_layer > 0 => Bytes(Some((t - o) / model.n_layer as u128)),
+        (Some(_), Some(_)) => b(0),
+        _ => Bytes(None),
+    };
+    let (block_lora, head_lora) = match lora {
+        None => (b(0), b(0)),
+        Some(l) => {
+            let per = |(n_in, n_out): (usize, usize)| b(l.r) * (b(n_in) + b(n_out));
+            let blk = adapted_block_linears(model, l).into_iter().map(per).sum();
+            let head = if l.targets.head {
+                per((model.hidden_size, model.vocab_size))
+            } else {
+                b(0)
+            };
+            (blk, head)
+        }
+    };
+    (block, block_lora, outer, head_lora)
+}
+
+/// One rank's parameters, gradients and optimizer state under `cfg.strategy` (module
+/// docs): `(params, grads, optimizer)`.
+fn sharded_parts(
+    model: &Config,
+    cfg: &TrainConfig,
+    lora: Option<&LoraConfig>,
+    (trained_rows, rows_apart): (u64, u64),
+) -> (Bytes, Bytes, Bytes) {
+    let b = Bytes::of;
+    let (base, lora_n) = ParamCounts::counts(model, lora);
+    // The rows of new tokens --train-embeddings trains (LoRA runs): trained, and held
+    // apart from the matrices.
+    let (trained_rows, rows_apart) = (
+        Bytes(Some(u128::from(trained_rows))),
+        Bytes(Some(u128::from(rows_apart))),
+    );
+    let trainable = if lora.is_some() {
+        lora_n + trained_rows
+    } else {
+        base
+    };
+    let p = b(cfg.precision.param_dtype().size_in_bytes());
+    let f32 = b(F32 as usize);
+    let world = cfg.devices.saturating_mul(cfg.num_nodes).max(1);
+    let shard = |x: Bytes| Bytes(x.0.map(|a| a.div_ceil(world as u128)));
+    let kind = if world == 1 {
+        StrategyKind::Ddp
+    } else {
+        cfg.strategy
+    };
+    match kind {
+        StrategyKind::Ddp => (
+            p * (base + lora_n + rows_apart),
+            p * trainable,
+            p * b(2) * trainable,
+        ),
+        StrategyKind::Zero1 => (
+            p * (base + lora_n + rows_apart),
+            p * trainable,
+            shard(f32 * b(2) * trainable),
+        ),
+        StrategyKind::Fsdp => {
+            let (block, block_lora, outer, head_lora) = unit_counts(model, lora);
+            let (block_trained, outer_trained) = match lora {
+                Some(_) => (block_lora, head_lora),
+                None => (block, outer),
+            };
+            let gathered = outer + head_lora + block + block_lora;
+            (
+                shard(p * (base + lora_n)) + p * gathered,
+                shard(f32 * trainable)
+                    + p * (outer_trained + block_trained)
+                    + f32 * outer_trained.max(block_trained),
+                shard(f32 * b(2) * trainable),
+            )
+        }
+    }
+}
+
 /// Ranks whose parts share one memory: the thread ranks of a CPU run, one process
 /// for all of them; 1 on GPUs, where each rank has its own device.
 pub fn ranks_sharing_memory(cfg: &TrainConfig) -> u64 {
@@ -295,34 +395,16 @@ pub fn estimate(model: &Config, cfg: &TrainConfig, seq_len: usize) -> Result<Mem
     let lora = cfg.lora();
     let b = Bytes::of;
     let zero = b(0);
-    let (base, lora_n) = ParamCounts::counts(model, lora.as_ref());
     let embeddings = super::embeddings::trained_params(
         cfg,
         model.vocab_size,
         model.hidden_size,
         model.tie_embeddings,
     );
-    let (trained_embeddings, rows_apart) = (
-        Bytes(Some(u128::from(embeddings.0))),
-        Bytes(Some(u128::from(embeddings.1))),
-    );
-    let trainable = if lora.is_some() {
-        lora_n + trained_embeddings
-    } else {
-        base
-    };
-    let p = b(cfg.precision.param_dtype().size_in_bytes());
     let e = b(cfg.precision.compute_dtype().size_in_bytes());
     let f32 = b(F32 as usize);
-    let world = b(cfg.devices.saturating_mul(cfg.num_nodes).max(1));
 
-    let params = p * (base + lora_n + rows_apart);
-    let grads = p * trainable;
-    let optimizer = match (p * b(2) * trainable, cfg.strategy) {
-        (Bytes(Some(all)), StrategyKind::Zero1) => Bytes(world.0.map(|w| all.div_ceil(w.max(1)))),
-        (all, _) => all,
-    };
-
+    let (params, grads, optimizer) = sharded_parts(model, cfg, lora.as_ref(), embeddings);
     let (mb, t) = (b(cfg.micro_batch_size), b(seq_len));
     let n = mb * t;
     let (c, i) = (b(model.hidden_size), b(model.intermediate_size));
@@ -508,6 +590,10 @@ fn assumptions(
         "1 rank".to_string()
     } else if cfg.strategy == StrategyKind::Zero1 {
         format!("{world} ranks, optimizer state sharded (zero1)")
+    } else if cfg.strategy == StrategyKind::Fsdp {
+        format!(
+            "{world} ranks, parameters, gradients and optimizer state sharded (fsdp: each rank keeps 1/{world} of them, and gathers the embeddings and head for a pass and one block at a time)"
+        )
     } else {
         format!("{world} ranks, each with the whole optimizer state (ddp)")
     };
@@ -566,6 +652,15 @@ pub fn human(bytes: u64) -> String {
 /// Estimates side by side, one column per `(heading, estimate)`, one line per part,
 /// then the first one's assumptions.
 pub fn table(columns: &[(&str, &MemoryEstimate)]) -> String {
+    let mut out = part_rows(columns);
+    if let Some((_, m)) = columns.first() {
+        out.push_str(&m.assumed);
+    }
+    out
+}
+
+/// The heading (when a column has one) and one line per part of [`table`].
+fn part_rows(columns: &[(&str, &MemoryEstimate)]) -> String {
     const LABEL: usize = 16;
     let widths: Vec<usize> = columns.iter().map(|(h, _)| h.len().max(10)).collect();
     let mut out = String::new();
@@ -596,9 +691,6 @@ pub fn table(columns: &[(&str, &MemoryEstimate)]) -> String {
             out.push_str(&format!("  {:>width$}", part(m)));
         }
         out.push('\n');
-    }
-    if let Some((_, m)) = columns.first() {
-        out.push_str(&m.assumed);
     }
     out
 }
@@ -656,6 +748,13 @@ fn model_config(dir: &Path) -> Result<Config> {
 /// `vocab_adaptation.json`; nothing else is read or written. On a CUDA device of a
 /// CUDA build, also whether it fits the free memory now.
 pub fn dry_run(cfg: &TrainConfig) -> Result<String> {
+    dry_run_on(cfg, None)
+}
+
+/// [`dry_run`], and for a run of several ranks the plan of one rank under each
+/// `--strategy`, naming the least sharded that fits `device_memory` bytes per device
+/// (or, on a CUDA device of a CUDA build, its free memory now).
+pub fn dry_run_on(cfg: &TrainConfig, device_memory: Option<u64>) -> Result<String> {
     let model = model_config(&cfg.checkpoint_dir)?;
     let (seq_len, from) = planned_seq_len(cfg, &model)?;
     // A --train-embeddings the model cannot have is refused here as in the run.
@@ -687,9 +786,22 @@ pub fn dry_run(cfg: &TrainConfig) -> Result<String> {
     } else {
         out.push_str(&table(&[("as given", &given)]));
     }
+    let free = match cfg.device {
+        DeviceSpec::Cuda(_) if device_memory.is_none() => device_free(cfg)?,
+        _ => None,
+    };
+    if cfg.devices.saturating_mul(cfg.num_nodes) > 1 || device_memory.is_some() {
+        out.push_str("\n\n");
+        out.push_str(&strategy_report(
+            &model,
+            cfg,
+            seq_len,
+            device_memory.or(free),
+        )?);
+    }
     if let DeviceSpec::Cuda(_) = cfg.device {
         out.push('\n');
-        out.push_str(&match device_free(cfg)? {
+        out.push_str(&match free {
             Some(free) => does_not_fit(&model, cfg, seq_len, free)?
                 .unwrap_or_else(|| format!("{}: fits, {} free now", cfg.device, human(free))),
             None => format!(
@@ -801,7 +913,7 @@ pub fn does_not_fit(
     );
     let advice = if fixes.is_empty() {
         format!(
-            "even --micro-batch-size 1 --activation-checkpointing 1 needs {}: train LoRA (--lora-r 16), shard the optimizer state (--strategy zero1 over more --devices) or use a larger device",
+            "even --micro-batch-size 1 --activation-checkpointing 1 needs {}: train LoRA (--lora-r 16), shard the model over more --devices (--strategy fsdp; `--dry-run --devices N --device-memory GIB` names what fits) or use a larger device",
             human(with(1, 1))
         )
     } else {
@@ -833,6 +945,9 @@ pub fn check_device_memory(
         None => Ok(()),
     }
 }
+
+mod by_strategy;
+pub use by_strategy::{STRATEGIES, by_strategy, smallest_fitting, strategy_report};
 
 #[cfg(test)]
 mod tests;

@@ -5,7 +5,9 @@
 //! nothing is stored at prepare time, and folders prepared before bits per byte
 //! existed give it too.
 
-use candle_core::Device;
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
 
 use super::batches::{Batch, SampleSet, sample_with_starts};
 use crate::error::Result;
@@ -80,6 +82,18 @@ pub fn evaluate_split(
     how: &Scoring,
     device: &Device,
 ) -> Result<Option<EvalResult>> {
+    let mut scorer = |b: &Batch| loss_sum(model, b);
+    evaluate_with(&mut scorer, split, how, device)
+}
+
+/// [`evaluate_split`] with each batch's `Σ nll` from `loss_sum` (`--strategy fsdp`
+/// scores with its shards, see [`loss_sum_of`]).
+pub fn evaluate_with(
+    loss_sum: &mut dyn FnMut(&Batch) -> Result<f64>,
+    split: &dyn SampleSet,
+    how: &Scoring,
+    device: &Device,
+) -> Result<Option<EvalResult>> {
     let Scoring {
         block_size,
         micro_batch_size,
@@ -104,7 +118,7 @@ pub fn evaluate_split(
             .into_iter()
             .unzip();
         let batch = Batch::from_packed(&samples, &starts, block_size, device)?;
-        sum += loss_sum(model, &batch)?;
+        sum += loss_sum(&batch)?;
         tokens += batch.tokens;
         if let Some(tb) = token_bytes {
             bytes += target_bytes(&batch, tb)?;
@@ -135,9 +149,19 @@ pub fn target_bytes(batch: &Batch, token_bytes: &TokenBytes) -> Result<u64> {
 /// `Σ nll` of a batch's counted tokens, scored by the engine's forward without a
 /// backward (packed documents apart, as [`Batch::from_packed`] describes).
 pub fn loss_sum(model: &Gpt, batch: &Batch) -> Result<f64> {
+    loss_sum_of(batch, |ids, docs, targets| {
+        Ok(engine::score(model, ids, docs, targets)?)
+    })
+}
+
+/// `Σ nll` of a batch's counted tokens, scored by `score(ids, docs, targets)`.
+pub fn loss_sum_of(
+    batch: &Batch,
+    score: impl FnOnce(&Tensor, Option<&Arc<[u32]>>, &[u32]) -> Result<engine::Scores>,
+) -> Result<f64> {
     let targets = batch.targets.to_vec1::<u32>()?;
     let mask = batch.mask.to_vec1::<f32>()?;
-    let scores = engine::score(model, &batch.inputs, batch.docs.as_ref(), &targets)?;
+    let scores = score(&batch.inputs, batch.docs.as_ref(), &targets)?;
     Ok(scores
         .nll
         .iter()

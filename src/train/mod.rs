@@ -13,7 +13,9 @@
 //! data_source.rs     prepared data (prepare-data) as training data
 //! batches.rs         training data: weighted datasets, epochs, batches
 //! step.rs            one optimizer step: forward, backward, gradient sync, update
-//! optimizer.rs       AdamW, replicated (ddp) or sharded (zero1) over the ranks
+//! optimizer.rs       AdamW, replicated (ddp) or sharded (zero1, fsdp) over the ranks
+//! overlap.rs         ddp: each block's gradients all-reduced as its backward ends
+//! fsdp.rs            the model, its gradients and AdamW sharded over the ranks (ZeRO-3)
 //! adamw.rs           AdamW itself, and gradient clipping
 //! sharded_adamw.rs   AdamW sharded over the ranks (ZeRO-1)
 //! schedule.rs        learning-rate schedules
@@ -37,10 +39,12 @@ pub mod downstream;
 pub mod embeddings;
 pub mod estimate;
 pub mod evaluate;
+pub mod fsdp;
 pub mod lock;
 pub mod loggers;
 pub mod metrics;
 pub mod optimizer;
+mod overlap;
 pub mod preempt;
 pub mod pretrain;
 pub mod ranks;

@@ -14,8 +14,9 @@ use std::collections::HashMap;
 use candle_core::{Tensor, Var};
 
 use super::adamw::{AdamW, AdamWConfig, clip_coefficient, global_norm};
+use super::fsdp::Fsdp;
 use super::sharded_adamw::{ShardedAdamW, no_gradients};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::strategy::{Strategy, StrategyKind};
 
 /// AdamW over the trainable variables, as the Strategy shares it between ranks.
@@ -29,6 +30,9 @@ pub enum Optimizer {
     },
     /// This rank's shard of the state (`zero1`).
     Sharded(ShardedAdamW),
+    /// This rank's shard of the parameters, gradients and state (`fsdp`): the model
+    /// itself lives here, and its passes run through [`Fsdp::pass`].
+    Fsdp(Box<Fsdp>),
 }
 
 impl From<AdamW> for Optimizer {
@@ -41,18 +45,34 @@ impl From<AdamW> for Optimizer {
 }
 
 impl Optimizer {
-    /// AdamW over `vars`, shared between ranks as `strategy.kind` says.
+    /// AdamW over `vars`, shared between ranks as `strategy.kind` says. `fsdp` shards
+    /// the model too, as it loads: [`super::fsdp::FsdpBuilder`].
     pub fn new(vars: Vec<(String, Var)>, cfg: AdamWConfig, strategy: &Strategy) -> Result<Self> {
         Ok(match strategy.kind {
             StrategyKind::Ddp => AdamW::new(vars, cfg)?.into(),
             StrategyKind::Zero1 => Optimizer::Sharded(ShardedAdamW::new(vars, cfg, strategy)?),
+            StrategyKind::Fsdp => {
+                return Err(Error::Msg(
+                    "--strategy fsdp shards the model with its optimizer as it loads (FsdpBuilder; a bug)".into(),
+                ));
+            }
         })
     }
 
+    /// The trained variables (none for `fsdp`, whose parameters are shards).
     pub fn vars(&self) -> &[(String, Var)] {
         match self {
             Optimizer::Replicated { adam, .. } => adam.vars(),
             Optimizer::Sharded(z) => z.vars(),
+            Optimizer::Fsdp(_) => &[],
+        }
+    }
+
+    /// Number of trained parameters.
+    pub fn trained_elements(&self) -> usize {
+        match self {
+            Optimizer::Fsdp(f) => f.trained_elements(),
+            _ => self.vars().iter().map(|(_, v)| v.elem_count()).sum(),
         }
     }
 
@@ -74,6 +94,24 @@ impl Optimizer {
                 Ok(norm)
             }
             Optimizer::Sharded(z) => z.sync_grads(&grads, strategy, clip),
+            Optimizer::Fsdp(_) => Err(Error::Msg(
+                "fsdp reduces its gradients during the backward (Fsdp::sync_grads; a bug)".into(),
+            )),
+        }
+    }
+
+    /// Like [`Optimizer::sync_grads`] for gradients already summed over the ranks
+    /// (`ddp` overlapping its all-reduce with the backward).
+    pub fn sync_summed_grads(&mut self, grads: Vec<Tensor>, clip: Option<f64>) -> Result<f64> {
+        match self {
+            Optimizer::Replicated { pending, .. } => {
+                let norm = global_norm(&grads)?;
+                *pending = Some((grads, clip_coefficient(norm, clip).unwrap_or(1.0)));
+                Ok(norm)
+            }
+            _ => Err(Error::Msg(
+                "only ddp sums its gradients during the backward (a bug)".into(),
+            )),
         }
     }
 
@@ -86,6 +124,7 @@ impl Optimizer {
                 adam.step_scaled(&grads, lr, scale)
             }
             Optimizer::Sharded(z) => z.update(lr, strategy),
+            Optimizer::Fsdp(f) => f.update(lr),
         }
     }
 
@@ -95,6 +134,7 @@ impl Optimizer {
         match self {
             Optimizer::Replicated { adam, .. } => Ok(adam.state_tensors()),
             Optimizer::Sharded(z) => z.state_tensors(strategy),
+            Optimizer::Fsdp(f) => f.state_tensors(strategy),
         }
     }
 
@@ -104,6 +144,7 @@ impl Optimizer {
         match self {
             Optimizer::Replicated { adam, .. } => adam.load_state(tensors, t),
             Optimizer::Sharded(z) => z.load_state(tensors, t),
+            Optimizer::Fsdp(f) => f.load_state(tensors, t),
         }
     }
 }

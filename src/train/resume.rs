@@ -318,6 +318,16 @@ pub(super) fn restore_adapter(
     strategy: &Strategy,
 ) -> Result<()> {
     let adapter = crate::hf::peft::load_adapter(dir, &strategy.device)?;
+    restore_adapter_from(dir, &adapter, vars)
+}
+
+/// [`restore_adapter`] from `adapter`, read from checkpoint `dir` already (a model
+/// loaded block by block sets each block's variables as it comes).
+pub(super) fn restore_adapter_from(
+    dir: &Path,
+    adapter: &crate::hf::peft::PeftAdapter,
+    vars: &[(String, candle_core::Var)],
+) -> Result<()> {
     let e = &adapter.embeddings;
     let saved_rows = e
         .rows

@@ -8,9 +8,12 @@ use super::batches::{DataPosition, TrainData};
 use super::checkpoint::{self, TrainingState};
 use super::config::{CheckedConfig, TrainConfig};
 use super::embeddings::EmbeddingPlan;
+use super::fsdp::{Fsdp, FsdpBuilder};
 use super::loggers::Loggers;
 use super::optimizer::Optimizer;
-use super::resume::{Resume, plan_resume, restore_adapter, restore_optimizer};
+use super::resume::{
+    Resume, plan_resume, restore_adapter, restore_adapter_from, restore_optimizer,
+};
 use super::schedule::Schedule;
 use super::step::{LossScaler, StepRunner};
 use crate::config::{Config, load_config};
@@ -158,34 +161,58 @@ pub(super) fn build_runner(cfg: &CheckedConfig, plan: Plan) -> Result<(StepRunne
         (Some(dir), None) => dir,
         _ => cfg.checkpoint_dir.as_path(),
     };
-    let tm = build_model(
-        &model_cfg,
-        &Weights::open(weights_dir)?,
-        &strategy.build_options(lora.is_none()),
-    )?;
-    let mut model = tm.model;
-    let vars = match &lora {
-        None => tm.vars,
-        Some(l) => {
-            let mut vars = crate::lora::attach_new(&mut model, l, cfg.seed)?;
-            if let Some(e) = &embeddings {
-                vars.extend(crate::lora::attach_embeddings(
-                    &mut model, e.mode, &e.new_ids,
-                )?);
-            }
-            if let Some(dir) = resume_dir {
-                restore_adapter(dir, &vars, &strategy)?;
-            }
-            vars
-        }
-    };
     let adam = AdamWConfig {
         beta1: cfg.beta1,
         beta2: cfg.beta2,
         eps: cfg.eps,
         weight_decay: cfg.weight_decay,
     };
-    let mut opt = Optimizer::new(vars, adam, &strategy)?;
+    let weights = Weights::open(weights_dir)?;
+    let options = strategy.build_options(lora.is_none());
+    let (model, mut opt) = if strategy.kind == StrategyKind::Fsdp {
+        let adapter = match (resume_dir, &lora) {
+            (Some(dir), Some(_)) => {
+                Some((dir, crate::hf::peft::load_adapter(dir, &strategy.device)?))
+            }
+            _ => None,
+        };
+        let f = build_sharded(
+            &model_cfg,
+            &weights,
+            &options,
+            lora.as_ref(),
+            cfg.seed,
+            adapter,
+            adam,
+            &strategy,
+        )?;
+        (f.shell().clone(), Optimizer::Fsdp(Box::new(f)))
+    } else {
+        let tm = build_model(&model_cfg, &weights, &options)?;
+        let mut model = tm.model;
+        let vars = match &lora {
+            None => tm.vars,
+            Some(l) => {
+                let mut vars = crate::lora::attach_new(&mut model, l, cfg.seed)?;
+                if let Some(e) = &embeddings {
+                    vars.extend(crate::lora::attach_embeddings(
+                        &mut model, e.mode, &e.new_ids,
+                    )?);
+                }
+                if let Some(dir) = resume_dir {
+                    restore_adapter(dir, &vars, &strategy)?;
+                }
+                vars
+            }
+        };
+        // Every rank starts from rank 0's trained values.
+        let trained: Vec<candle_core::Var> = vars.iter().map(|(_, v)| v.clone()).collect();
+        strategy.broadcast_vars(&trained)?;
+        drop(trained);
+        // Trained rows (fresh, restored or broadcast) into the matrices the forward reads.
+        model.write_token_rows()?;
+        (model, Optimizer::new(vars, adam, &strategy)?)
+    };
     let state = match resume {
         Some((dir, mut s)) => {
             restore_optimizer(&dir, &s, &mut opt, &strategy)?;
@@ -196,10 +223,6 @@ pub(super) fn build_runner(cfg: &CheckedConfig, plan: Plan) -> Result<(StepRunne
         }
         None => fresh_state(cfg, &strategy, lora.as_ref())?,
     };
-    let trained: Vec<candle_core::Var> = opt.vars().iter().map(|(_, v)| v.clone()).collect();
-    strategy.broadcast_vars(&trained)?;
-    // Trained rows (fresh, restored or broadcast) into the matrices the forward reads.
-    model.write_token_rows()?;
     let mut runner = StepRunner::new(model, opt, strategy);
     runner.grad_clip = (cfg.grad_clip > 0.0).then_some(cfg.grad_clip);
     runner.scaler = state.loss_scaler;
@@ -211,13 +234,69 @@ pub(super) fn build_runner(cfg: &CheckedConfig, plan: Plan) -> Result<(StepRunne
     Ok((runner, state))
 }
 
+/// The model loaded block by block and sharded as it comes (`--strategy fsdp`): each
+/// block gets its fresh adapters (LoRA, from one seeded stream as
+/// [`crate::lora::attach_new`] draws them) or `adapter`'s (resuming LoRA), takes rank
+/// 0's trained values, and only this rank's shard of it is kept before the next block
+/// loads. Whole at once: the embeddings, final norm and head, and one block.
+#[allow(clippy::too_many_arguments)]
+fn build_sharded(
+    model_cfg: &Config,
+    weights: &Weights,
+    options: &crate::model::BuildOptions,
+    lora: Option<&LoraConfig>,
+    seed: u64,
+    adapter: Option<(&std::path::Path, crate::hf::peft::PeftAdapter)>,
+    adam: AdamWConfig,
+    strategy: &Strategy,
+) -> Result<Fsdp> {
+    let mut fresh = lora
+        .map(|l| crate::lora::FreshAdapters::new(model_cfg, l, seed))
+        .transpose()?;
+    // LoRA's variables of a part (a block, or the head), set from the adapter when
+    // resuming, then rank 0's on every rank.
+    let trained =
+        |vars: Vec<(String, candle_core::Var)>| -> Result<Vec<(String, candle_core::Var)>> {
+            if let Some((dir, a)) = &adapter {
+                restore_adapter_from(dir, a, &vars)?;
+            }
+            let values: Vec<candle_core::Var> = vars.iter().map(|(_, v)| v.clone()).collect();
+            strategy.broadcast_vars(&values)?;
+            Ok(vars)
+        };
+    let mut builder = FsdpBuilder::new(strategy);
+    let mut on_block = |mut blk: crate::model::Block, mut vars: Vec<(String, candle_core::Var)>| {
+        if let Some(f) = fresh.as_mut() {
+            vars.extend(f.attach_block(&mut blk)?);
+        }
+        let vars = trained(vars)?;
+        builder.shard_block(blk, vars)
+    };
+    let tm = crate::model::build_model_by_block(model_cfg, weights, options, Some(&mut on_block))?;
+    let mut model = tm.model;
+    let mut vars = tm.vars;
+    if let Some(f) = fresh.as_mut() {
+        vars.extend(f.attach_head(&mut model.lm_head)?);
+    }
+    let vars = trained(vars)?;
+    builder.finish(model, vars, adam)
+}
+
 /// `--strategy zero1` on one rank: nothing to shard (the one-rank [`Strategy`] keeps
-/// the optimizer whole), said rather than silently ignored.
+/// the optimizer whole), said rather than silently ignored. `fsdp` on one rank runs its
+/// falls back the same way: said too.
 pub(super) fn unsharded_note(cfg: &TrainConfig, strategy: &Strategy) -> Option<String> {
-    (cfg.strategy == StrategyKind::Zero1 && strategy.world_size == 1).then(|| {
-        "--strategy zero1 on one rank: nothing to shard, the optimizer state stays whole"
-            .to_string()
-    })
+    match (cfg.strategy, strategy.world_size) {
+        (StrategyKind::Zero1, 1) => Some(
+            "--strategy zero1 on one rank: nothing to shard, the optimizer state stays whole"
+                .to_string(),
+        ),
+        (StrategyKind::Fsdp, 1) => Some(
+            "--strategy fsdp on one rank: nothing to shard, the model and optimizer state stay whole"
+                .to_string(),
+        ),
+        _ => None,
+    }
 }
 
 /// `path` made absolute (symbolic links resolved where it exists), so that a state

@@ -116,7 +116,7 @@ impl ShardedAdamW {
         // A copy of this rank's shard of the parameters, updated in place or replaced.
         let mut p = flatten(params.iter(), self.padded)?
             .narrow(0, self.shard.start, self.shard.len())?
-            .copy()?;
+            .force_contiguous()?;
         if let Some(new) = update(&p, &g, &mut self.m, &mut self.v, &h)? {
             p = new;
         }
@@ -154,7 +154,7 @@ impl ShardedAdamW {
         let shard = |parts: &[Tensor]| -> Result<Tensor> {
             Ok(flatten(parts.iter(), self.padded)?
                 .narrow(0, self.shard.start, self.shard.len())?
-                .copy()?)
+                .force_contiguous()?)
         };
         self.m = shard(&ms)?;
         self.v = shard(&vs)?;

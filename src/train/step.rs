@@ -11,6 +11,7 @@ use candle_core::{Tensor, Var};
 
 use super::batches::Batch;
 use super::optimizer::Optimizer;
+use super::overlap::overlapped_pass;
 use crate::error::{Error, Result};
 use crate::model::engine::profile::timed;
 use crate::model::engine::{Grads, PassInput, train_pass};
@@ -137,8 +138,9 @@ impl StepRunner {
                 batch.inputs.device().is_cpu(),
                 self.model.compute_dtype,
             );
-        // Ranks on the CPU already share its cores.
-        if !fused || self.strategy.world_size > 1 || threads < 2 || samples < 2 {
+        // Ranks on the CPU already share its cores; fsdp passes gather their blocks.
+        let fsdp = matches!(self.opt, Optimizer::Fsdp(_));
+        if fsdp || !fused || self.strategy.world_size > 1 || threads < 2 || samples < 2 {
             return Ok(1);
         }
         let (model, vars) = (&self.model, self.opt.vars());
@@ -253,20 +255,94 @@ impl StepRunner {
         crate::model::fused::on_pool(cpu, || self.step_here(micro_batches, lr))
     }
 
-    /// [`StepRunner::step`] on this thread.
-    fn step_here(&mut self, micro_batches: &[Batch], lr: f64) -> Result<StepStats> {
-        let local_tokens: usize = micro_batches.iter().map(|b| b.tokens).sum();
-        let total_tokens = self.strategy.all_reduce_sum(&[local_tokens as f64])?[0] as usize;
-        let denom = total_tokens.max(1) as f64;
-        let scale = self.scaler.map_or(1.0, |s| s.scale);
-        let mut total = 0f64;
+    /// The whole model: the runner's own, or with `fsdp` every unit gathered (every rank
+    /// must call it then).
+    pub fn full_model(&mut self) -> Result<std::borrow::Cow<'_, Gpt>> {
+        Ok(match &mut self.opt {
+            Optimizer::Fsdp(f) => std::borrow::Cow::Owned(f.gather_model(&self.strategy)?),
+            _ => std::borrow::Cow::Borrowed(&self.model),
+        })
+    }
+
+    /// With `fsdp`, the shards: validation scores with them, every rank gathering one
+    /// block at a time (None for the other strategies).
+    pub fn fsdp_mut(&mut self) -> Option<&mut super::fsdp::Fsdp> {
+        match &mut self.opt {
+            Optimizer::Fsdp(f) => Some(f),
+            _ => None,
+        }
+    }
+
+    /// What a checkpoint writes of the model, on rank 0 (None on the others): the model
+    /// itself, or with `fsdp` a copy gathered unit by unit into host memory, its frozen
+    /// base left out for a LoRA adapter (`trained_only`). Every rank must call it.
+    pub fn checkpoint_model(&mut self, trained_only: bool) -> Result<Option<Gpt>> {
+        match &mut self.opt {
+            Optimizer::Fsdp(f) => f.gather_to_host(trained_only),
+            _ => Ok(self.strategy.is_global_zero().then(|| self.model.clone())),
+        }
+    }
+
+    /// Whether every trained parameter holds finite values only (with `fsdp`, every
+    /// rank must call it).
+    pub fn trained_finite(&self) -> Result<Option<String>> {
+        if let Optimizer::Fsdp(f) = &self.opt {
+            return Ok((!f.all_finite(&self.strategy)?).then(|| "a trained parameter".into()));
+        }
+        for (name, var) in self.opt.vars() {
+            if !super::adamw::all_finite(var.as_tensor())? {
+                return Ok(Some(name.clone()));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Bytes of parameter values the runner holds between steps: the model's tensors
+    /// (LoRA matrices included), or with `fsdp` this rank's shards.
+    pub fn held_parameter_bytes(&mut self) -> usize {
+        if let Optimizer::Fsdp(f) = &mut self.opt {
+            return f.held_parameter_bytes();
+        }
+        let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let mut n = 0;
+        let model = &mut self.model;
+        for blk in &mut model.blocks {
+            n += blk
+                .params_mut()
+                .into_iter()
+                .map(|t| bytes(t))
+                .sum::<usize>();
+        }
+        n + model
+            .outer_params_mut()
+            .into_iter()
+            .map(|t| bytes(t))
+            .sum::<usize>()
+    }
+
+    /// Forward and backward of every micro-batch into the runner's gradient buffers:
+    /// `Σ nll`, this rank's gradients (unscaled, in the variables' order), and whether
+    /// they are already summed over the ranks. With `ddp` on several ranks they are:
+    /// the last micro-batch sums each block's as its backward ends ([`overlap`]), and
+    /// the rest after it.
+    ///
+    /// [`overlap`]: super::overlap
+    fn passes(
+        &mut self,
+        micro_batches: &[Batch],
+        scale: f64,
+        denom: f64,
+    ) -> Result<(f64, Vec<Tensor>, bool)> {
         let mut grads = self
             .grads
             .take()
             .unwrap_or_else(|| Grads::new(self.opt.vars()));
+        let overlap =
+            self.strategy.world_size > 1 && matches!(self.opt, Optimizer::Replicated { .. });
+        let mut reduced = Vec::new();
         let mut passes = || -> Result<f64> {
             let mut total = 0f64;
-            for batch in micro_batches {
+            for (k, batch) in micro_batches.iter().enumerate() {
                 if let Some(d) = &self.dropout {
                     d.next_micro_batch(batch.inputs.dim(0)?);
                 }
@@ -280,7 +356,12 @@ impl StepRunner {
                     grad_scale: scale / denom,
                     checkpoint_every: self.activation_checkpointing,
                 };
-                total += if parts > 1 {
+                total += if overlap && k + 1 == micro_batches.len() {
+                    let (loss, slots) =
+                        overlapped_pass(&self.model, &self.strategy, &input, &mut grads)?;
+                    reduced = slots;
+                    loss
+                } else if parts > 1 {
                     Self::split_pass(
                         &self.model,
                         self.opt.vars(),
@@ -297,13 +378,58 @@ impl StepRunner {
         };
         let passed = passes();
         let grads = self.grads.insert(grads);
-        total += passed?;
+        let total = passed?;
         let mut grads = grads.take(self.opt.vars())?;
+        if overlap {
+            // What the blocks' backwards did not sum: the embeddings, final norm, head.
+            let (mut rest, at): (Vec<Tensor>, Vec<usize>) = (0..grads.len())
+                .filter(|i| !reduced.contains(i))
+                .map(|i| (grads[i].clone(), i))
+                .unzip();
+            self.strategy.all_reduce_grads(&mut rest)?;
+            for (g, i) in rest.into_iter().zip(at) {
+                grads[i] = g;
+            }
+        }
         if scale != 1.0 {
             for g in grads.iter_mut() {
                 *g = (&*g / scale)?;
             }
         }
+        Ok((total, grads, overlap))
+    }
+
+    /// [`StepRunner::step`] on this thread.
+    fn step_here(&mut self, micro_batches: &[Batch], lr: f64) -> Result<StepStats> {
+        let local_tokens: usize = micro_batches.iter().map(|b| b.tokens).sum();
+        let total_tokens = self.strategy.all_reduce_sum(&[local_tokens as f64])?[0] as usize;
+        let denom = total_tokens.max(1) as f64;
+        let scale = self.scaler.map_or(1.0, |s| s.scale);
+        let (total, grads) = match &mut self.opt {
+            Optimizer::Fsdp(f) => {
+                let mut total = 0f64;
+                for batch in micro_batches {
+                    if let Some(d) = &self.dropout {
+                        d.next_micro_batch(batch.inputs.dim(0)?);
+                    }
+                    let input = PassInput {
+                        ids: &batch.inputs,
+                        targets: &batch.targets,
+                        mask: &batch.mask,
+                        docs: batch.docs.as_ref(),
+                        dropout: self.dropout.as_ref(),
+                        grad_scale: scale / denom,
+                        checkpoint_every: self.activation_checkpointing,
+                    };
+                    total += f.pass(&input, &self.strategy)?;
+                }
+                (total, None)
+            }
+            _ => {
+                let (total, grads, summed) = self.passes(micro_batches, scale, denom)?;
+                (total, Some((grads, summed)))
+            }
+        };
         // Every rank learns every rank's loss, so all stop together on a bad one (under
         // 16-mixed, an overflow only skips the step and lowers the loss scale).
         let per_rank = self.strategy.all_gather_f64(total)?;
@@ -319,8 +445,11 @@ impl StepRunner {
             )));
         }
         let loss = per_rank.iter().sum::<f64>() / denom;
-        let norm = timed("optimizer", 0.0, || {
-            self.opt.sync_grads(grads, &self.strategy, self.grad_clip)
+        let norm = timed("optimizer", 0.0, || match (&mut self.opt, grads) {
+            (Optimizer::Fsdp(f), _) => f.sync_grads(scale, &self.strategy, self.grad_clip),
+            (opt, Some((grads, true))) => opt.sync_summed_grads(grads, self.grad_clip),
+            (opt, Some((grads, false))) => opt.sync_grads(grads, &self.strategy, self.grad_clip),
+            (_, None) => Err(super::sharded_adamw::no_gradients()),
         })?;
         let overflow = !norm.is_finite() || bad_rank.is_some();
         if let Some(s) = self.scaler.as_mut() {
@@ -340,6 +469,8 @@ impl StepRunner {
             timed("optimizer", 0.0, || self.opt.update(lr, &self.strategy))?;
             // Updated rows into the matrices the next forward reads.
             self.model.write_token_rows()?;
+        } else if let Optimizer::Fsdp(f) = &mut self.opt {
+            f.skip();
         }
         Ok(StepStats {
             loss,

@@ -179,13 +179,7 @@ impl Trainer {
 
     /// What the run is about to do, for the log.
     fn start_line(&self, resumed_from: Option<&Path>) -> String {
-        let n_params: usize = self
-            .runner
-            .opt
-            .vars()
-            .iter()
-            .map(|(_, v)| v.elem_count())
-            .sum();
+        let n_params = self.runner.opt.trained_elements();
         format!(
             "{} {} from {} on {} ({}), {} trainable parameters, {} steps of {} samples{}",
             if resumed_from.is_some() {
@@ -257,20 +251,28 @@ impl Trainer {
     fn evaluate_validation(&mut self) -> Result<Validation> {
         let mut per = Vec::new();
         let (mut sum, mut tokens, mut bytes) = (0f64, 0usize, 0u64);
-        if self.runner.strategy.is_global_zero() {
-            let how = Scoring {
-                block_size: self.data.block_size,
-                micro_batch_size: self.cfg.micro_batch_size,
-                max_batches: self.cfg.eval_max_batches,
-                cross_document: self.cfg.cross_document(),
-                token_bytes: Some(&self.token_bytes),
-            };
+        let global_zero = self.runner.strategy.is_global_zero();
+        let device = self.runner.strategy.device.clone();
+        let how = Scoring {
+            block_size: self.data.block_size,
+            micro_batch_size: self.cfg.micro_batch_size,
+            max_batches: self.cfg.eval_max_batches,
+            cross_document: self.cfg.cross_document(),
+            token_bytes: Some(&self.token_bytes),
+        };
+        if let Some(f) = self.runner.fsdp_mut() {
+            // fsdp: every rank scores the same batches, gathering one block at a time.
             for ds in &self.data.datasets {
-                let r = evaluate_split(
-                    &self.runner.model,
+                let mut scorer = |b: &super::batches::Batch| {
+                    super::evaluate::loss_sum_of(b, |ids, docs, targets| {
+                        f.score(ids, docs, targets)
+                    })
+                };
+                let r = super::evaluate::evaluate_with(
+                    &mut scorer,
                     ds.validation.as_ref(),
                     &how,
-                    &self.runner.strategy.device,
+                    &device,
                 )?;
                 if let Some(r) = r {
                     sum += r.loss * r.tokens as f64;
@@ -279,11 +281,26 @@ impl Trainer {
                 }
                 per.push(r.map(|r| r.loss));
             }
+        } else if global_zero {
+            for ds in &self.data.datasets {
+                let r = evaluate_split(&self.runner.model, ds.validation.as_ref(), &how, &device)?;
+                if let Some(r) = r {
+                    sum += r.loss * r.tokens as f64;
+                    tokens += r.tokens;
+                    bytes += r.bytes.unwrap_or(0);
+                }
+                per.push(r.map(|r| r.loss));
+            }
         }
+        // Downstream tasks score the whole model (with fsdp, gathered on every rank).
+        let model = match self.eval_tasks {
+            Some(_) => Some(self.runner.full_model()?.into_owned()),
+            None => None,
+        };
         let mut tasks = Vec::new();
-        if let (Some(ts), true) = (&self.eval_tasks, self.runner.strategy.is_global_zero()) {
+        if let (Some(ts), Some(model), true) = (&self.eval_tasks, &model, global_zero) {
             let start = Instant::now();
-            let values = ts.score(&self.runner.model, self.cfg.micro_batch_size)?;
+            let values = ts.score(model, self.cfg.micro_batch_size)?;
             let line = self
                 .task_columns
                 .iter()
@@ -298,6 +315,7 @@ impl Trainer {
             ))?;
             tasks = values.into_iter().map(Some).collect();
         }
+        drop(model);
         let overall = (tokens > 0).then(|| sum / tokens as f64);
         // [has a value, value], from rank 0.
         let got = self
@@ -568,9 +586,16 @@ impl Trainer {
         Ok(())
     }
 
-    /// The model being trained.
+    /// The model being trained (with `fsdp`, its shell: names and layout, every
+    /// parameter an empty placeholder; the weights are the ranks' shards).
     pub fn model(&self) -> &crate::model::Gpt {
         &self.runner.model
+    }
+
+    /// Bytes of parameter values this rank holds between steps (with `fsdp`: its
+    /// shards).
+    pub fn held_parameter_bytes(&mut self) -> usize {
+        self.runner.held_parameter_bytes()
     }
 
     /// Where the run stands.

@@ -24,7 +24,7 @@ use crate::trainer::corpus_samples;
 
 /// Two datasets, one of them of shorter (padded) samples: 28 draws an epoch, so 10
 /// steps of global batch 4 cross an epoch boundary.
-fn data() -> TrainData {
+pub(crate) fn data() -> TrainData {
     let tok = Tokenizer::from_dir(&reference_dir("llama")).unwrap();
     TrainData {
         block_size: 33,
@@ -49,7 +49,7 @@ fn data() -> TrainData {
 
 /// 10 steps of a global batch of 4 samples: `devices` ranks of `4 / devices` samples,
 /// `micro` samples per forward pass.
-fn config(out: &Path, devices: usize, micro: usize) -> TrainConfig {
+pub(crate) fn config(out: &Path, devices: usize, micro: usize) -> TrainConfig {
     TrainConfig {
         data_dir: "in-memory".into(),
         checkpoint_dir: reference_dir("llama"),
@@ -68,7 +68,7 @@ fn config(out: &Path, devices: usize, micro: usize) -> TrainConfig {
     }
 }
 
-fn lora(mut cfg: TrainConfig, dropout: f64) -> TrainConfig {
+pub(crate) fn lora(mut cfg: TrainConfig, dropout: f64) -> TrainConfig {
     cfg.lora_r = 4;
     cfg.lora_alpha = 8.0;
     // A sample's dropout masks depend on the seed, step, sample and layer alone, so
@@ -79,7 +79,7 @@ fn lora(mut cfg: TrainConfig, dropout: f64) -> TrainConfig {
 }
 
 /// `(step, loss, val_loss)` rows of `metrics.csv`.
-fn rows(run: &Path) -> Vec<(usize, f64, Option<f64>)> {
+pub(crate) fn rows(run: &Path) -> Vec<(usize, f64, Option<f64>)> {
     std::fs::read_to_string(run.join("metrics.csv"))
         .unwrap()
         .lines()
@@ -96,7 +96,7 @@ fn rows(run: &Path) -> Vec<(usize, f64, Option<f64>)> {
 }
 
 /// The trained tensors of a checkpoint (the model, or the adapter).
-fn weights(ck: &Path) -> HashMap<String, Vec<f32>> {
+pub(crate) fn weights(ck: &Path) -> HashMap<String, Vec<f32>> {
     let file = ["model.safetensors", "adapter_model.safetensors"]
         .iter()
         .map(|f| ck.join(f))
@@ -105,13 +105,16 @@ fn weights(ck: &Path) -> HashMap<String, Vec<f32>> {
     candle_core::safetensors::load(file, &Device::Cpu)
         .unwrap()
         .into_iter()
-        .map(|(k, t)| (k, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .map(|(k, t)| {
+            let t = t.to_dtype(candle_core::DType::F32).unwrap();
+            (k, t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        })
         .collect()
 }
 
 /// Largest relative difference of the losses (train and validation) of two runs, and
 /// largest absolute difference of their final weights; the runs must have the same rows.
-fn compare(a: &Path, b: &Path) -> (f64, f32) {
+pub(crate) fn compare(a: &Path, b: &Path) -> (f64, f32) {
     let (ra, rb) = (rows(a), rows(b));
     assert_eq!(ra.len(), rb.len(), "{ra:?}\n{rb:?}");
     let rel = |x: f64, y: f64| (x - y).abs() / x.abs().max(1e-12);
@@ -133,7 +136,7 @@ fn compare(a: &Path, b: &Path) -> (f64, f32) {
     (loss, w)
 }
 
-fn assert_same(what: &str, a: &Path, b: &Path) {
+pub(crate) fn assert_same(what: &str, a: &Path, b: &Path) {
     let (loss, w) = compare(a, b);
     eprintln!("{what}: max relative loss difference {loss:.2e}, max weight difference {w:.2e}");
     assert!(loss < 1e-5, "{what}: losses differ by {loss:e} (relative)");
@@ -220,7 +223,7 @@ fn two_ranks_give_the_losses_and_weights_of_one_lora_with_dropout() {
     );
 }
 
-fn assert_no_partial_files(run: &Path) {
+pub(crate) fn assert_no_partial_files(run: &Path) {
     for e in std::fs::read_dir(run).unwrap() {
         let name = e.unwrap().file_name().to_string_lossy().to_string();
         assert!(
@@ -233,7 +236,7 @@ fn assert_no_partial_files(run: &Path) {
 
 /// `run`'s files up to checkpoint `step`, copied into a fresh folder, as a run stopped
 /// there would have left them.
-fn stopped_at(run: &Path, step: usize) -> (tempfile::TempDir, PathBuf) {
+pub(crate) fn stopped_at(run: &Path, step: usize) -> (tempfile::TempDir, PathBuf) {
     let dir = temp_dir();
     let name = format!("step-{step:08}");
     let to = dir.path().join(&name);

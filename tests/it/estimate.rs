@@ -279,3 +279,30 @@ fn dry_run_without_the_model_says_how_to_get_it() {
         "{stderr}"
     );
 }
+
+/// Issue 26: with several devices the plan shows one rank under each strategy, and
+/// `--device-memory` names the least sharded that fits; a bad size is one line.
+#[test]
+fn dry_run_compares_the_strategies_and_names_one_that_fits() {
+    let out = dry_run(&["--devices", "8", "--device-memory", "40"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("one rank of 8, by strategy:"), "{stdout}");
+    assert!(
+        stdout.contains("--strategy ddp  --strategy zero1  --strategy fsdp"),
+        "{stdout}"
+    );
+    // Falcon-7B LoRA at micro-batch 8: 82 GiB as given, 27 with checkpointing on any
+    // strategy; fsdp as given is still above 40 (its activations are 67 GiB).
+    assert!(
+        stdout.contains("fits 40.00 GiB per device: --strategy ddp --activation-checkpointing 1"),
+        "{stdout}"
+    );
+    let out = dry_run(&["--devices", "8", "--device-memory=-3"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("--device-memory -3: expected a positive number"),
+        "{stderr}"
+    );
+}

@@ -16,6 +16,8 @@ pub struct Grads {
     /// Whether each buffer holds this step's gradient (else it is stale and is
     /// overwritten, not added to).
     live: Vec<bool>,
+    /// The tensor each buffer is bound to by [`Grads::bind`], if any.
+    bound: Vec<Option<TensorId>>,
 }
 
 impl Grads {
@@ -34,7 +36,83 @@ impl Grads {
                 .collect(),
             bufs: vec![None; vars.len()],
             live: vec![false; vars.len()],
+            bound: vec![None; vars.len()],
         }
+    }
+
+    /// Buffers for trained parameters of these shapes and dtypes, bound to no tensor
+    /// yet: [`Grads::bind`] says which tensor each one is, and may say it again for a
+    /// fresh copy (`--strategy fsdp` gathers a block's parameters anew for each pass).
+    pub fn unbound(slots: Vec<(Vec<usize>, DType)>) -> Self {
+        let n = slots.len();
+        Grads {
+            index: HashMap::new(),
+            shapes: slots,
+            bufs: vec![None; n],
+            live: vec![false; n],
+            bound: vec![None; n],
+        }
+    }
+
+    /// From now on `t` is the parameter of buffer `i` (and no other tensor is).
+    pub fn bind(&mut self, i: usize, t: &Tensor) -> Result<()> {
+        let Some((dims, _)) = self.shapes.get(i) else {
+            candle_core::bail!("gradient buffer {i} of {} (a bug)", self.shapes.len());
+        };
+        if t.dims() != dims.as_slice() {
+            candle_core::bail!(
+                "gradient buffer {i} is {dims:?}, its parameter {:?} (a bug)",
+                t.dims()
+            );
+        }
+        if let Some(old) = self.bound[i].replace(t.id()) {
+            self.index.remove(&old);
+        }
+        self.index.insert(t.id(), i);
+        Ok(())
+    }
+
+    /// Buffer `i`'s gradient of this step (zeros where none flowed), its memory handed
+    /// over: the next gradient allocates a fresh buffer.
+    pub fn take_freed(&mut self, i: usize, device: &candle_core::Device) -> Result<Tensor> {
+        let (dims, dtype) = &self.shapes[i];
+        let g = match (self.bufs[i].take(), self.live[i]) {
+            (Some(b), true) => b,
+            _ => Tensor::zeros(dims.as_slice(), *dtype, device)?,
+        };
+        self.live[i] = false;
+        Ok(g)
+    }
+
+    /// The buffers of the trained ones among `params` (made live, zeros where no
+    /// gradient flowed yet) handed to `f`, which may replace them (by tensors of the
+    /// same shapes: a sum over ranks, say); returns their indices.
+    pub fn replace_buffers(
+        &mut self,
+        params: &[Tensor],
+        f: impl FnOnce(&mut [Tensor]) -> Result<()>,
+    ) -> Result<Vec<usize>> {
+        let mut slots = Vec::new();
+        let mut bufs = Vec::new();
+        for p in params {
+            if let Some(&i) = self.index.get(&p.id())
+                && !slots.contains(&i)
+                && let Some(b) = self.buffer(p, p)?
+            {
+                slots.push(i);
+                bufs.push(b);
+            }
+        }
+        f(&mut bufs)?;
+        for (&i, b) in slots.iter().zip(bufs) {
+            if b.dims() != self.shapes[i].0.as_slice() {
+                candle_core::bail!(
+                    "gradient buffer {i} replaced by a tensor of another shape (a bug)"
+                );
+            }
+            self.bufs[i] = Some(b);
+        }
+        Ok(slots)
     }
 
     /// Whether `t` (a parameter of the model) is trained.

@@ -24,7 +24,7 @@ use candle_core::{DType, Result, Tensor};
 use super::cache::KvCache;
 use super::head::{Scores, head_scores};
 use super::layers::{self, Ctx};
-use super::{Embedded, block_fwd, embed};
+use super::{BlockSource, Embedded, Grads, block_fwd, embed};
 use crate::model::Gpt;
 
 /// The final hidden states `(B, T, C)` (the final norm's input) of `ids: (B, T)`: at
@@ -104,6 +104,31 @@ pub fn score(
     targets: &[u32],
 ) -> Result<Scores> {
     let x = hidden(model, ids, docs, None)?;
+    head_scores(model, &x, targets)
+}
+
+/// [`score`] with the blocks' parameters from `blocks` (the embeddings, final norm
+/// and head from `model`): `--strategy fsdp`'s validation, which gathers one block at
+/// a time. `grads` only takes the bindings of the blocks' trained tensors.
+pub fn score_with(
+    model: &Gpt,
+    blocks: &mut dyn BlockSource,
+    grads: &mut Grads,
+    ids: &Tensor,
+    docs: Option<&Arc<[u32]>>,
+    targets: &[u32],
+) -> Result<Scores> {
+    let Embedded { mut x, rope, .. } = embed(model, ids, 0, docs)?;
+    let ctx = Ctx {
+        pos: 0,
+        rope: rope.as_ref(),
+        docs,
+        dropout: None,
+    };
+    for i in 0..blocks.count() {
+        let blk = blocks.fetch(i, grads)?;
+        x = block_fwd(&blk, &x, &ctx, None, None)?.0;
+    }
     head_scores(model, &x, targets)
 }
 

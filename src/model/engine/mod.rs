@@ -39,7 +39,7 @@ use candle_core::{Result, Tensor};
 pub use cache::{KvCache, LayerCache};
 pub use grads::Grads;
 pub use head::{HEAD_CHUNK_LOGITS, Scores, head_chunk_rows};
-pub use infer::{logits, prefill, score, score_after};
+pub use infer::{logits, prefill, score, score_after, score_with};
 use layers::{AttnKept, AttnSaved, Ctx, MlpSaved, Rotary};
 
 use super::fused;
@@ -223,9 +223,52 @@ fn embed(model: &Gpt, ids: &Tensor, pos: usize, docs: Option<&Arc<[u32]>>) -> Re
     Ok(Embedded { x, pos_ids, rope })
 }
 
+/// Where a training pass gets each block's parameters, and whom it tells that a
+/// block's gradients are complete.
+///
+/// ```text
+/// forward   fetch(0) fwd ─ fetch(1) fwd ─ … ─ fetch(L−1) fwd          (each dropped after)
+/// backward  fetch(L−1) bwd done(L−1) ─ … ─ fetch(0) bwd done(0)
+/// ```
+///
+/// A model holding its blocks ([`Gpt`]) hands out its own and ignores `done`; `--strategy
+/// fsdp` all-gathers a block's shards in `fetch` (binding its trained tensors into the
+/// pass's [`Grads`]) and reduce-scatters its gradients in `done`.
+pub trait BlockSource {
+    /// Number of blocks.
+    fn count(&self) -> usize;
+    /// Block `i`'s parameters, just before its forward and again for its backward.
+    fn fetch(&mut self, i: usize, grads: &mut Grads) -> Result<Block>;
+    /// Block `i`'s backward has ended: its gradients in `grads` are complete for this
+    /// pass.
+    fn done(&mut self, _i: usize, _grads: &mut Grads) -> Result<()> {
+        Ok(())
+    }
+}
+
+impl BlockSource for &Gpt {
+    fn count(&self) -> usize {
+        self.blocks.len()
+    }
+    fn fetch(&mut self, i: usize, _grads: &mut Grads) -> Result<Block> {
+        Ok(self.blocks[i].clone())
+    }
+}
+
 /// Forward and backward of one micro-batch: returns `Σ nll` over the counted tokens
 /// and adds `grad_scale · ∂(Σ nll)/∂p` into `grads` for every trained parameter `p`.
 pub fn train_pass(model: &Gpt, inp: &PassInput, grads: &mut Grads) -> Result<f64> {
+    train_pass_with(model, &mut { model }, inp, grads)
+}
+
+/// [`train_pass`] with the blocks' parameters from `blocks` (the embeddings, final norm
+/// and head from `model`, whose own blocks are not read).
+pub fn train_pass_with(
+    model: &Gpt,
+    blocks: &mut dyn BlockSource,
+    inp: &PassInput,
+    grads: &mut Grads,
+) -> Result<f64> {
     let (b, t) = inp.ids.dims2()?;
     let c = model.cfg.hidden_size;
     let n = b * t;
@@ -244,9 +287,11 @@ pub fn train_pass(model: &Gpt, inp: &PassInput, grads: &mut Grads) -> Result<f64
 
     // Blocks.
     let k = inp.checkpoint_every;
-    let mut kept = Vec::with_capacity(model.blocks.len());
-    for (i, blk) in model.blocks.iter().enumerate() {
-        let (y, saved) = block_fwd(blk, &x, &ctx, None, None)?;
+    let n_blocks = blocks.count();
+    let mut kept = Vec::with_capacity(n_blocks);
+    for i in 0..n_blocks {
+        let blk = blocks.fetch(i, grads)?;
+        let (y, saved) = block_fwd(&blk, &x, &ctx, None, None)?;
         if k > 0 && i % k == 0 {
             kept.push(Kept::Checkpoint(x, saved.attn.kept()));
         } else {
@@ -261,12 +306,15 @@ pub fn train_pass(model: &Gpt, inp: &PassInput, grads: &mut Grads) -> Result<f64
     drop(x);
 
     // Blocks, backwards.
-    for (blk, kept) in model.blocks.iter().zip(kept).rev() {
+    for (i, kept) in kept.into_iter().enumerate().rev() {
+        let blk = blocks.fetch(i, grads)?;
         let saved = match kept {
             Kept::All(s) => *s,
-            Kept::Checkpoint(x, attn) => block_fwd(blk, &x, &ctx, Some(attn), None)?.1,
+            Kept::Checkpoint(x, attn) => block_fwd(&blk, &x, &ctx, Some(attn), None)?.1,
         };
-        dx = block_bwd(blk, &saved, &dx, &ctx, grads)?;
+        dx = block_bwd(&blk, &saved, &dx, &ctx, grads)?;
+        drop((blk, saved));
+        blocks.done(i, grads)?;
     }
 
     // Embeddings.

@@ -330,3 +330,103 @@ fn cpu_thread_ranks_multiply_the_total() {
     let gpus = estimate(&tiny(), &cfg, 8).unwrap();
     assert_eq!((gpus.ranks, gpus.total), (1, one.total));
 }
+
+/// Issue 26: per-rank parameters, gradients and optimizer state under each strategy,
+/// by hand, full fine-tuning in f32 on 4 ranks. Outer unit: embeddings 256·64, head
+/// 256·64, final norm 64 = 32,832; one block 43,136; all 162,240.
+#[test]
+fn fsdp_shards_parameters_gradients_and_optimizer_state_full() {
+    let mut cfg = run(2);
+    cfg.devices = 4;
+    let plans = by_strategy(&tiny(), &cfg, 8).unwrap();
+    let parts: Vec<(StrategyKind, u64, u64, u64)> = plans
+        .iter()
+        .map(|(k, m)| (*k, m.params, m.grads, m.optimizer))
+        .collect();
+    assert_eq!(
+        parts,
+        [
+            (StrategyKind::Ddp, 4 * 162_240, 4 * 162_240, 8 * 162_240),
+            // The moments of zero1's shards are f32: 2 · 4 · 162,240 / 4.
+            (StrategyKind::Zero1, 4 * 162_240, 4 * 162_240, 324_480),
+            (
+                StrategyKind::Fsdp,
+                // shards 4 · 162,240 / 4, + the outer unit and one block gathered.
+                162_240 + 4 * (32_832 + 43_136),
+                // f32 gradient shards, + the outer's and one block's gradient buffers,
+                // + the f32 flat copy of the larger (a block) reduce-scattered.
+                162_240 + 4 * (32_832 + 43_136) + 4 * 43_136,
+                324_480,
+            ),
+        ]
+    );
+    // Activations and the rest do not depend on the strategy.
+    for (_, m) in &plans {
+        assert_eq!(m.activations, plans[0].1.activations);
+        assert_eq!(m.workspace, plans[0].1.workspace);
+    }
+    // One rank: every strategy is ddp (the one-rank run keeps everything whole).
+    let one = by_strategy(&tiny(), &run(2), 8).unwrap();
+    assert!(one.iter().all(|(_, m)| m.total == one[0].1.total));
+}
+
+/// The same for LoRA (r4 on q, v and the MLP) in bf16-true on 2 ranks: the frozen base
+/// is sharded too; only the adapters have gradients and moments.
+#[test]
+fn fsdp_shards_the_frozen_base_of_lora() {
+    let mut cfg = run(2);
+    cfg.devices = 2;
+    cfg.lora_r = 4;
+    cfg.lora_mlp = true;
+    cfg.precision = Precision::Bf16True;
+    cfg.strategy = StrategyKind::Fsdp;
+    let m = estimate(&tiny(), &cfg, 8).unwrap();
+    let lora_block = 512 + 384 + 3 * 896;
+    let lora = 3 * lora_block;
+    // 2 bytes · (base + LoRA) / 2, + the outer unit and one block with its adapters.
+    assert_eq!(
+        m.params,
+        162_240 + lora + 2 * (32_832 + 43_136 + lora_block)
+    );
+    // f32 shards of the adapters' gradients, one block's adapter gradients (the outer
+    // unit has no adapter here) and their f32 flat copy.
+    assert_eq!(m.grads, 4 * lora / 2 + 2 * lora_block + 4 * lora_block);
+    assert_eq!(m.optimizer, 2 * 4 * lora / 2);
+    assert!(
+        m.assumed
+            .contains("2 ranks, parameters, gradients and optimizer state sharded (fsdp")
+    );
+}
+
+/// The least sharded strategy that fits is named: a device just above ddp's total
+/// takes ddp; one between fsdp's and zero1's takes fsdp; one below fsdp's takes fsdp
+/// with activation checkpointing; one below everything takes nothing.
+#[test]
+fn the_least_sharded_strategy_that_fits_is_named() {
+    let mut model = tiny();
+    model.n_layer = 12;
+    let mut cfg = run(2);
+    cfg.devices = 8;
+    let totals: Vec<u64> = by_strategy(&model, &cfg, 8)
+        .unwrap()
+        .iter()
+        .map(|(_, m)| m.total)
+        .collect();
+    assert!(totals[0] > totals[1] && totals[1] > totals[2], "{totals:?}");
+    let fit = |free| smallest_fitting(&model, &cfg, 8, free).unwrap();
+    assert_eq!(fit(totals[0]), Some((StrategyKind::Ddp, 0, totals[0])));
+    assert_eq!(
+        fit(totals[0] - 1),
+        Some((StrategyKind::Zero1, 0, totals[1]))
+    );
+    assert_eq!(fit(totals[1] - 1), Some((StrategyKind::Fsdp, 0, totals[2])));
+    // Below fsdp's total as given: fsdp with checkpointing (this tiny model's
+    // activations are too small for checkpointing to save ddp or zero1).
+    let with_ckpt = fit(totals[2] - 1).unwrap();
+    assert_eq!((with_ckpt.0, with_ckpt.1), (StrategyKind::Fsdp, 1));
+    assert!(with_ckpt.2 < totals[2]);
+    assert_eq!(fit(1000), None);
+    let report = strategy_report(&model, &cfg, 8, Some(totals[1] - 1)).unwrap();
+    assert!(report.contains("--strategy fsdp ("), "{report}");
+    assert!(report.contains("one rank of 8, by strategy"), "{report}");
+}

@@ -17,11 +17,20 @@ impl Trainer {
     pub(super) fn save(&mut self, name: &str) -> Result<Option<PathBuf>> {
         let start = Instant::now();
         let optimizer = self.runner.opt.state_tensors(&self.runner.strategy)?;
-        let dir = if self.runner.strategy.is_global_zero() {
-            Some(self.write_checkpoint(name, &optimizer, start)?)
-        } else {
-            None
+        // Never a checkpoint of broken weights (the last update can overflow them).
+        if let Some(var_name) = self.runner.trained_finite()? {
+            return Err(Error::Msg(format!(
+                "step {}: {var_name} holds NaN or infinite values after the update; {name} was not saved. Lower --learning-rate (or set --grad-clip), then --resume auto continues from the last checkpoint",
+                self.state.step
+            )));
+        }
+        // With fsdp every rank takes part in gathering it for rank 0, unit by unit.
+        let model = self.runner.checkpoint_model(self.lora.is_some())?;
+        let dir = match &model {
+            Some(m) => Some(self.write_checkpoint(name, m, &optimizer, start)?),
+            None => None,
         };
+        drop(model);
         self.runner.strategy.barrier()?;
         Ok(dir)
     }
@@ -30,23 +39,15 @@ impl Trainer {
     pub(super) fn write_checkpoint(
         &mut self,
         name: &str,
+        model: &crate::model::Gpt,
         optimizer: &[(String, candle_core::Tensor)],
         start: Instant,
     ) -> Result<PathBuf> {
-        // Never a checkpoint of broken weights (the last update can overflow them).
-        for (var_name, var) in self.runner.opt.vars() {
-            if !crate::train::adamw::all_finite(var.as_tensor())? {
-                return Err(Error::Msg(format!(
-                    "step {}: {var_name} holds NaN or infinite values after the update; {name} was not saved. Lower --learning-rate (or set --grad-clip), then --resume auto continues from the last checkpoint",
-                    self.state.step
-                )));
-            }
-        }
         self.state.loss_scaler = self.runner.scaler;
         let Some(mut saver) = self.saver.take() else {
             return Err(Error::Msg("only rank 0 writes checkpoints".into()));
         };
-        let r = self.write_with(&mut saver, name, optimizer, start);
+        let r = self.write_with(&mut saver, name, model, optimizer, start);
         self.saver = Some(saver);
         r
     }
@@ -55,6 +56,7 @@ impl Trainer {
         &mut self,
         saver: &mut Saver,
         name: &str,
+        model: &crate::model::Gpt,
         optimizer: &[(String, candle_core::Tensor)],
         start: Instant,
     ) -> Result<PathBuf> {
@@ -66,7 +68,7 @@ impl Trainer {
         self.noted(earlier)?;
         let before = Instant::now();
         let snapshot = Snapshot::take(
-            &self.runner.model,
+            model,
             self.lora.as_ref(),
             optimizer,
             &self.state,

@@ -1,0 +1,453 @@
+//! `--strategy fsdp` (ZeRO-3) on CPU threads: 2 and 4 ranks holding shards of the
+//! model are the same computation as 1 rank holding all of it (full and LoRA, with and
+//! without activation checkpointing); a checkpoint written by 2 fsdp ranks resumes on
+//! 1 and on 4; each rank holds its share of the parameters between steps.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use candle_core::Tensor;
+use lit_claire::error::Result;
+use lit_claire::strategy::threads::ThreadGroup;
+use lit_claire::strategy::{Collective, ReduceOp, Strategy, StrategyKind};
+use lit_claire::tokenizer::Tokenizer;
+use lit_claire::train::batches::{PackedSamples, TrainData, TrainDataset};
+use lit_claire::train::{TrainConfig, Trainer, pretrain_with_data};
+
+use crate::common::*;
+use crate::data_parallel::{
+    assert_no_partial_files, assert_same, compare, config, data, lora, stopped_at, weights,
+};
+
+/// 1 rank × micro-batch 4 (ddp, every parameter whole) against fsdp on 2 ranks ×
+/// micro-batch 2 and 4 ranks × micro-batch 1, each without and with activation
+/// checkpointing.
+fn fsdp_is_one_rank(tweak: impl Fn(TrainConfig) -> TrainConfig, kind: &str) {
+    let one = temp_dir();
+    let s = pretrain_with_data(&tweak(config(one.path(), 1, 4)), data()).unwrap();
+    assert_eq!(s.steps, 10);
+    for (devices, micro) in [(2, 2), (4, 1)] {
+        for checkpointing in [0, 1] {
+            let run = temp_dir();
+            let mut cfg = tweak(config(run.path(), devices, micro));
+            cfg.strategy = StrategyKind::Fsdp;
+            cfg.activation_checkpointing = checkpointing;
+            let s = pretrain_with_data(&cfg, data()).unwrap();
+            assert_eq!(s.final_checkpoint, Some(run.path().join("final")));
+            assert_same(
+                &format!(
+                    "{kind}, {devices} ranks fsdp (activation checkpointing {checkpointing}) vs 1 rank"
+                ),
+                one.path(),
+                run.path(),
+            );
+            let log = std::fs::read_to_string(run.path().join("train.log")).unwrap();
+            assert!(
+                log.contains(&format!("cpu × {devices} ranks (fsdp)")),
+                "{log}"
+            );
+            for ck in ["step-00000004", "step-00000008", "final"] {
+                assert!(run.path().join(ck).join("optimizer.safetensors").exists());
+            }
+            assert_no_partial_files(run.path());
+        }
+    }
+}
+
+#[test]
+fn fsdp_on_two_and_four_ranks_gives_the_losses_and_weights_of_one_full() {
+    fsdp_is_one_rank(|c| c, "full");
+}
+
+#[test]
+fn fsdp_on_two_and_four_ranks_gives_the_losses_and_weights_of_one_lora() {
+    fsdp_is_one_rank(|c| lora(c, 0.25), "LoRA (dropout 0.25)");
+}
+
+#[test]
+fn a_checkpoint_of_two_fsdp_ranks_resumes_on_one_and_on_four() {
+    let two = temp_dir();
+    let mut cfg = config(two.path(), 2, 2);
+    cfg.strategy = StrategyKind::Fsdp;
+    pretrain_with_data(&cfg, data()).unwrap();
+    // 1 rank (ddp, the whole model) and 4 fsdp ranks: the same continuation.
+    for (devices, micro, strategy) in [(1, 2, StrategyKind::Ddp), (4, 1, StrategyKind::Fsdp)] {
+        let (_keep, resumed) = stopped_at(two.path(), 4);
+        let mut cfg = config(&resumed, devices, micro);
+        cfg.strategy = strategy;
+        cfg.resume = Some("auto".into());
+        let s = pretrain_with_data(&cfg, data()).unwrap();
+        assert_eq!(s.steps, 10);
+        let log = std::fs::read_to_string(resumed.join("train.log")).unwrap();
+        assert!(log.contains("resuming"), "{log}");
+        assert_same(
+            &format!("2 ranks (fsdp) resumed at step 4 on {devices} ({strategy})"),
+            two.path(),
+            &resumed,
+        );
+    }
+}
+
+/// Bytes of parameters each of `devices` thread ranks holds after 2 steps of `cfg`.
+fn held_bytes(cfg: &TrainConfig, devices: usize) -> Vec<usize> {
+    let group = ThreadGroup::new(devices, Duration::from_secs(60));
+    std::thread::scope(|s| {
+        let hs: Vec<_> = group
+            .handles()
+            .into_iter()
+            .map(|c| {
+                let st = Strategy::cpu().with_collective(c, cfg.strategy);
+                s.spawn(move || {
+                    let mut t = Trainer::on_rank(cfg, data(), st).unwrap();
+                    t.run(Some(2)).unwrap();
+                    t.held_parameter_bytes()
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// Between steps an fsdp rank holds its shard of every parameter, the frozen base of
+/// a LoRA run too: the bytes of the tensors it keeps are those of the whole model
+/// divided by the number of ranks (up to the padding of each unit), where a ddp rank
+/// keeps all of them.
+#[test]
+fn an_fsdp_rank_holds_its_share_of_the_parameters() {
+    for lora_on in [false, true] {
+        let tweak = |c: TrainConfig| if lora_on { lora(c, 0.0) } else { c };
+        let dir = temp_dir();
+        let mut cfg = tweak(config(dir.path(), 2, 2));
+        let ddp = held_bytes(&cfg, 2);
+        let whole = ddp[0];
+        assert!(whole > 100_000, "{whole}");
+        assert!(ddp.iter().all(|&b| b == whole), "{ddp:?}");
+        for devices in [2, 4] {
+            let dir = temp_dir();
+            cfg = tweak(config(dir.path(), devices, 4 / devices));
+            cfg.strategy = StrategyKind::Fsdp;
+            let held = held_bytes(&cfg, devices);
+            eprintln!(
+                "lora {lora_on}: ddp rank holds {whole} bytes, fsdp ranks of {devices}: {held:?}"
+            );
+            // Each unit (a block, or the embeddings with norm and head) pads its
+            // frozen and trained buffers to a multiple of the ranks: at most
+            // 2 · (devices − 1) values of 4 bytes each.
+            let units = 2 + 1; // the reference model's blocks, and the outer unit
+            let pad = units * 2 * (devices - 1) * 4;
+            for (r, &b) in held.iter().enumerate() {
+                assert!(
+                    b * devices >= whole && b * devices <= whole + devices * pad,
+                    "lora {lora_on}, rank {r} of {devices}: holds {b} bytes of a {whole}-byte model"
+                );
+            }
+        }
+    }
+}
+
+/// A rank's collective that writes down each call: its kind and length.
+struct Recording {
+    inner: Arc<dyn Collective>,
+    calls: Mutex<Vec<(&'static str, usize)>>,
+}
+
+impl Recording {
+    fn note(&self, what: &'static str, x: &Tensor) {
+        self.calls.lock().unwrap().push((what, x.elem_count()));
+    }
+}
+
+impl Collective for Recording {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.inner.world_size()
+    }
+    fn all_reduce(&self, x: &Tensor, op: ReduceOp) -> Result<Tensor> {
+        self.note("all_reduce", x);
+        self.inner.all_reduce(x, op)
+    }
+    fn reduce_scatter(&self, x: &Tensor, op: ReduceOp) -> Result<Tensor> {
+        self.note("reduce_scatter", x);
+        self.inner.reduce_scatter(x, op)
+    }
+    fn all_gather(&self, x: &Tensor) -> Result<Tensor> {
+        self.note("all_gather", x);
+        self.inner.all_gather(x)
+    }
+    fn broadcast(&self, x: &Tensor, root: usize) -> Result<Tensor> {
+        self.note("broadcast", x);
+        self.inner.broadcast(x, root)
+    }
+    fn barrier(&self) -> Result<()> {
+        self.inner.barrier()
+    }
+    fn abort(&self, reason: &str) {
+        self.inner.abort(reason)
+    }
+}
+
+/// The calls of each of `devices` ranks training `cfg` for one step (every one of
+/// more than 16 values: the parameters' and gradients', not the losses').
+fn recorded(cfg: &TrainConfig, devices: usize) -> Vec<Vec<(&'static str, usize)>> {
+    let group = ThreadGroup::new(devices, Duration::from_secs(60));
+    let recs: Vec<Arc<Recording>> = group
+        .handles()
+        .into_iter()
+        .map(|inner| {
+            Arc::new(Recording {
+                inner,
+                calls: Mutex::new(Vec::new()),
+            })
+        })
+        .collect();
+    std::thread::scope(|s| {
+        for r in &recs {
+            let c: Arc<dyn Collective> = r.clone();
+            let st = Strategy::cpu().with_collective(c, cfg.strategy);
+            s.spawn(move || {
+                let mut t = Trainer::on_rank(cfg, data(), st).unwrap();
+                r.calls.lock().unwrap().clear();
+                t.run(Some(1)).unwrap();
+            });
+        }
+    });
+    recs.iter()
+        .map(|r| {
+            let calls = r.calls.lock().unwrap();
+            calls.iter().filter(|(_, n)| *n > 16).copied().collect()
+        })
+        .collect()
+}
+
+/// Issue 26: each block's parameters are gathered just before its forward and again
+/// for its backward, and its gradients reduce-scattered as soon as its backward ends,
+/// before the previous block's are gathered; the embeddings and head (the outer unit)
+/// are gathered first and reduced last. Two micro-batches a step: twice. Validation
+/// and checkpoints gather one unit at a time too.
+#[test]
+fn fsdp_gathers_each_block_for_its_forward_and_backward_and_reduces_it_at_once() {
+    let dir = temp_dir();
+    let mut cfg = config(dir.path(), 2, 1);
+    cfg.strategy = StrategyKind::Fsdp;
+    cfg.max_steps = Some(1);
+    for calls in recorded(&cfg, 2) {
+        // Full fine-tuning: one trained buffer a unit; every shard is half of its
+        // unit's padded buffer.
+        let gather = |i: usize| calls[i].0 == "all_gather";
+        let (outer, block) = (calls[0].1, calls[1].1);
+        assert_ne!(outer, block, "{calls:?}");
+        let g = |n| ("all_gather", n);
+        let r = |n: usize| ("reduce_scatter", 2 * n);
+        let pass = [
+            g(outer),
+            g(block), // block 0 forward
+            g(block), // block 1 forward
+            g(block), // block 1 backward
+            r(block), // its gradients
+            g(block), // block 0 backward
+            r(block),
+            r(outer),
+        ];
+        let want: Vec<_> = pass.iter().chain(&pass).copied().collect();
+        assert!(gather(0));
+        assert_eq!(calls[..16], want[..], "{calls:?}");
+        // Then the update gathers nothing. The final validation gathers each block for
+        // its forward, one at a time, batch after batch (4 and 2 samples, micro-batch
+        // 1: 6 batches); the checkpoint each unit's moments (m, v), then its
+        // parameters: one unit at a time, never the model at once. No more gradients.
+        let scoring = [g(outer), g(block), g(block)];
+        let validation: Vec<_> = scoring.iter().cycle().take(18).copied().collect();
+        assert_eq!(calls[16..34], validation[..], "{calls:?}");
+        let (moments, params) = (
+            [g(block), g(block), g(block), g(block), g(outer), g(outer)],
+            [g(block), g(block), g(outer)],
+        );
+        assert_eq!(calls[34..40], moments[..], "{calls:?}");
+        assert_eq!(calls[40..], params[..], "{calls:?}");
+    }
+}
+
+/// The fortunes packed back to back into samples of 33 tokens, documents marked.
+fn packed_data() -> TrainData {
+    let tok = Tokenizer::from_dir(&reference_dir("llama")).unwrap();
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("data/sample/fortunes-br.txt"),
+    )
+    .unwrap();
+    let docs = |skip: usize, n: usize| -> Vec<Vec<u32>> {
+        let d = text.split("\n%\n").skip(skip).take(n);
+        d.map(|d| tok.encode_document(d).unwrap()).collect()
+    };
+    let train = PackedSamples::pack(&docs(0, 60), 33);
+    assert!(train.starts.iter().any(|s| !s.is_empty()));
+    TrainData {
+        block_size: 33,
+        tokenizer_hash: Some(tok.hash.clone()),
+        origin: None,
+        datasets: vec![TrainDataset {
+            name: "packed".into(),
+            weight: 1.0,
+            train: Arc::new(train),
+            validation: Arc::new(PackedSamples::pack(&docs(400, 12), 33)),
+        }],
+    }
+}
+
+/// Packed samples (documents kept apart) in every precision: fsdp on 2 ranks against
+/// zero1 on 2 ranks (the same sharded AdamW in f32, one micro-batch a step), LoRA with
+/// dropout: the same run to 1e-5 (on 7 Dec 2026, bit for bit in all four).
+#[test]
+fn fsdp_trains_packed_samples_in_every_precision() {
+    for precision in ["32-true", "bf16-true", "bf16-mixed", "16-mixed"] {
+        let run = |strategy: StrategyKind| {
+            let dir = temp_dir();
+            let mut cfg = lora(config(dir.path(), 2, 2), 0.1);
+            cfg.strategy = strategy;
+            cfg.precision = precision.parse().unwrap();
+            cfg.max_steps = Some(6);
+            pretrain_with_data(&cfg, packed_data()).unwrap();
+            dir
+        };
+        let (zero, fsdp) = (run(StrategyKind::Zero1), run(StrategyKind::Fsdp));
+        let (loss, w) = compare(zero.path(), fsdp.path());
+        eprintln!("{precision}: fsdp vs zero1, packed: loss {loss:.2e}, weights {w:.2e}");
+        assert!(
+            loss < 1e-5 && w < 1e-5,
+            "{precision}: loss {loss:e}, weights {w:e}"
+        );
+    }
+}
+
+/// The same with LoRA (dropout 0.25): the adapter and its moments of a 2-rank fsdp
+/// run resume on 1 rank and on 4 fsdp ranks, with the same dropout masks.
+#[test]
+fn a_lora_checkpoint_of_two_fsdp_ranks_resumes_on_one_and_on_four() {
+    let two = temp_dir();
+    let mut cfg = lora(config(two.path(), 2, 2), 0.25);
+    cfg.strategy = StrategyKind::Fsdp;
+    pretrain_with_data(&cfg, data()).unwrap();
+    for (devices, micro, strategy) in [(1, 4, StrategyKind::Ddp), (4, 1, StrategyKind::Fsdp)] {
+        let (_keep, resumed) = stopped_at(two.path(), 4);
+        let mut cfg = lora(config(&resumed, devices, micro), 0.25);
+        cfg.strategy = strategy;
+        cfg.resume = Some("auto".into());
+        assert_eq!(pretrain_with_data(&cfg, data()).unwrap().steps, 10);
+        assert_same(
+            &format!("LoRA, 2 ranks (fsdp) resumed at step 4 on {devices} ({strategy})"),
+            two.path(),
+            &resumed,
+        );
+    }
+}
+
+/// `pretrain --strategy fsdp` from the command line, on prepared data, with LoRA: the
+/// run folder names the strategy and its final checkpoint is a PEFT adapter.
+#[test]
+fn the_cli_trains_with_fsdp_on_cpu_threads() {
+    use crate::pipeline::{lit, prepared, s};
+    let root = temp_dir();
+    let data = prepared(root.path());
+    let run = root.path().join("run");
+    let model = reference_dir("llama");
+    let args = |devices: &str, steps: &str, micro: &str| -> Vec<String> {
+        [
+            "pretrain",
+            "--data-dir",
+            s(&data),
+            "--checkpoint-dir",
+            s(&model),
+            "--out-dir",
+            s(&run),
+            "--device",
+            "cpu",
+            "--devices",
+            devices,
+            "--strategy",
+            "fsdp",
+            "--max-steps",
+            steps,
+            "--batch-size",
+            "2",
+            "--micro-batch-size",
+            micro,
+            "--eval-interval",
+            "3",
+            "--eval-max-batches",
+            "1",
+            "--lora-r",
+            "4",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect()
+    };
+    let run_with = |a: Vec<String>| {
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        lit(&a)
+    };
+    let out = run_with(args("2", "3", "1"));
+    assert_eq!(out.trim(), s(&run.join("final")));
+    let hp = std::fs::read_to_string(run.join("hyperparameters.toml")).unwrap();
+    assert!(hp.contains("strategy = \"fsdp\""), "{hp}");
+    let log = std::fs::read_to_string(run.join("train.log")).unwrap();
+    assert!(log.contains("cpu × 2 ranks (fsdp)"), "{log}");
+    assert!(run.join("final/adapter_model.safetensors").exists());
+}
+
+/// Tied heads, learned positions, LayerNorm biases, Conv1D weights (GPT-2) and a fused
+/// query/key/value with a parallel residual (Falcon), full and LoRA on every target, the
+/// head included (tied to the sharded embeddings): fsdp on 2 ranks gives 1 rank's
+/// losses, and ddp's weights on 2 ranks.
+///
+/// Against 1 rank, a few weights move apart under ddp as much as under fsdp (7 Dec
+/// 2026: up to 3.0e-5 in Falcon's second MLP output, 3.3e-4 in GPT-2's key biases,
+/// whose gradient is 0 but for rounding, which AdamW turns into steps of the learning
+/// rate's size whose sign depends on the order of the sums); so the weights are
+/// compared with ddp's on the same ranks, the key biases left out.
+#[test]
+fn fsdp_handles_tied_heads_and_fused_layers() {
+    for family in ["gpt2", "falcon"] {
+        for lora_on in [false, true] {
+            let tweak = |mut c: TrainConfig| {
+                c.checkpoint_dir = reference_dir(family);
+                if lora_on {
+                    c = lora(c, 0.0);
+                    c.lora_key = true;
+                    c.lora_projection = true;
+                    c.lora_head = true;
+                }
+                c
+            };
+            let mut d = data();
+            d.tokenizer_hash = None;
+            let one = temp_dir();
+            pretrain_with_data(&tweak(config(one.path(), 1, 4)), d.clone()).unwrap();
+            let run = |strategy: StrategyKind| {
+                let dir = temp_dir();
+                let mut cfg = tweak(config(dir.path(), 2, 2));
+                cfg.strategy = strategy;
+                pretrain_with_data(&cfg, d.clone()).unwrap();
+                dir
+            };
+            let (ddp, fsdp) = (run(StrategyKind::Ddp), run(StrategyKind::Fsdp));
+            let what = format!("{family} (LoRA {lora_on}), 2 ranks fsdp");
+            let (loss, _) = compare(one.path(), fsdp.path());
+            assert!(loss < 1e-5, "{what} vs 1 rank: losses differ by {loss:e}");
+            let (loss, _) = compare(ddp.path(), fsdp.path());
+            assert!(loss < 1e-5, "{what} vs ddp: losses differ by {loss:e}");
+            let (a, b) = (
+                weights(&ddp.path().join("final")),
+                weights(&fsdp.path().join("final")),
+            );
+            let mut w = 0f32;
+            for (k, x) in a.iter().filter(|(k, _)| !k.ends_with("attn.c_attn.bias")) {
+                w = w.max(max_abs_diff(x, &b[k]));
+            }
+            eprintln!("{what}: losses {loss:.2e} from ddp's, weights {w:.2e}");
+            assert!(w < 1e-5, "{what}: final weights differ from ddp's by {w:e}");
+        }
+    }
+}
