@@ -613,6 +613,13 @@ fn train_embeddings_defaults_and_refusals() {
         e.contains("--lora-head") && e.contains("the default on a folder adapt-vocab made"),
         "{e}"
     );
+    let mut sharded = lora_config(&base, &tmp.path().join("b"));
+    sharded.strategy = lit_claire::strategy::StrategyKind::Fsdp;
+    let e = Trainer::new(&sharded, data(17)).err().unwrap().to_string();
+    assert!(
+        e.contains("--strategy fsdp") && e.contains("zero1") && !e.contains('\n'),
+        "{e}"
+    );
     let mut full = lora_config(&base, &tmp.path().join("c"));
     full.lora_r = 0;
     full.train_embeddings = Some(TrainEmbeddings::New);
