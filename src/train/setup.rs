@@ -283,8 +283,8 @@ fn build_sharded(
 }
 
 /// `--strategy zero1` on one rank: nothing to shard (the one-rank [`Strategy`] keeps
-/// the optimizer whole), said rather than silently ignored. `fsdp` on one rank runs its
-/// falls back the same way: said too.
+/// the optimizer whole), said rather than silently ignored. `fsdp` on one rank falls
+/// back the same way, and says so too.
 pub(super) fn unsharded_note(cfg: &TrainConfig, strategy: &Strategy) -> Option<String> {
     match (cfg.strategy, strategy.world_size) {
         (StrategyKind::Zero1, 1) => Some(
