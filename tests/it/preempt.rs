@@ -165,6 +165,22 @@ fn issue26_a_stop_request_on_two_thread_ranks_resumes_exactly_lora() {
     stop_requests_resume_exactly(cfg, &[5]);
 }
 
+#[test]
+fn issue26_a_stop_request_under_fsdp_resumes_exactly() {
+    // fsdp: the checkpoint is gathered unit by unit from every rank's shards, and the
+    // resumed run shards it again; full fine-tuning, then LoRA with dropout.
+    let straight = temp_dir();
+    let mut cfg = thread_config(straight.path());
+    cfg.strategy = lit_claire::strategy::StrategyKind::Fsdp;
+    stop_requests_resume_exactly(cfg.clone(), &[3]);
+    let straight = temp_dir();
+    cfg.out_dir = straight.path().to_path_buf();
+    cfg.lora_r = 4;
+    cfg.lora_dropout = 0.2;
+    cfg.lora_mlp = true;
+    stop_requests_resume_exactly(cfg, &[6]);
+}
+
 /// `cfg` run straight, then stopped by a request after each of `points` rows and
 /// resumed: each resumed run is the straight one.
 fn stop_requests_resume_exactly(cfg: TrainConfig, points: &[usize]) {
