@@ -159,19 +159,7 @@ pub fn pick(mut logits: Vec<f32>, seq: &[u32], s: &Sampling, rng: &mut ChaCha8Rn
     if s.temperature == 0.0 {
         return argmax(&logits);
     }
-    // Candidates sorted by logit, highest first; ties keep the lower id first. The
-    // order is total, so an unstable sort gives the same order, and with `top_k` only
-    // the k best need sorting (a selection first: the vocabulary is 30-250k ids).
-    let order = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
-    let mut idx: Vec<usize> = (0..logits.len()).collect();
-    if let Some(k) = s.top_k
-        && k >= 1
-        && k < idx.len()
-    {
-        idx.select_nth_unstable_by(k - 1, order);
-        idx.truncate(k);
-    }
-    idx.sort_unstable_by(order);
+    let mut idx = candidates(&logits, s.top_k);
     let t = s.temperature as f32;
     let max = logits[idx[0]] / t;
     if !max.is_finite() {
@@ -208,6 +196,24 @@ pub fn pick(mut logits: Vec<f32>, seq: &[u32], s: &Sampling, rng: &mut ChaCha8Rn
         }
     }
     *idx.last().expect("at least one candidate") as u32
+}
+
+/// The ids sampling draws from: sorted by logit, highest first, ties keeping the lower
+/// id first; the first `top_k` only. The order is total, so an unstable sort gives the
+/// same order, and with `top_k` only the k best are sorted (after a selection: the
+/// vocabulary holds 30-250k ids).
+fn candidates(logits: &[f32], top_k: Option<usize>) -> Vec<usize> {
+    let order = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
+    let mut idx: Vec<usize> = (0..logits.len()).collect();
+    if let Some(k) = top_k
+        && k >= 1
+        && k < idx.len()
+    {
+        idx.select_nth_unstable_by(k - 1, order);
+        idx.truncate(k);
+    }
+    idx.sort_unstable_by(order);
+    idx
 }
 
 /// Index of the first maximum.
@@ -259,73 +265,20 @@ impl<'a> TextStream<'a> {
 mod tests {
     use super::*;
 
-    /// The candidates as a full stable sort orders them (what `pick` did before it
-    /// selected the top k first and sorted unstably): the same draws, seed for seed.
-    fn pick_by_full_sort(logits: &[f32], s: &Sampling, rng: &mut ChaCha8Rng) -> u32 {
-        let mut idx: Vec<usize> = (0..logits.len()).collect();
-        idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
-        if let Some(k) = s.top_k {
-            idx.truncate(k.min(idx.len()));
-        }
-        let t = s.temperature as f32;
-        let max = logits[idx[0]] / t;
-        let mut probs: Vec<f64> = idx
-            .iter()
-            .map(|&i| ((logits[i] / t - max) as f64).exp())
-            .collect();
-        let z: f64 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= z);
-        if let Some(top_p) = s.top_p {
-            let mut acc = 0.0;
-            let mut keep = probs.len();
-            for (n, p) in probs.iter().enumerate() {
-                acc += p;
-                if acc >= top_p {
-                    keep = n + 1;
-                    break;
-                }
-            }
-            probs.truncate(keep);
-            idx.truncate(keep);
-            let z: f64 = probs.iter().sum();
-            probs.iter_mut().for_each(|p| *p /= z);
-        }
-        let u: f64 = rng.random();
-        let mut acc = 0.0;
-        for (p, &i) in probs.iter().zip(&idx) {
-            acc += p;
-            if u < acc {
-                return i as u32;
-            }
-        }
-        *idx.last().unwrap() as u32
-    }
-
     #[test]
-    fn selecting_the_top_k_draws_what_a_full_sort_draws() {
+    fn candidates_are_the_full_stable_sort_cut_to_top_k() {
         let mut draw = ChaCha8Rng::seed_from_u64(7);
-        for case in 0..200u64 {
+        for case in 0..300usize {
             // Few distinct values: many ties, which the order breaks by id.
-            let n = 1 + (case as usize * 37) % 300;
+            let n = 1 + (case * 37) % 300;
             let logits: Vec<f32> = (0..n)
                 .map(|_| (draw.random::<f32>() * 8.0).floor() - 4.0)
                 .collect();
-            let s = Sampling {
-                temperature: 0.7,
-                top_k: [None, Some(1), Some(5), Some(n), Some(n + 3)][case as usize % 5],
-                top_p: [None, Some(0.9)][(case as usize / 5) % 2],
-                ..Sampling::default()
-            };
-            let (mut a, mut b) = (
-                ChaCha8Rng::seed_from_u64(case),
-                ChaCha8Rng::seed_from_u64(case),
-            );
-            for _ in 0..5 {
-                assert_eq!(
-                    pick(logits.clone(), &[], &s, &mut a),
-                    pick_by_full_sort(&logits, &s, &mut b),
-                    "case {case}: {s:?}"
-                );
+            let mut full: Vec<usize> = (0..n).collect();
+            full.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+            for k in [None, Some(1), Some(5), Some(n), Some(n + 3)] {
+                let want = &full[..k.map_or(n, |k| k.min(n))];
+                assert_eq!(candidates(&logits, k), want, "case {case}, top_k {k:?}");
             }
         }
     }
