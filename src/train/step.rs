@@ -347,15 +347,12 @@ impl StepRunner {
                     d.next_micro_batch(batch.inputs.dim(0)?);
                 }
                 let parts = self.parts(batch)?;
-                let input = PassInput {
-                    ids: &batch.inputs,
-                    targets: &batch.targets,
-                    mask: &batch.mask,
-                    docs: batch.docs.as_ref(),
-                    dropout: self.dropout.as_ref(),
-                    grad_scale: scale / denom,
-                    checkpoint_every: self.activation_checkpointing,
-                };
+                let input = pass_input(
+                    batch,
+                    self.dropout.as_ref(),
+                    scale / denom,
+                    self.activation_checkpointing,
+                );
                 total += if overlap && k + 1 == micro_batches.len() {
                     let (loss, slots) =
                         overlapped_pass(&self.model, &self.strategy, &input, &mut grads)?;
@@ -412,15 +409,12 @@ impl StepRunner {
                     if let Some(d) = &self.dropout {
                         d.next_micro_batch(batch.inputs.dim(0)?);
                     }
-                    let input = PassInput {
-                        ids: &batch.inputs,
-                        targets: &batch.targets,
-                        mask: &batch.mask,
-                        docs: batch.docs.as_ref(),
-                        dropout: self.dropout.as_ref(),
-                        grad_scale: scale / denom,
-                        checkpoint_every: self.activation_checkpointing,
-                    };
+                    let input = pass_input(
+                        batch,
+                        self.dropout.as_ref(),
+                        scale / denom,
+                        self.activation_checkpointing,
+                    );
                     total += f.pass(&input, &self.strategy)?;
                 }
                 (total, None)
@@ -479,5 +473,24 @@ impl StepRunner {
             tokens: total_tokens,
             skipped,
         })
+    }
+}
+
+/// The engine's input for `batch`: its loss scaled by `grad_scale`, with `dropout`'s
+/// masks, checkpointing every `checkpoint_every`-th block.
+fn pass_input<'a>(
+    batch: &'a Batch,
+    dropout: Option<&'a Dropout>,
+    grad_scale: f64,
+    checkpoint_every: usize,
+) -> PassInput<'a> {
+    PassInput {
+        ids: &batch.inputs,
+        targets: &batch.targets,
+        mask: &batch.mask,
+        docs: batch.docs.as_ref(),
+        dropout,
+        grad_scale,
+        checkpoint_every,
     }
 }
