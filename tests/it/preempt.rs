@@ -530,8 +530,8 @@ fn issue26_signals_stop_real_processes_after_a_step_and_they_resume_exactly() {
 /// torchrun's variables, SIGUSR1 and SIGTERM in turn, every other one with a storm of
 /// further signals. Prints the stop steps and the seconds from signal to exit.
 #[test]
-#[ignore = "20 runs: cargo test --test it issue26_sweep -- --ignored --nocapture"]
-fn issue26_sweep_of_twenty_random_stop_points() {
+#[ignore = "20 runs: cargo test --test it sweep_of_twenty -- --ignored --nocapture"]
+fn sweep_of_twenty_random_stop_points() {
     let root = temp_dir();
     let data = prepared(root.path());
     let [threads, torchrun] = straight_runs(root.path(), &data);
