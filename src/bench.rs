@@ -78,6 +78,17 @@ pub struct BenchShape {
     pub batch: usize,
 }
 
+/// The flags among `counts` that are zero, in one problem ("--a, --b must be at least
+/// 1"); `--kv-heads` defaults to `--heads`, so a zero there is `--heads`' alone.
+fn zero_counts(counts: &[(&str, usize)], heads: usize) -> Option<String> {
+    let zero: Vec<&str> = counts
+        .iter()
+        .filter(|c| c.1 == 0 && !(c.0 == "--kv-heads" && heads == 0))
+        .map(|c| c.0)
+        .collect();
+    (!zero.is_empty()).then(|| format!("{} must be at least 1", zero.join(", ")))
+}
+
 impl BenchShape {
     /// The default MLP width of a `width`-wide bench model (as `utils/bench_torch.py`).
     pub fn default_intermediate(width: usize) -> usize {
@@ -99,15 +110,7 @@ impl BenchShape {
             ("--seq", self.seq),
             ("--batch", self.batch),
         ];
-        // --kv-heads defaults to --heads: a zero there is --heads' alone.
-        let zero: Vec<&str> = counts
-            .iter()
-            .filter(|c| c.1 == 0 && !(c.0 == "--kv-heads" && self.heads == 0))
-            .map(|c| c.0)
-            .collect();
-        if !zero.is_empty() {
-            problems.push(format!("{} must be at least 1", zero.join(", ")));
-        }
+        problems.extend(zero_counts(&counts, self.heads));
         if self.intermediate == 0 {
             problems.push(format!(
                 "--intermediate must be at least 1 (its default, --width · 8/3 rounded down to a multiple of 64, is 0 for --width {})",

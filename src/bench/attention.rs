@@ -8,6 +8,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor, Var};
 use serde::Serialize;
 
+use super::zero_counts;
 use crate::config::AttentionWindow;
 use crate::error::{Error, Result};
 use crate::model::fused::{MaskSpec, attention, attention_plain, flash_kernel};
@@ -34,15 +35,7 @@ impl AttentionShape {
             ("--seq", self.seq),
             ("--head-size", self.head_size),
         ];
-        // --kv-heads defaults to --heads: a zero there is --heads' alone.
-        let zero: Vec<&str> = counts
-            .iter()
-            .filter(|c| c.1 == 0 && !(c.0 == "--kv-heads" && self.heads == 0))
-            .map(|c| c.0)
-            .collect();
-        if !zero.is_empty() {
-            problems.push(format!("{} must be at least 1", zero.join(", ")));
-        }
+        problems.extend(zero_counts(&counts, self.heads));
         if self.kv_heads > 0 && self.heads % self.kv_heads != 0 {
             problems.push(format!(
                 "--kv-heads {} must divide --heads {}",

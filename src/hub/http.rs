@@ -788,11 +788,36 @@ impl Http {
         })
     }
 
+    /// Statuses worth another try: a timeout, a rate limit, a server error.
+    fn retry_status(status: u16) -> bool {
+        matches!(status, 408 | 429 | 500 | 502 | 503 | 504)
+    }
+
     fn retryable(r: &Result<Reply, Kind>) -> bool {
         match r {
             Err(Kind::Connect(_)) => true,
-            Ok(reply) => matches!(reply.status, 408 | 429 | 500 | 502 | 503 | 504),
+            Ok(reply) => Self::retry_status(reply.status),
             Err(_) => false,
+        }
+    }
+
+    /// `once` for `call`, tried again with backoff while `again` says so, up to the
+    /// retries allowed; the last result, a failure naming `call`.
+    fn with_retries<T>(
+        &self,
+        call: &Call,
+        mut once: impl FnMut() -> Result<T, Kind>,
+        again: impl Fn(&Result<T, Kind>) -> bool,
+    ) -> Result<T, Failure> {
+        let mut attempt = 0;
+        loop {
+            let r = once();
+            if again(&r) && attempt < self.retries {
+                self.backoff(attempt);
+                attempt += 1;
+                continue;
+            }
+            return r.map_err(|k| self.failure(call, k));
         }
     }
 
@@ -803,19 +828,16 @@ impl Http {
 
     /// Make `call` and read its answer whole (any status; see [`Http::check`]).
     pub fn send(&self, call: &Call) -> Result<Reply, Failure> {
-        let mut attempt = 0;
-        loop {
-            let r = self.rt.block_on(async {
-                let resp = self.exchange(call).await?;
-                self.read_short(resp).await
-            });
-            if Self::retryable(&r) && attempt < self.retries {
-                self.backoff(attempt);
-                attempt += 1;
-                continue;
-            }
-            return r.map_err(|k| self.failure(call, k));
-        }
+        self.with_retries(
+            call,
+            || {
+                self.rt.block_on(async {
+                    let resp = self.exchange(call).await?;
+                    self.read_short(resp).await
+                })
+            },
+            Self::retryable,
+        )
     }
 
     /// A non-2xx answer as a failure (with the server's message, cleaned).
@@ -898,25 +920,18 @@ impl Http {
         sha256: Option<&str>,
         progress: &dyn Fn(u64),
     ) -> Result<u64, Failure> {
-        let mut attempt = 0;
-        loop {
-            let r = self
-                .rt
-                .block_on(self.download_once(call, out, out_path, listed, sha256, progress));
-            let again = match &r {
+        self.with_retries(
+            call,
+            || {
+                self.rt
+                    .block_on(self.download_once(call, out, out_path, listed, sha256, progress))
+            },
+            |r| match r {
                 Err(Kind::Connect(_)) => true,
-                Err(Kind::Status { status, .. }) => {
-                    matches!(status, 408 | 429 | 500 | 502 | 503 | 504)
-                }
+                Err(Kind::Status { status, .. }) => Self::retry_status(*status),
                 _ => false,
-            };
-            if again && attempt < self.retries {
-                self.backoff(attempt);
-                attempt += 1;
-                continue;
-            }
-            return r.map_err(|k| self.failure(call, k));
-        }
+            },
+        )
     }
 
     async fn download_once(
