@@ -110,6 +110,7 @@ pub fn dist_check(
             .get("MASTER_PORT")
             .and_then(|p| p.parse().ok())
             .unwrap_or(DEFAULT_PORT),
+        port_source: "MASTER_PORT".into(),
         launcher: env::Launcher::Torchrun,
         sources: env::Sources::default(),
         secret: env::JobSecret::none(),

@@ -52,6 +52,9 @@ pub struct ProcessGroup {
     /// Where rank 0 listens for the others (see [`super::rendezvous`]).
     pub master_addr: String,
     pub master_port: u16,
+    /// Where `master_port` came from, for messages: `MASTER_PORT`, `LIT_CLAIRE_PORT`,
+    /// or how it was derived ([`rendezvous_port`]).
+    pub port_source: String,
     pub launcher: Launcher,
     /// Where the counts came from, for messages.
     pub sources: Sources,
@@ -206,6 +209,58 @@ pub fn default_slurm_port(job_id: u64) -> u16 {
 /// Port used without a launcher's port (a single process, or `MASTER_PORT` unset).
 pub const DEFAULT_PORT: u16 = 29_500;
 
+/// Variable that sets the port of rank 0's rendezvous whatever the launcher says.
+pub const PORT_VAR: &str = "LIT_CLAIRE_PORT";
+
+/// The port rank 0's rendezvous listens on, and where it came from:
+///
+/// ```text
+/// LIT_CLAIRE_PORT                                     that port
+/// torchrun, TORCHELASTIC_USE_AGENT_STORE=True         MASTER_PORT + 1
+/// MASTER_PORT                                         MASTER_PORT
+/// SLURM without MASTER_PORT                           derived from SLURM_JOB_ID
+/// nothing                                             29500
+/// ```
+///
+/// torchrun's agent keeps its own store listening on `MASTER_PORT` (on rank 0's
+/// host) for as long as the workers run, and says so to them with
+/// `TORCHELASTIC_USE_AGENT_STORE`: rank 0 cannot listen there, so it takes the next
+/// port, which every rank derives alike.
+pub fn rendezvous_port(env: &HashMap<String, String>, launcher: Launcher) -> Result<(u16, String)> {
+    if let Some(p) = env.get(PORT_VAR) {
+        return Ok((port(p, PORT_VAR)?, PORT_VAR.to_string()));
+    }
+    let agent_store = launcher == Launcher::Torchrun
+        && env
+            .get("TORCHELASTIC_USE_AGENT_STORE")
+            .is_some_and(|v| matches!(v.trim(), "True" | "true" | "1"));
+    match env.get("MASTER_PORT") {
+        Some(p) if agent_store => {
+            let store = port(p, "MASTER_PORT")?;
+            let ours = store.checked_add(1).ok_or_else(|| {
+                Error::Usage(format!(
+                    "MASTER_PORT={store}: torchrun's store listens there and lit-claire's rendezvous takes the next port, past 65535; set {PORT_VAR} to a free port (the same on every rank)"
+                ))
+            })?;
+            Ok((
+                ours,
+                "MASTER_PORT + 1: torchrun's own store listens on MASTER_PORT".to_string(),
+            ))
+        }
+        Some(p) => Ok((port(p, "MASTER_PORT")?, "MASTER_PORT".to_string())),
+        None => match (launcher, env.get("SLURM_JOB_ID")) {
+            (Launcher::Slurm, Some(_)) => Ok((
+                default_slurm_port(number(env, "SLURM_JOB_ID")? as u64),
+                "derived from SLURM_JOB_ID, MASTER_PORT being unset".to_string(),
+            )),
+            _ => Ok((
+                DEFAULT_PORT,
+                "the default, MASTER_PORT being unset".to_string(),
+            )),
+        },
+    }
+}
+
 /// Why this process must not train on the CPU, if a launcher started it as one of
 /// several: CPU ranks are threads of one process, so each of the launcher's processes
 /// would train alone, all into the same run folder. One line naming the variables and
@@ -283,10 +338,7 @@ fn torchrun_group(env: &HashMap<String, String>) -> Result<ProcessGroup> {
         .get("MASTER_ADDR")
         .cloned()
         .unwrap_or_else(|| "127.0.0.1".into());
-    let master_port = match env.get("MASTER_PORT") {
-        Some(p) => port(p, "MASTER_PORT")?,
-        None => DEFAULT_PORT,
-    };
+    let (master_port, port_source) = rendezvous_port(env, Launcher::Torchrun)?;
     Ok(ProcessGroup {
         rank,
         world_size,
@@ -297,6 +349,7 @@ fn torchrun_group(env: &HashMap<String, String>) -> Result<ProcessGroup> {
         gpus_on_node: None,
         master_addr,
         master_port,
+        port_source,
         launcher: Launcher::Torchrun,
         sources,
         secret: JobSecret::from_env(env, Launcher::Torchrun),
@@ -360,11 +413,7 @@ fn slurm_group(env: &HashMap<String, String>) -> Result<ProcessGroup> {
             first_host(list).map_err(|e| Error::Usage(format!("{var}={list}: {e}")))?
         }
     };
-    let master_port = match (env.get("MASTER_PORT"), env.get("SLURM_JOB_ID")) {
-        (Some(p), _) => port(p, "MASTER_PORT")?,
-        (None, Some(_)) => default_slurm_port(number(env, "SLURM_JOB_ID")? as u64),
-        (None, None) => DEFAULT_PORT,
-    };
+    let (master_port, port_source) = rendezvous_port(env, Launcher::Slurm)?;
     Ok(ProcessGroup {
         rank,
         world_size,
@@ -375,6 +424,7 @@ fn slurm_group(env: &HashMap<String, String>) -> Result<ProcessGroup> {
         gpus_on_node,
         master_addr,
         master_port,
+        port_source,
         launcher: Launcher::Slurm,
         sources,
         secret: JobSecret::from_env(env, Launcher::Slurm),
@@ -709,6 +759,65 @@ mod tests {
     }
 
     #[test]
+    fn the_rendezvous_port_steps_aside_from_torchruns_store() {
+        let env = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let port = |pairs: &[(&str, &str)], l| rendezvous_port(&env(pairs), l).map(|p| p.0);
+        let store = ("TORCHELASTIC_USE_AGENT_STORE", "True");
+        let master = ("MASTER_PORT", "29400");
+        assert_eq!(port(&[master], Launcher::Torchrun).unwrap(), 29400);
+        assert_eq!(port(&[master, store], Launcher::Torchrun).unwrap(), 29401);
+        assert_eq!(
+            port(
+                &[master, ("TORCHELASTIC_USE_AGENT_STORE", "False")],
+                Launcher::Torchrun
+            )
+            .unwrap(),
+            29400
+        );
+        // Only torchrun's agent keeps a store there.
+        assert_eq!(port(&[master, store], Launcher::Slurm).unwrap(), 29400);
+        // LIT_CLAIRE_PORT wins over everything.
+        assert_eq!(
+            port(
+                &[master, store, ("LIT_CLAIRE_PORT", "31000")],
+                Launcher::Torchrun
+            )
+            .unwrap(),
+            31000
+        );
+        assert_eq!(port(&[], Launcher::Torchrun).unwrap(), DEFAULT_PORT);
+        assert_eq!(
+            port(&[("SLURM_JOB_ID", "123456")], Launcher::Slurm).unwrap(),
+            default_slurm_port(123456)
+        );
+        let err = port(&[("MASTER_PORT", "65535"), store], Launcher::Torchrun)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("set LIT_CLAIRE_PORT"), "{err}");
+        for bad in ["0", "70000", "x"] {
+            let err = port(&[("LIT_CLAIRE_PORT", bad)], Launcher::Torchrun)
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(&format!("LIT_CLAIRE_PORT={bad}")), "{err}");
+        }
+        // The process group carries it, and says where it came from.
+        let pg = process_group(&env(&[("RANK", "1"), ("WORLD_SIZE", "2"), master, store]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(pg.master_port, 29401);
+        assert!(
+            pg.port_source.contains("torchrun's own store"),
+            "{}",
+            pg.port_source
+        );
+    }
+
+    #[test]
     fn slurm_task_is_read() {
         let pg = process_group(&slurm_task()).unwrap().unwrap();
         assert_eq!(
@@ -723,6 +832,7 @@ mod tests {
                 gpus_on_node: Some(8),
                 master_addr: "jz1001".into(),
                 master_port: default_slurm_port(123456),
+                port_source: "derived from SLURM_JOB_ID, MASTER_PORT being unset".into(),
                 launcher: Launcher::Slurm,
                 sources: Sources {
                     world_size: "SLURM_NTASKS".into(),

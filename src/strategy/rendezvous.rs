@@ -61,8 +61,10 @@ pub type Link = (usize, TcpStream);
 pub struct Rendezvous {
     /// Host of rank 0 (`MASTER_ADDR`).
     pub addr: String,
-    /// Port rank 0 listens on (`MASTER_PORT`).
+    /// Port rank 0 listens on (`MASTER_PORT`, see [`super::env::rendezvous_port`]).
     pub port: u16,
+    /// Where `port` came from, for messages (`MASTER_PORT`, `LIT_CLAIRE_PORT`...).
+    pub port_source: String,
     pub rank: usize,
     pub world_size: usize,
     /// How long to wait for the others (rank 0) or for rank 0 (the others).
@@ -77,6 +79,7 @@ impl Rendezvous {
         Rendezvous {
             addr: pg.master_addr.clone(),
             port: pg.master_port,
+            port_source: pg.port_source.clone(),
             rank: pg.rank,
             world_size: pg.world_size,
             timeout,
@@ -143,8 +146,10 @@ impl Rendezvous {
             .and_then(|l| l.set_nonblocking(true).map(|()| l))
             .map_err(|e| {
                 Error::Msg(format!(
-                    "rank 0 cannot listen on port {} (MASTER_PORT): {e}; set MASTER_PORT to a free port",
-                    self.port
+                    "rank 0 cannot listen on port {} ({}): {e}; set {} to a free port (the same on every rank)",
+                    self.port,
+                    self.port_source,
+                    super::env::PORT_VAR
                 ))
             })?;
         let mut arrived: BTreeMap<usize, (TcpStream, SocketAddr)> = BTreeMap::new();
@@ -393,9 +398,10 @@ impl Rendezvous {
             pause = (pause * 2).min(Duration::from_secs(1));
         }
         Err(Error::Msg(format!(
-            "rank {}: rank 0 was not reachable at {endpoint} within {:.0} s ({last_error}); is rank 0 running, and do MASTER_ADDR/MASTER_PORT name its host and a free port?",
+            "rank {}: rank 0 was not reachable at {endpoint} within {:.0} s ({last_error}); is rank 0 running, and do MASTER_ADDR and the port ({}) name its host and a free port?",
             self.rank,
-            self.timeout.as_secs_f64()
+            self.timeout.as_secs_f64(),
+            self.port_source
         )))
     }
 }

@@ -310,6 +310,7 @@ fn issue23_an_idle_connection_does_not_block_the_rendezvous() {
     let rdv = |rank: usize| Rendezvous {
         addr: "127.0.0.1".into(),
         port,
+        port_source: "MASTER_PORT".into(),
         rank,
         world_size: 3,
         timeout: Duration::from_secs(6),

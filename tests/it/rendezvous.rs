@@ -24,6 +24,7 @@ fn rdv(port: u16, rank: usize, world_size: usize, timeout_ms: u64) -> Rendezvous
     Rendezvous {
         addr: "127.0.0.1".into(),
         port,
+        port_source: "MASTER_PORT".into(),
         rank,
         world_size,
         timeout: Duration::from_millis(timeout_ms),
@@ -286,6 +287,70 @@ fn processes_meet_through_the_cli() {
     }
     assert_eq!(digests[0].len(), 16);
     assert!(digests.iter().all(|d| *d == digests[0]), "{digests:?}");
+}
+
+/// Under torchrun, the agent's own store listens on `MASTER_PORT` for as long as the
+/// workers run (`TORCHELASTIC_USE_AGENT_STORE=True`): the processes must meet on
+/// another port, the next one, all of them alike, and not fail with "address in use".
+#[test]
+fn processes_meet_beside_torchruns_store_on_master_port() {
+    // torchrun's store: something listening on MASTER_PORT, with the next port free.
+    let (store, port) = loop {
+        let store = TcpListener::bind("0.0.0.0:0").unwrap();
+        let port = store.local_addr().unwrap().port();
+        if port < u16::MAX && TcpListener::bind(("0.0.0.0", port + 1)).is_ok() {
+            break (store, port);
+        }
+    };
+    let world = 2;
+    let children: Vec<_> = (0..world)
+        .map(|rank| {
+            dist_check_command(port, rank, world, 20, &[])
+                .env("TORCHELASTIC_USE_AGENT_STORE", "True")
+                .env("TORCHELASTIC_RUN_ID", "agent-store-test")
+                .env_remove("LIT_CLAIRE_PORT")
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: serde_json::Value =
+            serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+        assert_eq!(
+            report["master"],
+            format!("127.0.0.1:{}", port + 1),
+            "{report}"
+        );
+    }
+    drop(store);
+}
+
+/// Without torchrun's store variable, a taken `MASTER_PORT` is refused in one line that
+/// names where the port came from and the variable that picks another.
+#[test]
+fn a_taken_master_port_names_the_variable_to_set() {
+    let store = TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = store.local_addr().unwrap().port();
+    let out = dist_check_command(port, 0, 2, 5, &[])
+        .env_remove("TORCHELASTIC_USE_AGENT_STORE")
+        .env_remove("LIT_CLAIRE_PORT")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("cannot listen on port {port} (MASTER_PORT)"))
+            && stderr.contains("set LIT_CLAIRE_PORT to a free port"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    drop(store);
 }
 
 #[test]
