@@ -12,6 +12,14 @@
 #   with `--resume auto` from that checkpoint, to the losses of a run never stopped.
 #   A cancelled job (scancel) keeps its checkpoint and is not requeued: resubmit the
 #   script to continue.
+# - Under torchrun (srun ... torchrun --no-python "$BIN" pretrain ...), the workers
+#   exit with 75 but torchrun itself exits with 1 after passing a signal on. Rank 0
+#   also records the stop in the run folder (OUT/stopped.json, once the checkpoint is
+#   in place; removed when a run starts there): a status other than 0 with a record
+#   written during this command counts as 75. torchrun needs
+#   `--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1` (without it SIGUSR1
+#   kills the agent and leaves the workers training) and a `--shutdown-timeout` longer
+#   than a checkpoint takes to write (after it, the agent kills the workers).
 # srun must not use --kill-on-bad-exit: the first rank to exit with 75 would get the
 # others killed, and srun would report their signal instead of 75.
 
@@ -23,11 +31,31 @@ LIT_CLAIRE_PREEMPTED=75
 trap 'echo "$(date): SIGTERM: every rank saves a checkpoint and stops"' TERM
 trap 'echo "$(date): SIGUSR1: every rank saves a checkpoint and stops"' USR1
 
+# The value of --out-dir among "$@" (empty if none).
+lit_claire_out_dir() {
+    local prev=""
+    for arg in "$@"; do
+        case "$arg" in
+            --out-dir=*) echo "${arg#--out-dir=}"; return ;;
+        esac
+        if [ "$prev" = "--out-dir" ]; then echo "$arg"; return; fi
+        prev=$arg
+    done
+}
+
 # Run "$@" (srun ... pretrain ...); on status 75 requeue the job, unless it was
 # cancelled. Returns the command's status otherwise (0 once requeued).
 run_requeueing() {
-    local status=0
+    local status=0 out stamp
+    out=$(lit_claire_out_dir "$@")
+    stamp=$(mktemp "${TMPDIR:-/tmp}/lit-claire-run.XXXXXX")
     "$@" || status=$?
+    if [ "$status" -ne 0 ] && [ "$status" -ne "$LIT_CLAIRE_PREEMPTED" ] &&
+        [ -n "$out" ] && [ "$out/stopped.json" -nt "$stamp" ]; then
+        echo "$(date): the launcher exited with $status, but the run stopped on request after writing a checkpoint ($out/stopped.json)"
+        status=$LIT_CLAIRE_PREEMPTED
+    fi
+    rm -f "$stamp"
     if [ "$status" -ne "$LIT_CLAIRE_PREEMPTED" ]; then
         return "$status"
     fi

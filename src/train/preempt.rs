@@ -15,6 +15,12 @@
 //!   └─ so every rank stops after the same step, whichever of them got the signal
 //! ```
 //!
+//! Rank 0 then records the stop in the run folder ([`STOP_RECORD`], written once the
+//! checkpoint is in place, removed when the next run there starts): a launcher that
+//! reports its own status instead of the workers' (torchrun exits 1 after forwarding
+//! a signal) still lets `slurm/requeue.sh` tell a stop with a checkpoint from a
+//! failure.
+//!
 //! Further signals during the save only set the flag again: the checkpoint is written
 //! in a `.tmp-` folder and renamed into place, so even a SIGKILL then leaves the
 //! previous checkpoints, and never a half-written one.
@@ -27,6 +33,42 @@ use crate::error::{Error, Result};
 /// (`EX_TEMPFAIL` of sysexits.h, "try again later"). The SLURM scripts requeue the
 /// job on it; 0 means the run finished, anything else a failure.
 pub const EXIT_PREEMPTED: u8 = 75;
+
+/// File in the run folder saying the last run there stopped on request after writing
+/// a checkpoint (JSON: step, checkpoint, reason, exit code).
+pub const STOP_RECORD: &str = "stopped.json";
+
+/// Record in `out_dir` that the run stopped after `step` for `reason`, its checkpoint
+/// being `checkpoint` (written atomically, after the checkpoint).
+pub fn write_stop_record(
+    out_dir: &std::path::Path,
+    step: usize,
+    checkpoint: &std::path::Path,
+    reason: &str,
+) -> Result<()> {
+    let value = serde_json::json!({
+        "step": step,
+        "checkpoint": checkpoint.file_name().map(|n| n.to_string_lossy().into_owned()),
+        "reason": reason,
+        "exit_code": EXIT_PREEMPTED,
+        "resume": "--resume auto",
+    });
+    crate::io::write_json_atomic(&out_dir.join(STOP_RECORD), &value)
+}
+
+/// Remove the record of an earlier stop from `out_dir` (a run starts there: a failure
+/// of this one must not read as a stop with a checkpoint).
+pub fn clear_stop_record(out_dir: &std::path::Path) -> Result<()> {
+    let path = out_dir.join(STOP_RECORD);
+    match std::fs::remove_file(&path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::Msg(format!(
+            "cannot remove {} (the record of the last stop): {e}; remove it by hand",
+            path.display()
+        ))),
+    }
+}
 
 /// Set by the signal handlers; read at each step boundary.
 static SIGNALLED: AtomicBool = AtomicBool::new(false);

@@ -111,7 +111,9 @@ impl Trainer {
         }
         // Before reading the run folder: a second run there is refused at once.
         let lock = if zero {
-            Some(super::lock::RunLock::acquire(&cfg.out_dir)?)
+            let lock = super::lock::RunLock::acquire(&cfg.out_dir)?;
+            super::preempt::clear_stop_record(&cfg.out_dir)?;
+            Some(lock)
         } else {
             None
         };
@@ -437,6 +439,14 @@ impl Trainer {
                 ))?;
                 self.save(&name)?;
                 self.finish_checkpoint()?;
+                if self.runner.strategy.is_global_zero() {
+                    super::preempt::write_stop_record(
+                        &self.cfg.out_dir,
+                        self.state.step,
+                        &dir,
+                        &self.cfg.stop().reason(),
+                    )?;
+                }
                 bar.abandon();
                 let mut s = self.summary(false, None);
                 s.preempted = Some(dir);

@@ -716,7 +716,9 @@ fn issue26_a_full_tmpfs_during_a_save_keeps_the_previous_checkpoint() {
 
 /// A folder of stand-ins for SLURM's commands: `scontrol` appends its arguments to
 /// `scontrol.log` (and says the job is in state `$FAKE_STATE`), `srun` writes its pid
-/// to `srun.pid` and runs its command in its place, as a task.
+/// to `srun.pid` and runs its command in its place, as a task; `torchrun` runs its
+/// command as a child (its pid in `worker.pid`) and exits 1 if that fails, as
+/// torchrun's agent does.
 fn fake_slurm(dir: &Path) -> PathBuf {
     use std::os::unix::fs::PermissionsExt;
     let bin = dir.join("fake-slurm");
@@ -734,6 +736,14 @@ fn fake_slurm(dir: &Path) -> PathBuf {
             format!(
                 "#!/bin/sh\necho $$ > {}\nexec \"$@\"\n",
                 dir.join("srun.pid").display()
+            ),
+        ),
+        // As torchrun reports a worker's end: 0, or 1 whatever the worker's status.
+        (
+            "torchrun",
+            format!(
+                "#!/bin/sh\n\"$@\" &\necho $! > {}\nwait $! || exit 1\n",
+                dir.join("worker.pid").display()
             ),
         ),
     ];
@@ -846,4 +856,105 @@ fn issue26_a_signalled_task_gets_its_job_requeued() {
     assert!(log.contains("requeue 4242"), "{log}");
     only_whole_checkpoints(&run);
     assert!(!step_checkpoints(&run).is_empty() && !run.join("final").exists());
+}
+
+/// A launcher that reports its own status (torchrun exits 1 whatever its worker's):
+/// the stop record rank 0 leaves in the run folder, written during this command, is
+/// what makes `run_requeueing` requeue; an older record, or none, does not.
+#[test]
+fn a_stop_record_requeues_behind_a_launcher_that_hides_status_75() {
+    // (what the command does, its status, requeued): the command gets --out-dir OUT.
+    let record = "mkdir -p \"$2\" && echo {} > \"$2/stopped.json\"";
+    for (body, stale, want_status, want_requeue) in [
+        (format!("{record}; exit 1"), false, 0, true),
+        ("exit 1".to_string(), true, 1, false),
+        (format!("{record}; exit 0"), false, 0, false),
+        ("exit 2".to_string(), false, 2, false),
+    ] {
+        let dir = temp_dir();
+        let out_dir = dir.path().join("run");
+        if stale {
+            std::fs::create_dir_all(&out_dir).unwrap();
+            std::fs::write(out_dir.join("stopped.json"), "{}").unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let cmd = format!("sh -c '{body}' sh --out-dir '{}'", out_dir.display());
+        let out = requeueing(dir.path(), &cmd, "RUNNING").output().unwrap();
+        let log = std::fs::read_to_string(dir.path().join("scontrol.log")).unwrap_or_default();
+        assert_eq!(out.status.code(), Some(want_status), "{body}: {log}");
+        assert_eq!(log.contains("requeue 4242"), want_requeue, "{body}: {log}");
+    }
+}
+
+/// The whole path under a torchrun stand-in: SIGUSR1 to the worker, which saves and
+/// exits 75, the launcher exits 1, the job is requeued from the stop record; the
+/// resumed run clears the record and finishes as the uninterrupted run.
+#[test]
+fn a_signalled_worker_under_a_torchrun_launcher_gets_its_job_requeued() {
+    let root = temp_dir();
+    let data = prepared(root.path());
+    let run = root.path().join("run");
+    let args = pretrain_args(&data, &run, &[]);
+    let quoted: Vec<String> = std::iter::once(s(&bin()).to_string())
+        .chain(args.iter().cloned())
+        .chain(Launch::Torchrun.flags().iter().map(|a| a.to_string()))
+        .map(|a| format!("'{a}'"))
+        .collect();
+    let mut child = requeueing(
+        root.path(),
+        &format!("srun torchrun {}", quoted.join(" ")),
+        "RUNNING",
+    )
+    .spawn()
+    .unwrap();
+    let start = Instant::now();
+    while rows_so_far(&run) < 2 {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "ended before the signal"
+        );
+        assert!(start.elapsed() < Duration::from_secs(120), "no progress");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let pid: libc::pid_t = std::fs::read_to_string(root.path().join("worker.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // SAFETY: kill(2) on the worker the stand-in started and is still waiting for.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGUSR1) }, 0);
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("the launcher exited with 1") && stdout.contains("requeueing job 4242"),
+        "{stdout}"
+    );
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("stopped.json")).unwrap()).unwrap();
+    let steps = step_checkpoints(&run);
+    assert_eq!(record["exit_code"], 75, "{record}");
+    assert_eq!(record["reason"], "SIGUSR1", "{record}");
+    assert_eq!(
+        record["checkpoint"],
+        checkpoint::step_dir_name(record["step"].as_u64().unwrap() as usize),
+        "{record}"
+    );
+    assert!(
+        steps.contains(&(record["step"].as_u64().unwrap() as usize)),
+        "{steps:?}"
+    );
+    only_whole_checkpoints(&run);
+    // The requeued job: the record goes as the run starts; the run ends as one never stopped.
+    let mut resume = args.clone();
+    resume.extend(["--resume".into(), "auto".into()]);
+    let straight = root.path().join("straight");
+    run_to_end(&pretrain_args(&data, &straight, &[]), Launch::Torchrun);
+    run_to_end(&resume, Launch::Torchrun);
+    assert!(!run.join("stopped.json").exists());
+    same_run(&straight, &run, "requeued from a stop record");
 }
