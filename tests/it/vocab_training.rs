@@ -864,7 +864,7 @@ fn a_checkpoint_of_two_fsdp_ranks_with_new_rows_resumes_on_one_and_on_four() {
 }
 
 /// The memory plan counts the trained rows: `n · C` per matrix for `new` (held apart,
-/// so in the parameters too), `V · C` per matrix for `all`.
+/// so in the parameters too), `V · C` per matrix for `all`; under fsdp too.
 #[test]
 fn memory_plan_counts_the_trained_rows() {
     use lit_claire::train::estimate::{ParamCounts, estimate};
@@ -895,6 +895,46 @@ fn memory_plan_counts_the_trained_rows() {
         assert_eq!(all.grads, 4 * (lora + whole), "{family}");
         assert_eq!(all.params, none.params, "{family}");
 
+        // fsdp on 2 ranks: each keeps half of the rows (and of their gradients and
+        // moments) and gathers them whole with the embeddings for a pass, where their
+        // gradient buffers are whole too; `all` trains the matrices the ranks hold anyway.
+        let mut sharded = cfg.clone();
+        sharded.devices = 2;
+        sharded.strategy = StrategyKind::Fsdp;
+        let of = |mode| {
+            let mut c = sharded.clone();
+            c.train_embeddings = Some(mode);
+            estimate(&model, &c, 16).unwrap()
+        };
+        let (none, new, all) = (
+            of(TrainEmbeddings::None),
+            of(TrainEmbeddings::New),
+            of(TrainEmbeddings::All),
+        );
+        assert_eq!(
+            new.params,
+            none.params + 4 * rows / 2 + 4 * rows,
+            "{family}"
+        );
+        assert_eq!(new.optimizer, none.optimizer + 4 * 2 * rows / 2, "{family}");
+        assert!(
+            new.grads >= none.grads + 4 * rows / 2 + 4 * rows,
+            "{family}: {} vs {}",
+            new.grads,
+            none.grads
+        );
+        assert_eq!(all.params, none.params, "{family}");
+        assert_eq!(
+            all.optimizer,
+            none.optimizer + 4 * 2 * whole / 2,
+            "{family}"
+        );
+        assert!(
+            all.grads >= none.grads + 4 * whole / 2 + 4 * whole,
+            "{family}: {} vs {}",
+            all.grads,
+            none.grads
+        );
     }
 }
 
