@@ -131,7 +131,8 @@ impl Gpt {
 
     /// Every parameter tensor outside the blocks, in one fixed order: embeddings,
     /// learned positions, final norm, head (its weight only when it is not the
-    /// embeddings'; its LoRA matrices).
+    /// embeddings'; its LoRA matrices), then the trained rows of the embeddings and of
+    /// an untied head when only some rows train (held apart from the matrices).
     pub fn outer_params_mut(&mut self) -> Vec<&mut Tensor> {
         let mut v = vec![&mut self.wte];
         if let Some((_, t)) = &mut self.wpe {
@@ -146,6 +147,10 @@ impl Gpt {
         if let Some(l) = &mut head.lora {
             v.push(&mut l.a);
             v.push(&mut l.b);
+        }
+        if let Some(TrainedEmbeddings::Rows(tr)) = &mut self.trained_embeddings {
+            v.push(&mut tr.embed);
+            v.extend(tr.head.as_mut());
         }
         v
     }

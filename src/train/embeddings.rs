@@ -54,16 +54,6 @@ pub fn plan(cfg: &TrainConfig, resumed: Option<TrainEmbeddings>) -> Result<Optio
             cfg.checkpoint_dir.display()
         )));
     }
-    if mode != TrainEmbeddings::None && cfg.strategy == crate::strategy::StrategyKind::Fsdp {
-        return Err(Error::Usage(format!(
-            "--strategy fsdp with --train-embeddings {mode}{}: fsdp does not shard trained embedding rows yet; use --strategy zero1 or ddp, or --train-embeddings none",
-            if given.is_none() {
-                " (the default on a folder adapt-vocab made)"
-            } else {
-                ""
-            }
-        )));
-    }
     if mode != TrainEmbeddings::None && cfg.lora_head {
         return Err(Error::Usage(format!(
             "--lora-head with --train-embeddings {mode}{}: the head would train twice; drop --lora-head (--lora-head false overrides a recipe) or use --train-embeddings none",

@@ -19,15 +19,18 @@
 //! optimizer    p · 2 · trainable (AdamW's two moments)
 //!
 //! zero1        optimizer: f32 · 2 · trainable ÷ W (the shards' moments are f32)
-//! fsdp         params:    p · (base + LoRA) ÷ W        this rank's shards
+//! fsdp         params:    p · (base + LoRA + rows) ÷ W  this rank's shards
 //!                         + p · (outer + one block)    gathered: the embeddings, final
-//!                                                      norm and head through the pass,
-//!                                                      one block at a time
+//!                                                      norm and head (and the trained
+//!                                                      rows of new tokens) through the
+//!                                                      pass, one block at a time
 //!              grads:     f32 · trainable ÷ W          the gradient shards
 //!                         + p · (outer + one block)'s trainable  their gradient buffers
+//!                                                      (the outer unit's: the head's
+//!                                                      LoRA and the trained embeddings)
 //!                         + f32 · the larger of the two          the flat copy reduced
 //!              optimizer: f32 · 2 · trainable ÷ W
-//!              (W = 1: as ddp, which one rank runs; no trained rows of new tokens)
+//!              (W = 1: as ddp, which one rank runs)
 //! activations  what one block saves for its backward:
 //!                e · N · ( C             x, the block input
 //!                        + C             first norm's output
@@ -363,13 +366,15 @@ fn sharded_parts(
         ),
         StrategyKind::Fsdp => {
             let (block, block_lora, outer, head_lora) = unit_counts(model, lora);
+            // The embeddings a LoRA run trains are the outer unit's: its gradient
+            // buffers hold them, and the rows of new tokens are gathered with it.
             let (block_trained, outer_trained) = match lora {
-                Some(_) => (block_lora, head_lora),
+                Some(_) => (block_lora, head_lora + trained_rows),
                 None => (block, outer),
             };
-            let gathered = outer + head_lora + block + block_lora;
+            let gathered = outer + head_lora + rows_apart + block + block_lora;
             (
-                shard(p * (base + lora_n)) + p * gathered,
+                shard(p * (base + lora_n + rows_apart)) + p * gathered,
                 shard(f32 * trainable)
                     + p * (outer_trained + block_trained)
                     + f32 * outer_trained.max(block_trained),

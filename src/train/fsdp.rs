@@ -26,6 +26,13 @@
 //! embeddings are read by the first and the last operation of the pass, and a tied
 //! head uses them in between.
 //!
+//! Embeddings a LoRA run trains (`--train-embeddings`) are trained parameters of the
+//! outer unit like any other: the whole matrices (`all`), or the rows of the new
+//! tokens, held apart from the matrices (`new`), which stay frozen. Each gathered copy
+//! of the outer unit gets the rows written into its embeddings and untied head
+//! (which a tied head is), as the replicated model does after every update; the
+//! shards of the matrices keep the base's rows.
+//!
 //! On the thread backend the collectives run in this order on the computing thread;
 //! on NCCL they are issued on the device's one stream, after the kernels before them
 //! (no second stream yet: a reduce-scatter does not overlap the next block's
@@ -410,6 +417,9 @@ impl Fsdp {
         if model.cfg.tie_embeddings {
             model.lm_head.weight = model.wte.clone();
         }
+        // Trained rows into this copy's matrices (fresh from the gather: the shards
+        // keep the base's rows).
+        model.write_token_rows()?;
         Ok(model)
     }
 
@@ -463,6 +473,10 @@ impl Fsdp {
         }
         if model.cfg.tie_embeddings {
             model.lm_head.weight = model.wte.clone();
+        }
+        if !trained_only {
+            // The whole model as the forward reads it: trained rows in the matrices.
+            model.write_token_rows()?;
         }
         for lin in model.linears_mut() {
             if let Some(l) = &mut lin.lora

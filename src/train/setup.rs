@@ -181,6 +181,7 @@ pub(super) fn build_runner(cfg: &CheckedConfig, plan: Plan) -> Result<(StepRunne
             &weights,
             &options,
             lora.as_ref(),
+            embeddings.as_ref(),
             cfg.seed,
             adapter,
             adam,
@@ -238,13 +239,17 @@ pub(super) fn build_runner(cfg: &CheckedConfig, plan: Plan) -> Result<(StepRunne
 /// block gets its fresh adapters (LoRA, from one seeded stream as
 /// [`crate::lora::attach_new`] draws them) or `adapter`'s (resuming LoRA), takes rank
 /// 0's trained values, and only this rank's shard of it is kept before the next block
-/// loads. Whole at once: the embeddings, final norm and head, and one block.
+/// loads. Whole at once: the embeddings, final norm and head, and one block. The
+/// embeddings and head train as `embeddings` says (fresh, or `adapter`'s), as
+/// [`crate::lora::attach_embeddings`] makes them train in a whole model; their
+/// variables are sharded with the outer unit.
 #[allow(clippy::too_many_arguments)]
 fn build_sharded(
     model_cfg: &Config,
     weights: &Weights,
     options: &crate::model::BuildOptions,
     lora: Option<&LoraConfig>,
+    embeddings: Option<&EmbeddingPlan>,
     seed: u64,
     adapter: Option<(&std::path::Path, crate::hf::peft::PeftAdapter)>,
     adam: AdamWConfig,
@@ -277,6 +282,11 @@ fn build_sharded(
     let mut vars = tm.vars;
     if let Some(f) = fresh.as_mut() {
         vars.extend(f.attach_head(&mut model.lm_head)?);
+    }
+    if let (Some(_), Some(e)) = (lora, embeddings) {
+        vars.extend(crate::lora::attach_embeddings(
+            &mut model, e.mode, &e.new_ids,
+        )?);
     }
     let vars = trained(vars)?;
     builder.finish(model, vars, adam)

@@ -461,8 +461,11 @@ impl StepRunner {
         }
         if !skipped {
             timed("optimizer", 0.0, || self.opt.update(lr, &self.strategy))?;
-            // Updated rows into the matrices the next forward reads.
-            self.model.write_token_rows()?;
+            // Updated rows into the matrices the next forward reads (fsdp's model is a
+            // shell: each gathered copy gets them, Fsdp::gather_outer).
+            if !matches!(self.opt, Optimizer::Fsdp(_)) {
+                self.model.write_token_rows()?;
+            }
         } else if let Optimizer::Fsdp(f) = &mut self.opt {
             f.skip();
         }
