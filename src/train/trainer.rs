@@ -8,6 +8,7 @@ mod checkpoints;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -26,7 +27,7 @@ use super::step::{StepRunner, StepStats};
 use crate::error::{Error, IoContext, Result};
 use crate::eval::TaskSet;
 use crate::lora::LoraConfig;
-use crate::strategy::Strategy;
+use crate::strategy::{Single, Strategy, StrategyKind};
 
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -69,9 +70,11 @@ pub struct Trainer {
     token_bytes: crate::tokenizer::TokenBytes,
 }
 
-/// The device, and the ranks when there are several: `cpu`, `cpu × 2 ranks (ddp)`.
+/// The device, and the ranks when there are several or the model is sharded: `cpu`,
+/// `cpu × 2 ranks (ddp)`, `cpu × 1 rank (fsdp)`.
 fn ranks_label(s: &Strategy) -> String {
     match s.world_size {
+        1 if s.kind == StrategyKind::Fsdp => format!("{} × 1 rank (fsdp)", s.spec),
         1 => s.spec.to_string(),
         w => format!("{} × {w} ranks ({})", s.spec, s.kind),
     }
@@ -91,11 +94,13 @@ impl Trainer {
                 cfg.devices, cfg.num_nodes
             )));
         }
-        Self::on_rank(
-            cfg.as_ref(),
-            data,
-            Strategy::new(cfg.device, cfg.precision)?,
-        )
+        // One rank: ddp and zero1 keep everything whole (zero1 says so); fsdp runs its
+        // sharded code, each shard the whole buffer, through the one-rank collective.
+        let mut strategy = Strategy::new(cfg.device, cfg.precision)?;
+        if cfg.strategy == StrategyKind::Fsdp {
+            strategy = strategy.with_collective(Arc::new(Single), StrategyKind::Fsdp);
+        }
+        Self::on_rank(cfg.as_ref(), data, strategy)
     }
 
     /// [`Trainer::new`] for the rank of `strategy` (`cfg` checked the same way).

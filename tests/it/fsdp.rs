@@ -1,7 +1,9 @@
 //! `--strategy fsdp` (ZeRO-3) on CPU threads: 2 and 4 ranks holding shards of the
 //! model are the same computation as 1 rank holding all of it (full and LoRA, with and
-//! without activation checkpointing); a checkpoint written by 2 fsdp ranks resumes on
-//! 1 and on 4; each rank holds its share of the parameters between steps.
+//! without activation checkpointing); 1 fsdp rank (the sharded code, every shard the
+//! whole buffer) is 1 ddp rank; a checkpoint written by 2 fsdp ranks resumes on 1 and
+//! on 4, and one written by 1 fsdp rank resumes; each rank holds its share of the
+//! parameters between steps.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -63,6 +65,76 @@ fn fsdp_on_two_and_four_ranks_gives_the_losses_and_weights_of_one_full() {
 #[test]
 fn fsdp_on_two_and_four_ranks_gives_the_losses_and_weights_of_one_lora() {
     fsdp_is_one_rank(|c| lora(c, 0.25), "LoRA (dropout 0.25)");
+}
+
+/// fsdp on one rank runs the sharded code (the runner's model is the shell of
+/// placeholders, every shard the whole buffer, the collectives the one-rank identity)
+/// and is ddp's run on one rank: the same losses (1e-5 relative) and final weights.
+fn fsdp_on_one_rank_is_ddp(tweak: impl Fn(TrainConfig) -> TrainConfig, kind: &str) {
+    let ddp = temp_dir();
+    pretrain_with_data(&tweak(config(ddp.path(), 1, 2)), data()).unwrap();
+    let fsdp = temp_dir();
+    let mut cfg = tweak(config(fsdp.path(), 1, 2));
+    cfg.strategy = StrategyKind::Fsdp;
+    // The sharded path, not the replicated one: every parameter of the runner's model
+    // is a placeholder of 0 elements.
+    let probe = temp_dir();
+    let mut probe_cfg = cfg.clone();
+    probe_cfg.out_dir = probe.path().to_path_buf();
+    let t = Trainer::new(&probe_cfg, data()).unwrap();
+    let params = t.model().named_parameters();
+    assert!(!params.is_empty());
+    for (name, p) in &params {
+        assert_eq!(p.elem_count(), 0, "{kind}: {name} is not sharded");
+    }
+    drop(t);
+    let s = pretrain_with_data(&cfg, data()).unwrap();
+    assert_eq!(s.steps, 10);
+    let log = std::fs::read_to_string(fsdp.path().join("train.log")).unwrap();
+    assert!(log.contains("on cpu × 1 rank (fsdp)"), "{log}");
+    assert!(!log.contains("nothing to shard"), "{log}");
+    assert_same(
+        &format!("{kind}, 1 rank fsdp vs 1 rank ddp"),
+        ddp.path(),
+        fsdp.path(),
+    );
+}
+
+#[test]
+fn fsdp_on_one_rank_gives_the_losses_and_weights_of_ddp_on_one_rank_full() {
+    fsdp_on_one_rank_is_ddp(|c| c, "full");
+}
+
+#[test]
+fn fsdp_on_one_rank_gives_the_losses_and_weights_of_ddp_on_one_rank_lora() {
+    fsdp_on_one_rank_is_ddp(|c| lora(c, 0.25), "LoRA (dropout 0.25)");
+}
+
+/// A checkpoint of a one-rank fsdp run (full and LoRA) resumes on one fsdp rank, and
+/// on two, as the run that was not stopped.
+#[test]
+fn a_checkpoint_of_one_fsdp_rank_resumes() {
+    for lora_on in [false, true] {
+        let tweak = |c: TrainConfig| if lora_on { lora(c, 0.25) } else { c };
+        let one = temp_dir();
+        let mut cfg = tweak(config(one.path(), 1, 2));
+        cfg.strategy = StrategyKind::Fsdp;
+        pretrain_with_data(&cfg, data()).unwrap();
+        for (devices, micro) in [(1, 4), (2, 2)] {
+            let (_keep, resumed) = stopped_at(one.path(), 4);
+            let mut cfg = tweak(config(&resumed, devices, micro));
+            cfg.strategy = StrategyKind::Fsdp;
+            cfg.resume = Some("auto".into());
+            assert_eq!(pretrain_with_data(&cfg, data()).unwrap().steps, 10);
+            let log = std::fs::read_to_string(resumed.join("train.log")).unwrap();
+            assert!(log.contains("resuming"), "{log}");
+            assert_same(
+                &format!("LoRA {lora_on}: 1 fsdp rank resumed at step 4 on {devices} (fsdp)"),
+                one.path(),
+                &resumed,
+            );
+        }
+    }
 }
 
 #[test]
