@@ -297,15 +297,9 @@ impl Trainer {
                 per.push(r.map(|r| r.loss));
             }
         }
-        // Downstream tasks score the whole model (with fsdp, gathered on every rank).
-        let model = match self.eval_tasks {
-            Some(_) => Some(self.runner.full_model()?.into_owned()),
-            None => None,
-        };
         let mut tasks = Vec::new();
-        if let (Some(ts), Some(model), true) = (&self.eval_tasks, &model, global_zero) {
-            let start = Instant::now();
-            let values = ts.score(model, self.cfg.micro_batch_size)?;
+        let start = Instant::now();
+        if let Some(values) = self.score_tasks()? {
             let line = self
                 .task_columns
                 .iter()
@@ -320,7 +314,6 @@ impl Trainer {
             ))?;
             tasks = values.into_iter().map(Some).collect();
         }
-        drop(model);
         let overall = (tokens > 0).then(|| sum / tokens as f64);
         // [has a value, value], from rank 0.
         let got = self
@@ -332,6 +325,27 @@ impl Trainer {
             bpb: crate::tokenizer::bits_per_byte(sum, bytes),
             per_dataset: per,
             tasks,
+        })
+    }
+
+    /// The downstream tasks' values (`--eval-tasks`, in the order of their columns), on
+    /// rank 0; None on the other ranks and without tasks. Rank 0 scores its whole
+    /// model; with fsdp every rank scores the same requests in lockstep, gathering the
+    /// embeddings and head once and each block for each forward (generation included),
+    /// never the model at once. Every rank must call it.
+    pub fn score_tasks(&mut self) -> Result<Option<Vec<f64>>> {
+        let Some(ts) = &self.eval_tasks else {
+            return Ok(None);
+        };
+        let rows = self.cfg.micro_batch_size;
+        let zero = self.runner.strategy.is_global_zero();
+        Ok(match self.runner.fsdp_mut() {
+            Some(f) => {
+                let values = f.infer(|m| ts.score_with(m, rows))?;
+                zero.then_some(values)
+            }
+            None if zero => Some(ts.score(&self.runner.model, rows)?),
+            None => None,
         })
     }
 

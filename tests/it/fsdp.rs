@@ -523,3 +523,172 @@ fn fsdp_handles_tied_heads_and_fused_layers() {
         }
     }
 }
+
+/// The `task/…` columns of a run's metrics.csv: each column's values by row (None
+/// where the row scored no task).
+fn task_columns(run: &Path) -> Vec<(String, Vec<Option<f64>>)> {
+    let csv = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
+    let mut lines = csv.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    header
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.starts_with("task/"))
+        .map(|(i, c)| {
+            let values = rows
+                .iter()
+                .map(|r| (!r[i].is_empty()).then(|| r[i].parse::<f64>().unwrap()))
+                .collect();
+            (c.to_string(), values)
+        })
+        .collect()
+}
+
+/// `--eval-tasks` under fsdp: every rank scores the tasks in lockstep (choices,
+/// log-likelihoods, rolling windows and greedy generation), gathering the embeddings
+/// and head once and each block for each forward; the task columns of metrics.csv are
+/// those of ddp on as many ranks, and of one rank, within 1e-5. One fsdp rank too.
+#[test]
+fn fsdp_scores_downstream_tasks_as_ddp_does() {
+    let tasks = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/eval/tasks/mixed.jsonl");
+    let run = |devices: usize, strategy: StrategyKind| {
+        let dir = temp_dir();
+        let mut cfg = config(dir.path(), devices, 2);
+        cfg.strategy = strategy;
+        cfg.max_steps = Some(4);
+        cfg.eval_interval = 2;
+        cfg.eval_max_batches = Some(1);
+        cfg.eval_tasks = Some(tasks.clone());
+        pretrain_with_data(&cfg, data()).unwrap();
+        dir
+    };
+    let ddp = run(2, StrategyKind::Ddp);
+    let want = task_columns(ddp.path());
+    let names: Vec<&str> = want.iter().map(|(c, _)| c.as_str()).collect();
+    for c in [
+        "task/pt_mc/acc_norm",
+        "task/pt_ll/acc",
+        "task/pt_roll/word_perplexity",
+        "task/pt_gen/exact_match",
+    ] {
+        assert!(names.contains(&c), "{names:?}");
+    }
+    for (devices, strategy) in [
+        (2, StrategyKind::Fsdp),
+        (1, StrategyKind::Fsdp),
+        (1, StrategyKind::Ddp),
+    ] {
+        let got = run(devices, strategy);
+        let log = std::fs::read_to_string(got.path().join("train.log")).unwrap();
+        assert!(log.contains("step 4: tasks ("), "{log}");
+        let got = task_columns(got.path());
+        assert_eq!(got.len(), want.len());
+        let mut worst = 0f64;
+        for ((c, a), (d, b)) in want.iter().zip(&got) {
+            assert_eq!(c, d);
+            assert_eq!(a.len(), b.len(), "{c}");
+            assert_eq!(a.iter().flatten().count(), 2, "{c}: {a:?}");
+            for (x, y) in a.iter().zip(b) {
+                assert_eq!(x.is_some(), y.is_some(), "{c}: {a:?} vs {b:?}");
+                if let (Some(x), Some(y)) = (x, y) {
+                    let rel = (x - y).abs() / x.abs().max(1e-12);
+                    assert!(
+                        rel < 1e-5 || (x - y).abs() < 1e-9,
+                        "{c}, {devices} ranks ({strategy}): {y} vs ddp's {x}"
+                    );
+                    worst = worst.max(rel);
+                }
+            }
+        }
+        eprintln!(
+            "tasks on {devices} ranks ({strategy}) vs 2 ddp ranks: largest relative difference {worst:.2e}"
+        );
+    }
+}
+
+/// An fsdp model (2 thread ranks, shards of the tiny LLaMA) scores and generates
+/// through [`Fsdp::infer`](lit_claire::train::fsdp::Fsdp::infer), each block gathered
+/// for each forward: scores (plain, and after a KV cache) and greedy tokens are the
+/// whole model's on every rank.
+#[test]
+fn fsdp_scores_and_generates_as_the_whole_model() {
+    use lit_claire::generate::{Sampling, generate, generate_with};
+    use lit_claire::model::engine::{self, KvCache};
+    use lit_claire::model::weights::Weights;
+    use lit_claire::model::{BuildOptions, build_model, build_model_by_block};
+    use lit_claire::train::adamw::AdamWConfig;
+    use lit_claire::train::fsdp::FsdpBuilder;
+
+    let dir = reference_dir("llama");
+    let cfg = lit_claire::config::load_config(&dir).unwrap();
+    let weights = Weights::open(&dir).unwrap();
+    let opts = BuildOptions {
+        dtype: candle_core::DType::F32,
+        compute_dtype: candle_core::DType::F32,
+        device: candle_core::Device::Cpu,
+        trainable: true,
+    };
+    let prompt: Vec<u32> = vec![1, 17, 40, 9, 33, 2, 71];
+    let ids = Tensor::new(prompt.as_slice(), &candle_core::Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let targets: Vec<u32> = prompt.iter().map(|t| (t * 7 + 3) % 100).collect();
+    let head = ids.narrow(1, 0, 4).unwrap();
+    let tail = ids.narrow(1, 4, 3).unwrap();
+    // What a run computes: scores, scores after a prefilled cache, greedy tokens.
+    type Out = (Vec<f32>, Vec<f32>, Vec<u32>);
+    let compute = |m: &mut engine::Infer<'_>| -> lit_claire::error::Result<Out> {
+        let plain = m.score(&ids, None, &targets)?.nll;
+        let mut cache = KvCache::new(m.n_layer());
+        m.prefill(&head, &mut cache)?;
+        let after = m.score_after(&tail, &mut cache, &targets[4..])?.nll;
+        let sampling = Sampling::default();
+        let generated = generate_with(m, &prompt, 12, &sampling, &[], |_| Ok(true))?;
+        Ok((plain, after, generated.new_ids))
+    };
+    let whole = build_model(&cfg, &weights, &opts).unwrap().model;
+    let want = compute(&mut engine::Infer::whole(&whole)).unwrap();
+    let sampling = Sampling::default();
+    let plain = generate(&whole, &prompt, 12, &sampling, &[], |_| Ok(true)).unwrap();
+    assert_eq!(plain.new_ids, want.2);
+    assert_eq!(want.2.len(), 12);
+
+    let group = ThreadGroup::new(2, Duration::from_secs(60));
+    let outs: Vec<Out> = std::thread::scope(|s| {
+        let hs: Vec<_> = group
+            .handles()
+            .into_iter()
+            .map(|c| {
+                let (cfg, weights, opts, compute) = (&cfg, &weights, &opts, &compute);
+                s.spawn(move || {
+                    let st = Strategy::cpu().with_collective(c, StrategyKind::Fsdp);
+                    let mut builder = FsdpBuilder::new(&st);
+                    let mut on_block = |blk, vars| builder.shard_block(blk, vars);
+                    let tm = build_model_by_block(cfg, weights, opts, Some(&mut on_block)).unwrap();
+                    let mut f = builder
+                        .finish(tm.model, tm.vars, AdamWConfig::default())
+                        .unwrap();
+                    f.infer(|m| compute(m)).unwrap()
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (rank, (plain, after, tokens)) in outs.iter().enumerate() {
+        assert_eq!(tokens, &want.2, "rank {rank}: generated tokens");
+        for (got, exp, what) in [
+            (plain, &want.0, "scores"),
+            (after, &want.1, "scores after a cache"),
+        ] {
+            assert_eq!(got.len(), exp.len());
+            let d = got
+                .iter()
+                .zip(exp)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(d < 1e-5, "rank {rank}: {what} differ by {d}");
+        }
+    }
+}

@@ -284,7 +284,13 @@ fn zero1_on_one_rank_is_said() {
     pretrain_with_data(&cfg, data(33)).unwrap();
     let log = std::fs::read_to_string(dir.path().join("train.log")).unwrap();
     assert!(!log.contains("nothing to shard"), "{log}");
-    assert!(log.lines().next().unwrap().contains("on cpu × 1 rank (fsdp)"), "{log}");
+    assert!(
+        log.lines()
+            .next()
+            .unwrap()
+            .contains("on cpu × 1 rank (fsdp)"),
+        "{log}"
+    );
 }
 
 #[test]
