@@ -548,13 +548,13 @@ fn task_columns(run: &Path) -> Vec<(String, Vec<Option<f64>>)> {
 /// `--eval-tasks` under fsdp: every rank scores the tasks in lockstep (choices,
 /// log-likelihoods, rolling windows and greedy generation), gathering the embeddings
 /// and head once and each block for each forward; the task columns of metrics.csv are
-/// those of ddp on as many ranks, and of one rank, within 1e-5. One fsdp rank too.
-#[test]
-fn fsdp_scores_downstream_tasks_as_ddp_does() {
+/// those of ddp on as many ranks, and of one rank, within 1e-5, full and LoRA. One
+/// fsdp rank too.
+fn fsdp_scores_tasks_as_ddp(tweak: impl Fn(TrainConfig) -> TrainConfig, kind: &str) {
     let tasks = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/eval/tasks/mixed.jsonl");
     let run = |devices: usize, strategy: StrategyKind| {
         let dir = temp_dir();
-        let mut cfg = config(dir.path(), devices, 2);
+        let mut cfg = tweak(config(dir.path(), devices, 2));
         cfg.strategy = strategy;
         cfg.max_steps = Some(4);
         cfg.eval_interval = 2;
@@ -574,6 +574,13 @@ fn fsdp_scores_downstream_tasks_as_ddp_does() {
     ] {
         assert!(names.contains(&c), "{names:?}");
     }
+    // The model moved between the two validations: the scores did too.
+    let (_, roll) = want
+        .iter()
+        .find(|(c, _)| c == "task/pt_roll/word_perplexity")
+        .unwrap();
+    let roll: Vec<f64> = roll.iter().flatten().copied().collect();
+    assert!(roll.len() == 2 && roll[0] != roll[1], "{kind}: {roll:?}");
     for (devices, strategy) in [
         (2, StrategyKind::Fsdp),
         (1, StrategyKind::Fsdp),
@@ -595,16 +602,26 @@ fn fsdp_scores_downstream_tasks_as_ddp_does() {
                     let rel = (x - y).abs() / x.abs().max(1e-12);
                     assert!(
                         rel < 1e-5 || (x - y).abs() < 1e-9,
-                        "{c}, {devices} ranks ({strategy}): {y} vs ddp's {x}"
+                        "{kind}, {c}, {devices} ranks ({strategy}): {y} vs ddp's {x}"
                     );
                     worst = worst.max(rel);
                 }
             }
         }
         eprintln!(
-            "tasks on {devices} ranks ({strategy}) vs 2 ddp ranks: largest relative difference {worst:.2e}"
+            "{kind}: tasks on {devices} ranks ({strategy}) vs 2 ddp ranks: largest relative difference {worst:.2e}"
         );
     }
+}
+
+#[test]
+fn fsdp_scores_downstream_tasks_as_ddp_does_full() {
+    fsdp_scores_tasks_as_ddp(|c| c, "full");
+}
+
+#[test]
+fn fsdp_scores_downstream_tasks_as_ddp_does_lora() {
+    fsdp_scores_tasks_as_ddp(|c| lora(c, 0.25), "LoRA (dropout 0.25)");
 }
 
 /// An fsdp model (2 thread ranks, shards of the tiny LLaMA) scores and generates
