@@ -122,7 +122,8 @@ fn fsdp_ranks_score_tasks_without_gathering_the_whole_model() {
     assert!(values[1..].iter().all(Option::is_none));
     // Every rank gathering the whole model would add at least 4 × 22 MB; one block at
     // a time adds 4 × (1 MB of embeddings and head + 2.6 MB of a block), the thread
-    // collective's buffers and the activations (7 Dec 2026: 33.6 MB).
+    // collective's buffers and the activations (7 Dec 2026: 33.6 MB; with every block
+    // gathered and held before scoring instead, 116.1 MB).
     assert!(
         added < 3 * model_bytes,
         "scoring added {added} bytes over 4 ranks, a {model_bytes}-byte model"
