@@ -12,7 +12,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::error::{Error, Result};
-use crate::model::engine::{self, KvCache};
+use crate::model::engine::{Infer, KvCache};
 use crate::model::{Gpt, check_ids};
 
 /// How to pick each next token.
@@ -84,21 +84,42 @@ pub fn generate(
     max_new: usize,
     sampling: &Sampling,
     stop_ids: &[u32],
+    on_token: impl FnMut(u32) -> Result<bool>,
+) -> Result<Generated> {
+    generate_with(
+        &mut Infer::whole(model),
+        prompt,
+        max_new,
+        sampling,
+        stop_ids,
+        on_token,
+    )
+}
+
+/// [`generate`] with `model`'s blocks wherever it takes them (with `--strategy fsdp`,
+/// each block gathered for each forward, every rank generating alike: each new token
+/// is rank 0's, see [`Infer::agree`]).
+pub fn generate_with(
+    model: &mut Infer<'_>,
+    prompt: &[u32],
+    max_new: usize,
+    sampling: &Sampling,
+    stop_ids: &[u32],
     mut on_token: impl FnMut(u32) -> Result<bool>,
 ) -> Result<Generated> {
     sampling.check()?;
-    check_prompt(model, prompt)?;
-    let context = model.cfg.block_size;
+    check_prompt(model.model(), prompt)?;
+    let context = model.model().cfg.block_size;
     let max_new = max_new.min(context - prompt.len());
     let start = Instant::now();
     let mut rng = ChaCha8Rng::seed_from_u64(sampling.seed);
-    let mut cache = KvCache::new(model.cfg.n_layer);
+    let mut cache = KvCache::new(model.n_layer());
     let mut seq: Vec<u32> = prompt.to_vec();
     let mut new_ids = Vec::new();
-    let dev = model.device().clone();
+    let dev = model.model().device().clone();
     let mut input = Tensor::from_vec(prompt.to_vec(), (1, prompt.len()), &dev)?;
     for _ in 0..max_new {
-        let logits = engine::logits(model, &input, Some(&mut cache), true)?;
+        let logits = model.logits(&input, Some(&mut cache), true)?;
         let logits: Vec<f32> = logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
         if logits.iter().any(|x| x.is_nan()) {
             return Err(Error::Msg(format!(
@@ -106,7 +127,7 @@ pub fn generate(
                 new_ids.len() + 1
             )));
         }
-        let next = pick(logits, &seq, sampling, &mut rng);
+        let next = model.agree(pick(logits, &seq, sampling, &mut rng))?;
         seq.push(next);
         new_ids.push(next);
         if !on_token(next)? || stop_ids.contains(&next) {

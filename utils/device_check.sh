@@ -21,6 +21,10 @@
 #                 watchdog must abort the communicator and stop the process within
 #                 --collective-timeout, exit status 1, one line naming the collective
 #                 and the step                                → watchdog.log
+#   6. fsdp       4 steps of pretrain on the tiny LLaMA reference checkpoint in 32-true,
+#                 --strategy ddp then --strategy fsdp on one rank (fsdp's sharded code,
+#                 every shard whole): every step's loss within 1e-5 relative
+#                                                             → fsdp.json, fsdp/
 # Everything goes to DIR (default $OUT, else out/device-check): one log per step and
 # summary.txt. Each step has a time limit; the exit code is non-zero if any failed.
 # `--device cpu` runs the same steps on the CPU with a small shape (to test the script).
@@ -186,6 +190,58 @@ if [ $rc -eq 1 ] && [ "$(printf '%s\n' "$verdict" | grep -c .)" -eq 1 ] && [ $to
 else
     [ $rc -eq 124 ] && echo "timed out after 120 s: the watchdog did not stop the hung collective" >>"$DIR/watchdog.log"
     note "FAIL watchdog (exit $rc, $took s): $(grep '^error:' "$DIR/watchdog.log" | tail -n 1)"
+    failed=1
+fi
+
+# 6. fsdp on one device: 4 steps of pretrain on the tiny LLaMA reference checkpoint in
+#    32-true, --strategy ddp then --strategy fsdp, on data prepared here from the
+#    fortunes. On one rank fsdp runs its sharded code (every shard the whole buffer,
+#    every gather and reduce-scatter through the one-rank collective), as ddp runs its
+#    own: no launcher variables (one rank is one process without NCCL, for both), so they
+#    are unset as in step 4. PASS when every step's loss agrees within 1e-5 relative.
+fsdp_dir="$DIR/fsdp"
+model=tests/fixtures/reference/llama
+rm -rf "$fsdp_dir" && mkdir -p "$fsdp_dir/raw/fortunes" &&
+    cp data/sample/fortunes-br.txt "$fsdp_dir/raw/fortunes/"
+step fsdp-data fsdp-data.out "$BIN" prepare-data --source-path "$fsdp_dir/raw" \
+    --checkpoint-dir "$model" --destination-path "$fsdp_dir/data" --doc-separator % \
+    --max-length 32 --padding false --multiple-of 2
+for strategy in ddp fsdp; do
+    step "fsdp-$strategy" "fsdp-$strategy.out" env -u RANK -u WORLD_SIZE -u SLURM_PROCID \
+        -u SLURM_NTASKS "$BIN" pretrain --data-dir "$fsdp_dir/data" --checkpoint-dir "$model" \
+        --out-dir "$fsdp_dir/$strategy" --device "$DEVICE" --precision 32-true \
+        --strategy "$strategy" --max-steps 4 --batch-size 4 --micro-batch-size 2 \
+        --learning-rate 3e-3 --warmup-steps 1 --eval-interval 4 --eval-max-batches 1
+done
+# The loss column of each metrics.csv, by step; fsdp.json names both and the largest
+# relative difference.
+losses() { awk -F, 'NR == 1 {for (i = 1; i <= NF; i++) if ($i == "loss") c = i; next}
+    c {printf "%s%s", (n++ ? "," : ""), $c} END {print ""}' "$1"; }
+if [ -s "$fsdp_dir/ddp/metrics.csv" ] && [ -s "$fsdp_dir/fsdp/metrics.csv" ]; then
+    ddp_losses=$(losses "$fsdp_dir/ddp/metrics.csv")
+    fsdp_losses=$(losses "$fsdp_dir/fsdp/metrics.csv")
+    worst=$(awk -v a="$ddp_losses" -v b="$fsdp_losses" 'BEGIN {
+        n = split(a, x, ","); m = split(b, y, ",")
+        if (n != m || n < 4) {print "mismatch"; exit}
+        w = 0
+        for (i = 1; i <= n; i++) {
+            d = x[i] - y[i]; if (d < 0) d = -d
+            s = x[i] < 0 ? -x[i] : x[i]; if (s < 1e-12) s = 1e-12
+            if (d / s > w) w = d / s
+        }
+        printf "%.3e", w }')
+    echo "{\"ddp\": [$ddp_losses], \"fsdp\": [$fsdp_losses], \"max_rel_diff\": \"$worst\"}" >"$DIR/fsdp.json"
+    if ! grep -q "× 1 rank (fsdp)" "$fsdp_dir/fsdp/train.log"; then
+        note "FAIL fsdp-vs-ddp: the fsdp run did not name the sharded path in its train.log"
+        failed=1
+    elif [ "$worst" != mismatch ] && awk -v w="$worst" 'BEGIN {exit !(w + 0 <= 1e-5)}'; then
+        note "PASS fsdp-vs-ddp: losses agree within $worst relative: ddp [$ddp_losses], fsdp [$fsdp_losses]"
+    else
+        note "FAIL fsdp-vs-ddp: losses differ ($worst relative): ddp [$ddp_losses], fsdp [$fsdp_losses]"
+        failed=1
+    fi
+else
+    note "FAIL fsdp-vs-ddp: a run wrote no metrics.csv (see fsdp-ddp.log, fsdp-fsdp.log)"
     failed=1
 fi
 

@@ -35,6 +35,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, IoContext, Result};
+use crate::model::engine::Infer;
 use crate::model::{Gpt, check_ids};
 use crate::tokenizer::{Tokenizer, hex};
 use metrics::{DocValues, Metric, MetricValue, argmax};
@@ -127,11 +128,18 @@ impl TaskSet {
 
     /// The value of each column for `model`.
     pub fn score(&self, model: &Gpt, batch_size: usize) -> Result<Vec<f64>> {
+        self.score_with(&mut Infer::whole(model), batch_size)
+    }
+
+    /// [`TaskSet::score`] with the model's blocks wherever it takes them (with
+    /// `--strategy fsdp`, gathered one at a time for each forward; every rank must
+    /// call it).
+    pub fn score_with(&self, model: &mut Infer<'_>, batch_size: usize) -> Result<Vec<f64>> {
         let opts = EvalOptions {
             batch_size,
             ..EvalOptions::default()
         };
-        let results = evaluate(model, &self.tokenizer, &self.tasks, &opts)?;
+        let results = evaluate_with(model, &self.tokenizer, &self.tasks, &opts)?;
         Ok(results
             .iter()
             .flat_map(|r| r.metrics.iter().map(|m| m.value))
@@ -244,6 +252,17 @@ pub fn evaluate(
     tasks: &[Task],
     opts: &EvalOptions,
 ) -> Result<Vec<TaskResult>> {
+    evaluate_with(&mut Infer::whole(model), tok, tasks, opts)
+}
+
+/// [`evaluate`] with the model's blocks wherever it takes them ([`Infer`]).
+pub fn evaluate_with(
+    infer: &mut Infer<'_>,
+    tok: &Tokenizer,
+    tasks: &[Task],
+    opts: &EvalOptions,
+) -> Result<Vec<TaskResult>> {
+    let model = infer.model();
     let max_len = opts.max_length.unwrap_or(model.cfg.block_size);
     if max_len == 0 || max_len > model.cfg.block_size {
         return Err(Error::Usage(format!(
@@ -318,7 +337,7 @@ pub fn evaluate(
     }
     let total = reqs.len();
     let mut last = std::time::Instant::now();
-    let scored = score::score_requests(model, &reqs, max_len, opts.batch_size, |done| {
+    let scored = score::score_requests(infer, &reqs, max_len, opts.batch_size, |done| {
         if opts.progress && (last.elapsed().as_secs_f64() > 5.0 || done == total) {
             eprintln!("scored {done}/{total} requests");
             last = std::time::Instant::now();
@@ -442,7 +461,7 @@ pub fn evaluate(
                         return Err(d.error(format!("{}: the context encodes to no token", t.name)));
                     }
                     let text =
-                        score::generate_until(model, tok, &ctx, until, *max_gen_toks, max_len)?;
+                        score::generate_until(infer, tok, &ctx, until, *max_gen_toks, max_len)?;
                     for (m, v) in t.metrics.iter().zip(&mut values) {
                         if let (Metric::ExactMatch(em), DocValues::Mean(xs)) = (m, v) {
                             let hit = targets.iter().any(|g| em.matches(&text, g));

@@ -22,9 +22,8 @@ use std::collections::HashMap;
 use candle_core::Tensor;
 
 use crate::error::Result;
-use crate::generate::{Sampling, generate};
-use crate::model::Gpt;
-use crate::model::engine::{self, KvCache};
+use crate::generate::{Sampling, generate_with};
+use crate::model::engine::{Infer, KvCache};
 use crate::tokenizer::Tokenizer;
 
 use super::requests::TokenRequest;
@@ -39,9 +38,11 @@ pub struct Scored {
 }
 
 /// Score `reqs` with a context window of `max_len`, at most `rows` continuations per
-/// forward pass. `progress(done)` is called after each batch.
+/// forward pass. `progress(done)` is called after each batch. The batches and their
+/// shapes follow from `reqs` alone, so ranks scoring the same requests with blocks
+/// gathered on demand make the same calls in the same order.
 pub fn score_requests(
-    model: &Gpt,
+    model: &mut Infer<'_>,
     reqs: &[TokenRequest],
     max_len: usize,
     rows: usize,
@@ -97,9 +98,9 @@ pub fn score_requests(
                 .iter()
                 .flat_map(|(_, m)| split[m[0]].0.iter().copied())
                 .collect();
-            let ids = Tensor::from_vec(ids, (batch.len(), plen), model.device())?;
-            let mut cache = KvCache::new(model.cfg.n_layer);
-            engine::prefill(model, &ids, &mut cache)?;
+            let ids = Tensor::from_vec(ids, (batch.len(), plen), model.model().device())?;
+            let mut cache = KvCache::new(model.n_layer());
+            model.prefill(&ids, &mut cache)?;
             Some(cache)
         } else {
             None
@@ -127,14 +128,14 @@ pub fn score_requests(
                 targets.extend_from_slice(&cont[cont.len() - tail.len()..]);
                 targets.extend(std::iter::repeat_n(0, pad));
             }
-            let ids = Tensor::from_vec(ids, (chunk.len(), t), model.device())?;
+            let ids = Tensor::from_vec(ids, (chunk.len(), t), model.model().device())?;
             let scores = match &cache {
                 Some(c) => {
                     let sel: Vec<u32> = chunk.iter().map(|&(gi, _)| gi).collect();
                     let mut c = c.select_rows(&sel)?;
-                    engine::score_after(model, &ids, &mut c, &targets)?
+                    model.score_after(&ids, &mut c, &targets)?
                 }
-                None => engine::score(model, &ids, None, &targets)?,
+                None => model.score(&ids, None, &targets)?,
             };
             for (r, &(_, i)) in chunk.iter().enumerate() {
                 let len = split[i].1.len();
@@ -162,7 +163,7 @@ pub fn score_requests(
 /// new tokens decoded alone (special tokens dropped) and cut before the first of each
 /// stop string in turn.
 pub fn generate_until(
-    model: &Gpt,
+    model: &mut Infer<'_>,
     tok: &Tokenizer,
     context: &[u32],
     until: &[String],
@@ -178,7 +179,7 @@ pub fn generate_until(
         ..Sampling::default()
     };
     let mut failed = None;
-    generate(model, ctx, max_gen_toks, &sampling, &tok.eos_ids, |id| {
+    generate_with(model, ctx, max_gen_toks, &sampling, &tok.eos_ids, |id| {
         ids.push(id);
         match tok.decode(&ids) {
             Ok(text) => Ok(!stops.iter().any(|s| text.contains(s.as_str()))),

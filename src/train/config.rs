@@ -122,7 +122,7 @@ train_options! {
     devices: usize = 1;
     /// Nodes [default: 1].
     num_nodes: usize = 1;
-    /// With several devices: ddp (every rank keeps the whole model and optimizer state), zero1 (each rank keeps its shard of the optimizer state) or fsdp (each rank keeps its shard of the parameters, gradients and optimizer state; for models larger than one device) [default: ddp].
+    /// With several devices: ddp (every rank keeps the whole model and optimizer state), zero1 (each rank keeps its shard of the optimizer state) or fsdp (each rank keeps its shard of the parameters, gradients and optimizer state; for models larger than one device; on one device it runs the same sharded code, each shard whole) [default: ddp].
     #[arg(value_enum)]
     strategy: StrategyKind = StrategyKind::Ddp;
     /// Seconds a rank waits for the others (at a gradient sync, a checkpoint, a validation) before the run stops with an error naming them [default: 1800].

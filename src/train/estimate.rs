@@ -348,7 +348,8 @@ fn sharded_parts(
     let f32 = b(F32 as usize);
     let world = cfg.devices.saturating_mul(cfg.num_nodes).max(1);
     let shard = |x: Bytes| Bytes(x.0.map(|a| a.div_ceil(world as u128)));
-    let kind = if world == 1 {
+    // One rank: zero1 keeps its state whole; fsdp runs its sharded code all the same.
+    let kind = if world == 1 && cfg.strategy == StrategyKind::Zero1 {
         StrategyKind::Ddp
     } else {
         cfg.strategy
@@ -591,7 +592,9 @@ fn assumptions(
         k => format!("activation checkpointing of every {k}-th block"),
     };
     let world = cfg.devices.saturating_mul(cfg.num_nodes);
-    let mut ranks = if world == 1 {
+    let mut ranks = if world == 1 && cfg.strategy == StrategyKind::Fsdp {
+        "1 rank, fsdp (its sharded code, each shard the whole model: nothing saved)".to_string()
+    } else if world == 1 {
         "1 rank".to_string()
     } else if cfg.strategy == StrategyKind::Zero1 {
         format!("{world} ranks, optimizer state sharded (zero1)")

@@ -40,7 +40,9 @@
 //!
 //! A model is sharded as it loads ([`FsdpBuilder`]): each block is sharded, and freed,
 //! before the next is read. Validation gathers one block at a time as the training
-//! forward does ([`Fsdp::score`]); a checkpoint gathers one unit at a time into rank
+//! forward does ([`Fsdp::score`]), and so do downstream tasks, scoring and generating
+//! ([`Fsdp::infer`]: every forward, a generated token's included, gathers each block
+//! in turn); a checkpoint gathers one unit at a time into rank
 //! 0's host memory ([`Fsdp::gather_to_host`], [`Fsdp::state_tensors`]): the same files
 //! `ddp` and `zero1` write (the moments by variable name), so they resume on any world
 //! size and strategy.
@@ -55,7 +57,7 @@ use candle_core::{DType, Tensor, TensorId, Var};
 use super::adamw::{AdamWConfig, all_finite, clip_coefficient, update};
 use super::sharded_adamw::no_gradients;
 use crate::error::{Error, Result};
-use crate::model::engine::{BlockSource, Grads, PassInput, score_with, train_pass_with};
+use crate::model::engine::{BlockSource, Grads, Infer, PassInput, score_with, train_pass_with};
 use crate::model::{Block, Gpt};
 use crate::strategy::Strategy;
 
@@ -300,6 +302,10 @@ impl BlockSource for Blocks<'_> {
             .reduce_grads(grads, self.strategy)
             .map_err(candle)
     }
+
+    fn agree(&mut self, xs: &[f64]) -> candle_core::Result<Vec<f64>> {
+        self.strategy.broadcast_f64(xs).map_err(candle)
+    }
 }
 
 /// An [`Fsdp`] made block by block as a model loads, so that no rank ever holds more
@@ -488,24 +494,6 @@ impl Fsdp {
         Ok(Some(model))
     }
 
-    /// The whole model, every unit gathered on every rank's device (every rank must
-    /// call it): for validation.
-    pub fn gather_model(&mut self, strategy: &Strategy) -> Result<Gpt> {
-        let mut model = self.gather_outer(strategy)?;
-        for (i, blk) in self.shell.blocks.iter().enumerate() {
-            let mut blk = blk.clone();
-            for (slot, v) in blk
-                .params_mut()
-                .into_iter()
-                .zip(self.units[i].gather(strategy)?)
-            {
-                *slot = v;
-            }
-            model.blocks.push(blk);
-        }
-        Ok(model)
-    }
-
     /// The scores of `ids` against `targets` (the validation's forward), gathering each
     /// block for its forward only (every rank must call it, with its own or the same
     /// batch).
@@ -531,6 +519,22 @@ impl Fsdp {
             docs,
             targets,
         )?)
+    }
+
+    /// `f` run with the model for passes without a backward (downstream tasks: scoring
+    /// and generation): the outer unit gathered for the whole of `f`, each block
+    /// gathered for each forward only, never the model at once (every rank must call
+    /// it, and make the same calls in `f`; a token generated is rank 0's on every rank).
+    pub fn infer<R>(&mut self, f: impl FnOnce(&mut Infer<'_>) -> Result<R>) -> Result<R> {
+        let strategy = self.strategy.clone();
+        let outer = self.gather_outer(&strategy)?;
+        let n = self.units.len();
+        let mut src = Blocks {
+            shell: &self.shell,
+            units: &mut self.units[..n - 1],
+            strategy: &strategy,
+        };
+        f(&mut Infer::with_blocks(&outer, &mut src, &mut self.grads))
     }
 
     /// Forward and backward of one micro-batch, gathering each unit when it is

@@ -293,16 +293,12 @@ fn build_sharded(
 }
 
 /// `--strategy zero1` on one rank: nothing to shard (the one-rank [`Strategy`] keeps
-/// the optimizer whole), said rather than silently ignored. `fsdp` on one rank falls
-/// back the same way, and says so too.
+/// the optimizer whole), said rather than silently ignored. `fsdp` on one rank runs its
+/// sharded code (each shard the whole buffer), so that one device exercises it: no note.
 pub(super) fn unsharded_note(cfg: &TrainConfig, strategy: &Strategy) -> Option<String> {
     match (cfg.strategy, strategy.world_size) {
         (StrategyKind::Zero1, 1) => Some(
             "--strategy zero1 on one rank: nothing to shard, the optimizer state stays whole"
-                .to_string(),
-        ),
-        (StrategyKind::Fsdp, 1) => Some(
-            "--strategy fsdp on one rank: nothing to shard, the model and optimizer state stay whole"
                 .to_string(),
         ),
         _ => None,

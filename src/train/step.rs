@@ -255,17 +255,8 @@ impl StepRunner {
         crate::model::fused::on_pool(cpu, || self.step_here(micro_batches, lr))
     }
 
-    /// The whole model: the runner's own, or with `fsdp` every unit gathered (every rank
-    /// must call it then).
-    pub fn full_model(&mut self) -> Result<std::borrow::Cow<'_, Gpt>> {
-        Ok(match &mut self.opt {
-            Optimizer::Fsdp(f) => std::borrow::Cow::Owned(f.gather_model(&self.strategy)?),
-            _ => std::borrow::Cow::Borrowed(&self.model),
-        })
-    }
-
-    /// With `fsdp`, the shards: validation scores with them, every rank gathering one
-    /// block at a time (None for the other strategies).
+    /// With `fsdp`, the shards: validation and downstream tasks score with them, every
+    /// rank gathering one block at a time (None for the other strategies).
     pub fn fsdp_mut(&mut self) -> Option<&mut super::fsdp::Fsdp> {
         match &mut self.opt {
             Optimizer::Fsdp(f) => Some(f),

@@ -8,6 +8,7 @@ mod checkpoints;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -26,7 +27,7 @@ use super::step::{StepRunner, StepStats};
 use crate::error::{Error, IoContext, Result};
 use crate::eval::TaskSet;
 use crate::lora::LoraConfig;
-use crate::strategy::Strategy;
+use crate::strategy::{Single, Strategy, StrategyKind};
 
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -69,9 +70,11 @@ pub struct Trainer {
     token_bytes: crate::tokenizer::TokenBytes,
 }
 
-/// The device, and the ranks when there are several: `cpu`, `cpu × 2 ranks (ddp)`.
+/// The device, and the ranks when there are several or the model is sharded: `cpu`,
+/// `cpu × 2 ranks (ddp)`, `cpu × 1 rank (fsdp)`.
 fn ranks_label(s: &Strategy) -> String {
     match s.world_size {
+        1 if s.kind == StrategyKind::Fsdp => format!("{} × 1 rank (fsdp)", s.spec),
         1 => s.spec.to_string(),
         w => format!("{} × {w} ranks ({})", s.spec, s.kind),
     }
@@ -91,11 +94,13 @@ impl Trainer {
                 cfg.devices, cfg.num_nodes
             )));
         }
-        Self::on_rank(
-            cfg.as_ref(),
-            data,
-            Strategy::new(cfg.device, cfg.precision)?,
-        )
+        // One rank: ddp and zero1 keep everything whole (zero1 says so); fsdp runs its
+        // sharded code, each shard the whole buffer, through the one-rank collective.
+        let mut strategy = Strategy::new(cfg.device, cfg.precision)?;
+        if cfg.strategy == StrategyKind::Fsdp {
+            strategy = strategy.with_collective(Arc::new(Single), StrategyKind::Fsdp);
+        }
+        Self::on_rank(cfg.as_ref(), data, strategy)
     }
 
     /// [`Trainer::new`] for the rank of `strategy` (`cfg` checked the same way).
@@ -294,15 +299,9 @@ impl Trainer {
                 per.push(r.map(|r| r.loss));
             }
         }
-        // Downstream tasks score the whole model (with fsdp, gathered on every rank).
-        let model = match self.eval_tasks {
-            Some(_) => Some(self.runner.full_model()?.into_owned()),
-            None => None,
-        };
         let mut tasks = Vec::new();
-        if let (Some(ts), Some(model), true) = (&self.eval_tasks, &model, global_zero) {
-            let start = Instant::now();
-            let values = ts.score(model, self.cfg.micro_batch_size)?;
+        let start = Instant::now();
+        if let Some(values) = self.score_tasks()? {
             let line = self
                 .task_columns
                 .iter()
@@ -317,7 +316,6 @@ impl Trainer {
             ))?;
             tasks = values.into_iter().map(Some).collect();
         }
-        drop(model);
         let overall = (tokens > 0).then(|| sum / tokens as f64);
         // [has a value, value], from rank 0.
         let got = self
@@ -329,6 +327,27 @@ impl Trainer {
             bpb: crate::tokenizer::bits_per_byte(sum, bytes),
             per_dataset: per,
             tasks,
+        })
+    }
+
+    /// The downstream tasks' values (`--eval-tasks`, in the order of their columns), on
+    /// rank 0; None on the other ranks and without tasks. Rank 0 scores its whole
+    /// model; with fsdp every rank scores the same requests in lockstep, gathering the
+    /// embeddings and head once and each block for each forward (generation included),
+    /// never the model at once. Every rank must call it.
+    pub fn score_tasks(&mut self) -> Result<Option<Vec<f64>>> {
+        let Some(ts) = &self.eval_tasks else {
+            return Ok(None);
+        };
+        let rows = self.cfg.micro_batch_size;
+        let zero = self.runner.strategy.is_global_zero();
+        Ok(match self.runner.fsdp_mut() {
+            Some(f) => {
+                let values = f.infer(|m| ts.score_with(m, rows))?;
+                zero.then_some(values)
+            }
+            None if zero => Some(ts.score(&self.runner.model, rows)?),
+            None => None,
         })
     }
 

@@ -1,7 +1,9 @@
 //! `--strategy fsdp` (ZeRO-3) on CPU threads: 2 and 4 ranks holding shards of the
 //! model are the same computation as 1 rank holding all of it (full and LoRA, with and
-//! without activation checkpointing); a checkpoint written by 2 fsdp ranks resumes on
-//! 1 and on 4; each rank holds its share of the parameters between steps.
+//! without activation checkpointing); 1 fsdp rank (the sharded code, every shard the
+//! whole buffer) is 1 ddp rank; a checkpoint written by 2 fsdp ranks resumes on 1 and
+//! on 4, and one written by 1 fsdp rank resumes; each rank holds its share of the
+//! parameters between steps.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -63,6 +65,76 @@ fn fsdp_on_two_and_four_ranks_gives_the_losses_and_weights_of_one_full() {
 #[test]
 fn fsdp_on_two_and_four_ranks_gives_the_losses_and_weights_of_one_lora() {
     fsdp_is_one_rank(|c| lora(c, 0.25), "LoRA (dropout 0.25)");
+}
+
+/// fsdp on one rank runs the sharded code (the runner's model is the shell of
+/// placeholders, every shard the whole buffer, the collectives the one-rank identity)
+/// and is ddp's run on one rank: the same losses (1e-5 relative) and final weights.
+fn fsdp_on_one_rank_is_ddp(tweak: impl Fn(TrainConfig) -> TrainConfig, kind: &str) {
+    let ddp = temp_dir();
+    pretrain_with_data(&tweak(config(ddp.path(), 1, 2)), data()).unwrap();
+    let fsdp = temp_dir();
+    let mut cfg = tweak(config(fsdp.path(), 1, 2));
+    cfg.strategy = StrategyKind::Fsdp;
+    // The sharded path, not the replicated one: every parameter of the runner's model
+    // is a placeholder of 0 elements.
+    let probe = temp_dir();
+    let mut probe_cfg = cfg.clone();
+    probe_cfg.out_dir = probe.path().to_path_buf();
+    let t = Trainer::new(&probe_cfg, data()).unwrap();
+    let params = t.model().named_parameters();
+    assert!(!params.is_empty());
+    for (name, p) in &params {
+        assert_eq!(p.elem_count(), 0, "{kind}: {name} is not sharded");
+    }
+    drop(t);
+    let s = pretrain_with_data(&cfg, data()).unwrap();
+    assert_eq!(s.steps, 10);
+    let log = std::fs::read_to_string(fsdp.path().join("train.log")).unwrap();
+    assert!(log.contains("on cpu × 1 rank (fsdp)"), "{log}");
+    assert!(!log.contains("nothing to shard"), "{log}");
+    assert_same(
+        &format!("{kind}, 1 rank fsdp vs 1 rank ddp"),
+        ddp.path(),
+        fsdp.path(),
+    );
+}
+
+#[test]
+fn fsdp_on_one_rank_gives_the_losses_and_weights_of_ddp_on_one_rank_full() {
+    fsdp_on_one_rank_is_ddp(|c| c, "full");
+}
+
+#[test]
+fn fsdp_on_one_rank_gives_the_losses_and_weights_of_ddp_on_one_rank_lora() {
+    fsdp_on_one_rank_is_ddp(|c| lora(c, 0.25), "LoRA (dropout 0.25)");
+}
+
+/// A checkpoint of a one-rank fsdp run (full and LoRA) resumes on one fsdp rank, and
+/// on two, as the run that was not stopped.
+#[test]
+fn a_checkpoint_of_one_fsdp_rank_resumes() {
+    for lora_on in [false, true] {
+        let tweak = |c: TrainConfig| if lora_on { lora(c, 0.25) } else { c };
+        let one = temp_dir();
+        let mut cfg = tweak(config(one.path(), 1, 2));
+        cfg.strategy = StrategyKind::Fsdp;
+        pretrain_with_data(&cfg, data()).unwrap();
+        for (devices, micro) in [(1, 4), (2, 2)] {
+            let (_keep, resumed) = stopped_at(one.path(), 4);
+            let mut cfg = tweak(config(&resumed, devices, micro));
+            cfg.strategy = StrategyKind::Fsdp;
+            cfg.resume = Some("auto".into());
+            assert_eq!(pretrain_with_data(&cfg, data()).unwrap().steps, 10);
+            let log = std::fs::read_to_string(resumed.join("train.log")).unwrap();
+            assert!(log.contains("resuming"), "{log}");
+            assert_same(
+                &format!("LoRA {lora_on}: 1 fsdp rank resumed at step 4 on {devices} (fsdp)"),
+                one.path(),
+                &resumed,
+            );
+        }
+    }
 }
 
 #[test]
@@ -448,6 +520,192 @@ fn fsdp_handles_tied_heads_and_fused_layers() {
             }
             eprintln!("{what}: losses {loss:.2e} from ddp's, weights {w:.2e}");
             assert!(w < 1e-5, "{what}: final weights differ from ddp's by {w:e}");
+        }
+    }
+}
+
+/// The `task/…` columns of a run's metrics.csv: each column's values by row (None
+/// where the row scored no task).
+fn task_columns(run: &Path) -> Vec<(String, Vec<Option<f64>>)> {
+    let csv = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
+    let mut lines = csv.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    header
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.starts_with("task/"))
+        .map(|(i, c)| {
+            let values = rows
+                .iter()
+                .map(|r| (!r[i].is_empty()).then(|| r[i].parse::<f64>().unwrap()))
+                .collect();
+            (c.to_string(), values)
+        })
+        .collect()
+}
+
+/// `--eval-tasks` under fsdp: every rank scores the tasks in lockstep (choices,
+/// log-likelihoods, rolling windows and greedy generation), gathering the embeddings
+/// and head once and each block for each forward; the task columns of metrics.csv are
+/// those of ddp on as many ranks, and of one rank, within 1e-5, full and LoRA. One
+/// fsdp rank too.
+fn fsdp_scores_tasks_as_ddp(tweak: impl Fn(TrainConfig) -> TrainConfig, kind: &str) {
+    let tasks = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/eval/tasks/mixed.jsonl");
+    let run = |devices: usize, strategy: StrategyKind| {
+        let dir = temp_dir();
+        let mut cfg = tweak(config(dir.path(), devices, 2));
+        cfg.strategy = strategy;
+        cfg.max_steps = Some(4);
+        cfg.eval_interval = 2;
+        cfg.eval_max_batches = Some(1);
+        cfg.eval_tasks = Some(tasks.clone());
+        pretrain_with_data(&cfg, data()).unwrap();
+        dir
+    };
+    let ddp = run(2, StrategyKind::Ddp);
+    let want = task_columns(ddp.path());
+    let names: Vec<&str> = want.iter().map(|(c, _)| c.as_str()).collect();
+    for c in [
+        "task/pt_mc/acc_norm",
+        "task/pt_ll/acc",
+        "task/pt_roll/word_perplexity",
+        "task/pt_gen/exact_match",
+    ] {
+        assert!(names.contains(&c), "{names:?}");
+    }
+    // The model moved between the two validations: the scores did too.
+    let (_, roll) = want
+        .iter()
+        .find(|(c, _)| c == "task/pt_roll/word_perplexity")
+        .unwrap();
+    let roll: Vec<f64> = roll.iter().flatten().copied().collect();
+    assert!(roll.len() == 2 && roll[0] != roll[1], "{kind}: {roll:?}");
+    for (devices, strategy) in [
+        (2, StrategyKind::Fsdp),
+        (1, StrategyKind::Fsdp),
+        (1, StrategyKind::Ddp),
+    ] {
+        let got = run(devices, strategy);
+        let log = std::fs::read_to_string(got.path().join("train.log")).unwrap();
+        assert!(log.contains("step 4: tasks ("), "{log}");
+        let got = task_columns(got.path());
+        assert_eq!(got.len(), want.len());
+        let mut worst = 0f64;
+        for ((c, a), (d, b)) in want.iter().zip(&got) {
+            assert_eq!(c, d);
+            assert_eq!(a.len(), b.len(), "{c}");
+            assert_eq!(a.iter().flatten().count(), 2, "{c}: {a:?}");
+            for (x, y) in a.iter().zip(b) {
+                assert_eq!(x.is_some(), y.is_some(), "{c}: {a:?} vs {b:?}");
+                if let (Some(x), Some(y)) = (x, y) {
+                    let rel = (x - y).abs() / x.abs().max(1e-12);
+                    assert!(
+                        rel < 1e-5 || (x - y).abs() < 1e-9,
+                        "{kind}, {c}, {devices} ranks ({strategy}): {y} vs ddp's {x}"
+                    );
+                    worst = worst.max(rel);
+                }
+            }
+        }
+        eprintln!(
+            "{kind}: tasks on {devices} ranks ({strategy}) vs 2 ddp ranks: largest relative difference {worst:.2e}"
+        );
+    }
+}
+
+#[test]
+fn fsdp_scores_downstream_tasks_as_ddp_does_full() {
+    fsdp_scores_tasks_as_ddp(|c| c, "full");
+}
+
+#[test]
+fn fsdp_scores_downstream_tasks_as_ddp_does_lora() {
+    fsdp_scores_tasks_as_ddp(|c| lora(c, 0.25), "LoRA (dropout 0.25)");
+}
+
+/// An fsdp model (2 thread ranks, shards of the tiny LLaMA) scores and generates
+/// through [`Fsdp::infer`](lit_claire::train::fsdp::Fsdp::infer), each block gathered
+/// for each forward: scores (plain, and after a KV cache) and greedy tokens are the
+/// whole model's on every rank.
+#[test]
+fn fsdp_scores_and_generates_as_the_whole_model() {
+    use lit_claire::generate::{Sampling, generate, generate_with};
+    use lit_claire::model::engine::{self, KvCache};
+    use lit_claire::model::weights::Weights;
+    use lit_claire::model::{BuildOptions, build_model, build_model_by_block};
+    use lit_claire::train::adamw::AdamWConfig;
+    use lit_claire::train::fsdp::FsdpBuilder;
+
+    let dir = reference_dir("llama");
+    let cfg = lit_claire::config::load_config(&dir).unwrap();
+    let weights = Weights::open(&dir).unwrap();
+    let opts = BuildOptions {
+        dtype: candle_core::DType::F32,
+        compute_dtype: candle_core::DType::F32,
+        device: candle_core::Device::Cpu,
+        trainable: true,
+    };
+    let prompt: Vec<u32> = vec![1, 17, 40, 9, 33, 2, 71];
+    let ids = Tensor::new(prompt.as_slice(), &candle_core::Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let targets: Vec<u32> = prompt.iter().map(|t| (t * 7 + 3) % 100).collect();
+    let head = ids.narrow(1, 0, 4).unwrap();
+    let tail = ids.narrow(1, 4, 3).unwrap();
+    // What a run computes: scores, scores after a prefilled cache, greedy tokens.
+    type Out = (Vec<f32>, Vec<f32>, Vec<u32>);
+    let compute = |m: &mut engine::Infer<'_>| -> lit_claire::error::Result<Out> {
+        let plain = m.score(&ids, None, &targets)?.nll;
+        let mut cache = KvCache::new(m.n_layer());
+        m.prefill(&head, &mut cache)?;
+        let after = m.score_after(&tail, &mut cache, &targets[4..])?.nll;
+        let sampling = Sampling::default();
+        let generated = generate_with(m, &prompt, 12, &sampling, &[], |_| Ok(true))?;
+        Ok((plain, after, generated.new_ids))
+    };
+    let whole = build_model(&cfg, &weights, &opts).unwrap().model;
+    let want = compute(&mut engine::Infer::whole(&whole)).unwrap();
+    let sampling = Sampling::default();
+    let plain = generate(&whole, &prompt, 12, &sampling, &[], |_| Ok(true)).unwrap();
+    assert_eq!(plain.new_ids, want.2);
+    assert_eq!(want.2.len(), 12);
+
+    let group = ThreadGroup::new(2, Duration::from_secs(60));
+    let outs: Vec<Out> = std::thread::scope(|s| {
+        let hs: Vec<_> = group
+            .handles()
+            .into_iter()
+            .map(|c| {
+                let (cfg, weights, opts, compute) = (&cfg, &weights, &opts, &compute);
+                s.spawn(move || {
+                    let st = Strategy::cpu().with_collective(c, StrategyKind::Fsdp);
+                    let mut builder = FsdpBuilder::new(&st);
+                    let mut on_block = |blk, vars| builder.shard_block(blk, vars);
+                    let tm = build_model_by_block(cfg, weights, opts, Some(&mut on_block)).unwrap();
+                    let mut f = builder
+                        .finish(tm.model, tm.vars, AdamWConfig::default())
+                        .unwrap();
+                    f.infer(|m| compute(m)).unwrap()
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (rank, (plain, after, tokens)) in outs.iter().enumerate() {
+        assert_eq!(tokens, &want.2, "rank {rank}: generated tokens");
+        for (got, exp, what) in [
+            (plain, &want.0, "scores"),
+            (after, &want.1, "scores after a cache"),
+        ] {
+            assert_eq!(got.len(), exp.len());
+            let d = got
+                .iter()
+                .zip(exp)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(d < 1e-5, "rank {rank}: {what} differ by {d}");
         }
     }
 }

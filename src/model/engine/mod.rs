@@ -39,7 +39,7 @@ use candle_core::{Result, Tensor};
 pub use cache::{KvCache, LayerCache};
 pub use grads::Grads;
 pub use head::{HEAD_CHUNK_LOGITS, Scores, head_chunk_rows};
-pub use infer::{logits, prefill, score, score_after, score_with};
+pub use infer::{Infer, logits, prefill, score, score_after, score_with};
 use layers::{AttnKept, AttnSaved, Ctx, MlpSaved, Rotary};
 
 use super::fused;
@@ -243,6 +243,12 @@ pub trait BlockSource {
     /// pass.
     fn done(&mut self, _i: usize, _grads: &mut Grads) -> Result<()> {
         Ok(())
+    }
+    /// Rank 0's `xs` on every rank that fetches blocks alike (with `fsdp`, a broadcast;
+    /// [`Infer::agree`]: a token generated from what they computed, so that every rank
+    /// goes on with the same one). The identity by default.
+    fn agree(&mut self, xs: &[f64]) -> Result<Vec<f64>> {
+        Ok(xs.to_vec())
     }
 }
 

@@ -365,9 +365,15 @@ fn fsdp_shards_parameters_gradients_and_optimizer_state_full() {
         assert_eq!(m.activations, plans[0].1.activations);
         assert_eq!(m.workspace, plans[0].1.workspace);
     }
-    // One rank: every strategy is ddp (the one-rank run keeps everything whole).
+    // One rank: zero1 is ddp (its state stays whole); fsdp runs its sharded code, each
+    // shard the whole buffer, and plans the outer unit and one block gathered, with
+    // their gradient buffers, on top.
     let one = by_strategy(&tiny(), &run(2), 8).unwrap();
-    assert!(one.iter().all(|(_, m)| m.total == one[0].1.total));
+    assert_eq!(one[1].1.total, one[0].1.total);
+    let (ddp, fsdp) = (&one[0].1, &one[2].1);
+    assert_eq!(fsdp.params, ddp.params + 4 * (32_832 + 43_136));
+    assert_eq!(fsdp.optimizer, ddp.optimizer);
+    assert!(fsdp.assumed.contains("1 rank, fsdp"), "{}", fsdp.assumed);
 }
 
 /// The same for LoRA (r4 on q, v and the MLP) in bf16-true on 2 ranks: the frozen base
