@@ -23,7 +23,8 @@
 #                 and the step                                → watchdog.log
 #   6. fsdp       4 steps of pretrain on the tiny LLaMA reference checkpoint in 32-true,
 #                 --strategy ddp then --strategy fsdp on one rank (fsdp's sharded code,
-#                 every shard whole): every step's loss within 1e-5 relative
+#                 every shard whole), then fsdp under torchrun's variables (NCCL, one
+#                 rank): every step's loss within 1e-5 relative of ddp's
 #                                                             → fsdp.json, fsdp/
 # Everything goes to DIR (default $OUT, else out/device-check): one log per step and
 # summary.txt. Each step has a time limit; the exit code is non-zero if any failed.
@@ -206,13 +207,22 @@ rm -rf "$fsdp_dir" && mkdir -p "$fsdp_dir/raw/fortunes" &&
 step fsdp-data fsdp-data.out "$BIN" prepare-data --source-path "$fsdp_dir/raw" \
     --checkpoint-dir "$model" --destination-path "$fsdp_dir/data" --doc-separator % \
     --max-length 32 --padding false --multiple-of 2
+fsdp_args=(pretrain --data-dir "$fsdp_dir/data" --checkpoint-dir "$model" --device "$DEVICE"
+    --precision 32-true --max-steps 4 --batch-size 4 --micro-batch-size 2
+    --learning-rate 3e-3 --warmup-steps 1 --eval-interval 4 --eval-max-batches 1)
 for strategy in ddp fsdp; do
     step "fsdp-$strategy" "fsdp-$strategy.out" env -u RANK -u WORLD_SIZE -u SLURM_PROCID \
-        -u SLURM_NTASKS "$BIN" pretrain --data-dir "$fsdp_dir/data" --checkpoint-dir "$model" \
-        --out-dir "$fsdp_dir/$strategy" --device "$DEVICE" --precision 32-true \
-        --strategy "$strategy" --max-steps 4 --batch-size 4 --micro-batch-size 2 \
-        --learning-rate 3e-3 --warmup-steps 1 --eval-interval 4 --eval-max-batches 1
+        -u SLURM_NTASKS "$BIN" "${fsdp_args[@]}" --out-dir "$fsdp_dir/$strategy" \
+        --strategy "$strategy"
 done
+# On a GPU, fsdp once more as torchrun starts one process: its all-gathers and
+# reduce-scatters then go through NCCL (a communicator of one rank).
+if [ "$DEVICE" != cpu ]; then
+    step fsdp-nccl fsdp-nccl.out env -u SLURM_PROCID -u SLURM_NTASKS RANK=0 WORLD_SIZE=1 \
+        LOCAL_RANK=0 LOCAL_WORLD_SIZE=1 MASTER_ADDR=127.0.0.1 \
+        MASTER_PORT="${MASTER_PORT:-29519}" TORCHELASTIC_RUN_ID=device-check \
+        "$BIN" "${fsdp_args[@]}" --out-dir "$fsdp_dir/fsdp-nccl" --strategy fsdp
+fi
 # The loss column of each metrics.csv, by step; fsdp.json names both and the largest
 # relative difference.
 losses() { awk -F, 'NR == 1 {for (i = 1; i <= NF; i++) if ($i == "loss") c = i; next}
@@ -230,7 +240,27 @@ if [ -s "$fsdp_dir/ddp/metrics.csv" ] && [ -s "$fsdp_dir/fsdp/metrics.csv" ]; th
             if (d / s > w) w = d / s
         }
         printf "%.3e", w }')
-    echo "{\"ddp\": [$ddp_losses], \"fsdp\": [$fsdp_losses], \"max_rel_diff\": \"$worst\"}" >"$DIR/fsdp.json"
+    nccl_losses=""
+    if [ "$DEVICE" != cpu ] && [ -s "$fsdp_dir/fsdp-nccl/metrics.csv" ]; then
+        nccl_losses=$(losses "$fsdp_dir/fsdp-nccl/metrics.csv")
+        nccl_worst=$(awk -v a="$ddp_losses" -v b="$nccl_losses" 'BEGIN {
+            n = split(a, x, ","); m = split(b, y, ",")
+            if (n != m || n < 4) {print "mismatch"; exit}
+            w = 0
+            for (i = 1; i <= n; i++) {
+                d = x[i] - y[i]; if (d < 0) d = -d
+                s = x[i] < 0 ? -x[i] : x[i]; if (s < 1e-12) s = 1e-12
+                if (d / s > w) w = d / s
+            }
+            printf "%.3e", w }')
+        if [ "$nccl_worst" != mismatch ] && awk -v w="$nccl_worst" 'BEGIN {exit !(w + 0 <= 1e-5)}'; then
+            note "PASS fsdp-nccl-vs-ddp: losses agree within $nccl_worst relative: [$nccl_losses]"
+        else
+            note "FAIL fsdp-nccl-vs-ddp: losses differ ($nccl_worst relative): [$nccl_losses]"
+            failed=1
+        fi
+    fi
+    echo "{\"ddp\": [$ddp_losses], \"fsdp\": [$fsdp_losses], \"fsdp_nccl\": [$nccl_losses], \"max_rel_diff\": \"$worst\"}" >"$DIR/fsdp.json"
     if ! grep -q "× 1 rank (fsdp)" "$fsdp_dir/fsdp/train.log"; then
         note "FAIL fsdp-vs-ddp: the fsdp run did not name the sharded path in its train.log"
         failed=1

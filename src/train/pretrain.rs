@@ -11,13 +11,14 @@
 use std::time::Duration;
 
 use super::batches::TrainData;
+use super::config::CheckedConfig;
 use super::config::ToChecked;
 use super::data_source::load_train_data;
 use super::ranks::{train_process_group, train_threads};
 use super::trainer::{TrainSummary, Trainer};
 use crate::error::{Error, Result};
-use crate::strategy::DeviceSpec;
 use crate::strategy::threads::ThreadGroup;
+use crate::strategy::{DeviceSpec, StrategyKind};
 
 /// Train as `cfg` says, on the prepared data of `cfg.data_dir`. A plain
 /// [`TrainConfig`](super::config::TrainConfig) is checked first; a
@@ -41,7 +42,7 @@ pub fn pretrain_with_data(cfg: &impl ToChecked, data: TrainData) -> Result<Train
         refuse_launched_cpu_processes()?;
     }
     let world = cfg.world_size();
-    if world == 1 {
+    if world == 1 && !(cfg.strategy == StrategyKind::Fsdp && launched_on_gpu(cfg)) {
         return Trainer::new(cfg, data)?.run(None);
     }
     match cfg.device {
@@ -55,6 +56,16 @@ pub fn pretrain_with_data(cfg: &impl ToChecked, data: TrainData) -> Result<Train
         }
         DeviceSpec::Cuda(_) => train_process_group(cfg, data),
     }
+}
+
+/// One GPU under a launcher (`torchrun --nproc-per-node 1`, `srun --ntasks=1`): with
+/// `fsdp`, its gathers and reduce-scatters then go through NCCL (a communicator of
+/// one rank), the path several GPUs take; without a launcher, and for `ddp` and
+/// `zero1` (which have nothing to exchange on one rank), one rank needs no NCCL.
+fn launched_on_gpu(cfg: &CheckedConfig) -> bool {
+    matches!(cfg.device, DeviceSpec::Cuda(_))
+        && crate::strategy::env::process_group(&crate::strategy::env::process_env())
+            .is_ok_and(|pg| pg.is_some())
 }
 
 /// A CPU run is one process (its ranks are threads): one of several processes a
