@@ -315,7 +315,7 @@ pub fn newest_data_rows(rows: &[ValidationRow]) -> Vec<&ValidationRow> {
 
 /// Mean offline loss per checkpoint, `checkpoint -> (step, mean)`, over the checkpoints
 /// scored on every dataset of the file (a mean over fewer datasets is not comparable),
-/// on each dataset's newest data ([`newest_data_rows`]). A (checkpoint, dataset) pair
+/// on each dataset's newest data (`newest_data_rows`). A (checkpoint, dataset) pair
 /// scored twice counts with its last row.
 pub fn offline_means(rows: &[ValidationRow]) -> BTreeMap<String, (u64, f64)> {
     let rows = newest_data_rows(rows);

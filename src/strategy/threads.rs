@@ -21,7 +21,7 @@
 //! Each rank records the collectives it issues in its [`Ledger`](super::desync): when
 //! the ranks call different operations, or reach a barrier (every step ends with one)
 //! having issued different sequences, the group fails with one line naming the first
-//! rank and collective that differ (see [`desync`](super::desync)).
+//! rank and collective that differ (see [`desync`]).
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};

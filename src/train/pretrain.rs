@@ -22,7 +22,7 @@ use crate::strategy::{DeviceSpec, StrategyKind};
 
 /// Train as `cfg` says, on the prepared data of `cfg.data_dir`. A plain
 /// [`TrainConfig`](super::config::TrainConfig) is checked first; a
-/// [`CheckedConfig`](super::config::CheckedConfig), which
+/// [`CheckedConfig`], which
 /// [`TrainConfig::resolve`](super::config::TrainConfig::resolve) returns, is not
 /// checked again.
 pub fn pretrain(cfg: &impl ToChecked) -> Result<TrainSummary> {

@@ -63,7 +63,7 @@ impl Schedule {
     }
 
     /// What is wrong with these values, flag by flag (empty when nothing): what
-    /// [`TrainConfig::validate`](super::TrainConfig::validate) reports before any work.
+    /// [`TrainConfig::checked`](super::TrainConfig::checked) reports before any work.
     /// A constant schedule never reaches `min_lr`, so it is not compared then.
     pub fn problems(kind: ScheduleKind, max_lr: f64, min_lr: f64, restarts: usize) -> Vec<String> {
         let mut out = Vec::new();

@@ -41,7 +41,7 @@ pub struct TrainSummary {
     pub final_checkpoint: Option<PathBuf>,
     /// The checkpoint written when a signal (or the config's
     /// [`StopFlag`](super::preempt::StopFlag)) stopped the run before its end; `pretrain`
-    /// then exits with [`EXIT_PREEMPTED`](super::preempt::EXIT_PREEMPTED).
+    /// then exits with [`EXIT_PREEMPTED`].
     pub preempted: Option<PathBuf>,
 }
 

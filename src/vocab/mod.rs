@@ -9,7 +9,7 @@
 //! - [`replace`]: which base row each token of another tokenizer starts from.
 //! - [`resize`]: the new embedding and head matrices, row by row.
 //! - [`adapt`]: the `adapt-vocab` folder, written in one go.
-//! - [`init_model`]: weights initialised as each family's transformers code does.
+//! - [`init_model`](mod@init_model): weights initialised as each family's transformers code does.
 //!
 //! The adapted folder records what changed in [`RECORD_FILE`] ([`VocabRecord`]):
 //! training reads its `new_token_ids` to know which rows are new.

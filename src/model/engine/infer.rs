@@ -7,7 +7,7 @@
 //!               dropped when the block is done
 //! ```
 //!
-//! It is the training pass's own block forward ([`super::block_fwd`]), with the flash
+//! It is the training pass's own block forward (`block_fwd`), with the flash
 //! kernel and the fused kernels where they serve, reading every parameter detached: no
 //! autograd graph is recorded even when some weights are trained variables (LoRA
 //! during a run), so a pass holds one block's activations at a time, not the model's.

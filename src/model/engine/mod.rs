@@ -11,7 +11,7 @@
 //!             all but the attention itself (the costliest part at long contexts)
 //! ```
 //!
-//! What each block keeps ([`layers`]): its input, the norms' outputs, the rotated
+//! What each block keeps (`layers`): its input, the norms' outputs, the rotated
 //! q, k, v, the attention output and its row statistics (never the `(T, T)`
 //! probabilities), the MLP's pre-activations and each LoRA's `x Aᵀ`. The head and the
 //! cross-entropy run on chunks of [`head_chunk_rows`] rows, so the `(tokens × vocab)`
