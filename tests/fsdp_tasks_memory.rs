@@ -9,72 +9,34 @@
 //! process, so nothing else may run beside it.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use lit_claire::strategy::threads::ThreadGroup;
 use lit_claire::strategy::{Strategy, StrategyKind};
-use lit_claire::train::batches::{TrainData, TrainDataset};
 use lit_claire::train::{TrainConfig, Trainer};
-use lit_claire::vocab::{InitOptions, init_model};
-use rand::{Rng, SeedableRng};
 
 #[path = "support/counting_alloc.rs"]
 mod counting_alloc;
+#[path = "support/fsdp_bench_model.rs"]
+mod fsdp_bench_model;
 use counting_alloc::{LIVE, PEAK};
+use fsdp_bench_model::{MODEL_BYTES, eight_block_model, four_rank_config, random_data};
 
 const MB: f64 = 1e6;
 
 #[test]
 fn fsdp_ranks_score_tasks_without_gathering_the_whole_model() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("config.json");
-    std::fs::write(
-        &config,
-        r#"{"model_type": "llama", "hidden_size": 256, "intermediate_size": 512,
-            "num_attention_heads": 4, "num_key_value_heads": 4, "num_hidden_layers": 8,
-            "vocab_size": 512, "max_position_embeddings": 128, "rms_norm_eps": 1e-5,
-            "tie_word_embeddings": false}"#,
-    )
-    .unwrap();
-    let model = dir.path().join("model");
+    let model = eight_block_model(dir.path());
+    let model_bytes = MODEL_BYTES;
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let tokenizer = root.join("tests/fixtures/reference/llama");
-    init_model(&InitOptions::new(&config, &tokenizer, &model)).unwrap();
-    // 8 × (4 · 256² + 3 · 256 · 512 + 2 · 256) + 2 · 512 · 256 + 256 parameters.
-    let model_bytes = 4 * (8 * (4 * 256 * 256 + 3 * 256 * 512 + 2 * 256) + 2 * 512 * 256 + 256);
-
     let run = tempfile::tempdir().unwrap();
     let cfg = TrainConfig {
-        data_dir: "in-memory".into(),
-        checkpoint_dir: model.clone(),
-        out_dir: run.path().to_path_buf(),
-        devices: 4,
-        strategy: StrategyKind::Fsdp,
-        micro_batch_size: 1,
-        batch_size: 1,
-        max_steps: Some(2),
-        eval_interval: 1000,
-        save_interval: 1000,
         eval_tasks: Some(root.join("tests/fixtures/eval/tasks/mixed.jsonl")),
-        ..Default::default()
+        ..four_rank_config(&model, run.path(), StrategyKind::Fsdp)
     };
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
-    let samples: Vec<Vec<u32>> = (0..16)
-        .map(|_| (0..65).map(|_| rng.random_range(0..512u32)).collect())
-        .collect();
-    let data = TrainData {
-        block_size: 65,
-        tokenizer_hash: None,
-        origin: None,
-        datasets: vec![TrainDataset {
-            name: "random".into(),
-            weight: 1.0,
-            train: Arc::new(samples.clone()),
-            validation: Arc::new(samples[..2].to_vec()),
-        }],
-    };
+    let data = random_data();
     let group = ThreadGroup::new(4, Duration::from_secs(120));
     let before = AtomicUsize::new(0);
     let values: Vec<Option<Vec<f64>>> = std::thread::scope(|s| {

@@ -227,10 +227,10 @@ fi
 # relative difference.
 losses() { awk -F, 'NR == 1 {for (i = 1; i <= NF; i++) if ($i == "loss") c = i; next}
     c {printf "%s%s", (n++ ? "," : ""), $c} END {print ""}' "$1"; }
-if [ -s "$fsdp_dir/ddp/metrics.csv" ] && [ -s "$fsdp_dir/fsdp/metrics.csv" ]; then
-    ddp_losses=$(losses "$fsdp_dir/ddp/metrics.csv")
-    fsdp_losses=$(losses "$fsdp_dir/fsdp/metrics.csv")
-    worst=$(awk -v a="$ddp_losses" -v b="$fsdp_losses" 'BEGIN {
+# The largest relative difference of two such lists ("mismatch" if their lengths differ
+# or they hold fewer than 4 steps).
+max_rel_diff() {
+    awk -v a="$1" -v b="$2" 'BEGIN {
         n = split(a, x, ","); m = split(b, y, ",")
         if (n != m || n < 4) {print "mismatch"; exit}
         w = 0
@@ -239,20 +239,16 @@ if [ -s "$fsdp_dir/ddp/metrics.csv" ] && [ -s "$fsdp_dir/fsdp/metrics.csv" ]; th
             s = x[i] < 0 ? -x[i] : x[i]; if (s < 1e-12) s = 1e-12
             if (d / s > w) w = d / s
         }
-        printf "%.3e", w }')
+        printf "%.3e", w }'
+}
+if [ -s "$fsdp_dir/ddp/metrics.csv" ] && [ -s "$fsdp_dir/fsdp/metrics.csv" ]; then
+    ddp_losses=$(losses "$fsdp_dir/ddp/metrics.csv")
+    fsdp_losses=$(losses "$fsdp_dir/fsdp/metrics.csv")
+    worst=$(max_rel_diff "$ddp_losses" "$fsdp_losses")
     nccl_losses=""
     if [ "$DEVICE" != cpu ] && [ -s "$fsdp_dir/fsdp-nccl/metrics.csv" ]; then
         nccl_losses=$(losses "$fsdp_dir/fsdp-nccl/metrics.csv")
-        nccl_worst=$(awk -v a="$ddp_losses" -v b="$nccl_losses" 'BEGIN {
-            n = split(a, x, ","); m = split(b, y, ",")
-            if (n != m || n < 4) {print "mismatch"; exit}
-            w = 0
-            for (i = 1; i <= n; i++) {
-                d = x[i] - y[i]; if (d < 0) d = -d
-                s = x[i] < 0 ? -x[i] : x[i]; if (s < 1e-12) s = 1e-12
-                if (d / s > w) w = d / s
-            }
-            printf "%.3e", w }')
+        nccl_worst=$(max_rel_diff "$ddp_losses" "$nccl_losses")
         if [ "$nccl_worst" != mismatch ] && awk -v w="$nccl_worst" 'BEGIN {exit !(w + 0 <= 1e-5)}'; then
             note "PASS fsdp-nccl-vs-ddp: losses agree within $nccl_worst relative: [$nccl_losses]"
         else

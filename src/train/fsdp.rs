@@ -57,7 +57,7 @@ use candle_core::{DType, Tensor, TensorId, Var};
 use super::adamw::{AdamWConfig, all_finite, clip_coefficient, update};
 use super::sharded_adamw::no_gradients;
 use crate::error::{Error, Result};
-use crate::model::engine::{BlockSource, Grads, Infer, PassInput, score_with, train_pass_with};
+use crate::model::engine::{BlockSource, Grads, Infer, PassInput, train_pass_with};
 use crate::model::{Block, Gpt};
 use crate::strategy::Strategy;
 
@@ -503,22 +503,7 @@ impl Fsdp {
         docs: Option<&std::sync::Arc<[u32]>>,
         targets: &[u32],
     ) -> Result<crate::model::engine::Scores> {
-        let strategy = self.strategy.clone();
-        let outer = self.gather_outer(&strategy)?;
-        let n = self.units.len();
-        let mut src = Blocks {
-            shell: &self.shell,
-            units: &mut self.units[..n - 1],
-            strategy: &strategy,
-        };
-        Ok(score_with(
-            &outer,
-            &mut src,
-            &mut self.grads,
-            ids,
-            docs,
-            targets,
-        )?)
+        self.infer(|m| Ok(m.score(ids, docs, targets)?))
     }
 
     /// `f` run with the model for passes without a backward (downstream tasks: scoring

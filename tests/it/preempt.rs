@@ -809,25 +809,29 @@ fn issue26_the_slurm_scripts_are_bash_and_requeue_on_status_75_only() {
     }
 }
 
-#[test]
-fn issue26_a_signalled_task_gets_its_job_requeued() {
-    let root = temp_dir();
-    let data = prepared(root.path());
-    let run = root.path().join("run");
-    let args = pretrain_args(&data, &run, &["--devices", "1", "--batch-size", "4"]);
+/// `run_requeueing` of `launcher` (`srun`, or `srun torchrun`) then the binary with
+/// `args` and `flags`, under the SLURM stand-ins in `root`; once two rows are logged,
+/// SIGUSR1 to the process whose pid the stand-in wrote to `pid_file` (as SLURM's
+/// `--signal` does: to the task, not to the batch shell). The script's stdout, once it
+/// succeeded.
+fn signalled_under_requeueing(
+    root: &Path,
+    run: &Path,
+    launcher: &str,
+    args: &[String],
+    flags: &[&str],
+    pid_file: &str,
+) -> String {
     let quoted: Vec<String> = std::iter::once(s(&bin()).to_string())
-        .chain(args)
+        .chain(args.iter().cloned())
+        .chain(flags.iter().map(|a| a.to_string()))
         .map(|a| format!("'{a}'"))
         .collect();
-    let mut child = requeueing(
-        root.path(),
-        &format!("srun {}", quoted.join(" ")),
-        "RUNNING",
-    )
-    .spawn()
-    .unwrap();
+    let mut child = requeueing(root, &format!("{launcher} {}", quoted.join(" ")), "RUNNING")
+        .spawn()
+        .unwrap();
     let start = Instant::now();
-    while rows_so_far(&run) < 2 {
+    while rows_so_far(run) < 2 {
         assert!(
             child.try_wait().unwrap().is_none(),
             "ended before the signal"
@@ -835,25 +839,35 @@ fn issue26_a_signalled_task_gets_its_job_requeued() {
         assert!(start.elapsed() < Duration::from_secs(120), "no progress");
         std::thread::sleep(Duration::from_micros(200));
     }
-    // As SLURM's --signal does: to the task, not to the batch shell.
-    let pid: libc::pid_t = std::fs::read_to_string(root.path().join("srun.pid"))
+    let pid: libc::pid_t = std::fs::read_to_string(root.join(pid_file))
         .unwrap()
         .trim()
         .parse()
         .unwrap();
-    // SAFETY: kill(2) on the task this test's script started; it has not been reaped
-    // (its parent, the script, is still waiting for it).
+    // SAFETY: kill(2) on the process a stand-in started; it has not been reaped (its
+    // parent is still waiting for it).
     assert_eq!(unsafe { libc::kill(pid, libc::SIGUSR1) }, 0);
     let out = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
         "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("requeueing job 4242"), "{stdout}");
-    let log = std::fs::read_to_string(root.path().join("scontrol.log")).unwrap();
+    let log = std::fs::read_to_string(root.join("scontrol.log")).unwrap();
     assert!(log.contains("requeue 4242"), "{log}");
+    stdout
+}
+
+#[test]
+fn issue26_a_signalled_task_gets_its_job_requeued() {
+    let root = temp_dir();
+    let data = prepared(root.path());
+    let run = root.path().join("run");
+    let args = pretrain_args(&data, &run, &[]);
+    let flags = ["--devices", "1", "--batch-size", "4"];
+    let stdout = signalled_under_requeueing(root.path(), &run, "srun", &args, &flags, "srun.pid");
+    assert!(stdout.contains("requeueing job 4242"), "{stdout}");
     only_whole_checkpoints(&run);
     assert!(!step_checkpoints(&run).is_empty() && !run.join("final").exists());
 }
@@ -895,40 +909,13 @@ fn a_signalled_worker_under_a_torchrun_launcher_gets_its_job_requeued() {
     let data = prepared(root.path());
     let run = root.path().join("run");
     let args = pretrain_args(&data, &run, &[]);
-    let quoted: Vec<String> = std::iter::once(s(&bin()).to_string())
-        .chain(args.iter().cloned())
-        .chain(Launch::Torchrun.flags().iter().map(|a| a.to_string()))
-        .map(|a| format!("'{a}'"))
-        .collect();
-    let mut child = requeueing(
+    let stdout = signalled_under_requeueing(
         root.path(),
-        &format!("srun torchrun {}", quoted.join(" ")),
-        "RUNNING",
-    )
-    .spawn()
-    .unwrap();
-    let start = Instant::now();
-    while rows_so_far(&run) < 2 {
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "ended before the signal"
-        );
-        assert!(start.elapsed() < Duration::from_secs(120), "no progress");
-        std::thread::sleep(Duration::from_micros(200));
-    }
-    let pid: libc::pid_t = std::fs::read_to_string(root.path().join("worker.pid"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    // SAFETY: kill(2) on the worker the stand-in started and is still waiting for.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGUSR1) }, 0);
-    let out = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
+        &run,
+        "srun torchrun",
+        &args,
+        Launch::Torchrun.flags(),
+        "worker.pid",
     );
     assert!(
         stdout.contains("the launcher exited with 1") && stdout.contains("requeueing job 4242"),

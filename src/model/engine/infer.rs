@@ -202,20 +202,6 @@ pub fn score(
     Infer::whole(model).score(ids, docs, targets)
 }
 
-/// [`score`] with the blocks' parameters from `blocks` (the embeddings, final norm
-/// and head from `model`): `--strategy fsdp`'s validation, which gathers one block at
-/// a time. `grads` only takes the bindings of the blocks' trained tensors.
-pub fn score_with(
-    model: &Gpt,
-    blocks: &mut dyn BlockSource,
-    grads: &mut Grads,
-    ids: &Tensor,
-    docs: Option<&Arc<[u32]>>,
-    targets: &[u32],
-) -> Result<Scores> {
-    Infer::with_blocks(model, blocks, grads).score(ids, docs, targets)
-}
-
 /// Run `ids: (B, T)` into `cache` (after what it holds) without the head: the first
 /// half of a pass whose second half is [`score_after`] or [`logits`] with that cache.
 pub fn prefill(model: &Gpt, ids: &Tensor, cache: &mut KvCache) -> Result<()> {

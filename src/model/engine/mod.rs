@@ -39,7 +39,7 @@ use candle_core::{Result, Tensor};
 pub use cache::{KvCache, LayerCache};
 pub use grads::Grads;
 pub use head::{HEAD_CHUNK_LOGITS, Scores, head_chunk_rows};
-pub use infer::{Infer, logits, prefill, score, score_after, score_with};
+pub use infer::{Infer, logits, prefill, score, score_after};
 use layers::{AttnKept, AttnSaved, Ctx, MlpSaved, Rotary};
 
 use super::fused;
