@@ -26,6 +26,8 @@
 //!              grads:     f32 · trainable ÷ W          the gradient shards
 //!                         + p · (outer + one block)'s trainable  their gradient buffers
 //!                         + f32 · the larger of the two          the flat copy reduced
+//!                         + f32 · one block's trainable (GPUs)  the previous block's,
+//!                                                      its reduce-scatter in flight
 //!              optimizer: f32 · 2 · trainable ÷ W
 //!              (W = 1: as ddp, which one rank runs; no trained rows of new tokens)
 //! activations  what one block saves for its backward:
@@ -368,11 +370,18 @@ fn sharded_parts(
                 None => (block, outer),
             };
             let gathered = outer + head_lora + block + block_lora;
+            // On GPUs a block's flat copy stays until the next block's is made: its
+            // reduce-scatter runs on NCCL's side stream meanwhile.
+            let in_flight = match cfg.device {
+                DeviceSpec::Cuda(_) => f32 * block_trained,
+                DeviceSpec::Cpu => b(0),
+            };
             (
                 shard(p * (base + lora_n)) + p * gathered,
                 shard(f32 * trainable)
                     + p * (outer_trained + block_trained)
-                    + f32 * outer_trained.max(block_trained),
+                    + f32 * outer_trained.max(block_trained)
+                    + in_flight,
                 shard(f32 * b(2) * trainable),
             )
         }
