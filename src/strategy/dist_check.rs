@@ -1,6 +1,8 @@
 //! A check of the machinery of data-parallel training, outside training: the process
 //! group read from the launcher's environment, the rendezvous, and (on CUDA) NCCL's
-//! collectives with their results verified and the all-reduce bandwidth measured.
+//! collectives with their results verified, the backward's queued reductions checked
+//! on NCCL's side stream with candle's stream busy around them (`check_queued`), and
+//! the all-reduce bandwidth measured.
 //!
 //! Run by the hidden `lit-claire dist-check`: under `srun`/`torchrun` on a cluster, by
 //! `utils/device_check.sh` on one GPU, and by the tests with real processes on CPU

@@ -28,7 +28,7 @@
 //!
 //! On the thread backend the collectives run in this order on the computing thread.
 //! On NCCL the all-gathers run on candle's stream, and each block's reduce-scatter is
-//! queued on the communicator's side stream (see [`crate::strategy::nccl`]) as soon as
+//! queued on the communicator's side stream (see `strategy::nccl`) as soon as
 //! its backward ends; candle's stream waits for its result only when the next block's
 //! backward is queued (the shard is then added to the gradient shard), and for the
 //! last one at the end of the pass. NCCL itself runs one communicator's kernels one at

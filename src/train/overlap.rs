@@ -11,7 +11,7 @@
 //! The sums are the same as after the backward (each element is summed over the ranks
 //! in rank order either way), so the run is unchanged. On the thread backend the calls
 //! run in this order on the computing thread. On NCCL each block's all-reduces are
-//! queued on the communicator's side stream (see [`crate::strategy::nccl`]) and run
+//! queued on the communicator's side stream (see `strategy::nccl`) and run
 //! there while the next block's backward runs on candle's stream; that stream waits for
 //! a block's sums only once the next block's backward is queued (when they are put back
 //! into the gradient buffers), and for the last ones at the end of the pass.
