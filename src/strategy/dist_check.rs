@@ -394,8 +394,9 @@ impl QueuedShape {
 ///    of their size, fills them with −1 and multiplies matrices while the reductions
 ///    run: inputs freed before the side stream read them would be those buffers;
 /// 3. the results are read after [`Pending::wait`](super::Pending::wait), the second
-///    first: a computation's stream that did not wait (E_out) would read them
-///    unwritten.
+///    first; then a third reduction is read right after its wait, its result likely
+///    in the memory of a −1-filled buffer just freed: a computation's stream that did
+///    not wait (E_out) would read it unwritten.
 ///
 /// Between the two, a blocking all-gather on the computation's stream (as FSDP's next
 /// block's gather) must also see its own values.
@@ -442,6 +443,14 @@ pub(crate) fn check_queued(
     let summed = summed.wait()?.to_vec1::<f32>()?;
     let gathered = gathered.to_vec1::<f32>()?;
     drop(junk);
+    // Read at once: a buffer of the result's size filled with −1 and freed just before,
+    // whose memory the result likely gets; candle's stream reads the result right
+    // after the wait, so one that did not wait would likely read −1.
+    let x2 = input(2)?;
+    drop(Tensor::full(-1f32, n, device)?);
+    let at_once = c.all_reduce_queued(&x2, ReduceOp::Sum)?;
+    drop(x2);
+    let at_once = at_once.wait()?.to_vec1::<f32>()?;
     let offset = (w * (w - 1) / 2) as f32;
     let sum_at = |i: usize, k: usize| w as f32 * (pattern(i) + k as f32) + offset;
     let first_wrong = |got: &[f32], want: &dyn Fn(usize) -> f32| {
@@ -469,13 +478,16 @@ pub(crate) fn check_queued(
         sum_at(rank * shape.chunk + i, 1)
     })?;
     expect("all_gather between", &gathered, 3 * w, &|i| (i / 3) as f32)?;
+    expect("all_reduce sum read at once", &at_once, n, &|i| {
+        sum_at(i, 2)
+    })?;
     let how = if c.queues_beside() {
         "side stream"
     } else {
         "in order"
     };
     checks.push(format!(
-        "queued all_reduce sum and reduce_scatter sum F32 ({how}): {n} values each, inputs written after {} matrix products of {}², then dropped while −1-filled buffers of their size and more products were queued, an all_gather between, waited for in reverse order",
+        "queued all_reduce sum and reduce_scatter sum F32 ({how}): {n} values each, inputs written after {} matrix products of {}², then dropped while −1-filled buffers of their size and more products were queued, an all_gather between, waited for in reverse order; a third read right after its wait, into memory just freed from −1s",
         shape.busy, shape.side
     ));
     Ok(())
