@@ -115,8 +115,8 @@ unsafe impl Send for RawComm {}
 unsafe impl Sync for RawComm {}
 
 /// The stream of the queued reductions: created here, non-blocking (no implicit order
-/// with any other stream: every order is an event below), destroyed with the
-/// communicator. Not one of cudarc's own streams, which would switch the whole context
+/// with any other stream: every order is an event below), of the highest priority,
+/// destroyed with the communicator. Not one of cudarc's own streams, which would switch the whole context
 /// to cudarc's automatic event tracking (an event wait and record per argument of every
 /// kernel candle launches); the few events the side stream needs are placed by hand.
 struct SideStream {
@@ -127,7 +127,11 @@ struct SideStream {
 impl SideStream {
     fn new(ctx: &Arc<CudaContext>) -> std::result::Result<Self, DriverError> {
         ctx.bind_to_thread()?;
-        let raw = cu_stream::create(cu_stream::StreamKind::NonBlocking)?;
+        // The highest priority the GPU offers: the reduction's thread blocks are
+        // scheduled ahead of the backward's still waiting, so it is not left to the
+        // end of the backward (as PyTorch's FSDP does with its communication streams).
+        let (_, highest) = cu_stream::get_priority_range()?;
+        let raw = cu_stream::create_with_priority(cu_stream::StreamKind::NonBlocking, highest)?;
         // SAFETY: `raw` is a stream of `ctx`, destroyed only by this value's drop; the
         // wrapper never leaves it (it is not cloned out of `SideStream`).
         let stream = unsafe { ctx.wrap_borrowed_stream(raw) };
