@@ -15,8 +15,11 @@
 #   3. attention  the flash kernel against the plain attention, values and gradients,
 #                 then both timed at 32 heads × 2048 tokens × 128, f32 and bf16
 #                                                             → attention.jsonl
-#   4. nccl       NCCL init, every collective checked, all-reduce bandwidth (world size 1)
-#                                                             → nccl.json
+#   4. nccl       NCCL init, every collective checked, all-reduce bandwidth (world size 1);
+#                 the backward's queued reductions on NCCL's side stream checked against
+#                 known values while candle's stream is busy around them; again with
+#                 LIT_CLAIRE_NCCL_SIDE_STREAM=0 (one stream)
+#                                                             → nccl.json, nccl-one-stream.json
 #   5. watchdog   an NCCL all-reduce behind a stream held on the GPU never completes: the
 #                 watchdog must abort the communicator and stop the process within
 #                 --collective-timeout, exit status 1, one line naming the collective
@@ -160,11 +163,27 @@ for precision in 32-true bf16-true; do
         note "attention $precision: $(tr '\n' ' ' <"$DIR/attention-$precision.json")"
 done
 
-# 4. NCCL on one rank: init through the rendezvous, every collective, bandwidth.
+# 4. NCCL on one rank: init through the rendezvous, every collective, bandwidth, and
+#    the queued reductions (an all-reduce and a reduce-scatter on the side stream, their
+#    inputs written just before and dropped at once, candle's stream filling buffers
+#    and multiplying matrices while they run, results checked). Then the same on one
+#    stream (LIT_CLAIRE_NCCL_SIDE_STREAM=0), the bandwidth of both side by side.
 #    (On the CPU only the rendezvous runs.) No launcher variables: world size 1.
 step nccl nccl.json env -u RANK -u WORLD_SIZE -u SLURM_PROCID -u SLURM_NTASKS \
     MASTER_PORT="${MASTER_PORT:-29517}" "$BIN" dist-check --device "$DEVICE" --timeout 60 --bench-mib 256
 [ -s "$DIR/nccl.json" ] && note "nccl: $(cat "$DIR/nccl.json")"
+if [ "$DEVICE" != cpu ]; then
+    if grep -q '"side_stream":true' "$DIR/nccl.json" && grep -q 'queued all_reduce sum' "$DIR/nccl.json"; then
+        note "PASS nccl side stream: the queued reductions were right"
+    else
+        note "FAIL nccl side stream: nccl.json has no side_stream true and queued check"
+        failed=1
+    fi
+    step nccl-one-stream nccl-one-stream.json env -u RANK -u WORLD_SIZE -u SLURM_PROCID -u SLURM_NTASKS \
+        LIT_CLAIRE_NCCL_SIDE_STREAM=0 MASTER_PORT="${MASTER_PORT:-29519}" "$BIN" dist-check \
+        --device "$DEVICE" --timeout 60 --bench-mib 256
+    [ -s "$DIR/nccl-one-stream.json" ] && note "nccl, one stream: $(cat "$DIR/nccl-one-stream.json")"
+fi
 
 # 5. The collective watchdog on the NCCL path. `dist-check --simulate hang` queues an
 #    all-reduce behind a stream held on the GPU (cuStreamWaitValue32 on a word that stays

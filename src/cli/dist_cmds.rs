@@ -13,7 +13,8 @@ use crate::strategy::dist_check::{DistCheckOptions, Simulate, dist_check};
 /// prints one JSON line.
 #[derive(Debug, Args)]
 pub struct DistCheckArgs {
-    /// cpu (rendezvous only) or cuda (NCCL collectives).
+    /// cpu (rendezvous only) or cuda (NCCL collectives, the queued reductions on
+    /// NCCL's side stream too).
     #[arg(long, default_value = "cpu")]
     pub device: DeviceSpec,
     /// Devices per node, checked against the launcher (default: what it started).

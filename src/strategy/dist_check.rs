@@ -1,6 +1,8 @@
 //! A check of the machinery of data-parallel training, outside training: the process
 //! group read from the launcher's environment, the rendezvous, and (on CUDA) NCCL's
-//! collectives with their results verified and the all-reduce bandwidth measured.
+//! collectives with their results verified, the backward's queued reductions checked
+//! on NCCL's side stream with candle's stream busy around them (`check_queued`), and
+//! the all-reduce bandwidth measured.
 //!
 //! Run by the hidden `lit-claire dist-check`: under `srun`/`torchrun` on a cluster, by
 //! `utils/device_check.sh` on one GPU, and by the tests with real processes on CPU
@@ -87,6 +89,9 @@ pub struct DistCheckReport {
     pub checks: Vec<String>,
     /// Bus bandwidth of the timed all-reduce, GB/s (NCCL's `busbw`).
     pub all_reduce_busbw_gbs: Option<f64>,
+    /// Whether the backward's reductions were queued on NCCL's side stream (None: no
+    /// NCCL); the `queued` checks say how they were checked.
+    pub side_stream: Option<bool>,
     pub seconds: f64,
 }
 
@@ -132,6 +137,7 @@ pub fn dist_check(
         shared_digest: String::new(),
         checks: Vec::new(),
         all_reduce_busbw_gbs: None,
+        side_stream: None,
         seconds: 0.0,
     };
     match opts.simulate {
@@ -182,6 +188,13 @@ pub fn dist_check(
             };
             let comm = nccl_collective(&pg, &device, opts.timeout, opts.collective_timeout)?;
             check_collectives(comm.as_ref(), &device, &mut report.checks)?;
+            report.side_stream = Some(comm.queues_beside());
+            check_queued(
+                comm.as_ref(),
+                &device,
+                &QueuedShape::GPU,
+                &mut report.checks,
+            )?;
             if opts.bench_mib > 0 {
                 report.all_reduce_busbw_gbs =
                     Some(all_reduce_busbw(comm.as_ref(), &device, opts.bench_mib)?);
@@ -350,6 +363,137 @@ fn check_collectives(c: &dyn Collective, device: &Device, checks: &mut Vec<Strin
     Ok(())
 }
 
+/// The sizes of [`check_queued`]: `chunk` values per rank in each reduction, `side` the
+/// side of the square matrices multiplied on the computation's stream around them.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct QueuedShape {
+    pub chunk: usize,
+    pub side: usize,
+    /// Matrix products before the inputs are written, and after the reductions are
+    /// queued (each beside a fresh buffer of the inputs' size, filled with −1).
+    pub busy: usize,
+}
+
+impl QueuedShape {
+    /// 16 MiB of f32 per rank and reduction; 2048² matrices (some milliseconds each
+    /// batch of products on an H100).
+    pub const GPU: QueuedShape = QueuedShape {
+        chunk: 1 << 22,
+        side: 2048,
+        busy: 8,
+    };
+}
+
+/// The queued reductions of a backward ([`Collective::all_reduce_queued`],
+/// [`Collective::reduce_scatter_queued`]; NCCL's side stream) against known values,
+/// with the computation's stream busy before, between and after them:
+///
+/// 1. each input is written by the last kernel of a chain of matrix products, just
+///    before it is queued: a side stream that did not wait for it (E_in) would read
+///    it unwritten;
+/// 2. the inputs are dropped at once, and the computation's stream allocates buffers
+///    of their size, fills them with −1 and multiplies matrices while the reductions
+///    run: inputs freed before the side stream read them would be those buffers;
+/// 3. the results are read after [`Pending::wait`](super::Pending::wait), the second
+///    first; then a third reduction is read right after its wait, its result likely
+///    in the memory of a −1-filled buffer just freed: a computation's stream that did
+///    not wait (E_out) would read it unwritten.
+///
+/// Between the two, a blocking all-gather on the computation's stream (as FSDP's next
+/// block's gather) must also see its own values.
+pub(crate) fn check_queued(
+    c: &dyn Collective,
+    device: &Device,
+    shape: &QueuedShape,
+    checks: &mut Vec<String>,
+) -> Result<()> {
+    let (rank, w) = (c.rank(), c.world_size());
+    let n = shape.chunk * w;
+    let pattern = |i: usize| (i % 251) as f32;
+    let base = Tensor::from_vec((0..n).map(pattern).collect::<Vec<f32>>(), n, device)?;
+    let m = Tensor::randn(0f32, 1f32, (shape.side, shape.side), device)?;
+    let m = (&m / (shape.side as f64).sqrt())?;
+    let busy = |k: usize| -> Result<Tensor> {
+        let mut a = m.clone();
+        for _ in 0..k {
+            a = a.matmul(&m)?;
+        }
+        Ok(a)
+    };
+    // x_k = pattern + rank + k, written after `busy` products on the same stream.
+    let input = |k: usize| -> Result<Tensor> {
+        let after = busy(shape.busy)?;
+        let x = base.affine(1.0, (rank + k) as f64)?;
+        drop(after);
+        Ok(x)
+    };
+    let x0 = input(0)?;
+    let summed = c.all_reduce_queued(&x0, ReduceOp::Sum)?;
+    drop(x0);
+    let x1 = input(1)?;
+    let scattered = c.reduce_scatter_queued(&x1, ReduceOp::Sum)?;
+    drop(x1);
+    let mut junk = Vec::with_capacity(shape.busy);
+    for _ in 0..shape.busy {
+        junk.push(Tensor::full(-1f32, n, device)?);
+        junk.push(busy(1)?);
+    }
+    // A blocking collective between the queued ones and their wait.
+    let gathered = c.all_gather(&Tensor::full(rank as f32, 3, device)?)?;
+    let scattered = scattered.wait()?.to_vec1::<f32>()?;
+    let summed = summed.wait()?.to_vec1::<f32>()?;
+    let gathered = gathered.to_vec1::<f32>()?;
+    drop(junk);
+    // Read at once: a buffer of the result's size filled with −1 and freed just before,
+    // whose memory the result likely gets; candle's stream reads the result right
+    // after the wait, so one that did not wait would likely read −1.
+    let x2 = input(2)?;
+    drop(Tensor::full(-1f32, n, device)?);
+    let at_once = c.all_reduce_queued(&x2, ReduceOp::Sum)?;
+    drop(x2);
+    let at_once = at_once.wait()?.to_vec1::<f32>()?;
+    let offset = (w * (w - 1) / 2) as f32;
+    let sum_at = |i: usize, k: usize| w as f32 * (pattern(i) + k as f32) + offset;
+    let first_wrong = |got: &[f32], want: &dyn Fn(usize) -> f32| {
+        got.iter()
+            .enumerate()
+            .find(|&(i, &g)| g != want(i))
+            .map(|(i, &g)| (i, g, want(i)))
+    };
+    let expect = |name: &str, got: &[f32], len: usize, want: &dyn Fn(usize) -> f32| {
+        if got.len() != len {
+            return Err(Error::Msg(format!(
+                "rank {rank}: queued {name} gave {} values, expected {len}",
+                got.len()
+            )));
+        }
+        match first_wrong(got, want) {
+            Some((i, g, v)) => Err(Error::Msg(format!(
+                "rank {rank}: queued {name}: element {i} is {g}, expected {v} (the streams' order is broken)"
+            ))),
+            None => Ok(()),
+        }
+    };
+    expect("all_reduce sum", &summed, n, &|i| sum_at(i, 0))?;
+    expect("reduce_scatter sum", &scattered, shape.chunk, &|i| {
+        sum_at(rank * shape.chunk + i, 1)
+    })?;
+    expect("all_gather between", &gathered, 3 * w, &|i| (i / 3) as f32)?;
+    expect("all_reduce sum read at once", &at_once, n, &|i| {
+        sum_at(i, 2)
+    })?;
+    let how = if c.queues_beside() {
+        "side stream"
+    } else {
+        "in order"
+    };
+    checks.push(format!(
+        "queued all_reduce sum and reduce_scatter sum F32 ({how}): {n} values each, inputs written after {} matrix products of {}², then dropped while −1-filled buffers of their size and more products were queued, an all_gather between, waited for in reverse order; a third read right after its wait, into memory just freed from −1s",
+        shape.busy, shape.side
+    ));
+    Ok(())
+}
+
 /// Bus bandwidth of an all-reduce of `mib` MiB of f32 (5 timed after 2 warm-up),
 /// as NCCL's tests report it: data size / time × 2(w−1)/w.
 fn all_reduce_busbw(c: &dyn Collective, device: &Device, mib: usize) -> Result<f64> {
@@ -373,4 +517,77 @@ fn all_reduce_busbw(c: &dyn Collective, device: &Device, mib: usize) -> Result<f
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::strategy::Single;
+    use crate::strategy::threads::ThreadGroup;
+
+    const SMALL: QueuedShape = QueuedShape {
+        chunk: 300,
+        side: 16,
+        busy: 2,
+    };
+
+    /// The ordering check of the queued reductions holds on the CPU backends (which
+    /// compute them in the call): one rank, and three thread ranks.
+    #[test]
+    fn the_queued_reductions_check_passes_on_cpu_ranks() {
+        let mut checks = Vec::new();
+        check_queued(&Single, &Device::Cpu, &SMALL, &mut checks).unwrap();
+        assert!(checks[0].contains("(in order)"), "{checks:?}");
+        let group = ThreadGroup::new(3, Duration::from_secs(30));
+        std::thread::scope(|s| {
+            for c in group.handles() {
+                s.spawn(move || {
+                    let mut checks = Vec::new();
+                    check_queued(c.as_ref(), &Device::Cpu, &SMALL, &mut checks).unwrap();
+                    assert_eq!(checks.len(), 1);
+                });
+            }
+        });
+    }
+
+    /// One rank whose queued reduction reads a buffer overwritten with −1 (what a side
+    /// stream that read its input too early, or too late, would see).
+    struct Overwritten;
+
+    impl Collective for Overwritten {
+        fn rank(&self) -> usize {
+            0
+        }
+        fn world_size(&self) -> usize {
+            1
+        }
+        fn all_reduce(&self, x: &Tensor, _op: ReduceOp) -> Result<Tensor> {
+            Ok(x.clone())
+        }
+        fn reduce_scatter(&self, x: &Tensor, _op: ReduceOp) -> Result<Tensor> {
+            Ok((x.ones_like()? * -1.0)?)
+        }
+        fn all_gather(&self, x: &Tensor) -> Result<Tensor> {
+            Ok(x.clone())
+        }
+        fn broadcast(&self, x: &Tensor, _root: usize) -> Result<Tensor> {
+            Ok(x.clone())
+        }
+        fn barrier(&self) -> Result<()> {
+            Ok(())
+        }
+        fn abort(&self, _reason: &str) {}
+    }
+
+    #[test]
+    fn the_queued_reductions_check_catches_an_overwritten_input() {
+        let mut checks = Vec::new();
+        let err = check_queued(&Overwritten, &Device::Cpu, &SMALL, &mut checks).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("queued reduce_scatter sum: element 0 is -1, expected 1"),
+            "{msg}"
+        );
+        assert!(checks.is_empty());
+    }
 }

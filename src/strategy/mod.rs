@@ -33,7 +33,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::model::BuildOptions;
-pub use collective::{Collective, ReduceOp, Single};
+pub use collective::{Collective, Pending, Ready, ReduceOp, Single};
 pub use env::{Launcher, ProcessGroup};
 pub use precision::Precision;
 
@@ -356,6 +356,34 @@ impl Strategy {
         Ok(())
     }
 
+    /// [`Strategy::all_reduce_grads`] of `grads`, queued ([`Collective::all_reduce_queued`]):
+    /// each bucket's flat copy is all-reduced beside the computation that follows (NCCL:
+    /// on its side stream), and [`QueuedGrads::wait`] hands the sums back in `grads`'
+    /// order. The same calls, in the same order, as [`Strategy::all_reduce_grads`].
+    pub fn all_reduce_grads_queued(&self, grads: &[Tensor]) -> Result<QueuedGrads> {
+        if self.world_size == 1 {
+            return Ok(QueuedGrads {
+                buckets: Vec::new(),
+                as_is: grads.to_vec(),
+            });
+        }
+        let mut out = Vec::new();
+        for r in buckets(grads.iter().map(Tensor::elem_count), self.bucket_bytes / 4) {
+            let bucket = &grads[r];
+            let flat = flatten(bucket.iter(), 0)?;
+            let summed = self.collective.all_reduce_queued(&flat, ReduceOp::Sum)?;
+            let like = bucket
+                .iter()
+                .map(|t| (t.shape().clone(), t.dtype()))
+                .collect();
+            out.push((summed, like));
+        }
+        Ok(QueuedGrads {
+            buckets: out,
+            as_is: Vec::new(),
+        })
+    }
+
     /// Set every variable to rank 0's value (bucketed like the gradients), so all ranks
     /// start from the same weights whatever they loaded.
     pub fn broadcast_vars(&self, vars: &[candle_core::Var]) -> Result<()> {
@@ -390,9 +418,41 @@ impl Strategy {
         self.collective.reduce_scatter(x, ReduceOp::Sum)
     }
 
+    /// [`Strategy::reduce_scatter_sum`], queued beside the computation that follows
+    /// ([`Collective::reduce_scatter_queued`]).
+    pub fn reduce_scatter_sum_queued(&self, x: &Tensor) -> Result<Pending> {
+        self.collective.reduce_scatter_queued(x, ReduceOp::Sum)
+    }
+
     /// Every rank's flat shard, concatenated in rank order.
     pub fn all_gather(&self, shard: &Tensor) -> Result<Tensor> {
         self.collective.all_gather(shard)
+    }
+}
+
+/// Gradients being summed over the ranks ([`Strategy::all_reduce_grads_queued`]).
+#[must_use = "queued sums are read through QueuedGrads::wait"]
+pub struct QueuedGrads {
+    /// Each bucket's sum, and the shapes and dtypes of its gradients.
+    buckets: Vec<(Pending, Vec<(candle_core::Shape, DType)>)>,
+    /// One rank: the gradients themselves.
+    as_is: Vec<Tensor>,
+}
+
+impl QueuedGrads {
+    /// The sums, in the order of the gradients queued.
+    pub fn wait(self) -> Result<Vec<Tensor>> {
+        let mut out = self.as_is;
+        for (summed, like) in self.buckets {
+            let flat = summed.wait()?;
+            let mut at = 0;
+            for (shape, dtype) in like {
+                let n = shape.elem_count();
+                out.push(flat.narrow(0, at, n)?.reshape(shape)?.to_dtype(dtype)?);
+                at += n;
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -595,7 +655,25 @@ mod tests {
                     .unwrap(),
                 Tensor::full(10.0 * r, 1, &Device::Cpu).unwrap(),
             ];
+            // Queued (as the overlapped backward does), the same calls and sums.
+            let queued = st.all_reduce_grads_queued(&grads).unwrap().wait().unwrap();
             st.all_reduce_grads(&mut grads).unwrap();
+            assert_eq!(queued.len(), grads.len());
+            for (q, g) in queued.iter().zip(&grads) {
+                assert_eq!(q.dims(), g.dims());
+                assert_eq!(q.dtype(), g.dtype());
+                let diff = (q.to_dtype(DType::F32).unwrap() - g.to_dtype(DType::F32).unwrap())
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert_eq!(diff, 0.0);
+            }
             grads
         });
         for grads in out {

@@ -6,6 +6,43 @@
 //! candle [`CustomOp1`] whose CUDA forward hands the tensor's device memory to NCCL and
 //! wraps the buffer NCCL wrote as a new tensor.
 //!
+//! The backward's reductions ([`Collective::all_reduce_queued`],
+//! [`Collective::reduce_scatter_queued`]: ddp's gradient buckets, fsdp's gradient
+//! shards) run instead on a side stream of the communicator's own, beside the kernels
+//! candle queues after them (`LIT_CLAIRE_NCCL_SIDE_STREAM=0`: on candle's stream, as the
+//! other operations). candle's stream is S, the side stream C; three events order them:
+//!
+//! ```text
+//! S: … kernels writing x ─ alloc(y) ─●E_in ─ next block's kernels … ─◆wait(E_out) ─ reads of y, free(x), free(y)
+//!                                    │                               ▲
+//! C:                                 ◆wait(E_in) ─ nccl(x → y) ─●E_out ─●E_watch
+//! ```
+//!
+//! - E_in, recorded on S after the kernels that wrote the input `x` and after `y`'s
+//!   allocation, is waited for by C before NCCL reads `x` and writes `y`. candle
+//!   allocates with `cuMemAllocAsync` on S, so `y`'s memory is valid on C only after
+//!   that point of S. cudarc's automatic ordering of buffers between streams is not
+//!   active (it starts once the context has a stream of cudarc's own, and C is not
+//!   one), and it would not order a fresh allocation anyway: these events do it all.
+//! - E_out, recorded on C after the operation, is waited for by S in [`Pending::wait`],
+//!   before anything reads `y` (the sum into the gradient shard, the gradients' norm,
+//!   AdamW, the next use of the buffer). Until then the [`Pending`] keeps `x` and `y`
+//!   alive: both return to S's memory pool when dropped, in S's order, which must come
+//!   after C is done with them or the next allocation on S could take their memory
+//!   while NCCL still reads or writes it. A `Pending` dropped without `wait` (an error
+//!   on the way) makes S wait for E_out all the same before it lets go of them.
+//! - E_watch, recorded on C, is the watchdog's: the operation is in flight until it
+//!   completes (the other operations' is recorded on S).
+//!
+//! `x` must not be written on S until the wait (the callers hand over fresh flat
+//! copies, or gradient buffers they no longer write). S is the per-thread default
+//! stream of the thread that uses the device (candle's CUDA device uses it): a
+//! `Pending` waited for on another thread waits on the host instead. Operations still
+//! go through the one lock and are recorded in the [`Ledger`] in the order the host
+//! issues them, the same on every rank; NCCL runs one communicator's kernels in that
+//! order whatever their streams (each launch waits for the one before), so the next
+//! operation on S (fsdp's next all-gather, a barrier) starts after the queued ones.
+//!
 //! ```text
 //! rank 0: Id::new() ──rendezvous (TCP)──▶ every rank: Id ─▶ Comm::from_rank(stream, rank, world, id)
 //!                   (connections kept: the watchdog)
@@ -33,14 +70,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
-use candle_core::cuda_backend::cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
+use candle_core::cuda_backend::cudarc::driver::result::stream as cu_stream;
+use candle_core::cuda_backend::cudarc::driver::sys::{self as cu_sys, CUevent_flags};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaContext, CudaEvent, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, DriverError,
+};
 use candle_core::cuda_backend::cudarc::nccl::safe::{Id, NcclType};
 use candle_core::cuda_backend::cudarc::nccl::{result as nccl_result, sys as nccl_sys};
 use candle_core::cuda_backend::{CudaDType, CudaStorage};
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 
-use super::collective::{Collective, ReduceOp};
+use super::collective::{Collective, Pending, Ready, ReduceOp};
 use super::desync::{self, Call, CallKind, Ledger};
 use super::env::ProcessGroup;
 use super::rendezvous::Rendezvous;
@@ -56,8 +96,12 @@ const ID_BYTES: usize = 128;
 /// operation that another thread is blocked in.
 struct RawComm {
     comm: nccl_sys::ncclComm_t,
-    /// candle's stream of this rank's GPU: every operation is queued on it.
+    /// candle's stream of this rank's GPU: every operation but the queued reductions is
+    /// queued on it.
     stream: Arc<CudaStream>,
+    /// Where the queued reductions run (None: on `stream` too,
+    /// `LIT_CLAIRE_NCCL_SIDE_STREAM=0`).
+    side: Option<SideStream>,
     /// Aborted (by the watchdog's verdict, [`Collective::abort`] or the drop): the
     /// handle is never used again.
     aborted: AtomicBool,
@@ -65,14 +109,64 @@ struct RawComm {
 
 // SAFETY: `comm` points to NCCL-owned state that NCCL lets any thread use, provided
 // operations do not overlap (they all go through `Nccl::lock`) and `ncclCommAbort` is
-// called once (guarded by `aborted`); `Arc<CudaStream>` is Send + Sync.
+// called once (guarded by `aborted`); `Arc<CudaStream>` is Send + Sync, and so is the
+// side stream's raw handle (a CUDA stream may be used from any thread).
 unsafe impl Send for RawComm {}
 unsafe impl Sync for RawComm {}
+
+/// The stream of the queued reductions: created here, non-blocking (no implicit order
+/// with any other stream: every order is an event below), of the highest priority,
+/// destroyed with the communicator. Not one of cudarc's own streams, which would switch the whole context
+/// to cudarc's automatic event tracking (an event wait and record per argument of every
+/// kernel candle launches); the few events the side stream needs are placed by hand.
+struct SideStream {
+    stream: Arc<CudaStream>,
+    raw: cu_sys::CUstream,
+}
+
+impl SideStream {
+    fn new(ctx: &Arc<CudaContext>) -> std::result::Result<Self, DriverError> {
+        ctx.bind_to_thread()?;
+        // The highest priority the GPU offers: the reduction's thread blocks are
+        // scheduled ahead of the backward's still waiting, so it is not left to the
+        // end of the backward (as PyTorch's FSDP does with its communication streams).
+        let (_, highest) = cu_stream::get_priority_range()?;
+        let raw = cu_stream::create_with_priority(cu_stream::StreamKind::NonBlocking, highest)?;
+        // SAFETY: `raw` is a stream of `ctx`, destroyed only by this value's drop; the
+        // wrapper never leaves it (it is not cloned out of `SideStream`).
+        let stream = unsafe { ctx.wrap_borrowed_stream(raw) };
+        Ok(SideStream { stream, raw })
+    }
+}
+
+impl Drop for SideStream {
+    fn drop(&mut self) {
+        // Work still queued on it completes first: cuStreamDestroy returns at once and
+        // the driver releases the stream after that work.
+        if self.stream.context().bind_to_thread().is_ok() {
+            // SAFETY: created by `SideStream::new`, destroyed once, here.
+            let _ = unsafe { cu_stream::destroy(self.raw) };
+        }
+    }
+}
+
+/// Whether `LIT_CLAIRE_NCCL_SIDE_STREAM` asks for the side stream (anything but `0`,
+/// `off`, `false` or `no`; unset: yes).
+fn side_stream_wanted() -> bool {
+    match std::env::var("LIT_CLAIRE_NCCL_SIDE_STREAM") {
+        Ok(v) => !matches!(
+            v.trim().to_ascii_lowercase().as_str(),
+            "0" | "off" | "false" | "no"
+        ),
+        Err(_) => true,
+    }
+}
 
 impl RawComm {
     /// `ncclCommInitRank`: waits until every rank of the communicator calls it.
     fn init(
         stream: Arc<CudaStream>,
+        side: Option<SideStream>,
         rank: usize,
         world: usize,
         id: [std::ffi::c_char; ID_BYTES],
@@ -94,6 +188,7 @@ impl RawComm {
         Ok(RawComm {
             comm,
             stream,
+            side,
             aborted: AtomicBool::new(false),
         })
     }
@@ -180,8 +275,19 @@ pub fn nccl_collective(
         *d = *s as std::ffi::c_char;
     }
     // ncclCommInitRank waits for every rank: a rank that dies now is caught too.
+    let stream = dev.cuda_stream();
+    let side = if side_stream_wanted() {
+        Some(SideStream::new(stream.context()).map_err(|e| {
+            Error::Msg(format!(
+                "rank {}: creating the NCCL side stream: {e:?} (LIT_CLAIRE_NCCL_SIDE_STREAM=0 does without)",
+                pg.rank
+            ))
+        })?)
+    } else {
+        None
+    };
     let init = watchdog.enter("ncclCommInitRank");
-    let comm = RawComm::init(dev.cuda_stream(), pg.rank, pg.world_size, internal).map_err(|e| {
+    let comm = RawComm::init(stream, side, pg.rank, pg.world_size, internal).map_err(|e| {
         let msg = format!(
             "rank {}: ncclCommInitRank ({} ranks, rank 0 at {}:{}) failed: {e}; NCCL_DEBUG=INFO says why",
             pg.rank, pg.world_size, pg.master_addr, pg.master_port
@@ -220,6 +326,8 @@ struct NcclOpOn<'a> {
     comm: &'a RawComm,
     world: usize,
     kind: Kind,
+    /// Run on this stream (the side stream) instead of candle's.
+    side: Option<&'a CudaStream>,
 }
 
 fn nccl_op(op: ReduceOp) -> nccl_sys::ncclRedOp_t {
@@ -256,8 +364,23 @@ impl NcclOpOn<'_> {
             Kind::AllGather => n * world,
         };
         // SAFETY: NCCL writes every element of `dst` before anything reads it.
+        // Allocated on candle's stream (stream-ordered, cuMemAllocAsync): usable on the
+        // side stream once it has waited for `after_inputs` below.
         let mut dst = unsafe { dev.alloc::<T>(out_len)? };
-        let stream = &self.comm.stream;
+        let stream = match self.side {
+            None => &*self.comm.stream,
+            Some(side) => {
+                // E_in: the side stream starts after everything queued so far on
+                // candle's stream, the kernels that wrote `src` and the allocation of
+                // `dst` included.
+                let driver = |e: DriverError| {
+                    candle_core::Error::Msg(format!("nccl {}: side stream: {e:?}", self.name()))
+                };
+                let after_inputs = self.comm.stream.record_event(None).map_err(driver)?;
+                side.wait(&after_inputs).map_err(driver)?;
+                side
+            }
+        };
         let (comm, cu_stream) = (self.comm.comm, stream.cu_stream() as nccl_sys::cudaStream_t);
         let ty = T::as_nccl_type();
         let done = {
@@ -353,8 +476,41 @@ impl CustomOp1 for NcclOpOn<'_> {
 }
 
 impl Nccl {
-    /// Queue `kind` on `x` (flattened for the ops whose result is flat).
+    /// Queue `kind` on `x` (flattened for the ops whose result is flat) on candle's
+    /// stream.
     fn apply(&self, x: &Tensor, kind: Kind) -> Result<Tensor> {
+        Ok(self.issue(x, kind, None)?.1)
+    }
+
+    /// Queue the reduction `kind` of `x` on the side stream (on candle's stream, and
+    /// waited for at once, without one).
+    fn apply_queued(&self, x: &Tensor, kind: Kind) -> Result<Pending> {
+        let Some(side) = &self.comm.side else {
+            return self.apply(x, kind).map(Pending::ready);
+        };
+        let (input, out, done) = self.issue(x, kind, Some(&side.stream))?;
+        let done =
+            done.ok_or_else(|| Error::Msg("nccl: no event after a queued op (a bug)".into()))?;
+        Ok(Pending::new(
+            out.clone(),
+            Box::new(Queued {
+                compute: self.comm.stream.clone(),
+                thread: std::thread::current().id(),
+                done,
+                keep: vec![input, out],
+                waited: false,
+            }),
+        ))
+    }
+
+    /// Queue `kind` on `x` on `side` (else candle's stream): the input as handed to
+    /// NCCL, the output, and, on `side`, the event E_out recorded after the operation.
+    fn issue(
+        &self,
+        x: &Tensor,
+        kind: Kind,
+        side: Option<&CudaStream>,
+    ) -> Result<(Tensor, Tensor, Option<CudaEvent>)> {
         if let Some(reason) = self.aborted.lock().map_err(poisoned)?.as_ref() {
             return Err(Error::Msg(format!(
                 "rank {} aborted its collectives: {reason}",
@@ -381,29 +537,91 @@ impl Nccl {
             comm: &self.comm,
             world: self.world_size,
             kind,
+            side,
         })?;
-        drop(guard);
-        self.track(kind, hash)?;
-        Ok(out)
-    }
-
-    /// Hand the operation just queued to the watchdog: in flight until an event
-    /// recorded after it on the same stream completes.
-    fn track(&self, kind: Kind, hash: u64) -> Result<()> {
-        let Device::Cuda(dev) = &self.device else {
-            return Ok(());
+        let recorded = |stream: &CudaStream| {
+            stream
+                .record_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING))
+                .map_err(|e| Error::Msg(format!("nccl {}: recording an event: {e:?}", kind.name())))
         };
-        let event = dev
-            .cuda_stream()
-            .record_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING))
-            .map_err(|e| Error::Msg(format!("nccl {}: recording an event: {e:?}", kind.name())))?;
+        // Recorded while the lock is held, so that nothing else is queued before them:
+        // E_out for candle's stream to wait on, and the watchdog's event, both on the
+        // stream the operation ran on.
+        let events = side
+            .map(recorded)
+            .transpose()
+            .and_then(|done| Ok((done, recorded(side.unwrap_or(&self.comm.stream))?)));
+        let (done, tracked) = match events {
+            Ok(events) => events,
+            Err(e) => {
+                // No E_out to order the buffers' release by: wait on the host before
+                // they go back to candle's stream.
+                if let Some(side) = side {
+                    let _ = side.synchronize();
+                }
+                return Err(e);
+            }
+        };
+        drop(guard);
         self.watchdog
             .track_hashed(kind.name(), Some(hash), move || {
                 // An error is the main thread's to report, at its next read of the device;
                 // only an operation that is still running counts as in flight.
-                event.context().bind_to_thread().is_err() || event.try_is_complete() != Ok(false)
+                tracked.context().bind_to_thread().is_err()
+                    || tracked.try_is_complete() != Ok(false)
             });
+        Ok((x, out, done))
+    }
+}
+
+/// A reduction queued on the side stream, as [`Pending::wait`] sees it: candle's stream
+/// is made to wait for E_out, then the input and output are let go (their memory returns
+/// to candle's stream's pool, in that stream's order: after the wait).
+struct Queued {
+    /// candle's stream: the per-thread default stream of the thread that queued the
+    /// reduction (candle's CUDA device uses it), so it is waited on from that thread.
+    compute: Arc<CudaStream>,
+    thread: std::thread::ThreadId,
+    /// E_out: recorded on the side stream after the reduction.
+    done: CudaEvent,
+    /// The reduction's input and output, kept alive until candle's stream waits.
+    keep: Vec<Tensor>,
+    waited: bool,
+}
+
+impl Queued {
+    /// Make what is queued on candle's stream from now on run after the reduction
+    /// (cuStreamWaitEvent); from another thread, whose per-thread stream is not the
+    /// one that queued it, wait on the host instead.
+    fn order(&mut self) -> std::result::Result<(), DriverError> {
+        if !self.waited {
+            if std::thread::current().id() == self.thread {
+                self.compute.wait(&self.done)?;
+            } else {
+                self.done.synchronize()?;
+            }
+            self.waited = true;
+        }
         Ok(())
+    }
+}
+
+impl Ready for Queued {
+    fn wait(&mut self) -> Result<()> {
+        self.order()
+            .map_err(|e| Error::Msg(format!("nccl: waiting for a queued reduction: {e:?}")))?;
+        self.keep.clear();
+        Ok(())
+    }
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        // Not waited for (an error on the way): the buffers still must not return to
+        // candle's stream before the side stream is done with them.
+        if self.order().is_err() {
+            let _ = self.done.synchronize();
+        }
     }
 }
 
@@ -433,6 +651,15 @@ impl Collective for Nccl {
     }
     fn reduce_scatter(&self, x: &Tensor, op: ReduceOp) -> Result<Tensor> {
         self.apply(x, Kind::ReduceScatter(op))
+    }
+    fn all_reduce_queued(&self, x: &Tensor, op: ReduceOp) -> Result<Pending> {
+        self.apply_queued(x, Kind::AllReduce(op))
+    }
+    fn reduce_scatter_queued(&self, x: &Tensor, op: ReduceOp) -> Result<Pending> {
+        self.apply_queued(x, Kind::ReduceScatter(op))
+    }
+    fn queues_beside(&self) -> bool {
+        self.comm.side.is_some()
     }
     fn all_gather(&self, x: &Tensor) -> Result<Tensor> {
         self.apply(x, Kind::AllGather)
@@ -477,6 +704,9 @@ impl Collective for Nccl {
         // This rank's last operations complete on its GPU before anything may drop
         // the communicator (cudarc's drop is an abort, not a finalize).
         let _ = self.device.synchronize();
+        if let Some(side) = &self.comm.side {
+            let _ = side.stream.synchronize();
+        }
         self.watchdog.finish();
     }
 }

@@ -29,6 +29,8 @@
 //!                                                      (the outer unit's: the head's
 //!                                                      LoRA and the trained embeddings)
 //!                         + f32 · the larger of the two          the flat copy reduced
+//!                         + f32 · one block's trainable (GPUs)  the previous block's,
+//!                                                      its reduce-scatter in flight
 //!              optimizer: f32 · 2 · trainable ÷ W
 //!              (W = 1: as ddp, which one rank runs)
 //! activations  what one block saves for its backward:
@@ -374,11 +376,18 @@ fn sharded_parts(
                 None => (block, outer),
             };
             let gathered = outer + head_lora + rows_apart + block + block_lora;
+            // On GPUs a block's flat copy stays until the next block's is made: its
+            // reduce-scatter runs on NCCL's side stream meanwhile.
+            let in_flight = match cfg.device {
+                DeviceSpec::Cuda(_) => f32 * block_trained,
+                DeviceSpec::Cpu => b(0),
+            };
             (
                 shard(p * (base + lora_n + rows_apart)) + p * gathered,
                 shard(f32 * trainable)
                     + p * (outer_trained + block_trained)
-                    + f32 * outer_trained.max(block_trained),
+                    + f32 * outer_trained.max(block_trained)
+                    + in_flight,
                 shard(f32 * b(2) * trainable),
             )
         }

@@ -33,10 +33,17 @@
 //! (which a tied head is), as the replicated model does after every update; the
 //! shards of the matrices keep the base's rows.
 //!
-//! On the thread backend the collectives run in this order on the computing thread;
-//! on NCCL they are issued on the device's one stream, after the kernels before them
-//! (no second stream yet: a reduce-scatter does not overlap the next block's
-//! backward).
+//! On the thread backend the collectives run in this order on the computing thread.
+//! On NCCL the all-gathers run on candle's stream, and each block's reduce-scatter is
+//! queued on the communicator's side stream (see `strategy::nccl`) as soon as
+//! its backward ends; candle's stream waits for its result only when the next block's
+//! backward is queued (the shard is then added to the gradient shard), and for the
+//! last one at the end of the pass. NCCL itself runs one communicator's kernels one at
+//! a time, whatever their streams: the next block's all-gather, issued after the
+//! reduce-scatter, starts when it ends, so what runs beside the reduce-scatter is
+//! the work queued before that all-gather (the gradient shards' sums, the flattening)
+//! and not yet the next backward, which would need the all-gather issued first (a
+//! prefetch).
 //!
 //! A model is sharded as it loads ([`FsdpBuilder`]): each block is sharded, and freed,
 //! before the next is read. Validation gathers one block at a time as the training
@@ -59,7 +66,7 @@ use super::sharded_adamw::no_gradients;
 use crate::error::{Error, Result};
 use crate::model::engine::{BlockSource, Grads, Infer, PassInput, train_pass_with};
 use crate::model::{Block, Gpt};
-use crate::strategy::Strategy;
+use crate::strategy::{Pending, Strategy};
 
 /// One parameter of a unit.
 #[derive(Debug, Clone)]
@@ -239,8 +246,18 @@ impl Unit {
     /// The unit's trained gradients of this pass (taken from `grads`, their buffers
     /// freed), summed over ranks: this rank's shard is added to [`Unit::grad`].
     fn reduce_grads(&mut self, grads: &mut Grads, strategy: &Strategy) -> Result<()> {
+        match self.queue_grads(grads, strategy)? {
+            Some(shard) => self.add_grad(shard.wait()?),
+            None => Ok(()),
+        }
+    }
+
+    /// [`Unit::reduce_grads`], the reduce-scatter queued
+    /// ([`Strategy::reduce_scatter_sum_queued`]): its shard, for [`Unit::add_grad`]
+    /// (None: nothing trained in the unit).
+    fn queue_grads(&mut self, grads: &mut Grads, strategy: &Strategy) -> Result<Option<Pending>> {
         let Some(part) = &self.trained else {
-            return Ok(());
+            return Ok(None);
         };
         let mut local = Vec::new();
         for p in &self.params {
@@ -250,8 +267,12 @@ impl Unit {
         }
         let flat = crate::strategy::flatten(local.iter(), part.padded)?;
         drop(local);
-        let shard = strategy.reduce_scatter_sum(&flat)?;
-        drop(flat);
+        // The queued reduction keeps `flat` alive until it has been read.
+        Ok(Some(strategy.reduce_scatter_sum_queued(&flat)?))
+    }
+
+    /// This step's gradient shard `+= shard`.
+    fn add_grad(&mut self, shard: Tensor) -> Result<()> {
         self.grad = Some(match self.grad.take() {
             Some(g) => (g + shard)?,
             None => shard,
@@ -275,6 +296,18 @@ struct Blocks<'a> {
     shell: &'a Gpt,
     units: &'a mut [Unit],
     strategy: &'a Strategy,
+    /// The block whose gradients' reduce-scatter is queued, not yet added to its shard.
+    queued: Option<(usize, Pending)>,
+}
+
+impl Blocks<'_> {
+    /// The queued reduce-scatter, if any, waited for and added to its unit's shard.
+    fn settle(&mut self) -> Result<()> {
+        match self.queued.take() {
+            Some((i, shard)) => self.units[i].add_grad(shard.wait()?),
+            None => Ok(()),
+        }
+    }
 }
 
 fn candle(e: Error) -> candle_core::Error {
@@ -298,9 +331,14 @@ impl BlockSource for Blocks<'_> {
     }
 
     fn done(&mut self, i: usize, grads: &mut Grads) -> candle_core::Result<()> {
-        self.units[i]
-            .reduce_grads(grads, self.strategy)
-            .map_err(candle)
+        let shard = self.units[i]
+            .queue_grads(grads, self.strategy)
+            .map_err(candle)?;
+        // The previous block's shard, waited for only now that this block's backward
+        // and reduce-scatter are queued ahead of the wait.
+        self.settle().map_err(candle)?;
+        self.queued = shard.map(|s| (i, s));
+        Ok(())
     }
 
     fn agree(&mut self, xs: &[f64]) -> candle_core::Result<Vec<f64>> {
@@ -518,6 +556,7 @@ impl Fsdp {
             shell: &self.shell,
             units: &mut self.units[..n - 1],
             strategy: &strategy,
+            queued: None,
         };
         f(&mut Infer::with_blocks(&outer, &mut src, &mut self.grads))
     }
@@ -532,8 +571,10 @@ impl Fsdp {
             shell: &self.shell,
             units: blocks,
             strategy,
+            queued: None,
         };
         let loss = train_pass_with(&outer, &mut src, inp, &mut self.grads)?;
+        src.settle()?;
         drop(outer);
         last[0].reduce_grads(&mut self.grads, strategy)?;
         Ok(loss)

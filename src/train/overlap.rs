@@ -10,22 +10,65 @@
 //!
 //! The sums are the same as after the backward (each element is summed over the ranks
 //! in rank order either way), so the run is unchanged. On the thread backend the calls
-//! run in this order on the computing thread; on NCCL they are issued on the device's
-//! stream between the blocks' kernels (one stream: the GPU runs them in that order,
-//! but the host no longer waits for the whole backward before issuing them).
+//! run in this order on the computing thread. On NCCL each block's all-reduces are
+//! queued on the communicator's side stream (see `strategy::nccl`) and run
+//! there while the next block's backward runs on candle's stream; that stream waits for
+//! a block's sums only once the next block's backward is queued (when they are put back
+//! into the gradient buffers), and for the last ones at the end of the pass.
+//!
+//! ```text
+//! candle's stream  bwd(L−1) ─ flatten ─ bwd(L−2) ─ flatten ─ wait(L−1) ─ bwd(L−3) …
+//! side stream                 └─ all-reduce(L−1) ─┘└─ all-reduce(L−2) ─┘
+//! ```
 
 use candle_core::Tensor;
 
 use crate::model::engine::{BlockSource, Grads, PassInput, train_pass_with};
 use crate::model::{Block, Gpt};
-use crate::strategy::Strategy;
+use crate::strategy::{QueuedGrads, Strategy};
 
 /// The model's own blocks; each block's gradients all-reduced when its backward ends.
 struct Overlapped<'a> {
     model: &'a Gpt,
     strategy: &'a Strategy,
-    /// Gradient buffers already summed over the ranks.
+    /// Gradient buffers already summed over the ranks (or being summed).
     reduced: Vec<usize>,
+    /// The block whose sums are queued and not yet put back into the buffers.
+    queued: Option<(usize, QueuedGrads)>,
+}
+
+fn candle(e: crate::error::Error) -> candle_core::Error {
+    candle_core::Error::Msg(e.to_string())
+}
+
+impl Overlapped<'_> {
+    fn params(&self, i: usize) -> Vec<Tensor> {
+        let mut blk = self.model.blocks[i].clone();
+        blk.params_mut().into_iter().map(|t| t.clone()).collect()
+    }
+
+    /// Block `i`'s queued sums, waited for and put in place of its buffers.
+    fn settle(
+        &self,
+        (i, queued): (usize, QueuedGrads),
+        grads: &mut Grads,
+    ) -> candle_core::Result<()> {
+        let sums = queued.wait().map_err(candle)?;
+        grads.replace_buffers(&self.params(i), |bufs| {
+            if bufs.len() != sums.len() {
+                candle_core::bail!(
+                    "block {i}: {} gradient buffers, {} sums (a bug)",
+                    bufs.len(),
+                    sums.len()
+                );
+            }
+            for (b, s) in bufs.iter_mut().zip(sums) {
+                *b = s;
+            }
+            Ok(())
+        })?;
+        Ok(())
+    }
 }
 
 impl BlockSource for Overlapped<'_> {
@@ -38,15 +81,18 @@ impl BlockSource for Overlapped<'_> {
     }
 
     fn done(&mut self, i: usize, grads: &mut Grads) -> candle_core::Result<()> {
-        let mut blk = self.model.blocks[i].clone();
-        let params: Vec<Tensor> = blk.params_mut().into_iter().map(|t| t.clone()).collect();
         let strategy = self.strategy;
-        let slots = grads.replace_buffers(&params, |bufs| {
-            strategy
-                .all_reduce_grads(bufs)
-                .map_err(|e| candle_core::Error::Msg(e.to_string()))
+        let mut queued = None;
+        let slots = grads.replace_buffers(&self.params(i), |bufs| {
+            queued = Some(strategy.all_reduce_grads_queued(bufs).map_err(candle)?);
+            Ok(())
         })?;
         self.reduced.extend(slots);
+        // The previous block's sums, waited for only now that this block's backward
+        // and reductions are queued ahead of the wait.
+        if let Some(previous) = std::mem::replace(&mut self.queued, queued.map(|q| (i, q))) {
+            self.settle(previous, grads)?;
+        }
         Ok(())
     }
 }
@@ -64,8 +110,12 @@ pub(super) fn overlapped_pass(
         model,
         strategy,
         reduced: Vec::new(),
+        queued: None,
     };
     let loss = train_pass_with(model, &mut blocks, input, grads)?;
+    if let Some(last) = blocks.queued.take() {
+        blocks.settle(last, grads)?;
+    }
     Ok((loss, blocks.reduced))
 }
 
@@ -206,11 +256,15 @@ mod tests {
                                 model: &tm.model,
                                 strategy: &st,
                                 reduced: Vec::new(),
+                                queued: None,
                             },
                             log: log.clone(),
                             fetched: vec![false; tm.model.blocks.len()],
                         };
                         train_pass_with(&tm.model, &mut watched, &input, &mut grads).unwrap();
+                        if let Some(last) = watched.inner.queued.take() {
+                            watched.inner.settle(last, &mut grads).unwrap();
+                        }
                         let reduced = watched.inner.reduced;
                         let mut during = grads.take(&tm.vars).unwrap();
                         let rest: Vec<usize> =

@@ -3,16 +3,18 @@
 //! without activation checkpointing); 1 fsdp rank (the sharded code, every shard the
 //! whole buffer) is 1 ddp rank; a checkpoint written by 2 fsdp ranks resumes on 1 and
 //! on 4, and one written by 1 fsdp rank resumes; each rank holds its share of the
-//! parameters between steps.
+//! parameters between steps; queued gradient reductions (NCCL's side stream) are read
+//! only after their wait.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use candle_core::Tensor;
+use candle_core::{Tensor, Var};
 use lit_claire::error::Result;
 use lit_claire::strategy::threads::ThreadGroup;
-use lit_claire::strategy::{Collective, ReduceOp, Strategy, StrategyKind};
+use lit_claire::strategy::{Collective, Pending, Ready, ReduceOp, Strategy, StrategyKind};
 use lit_claire::tokenizer::Tokenizer;
 use lit_claire::train::batches::{PackedSamples, TrainData, TrainDataset};
 use lit_claire::train::{TrainConfig, Trainer, pretrain_with_data};
@@ -707,5 +709,125 @@ fn fsdp_scores_and_generates_as_the_whole_model() {
                 .fold(0f32, f32::max);
             assert!(d < 1e-5, "rank {rank}: {what} differ by {d}");
         }
+    }
+}
+
+/// A rank's collective whose queued reductions ([`Collective::all_reduce_queued`],
+/// [`Collective::reduce_scatter_queued`]) hold NaN until they are waited for, as a
+/// result on NCCL's side stream is unwritten until candle's stream waits for it: a
+/// read before the wait would spread NaN into the losses and weights.
+struct LateResults {
+    inner: Arc<dyn Collective>,
+    queued: AtomicUsize,
+}
+
+/// The value a [`LateResults`] reduction writes when it is waited for.
+struct Late {
+    var: Var,
+    value: Option<Tensor>,
+}
+
+impl Ready for Late {
+    fn wait(&mut self) -> Result<()> {
+        if let Some(v) = self.value.take() {
+            self.var.set(&v)?;
+        }
+        Ok(())
+    }
+}
+
+impl LateResults {
+    fn late(&self, result: Tensor) -> Result<Pending> {
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        let var = Var::from_tensor(&result.ones_like()?.affine(0.0, f64::NAN)?)?;
+        Ok(Pending::new(
+            var.as_tensor().detach(),
+            Box::new(Late {
+                var,
+                value: Some(result),
+            }),
+        ))
+    }
+}
+
+impl Collective for LateResults {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.inner.world_size()
+    }
+    fn all_reduce(&self, x: &Tensor, op: ReduceOp) -> Result<Tensor> {
+        self.inner.all_reduce(x, op)
+    }
+    fn reduce_scatter(&self, x: &Tensor, op: ReduceOp) -> Result<Tensor> {
+        self.inner.reduce_scatter(x, op)
+    }
+    fn all_reduce_queued(&self, x: &Tensor, op: ReduceOp) -> Result<Pending> {
+        self.late(self.inner.all_reduce(x, op)?)
+    }
+    fn reduce_scatter_queued(&self, x: &Tensor, op: ReduceOp) -> Result<Pending> {
+        self.late(self.inner.reduce_scatter(x, op)?)
+    }
+    fn all_gather(&self, x: &Tensor) -> Result<Tensor> {
+        self.inner.all_gather(x)
+    }
+    fn broadcast(&self, x: &Tensor, root: usize) -> Result<Tensor> {
+        self.inner.broadcast(x, root)
+    }
+    fn barrier(&self) -> Result<()> {
+        self.inner.barrier()
+    }
+    fn abort(&self, reason: &str) {
+        self.inner.abort(reason)
+    }
+}
+
+/// ddp's and fsdp's backward read their queued gradient reductions only after waiting
+/// for them: with results that are NaN until then, 2 ranks (2 micro-batches a step)
+/// give the losses and weights of the same ranks with results there at once.
+#[test]
+fn queued_gradient_reductions_are_read_only_after_their_wait() {
+    for strategy in [StrategyKind::Ddp, StrategyKind::Fsdp] {
+        let at_once = temp_dir();
+        let mut cfg = config(at_once.path(), 2, 1);
+        cfg.strategy = strategy;
+        pretrain_with_data(&cfg, data()).unwrap();
+        let late = temp_dir();
+        let mut cfg = config(late.path(), 2, 1);
+        cfg.strategy = strategy;
+        let group = ThreadGroup::new(2, Duration::from_secs(60));
+        let ranks: Vec<Arc<LateResults>> = group
+            .handles()
+            .into_iter()
+            .map(|inner| {
+                Arc::new(LateResults {
+                    inner,
+                    queued: AtomicUsize::new(0),
+                })
+            })
+            .collect();
+        std::thread::scope(|s| {
+            for r in &ranks {
+                let c: Arc<dyn Collective> = r.clone();
+                let st = Strategy::cpu().with_collective(c, strategy);
+                let cfg = &cfg;
+                s.spawn(move || {
+                    Trainer::on_rank(cfg, data(), st)
+                        .unwrap()
+                        .run(None)
+                        .unwrap();
+                });
+            }
+        });
+        for r in &ranks {
+            // Every step: each block's gradients (and fsdp's outer unit's).
+            assert!(r.queued.load(Ordering::Relaxed) >= 20, "{strategy}");
+        }
+        assert_same(
+            &format!("{strategy}, queued results late"),
+            at_once.path(),
+            late.path(),
+        );
     }
 }
