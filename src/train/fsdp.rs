@@ -15,8 +15,9 @@
 //! pass     gather(outer)
 //!          block 0 … L−1:   gather(block) ─ forward ─ free
 //!          head + loss
-//!          block L−1 … 0:   gather(block) ─ [recompute] ─ backward ─ free
+//!          block L−1 … 0:   [recompute] ─ backward ─ free ─ gather(block before)
 //!                           ─ reduce-scatter(its gradients) ─► += gradient shard
+//!                           (block L−1 gathered before the loop)
 //!          reduce-scatter(outer gradients); free outer
 //! step     ‖gradient shards‖² ─all-reduce─► global norm, clip
 //!          AdamW on (parameter shard, gradient shard, m, v), nothing gathered
@@ -39,11 +40,10 @@
 //! its backward ends; candle's stream waits for its result only when the next block's
 //! backward is queued (the shard is then added to the gradient shard), and for the
 //! last one at the end of the pass. NCCL itself runs one communicator's kernels one at
-//! a time, whatever their streams: the next block's all-gather, issued after the
-//! reduce-scatter, starts when it ends, so what runs beside the reduce-scatter is
-//! the work queued before that all-gather (the gradient shards' sums, the flattening)
-//! and not yet the next backward, which would need the all-gather issued first (a
-//! prefetch).
+//! a time, whatever their streams: so the engine gathers the block before once this
+//! block's backward is queued and before its reduce-scatter (a prefetch one block
+//! ahead), and that block's backward, needing only the gather, runs beside the
+//! reduce-scatter.
 //!
 //! A model is sharded as it loads ([`FsdpBuilder`]): each block is sharded, and freed,
 //! before the next is read. Validation gathers one block at a time as the training

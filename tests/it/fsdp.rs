@@ -298,8 +298,10 @@ fn recorded(cfg: &TrainConfig, devices: usize) -> Vec<Vec<(&'static str, usize)>
 
 /// Issue 26: each block's parameters are gathered just before its forward and again
 /// for its backward, and its gradients reduce-scattered as soon as its backward ends,
-/// before the previous block's are gathered; the embeddings and head (the outer unit)
-/// are gathered first and reduced last. Two micro-batches a step: twice. Validation
+/// just after the previous block's parameters are gathered for theirs (so that on NCCL,
+/// which runs one communicator's operations in order, that backward does not wait for
+/// the reduce-scatter); the embeddings and head (the outer unit) are gathered first and
+/// reduced last. Two micro-batches a step: twice. Validation
 /// and checkpoints gather one unit at a time too.
 #[test]
 fn fsdp_gathers_each_block_for_its_forward_and_backward_and_reduces_it_at_once() {
@@ -320,9 +322,9 @@ fn fsdp_gathers_each_block_for_its_forward_and_backward_and_reduces_it_at_once()
             g(block), // block 0 forward
             g(block), // block 1 forward
             g(block), // block 1 backward
-            r(block), // its gradients
-            g(block), // block 0 backward
-            r(block),
+            g(block), // block 0 backward, gathered before block 1's reduce-scatter
+            r(block), // block 1's gradients
+            r(block), // block 0's
             r(outer),
         ];
         let want: Vec<_> = pass.iter().chain(&pass).copied().collect();

@@ -228,8 +228,11 @@ fn embed(model: &Gpt, ids: &Tensor, pos: usize, docs: Option<&Arc<[u32]>>) -> Re
 ///
 /// ```text
 /// forward   fetch(0) fwd ─ fetch(1) fwd ─ … ─ fetch(L−1) fwd          (each dropped after)
-/// backward  fetch(L−1) bwd done(L−1) ─ … ─ fetch(0) bwd done(0)
+/// backward  fetch(L−1) bwd ─ fetch(L−2) done(L−1) bwd ─ … ─ fetch(0) done(1) bwd ─ done(0)
 /// ```
+///
+/// In the backward, block `i − 1` is fetched after block `i`'s backward is queued and
+/// before `done(i)`: at most two blocks are held at once there.
 ///
 /// A model holding its blocks ([`Gpt`]) hands out its own and ignores `done`; `--strategy
 /// fsdp` all-gathers a block's shards in `fetch` (binding its trained tensors into the
@@ -311,15 +314,27 @@ pub fn train_pass_with(
     let mut dx = layers::norm_bwd(&model.ln_f, &x, &dxf, grads)?;
     drop(x);
 
-    // Blocks, backwards.
+    // Blocks, backwards. The block before is fetched once this one's backward is
+    // queued and before `done` reduces its gradients: on a device where `done` queues
+    // the reduction beside the computation, the next backward then does not wait for
+    // it (NCCL runs one communicator's operations in the order they are issued).
+    let mut next = match n_blocks {
+        0 => None,
+        n => Some(blocks.fetch(n - 1, grads)?),
+    };
     for (i, kept) in kept.into_iter().enumerate().rev() {
-        let blk = blocks.fetch(i, grads)?;
+        let blk = next
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg(format!("block {i} was not fetched (a bug)")))?;
         let saved = match kept {
             Kept::All(s) => *s,
             Kept::Checkpoint(x, attn) => block_fwd(&blk, &x, &ctx, Some(attn), None)?.1,
         };
         dx = block_bwd(&blk, &saved, &dx, &ctx, grads)?;
         drop((blk, saved));
+        if i > 0 {
+            next = Some(blocks.fetch(i - 1, grads)?);
+        }
         blocks.done(i, grads)?;
     }
 
