@@ -43,19 +43,25 @@ lit_claire_out_dir() {
     done
 }
 
+# Inode and modification time of OUT/stopped.json, or "none".
+lit_claire_stop_record() {
+    stat -c '%i %y' "$1/stopped.json" 2>/dev/null || echo none
+}
+
 # Run "$@" (srun ... pretrain ...); on status 75 requeue the job, unless it was
 # cancelled. Returns the command's status otherwise (0 once requeued).
 run_requeueing() {
-    local status=0 out stamp
+    local status=0 out before
     out=$(lit_claire_out_dir "$@")
-    stamp=$(mktemp "${TMPDIR:-/tmp}/lit-claire-run.XXXXXX")
+    # The record as it was (inode and modification time, or none): one written during
+    # the command is another file (written under a temporary name, then renamed).
+    before=$(lit_claire_stop_record "$out")
     "$@" || status=$?
-    if [ "$status" -ne 0 ] && [ "$status" -ne "$LIT_CLAIRE_PREEMPTED" ] &&
-        [ -n "$out" ] && [ "$out/stopped.json" -nt "$stamp" ]; then
+    if [ "$status" -ne 0 ] && [ "$status" -ne "$LIT_CLAIRE_PREEMPTED" ] && [ -n "$out" ] &&
+        [ -f "$out/stopped.json" ] && [ "$(lit_claire_stop_record "$out")" != "$before" ]; then
         echo "$(date): the launcher exited with $status, but the run stopped on request after writing a checkpoint ($out/stopped.json)"
         status=$LIT_CLAIRE_PREEMPTED
     fi
-    rm -f "$stamp"
     if [ "$status" -ne "$LIT_CLAIRE_PREEMPTED" ]; then
         return "$status"
     fi

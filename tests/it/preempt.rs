@@ -890,7 +890,6 @@ fn a_stop_record_requeues_behind_a_launcher_that_hides_status_75() {
         if stale {
             std::fs::create_dir_all(&out_dir).unwrap();
             std::fs::write(out_dir.join("stopped.json"), "{}").unwrap();
-            std::thread::sleep(Duration::from_millis(20));
         }
         let cmd = format!("sh -c '{body}' sh --out-dir '{}'", out_dir.display());
         let out = requeueing(dir.path(), &cmd, "RUNNING").output().unwrap();
