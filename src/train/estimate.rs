@@ -357,11 +357,28 @@ fn sharded_parts(
         cfg.strategy
     };
     match kind {
-        StrategyKind::Ddp => (
-            p * (base + lora_n + rows_apart),
-            p * trainable,
-            p * b(2) * trainable,
-        ),
+        StrategyKind::Ddp => {
+            // On several ranks each block's gradients are summed as its backward ends
+            // (`overlap.rs`): a block's sums (flat f32 buckets) wait until the next
+            // block's are queued, so two blocks' are held; on a GPU their flat inputs
+            // too, read by NCCL's side stream until then.
+            let in_flight = if world > 1 {
+                let (block, block_lora, _, _) = unit_counts(model, lora);
+                let block_trained = if lora.is_some() { block_lora } else { block };
+                let copies = match cfg.device {
+                    DeviceSpec::Cuda(_) => 4,
+                    DeviceSpec::Cpu => 2,
+                };
+                f32 * b(copies) * block_trained
+            } else {
+                b(0)
+            };
+            (
+                p * (base + lora_n + rows_apart),
+                p * trainable + in_flight,
+                p * b(2) * trainable,
+            )
+        }
         StrategyKind::Zero1 => (
             p * (base + lora_n + rows_apart),
             p * trainable,

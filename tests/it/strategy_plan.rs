@@ -3,9 +3,9 @@
 //!
 //! | run | GPUs | ddp | zero1 | fsdp | named |
 //! |---|---|---|---|---|---|
-//! | Falcon-40B, LoRA r16 on every target, bf16-true, 1 × 2048 | 8 × 80 GB | 108.83 GiB | 108.51 GiB | 43.14 GiB | fsdp |
-//! | LLaMA-2-70B, LoRA r16 on every target, bf16-true, 1 × 4096 | 2 × 8 × 80 GB | 245.07 GiB | 244.40 GiB | 125.85 GiB (23.45 with checkpointing) | fsdp, activation checkpointing |
-//! | Mistral-7B, full, bf16-mixed (f32 parameters), 1 × 2048 | 8 × 40 GB | 115.12 GiB | 67.90 GiB | 26.06 GiB | fsdp |
+//! | Falcon-40B, LoRA r16 on every target, bf16-true, 1 × 2048 | 8 × 80 GB | 108.85 GiB | 108.51 GiB | 43.14 GiB | fsdp |
+//! | LLaMA-2-70B, LoRA r16 on every target, bf16-true, 1 × 4096 | 2 × 8 × 80 GB | 245.11 GiB | 244.40 GiB | 125.85 GiB (23.45 with checkpointing) | fsdp, activation checkpointing |
+//! | Mistral-7B, full, bf16-mixed (f32 parameters), 1 × 2048 | 8 × 40 GB | 118.37 GiB | 67.90 GiB | 26.06 GiB | fsdp |
 
 use std::path::Path;
 

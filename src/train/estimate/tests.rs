@@ -95,7 +95,11 @@ fn zero1_divides_the_optimizer_state() {
         estimate(&model, &zero, 8).unwrap(),
     );
     assert_eq!(zero.optimizer * 4, ddp.optimizer);
-    assert_eq!((zero.params, zero.grads), (ddp.params, ddp.grads));
+    // ddp also holds two blocks' f32 gradient sums in flight (43,136 parameters a block).
+    assert_eq!(
+        (zero.params, zero.grads + 2 * 4 * 43_136),
+        (ddp.params, ddp.grads)
+    );
 }
 
 #[test]
@@ -318,7 +322,9 @@ fn cpu_thread_ranks_multiply_the_total() {
         (four.params, four.activations),
         (one.params, one.activations)
     );
-    assert_eq!(four.total, 4 * one.total);
+    // Each ddp rank also holds two blocks' f32 gradient sums in flight (43,136
+    // parameters a block), which one rank does not.
+    assert_eq!(four.total, 4 * (one.total + 2 * 4 * 43_136));
     let text = four.to_string();
     assert!(
         text.contains("ranks (threads)") && text.contains("× 4"),
@@ -328,7 +334,8 @@ fn cpu_thread_ranks_multiply_the_total() {
     assert!(!one.to_string().contains("ranks (threads)"));
     cfg.device = DeviceSpec::Cuda(0);
     let gpus = estimate(&tiny(), &cfg, 8).unwrap();
-    assert_eq!((gpus.ranks, gpus.total), (1, one.total));
+    // On GPUs, their flat inputs too.
+    assert_eq!((gpus.ranks, gpus.total), (1, one.total + 4 * 4 * 43_136));
 }
 
 /// Issue 26: per-rank parameters, gradients and optimizer state under each strategy,
@@ -346,7 +353,13 @@ fn fsdp_shards_parameters_gradients_and_optimizer_state_full() {
     assert_eq!(
         parts,
         [
-            (StrategyKind::Ddp, 4 * 162_240, 4 * 162_240, 8 * 162_240),
+            // ddp's gradients: its buffers, and two blocks' f32 sums in flight.
+            (
+                StrategyKind::Ddp,
+                4 * 162_240,
+                4 * 162_240 + 2 * 4 * 43_136,
+                8 * 162_240,
+            ),
             // The moments of zero1's shards are f32: 2 · 4 · 162,240 / 4.
             (StrategyKind::Zero1, 4 * 162_240, 4 * 162_240, 324_480),
             (
@@ -435,4 +448,27 @@ fn the_least_sharded_strategy_that_fits_is_named() {
     let report = strategy_report(&model, &cfg, 8, Some(totals[1] - 1)).unwrap();
     assert!(report.contains("--strategy fsdp ("), "{report}");
     assert!(report.contains("one rank of 8, by strategy"), "{report}");
+}
+
+/// ddp on several ranks sums each block's gradients as its backward ends: a block's
+/// f32 sums wait until the next block's are queued (two blocks' worth held), and on a
+/// GPU their flat inputs too, read by NCCL's side stream (four). One rank sums nothing.
+#[test]
+fn ddp_on_several_ranks_counts_the_gradient_sums_in_flight() {
+    let mut cfg = run(2);
+    let one = estimate(&tiny(), &cfg, 8).unwrap();
+    cfg.devices = 2;
+    let cpu = estimate(&tiny(), &cfg, 8).unwrap();
+    // 43_136 parameters a block: q 64·64, k and v 64·32, o 64·64, MLP 3·64·160, 2 norms.
+    assert_eq!(cpu.grads, one.grads + 2 * 4 * 43_136);
+    cfg.device = DeviceSpec::Cuda(0);
+    let gpu = estimate(&tiny(), &cfg, 8).unwrap();
+    assert_eq!(gpu.grads, one.grads + 4 * 4 * 43_136);
+    // LoRA (r4 on q and v): a block's adapters only.
+    cfg.device = DeviceSpec::Cpu;
+    cfg.lora_r = 4;
+    let lora = estimate(&tiny(), &cfg, 8).unwrap();
+    cfg.devices = 1;
+    let lora_one = estimate(&tiny(), &cfg, 8).unwrap();
+    assert_eq!(lora.grads, lora_one.grads + 2 * 4 * (512 + 384));
 }
