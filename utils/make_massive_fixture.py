@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Write tests/fixtures/extra/llama_massive: a tiny LLaMA with what a trained model has
-and a random one lacks (issue 9).
+and a random one lacks.
 
 On SmolLM2-135M (`utils/make_real_model.py`) our loss was 1.1e-4 below transformers' on
 every text. Two things there never occur in the tiny random checkpoints:
@@ -51,7 +51,7 @@ CONST_CH, MASSIVE = 0, {5: 12000.0, 11: -9000.0}
 EXERCISES = (
     "massive activations (residual channels 5 and 11 at +12000 / -9000 on the first "
     "token) and confident predictions over 3072 tokens: 3071 probabilities of 5.5e-8, "
-    "under 2^-24 next to the top one's 1, that a float32 running sum drops (issue 9); "
+    "under 2^-24 next to the top one's 1, that a float32 running sum drops; "
     "GQA 2:1, rope_theta 1e5, untied head, bf16 storage"
 )
 

